@@ -1,0 +1,113 @@
+//! The engine's one error type. Each variant knows its class, so the serving edge (gRPC status,
+//! HTTP code) maps it once without inspecting messages.
+
+use std::path::PathBuf;
+
+use crate::kv::Fingerprint;
+
+/// What kind of failure an error is, for mapping to gRPC status and HTTP codes at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The caller sent something invalid (400 / INVALID_ARGUMENT).
+    InvalidRequest,
+    /// Capacity is exhausted right now; retrying later may work (429 / RESOURCE_EXHAUSTED).
+    Overloaded,
+    /// A model file or other input is unusable (500 / FAILED_PRECONDITION at load time).
+    BadModel,
+    /// A bug or an unexpected backend failure (500 / INTERNAL).
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model file {path} is not a valid {format} file: {reason}")]
+    CorruptFile {
+        path: PathBuf,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("model file {path} has no tensor {tensor}")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("tensor {tensor} in {path} has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("tensor {tensor} in {path} has unsupported type {dtype}")]
+    UnsupportedTensorType {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("model file {path} is missing metadata key {key}")]
+    MissingMetadata { path: PathBuf, key: String },
+    #[error("model file {path}: metadata key {key} is invalid: {reason}")]
+    InvalidMetadata {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("model file {path} has architecture {architecture:?}, which baton does not support")]
+    UnknownArchitecture { path: PathBuf, architecture: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("invalid request: {field}: {reason}")]
+    InvalidRequest { field: &'static str, reason: String },
+    #[error("kv cache is full: need {needed} blocks, {free} free")]
+    KvCacheFull { needed: usize, free: usize },
+    #[error("unknown sequence {0}")]
+    UnknownSequence(crate::SeqId),
+    #[error("kv layout mismatch: {reason} (expected fingerprint {expected}, got {got})")]
+    KvLayoutMismatch {
+        expected: Fingerprint,
+        got: Fingerprint,
+        reason: String,
+    },
+    #[error("kv import rejected: {0}")]
+    KvImport(String),
+    #[error("tensor backend: {0}")]
+    Backend(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// The class of this error, for the mapping at the serving edge.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::InvalidRequest { .. }
+            | Error::KvLayoutMismatch { .. }
+            | Error::KvImport(_)
+            | Error::ChatTemplate(_) => ErrorClass::InvalidRequest,
+            Error::KvCacheFull { .. } => ErrorClass::Overloaded,
+            Error::Io { .. }
+            | Error::CorruptFile { .. }
+            | Error::MissingTensor { .. }
+            | Error::TensorShape { .. }
+            | Error::UnsupportedTensorType { .. }
+            | Error::MissingMetadata { .. }
+            | Error::InvalidMetadata { .. }
+            | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
+            Error::Tokenizer(_) | Error::UnknownSequence(_) | Error::Backend(_) => {
+                ErrorClass::Internal
+            }
+        }
+    }
+
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidRequest {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
