@@ -1,8 +1,27 @@
-//! Paged KV cache (work in progress in this commit: only the fingerprint type).
+//! Paged KV cache: a pool of fixed-size blocks, per-sequence block tables, and the layout
+//! descriptor and byte format through which a sequence's KV leaves one engine and enters another.
+//!
+//! prefill engine --export(layer, blocks)--> KvChunk bytes --import--> decode engine
+//!
+//! Storage, per layer, is one K and one V tensor of shape `(kv_heads, num_blocks * block_size,
+//! head_dim)`; token slot `s` of block `b` is slot `b * block_size + s`. Keeping heads outermost
+//! makes a tensor-parallel head range a contiguous part of every exported block.
+//!
+//! Invariants: a block is owned by at most one [`BlockTable`]; a table returns its blocks to the
+//! pool exactly once, when it is dropped, whatever path (finish, cancel, failure) drops it.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{KvDType, ModelConfig};
+use crate::{Error, Result};
 
 /// Hash of a model's architecture, weights and tokenizer: two engines whose fingerprints are
 /// equal compute identical KV for identical tokens.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Fingerprint(pub [u8; 32]);
 
 impl std::fmt::Display for Fingerprint {
@@ -17,5 +36,512 @@ impl std::fmt::Display for Fingerprint {
 impl std::fmt::Debug for Fingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Fingerprint({self})")
+    }
+}
+
+/// Index of a block in an engine's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockId(pub u32);
+
+/// What a receiver must know to map KV bytes onto its own cache, and to refuse bytes it cannot
+/// vouch for. `layers` and `kv_heads` are the ranges this engine holds (pipeline stage, tensor
+/// parallel rank); an unsharded engine holds all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutDescriptor {
+    pub fingerprint: Fingerprint,
+    pub dtype: KvDType,
+    pub block_size: u32,
+    pub num_layers: u32,
+    pub layers: Range<u32>,
+    pub num_kv_heads: u32,
+    pub kv_heads: Range<u32>,
+    pub head_dim: u32,
+}
+
+impl LayoutDescriptor {
+    /// Refuses a source layout whose bytes this one cannot take block for block: another model,
+    /// element type, block size or head shape.
+    pub fn check_compatible(&self, source: &LayoutDescriptor) -> Result<()> {
+        let mismatch = |reason: String| Error::KvLayoutMismatch {
+            expected: self.fingerprint,
+            got: source.fingerprint,
+            reason,
+        };
+        if self.fingerprint != source.fingerprint {
+            return Err(mismatch("model fingerprints differ".into()));
+        }
+        if self.dtype != source.dtype {
+            return Err(mismatch(format!(
+                "dtype {} against {}",
+                self.dtype.name(),
+                source.dtype.name()
+            )));
+        }
+        if self.block_size != source.block_size {
+            return Err(mismatch(format!(
+                "block size {} against {}",
+                self.block_size, source.block_size
+            )));
+        }
+        if self.num_layers != source.num_layers
+            || self.num_kv_heads != source.num_kv_heads
+            || self.head_dim != source.head_dim
+        {
+            return Err(mismatch(format!(
+                "shape {}x{}x{} against {}x{}x{} (layers x kv heads x head dim)",
+                self.num_layers,
+                self.num_kv_heads,
+                self.head_dim,
+                source.num_layers,
+                source.num_kv_heads,
+                source.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of K (or of V) for one token, one layer, over this descriptor's head range.
+    pub fn bytes_per_token_half(&self) -> usize {
+        (self.kv_heads.end - self.kv_heads.start) as usize
+            * self.head_dim as usize
+            * self.dtype.size()
+    }
+}
+
+/// One layer's KV for a run of a sequence's blocks, in wire order: all K then all V, each
+/// `(kv_heads, tokens, head_dim)` row-major, little-endian. `tokens` counts only the filled
+/// slots: the last block of a sequence may be partly empty and its empty slots never travel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvChunk {
+    pub layer: u32,
+    /// Index of the first block in the sequence's block table (not a pool block id).
+    pub first_block: u32,
+    pub num_blocks: u32,
+    pub tokens: u32,
+    pub data: Vec<u8>,
+}
+
+/// The free list. Shared (behind a mutex nobody holds for long) between the pool and the block
+/// tables, so that dropping a table returns its blocks without going through the engine.
+#[derive(Debug)]
+struct FreeList {
+    free: Vec<BlockId>,
+    total: usize,
+}
+
+/// Hands out blocks. Cheap to clone; every clone is the same pool.
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    inner: Arc<Mutex<FreeList>>,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize) -> Self {
+        // Popping from the end hands out low ids first, which keeps tests readable.
+        let free = (0..num_blocks as u32).rev().map(BlockId).collect();
+        Self {
+            inner: Arc::new(Mutex::new(FreeList {
+                free,
+                total: num_blocks,
+            })),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FreeList> {
+        // The critical sections only push and pop; a panic inside one cannot leave the list
+        // half-updated, so a poisoned lock is still consistent.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.lock().free.len()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.lock().total
+    }
+
+    /// An empty table drawing from this pool.
+    pub fn new_table(&self) -> BlockTable {
+        BlockTable {
+            blocks: Vec::new(),
+            allocator: self.clone(),
+        }
+    }
+
+    fn take(&self, n: usize) -> Result<Vec<BlockId>> {
+        let mut list = self.lock();
+        if list.free.len() < n {
+            return Err(Error::KvCacheFull {
+                needed: n,
+                free: list.free.len(),
+            });
+        }
+        let at = list.free.len() - n;
+        Ok(list.free.split_off(at))
+    }
+
+    fn give_back(&self, blocks: &mut Vec<BlockId>) {
+        if blocks.is_empty() {
+            return;
+        }
+        self.lock().free.append(blocks);
+    }
+}
+
+/// The blocks one sequence owns, in token order. Dropping the table frees them.
+#[derive(Debug)]
+pub struct BlockTable {
+    blocks: Vec<BlockId>,
+    allocator: BlockAllocator,
+}
+
+impl BlockTable {
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    /// Grows the table to hold `tokens` tokens; all or nothing.
+    pub fn ensure_capacity(&mut self, tokens: usize, block_size: usize) -> Result<()> {
+        let needed = tokens.div_ceil(block_size);
+        if needed > self.blocks.len() {
+            let mut more = self.allocator.take(needed - self.blocks.len())?;
+            self.blocks.append(&mut more);
+        }
+        Ok(())
+    }
+
+    /// Returns every block to the pool now, leaving the table empty.
+    pub fn clear(&mut self) {
+        self.allocator.give_back(&mut self.blocks);
+    }
+}
+
+impl Drop for BlockTable {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The KV tensors of every layer, and the pool that hands out their blocks.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    allocator: BlockAllocator,
+    block_size: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    dtype: KvDType,
+}
+
+impl KvCache {
+    /// A pool of as many blocks as fit in `budget_bytes`.
+    pub fn new(
+        config: &ModelConfig,
+        block_size: usize,
+        dtype: KvDType,
+        budget_bytes: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let block_bytes = config.num_layers * block_size * config.kv_bytes_per_token_layer(dtype);
+        let num_blocks = budget_bytes / block_bytes;
+        if num_blocks == 0 {
+            return Err(Error::invalid(
+                "kv_cache_bytes",
+                format!("budget {budget_bytes} is below one block ({block_bytes} bytes)"),
+            ));
+        }
+        let shape = (
+            config.num_kv_heads,
+            num_blocks * block_size,
+            config.head_dim,
+        );
+        let mut k = Vec::with_capacity(config.num_layers);
+        let mut v = Vec::with_capacity(config.num_layers);
+        for _ in 0..config.num_layers {
+            k.push(Tensor::zeros(shape, dtype.candle(), device)?);
+            v.push(Tensor::zeros(shape, dtype.candle(), device)?);
+        }
+        Ok(Self {
+            k,
+            v,
+            allocator: BlockAllocator::new(num_blocks),
+            block_size,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            dtype,
+        })
+    }
+
+    pub fn allocator(&self) -> &BlockAllocator {
+        &self.allocator
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.k.len()
+    }
+
+    pub fn dtype(&self) -> KvDType {
+        self.dtype
+    }
+
+    /// Bytes of one layer's K plus V for `tokens` tokens.
+    pub fn layer_bytes(&self, tokens: usize) -> usize {
+        2 * tokens * self.num_kv_heads * self.head_dim * self.dtype.size()
+    }
+
+    /// Contiguous runs of slots covering token positions `positions` of a table:
+    /// `(first slot, first position, length)`, at most one run per block.
+    fn runs(
+        &self,
+        table: &BlockTable,
+        positions: Range<usize>,
+    ) -> Result<Vec<(usize, usize, usize)>> {
+        let bs = self.block_size;
+        if positions.end.div_ceil(bs) > table.len() {
+            return Err(Error::KvImport(format!(
+                "positions up to {} exceed the {} blocks reserved",
+                positions.end,
+                table.len()
+            )));
+        }
+        let mut runs = Vec::new();
+        let mut p = positions.start;
+        while p < positions.end {
+            let block = table.blocks()[p / bs].0 as usize;
+            let off = p % bs;
+            let len = (bs - off).min(positions.end - p);
+            runs.push((block * bs + off, p, len));
+            p += len;
+        }
+        Ok(runs)
+    }
+
+    /// Writes K and V, each `(kv_heads, n, head_dim)`, for positions `start..start + n`.
+    pub(crate) fn write(
+        &self,
+        layer: usize,
+        table: &BlockTable,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
+        let n = k.dim(1)?;
+        let (k, v) = (k.to_dtype(self.dtype.candle())?, v.to_dtype(self.dtype.candle())?);
+        for (slot, pos, len) in self.runs(table, start..start + n)? {
+            let at = pos - start;
+            self.k[layer].slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, slot)?;
+            self.v[layer].slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Slot index of every position `0..len` of a table, for [`KvCache::gather`].
+    pub(crate) fn slot_ids(&self, table: &BlockTable, len: usize, device: &Device) -> Result<Tensor> {
+        let bs = self.block_size;
+        let ids: Vec<u32> = (0..len)
+            .map(|p| table.blocks()[p / bs].0 * bs as u32 + (p % bs) as u32)
+            .collect();
+        Ok(Tensor::from_vec(ids, len, device)?)
+    }
+
+    /// K and V of the given slots, each `(kv_heads, slots, head_dim)` in f32.
+    pub(crate) fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
+        let k = self.k[layer].index_select(slots, 1)?;
+        let v = self.v[layer].index_select(slots, 1)?;
+        Ok((
+            k.to_dtype(candle_core::DType::F32)?,
+            v.to_dtype(candle_core::DType::F32)?,
+        ))
+    }
+
+    /// Exports one layer of blocks `blocks` (indices into the table) of a sequence whose first
+    /// `seq_len` positions hold KV.
+    pub fn export(
+        &self,
+        layer: usize,
+        table: &BlockTable,
+        seq_len: usize,
+        blocks: Range<usize>,
+    ) -> Result<KvChunk> {
+        let bs = self.block_size;
+        if layer >= self.k.len() || blocks.start > blocks.end || blocks.end > table.len() {
+            return Err(Error::KvImport(format!(
+                "export of layer {layer} blocks {blocks:?} outside {} layers x {} blocks",
+                self.k.len(),
+                table.len()
+            )));
+        }
+        let positions = (blocks.start * bs).min(seq_len)..(blocks.end * bs).min(seq_len);
+        let tokens = positions.len();
+        let mut data = Vec::with_capacity(self.layer_bytes(tokens));
+        for store in [&self.k[layer], &self.v[layer]] {
+            let mut parts = Vec::new();
+            for (slot, _, len) in self.runs(table, positions.clone())? {
+                parts.push(store.narrow(1, slot, len)?);
+            }
+            if parts.is_empty() {
+                continue;
+            }
+            // (kv_heads, tokens, head_dim): heads outermost, as the wire format says.
+            let joined = Tensor::cat(&parts, 1)?;
+            append_le_bytes(&joined, self.dtype, &mut data)?;
+        }
+        Ok(KvChunk {
+            layer: layer as u32,
+            first_block: blocks.start as u32,
+            num_blocks: blocks.len() as u32,
+            tokens: tokens as u32,
+            data,
+        })
+    }
+
+    /// Writes an exported chunk into a table whose sequence will hold `seq_len` positions.
+    /// Checks every size before touching the cache: a chunk that does not fit changes nothing.
+    pub fn import(&self, table: &BlockTable, seq_len: usize, chunk: &KvChunk) -> Result<()> {
+        let bs = self.block_size;
+        let layer = chunk.layer as usize;
+        let first = chunk.first_block as usize;
+        let end = first + chunk.num_blocks as usize;
+        if layer >= self.k.len() {
+            return Err(Error::KvImport(format!(
+                "layer {layer} outside {} layers",
+                self.k.len()
+            )));
+        }
+        if end > table.len() || end > seq_len.div_ceil(bs) {
+            return Err(Error::KvImport(format!(
+                "blocks {first}..{end} outside the {} reserved for {seq_len} tokens",
+                table.len()
+            )));
+        }
+        let positions = (first * bs).min(seq_len)..(end * bs).min(seq_len);
+        if chunk.tokens as usize != positions.len() {
+            return Err(Error::KvImport(format!(
+                "chunk carries {} tokens, blocks {first}..{end} hold {}",
+                chunk.tokens,
+                positions.len()
+            )));
+        }
+        let expected = self.layer_bytes(positions.len());
+        if chunk.data.len() != expected {
+            return Err(Error::KvImport(format!(
+                "chunk carries {} bytes, expected {expected}",
+                chunk.data.len()
+            )));
+        }
+        let half = expected / 2;
+        let shape = [self.num_kv_heads, positions.len(), self.head_dim];
+        let device = self.k[layer].device();
+        let k = Tensor::from_raw_buffer(&chunk.data[..half], self.dtype.candle(), &shape, device)?;
+        let v = Tensor::from_raw_buffer(&chunk.data[half..], self.dtype.candle(), &shape, device)?;
+        self.write(layer, table, positions.start, &k, &v)
+    }
+}
+
+fn append_le_bytes(t: &Tensor, dtype: KvDType, out: &mut Vec<u8>) -> Result<()> {
+    let flat = t.flatten_all()?;
+    match dtype {
+        KvDType::F32 => {
+            for x in flat.to_vec1::<f32>()? {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        KvDType::F16 => {
+            for x in flat.to_vec1::<half::f16>()? {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn dropping_a_table_returns_its_blocks() {
+        let pool = BlockAllocator::new(8);
+        let mut t = pool.new_table();
+        t.ensure_capacity(33, 16).expect("room for 3 blocks");
+        assert_eq!(t.len(), 3);
+        assert_eq!(pool.free_blocks(), 5);
+        drop(t);
+        assert_eq!(pool.free_blocks(), 8);
+    }
+
+    #[test]
+    fn allocation_is_all_or_nothing() {
+        let pool = BlockAllocator::new(4);
+        let mut a = pool.new_table();
+        a.ensure_capacity(48, 16).expect("3 blocks fit");
+        let mut b = pool.new_table();
+        let err = b.ensure_capacity(32, 16).expect_err("2 blocks do not fit");
+        assert!(matches!(err, Error::KvCacheFull { needed: 2, free: 1 }));
+        assert_eq!(b.len(), 0);
+        assert_eq!(pool.free_blocks(), 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grow(usize, usize),
+        Clear(usize),
+        Drop(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..6usize, 0..200usize).prop_map(|(t, n)| Op::Grow(t, n)),
+            (0..6usize).prop_map(Op::Clear),
+            (0..6usize).prop_map(Op::Drop),
+        ]
+    }
+
+    proptest! {
+        /// No block is lost or handed out twice, whatever mix of growth, clearing and dropping.
+        #[test]
+        fn pool_accounting_holds(ops in proptest::collection::vec(op(), 1..80)) {
+            let pool = BlockAllocator::new(32);
+            let mut tables: Vec<Option<BlockTable>> = (0..6).map(|_| None).collect();
+            for op in ops {
+                match op {
+                    Op::Grow(i, n) => {
+                        let t = tables[i].get_or_insert_with(|| pool.new_table());
+                        let before = t.len();
+                        if t.ensure_capacity(n, 16).is_err() {
+                            prop_assert_eq!(t.len(), before);
+                        }
+                    }
+                    Op::Clear(i) => if let Some(t) = tables[i].as_mut() { t.clear() },
+                    Op::Drop(i) => tables[i] = None,
+                }
+                let mut owned: Vec<BlockId> =
+                    tables.iter().flatten().flat_map(|t| t.blocks().to_vec()).collect();
+                let n_owned = owned.len();
+                owned.sort();
+                owned.dedup();
+                prop_assert_eq!(owned.len(), n_owned, "a block is owned twice");
+                prop_assert_eq!(n_owned + pool.free_blocks(), 32);
+            }
+            tables.clear();
+            prop_assert_eq!(pool.free_blocks(), 32);
+        }
     }
 }

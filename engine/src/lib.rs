@@ -6,10 +6,18 @@
 //! Invariants: one owner (a task or thread) holds an `Engine` and its block pool; a sequence's
 //! blocks return to the pool exactly once, when the sequence is released.
 
+pub mod config;
+mod engine;
 mod error;
 pub mod kv;
+mod model;
+mod weights;
 
+pub use config::{EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan, WeightsSetting};
+pub use engine::{Engine, LoadStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
+pub use kv::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
+pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,0 +1,220 @@
+//! `baton bench engine`: prefill, decode and batched-decode throughput of the engine on one
+//! model, with llama.cpp measured in the same invocation as the baseline.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting};
+use serde_json::json;
+
+#[derive(clap::Subcommand)]
+pub enum BenchCommand {
+    /// Engine throughput: prefill, single-stream and batched decode, load time, memory.
+    Engine(EngineArgs),
+}
+
+#[derive(clap::Args)]
+pub struct EngineArgs {
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Baseline measured in the same run: llama-cpp (needs `pip install llama-cpp-python`) or none.
+    #[arg(long, default_value = "llama-cpp")]
+    baseline: String,
+    /// Decode steps timed per measurement.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Each figure is the best of this many runs.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Weights setting for the engine (auto: f32 prefill, quantized decode).
+    #[arg(long, default_value = "auto")]
+    weights: WeightsSetting,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Engine(args) => engine(args),
+    }
+}
+
+fn best<F: FnMut() -> anyhow::Result<Duration>>(repeats: usize, mut f: F) -> anyhow::Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..repeats.max(1) {
+        best = best.min(f()?);
+    }
+    Ok(best)
+}
+
+/// A prompt of `n` real tokens: the model's own encoding of English text, repeated.
+fn prompt(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(200);
+    let base = engine.tokenizer().encode(&text, false)?;
+    Ok(base.iter().copied().cycle().take(n).collect())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn time_prefill(e: &mut Engine, n: usize) -> anyhow::Result<Duration> {
+    let tokens = prompt(e, n)?;
+    let id = SeqId(1_000_000);
+    e.add_sequence(id, tokens)?;
+    let t = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let chunk = e.config().prefill_chunk_tokens.min(n - done);
+        e.step(&[StepItem { seq: id, tokens: chunk, phase: Phase::Prefill }])?;
+        done += chunk;
+    }
+    let dt = t.elapsed();
+    e.release(id);
+    Ok(dt)
+}
+
+/// `batch` sequences decoding together for `steps` steps; returns the time of the decode steps.
+fn time_decode(e: &mut Engine, batch: usize, steps: usize) -> anyhow::Result<Duration> {
+    let ids: Vec<SeqId> = (0..batch as u64).map(SeqId).collect();
+    let base = prompt(e, 16 + batch)?;
+    let mut last = Vec::with_capacity(batch);
+    for (i, id) in ids.iter().enumerate() {
+        e.add_sequence(*id, base[i..i + 16].to_vec())?;
+        let out = e.step(&[StepItem { seq: *id, tokens: 16, phase: Phase::Prefill }])?;
+        last.push(argmax(out[0].logits.as_ref().context("prefill logits")?));
+    }
+    let items: Vec<StepItem> =
+        ids.iter().map(|id| StepItem { seq: *id, tokens: 1, phase: Phase::Decode }).collect();
+    let t = Instant::now();
+    for _ in 0..steps {
+        for (id, tok) in ids.iter().zip(&last) {
+            e.push_token(*id, *tok)?;
+        }
+        let out = e.step(&items)?;
+        for (slot, o) in last.iter_mut().zip(out) {
+            *slot = argmax(o.logits.as_ref().context("decode logits")?);
+        }
+    }
+    let dt = t.elapsed();
+    for id in ids {
+        e.release(id);
+    }
+    Ok(dt)
+}
+
+fn rss_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn llama_cpp(model: &std::path::Path, decode_tokens: usize, repeats: usize) -> anyhow::Result<serde_json::Value> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_llama_cpp.py");
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--model", &model.to_string_lossy()])
+        .args(["--threads", &threads.to_string()])
+        .args(["--decode-tokens", &decode_tokens.to_string()])
+        .args(["--repeats", &repeats.to_string()])
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("llama.cpp baseline failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(serde_json::from_slice(&out.stdout).context("llama.cpp baseline output")?)
+}
+
+fn engine(args: EngineArgs) -> anyhow::Result<()> {
+    let model = crate::model_path::resolve(args.model)?;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let mut cfg = EngineConfig::new(&model, Role::Colocated);
+    cfg.weights = args.weights;
+    cfg.prefill_chunk_tokens = 512;
+    cfg.kv_cache_bytes = 256 << 20;
+    let t = Instant::now();
+    let mut e = Engine::load(cfg)?;
+    let load = t.elapsed();
+
+    let mut prefill = Vec::new();
+    for n in [128usize, 512] {
+        time_prefill(&mut e, n)?; // warm-up
+        let dt = best(args.repeats, || time_prefill(&mut e, n))?;
+        prefill.push((n, n as f64 / dt.as_secs_f64()));
+    }
+    let mut decode = Vec::new();
+    for b in [1usize, 4, 8, 16] {
+        time_decode(&mut e, b, 4)?; // warm-up
+        let dt = best(args.repeats, || time_decode(&mut e, b, args.decode_tokens))?;
+        decode.push((b, (b * args.decode_tokens) as f64 / dt.as_secs_f64()));
+    }
+    let single = decode[0].1;
+    let mut report = json!({
+        "model": model.display().to_string(),
+        "threads": threads,
+        "weights": format!("{:?}", e.weight_plan()),
+        "load_s": load.as_secs_f64(),
+        "prefill_128_tok_s": prefill[0].1,
+        "prefill_512_tok_s": prefill[1].1,
+        "decode_tok_s": single,
+        "aggregate_decode_tok_s": decode.iter().map(|(b, v)| (b.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "batch8_over_single": decode[2].1 / single,
+        "rss_mib": rss_kib("VmRSS:").map(|k| k as f64 / 1024.0),
+        "peak_rss_mib": rss_kib("VmHWM:").map(|k| k as f64 / 1024.0),
+    });
+    drop(e);
+    let baseline = match args.baseline.as_str() {
+        "none" => None,
+        "llama-cpp" => Some(llama_cpp(&model, args.decode_tokens, args.repeats)?),
+        other => bail!("unknown --baseline {other:?} (llama-cpp or none)"),
+    };
+    if let Some(b) = &baseline {
+        let ratio = |ours: f64, key: &str| b.get(key).and_then(|v| v.as_f64()).map(|v| ours / v);
+        report["llama_cpp"] = b.clone();
+        report["ratio_vs_llama_cpp"] = json!({
+            "prefill_128": ratio(prefill[0].1, "prefill_128_tok_s"),
+            "prefill_512": ratio(prefill[1].1, "prefill_512_tok_s"),
+            "decode": ratio(single, "decode_tok_s"),
+        });
+    }
+    if args.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!("baton bench engine — {} ({threads} threads)", model.display());
+    println!("weights: {}", report["weights"].as_str().unwrap_or(""));
+    println!("{:<28} {:>12} {:>12} {:>8}", "measure", "baton", "llama.cpp", "ratio");
+    let row = |name: &str, ours: f64, key: &str| {
+        let base = baseline.as_ref().and_then(|b| b.get(key)).and_then(|v| v.as_f64());
+        match base {
+            Some(v) => println!("{name:<28} {ours:>12.1} {v:>12.1} {:>7.2}x", ours / v),
+            None => println!("{name:<28} {ours:>12.1} {:>12} {:>8}", "-", "-"),
+        }
+    };
+    row("prefill 128 (tok/s)", prefill[0].1, "prefill_128_tok_s");
+    row("prefill 512 (tok/s)", prefill[1].1, "prefill_512_tok_s");
+    row("decode, 1 stream (tok/s)", single, "decode_tok_s");
+    for (b, v) in &decode {
+        println!("{:<28} {v:>12.1}", format!("decode, batch {b} (tok/s)"));
+    }
+    println!("{:<28} {:>12.2}x", "batch 8 / single stream", decode[2].1 / single);
+    row("load (s)", load.as_secs_f64(), "load_s");
+    if let (Some(r), Some(p)) = (report["rss_mib"].as_f64(), report["peak_rss_mib"].as_f64()) {
+        println!("{:<28} {r:>12.0} (peak {p:.0})", "resident memory (MiB)");
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Where the model comes from when no `--model` is given: the cache `scripts/fetch-model.sh`
+//! fills.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `--model`, else `BATON_MODEL`, else the fetch script's cache.
+pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match model.or_else(|| std::env::var_os("BATON_MODEL").map(PathBuf::from)) {
+        Some(p) => p,
+        None => {
+            let dir = match std::env::var_os("BATON_MODEL_DIR") {
+                Some(d) => PathBuf::from(d),
+                None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
+                    .join(".cache/baton/models"),
+            };
+            dir.join(DEFAULT_MODEL_FILE)
+        }
+    };
+    if !path.exists() {
+        bail!(
+            "model {} not found: run scripts/fetch-model.sh, or pass --model PATH",
+            path.display()
+        );
+    }
+    Ok(path)
+}

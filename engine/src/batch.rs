@@ -1,0 +1,310 @@
+//! Continuous batching: the loop that decides, step by step, which sequences the engine computes.
+//!
+//! requests --submit--> [Batcher: waiting -> prefilling (chunks) -> decoding] --events--> stream
+//!
+//! Every step carries one token for each decoding sequence plus whole prefill chunks of
+//! admitted prompts, within `max_batch_tokens`. Sequences join and leave between steps.
+//!
+//! Invariants:
+//! - prefill chunk boundaries are fixed multiples of `prefill_chunk_tokens` from the start of
+//!   the prompt, whatever else shares the step (a chunk that does not fit waits a step rather
+//!   than shrinking), so a sequence's numbers are the same alone or in any batch;
+//! - a finished, cancelled or failed sequence leaves the engine in the same step, and its blocks
+//!   with it.
+
+use std::collections::VecDeque;
+
+use crate::engine::{Engine, StepItem};
+use crate::sampling::{SampledToken, Sampler, SamplingParams};
+use crate::stop::{FinishReason, finish_reason_after};
+use crate::weights::Phase;
+use crate::{Error, Result, SeqId};
+
+/// A request to generate from a prompt.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub id: SeqId,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// What a step produced for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token; `finish` is set on the sequence's last one.
+    Token {
+        seq: SeqId,
+        token: SampledToken,
+        finish: Option<FinishReason>,
+    },
+    /// The sequence was dropped without finishing (its KV could never fit, say).
+    Failed { seq: SeqId, error: String },
+}
+
+#[derive(Debug)]
+struct Active {
+    id: SeqId,
+    params: SamplingParams,
+    sampler: Sampler,
+    generated: u32,
+    /// Set once the prompt (and anything preempted) is computed and the sequence decodes.
+    decoding: bool,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatcherStats {
+    pub steps: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+    pub preemptions: u64,
+}
+
+pub struct Batcher {
+    engine: Engine,
+    eos: Vec<u32>,
+    waiting: VecDeque<Active>,
+    running: Vec<Active>,
+    stats: BatcherStats,
+}
+
+impl Batcher {
+    /// `eos` are the model's end-of-sequence ids (from its tokenizer).
+    pub fn new(engine: Engine, eos: Vec<u32>) -> Self {
+        Self {
+            engine,
+            eos,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: BatcherStats::default(),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    pub fn stats(&self) -> BatcherStats {
+        self.stats
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Queues a request. The prompt is checked now; its blocks are taken when it is admitted.
+    pub fn submit(&mut self, req: GenerateRequest) -> Result<()> {
+        if self.contains(req.id) {
+            return Err(Error::invalid("id", format!("{} is already running", req.id)));
+        }
+        let room = self.engine.max_context().saturating_sub(req.prompt.len());
+        if req.params.max_new_tokens as usize > room {
+            return Err(Error::invalid(
+                "max_tokens",
+                format!(
+                    "{} new tokens after a {}-token prompt exceed the {}-token context",
+                    req.params.max_new_tokens,
+                    req.prompt.len(),
+                    self.engine.max_context()
+                ),
+            ));
+        }
+        let sampler = Sampler::new(&req.params, &req.prompt);
+        self.engine.add_sequence(req.id, req.prompt)?;
+        self.waiting.push_back(Active {
+            id: req.id,
+            params: req.params,
+            sampler,
+            generated: 0,
+            decoding: false,
+        });
+        Ok(())
+    }
+
+    /// Continues a sequence whose prompt KV was imported into the engine
+    /// ([`Engine::begin_import`] .. [`Engine::finish_import`]) and whose first token the prefill
+    /// side sampled. Decoding starts on the next step.
+    pub fn resume_imported(
+        &mut self,
+        id: SeqId,
+        params: SamplingParams,
+        first_token: u32,
+    ) -> Result<()> {
+        if self.contains(id) {
+            return Err(Error::invalid("id", format!("{id} is already running")));
+        }
+        let prompt = self.engine.tokens(id)?.to_vec();
+        if self.engine.computed(id)? != prompt.len() {
+            return Err(Error::KvImport(format!("{id} has not finished importing")));
+        }
+        let sampler = Sampler::resume(&params, &prompt, &[first_token]);
+        self.engine.push_token(id, first_token)?;
+        self.running.push(Active {
+            id,
+            params,
+            sampler,
+            generated: 1,
+            decoding: true,
+        });
+        Ok(())
+    }
+
+    fn contains(&self, id: SeqId) -> bool {
+        self.running.iter().chain(&self.waiting).any(|a| a.id == id)
+    }
+
+    /// Drops a sequence wherever it is and frees its blocks. Returns whether it existed.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        let before = self.running.len() + self.waiting.len();
+        self.running.retain(|a| a.id != id);
+        self.waiting.retain(|a| a.id != id);
+        let found = self.running.len() + self.waiting.len() != before;
+        self.engine.release(id) || found
+    }
+
+    /// Next prefill chunk of a not-yet-decoding sequence: up to the next multiple of the chunk
+    /// size, so boundaries never depend on the batch.
+    fn next_chunk(&self, id: SeqId) -> Result<usize> {
+        let chunk = self.engine.config().prefill_chunk_tokens;
+        let computed = self.engine.computed(id)?;
+        let total = self.engine.tokens(id)?.len();
+        let boundary = (computed / chunk + 1) * chunk;
+        Ok(boundary.min(total) - computed)
+    }
+
+    /// Plans the next step: every decoding sequence, then prefill chunks in admission order.
+    fn plan(&mut self) -> Result<Vec<StepItem>> {
+        let cfg = self.engine.config();
+        let (max_tokens, max_running) = (cfg.max_batch_tokens, cfg.max_running);
+        let bs = self.engine.block_size();
+        let mut items = Vec::new();
+        let mut budget = max_tokens;
+        let mut free = self.engine.free_blocks();
+        let blocks_needed = |engine: &Engine, id: SeqId, n: usize| -> Result<usize> {
+            let target = engine.computed(id)? + n;
+            Ok(target.div_ceil(bs).saturating_sub(engine.blocks_held(id)?))
+        };
+        for a in &self.running {
+            let n = if a.decoding { 1 } else { self.next_chunk(a.id)? };
+            let need = blocks_needed(&self.engine, a.id, n)?;
+            if n > budget || need > free {
+                continue;
+            }
+            budget -= n;
+            free -= need;
+            items.push(StepItem {
+                seq: a.id,
+                tokens: n,
+                phase: if a.decoding { Phase::Decode } else { Phase::Prefill },
+            });
+        }
+        // Admit waiting sequences while their first chunk fits.
+        while self.running.len() < max_running {
+            let Some(front) = self.waiting.front() else { break };
+            let n = self.next_chunk(front.id)?;
+            let need = blocks_needed(&self.engine, front.id, n)?;
+            if n > budget || need > free {
+                break;
+            }
+            budget -= n;
+            free -= need;
+            items.push(StepItem {
+                seq: front.id,
+                tokens: n,
+                phase: Phase::Prefill,
+            });
+            if let Some(a) = self.waiting.pop_front() {
+                self.running.push(a);
+            }
+        }
+        Ok(items)
+    }
+
+    /// Frees the most recently admitted running sequence's blocks and queues it again at the
+    /// front; its tokens so far are recomputed when it is readmitted.
+    fn preempt_newest(&mut self) -> Result<bool> {
+        let Some(victim) = self.running.pop() else {
+            return Ok(false);
+        };
+        self.engine.evict(victim.id)?;
+        self.stats.preemptions += 1;
+        tracing::warn!(seq = %victim.id, "kv cache full: preempting a sequence for recompute");
+        let mut victim = victim;
+        victim.decoding = false;
+        self.waiting.push_front(victim);
+        Ok(true)
+    }
+
+    /// Runs one engine step and returns what it produced. A step with nothing to do returns no
+    /// events.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        let items = loop {
+            let items = self.plan()?;
+            if !items.is_empty() || self.running.is_empty() {
+                break items;
+            }
+            // Nothing running fits in the free blocks: make room, or give up on a sequence
+            // that cannot fit even in an empty pool.
+            if self.running.len() == 1 && self.engine.free_blocks() == self.engine.total_blocks() {
+                let a = self.running.remove(0);
+                self.engine.release(a.id);
+                events.push(Event::Failed {
+                    seq: a.id,
+                    error: "sequence does not fit in the kv cache".into(),
+                });
+                continue;
+            }
+            self.preempt_newest()?;
+        };
+        if items.is_empty() {
+            return Ok(events);
+        }
+        let outputs = self.engine.step(&items)?;
+        self.stats.steps += 1;
+        for (item, out) in items.iter().zip(outputs) {
+            match item.phase {
+                Phase::Prefill => self.stats.prefill_tokens += item.tokens as u64,
+                Phase::Decode => self.stats.decode_tokens += item.tokens as u64,
+            }
+            let Some(logits) = out.logits else { continue };
+            let Some(pos) = self.running.iter().position(|a| a.id == item.seq) else {
+                continue;
+            };
+            let a = &mut self.running[pos];
+            // After a preemption the recomputed tokens include earlier generated ones: only the
+            // logits at the true end of the sequence produce a new token.
+            a.decoding = true;
+            let token = a.sampler.sample(&logits);
+            a.generated += 1;
+            let mut finish = finish_reason_after(token.id, a.generated, &a.params, &self.eos);
+            let id = a.id;
+            if finish.is_none() && self.engine.push_token(id, token.id).is_err() {
+                // The context is full: the sequence ends here.
+                finish = Some(FinishReason::Length);
+            }
+            if finish.is_some() {
+                self.running.remove(pos);
+                self.engine.release(id);
+            }
+            events.push(Event::Token {
+                seq: id,
+                token,
+                finish,
+            });
+        }
+        Ok(events)
+    }
+}

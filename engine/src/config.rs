@@ -1,0 +1,311 @@
+//! Model hyperparameters and engine settings: what a model file says about its shape, and how the
+//! engine should hold its weights and KV cache.
+
+use serde::{Deserialize, Serialize};
+
+/// Decoder families the engine runs. All are Llama-shaped (RMSNorm, RoPE, SwiGLU, GQA); the
+/// variants differ in the details each field of [`ModelConfig`] records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama 2/3, SmolLM/SmolLM2.
+    Llama,
+    Mistral,
+    /// Qwen2/Qwen2.5: biases on q, k and v.
+    Qwen2,
+    /// Qwen3: per-head RMSNorm on q and k, no qkv bias.
+    Qwen3,
+}
+
+impl Architecture {
+    /// Parses the GGUF `general.architecture` / HF `model_type` spelling.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "llama" | "LlamaForCausalLM" => Some(Self::Llama),
+            "mistral" | "MistralForCausalLM" => Some(Self::Mistral),
+            "qwen2" | "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            "qwen3" | "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Which pairs of a head's dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): llama.cpp's "norm" type; GGUF Llama files permute q/k for it.
+    Interleaved,
+    /// Pairs (i, i + d/2): Hugging Face checkpoints and GGUF Qwen ("neox" in llama.cpp).
+    Halves,
+}
+
+/// Frequency scaling for long context, as the model files describe it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.1's per-frequency scaling.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: usize,
+    },
+    /// One divisor per rotated frequency (GGUF `rope_freqs.weight`, how llama.cpp stores Llama 3.1
+    /// scaling).
+    FreqFactors(Vec<f32>),
+}
+
+/// The shape of a model, read from GGUF metadata or config.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    pub rope_scaling: Option<RopeScaling>,
+    /// Longest sequence (prompt + generated tokens) the model was trained for.
+    pub max_position: usize,
+    pub qkv_bias: bool,
+    pub qk_norm: bool,
+}
+
+impl ModelConfig {
+    /// Checks the relations between fields that the forward pass relies on.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position", self.max_position),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} must be positive"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    /// Bytes of K plus V one token occupies in one layer at `dtype`.
+    pub fn kv_bytes_per_token_layer(&self, dtype: KvDType) -> usize {
+        2 * self.num_kv_heads * self.head_dim * dtype.size()
+    }
+}
+
+/// How the linear layers' weights are held for one phase of work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// As the file stores them (GGUF quantized blocks; safetensors floats as f32).
+    Quantized,
+    /// Expanded to f32: fastest for compute-bound prefill on CPU.
+    F32,
+    /// Expanded to f16.
+    F16,
+}
+
+/// The `weights` setting: `auto` picks per role (prefill dequantized, decode quantized).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsSetting {
+    #[default]
+    Auto,
+    Quantized,
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for WeightsSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "quantized" => Ok(Self::Quantized),
+            "f32" | "dequantized" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!(
+                "unknown weights setting {other:?} (expected auto, quantized, f32 or f16)"
+            )),
+        }
+    }
+}
+
+/// The work a process does, which decides what `weights = auto` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Prefill,
+    Decode,
+    /// Both phases in one process (colocated serving, `baton generate --local`).
+    Colocated,
+}
+
+/// Weight formats per phase, resolved from the setting and the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightPlan {
+    pub prefill: WeightFormat,
+    pub decode: WeightFormat,
+}
+
+impl WeightPlan {
+    /// `auto` gives prefill dequantized f32 weights (compute-bound: measured here 226 tok/s against
+    /// 80 tok/s on Q4_1) and decode the file's quantized weights (memory-bound). A role that does
+    /// only one phase loads only that phase's format.
+    pub fn resolve(setting: WeightsSetting, _role: Role) -> Self {
+        match setting {
+            WeightsSetting::Auto => Self {
+                prefill: WeightFormat::F32,
+                decode: WeightFormat::Quantized,
+            },
+            WeightsSetting::Quantized => Self::uniform(WeightFormat::Quantized),
+            WeightsSetting::F32 => Self::uniform(WeightFormat::F32),
+            WeightsSetting::F16 => Self::uniform(WeightFormat::F16),
+        }
+    }
+
+    pub fn uniform(format: WeightFormat) -> Self {
+        Self {
+            prefill: format,
+            decode: format,
+        }
+    }
+
+    /// The formats a role must load: a prefill worker never decodes and a decode worker never
+    /// prefills a long prompt, except for the last chunk the decode side computes itself.
+    pub fn formats_for(&self, role: Role) -> Vec<WeightFormat> {
+        let mut v = match role {
+            Role::Prefill => vec![self.prefill],
+            Role::Decode | Role::Colocated => vec![self.prefill, self.decode],
+        };
+        v.dedup();
+        v
+    }
+}
+
+/// Element type of the KV cache blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDType {
+    F32,
+    F16,
+}
+
+impl KvDType {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+
+    pub(crate) fn candle(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// Settings for one engine instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// A `.gguf` file, or a Hugging Face directory with config.json, *.safetensors and
+    /// tokenizer.json.
+    pub model: std::path::PathBuf,
+    pub weights: WeightsSetting,
+    pub role: Role,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes the KV block pool may occupy.
+    pub kv_cache_bytes: usize,
+    pub kv_dtype: KvDType,
+    /// Longest prompt slice computed in one step; longer prompts are prefilled in chunks so they
+    /// share steps with running decodes.
+    pub prefill_chunk_tokens: usize,
+    /// Most tokens (decode tokens plus prefill chunk tokens) one step computes.
+    pub max_batch_tokens: usize,
+    /// Most sequences decoding at once.
+    pub max_running: usize,
+    /// Context length cap; `None` uses the model's trained maximum.
+    pub max_context: Option<usize>,
+}
+
+impl EngineConfig {
+    pub fn new(model: impl Into<std::path::PathBuf>, role: Role) -> Self {
+        Self {
+            model: model.into(),
+            weights: WeightsSetting::Auto,
+            role,
+            block_size: 16,
+            kv_cache_bytes: 512 << 20,
+            kv_dtype: KvDType::F32,
+            prefill_chunk_tokens: 512,
+            max_batch_tokens: 2048,
+            max_running: 64,
+            max_context: None,
+        }
+    }
+
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::Error;
+        if self.block_size == 0 || self.block_size > 1024 {
+            return Err(Error::invalid("block_size", "must be between 1 and 1024"));
+        }
+        if self.prefill_chunk_tokens == 0 {
+            return Err(Error::invalid("prefill_chunk_tokens", "must be positive"));
+        }
+        if self.max_batch_tokens < self.prefill_chunk_tokens {
+            return Err(Error::invalid(
+                "max_batch_tokens",
+                "must be at least prefill_chunk_tokens",
+            ));
+        }
+        if self.max_running == 0 {
+            return Err(Error::invalid("max_running", "must be positive"));
+        }
+        if self.max_context == Some(0) {
+            return Err(Error::invalid("max_context", "must be positive"));
+        }
+        Ok(())
+    }
+}

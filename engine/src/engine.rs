@@ -1,0 +1,445 @@
+//! The engine: one model, one KV cache, and the sequences that live in it. A step computes a
+//! batch of sequence slices; everything about *which* slices (scheduling, sampling, stopping)
+//! lives above, in the batcher.
+//!
+//! One owner: an `Engine` is driven by a single task or thread. It is `Send`, not shared.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
+use crate::kv::{BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
+use crate::model::{Model, SeqInput};
+use crate::weights::{self, Phase};
+use crate::{Error, Result, SeqId};
+
+/// A sequence's tokens and the KV computed for them so far.
+#[derive(Debug)]
+struct Sequence {
+    /// Prompt plus generated tokens.
+    tokens: Vec<u32>,
+    /// How many leading tokens have KV in the cache.
+    computed: usize,
+    table: BlockTable,
+    /// For a sequence whose KV is arriving from another engine: per layer, which blocks landed.
+    importing: Option<Vec<Vec<bool>>>,
+}
+
+/// One sequence's share of a step: compute KV for its next `tokens` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepItem {
+    pub seq: SeqId,
+    pub tokens: usize,
+    pub phase: Phase,
+}
+
+/// What a step returns for one item.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub seq: SeqId,
+    /// Next-token logits, present when the item reached the end of the sequence's tokens.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// What loading cost, for `baton bench engine` and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadStats {
+    pub elapsed: Duration,
+}
+
+pub struct Engine {
+    model: Model,
+    cache: KvCache,
+    config: EngineConfig,
+    plan: WeightPlan,
+    descriptor: LayoutDescriptor,
+    max_context: usize,
+    seqs: HashMap<SeqId, Sequence>,
+    load_stats: LoadStats,
+}
+
+impl Engine {
+    /// Loads the model named by the config and allocates the KV pool.
+    pub fn load(config: EngineConfig) -> Result<Self> {
+        config.validate()?;
+        let started = Instant::now();
+        let device = Device::Cpu;
+        let plan = WeightPlan::resolve(config.weights, config.role);
+        let weights = if is_gguf(&config.model) {
+            weights::load_gguf(&config.model, plan, &device)?.0
+        } else {
+            weights::load_safetensors(&config.model, plan, &device)?
+        };
+        let model_max = weights.config.max_position;
+        let max_context = config.max_context.unwrap_or(model_max).min(model_max);
+        let fingerprint = fingerprint(&weights.config, &weights.weights_digest);
+        let model = Model::new(weights, max_context, &device)?;
+        let cache = KvCache::new(
+            model.config(),
+            config.block_size,
+            config.kv_dtype,
+            config.kv_cache_bytes,
+            &device,
+        )?;
+        let mc = model.config();
+        let descriptor = LayoutDescriptor {
+            fingerprint,
+            dtype: config.kv_dtype,
+            block_size: config.block_size as u32,
+            num_layers: mc.num_layers as u32,
+            layers: 0..mc.num_layers as u32,
+            num_kv_heads: mc.num_kv_heads as u32,
+            kv_heads: 0..mc.num_kv_heads as u32,
+            head_dim: mc.head_dim as u32,
+        };
+        let load_stats = LoadStats {
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            model = %config.model.display(),
+            architecture = mc.architecture.name(),
+            prefill_weights = ?plan.prefill,
+            decode_weights = ?plan.decode,
+            kv_blocks = cache.allocator().total_blocks(),
+            fingerprint = %fingerprint,
+            load_ms = load_stats.elapsed.as_millis() as u64,
+            "engine loaded"
+        );
+        Ok(Self {
+            model,
+            cache,
+            config,
+            plan,
+            descriptor,
+            max_context,
+            seqs: HashMap::new(),
+            load_stats,
+        })
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn weight_plan(&self) -> WeightPlan {
+        self.plan
+    }
+
+    pub fn descriptor(&self) -> &LayoutDescriptor {
+        &self.descriptor
+    }
+
+    pub fn load_stats(&self) -> LoadStats {
+        self.load_stats
+    }
+
+    /// Longest sequence (prompt plus generated tokens) this engine accepts.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.cache.block_size()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.cache.allocator().free_blocks()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.cache.allocator().total_blocks()
+    }
+
+    /// Blocks a sequence of `tokens` tokens occupies.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.cache.block_size())
+    }
+
+    /// Bytes one layer's K plus V of `tokens` tokens occupies (what a transfer moves per layer).
+    pub fn kv_layer_bytes(&self, tokens: usize) -> usize {
+        self.cache.layer_bytes(tokens)
+    }
+
+    pub fn kv_dtype(&self) -> KvDType {
+        self.cache.dtype()
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Registers a sequence; blocks are taken only as its tokens are computed.
+    pub fn add_sequence(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<()> {
+        self.check_new(id, &tokens)?;
+        let table = self.cache.allocator().new_table();
+        self.seqs.insert(
+            id,
+            Sequence {
+                tokens,
+                computed: 0,
+                table,
+                importing: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn check_new(&self, id: SeqId, tokens: &[u32]) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(Error::invalid("sequence", format!("{id} already exists")));
+        }
+        if tokens.is_empty() {
+            return Err(Error::invalid("prompt", "is empty"));
+        }
+        if tokens.len() >= self.max_context {
+            return Err(Error::invalid(
+                "prompt",
+                format!(
+                    "{} tokens leave no room in the {}-token context",
+                    tokens.len(),
+                    self.max_context
+                ),
+            ));
+        }
+        let vocab = self.model.config().vocab_size as u32;
+        if let Some(bad) = tokens.iter().find(|&&t| t >= vocab) {
+            return Err(Error::invalid(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends a generated token; its KV is computed by the next step that includes it.
+    pub fn push_token(&mut self, id: SeqId, token: u32) -> Result<()> {
+        let max = self.max_context;
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        if seq.tokens.len() >= max {
+            return Err(Error::invalid("max_tokens", "sequence reached the context length"));
+        }
+        seq.tokens.push(token);
+        Ok(())
+    }
+
+    pub fn tokens(&self, id: SeqId) -> Result<&[u32]> {
+        Ok(&self.seq(id)?.tokens)
+    }
+
+    /// Tokens whose KV is in the cache.
+    pub fn computed(&self, id: SeqId) -> Result<usize> {
+        Ok(self.seq(id)?.computed)
+    }
+
+    pub fn blocks_held(&self, id: SeqId) -> Result<usize> {
+        Ok(self.seq(id)?.table.len())
+    }
+
+    fn seq(&self, id: SeqId) -> Result<&Sequence> {
+        self.seqs.get(&id).ok_or(Error::UnknownSequence(id))
+    }
+
+    /// Drops a sequence and returns its blocks to the pool.
+    pub fn release(&mut self, id: SeqId) -> bool {
+        self.seqs.remove(&id).is_some()
+    }
+
+    /// Frees a sequence's KV but keeps its tokens, so a later step recomputes them (preemption).
+    pub fn evict(&mut self, id: SeqId) -> Result<()> {
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        seq.table.clear();
+        seq.computed = 0;
+        Ok(())
+    }
+
+    /// Grows a sequence's block table to hold `tokens` tokens (all or nothing).
+    pub fn reserve_blocks(&mut self, id: SeqId, tokens: usize) -> Result<()> {
+        let bs = self.cache.block_size();
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        seq.table.ensure_capacity(tokens, bs)
+    }
+
+    /// Runs one step. Every item's blocks are reserved first, all or nothing: on
+    /// `KvCacheFull` nothing was computed and the caller may evict and retry.
+    pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<StepOutput>> {
+        self.step_with_export(items, &[], &mut |_, _| Ok(()))
+    }
+
+    /// Like [`Engine::step`], and after each layer hands that layer's KV of every sequence in
+    /// `export` (all its blocks) to `sink`, so it can travel while later layers compute.
+    pub fn step_with_export(
+        &mut self,
+        items: &[StepItem],
+        export: &[SeqId],
+        sink: &mut dyn FnMut(SeqId, KvChunk) -> Result<()>,
+    ) -> Result<Vec<StepOutput>> {
+        self.prepare(items)?;
+        let bs = self.cache.block_size();
+        let mut inputs = Vec::with_capacity(items.len());
+        for it in items {
+            let seq = self.seq(it.seq)?;
+            let end = seq.computed + it.tokens;
+            inputs.push(SeqInput {
+                table: &seq.table,
+                start: seq.computed,
+                tokens: &seq.tokens[seq.computed..end],
+                phase: it.phase,
+                logits: end == seq.tokens.len(),
+            });
+        }
+        let exported: Vec<(SeqId, &BlockTable, usize)> = export
+            .iter()
+            .map(|id| {
+                let s = self.seq(*id)?;
+                let item = items.iter().find(|it| it.seq == *id);
+                let len = s.computed + item.map_or(0, |it| it.tokens);
+                Ok((*id, &s.table, len))
+            })
+            .collect::<Result<_>>()?;
+        let cache = &self.cache;
+        let mut on_layer = |l: usize| -> Result<()> {
+            for &(id, table, len) in &exported {
+                sink(id, cache.export(l, table, len, 0..len.div_ceil(bs))?)?;
+            }
+            Ok(())
+        };
+        let logits = self.model.forward(&self.cache, &inputs, &mut on_layer)?;
+        drop(inputs);
+        let mut out = Vec::with_capacity(items.len());
+        for (it, logits) in items.iter().zip(logits) {
+            if let Some(seq) = self.seqs.get_mut(&it.seq) {
+                seq.computed += it.tokens;
+            }
+            out.push(StepOutput {
+                seq: it.seq,
+                logits,
+            });
+        }
+        Ok(out)
+    }
+
+    fn prepare(&mut self, items: &[StepItem]) -> Result<()> {
+        let bs = self.cache.block_size();
+        let mut needed = 0;
+        for (i, it) in items.iter().enumerate() {
+            if items[..i].iter().any(|o| o.seq == it.seq) {
+                return Err(Error::invalid("step", format!("{} appears twice", it.seq)));
+            }
+            let seq = self.seq(it.seq)?;
+            if seq.importing.is_some() {
+                return Err(Error::invalid(
+                    "step",
+                    format!("{} is still importing its KV", it.seq),
+                ));
+            }
+            if it.tokens == 0 || seq.computed + it.tokens > seq.tokens.len() {
+                return Err(Error::invalid(
+                    "step",
+                    format!(
+                        "{} has {} uncomputed tokens, asked for {}",
+                        it.seq,
+                        seq.tokens.len() - seq.computed,
+                        it.tokens
+                    ),
+                ));
+            }
+            needed += (seq.computed + it.tokens)
+                .div_ceil(bs)
+                .saturating_sub(seq.table.len());
+        }
+        let free = self.free_blocks();
+        if needed > free {
+            return Err(Error::KvCacheFull { needed, free });
+        }
+        for it in items {
+            let seq = self.seqs.get_mut(&it.seq).ok_or(Error::UnknownSequence(it.seq))?;
+            let target = seq.computed + it.tokens;
+            seq.table.ensure_capacity(target, bs)?;
+        }
+        Ok(())
+    }
+
+    /// Exports one layer of a sequence's computed KV, blocks `blocks` of its table.
+    pub fn export(&self, id: SeqId, layer: usize, blocks: Range<usize>) -> Result<KvChunk> {
+        let seq = self.seq(id)?;
+        self.cache.export(layer, &seq.table, seq.computed, blocks)
+    }
+
+    /// Creates a sequence whose KV for all of `tokens` will arrive by [`Engine::import`]: its
+    /// blocks are reserved now (all or nothing), so the sender can write into them.
+    pub fn begin_import(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<()> {
+        self.check_new(id, &tokens)?;
+        let mut table = self.cache.allocator().new_table();
+        table.ensure_capacity(tokens.len(), self.cache.block_size())?;
+        let blocks = table.len();
+        self.seqs.insert(
+            id,
+            Sequence {
+                tokens,
+                computed: 0,
+                table,
+                importing: Some(vec![vec![false; blocks]; self.cache.num_layers()]),
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes a received chunk. The caller has checked the sender's descriptor against ours
+    /// ([`LayoutDescriptor::check_compatible`]) when the connection was set up.
+    pub fn import(&mut self, id: SeqId, chunk: &KvChunk) -> Result<()> {
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        let landed = seq
+            .importing
+            .as_mut()
+            .ok_or_else(|| Error::KvImport(format!("{id} is not importing")))?;
+        self.cache.import(&seq.table, seq.tokens.len(), chunk)?;
+        let blocks = chunk.first_block as usize..(chunk.first_block + chunk.num_blocks) as usize;
+        for b in blocks {
+            landed[chunk.layer as usize][b] = true;
+        }
+        Ok(())
+    }
+
+    /// Completes an import once every layer of every block has landed; the sequence can then
+    /// decode. Fails, changing nothing, while any is missing.
+    pub fn finish_import(&mut self, id: SeqId) -> Result<()> {
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        let Some(landed) = &seq.importing else {
+            return Err(Error::KvImport(format!("{id} is not importing")));
+        };
+        if let Some((layer, blocks)) = landed
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.iter().any(|x| !x))
+        {
+            let missing = blocks.iter().filter(|x| !**x).count();
+            return Err(Error::KvImport(format!(
+                "{id}: layer {layer} is missing {missing} blocks"
+            )));
+        }
+        seq.importing = None;
+        seq.computed = seq.tokens.len();
+        Ok(())
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn fingerprint(config: &ModelConfig, weights_digest: &[u8; 32]) -> Fingerprint {
+    let mut h = blake3::Hasher::new();
+    h.update(b"baton-model-v1");
+    // Serializing a plain struct of numbers and enums is deterministic.
+    h.update(serde_json::to_string(config).unwrap_or_default().as_bytes());
+    h.update(weights_digest);
+    Fingerprint(*h.finalize().as_bytes())
+}

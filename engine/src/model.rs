@@ -1,0 +1,302 @@
+//! The Llama-family forward pass over a paged KV cache.
+//!
+//! One call computes one engine step: any number of sequences, each contributing a run of new
+//! tokens at its own position. Rows are grouped by phase: all decode rows share one matrix
+//! multiply (that is what makes batched decode cheap), while each prefill chunk runs in its own
+//! group, so a sequence's numbers never depend on which other sequences shared its step.
+//!
+//! Attention reads K and V from the cache through the sequence's block table; the new tokens'
+//! K and V are written into their blocks first. After every layer a callback runs, so a caller
+//! can export that layer's KV while the next layer computes.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{ModelConfig, RopeScaling, RopeStyle};
+use crate::kv::{BlockTable, KvCache};
+use crate::weights::{LayerWeights, ModelWeights, Phase};
+use crate::Result;
+
+/// One sequence's share of a step.
+pub(crate) struct SeqInput<'a> {
+    pub table: &'a BlockTable,
+    /// Position of `tokens[0]`; positions before it already hold KV.
+    pub start: usize,
+    pub tokens: &'a [u32],
+    pub phase: Phase,
+    /// Whether to compute next-token logits at the last of `tokens`.
+    pub logits: bool,
+}
+
+pub(crate) struct Model {
+    pub weights: ModelWeights,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// Rows of one matrix-multiply group: sequence indices and their row offsets.
+struct Group {
+    phase: Phase,
+    members: Vec<(usize, usize)>,
+    rows: usize,
+}
+
+impl Model {
+    pub fn new(weights: ModelWeights, max_position: usize, device: &Device) -> Result<Self> {
+        let (cos, sin) = rope_tables(&weights.config, max_position, device)?;
+        Ok(Self {
+            weights,
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    fn groups(seqs: &[SeqInput]) -> Vec<Group> {
+        let mut decode = Group {
+            phase: Phase::Decode,
+            members: Vec::new(),
+            rows: 0,
+        };
+        let mut groups = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            match s.phase {
+                Phase::Decode => {
+                    decode.members.push((i, decode.rows));
+                    decode.rows += s.tokens.len();
+                }
+                Phase::Prefill => groups.push(Group {
+                    phase: Phase::Prefill,
+                    members: vec![(i, 0)],
+                    rows: s.tokens.len(),
+                }),
+            }
+        }
+        if !decode.members.is_empty() {
+            groups.insert(0, decode);
+        }
+        groups
+    }
+
+    /// Runs one step. Returns, per input, the logits at its last token when it asked for them.
+    /// `on_layer(l)` runs once layer `l`'s KV of every input is in the cache.
+    pub fn forward(
+        &self,
+        cache: &KvCache,
+        seqs: &[SeqInput],
+        on_layer: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let groups = Self::groups(seqs);
+        let mut xs = Vec::with_capacity(groups.len());
+        let mut cos_sin = Vec::with_capacity(groups.len());
+        for g in &groups {
+            let mut ids = Vec::with_capacity(g.rows);
+            let mut pos = Vec::with_capacity(g.rows);
+            for &(i, _) in &g.members {
+                let s = &seqs[i];
+                ids.extend_from_slice(s.tokens);
+                pos.extend((s.start..s.start + s.tokens.len()).map(|p| p as u32));
+            }
+            let ids = Tensor::from_vec(ids, g.rows, &self.device)?;
+            xs.push(self.weights.embedding.forward(&ids)?);
+            cos_sin.push(self.rope_rows(&pos)?);
+        }
+        // Slot ids of each sequence's whole context, shared by every layer.
+        let slots = seqs
+            .iter()
+            .map(|s| cache.slot_ids(s.table, s.start + s.tokens.len(), &self.device))
+            .collect::<Result<Vec<_>>>()?;
+
+        for (l, layer) in self.weights.layers.iter().enumerate() {
+            for (gi, g) in groups.iter().enumerate() {
+                let x = &xs[gi];
+                let attn = self.attention(layer, l, x, g, seqs, &slots, &cos_sin[gi], cache)?;
+                let x = (x + layer.o.forward(&attn, g.phase)?)?;
+                let h = rms_norm(&x, &layer.ffn_norm, self.config().rms_norm_eps)?;
+                let gate = candle_nn::ops::silu(&layer.gate.forward(&h, g.phase)?)?;
+                let up = layer.up.forward(&h, g.phase)?;
+                let x = (&x + layer.down.forward(&(gate * up)?, g.phase)?)?;
+                xs[gi] = x;
+            }
+            on_layer(l)?;
+        }
+
+        let mut out: Vec<Option<Vec<f32>>> = (0..seqs.len()).map(|_| None).collect();
+        for (gi, g) in groups.iter().enumerate() {
+            let wanted: Vec<(usize, usize)> = g
+                .members
+                .iter()
+                .filter(|(i, _)| seqs[*i].logits)
+                .map(|&(i, row)| (i, row + seqs[i].tokens.len() - 1))
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let rows = wanted
+                .iter()
+                .map(|&(_, r)| xs[gi].narrow(0, r, 1))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let h = rms_norm(
+                &Tensor::cat(&rows, 0)?,
+                &self.weights.final_norm,
+                self.config().rms_norm_eps,
+            )?;
+            let logits = self.weights.lm_head.forward(&h, g.phase)?;
+            let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for ((i, _), l) in wanted.into_iter().zip(logits) {
+                out[i] = Some(l);
+            }
+        }
+        Ok(out)
+    }
+
+    /// cos and sin rows for the given positions, each `(rows, head_dim / 2)`.
+    fn rope_rows(&self, pos: &[u32]) -> Result<(Tensor, Tensor)> {
+        let contiguous = pos.windows(2).all(|w| w[1] == w[0] + 1);
+        if contiguous && !pos.is_empty() {
+            let start = pos[0] as usize;
+            return Ok((
+                self.cos.narrow(0, start, pos.len())?,
+                self.sin.narrow(0, start, pos.len())?,
+            ));
+        }
+        let idx = Tensor::from_slice(pos, pos.len(), &self.device)?;
+        Ok((self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?))
+    }
+
+    #[allow(clippy::too_many_arguments)] // one layer's view of the step; a struct would only rename it
+    fn attention(
+        &self,
+        layer: &LayerWeights,
+        l: usize,
+        x: &Tensor,
+        g: &Group,
+        seqs: &[SeqInput],
+        slots: &[Tensor],
+        (cos, sin): &(Tensor, Tensor),
+        cache: &KvCache,
+    ) -> Result<Tensor> {
+        let c = self.config();
+        let (n, hd) = (g.rows, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let group = nh / nkv;
+        let h = rms_norm(x, &layer.attn_norm, c.rms_norm_eps)?;
+        let q = layer.q.forward(&h, g.phase)?.reshape((n, nh, hd))?;
+        let k = layer.k.forward(&h, g.phase)?.reshape((n, nkv, hd))?;
+        let v = layer.v.forward(&h, g.phase)?.reshape((n, nkv, hd))?;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (
+                rms_norm(&q, qn, c.rms_norm_eps)?,
+                rms_norm(&k, kn, c.rms_norm_eps)?,
+            ),
+            _ => (q, k),
+        };
+        // q: (1, heads, rows, head_dim); k, v: (kv_heads, rows, head_dim)
+        let q = self.rope(&q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, cos, sin)?;
+        let k = self
+            .rope(&k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, cos, sin)?
+            .squeeze(0)?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let q = q.squeeze(0)?;
+
+        let scale = (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(g.members.len());
+        for &(i, row) in &g.members {
+            let s = &seqs[i];
+            let m = s.tokens.len();
+            cache.write(l, s.table, s.start, &k.narrow(1, row, m)?, &v.narrow(1, row, m)?)?;
+            let ctx = s.start + m;
+            let (kc, vc) = cache.gather(l, &slots[i])?;
+            // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
+            let qs = q.narrow(1, row, m)?.contiguous()?.reshape((nkv, group * m, hd))?;
+            let att = (qs.matmul(&kc.t()?)? / scale)?;
+            let att = if m > 1 {
+                let mask = causal_mask(s.start, m, &self.device)?;
+                att.reshape((nkv, group, m, ctx))?
+                    .broadcast_add(&mask)?
+                    .reshape((nkv, group * m, ctx))?
+            } else {
+                att
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&vc)?; // (kv_heads, group * m, head_dim)
+            let o = o.reshape((nh, m, hd))?.transpose(0, 1)?.reshape((m, nh * hd))?;
+            outs.push(o);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        Ok(match self.config().rope_style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(x, cos, sin)?,
+            RopeStyle::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
+        })
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+}
+
+/// `(m, start + m)`: query `i` (position `start + i`) sees keys up to its own position.
+fn causal_mask(start: usize, m: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let ctx = start + m;
+    let mask: Vec<f32> = (0..m)
+        .flat_map(|i| (0..ctx).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (m, ctx), device)
+}
+
+/// cos and sin of every position's rotation angles, each `(max_position, head_dim / 2)`.
+fn rope_tables(
+    c: &ModelConfig,
+    max_position: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let d = c.head_dim;
+    // Computed in f32 exactly as the reference implementations do, so angles agree bit for bit.
+    let mut inv_freq: Vec<f32> = (0..d)
+        .step_by(2)
+        .map(|i| 1f32 / c.rope_theta.powf(i as f32 / d as f32))
+        .collect();
+    match &c.rope_scaling {
+        None => {}
+        Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= factor),
+        Some(RopeScaling::FreqFactors(factors)) => inv_freq
+            .iter_mut()
+            .zip(factors)
+            .for_each(|(f, s)| *f /= s),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        }) => {
+            let old = *original_max_position as f32;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen < high_wavelen {
+                } else if wavelen > low_wavelen {
+                    *f /= factor;
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+    }
+    let half = inv_freq.len();
+    let theta = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let pos = Tensor::arange(0, max_position as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((max_position, 1))?;
+    let angles = pos.matmul(&theta)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
