@@ -8,8 +8,12 @@
 
 mod error;
 pub mod kv;
+mod sampling;
+mod stop;
 
 pub use error::{Error, ErrorClass, Result};
+pub use sampling::{GREEDY_TEMPERATURE, SampledToken, Sampler, SamplingLimits, SamplingParams};
+pub use stop::{FinishReason, StopChecker, StopOutcome, finish_reason_after};
 
 /// Identifies one sequence (one request's token stream) inside an engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
