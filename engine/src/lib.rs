@@ -6,17 +6,24 @@
 //! Invariants: one owner (a task or thread) holds an `Engine` and its block pool; a sequence's
 //! blocks return to the pool exactly once, when the sequence is released.
 
+pub mod batch;
 pub mod config;
 mod engine;
 mod error;
 pub mod kv;
 mod model;
+pub mod sampling;
+pub mod stop;
 mod weights;
 
-pub use config::{EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan, WeightsSetting};
+pub use config::{
+    EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan, WeightsSetting,
+};
 pub use engine::{Engine, LoadStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
 pub use kv::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
+pub use sampling::{GREEDY_TEMPERATURE, SampledToken, Sampler, SamplingLimits, SamplingParams};
+pub use stop::{FinishReason, StopChecker, StopOutcome, finish_reason_after};
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.
