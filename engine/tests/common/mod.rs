@@ -1,21 +1,26 @@
 //! Shared test helpers: where the development model lives.
+#![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::path::PathBuf;
 
-/// The SmolLM2-135M-Instruct GGUF: `BATON_MODEL`, or the cache `scripts/fetch-model.sh` fills.
+/// The SmolLM2-135M-Instruct GGUF: `BATON_MODEL`, or the cache `scripts/fetch-model.sh` fills
+/// (run here when the file is missing; the script is safe to run from several tests at once).
 pub fn dev_model_path() -> PathBuf {
-    let path = std::env::var_os("BATON_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        let dir = std::env::var_os("BATON_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join(".cache/baton/models"));
-        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    if let Some(p) = std::env::var_os("BATON_MODEL") {
+        return PathBuf::from(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/fetch-model.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run scripts/fetch-model.sh");
     assert!(
-        path.exists(),
-        "development model not found at {}: run scripts/fetch-model.sh (or set BATON_MODEL)",
-        path.display()
+        out.status.success(),
+        "scripts/fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(path.exists(), "fetch-model.sh printed {}, which does not exist", path.display());
     path
 }
 
