@@ -61,6 +61,20 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    #[error("model file {path} uses tokenizer model {model:?}, which baton does not support")]
+    UnsupportedTokenizer { path: PathBuf, model: String },
+    #[error("model file {path} uses pre-tokenizer {pre:?}, which baton does not support")]
+    UnsupportedPreTokenizer { path: PathBuf, pre: String },
+    #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error("unknown chat role {role:?}, expected system, user, assistant or tool")]
+    UnknownRole { role: String },
+    #[error("chat template does not compile: {reason}")]
+    ChatTemplateSyntax { reason: String },
+    #[error("chat template rejected the conversation: {message}")]
+    ChatTemplateRaised { message: String },
+    #[error("chat template failed to render: {reason}")]
+    ChatTemplateRender { reason: String },
     #[error("invalid request: {field}: {reason}")]
     InvalidRequest { field: &'static str, reason: String },
     #[error("kv cache is full: need {needed} blocks, {free} free")]
@@ -86,7 +100,11 @@ impl Error {
             Error::InvalidRequest { .. }
             | Error::KvLayoutMismatch { .. }
             | Error::KvImport(_)
-            | Error::ChatTemplate(_) => ErrorClass::InvalidRequest,
+            | Error::ChatTemplate(_)
+            | Error::TokenOutOfRange { .. }
+            | Error::UnknownRole { .. }
+            | Error::ChatTemplateRaised { .. }
+            | Error::ChatTemplateRender { .. } => ErrorClass::InvalidRequest,
             Error::KvCacheFull { .. } => ErrorClass::Overloaded,
             Error::Io { .. }
             | Error::CorruptFile { .. }
@@ -95,7 +113,10 @@ impl Error {
             | Error::UnsupportedTensorType { .. }
             | Error::MissingMetadata { .. }
             | Error::InvalidMetadata { .. }
-            | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
+            | Error::UnknownArchitecture { .. }
+            | Error::UnsupportedTokenizer { .. }
+            | Error::UnsupportedPreTokenizer { .. }
+            | Error::ChatTemplateSyntax { .. } => ErrorClass::BadModel,
             Error::Tokenizer(_) | Error::UnknownSequence(_) | Error::Backend(_) => {
                 ErrorClass::Internal
             }

@@ -7,23 +7,29 @@
 //! blocks return to the pool exactly once, when the sequence is released.
 
 pub mod batch;
+pub mod chat;
 pub mod config;
+mod detokenize;
 mod engine;
 mod error;
 pub mod kv;
 mod model;
 pub mod sampling;
 pub mod stop;
+mod tokenizer;
 mod weights;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{
     EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan, WeightsSetting,
 };
+pub use detokenize::IncrementalDetokenizer;
 pub use engine::{Engine, LoadStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
 pub use kv::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
 pub use sampling::{GREEDY_TEMPERATURE, SampledToken, Sampler, SamplingLimits, SamplingParams};
 pub use stop::{FinishReason, StopChecker, StopOutcome, finish_reason_after};
+pub use tokenizer::Tokenizer;
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.
