@@ -14,6 +14,7 @@ use candle_core::Device;
 use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
 use crate::kv::{BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
 use crate::model::{Model, SeqInput};
+use crate::tokenizer::Tokenizer;
 use crate::weights::{self, Phase};
 use crate::{Error, Result, SeqId};
 
@@ -53,6 +54,7 @@ pub struct LoadStats {
 
 pub struct Engine {
     model: Model,
+    tokenizer: Tokenizer,
     cache: KvCache,
     config: EngineConfig,
     plan: WeightPlan,
@@ -69,14 +71,17 @@ impl Engine {
         let started = Instant::now();
         let device = Device::Cpu;
         let plan = WeightPlan::resolve(config.weights, config.role);
-        let weights = if is_gguf(&config.model) {
-            weights::load_gguf(&config.model, plan, &device)?.0
+        let (weights, tokenizer) = if is_gguf(&config.model) {
+            let (weights, content) = weights::load_gguf(&config.model, plan, &device)?;
+            let tokenizer = Tokenizer::from_gguf(&config.model, &content.metadata)?;
+            (weights, tokenizer)
         } else {
-            weights::load_safetensors(&config.model, plan, &device)?
+            let weights = weights::load_safetensors(&config.model, plan, &device)?;
+            (weights, Tokenizer::from_hf_dir(&config.model)?)
         };
         let model_max = weights.config.max_position;
         let max_context = config.max_context.unwrap_or(model_max).min(model_max);
-        let fingerprint = fingerprint(&weights.config, &weights.weights_digest);
+        let fingerprint = fingerprint(&weights.config, &weights.weights_digest, &tokenizer);
         let model = Model::new(weights, max_context, &device)?;
         let cache = KvCache::new(
             model.config(),
@@ -111,6 +116,7 @@ impl Engine {
         );
         Ok(Self {
             model,
+            tokenizer,
             cache,
             config,
             plan,
@@ -119,6 +125,11 @@ impl Engine {
             seqs: HashMap::new(),
             load_stats,
         })
+    }
+
+    /// The model's tokenizer (cheap to clone).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -435,11 +446,12 @@ fn is_gguf(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-fn fingerprint(config: &ModelConfig, weights_digest: &[u8; 32]) -> Fingerprint {
+fn fingerprint(config: &ModelConfig, weights_digest: &[u8; 32], tokenizer: &Tokenizer) -> Fingerprint {
     let mut h = blake3::Hasher::new();
     h.update(b"baton-model-v1");
     // Serializing a plain struct of numbers and enums is deterministic.
     h.update(serde_json::to_string(config).unwrap_or_default().as_bytes());
     h.update(weights_digest);
+    tokenizer.digest(&mut h);
     Fingerprint(*h.finalize().as_bytes())
 }

@@ -9,14 +9,14 @@
 pub mod batch;
 pub mod chat;
 pub mod config;
-mod detokenize;
+pub mod detokenize;
 mod engine;
 mod error;
 pub mod kv;
 mod model;
 pub mod sampling;
 pub mod stop;
-mod tokenizer;
+pub mod tokenizer;
 mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};

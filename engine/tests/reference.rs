@@ -109,6 +109,9 @@ fn write_random_hf_model(dir: &std::path::Path) -> candle_transformers::models::
         "tie_word_embeddings": false
     });
     std::fs::write(dir.join("config.json"), config_json.to_string()).expect("write config");
+    // 256 byte-level tokens, made with the Python `tokenizers` package (no merges).
+    std::fs::write(dir.join("tokenizer.json"), include_str!("data/tiny-byte-tokenizer.json"))
+        .expect("write tokenizer");
     let dev = Device::Cpu;
     let mut tensors = std::collections::HashMap::new();
     let mut add = |name: String, shape: &[usize], scale: f64| {
