@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 /// Name under which the one template lives in its environment.
 const TEMPLATE_NAME: &str = "chat";
 
-/// Who wrote a chat message.
+/// Who wrote a chat message (not to be confused with [`crate::Role`], a worker's role).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -549,7 +549,8 @@ mod tests {
         .expect("compiles");
         assert_eq!(
             template.render(&[], false).expect("renders"),
-            "none|falsetruetruefalse"
+            // Booleans print the Python way, as in Jinja2.
+            "none|FalseTrueTrueFalse"
         );
     }
 
