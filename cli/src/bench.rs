@@ -41,7 +41,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
-fn best<F: FnMut() -> anyhow::Result<Duration>>(repeats: usize, mut f: F) -> anyhow::Result<Duration> {
+fn best<F: FnMut() -> anyhow::Result<Duration>>(
+    repeats: usize,
+    mut f: F,
+) -> anyhow::Result<Duration> {
     let mut best = Duration::MAX;
     for _ in 0..repeats.max(1) {
         best = best.min(f()?);
@@ -74,7 +77,11 @@ fn time_prefill(e: &mut Engine, n: usize) -> anyhow::Result<Duration> {
     let mut done = 0;
     while done < n {
         let chunk = e.config().prefill_chunk_tokens.min(n - done);
-        e.step(&[StepItem { seq: id, tokens: chunk, phase: Phase::Prefill }])?;
+        e.step(&[StepItem {
+            seq: id,
+            tokens: chunk,
+            phase: Phase::Prefill,
+        }])?;
         done += chunk;
     }
     let dt = t.elapsed();
@@ -89,11 +96,21 @@ fn time_decode(e: &mut Engine, batch: usize, steps: usize) -> anyhow::Result<Dur
     let mut last = Vec::with_capacity(batch);
     for (i, id) in ids.iter().enumerate() {
         e.add_sequence(*id, base[i..i + 16].to_vec())?;
-        let out = e.step(&[StepItem { seq: *id, tokens: 16, phase: Phase::Prefill }])?;
+        let out = e.step(&[StepItem {
+            seq: *id,
+            tokens: 16,
+            phase: Phase::Prefill,
+        }])?;
         last.push(argmax(out[0].logits.as_ref().context("prefill logits")?));
     }
-    let items: Vec<StepItem> =
-        ids.iter().map(|id| StepItem { seq: *id, tokens: 1, phase: Phase::Decode }).collect();
+    let items: Vec<StepItem> = ids
+        .iter()
+        .map(|id| StepItem {
+            seq: *id,
+            tokens: 1,
+            phase: Phase::Decode,
+        })
+        .collect();
     let t = Instant::now();
     for _ in 0..steps {
         for (id, tok) in ids.iter().zip(&last) {
@@ -122,9 +139,15 @@ fn rss_kib(field: &str) -> Option<u64> {
         .ok()
 }
 
-fn llama_cpp(model: &std::path::Path, decode_tokens: usize, repeats: usize) -> anyhow::Result<serde_json::Value> {
+fn llama_cpp(
+    model: &std::path::Path,
+    decode_tokens: usize,
+    repeats: usize,
+) -> anyhow::Result<serde_json::Value> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_llama_cpp.py");
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let out = std::process::Command::new("python3")
         .arg(&script)
         .args(["--model", &model.to_string_lossy()])
@@ -134,14 +157,19 @@ fn llama_cpp(model: &std::path::Path, decode_tokens: usize, repeats: usize) -> a
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
-        bail!("llama.cpp baseline failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "llama.cpp baseline failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    Ok(serde_json::from_slice(&out.stdout).context("llama.cpp baseline output")?)
+    serde_json::from_slice(&out.stdout).context("llama.cpp baseline output")
 }
 
 fn engine(args: EngineArgs) -> anyhow::Result<()> {
     let model = crate::model_path::resolve(args.model)?;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let mut cfg = EngineConfig::new(&model, Role::Colocated);
     cfg.weights = args.weights;
     cfg.prefill_chunk_tokens = 512;
@@ -195,11 +223,20 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         println!("{report}");
         return Ok(());
     }
-    println!("baton bench engine — {} ({threads} threads)", model.display());
+    println!(
+        "baton bench engine — {} ({threads} threads)",
+        model.display()
+    );
     println!("weights: {}", report["weights"].as_str().unwrap_or(""));
-    println!("{:<28} {:>12} {:>12} {:>8}", "measure", "baton", "llama.cpp", "ratio");
+    println!(
+        "{:<28} {:>12} {:>12} {:>8}",
+        "measure", "baton", "llama.cpp", "ratio"
+    );
     let row = |name: &str, ours: f64, key: &str| {
-        let base = baseline.as_ref().and_then(|b| b.get(key)).and_then(|v| v.as_f64());
+        let base = baseline
+            .as_ref()
+            .and_then(|b| b.get(key))
+            .and_then(|v| v.as_f64());
         match base {
             Some(v) => println!("{name:<28} {ours:>12.1} {v:>12.1} {:>7.2}x", ours / v),
             None => println!("{name:<28} {ours:>12.1} {:>12} {:>8}", "-", "-"),
@@ -211,7 +248,11 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     for (b, v) in &decode {
         println!("{:<28} {v:>12.1}", format!("decode, batch {b} (tok/s)"));
     }
-    println!("{:<28} {:>12.2}x", "batch 8 / single stream", decode[2].1 / single);
+    println!(
+        "{:<28} {:>12.2}x",
+        "batch 8 / single stream",
+        decode[2].1 / single
+    );
     row("load (s)", load.as_secs_f64(), "load_s");
     if let (Some(r), Some(p)) = (report["rss_mib"].as_f64(), report["peak_rss_mib"].as_f64()) {
         println!("{:<28} {r:>12.0} (peak {p:.0})", "resident memory (MiB)");

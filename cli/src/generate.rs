@@ -95,15 +95,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     while !batcher.is_idle() {
         for event in batcher.step()? {
             match event {
-                Event::Token { token, finish: f, .. } => {
+                Event::Token {
+                    token, finish: f, ..
+                } => {
                     first_token_at.get_or_insert_with(|| started.elapsed());
                     ids.push(token.id);
                     // The stop token's own text is not part of the answer.
-                    if f != Some(baton_engine::stop::FinishReason::Stop) {
-                        if let Some(delta) = detok.push(token.id)? {
-                            out.write_all(delta.as_bytes())?;
-                            out.flush()?;
-                        }
+                    if f != Some(baton_engine::stop::FinishReason::Stop)
+                        && let Some(delta) = detok.push(token.id)?
+                    {
+                        out.write_all(delta.as_bytes())?;
+                        out.flush()?;
                     }
                     finish = f.or(finish);
                 }

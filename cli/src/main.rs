@@ -8,7 +8,11 @@ mod model_path;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "baton", version, about = "Disaggregated prefill/decode LLM serving")]
+#[command(
+    name = "baton",
+    version,
+    about = "Disaggregated prefill/decode LLM serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

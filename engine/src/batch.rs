@@ -106,7 +106,10 @@ impl Batcher {
     /// Queues a request. The prompt is checked now; its blocks are taken when it is admitted.
     pub fn submit(&mut self, req: GenerateRequest) -> Result<()> {
         if self.contains(req.id) {
-            return Err(Error::invalid("id", format!("{} is already running", req.id)));
+            return Err(Error::invalid(
+                "id",
+                format!("{} is already running", req.id),
+            ));
         }
         let room = self.engine.max_context().saturating_sub(req.prompt.len());
         if req.params.max_new_tokens as usize > room {
@@ -196,7 +199,11 @@ impl Batcher {
             Ok(target.div_ceil(bs).saturating_sub(engine.blocks_held(id)?))
         };
         for a in &self.running {
-            let n = if a.decoding { 1 } else { self.next_chunk(a.id)? };
+            let n = if a.decoding {
+                1
+            } else {
+                self.next_chunk(a.id)?
+            };
             let need = blocks_needed(&self.engine, a.id, n)?;
             if n > budget || need > free {
                 continue;
@@ -206,12 +213,18 @@ impl Batcher {
             items.push(StepItem {
                 seq: a.id,
                 tokens: n,
-                phase: if a.decoding { Phase::Decode } else { Phase::Prefill },
+                phase: if a.decoding {
+                    Phase::Decode
+                } else {
+                    Phase::Prefill
+                },
             });
         }
         // Admit waiting sequences while their first chunk fits.
         while self.running.len() < max_running {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
             let n = self.next_chunk(front.id)?;
             let need = blocks_needed(&self.engine, front.id, n)?;
             if n > budget || need > free {

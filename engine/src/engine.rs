@@ -235,7 +235,10 @@ impl Engine {
         let max = self.max_context;
         let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
         if seq.tokens.len() >= max {
-            return Err(Error::invalid("max_tokens", "sequence reached the context length"));
+            return Err(Error::invalid(
+                "max_tokens",
+                "sequence reached the context length",
+            ));
         }
         seq.tokens.push(token);
         Ok(())
@@ -371,7 +374,10 @@ impl Engine {
             return Err(Error::KvCacheFull { needed, free });
         }
         for it in items {
-            let seq = self.seqs.get_mut(&it.seq).ok_or(Error::UnknownSequence(it.seq))?;
+            let seq = self
+                .seqs
+                .get_mut(&it.seq)
+                .ok_or(Error::UnknownSequence(it.seq))?;
             let target = seq.computed + it.tokens;
             seq.table.ensure_capacity(target, bs)?;
         }
@@ -443,10 +449,15 @@ impl Engine {
 }
 
 fn is_gguf(path: &Path) -> bool {
-    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-fn fingerprint(config: &ModelConfig, weights_digest: &[u8; 32], tokenizer: &Tokenizer) -> Fingerprint {
+fn fingerprint(
+    config: &ModelConfig,
+    weights_digest: &[u8; 32],
+    tokenizer: &Tokenizer,
+) -> Fingerprint {
     let mut h = blake3::Hasher::new();
     h.update(b"baton-model-v1");
     // Serializing a plain struct of numbers and enums is deterministic.

@@ -342,7 +342,10 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<()> {
         let n = k.dim(1)?;
-        let (k, v) = (k.to_dtype(self.dtype.candle())?, v.to_dtype(self.dtype.candle())?);
+        let (k, v) = (
+            k.to_dtype(self.dtype.candle())?,
+            v.to_dtype(self.dtype.candle())?,
+        );
         for (slot, pos, len) in self.runs(table, start..start + n)? {
             let at = pos - start;
             self.k[layer].slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, slot)?;
@@ -352,7 +355,12 @@ impl KvCache {
     }
 
     /// Slot index of every position `0..len` of a table, for [`KvCache::gather`].
-    pub(crate) fn slot_ids(&self, table: &BlockTable, len: usize, device: &Device) -> Result<Tensor> {
+    pub(crate) fn slot_ids(
+        &self,
+        table: &BlockTable,
+        len: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
         let bs = self.block_size;
         let ids: Vec<u32> = (0..len)
             .map(|p| table.blocks()[p / bs].0 * bs as u32 + (p % bs) as u32)

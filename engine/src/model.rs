@@ -11,10 +11,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::Result;
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::kv::{BlockTable, KvCache};
 use crate::weights::{LayerWeights, ModelWeights, Phase};
-use crate::Result;
 
 /// One sequence's share of a step.
 pub(crate) struct SeqInput<'a> {
@@ -165,7 +165,10 @@ impl Model {
             ));
         }
         let idx = Tensor::from_slice(pos, pos.len(), &self.device)?;
-        Ok((self.cos.index_select(&idx, 0)?, self.sin.index_select(&idx, 0)?))
+        Ok((
+            self.cos.index_select(&idx, 0)?,
+            self.sin.index_select(&idx, 0)?,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)] // one layer's view of the step; a struct would only rename it
@@ -208,11 +211,20 @@ impl Model {
         for &(i, row) in &g.members {
             let s = &seqs[i];
             let m = s.tokens.len();
-            cache.write(l, s.table, s.start, &k.narrow(1, row, m)?, &v.narrow(1, row, m)?)?;
+            cache.write(
+                l,
+                s.table,
+                s.start,
+                &k.narrow(1, row, m)?,
+                &v.narrow(1, row, m)?,
+            )?;
             let ctx = s.start + m;
             let (kc, vc) = cache.gather(l, &slots[i])?;
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
-            let qs = q.narrow(1, row, m)?.contiguous()?.reshape((nkv, group * m, hd))?;
+            let qs = q
+                .narrow(1, row, m)?
+                .contiguous()?
+                .reshape((nkv, group * m, hd))?;
             let att = (qs.matmul(&kc.t()?)? / scale)?;
             let att = if m > 1 {
                 let mask = causal_mask(s.start, m, &self.device)?;
@@ -224,7 +236,10 @@ impl Model {
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let o = att.matmul(&vc)?; // (kv_heads, group * m, head_dim)
-            let o = o.reshape((nh, m, hd))?.transpose(0, 1)?.reshape((m, nh * hd))?;
+            let o = o
+                .reshape((nh, m, hd))?
+                .transpose(0, 1)?
+                .reshape((m, nh * hd))?;
             outs.push(o);
         }
         Ok(Tensor::cat(&outs, 0)?)
@@ -246,7 +261,15 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
 fn causal_mask(start: usize, m: usize, device: &Device) -> candle_core::Result<Tensor> {
     let ctx = start + m;
     let mask: Vec<f32> = (0..m)
-        .flat_map(|i| (0..ctx).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..ctx).map(move |j| {
+                if j > start + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Tensor::from_vec(mask, (m, ctx), device)
 }
@@ -266,10 +289,9 @@ fn rope_tables(
     match &c.rope_scaling {
         None => {}
         Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= factor),
-        Some(RopeScaling::FreqFactors(factors)) => inv_freq
-            .iter_mut()
-            .zip(factors)
-            .for_each(|(f, s)| *f /= s),
+        Some(RopeScaling::FreqFactors(factors)) => {
+            inv_freq.iter_mut().zip(factors).for_each(|(f, s)| *f /= s)
+        }
         Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,

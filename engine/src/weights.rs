@@ -103,10 +103,12 @@ struct Source {
 
 impl Source {
     fn take(&mut self, name: &str) -> Result<Raw> {
-        self.tensors.remove(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-        })
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+            })
     }
 
     fn has(&self, name: &str) -> bool {
@@ -337,9 +339,17 @@ fn build(
             q_norm,
             k_norm,
             ffn_norm: src.vector(&format!("{}{w}", n.ffn_norm), c.hidden_size)?,
-            gate: src.matrix(&format!("{}{w}", n.gate), c.intermediate_size, c.hidden_size)?,
+            gate: src.matrix(
+                &format!("{}{w}", n.gate),
+                c.intermediate_size,
+                c.hidden_size,
+            )?,
             up: src.matrix(&format!("{}{w}", n.up), c.intermediate_size, c.hidden_size)?,
-            down: src.matrix(&format!("{}{w}", n.down), c.hidden_size, c.intermediate_size)?,
+            down: src.matrix(
+                &format!("{}{w}", n.down),
+                c.hidden_size,
+                c.intermediate_size,
+            )?,
         });
     }
     let final_norm = src.vector(top.final_norm, c.hidden_size)?;
@@ -399,7 +409,10 @@ pub(crate) fn load_gguf(
             .tensor(&mut reader, name, device)
             .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
         hasher.update(name.as_bytes());
-        hasher.update(&q.data().map_err(|e| corrupt(format!("tensor {name}: {e}")))?);
+        hasher.update(
+            &q.data()
+                .map_err(|e| corrupt(format!("tensor {name}: {e}")))?,
+        );
         tensors.insert(name.clone(), Raw::Q(Arc::new(q)));
     }
     let mut config = config;
@@ -422,7 +435,13 @@ pub(crate) fn load_gguf(
         plan,
         tensors,
     };
-    let weights = build(src, config, Names::gguf, &GGUF_TOP, *hasher.finalize().as_bytes())?;
+    let weights = build(
+        src,
+        config,
+        Names::gguf,
+        &GGUF_TOP,
+        *hasher.finalize().as_bytes(),
+    )?;
     Ok((weights, content))
 }
 
@@ -692,7 +711,13 @@ pub(crate) fn load_safetensors(
         plan,
         tensors,
     };
-    build(src, config, Names::hf, &HF_TOP, *hasher.finalize().as_bytes())
+    build(
+        src,
+        config,
+        Names::hf,
+        &HF_TOP,
+        *hasher.finalize().as_bytes(),
+    )
 }
 
 fn hf_rope_scaling(path: &Path, v: &serde_json::Value) -> Result<Option<RopeScaling>> {

@@ -83,11 +83,17 @@ fn sequences_joining_a_running_batch_match_running_alone() {
         max_running = max_running.max(b.num_running());
         step += 1;
     }
-    assert!(max_running >= 4, "the batch never held more than {max_running} sequences");
+    assert!(
+        max_running >= 4,
+        "the batch never held more than {max_running} sequences"
+    );
     for i in 0..prompts.len() {
         let id = SeqId(i as u64);
         assert_eq!(together[&id].len(), NEW_TOKENS as usize);
-        assert_eq!(together[&id], alone[&id], "sequence {i} changed when batched");
+        assert_eq!(
+            together[&id], alone[&id],
+            "sequence {i} changed when batched"
+        );
     }
     assert_eq!(b.engine().free_blocks(), b.engine().total_blocks());
     assert_eq!(b.stats().preemptions, 0);

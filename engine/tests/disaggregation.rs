@@ -33,7 +33,12 @@ fn params() -> SamplingParams {
 }
 
 fn long_prompt() -> Vec<u32> {
-    PROMPTS.iter().cycle().take(9).flat_map(|p| p.iter().copied()).collect()
+    PROMPTS
+        .iter()
+        .cycle()
+        .take(9)
+        .flat_map(|p| p.iter().copied())
+        .collect()
 }
 
 /// Prefill side: chunks of the prompt, exporting every layer of every block during the last
@@ -48,10 +53,18 @@ fn prefill_and_export(e: &mut Engine, id: SeqId, prompt: &[u32]) -> (Vec<KvChunk
         let last = e.computed(id).expect("seq") + n == prompt.len();
         let export: &[SeqId] = if last { &[id] } else { &[] };
         let out = e
-            .step_with_export(&[StepItem { seq: id, tokens: n, phase: Phase::Prefill }], export, &mut |_, c| {
-                chunks.push(c);
-                Ok(())
-            })
+            .step_with_export(
+                &[StepItem {
+                    seq: id,
+                    tokens: n,
+                    phase: Phase::Prefill,
+                }],
+                export,
+                &mut |_, c| {
+                    chunks.push(c);
+                    Ok(())
+                },
+            )
             .expect("prefill step");
         if let Some(l) = &out[0].logits {
             first = Some(Sampler::new(&params(), prompt).sample(l).id);
@@ -62,8 +75,16 @@ fn prefill_and_export(e: &mut Engine, id: SeqId, prompt: &[u32]) -> (Vec<KvChunk
 }
 
 /// Decode side: import, resume, generate. Returns the tokens after the first.
-fn import_and_decode(b: &mut Batcher, id: SeqId, prompt: &[u32], chunks: &[KvChunk], first: u32) -> Vec<u32> {
-    b.engine_mut().begin_import(id, prompt.to_vec()).expect("reserve");
+fn import_and_decode(
+    b: &mut Batcher,
+    id: SeqId,
+    prompt: &[u32],
+    chunks: &[KvChunk],
+    first: u32,
+) -> Vec<u32> {
+    b.engine_mut()
+        .begin_import(id, prompt.to_vec())
+        .expect("reserve");
     for c in chunks {
         b.engine_mut().import(id, c).expect("import");
     }
@@ -81,11 +102,18 @@ fn import_and_decode(b: &mut Batcher, id: SeqId, prompt: &[u32], chunks: &[KvChu
 }
 
 fn colocated(prompts: &[Vec<u32>]) -> HashMap<usize, Vec<u32>> {
-    let mut b = Batcher::new(Engine::load(config(Role::Colocated)).expect("load"), vec![2]);
+    let mut b = Batcher::new(
+        Engine::load(config(Role::Colocated)).expect("load"),
+        vec![2],
+    );
     let mut out: HashMap<usize, Vec<u32>> = HashMap::new();
     for (i, p) in prompts.iter().enumerate() {
-        b.submit(GenerateRequest { id: SeqId(i as u64), prompt: p.clone(), params: params() })
-            .expect("submit");
+        b.submit(GenerateRequest {
+            id: SeqId(i as u64),
+            prompt: p.clone(),
+            params: params(),
+        })
+        .expect("submit");
         while !b.is_idle() {
             for ev in b.step().expect("step") {
                 if let Event::Token { token, .. } = ev {
@@ -108,7 +136,13 @@ fn write_chunks(w: &mut impl Write, prompt: &[u32], first: u32, chunks: &[KvChun
     put(first);
     put(chunks.len() as u32);
     for c in chunks {
-        for x in [c.layer, c.first_block, c.num_blocks, c.tokens, c.data.len() as u32] {
+        for x in [
+            c.layer,
+            c.first_block,
+            c.num_blocks,
+            c.tokens,
+            c.data.len() as u32,
+        ] {
             put(x);
         }
     }
@@ -136,7 +170,13 @@ fn read_chunks(r: &mut impl Read) -> (Vec<u32>, u32, Vec<KvChunk>) {
         .map(|(layer, first_block, num_blocks, tokens, len)| {
             let mut data = vec![0u8; len];
             r.read_exact(&mut data).expect("read data");
-            KvChunk { layer, first_block, num_blocks, tokens, data }
+            KvChunk {
+                layer,
+                first_block,
+                num_blocks,
+                tokens,
+                data,
+            }
         })
         .collect();
     (prompt, first, chunks)
@@ -177,22 +217,41 @@ fn kv_moved_to_another_process_decodes_identically() {
         let (chunks, first) = prefill_and_export(&mut prefill, SeqId(i as u64), p);
         // Every layer exported once, in order, covering the whole prompt.
         assert_eq!(chunks.len(), layers);
-        assert!(chunks.iter().enumerate().all(|(l, c)| c.layer as usize == l));
+        assert!(
+            chunks
+                .iter()
+                .enumerate()
+                .all(|(l, c)| c.layer as usize == l)
+        );
         let bytes: usize = chunks.iter().map(|c| c.data.len()).sum();
-        assert_eq!(bytes, layers * prefill.kv_layer_bytes(p.len()), "prompt {i}: bytes moved");
+        assert_eq!(
+            bytes,
+            layers * prefill.kv_layer_bytes(p.len()),
+            "prompt {i}: bytes moved"
+        );
         write_chunks(&mut payload, p, first, &chunks);
     }
     assert_eq!(prefill.free_blocks(), prefill.total_blocks());
 
     let exe = std::env::current_exe().expect("test binary");
     let mut child = std::process::Command::new(exe)
-        .args(["--exact", "decode_process_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "decode_process_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, "1")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn decode process");
-    child.stdin.take().expect("stdin").write_all(&payload).expect("send kv");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&payload)
+        .expect("send kv");
     let out = child.wait_with_output().expect("decode process");
     assert!(out.status.success(), "decode process failed");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -204,7 +263,10 @@ fn kv_moved_to_another_process_decodes_identically() {
         .collect();
     assert_eq!(got.len(), prompts.len());
     for (i, tokens) in got.iter().enumerate() {
-        assert_eq!(tokens, &expected[&i], "prompt {i}: disaggregated tokens differ");
+        assert_eq!(
+            tokens, &expected[&i],
+            "prompt {i}: disaggregated tokens differ"
+        );
     }
 }
 
@@ -226,7 +288,10 @@ fn kv_moved_between_engines_in_one_process_decodes_identically() {
         tokens.extend(import_and_decode(&mut decode, id, p, &chunks, first));
         assert_eq!(tokens, expected[&i], "prompt {i}");
     }
-    assert_eq!(decode.engine().free_blocks(), decode.engine().total_blocks());
+    assert_eq!(
+        decode.engine().free_blocks(),
+        decode.engine().total_blocks()
+    );
 }
 
 #[test]
@@ -244,7 +309,10 @@ fn import_refuses_descriptors_and_chunks_it_cannot_map() {
 
     let mut other = f32_engine.descriptor().clone();
     other.fingerprint.0[0] ^= 1;
-    let err = f32_engine.descriptor().check_compatible(&other).expect_err("other model");
+    let err = f32_engine
+        .descriptor()
+        .check_compatible(&other)
+        .expect_err("other model");
     assert!(matches!(err, Error::KvLayoutMismatch { .. }), "{err}");
 
     // A chunk of the wrong size, layer or block range changes nothing and is refused.
@@ -254,9 +322,27 @@ fn import_refuses_descriptors_and_chunks_it_cannot_map() {
     let good = e.kv_layer_bytes(prompt.len());
     let blocks = e.blocks_for(prompt.len()) as u32;
     let bad = [
-        KvChunk { layer: 0, first_block: 0, num_blocks: blocks, tokens: prompt.len() as u32, data: vec![0; good - 4] },
-        KvChunk { layer: 99, first_block: 0, num_blocks: blocks, tokens: prompt.len() as u32, data: vec![0; good] },
-        KvChunk { layer: 0, first_block: 1, num_blocks: blocks, tokens: prompt.len() as u32, data: vec![0; good] },
+        KvChunk {
+            layer: 0,
+            first_block: 0,
+            num_blocks: blocks,
+            tokens: prompt.len() as u32,
+            data: vec![0; good - 4],
+        },
+        KvChunk {
+            layer: 99,
+            first_block: 0,
+            num_blocks: blocks,
+            tokens: prompt.len() as u32,
+            data: vec![0; good],
+        },
+        KvChunk {
+            layer: 0,
+            first_block: 1,
+            num_blocks: blocks,
+            tokens: prompt.len() as u32,
+            data: vec![0; good],
+        },
     ];
     for c in &bad {
         assert!(matches!(e.import(SeqId(1), c), Err(Error::KvImport(_))));

@@ -49,15 +49,22 @@ fn gguf_quantized_logits_track_candle_quantized_llama() {
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
         let mut reference =
             ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference loads");
-        let input = Tensor::new(*prompt, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("t");
+        let input = Tensor::new(*prompt, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("t");
         let mut ref_logits = reference
             .forward(&input, 0)
             .and_then(|l| l.squeeze(0)?.to_vec1::<f32>())
             .expect("reference prefill");
         let id = SeqId(i as u64);
-        ours.add_sequence(id, prompt.to_vec()).expect("sequence added");
+        ours.add_sequence(id, prompt.to_vec())
+            .expect("sequence added");
         let mut logits = ours
-            .step(&[StepItem { seq: id, tokens: prompt.len(), phase: Phase::Prefill }])
+            .step(&[StepItem {
+                seq: id,
+                tokens: prompt.len(),
+                phase: Phase::Prefill,
+            }])
             .expect("prefill")[0]
             .logits
             .clone()
@@ -65,7 +72,10 @@ fn gguf_quantized_logits_track_candle_quantized_llama() {
         assert_eq!(logits, ref_logits, "prompt {i}: prefill logits differ");
         for step in 0..GREEDY_TOKENS {
             let diff = max_abs_diff(&logits, &ref_logits);
-            assert!(diff < 2.0, "prompt {i} step {step}: logits differ by {diff}");
+            assert!(
+                diff < 2.0,
+                "prompt {i} step {step}: logits differ by {diff}"
+            );
             let next = argmax(&ref_logits);
             if argmax(&logits) != next {
                 assert!(
@@ -76,12 +86,18 @@ fn gguf_quantized_logits_track_candle_quantized_llama() {
             }
             ours.push_token(id, next).expect("push");
             logits = ours
-                .step(&[StepItem { seq: id, tokens: 1, phase: Phase::Decode }])
+                .step(&[StepItem {
+                    seq: id,
+                    tokens: 1,
+                    phase: Phase::Decode,
+                }])
                 .expect("decode")[0]
                 .logits
                 .clone()
                 .expect("decode logits");
-            let x = Tensor::new(&[next], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("t");
+            let x = Tensor::new(&[next], &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("t");
             ref_logits = reference
                 .forward(&x, prompt.len() + step)
                 .and_then(|l| l.squeeze(0)?.to_vec1::<f32>())
@@ -110,12 +126,17 @@ fn write_random_hf_model(dir: &std::path::Path) -> candle_transformers::models::
     });
     std::fs::write(dir.join("config.json"), config_json.to_string()).expect("write config");
     // 256 byte-level tokens, made with the Python `tokenizers` package (no merges).
-    std::fs::write(dir.join("tokenizer.json"), include_str!("data/tiny-byte-tokenizer.json"))
-        .expect("write tokenizer");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        include_str!("data/tiny-byte-tokenizer.json"),
+    )
+    .expect("write tokenizer");
     let dev = Device::Cpu;
     let mut tensors = std::collections::HashMap::new();
     let mut add = |name: String, shape: &[usize], scale: f64| {
-        let t = Tensor::randn(0f32, 1f32, shape, &dev).and_then(|t| t * scale).expect("randn");
+        let t = Tensor::randn(0f32, 1f32, shape, &dev)
+            .and_then(|t| t * scale)
+            .expect("randn");
         tensors.insert(name, t);
     };
     add("model.embed_tokens.weight".into(), &[256, 64], 1.0);
@@ -161,10 +182,16 @@ fn safetensors_logits_match_candle_llama() {
     let id = SeqId(1);
     ours.add_sequence(id, prompt.clone()).expect("add");
     let out = ours
-        .step(&[StepItem { seq: id, tokens: prompt.len(), phase: Phase::Prefill }])
+        .step(&[StepItem {
+            seq: id,
+            tokens: prompt.len(),
+            phase: Phase::Prefill,
+        }])
         .expect("prefill");
     let mut our_logits = out[0].logits.clone().expect("logits");
-    let input = Tensor::new(prompt.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("t");
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("t");
     let mut ref_logits = reference
         .forward(&input, 0, &mut cache)
         .and_then(|l| l.squeeze(0)?.to_vec1::<f32>())
@@ -174,15 +201,25 @@ fn safetensors_logits_match_candle_llama() {
         let diff = max_abs_diff(&our_logits, &ref_logits);
         assert!(diff < 1e-4, "step {step}: logits differ by {diff}");
         let next = argmax(&ref_logits);
-        assert_eq!(argmax(&our_logits), next, "step {step}: greedy token differs");
+        assert_eq!(
+            argmax(&our_logits),
+            next,
+            "step {step}: greedy token differs"
+        );
         ours.push_token(id, next).expect("push");
         our_logits = ours
-            .step(&[StepItem { seq: id, tokens: 1, phase: Phase::Decode }])
+            .step(&[StepItem {
+                seq: id,
+                tokens: 1,
+                phase: Phase::Decode,
+            }])
             .expect("decode")[0]
             .logits
             .clone()
             .expect("logits");
-        let x = Tensor::new(&[next], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("t");
+        let x = Tensor::new(&[next], &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("t");
         ref_logits = reference
             .forward(&x, prompt.len() + step, &mut cache)
             .and_then(|l| l.squeeze(0)?.to_vec1::<f32>())

@@ -30,7 +30,9 @@ fn gguf_dequantized_greedy_tokens_equal_candle_quantized_llama() {
         let content = candle_core::quantized::gguf_file::Content::read(&mut file).expect("gguf");
         let mut reference =
             ModelWeights::from_gguf(content, &mut file, &Device::Cpu).expect("reference loads");
-        let input = Tensor::new(*prompt, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("t");
+        let input = Tensor::new(*prompt, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("t");
         let ref_first = reference
             .forward(&input, 0)
             .and_then(|l| l.squeeze(0)?.to_vec1::<f32>())
@@ -49,9 +51,14 @@ fn gguf_dequantized_greedy_tokens_equal_candle_quantized_llama() {
         }
 
         let id = SeqId(i as u64);
-        ours.add_sequence(id, prompt.to_vec()).expect("sequence added");
+        ours.add_sequence(id, prompt.to_vec())
+            .expect("sequence added");
         let first = ours
-            .step(&[StepItem { seq: id, tokens: prompt.len(), phase: Phase::Prefill }])
+            .step(&[StepItem {
+                seq: id,
+                tokens: prompt.len(),
+                phase: Phase::Prefill,
+            }])
             .expect("prefill")[0]
             .logits
             .clone()
@@ -60,9 +67,14 @@ fn gguf_dequantized_greedy_tokens_equal_candle_quantized_llama() {
         assert!(diff < 1e-3, "prompt {i}: prefill logits differ by {diff}");
         let mut tokens = vec![argmax(&first)];
         while tokens.len() < GREEDY_TOKENS {
-            ours.push_token(id, *tokens.last().expect("t")).expect("push");
+            ours.push_token(id, *tokens.last().expect("t"))
+                .expect("push");
             let out = ours
-                .step(&[StepItem { seq: id, tokens: 1, phase: Phase::Decode }])
+                .step(&[StepItem {
+                    seq: id,
+                    tokens: 1,
+                    phase: Phase::Decode,
+                }])
                 .expect("decode");
             tokens.push(argmax(out[0].logits.as_ref().expect("logits")));
         }

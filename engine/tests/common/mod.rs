@@ -20,7 +20,11 @@ pub fn dev_model_path() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(path.exists(), "fetch-model.sh printed {}, which does not exist", path.display());
+    assert!(
+        path.exists(),
+        "fetch-model.sh printed {}, which does not exist",
+        path.display()
+    );
     path
 }
 
@@ -31,8 +35,8 @@ pub const PROMPTS: &[&[u32]] = &[
     // SmolLM2 chat template, user: "Write a short poem about the sea."
     &[
         1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
-        407, 19712, 8182, 2, 198, 1, 4093, 198, 19161, 253, 1890, 8216, 563, 260, 3426, 30, 2,
-        198, 1, 520, 9531, 198,
+        407, 19712, 8182, 2, 198, 1, 4093, 198, 19161, 253, 1890, 8216, 563, 260, 3426, 30, 2, 198,
+        1, 520, 9531, 198,
     ],
     // "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
     &[
@@ -57,5 +61,8 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
