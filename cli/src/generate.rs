@@ -37,6 +37,9 @@ pub struct GenerateArgs {
     /// auto | quantized | f32 | f16
     #[arg(long, default_value = "auto")]
     weights: WeightsSetting,
+    /// cpu, or cuda:N with a build that has the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    device: baton_engine::DeviceSetting,
     /// Print token ids and timing to stderr after the text.
     #[arg(long)]
     verbose: bool,
@@ -53,6 +56,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = crate::model_path::resolve(args.model)?;
     let mut cfg = EngineConfig::new(&model, Role::Colocated);
     cfg.weights = args.weights;
+    cfg.device = args.device;
     let engine = Engine::load(cfg).with_context(|| format!("loading {}", model.display()))?;
     let tokenizer = engine.tokenizer().clone();
     let text = if args.chat {

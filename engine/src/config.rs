@@ -182,13 +182,17 @@ pub struct WeightPlan {
 
 impl WeightPlan {
     /// `auto` gives prefill dequantized f32 weights (compute-bound: measured here 226 tok/s against
-    /// 80 tok/s on Q4_1) and decode the file's quantized weights (memory-bound). A role that does
-    /// only one phase loads only that phase's format.
-    pub fn resolve(setting: WeightsSetting, _role: Role) -> Self {
+    /// 80 tok/s on Q4_1) and decode the file's quantized weights (memory-bound). A prefill worker
+    /// never decodes, so it loads only the prefill format; a decode worker loads both, because
+    /// it prefills short prompts itself and must compute them as a prefill worker would.
+    pub fn resolve(setting: WeightsSetting, role: Role) -> Self {
         match setting {
-            WeightsSetting::Auto => Self {
-                prefill: WeightFormat::F32,
-                decode: WeightFormat::Quantized,
+            WeightsSetting::Auto => match role {
+                Role::Prefill => Self::uniform(WeightFormat::F32),
+                Role::Decode | Role::Colocated => Self {
+                    prefill: WeightFormat::F32,
+                    decode: WeightFormat::Quantized,
+                },
             },
             WeightsSetting::Quantized => Self::uniform(WeightFormat::Quantized),
             WeightsSetting::F32 => Self::uniform(WeightFormat::F32),
@@ -201,17 +205,6 @@ impl WeightPlan {
             prefill: format,
             decode: format,
         }
-    }
-
-    /// The formats a role must load: a prefill worker never decodes and a decode worker never
-    /// prefills a long prompt, except for the last chunk the decode side computes itself.
-    pub fn formats_for(&self, role: Role) -> Vec<WeightFormat> {
-        let mut v = match role {
-            Role::Prefill => vec![self.prefill],
-            Role::Decode | Role::Colocated => vec![self.prefill, self.decode],
-        };
-        v.dedup();
-        v
     }
 }
 
@@ -246,6 +239,48 @@ impl KvDType {
     }
 }
 
+/// Where the engine keeps its weights and KV pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSetting {
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal; needs a build with the `cuda` feature.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Self::Cuda(n)),
+                _ => Err(format!(
+                    "unknown device {other:?} (expected cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl DeviceSetting {
+    /// Opens the device; a CUDA setting in a build without the `cuda` feature is a clear error.
+    pub fn open(self) -> crate::Result<candle_core::Device> {
+        match self {
+            Self::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            Self::Cuda(n) => Ok(candle_core::Device::new_cuda(n)?),
+            #[cfg(not(feature = "cuda"))]
+            Self::Cuda(_) => Err(crate::Error::invalid(
+                "device",
+                "this build has no CUDA support; rebuild with `--features cuda`",
+            )),
+        }
+    }
+}
+
 /// Settings for one engine instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {
@@ -254,6 +289,7 @@ pub struct EngineConfig {
     pub model: std::path::PathBuf,
     pub weights: WeightsSetting,
     pub role: Role,
+    pub device: DeviceSetting,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Bytes the KV block pool may occupy.
@@ -276,6 +312,7 @@ impl EngineConfig {
             model: model.into(),
             weights: WeightsSetting::Auto,
             role,
+            device: DeviceSetting::Cpu,
             block_size: 16,
             kv_cache_bytes: 512 << 20,
             kv_dtype: KvDType::F32,
@@ -307,5 +344,53 @@ impl EngineConfig {
             return Err(Error::invalid("max_context", "must be positive"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_setting_parses_and_names_bad_values() {
+        assert_eq!("cpu".parse(), Ok(DeviceSetting::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSetting::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSetting::Cuda(3)));
+        let err = "gpu".parse::<DeviceSetting>().expect_err("unknown device");
+        assert!(err.contains("gpu"), "{err}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_device_without_the_feature_is_a_clear_error() {
+        let err = DeviceSetting::Cuda(0)
+            .open()
+            .expect_err("no cuda in this build");
+        assert!(err.to_string().contains("--features cuda"), "{err}");
+        assert_eq!(err.class(), crate::ErrorClass::InvalidRequest);
+    }
+
+    #[test]
+    fn auto_weights_are_f32_for_prefill_and_quantized_for_decode() {
+        let plan = WeightPlan::resolve(WeightsSetting::Auto, Role::Colocated);
+        assert_eq!(plan.prefill, WeightFormat::F32);
+        assert_eq!(plan.decode, WeightFormat::Quantized);
+        let prefill_only = WeightPlan::resolve(WeightsSetting::Auto, Role::Prefill);
+        assert_eq!(prefill_only, WeightPlan::uniform(WeightFormat::F32));
+        assert_eq!("dequantized".parse(), Ok(WeightsSetting::F32));
+        assert!("q4".parse::<WeightsSetting>().is_err());
+    }
+
+    #[test]
+    fn engine_config_validation_names_the_field() {
+        let mut cfg = EngineConfig::new("m.gguf", Role::Decode);
+        cfg.validate().expect("defaults are valid");
+        cfg.block_size = 0;
+        let err = cfg.validate().expect_err("zero block size");
+        assert!(err.to_string().contains("block_size"), "{err}");
+        let mut cfg = EngineConfig::new("m.gguf", Role::Decode);
+        cfg.max_batch_tokens = cfg.prefill_chunk_tokens - 1;
+        let err = cfg.validate().expect_err("batch smaller than a chunk");
+        assert!(err.to_string().contains("max_batch_tokens"), "{err}");
     }
 }

@@ -9,8 +9,6 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
-
 use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
 use crate::kv::{BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
 use crate::model::{Model, SeqInput};
@@ -69,7 +67,7 @@ impl Engine {
     pub fn load(config: EngineConfig) -> Result<Self> {
         config.validate()?;
         let started = Instant::now();
-        let device = Device::Cpu;
+        let device = config.device.open()?;
         let plan = WeightPlan::resolve(config.weights, config.role);
         let (weights, tokenizer) = if is_gguf(&config.model) {
             let (weights, content) = weights::load_gguf(&config.model, plan, &device)?;

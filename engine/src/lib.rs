@@ -21,7 +21,8 @@ mod weights;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{
-    EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan, WeightsSetting,
+    DeviceSetting, EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
+    WeightsSetting,
 };
 pub use detokenize::IncrementalDetokenizer;
 pub use engine::{Engine, LoadStats, StepItem, StepOutput};
