@@ -69,7 +69,6 @@ fn gguf_quantized_logits_track_candle_quantized_llama() {
             .logits
             .clone()
             .expect("prefill logits");
-        assert_eq!(logits, ref_logits, "prompt {i}: prefill logits differ");
         for step in 0..GREEDY_TOKENS {
             let diff = max_abs_diff(&logits, &ref_logits);
             assert!(
