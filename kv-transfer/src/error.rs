@@ -1,0 +1,245 @@
+//! The crate's one error type. Each variant knows its class, so the serving edge maps it to a
+//! gRPC status or HTTP code once, and its [`FailureReason`], so counters need no string matching.
+
+use std::ops::Range;
+
+use baton_engine::Fingerprint;
+
+use crate::frame::{CloseCode, FrameKind, HandoffId};
+
+/// What kind of failure an error is, for mapping to gRPC status and HTTP codes at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The caller or peer sent something invalid (400 / INVALID_ARGUMENT).
+    InvalidRequest,
+    /// The peer is gone or sent bytes we cannot use; retrying elsewhere may work
+    /// (503 / UNAVAILABLE).
+    Unavailable,
+    /// A step took longer than its bound (504 / DEADLINE_EXCEEDED).
+    Deadline,
+    /// A bug or an unexpected local failure (500 / INTERNAL).
+    Internal,
+}
+
+/// Which side of a transfer plan a shard set is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The prefill worker's shards, where the KV is now.
+    Source,
+    /// The decode worker's shards, where the KV must go.
+    Destination,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        })
+    }
+}
+
+/// Why a frame, a handoff or a connection failed, for the failure counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// Layouts cannot be mapped onto each other.
+    Incompatible,
+    /// A header or payload checksum did not match.
+    Corrupt,
+    /// Bytes that are not a frame of this protocol, or a frame that breaks its rules.
+    Malformed,
+    /// A frame for a handoff the receiver was not told to expect, or outside what it expects.
+    Unexpected,
+    /// The peer closed or reset the connection before a frame or handoff was complete.
+    PeerClosed,
+    /// The peer refused us.
+    Refused,
+    /// A deadline passed.
+    Timeout,
+    /// Socket errors and local failures.
+    Io,
+}
+
+impl FailureReason {
+    /// Every reason, in counter order.
+    pub const ALL: [FailureReason; 8] = [
+        FailureReason::Incompatible,
+        FailureReason::Corrupt,
+        FailureReason::Malformed,
+        FailureReason::Unexpected,
+        FailureReason::PeerClosed,
+        FailureReason::Refused,
+        FailureReason::Timeout,
+        FailureReason::Io,
+    ];
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kv layout mismatch: {reason} (expected fingerprint {expected}, got {got})")]
+    LayoutMismatch {
+        expected: Fingerprint,
+        got: Fingerprint,
+        reason: String,
+    },
+    #[error("{side} shard set is empty")]
+    NoShards { side: Side },
+    #[error("{side} shard {shard} is invalid: {reason}")]
+    InvalidShard {
+        side: Side,
+        shard: usize,
+        reason: String,
+    },
+    #[error("{side} shards {a} and {b} both hold layers {layers:?} x kv heads {kv_heads:?}")]
+    ShardsOverlap {
+        side: Side,
+        a: usize,
+        b: usize,
+        layers: Range<u32>,
+        kv_heads: Range<u32>,
+    },
+    #[error("{side} shards leave {missing} of {total} (layer, kv head) pairs unheld")]
+    ShardsLeaveGap {
+        side: Side,
+        missing: u64,
+        total: u64,
+    },
+    #[error("block range {blocks:?} is reversed")]
+    InvalidBlocks { blocks: Range<u32> },
+
+    #[error("not a baton kv frame: magic {got:02x?}")]
+    BadMagic { got: [u8; 4] },
+    #[error("protocol version {got} is not supported (this build speaks {supported})")]
+    UnsupportedVersion { got: u16, supported: u16 },
+    #[error("unknown frame kind {got}")]
+    UnknownFrameKind { got: u8 },
+    #[error("frame header checksum mismatch (expected {expected:08x}, computed {computed:08x})")]
+    HeaderCorrupt { expected: u32, computed: u32 },
+    #[error("frame payload of {len} bytes exceeds the limit of {max}")]
+    PayloadTooLarge { len: u64, max: u32 },
+    #[error(
+        "payload checksum mismatch for {handoff} (expected {expected:08x}, computed {computed:08x})"
+    )]
+    PayloadCorrupt {
+        handoff: HandoffId,
+        expected: u32,
+        computed: u32,
+    },
+    #[error("malformed {kind:?} frame: {reason}")]
+    MalformedFrame { kind: FrameKind, reason: String },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    UnexpectedFrame { expected: FrameKind, got: FrameKind },
+
+    #[error("{during}: {source}")]
+    Io {
+        during: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("peer closed the connection {during}")]
+    PeerClosed {
+        during: &'static str,
+        handoff: Option<HandoffId>,
+    },
+    #[error("peer refused: {code:?}: {message}")]
+    PeerRefused { code: CloseCode, message: String },
+    #[error("{during} took longer than {limit:?}")]
+    Timeout {
+        during: &'static str,
+        limit: std::time::Duration,
+    },
+    #[error("no handoff {0} is expected")]
+    UnknownHandoff(HandoffId),
+    #[error("handoff {0} is already expected")]
+    DuplicateHandoff(HandoffId),
+    #[error("segment of {handoff} rejected: {reason}")]
+    SegmentRejected { handoff: HandoffId, reason: String },
+    #[error("invalid {field}: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    #[error("the consumer of received kv is gone")]
+    ConsumerGone,
+}
+
+impl Error {
+    /// The class of this error, for the mapping at the serving edge.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::LayoutMismatch { .. }
+            | Error::NoShards { .. }
+            | Error::InvalidShard { .. }
+            | Error::ShardsOverlap { .. }
+            | Error::ShardsLeaveGap { .. }
+            | Error::InvalidBlocks { .. }
+            | Error::UnknownHandoff(_)
+            | Error::DuplicateHandoff(_)
+            | Error::InvalidConfig { .. } => ErrorClass::InvalidRequest,
+            Error::BadMagic { .. }
+            | Error::UnsupportedVersion { .. }
+            | Error::UnknownFrameKind { .. }
+            | Error::HeaderCorrupt { .. }
+            | Error::PayloadTooLarge { .. }
+            | Error::PayloadCorrupt { .. }
+            | Error::MalformedFrame { .. }
+            | Error::UnexpectedFrame { .. }
+            | Error::SegmentRejected { .. }
+            | Error::Io { .. }
+            | Error::PeerClosed { .. }
+            | Error::PeerRefused { .. } => ErrorClass::Unavailable,
+            Error::Timeout { .. } => ErrorClass::Deadline,
+            Error::ConsumerGone => ErrorClass::Internal,
+        }
+    }
+
+    /// The failure counter this error feeds.
+    pub fn reason(&self) -> FailureReason {
+        match self {
+            Error::LayoutMismatch { .. }
+            | Error::NoShards { .. }
+            | Error::InvalidShard { .. }
+            | Error::ShardsOverlap { .. }
+            | Error::ShardsLeaveGap { .. }
+            | Error::InvalidBlocks { .. }
+            | Error::UnsupportedVersion { .. } => FailureReason::Incompatible,
+            Error::HeaderCorrupt { .. } | Error::PayloadCorrupt { .. } => FailureReason::Corrupt,
+            Error::BadMagic { .. }
+            | Error::UnknownFrameKind { .. }
+            | Error::PayloadTooLarge { .. }
+            | Error::MalformedFrame { .. }
+            | Error::UnexpectedFrame { .. } => FailureReason::Malformed,
+            Error::UnknownHandoff(_)
+            | Error::DuplicateHandoff(_)
+            | Error::SegmentRejected { .. } => FailureReason::Unexpected,
+            Error::PeerClosed { .. } => FailureReason::PeerClosed,
+            Error::PeerRefused { .. } => FailureReason::Refused,
+            Error::Timeout { .. } => FailureReason::Timeout,
+            Error::Io { .. } | Error::InvalidConfig { .. } | Error::ConsumerGone => {
+                FailureReason::Io
+            }
+        }
+    }
+
+    /// Maps the engine's layout refusal onto ours; any other engine error is a bug here.
+    pub(crate) fn from_layout(e: baton_engine::Error) -> Self {
+        match e {
+            baton_engine::Error::KvLayoutMismatch {
+                expected,
+                got,
+                reason,
+            } => Error::LayoutMismatch {
+                expected,
+                got,
+                reason,
+            },
+            other => Error::InvalidConfig {
+                field: "layout descriptor",
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,27 @@
+//! KV transfer: moves a sequence's KV cache from the prefill worker's engine to the decode
+//! worker's engine, layer by layer, verified on arrival.
+//!
+//! prefill worker --KvChunk frames--> [kv-transfer] --> decode worker
+//!
+//! - [`plan`]: which (layers x kv heads x blocks) each source shard sends to each destination
+//!   shard; pure code.
+//! - [`frame`]: the binary wire protocol (versioned header, crc32c of header and payload).
+//! - [`transport`]: the [`KvSender`] / [`KvReceiver`] traits every transport implements, and the
+//!   receiver's handoff bookkeeping shared by all of them.
+//! - [`tcp`]: the TCP transport (tokio), a pool of streams per worker pair.
+//!
+//! Invariants: bytes reach the consumer only after their checksum and their place in an expected
+//! handoff are verified; every buffer between the socket and the consumer is bounded, so a slow
+//! decode worker slows the prefill worker's sends instead of growing memory.
+
+mod error;
+pub mod frame;
+pub mod plan;
+pub mod tcp;
+pub mod transport;
+
+pub use error::{Error, ErrorClass, FailureReason, Result, Side};
+pub use frame::{FrameLimits, HandoffId, Shard};
+pub use plan::{PlannedCopy, TransferPlan, plan, split_range};
+pub use tcp::{TcpConfig, TcpReceiver, TcpSender};
+pub use transport::{Delivery, Expectation, KvReceiver, KvSegment, KvSender, Stats, StatsSnapshot};

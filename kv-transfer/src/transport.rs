@@ -1,0 +1,396 @@
+//! What every transport (TCP now; shared memory, RDMA, device copies later) offers, and the
+//! receiving side's handoff bookkeeping they all share.
+//!
+//! The prefill side holds a [`KvSender`] connected to one decode worker and sends
+//! [`KvSegment`]s: one layer's KV for a run of blocks and a range of kv heads. The decode side
+//! holds a [`KvReceiver`], tells it which handoffs to [`expect`](KvReceiver::expect), and reads
+//! [`Delivery`]s from a bounded channel: verified segments, then `Complete` once every
+//! (layer, block, kv head) of the handoff has been delivered, or `Failed` with a typed error.
+//!
+//! Invariants: a segment reaches the consumer only after its checksum is verified and its place
+//! in an expected handoff is admitted; each unit of a handoff is admitted at most once; a handoff
+//! ends exactly once (`Complete` after its last segment was delivered, or `Failed`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use baton_engine::{KvChunk, LayoutDescriptor};
+
+use crate::error::{Error, FailureReason, Result};
+use crate::frame::{FrameHeader, HandoffId};
+
+/// One layer's KV for a run of blocks and a range of kv heads, on its way to a decode worker.
+/// `chunk.data` holds K then V, each `(kv_heads, tokens, head_dim)` row-major, for exactly the
+/// heads in `kv_heads`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSegment {
+    pub handoff: HandoffId,
+    /// Global kv-head indices the data carries.
+    pub kv_heads: Range<u32>,
+    pub chunk: KvChunk,
+}
+
+/// What a decode worker expects of one handoff: every block in `blocks` of every layer in
+/// `layers`, for the kv heads in `kv_heads`, of a sequence of `tokens` tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expectation {
+    pub tokens: u32,
+    pub layers: Range<u32>,
+    pub kv_heads: Range<u32>,
+    pub blocks: Range<u32>,
+}
+
+impl Expectation {
+    /// All of a sequence's KV that a destination shard with layout `d` holds.
+    pub fn whole_sequence(d: &LayoutDescriptor, tokens: u32) -> Self {
+        Self {
+            tokens,
+            layers: d.layers.clone(),
+            kv_heads: d.kv_heads.clone(),
+            blocks: 0..tokens.div_ceil(d.block_size),
+        }
+    }
+
+    fn units(&self) -> usize {
+        self.layers.len() * self.kv_heads.len() * self.blocks.len()
+    }
+}
+
+/// What the consumer of a receiver reads.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A verified segment of an expected handoff.
+    Segment(KvSegment),
+    /// Every segment of the handoff has been delivered.
+    Complete(HandoffId),
+    /// The handoff failed; none of its later frames will be delivered.
+    Failed { handoff: HandoffId, error: Error },
+    /// A frame that belongs to no live handoff (unknown, ended, or unreadable) was dropped.
+    Rejected {
+        handoff: Option<HandoffId>,
+        error: Error,
+    },
+}
+
+/// The sending side of a transport, connected to one decode worker.
+pub trait KvSender: Send + Sync {
+    /// The decode worker's layout, learned at handshake.
+    fn peer(&self) -> &LayoutDescriptor;
+
+    /// Sends one segment. Returns once the transport has taken the bytes (for TCP: the kernel
+    /// accepted them); waits while the receiver is behind.
+    fn send(&self, segment: &KvSegment) -> impl Future<Output = Result<()>> + Send;
+
+    fn stats(&self) -> &Stats;
+}
+
+/// The receiving side of a transport, in a decode worker.
+pub trait KvReceiver: Send + Sync {
+    /// Admits frames of `handoff` as described; frames of handoffs not expected are rejected.
+    fn expect(&self, handoff: HandoffId, expectation: Expectation) -> Result<()>;
+
+    /// Stops expecting `handoff` (cancelled or expired); its later frames are rejected.
+    /// Returns whether it was live.
+    fn cancel(&self, handoff: HandoffId) -> bool;
+
+    fn stats(&self) -> &Stats;
+}
+
+/// Transfer counters, shared by a transport's tasks. Plain atomics; read with
+/// [`Stats::snapshot`].
+#[derive(Debug, Default)]
+pub struct Stats {
+    bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
+    frames_sent: AtomicU64,
+    frames_received: AtomicU64,
+    segments_delivered: AtomicU64,
+    handoffs_completed: AtomicU64,
+    handoffs_failed: AtomicU64,
+    frames_rejected: AtomicU64,
+    failures: [AtomicU64; FailureReason::ALL.len()],
+    writes_waiting: AtomicU64,
+    deliveries_waiting: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Frame bytes (header and payload) handed to the transport.
+    pub bytes_sent: u64,
+    /// Frame bytes read from the transport.
+    pub bytes_received: u64,
+    pub frames_sent: u64,
+    pub frames_received: u64,
+    /// Verified segments handed to the consumer.
+    pub segments_delivered: u64,
+    pub handoffs_completed: u64,
+    pub handoffs_failed: u64,
+    /// Frames dropped because no live handoff owns them.
+    pub frames_rejected: u64,
+    /// Failures of frames, handoffs or connections, by reason, in [`FailureReason::ALL`] order.
+    pub failures: [u64; FailureReason::ALL.len()],
+    /// Sends now waiting for the transport to take bytes (the receiver is behind).
+    pub writes_waiting: u64,
+    /// Receiving streams now waiting for the consumer to take a delivery.
+    pub deliveries_waiting: u64,
+}
+
+impl StatsSnapshot {
+    pub fn failures(&self, reason: FailureReason) -> u64 {
+        self.failures[reason.index()]
+    }
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            bytes_sent: g(&self.bytes_sent),
+            bytes_received: g(&self.bytes_received),
+            frames_sent: g(&self.frames_sent),
+            frames_received: g(&self.frames_received),
+            segments_delivered: g(&self.segments_delivered),
+            handoffs_completed: g(&self.handoffs_completed),
+            handoffs_failed: g(&self.handoffs_failed),
+            frames_rejected: g(&self.frames_rejected),
+            failures: std::array::from_fn(|i| g(&self.failures[i])),
+            writes_waiting: g(&self.writes_waiting),
+            deliveries_waiting: g(&self.deliveries_waiting),
+        }
+    }
+
+    pub(crate) fn add_sent(&self, bytes: usize) {
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub(crate) fn frame_sent(&self) {
+        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn add_received(&self, bytes: usize) {
+        self.bytes_received
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub(crate) fn frame_received(&self) {
+        self.frames_received.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn segment_delivered(&self) {
+        self.segments_delivered.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn handoff_completed(&self) {
+        self.handoffs_completed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn handoff_failed(&self) {
+        self.handoffs_failed.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn frame_rejected(&self) {
+        self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn failure(&self, reason: FailureReason) {
+        self.failures[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Counts up while a write waits for room; counts down when dropped.
+    pub(crate) fn write_waiting(&self) -> Gauge<'_> {
+        Gauge::up(&self.writes_waiting)
+    }
+    pub(crate) fn delivery_waiting(&self) -> Gauge<'_> {
+        Gauge::up(&self.deliveries_waiting)
+    }
+}
+
+/// A gauge increment that undoes itself when dropped, whatever path drops it.
+pub(crate) struct Gauge<'a>(&'a AtomicU64);
+
+impl<'a> Gauge<'a> {
+    fn up(a: &'a AtomicU64) -> Self {
+        a.fetch_add(1, Ordering::Relaxed);
+        Gauge(a)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The payload size a kv data frame must have: K and V for `tokens` tokens and `heads` heads.
+pub(crate) fn segment_bytes(d: &LayoutDescriptor, tokens: u32, heads: u32) -> u64 {
+    2 * u64::from(tokens) * u64::from(heads) * u64::from(d.head_dim) * d.dtype.size() as u64
+}
+
+struct Handoff {
+    expectation: Expectation,
+    // One bit per (layer, block, kv head) unit admitted, indexed relative to the expectation.
+    admitted: Vec<bool>,
+    remaining: usize,
+    // Segments admitted but not yet handed to the consumer.
+    in_flight: usize,
+}
+
+/// What the receiver knows about the handoffs it expects. Transports call
+/// [`Handoffs::admit`] on a frame header before reading its payload, then
+/// [`Handoffs::delivered`] after handing the segment over, or [`Handoffs::fail`].
+pub(crate) struct Handoffs {
+    local: LayoutDescriptor,
+    live: Mutex<HashMap<HandoffId, Handoff>>,
+}
+
+impl Handoffs {
+    pub(crate) fn new(local: LayoutDescriptor) -> Self {
+        Self {
+            local,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<HandoffId, Handoff>> {
+        // Critical sections update one entry at a time; a panic cannot leave one half-written
+        // in a way later frames could exploit, so a poisoned map is still usable.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn expect(&self, id: HandoffId, e: Expectation) -> Result<()> {
+        let d = &self.local;
+        let invalid = |reason: String| Error::InvalidConfig {
+            field: "expectation",
+            reason,
+        };
+        if e.layers.is_empty() || e.layers.start < d.layers.start || e.layers.end > d.layers.end {
+            return Err(invalid(format!(
+                "layers {:?} outside this shard's {:?}",
+                e.layers, d.layers
+            )));
+        }
+        if e.kv_heads.is_empty()
+            || e.kv_heads.start < d.kv_heads.start
+            || e.kv_heads.end > d.kv_heads.end
+        {
+            return Err(invalid(format!(
+                "kv heads {:?} outside this shard's {:?}",
+                e.kv_heads, d.kv_heads
+            )));
+        }
+        if e.blocks.is_empty() || e.blocks.end > e.tokens.div_ceil(d.block_size) {
+            return Err(invalid(format!(
+                "blocks {:?} empty or beyond the {} tokens",
+                e.blocks, e.tokens
+            )));
+        }
+        let units = e.units();
+        let mut live = self.lock();
+        if live.contains_key(&id) {
+            return Err(Error::DuplicateHandoff(id));
+        }
+        live.insert(
+            id,
+            Handoff {
+                expectation: e,
+                admitted: vec![false; units],
+                remaining: units,
+                in_flight: 0,
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn cancel(&self, id: HandoffId) -> bool {
+        self.lock().remove(&id).is_some()
+    }
+
+    /// Checks a kv data header against its handoff's expectation and marks its units admitted.
+    pub(crate) fn admit(&self, h: &FrameHeader) -> Result<()> {
+        let d = &self.local;
+        let mut live = self.lock();
+        let handoff = live
+            .get_mut(&h.handoff)
+            .ok_or(Error::UnknownHandoff(h.handoff))?;
+        let e = &handoff.expectation;
+        let reject = |reason: String| Error::SegmentRejected {
+            handoff: h.handoff,
+            reason,
+        };
+        let blocks = h.first_block..h.first_block.saturating_add(h.num_blocks);
+        if !e.layers.contains(&h.layer) {
+            return Err(reject(format!("layer {} outside {:?}", h.layer, e.layers)));
+        }
+        if blocks.is_empty() || blocks.start < e.blocks.start || blocks.end > e.blocks.end {
+            return Err(reject(format!("blocks {blocks:?} outside {:?}", e.blocks)));
+        }
+        if h.kv_heads.is_empty()
+            || h.kv_heads.start < e.kv_heads.start
+            || h.kv_heads.end > e.kv_heads.end
+        {
+            return Err(reject(format!(
+                "kv heads {:?} outside {:?}",
+                h.kv_heads, e.kv_heads
+            )));
+        }
+        let bs = u64::from(d.block_size);
+        let seq = u64::from(e.tokens);
+        let tokens =
+            (u64::from(blocks.end) * bs).min(seq) - (u64::from(blocks.start) * bs).min(seq);
+        if u64::from(h.tokens) != tokens {
+            return Err(reject(format!(
+                "{} tokens, blocks {blocks:?} of a {seq}-token sequence hold {tokens}",
+                h.tokens
+            )));
+        }
+        let bytes = segment_bytes(d, h.tokens, h.kv_heads.len() as u32);
+        if u64::from(h.payload_len) != bytes {
+            return Err(reject(format!(
+                "payload of {} bytes, expected {bytes}",
+                h.payload_len
+            )));
+        }
+        let (nb, nh) = (e.blocks.len(), e.kv_heads.len());
+        let l = (h.layer - e.layers.start) as usize;
+        let index = |b: u32, head: u32| {
+            (l * nb + (b - e.blocks.start) as usize) * nh + (head - e.kv_heads.start) as usize
+        };
+        for b in blocks.clone() {
+            for head in h.kv_heads.clone() {
+                if handoff.admitted[index(b, head)] {
+                    return Err(reject(format!(
+                        "layer {} block {b} kv head {head} already received",
+                        h.layer
+                    )));
+                }
+            }
+        }
+        for b in blocks {
+            for head in h.kv_heads.clone() {
+                handoff.admitted[index(b, head)] = true;
+            }
+        }
+        handoff.remaining -= h.num_blocks as usize * h.kv_heads.len();
+        handoff.in_flight += 1;
+        Ok(())
+    }
+
+    /// Records that an admitted segment was handed over; true when that completes the handoff
+    /// (which then ends here).
+    pub(crate) fn delivered(&self, id: HandoffId) -> bool {
+        let mut live = self.lock();
+        let Some(h) = live.get_mut(&id) else {
+            return false;
+        };
+        h.in_flight -= 1;
+        if h.remaining == 0 && h.in_flight == 0 {
+            live.remove(&id);
+            return true;
+        }
+        false
+    }
+
+    /// Ends a handoff as failed; true if it was live (so exactly one caller reports it).
+    pub(crate) fn fail(&self, id: HandoffId) -> bool {
+        self.lock().remove(&id).is_some()
+    }
+
+    pub(crate) fn is_live(&self, id: HandoffId) -> bool {
+        self.lock().contains_key(&id)
+    }
+}
