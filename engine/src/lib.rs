@@ -7,6 +7,7 @@
 //! blocks return to the pool exactly once, when the sequence is released.
 
 mod error;
+pub mod kernels;
 pub mod kv;
 
 pub use error::{Error, ErrorClass, Result};
