@@ -82,18 +82,19 @@ fn calibrate(f: &mut dyn FnMut() -> Result<()>) -> Result<usize> {
     Ok(calls)
 }
 
-/// Times `a` and `b` in alternating repetitions after a warmup; returns their stats.
-fn compare(
-    a: &mut dyn FnMut() -> Result<()>,
-    b: &mut dyn FnMut() -> Result<()>,
-) -> Result<(Stats, Stats)> {
-    let calls = [calibrate(a)?, calibrate(b)?];
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
-    for _ in 0..REPS {
-        ta.push(time_rep(a, calls[0])?);
-        tb.push(time_rep(b, calls[1])?);
+/// Times each closure in alternating repetitions after a warmup; returns their stats.
+fn compare(fs: &mut [&mut dyn FnMut() -> Result<()>]) -> Result<Vec<Stats>> {
+    let mut calls = Vec::new();
+    for f in fs.iter_mut() {
+        calls.push(calibrate(*f)?);
     }
-    Ok((Stats::from(ta), Stats::from(tb)))
+    let mut times = vec![Vec::new(); fs.len()];
+    for _ in 0..REPS {
+        for ((f, calls), times) in fs.iter_mut().zip(&calls).zip(&mut times) {
+            times.push(time_rep(*f, *calls)?);
+        }
+    }
+    Ok(times.into_iter().map(Stats::from).collect())
 }
 
 fn us(d: Duration) -> f64 {
@@ -138,15 +139,23 @@ fn main() -> Result<()> {
         })
     };
     let mut layers = Vec::new();
+    // Per layer: [q|k|v, o, gate|up, down].
+    let mut stacked = Vec::new();
     for l in 0..LAYERS {
-        let mut mats = Vec::new();
+        let mut qs = Vec::new();
         for name in LAYER_MATRICES {
-            mats.push(pair(load(&format!("blk.{l}.{name}.weight"))?)?);
+            qs.push(load(&format!("blk.{l}.{name}.weight"))?);
         }
-        layers.push(mats);
+        let stack = |parts: &[&QTensor]| QuantLinear::from_qtensors(parts).context("stack");
+        stacked.push([
+            stack(&[&qs[0], &qs[1], &qs[2]])?,
+            stack(&[&qs[3]])?,
+            stack(&[&qs[4], &qs[5]])?,
+            stack(&[&qs[6]])?,
+        ]);
+        layers.push(qs.into_iter().map(&mut pair).collect::<Result<Vec<_>>>()?);
     }
     let head = pair(load("token_embd.weight")?)?;
-    drop(pair);
     println!(
         "model {} | threads: rayon {} | repack of all {} matrices: {:.0} ms",
         path.display(),
@@ -178,7 +187,7 @@ fn main() -> Result<()> {
                 None => &head,
             };
             let x = random_input(m, p.k, 1)?;
-            let (c, b) = compare(
+            let stats = compare(&mut [
                 &mut || {
                     black_box(p.candle.forward(&x)?);
                     Ok(())
@@ -187,7 +196,8 @@ fn main() -> Result<()> {
                     black_box(p.baton.forward(&x)?);
                     Ok(())
                 },
-            )?;
+            ])?;
+            let (c, b) = (&stats[0], &stats[1]);
             let shape = format!(
                 "{label} {}->{} {:?}",
                 p.k,
@@ -225,47 +235,73 @@ fn main() -> Result<()> {
     );
 
     println!();
-    println!("decode floor: one step = all 211 matmuls in model order (weights from DRAM)");
     println!(
-        "{:>3} {:>12} {:>7} {:>10} {:>12} {:>7} {:>10} {:>8}",
-        "m", "candle ms", "spread", "tok/s", "baton ms", "spread", "tok/s", "speedup"
+        "decode floor: one step = the matmuls of all 30 layers and the head, in model order, so"
     );
-    let mut baton_m1 = 0.0;
+    println!("weights stream from DRAM; baton stacked = q|k|v and gate|up as one QuantLinear each");
+    println!("(121 calls instead of 211)");
+    println!(
+        "{:>3} {:>10} {:>6} {:>7} {:>10} {:>6} {:>7} {:>10} {:>6} {:>7} {:>8}",
+        "m",
+        "candle ms",
+        "spread",
+        "tok/s",
+        "baton ms",
+        "spread",
+        "tok/s",
+        "stacked",
+        "spread",
+        "tok/s",
+        "speedup"
+    );
+    let mut m1_tps = (0.0, 0.0);
     for m in [1usize, 8] {
         let x576 = random_input(m, 576, 2)?;
         let x1536 = random_input(m, 1536, 3)?;
-        let input = |p: &Pair| if p.k == 576 { &x576 } else { &x1536 };
-        let (c, b) = compare(
+        let input = |k: usize| if k == 576 { &x576 } else { &x1536 };
+        let stats = compare(&mut [
             &mut || {
                 for p in layers.iter().flatten().chain([&head]) {
-                    black_box(p.candle.forward(input(p))?);
+                    black_box(p.candle.forward(input(p.k))?);
                 }
                 Ok(())
             },
             &mut || {
                 for p in layers.iter().flatten().chain([&head]) {
-                    black_box(p.baton.forward(input(p))?);
+                    black_box(p.baton.forward(input(p.k))?);
                 }
                 Ok(())
             },
-        )?;
+            &mut || {
+                for lin in stacked.iter().flatten().chain([&head.baton]) {
+                    black_box(lin.forward(input(lin.in_features()))?);
+                }
+                Ok(())
+            },
+        ])?;
         let tps = |s: &Stats| m as f64 / s.median.as_secs_f64();
+        let ms = |s: &Stats| s.median.as_secs_f64() * 1e3;
+        let (c, b, st) = (&stats[0], &stats[1], &stats[2]);
         println!(
-            "{m:>3} {:>12.2} {:>6.0}% {:>10.0} {:>12.2} {:>6.0}% {:>10.0} {:>7.2}x",
-            c.median.as_secs_f64() * 1e3,
+            "{m:>3} {:>10.2} {:>5.0}% {:>7.0} {:>10.2} {:>5.0}% {:>7.0} {:>10.2} {:>5.0}% {:>7.0} {:>7.2}x",
+            ms(c),
             c.spread(),
-            tps(&c),
-            b.median.as_secs_f64() * 1e3,
+            tps(c),
+            ms(b),
             b.spread(),
-            tps(&b),
+            tps(b),
+            ms(st),
+            st.spread(),
+            tps(st),
             c.median.as_secs_f64() / b.median.as_secs_f64()
         );
         if m == 1 {
-            baton_m1 = tps(&b);
+            m1_tps = (tps(b), tps(st));
         } else {
             println!(
-                "baton aggregate tok/s at m={m} vs m=1: {:.2}x",
-                tps(&b) / baton_m1
+                "aggregate tok/s at m={m} over m=1: baton {:.2}x, baton stacked {:.2}x",
+                tps(b) / m1_tps.0,
+                tps(st) / m1_tps.1
             );
         }
     }

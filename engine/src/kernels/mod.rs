@@ -3,12 +3,14 @@
 //! [`QuantLinear`] when its GGUF type is Q4_0, Q4_1 or Q8_0, and through candle's `QMatMul`
 //! otherwise.
 //!
-//! x (m, k) f32 --Q8 per 32-value block, once per call--> rows x tiles --rayon over row groups-->
-//! y (m, n) f32
+//! x (m, k) f32 --Q8 per 32-value block, once per call--> [8-row weight tiles x activation rows,
+//! row groups split over the calling thread and rayon's workers] --> y (m, n) f32
 //!
-//! Weights are repacked at load into tiles of 8 output rows ([`pack`]); each tile is read once per
-//! call and multiplied with up to [`MAX_ROWS_PER_PASS`] activation rows while in registers, so a
-//! decode step for a batch of m sequences costs far less than m single-sequence steps.
+//! Weights are repacked at load into tiles holding one 32-value block of 8 output rows; each tile
+//! is read once per call and multiplied with up to 4 activation rows while in registers, so a
+//! decode step for a batch of m sequences costs far less than m single-sequence steps. Matrices
+//! that share their input (q, k, v; gate, up) can be stacked into one layer
+//! ([`QuantLinear::from_qtensors`]) to quantize the input and wake the threads once.
 //!
 //! Invariants: the AVX2 kernels and the scalar kernels compute the same integer block sums from
 //! the same quantized activations; results differ only by f32 rounding (FMA vs separate
@@ -18,6 +20,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod pack;
+mod parallel;
 mod quant;
 mod scalar;
 
@@ -26,18 +29,21 @@ use std::ops::Range;
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use pack::{Packed, ROWS};
 use quant::{QuantizedRows, Row};
 
 /// Most activation rows multiplied with a weight tile while it sits in registers; larger batches
 /// take several passes over each (L1-resident) row group.
-pub const MAX_ROWS_PER_PASS: usize = 4;
+const MAX_ROWS_PER_PASS: usize = 4;
 
-/// Below this much work (tiles x activation rows), a call runs on the calling thread: waking the
-/// pool costs more than it saves.
+/// Below this much work (tiles x activation rows, about 5 ns each on one Zen 3 core), a call runs
+/// on the calling thread: posting helper jobs costs more than it saves.
 const SERIAL_WORK: usize = 1024;
+
+/// Row-group ranges per thread: small enough that a late or preempted helper leaves little
+/// imbalance, large enough to keep cursor traffic negligible.
+const CHUNKS_PER_THREAD: usize = 4;
 
 /// Which implementation of the inner loops a [`QuantLinear`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +119,30 @@ impl QuantLinear {
         })
     }
 
+    /// One layer computing several matrices that share their input, stacked along the output:
+    /// for q, k, v (or gate, up) the output is `[q | k | v]` along the last dimension, and a
+    /// decode step quantizes the input and wakes the threads once instead of once per matrix.
+    ///
+    /// None when a part would be declined by [`QuantLinear::from_qtensor`], when the parts differ
+    /// in type or input width k, when a part other than the last has a row count that is not a
+    /// multiple of 8 (its padding would shift the rows after it), or when `parts` is empty.
+    pub fn from_qtensors(parts: &[&QTensor]) -> Option<QuantLinear> {
+        let (first, rest) = parts.split_first()?;
+        let mut stacked = QuantLinear::from_qtensor(first)?;
+        for part in rest {
+            let next = QuantLinear::from_qtensor(part)?;
+            if !stacked.n.is_multiple_of(ROWS) || next.k != stacked.k || next.dtype != stacked.dtype
+            {
+                return None;
+            }
+            if !stacked.packed.append(next.packed) {
+                return None;
+            }
+            stacked.n += next.n;
+        }
+        Some(stacked)
+    }
+
     /// The same layer running `kernel`; None when this CPU cannot run it.
     pub fn with_kernel(self, kernel: Kernel) -> Option<QuantLinear> {
         kernel
@@ -181,11 +211,7 @@ impl QuantLinear {
         if threads <= 1 || groups * blocks * m < SERIAL_WORK {
             run(0..groups);
         } else {
-            // Contiguous equal ranges, one per thread.
-            let per = groups.div_ceil(threads);
-            (0..threads)
-                .into_par_iter()
-                .for_each(|t| run(t * per..groups.min((t + 1) * per)));
+            parallel::for_each_range(groups, threads * CHUNKS_PER_THREAD, threads - 1, &run);
         }
         Ok(())
     }

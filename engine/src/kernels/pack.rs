@@ -50,6 +50,22 @@ pub(crate) enum Packed {
     Q8(Q8Weights),
 }
 
+impl Packed {
+    /// Appends `other`'s tile groups after this matrix's; false (and no change) when the two
+    /// layouts differ. Both must have the same number of blocks per row.
+    pub(crate) fn append(&mut self, other: Packed) -> bool {
+        match (self, other) {
+            (Packed::Q4(a), Packed::Q4(b)) => a.extend(b),
+            (Packed::Q8(a), Packed::Q8(b)) => {
+                a.tiles.extend(b.tiles);
+                a.d.extend(b.d);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
 const ZERO_Q4: Q4Tile = Q4Tile {
     qs: [[0; 32]; 4],
     d: [f16::ZERO; ROWS],

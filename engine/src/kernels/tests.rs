@@ -270,3 +270,54 @@ fn from_qtensor_declines_unhandled_types() {
     let q = QTensor::quantize(&x, GgmlDType::Q8_0).expect("quantize");
     assert!(QuantLinear::from_qtensor(&q).is_some());
 }
+
+#[test]
+fn stacked_layer_equals_its_parts_side_by_side() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        // q, k, v of SmolLM2, the last with a ragged row count.
+        let parts: Vec<QTensor> = [576, 192, 189]
+            .into_iter()
+            .map(|n| random_qtensor(dtype, n, 576, &mut rng))
+            .collect();
+        let refs: Vec<&QTensor> = parts.iter().collect();
+        let stacked = QuantLinear::from_qtensors(&refs).expect("stackable");
+        assert_eq!(stacked.out_features(), 576 + 192 + 189);
+        for m in [1, 3, 8] {
+            let x = random_activations(m, 576, &mut rng);
+            let got = run(&stacked, &x);
+            let singles: Vec<Vec<f32>> = refs
+                .iter()
+                .map(|p| run(&QuantLinear::from_qtensor(p).expect("part"), &x))
+                .collect();
+            for i in 0..m {
+                let want: Vec<f32> = singles
+                    .iter()
+                    .flat_map(|s| {
+                        let n = s.len() / m;
+                        s[i * n..(i + 1) * n].to_vec()
+                    })
+                    .collect();
+                assert_eq!(
+                    &got[i * 957..(i + 1) * 957],
+                    &want[..],
+                    "{dtype:?} m={m} row {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn stacking_declines_mismatched_parts() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let a = random_qtensor(GgmlDType::Q4_1, 16, 64, &mut rng);
+    let ragged = random_qtensor(GgmlDType::Q4_1, 12, 64, &mut rng);
+    let wide = random_qtensor(GgmlDType::Q4_1, 16, 96, &mut rng);
+    let q8 = random_qtensor(GgmlDType::Q8_0, 16, 64, &mut rng);
+    assert!(QuantLinear::from_qtensors(&[]).is_none());
+    assert!(QuantLinear::from_qtensors(&[&a, &wide]).is_none());
+    assert!(QuantLinear::from_qtensors(&[&a, &q8]).is_none());
+    assert!(QuantLinear::from_qtensors(&[&ragged, &a]).is_none());
+    assert!(QuantLinear::from_qtensors(&[&a, &ragged]).is_some());
+}
