@@ -12,6 +12,7 @@ pub mod config;
 pub mod detokenize;
 mod engine;
 mod error;
+pub mod kernels;
 pub mod kv;
 mod model;
 pub mod sampling;

@@ -1,0 +1,166 @@
+//! AVX2 + FMA + F16C kernels over the packed tiles.
+//!
+//! One call computes `MR` activation rows against the 8 weight rows of one tile group. Each tile's
+//! weights are loaded (and, for Q4, unpacked) once and reused for all `MR` rows; lane `r` of every
+//! vector belongs to weight row `r`, so a block's integer sums land in their rows' lanes and are
+//! scaled with one FMA per block and activation row.
+
+use std::arch::x86_64::*;
+
+use half::f16;
+
+use super::pack::{BLOCK, Q4Tile, Q8Tile, ROWS};
+use super::quant::Row;
+
+/// True when the CPU has every feature these kernels are compiled for.
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// Reads the 4 activation bytes `4 * idx .. 4 * idx + 4` of the current block and broadcasts
+/// them to all 8 lanes.
+///
+/// # Safety
+/// `xq.add(4 * idx)` must be valid for reading 4 bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bcast4(xq: *const i8, idx: usize) -> __m256i {
+    // SAFETY: the caller guarantees the 4 bytes are readable; the read is unaligned-safe.
+    _mm256_set1_epi32(unsafe { xq.add(4 * idx).cast::<i32>().read_unaligned() })
+}
+
+/// Dot products of `MR` activation rows with one group of Q4 tiles (one tile per block).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (see [`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4_group<const MR: usize>(
+    tiles: &[Q4Tile],
+    x: &[Row<'_>; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    let blocks = tiles.len();
+    for row in x {
+        assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks && row.s.len() >= blocks);
+    }
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); MR];
+    for (b, tile) in tiles.iter().enumerate() {
+        // SAFETY: `Q4Tile` is 32-byte aligned with `qs` at offset 0 and `d`, `m` at 16-byte
+        // aligned offsets 128 and 144, so the aligned loads are in bounds and aligned.
+        let (w, dw, mw) = unsafe {
+            let q = tile.qs.as_ptr().cast::<__m256i>();
+            (
+                [
+                    _mm256_load_si256(q),
+                    _mm256_load_si256(q.add(1)),
+                    _mm256_load_si256(q.add(2)),
+                    _mm256_load_si256(q.add(3)),
+                ],
+                _mm256_cvtph_ps(_mm_load_si128(tile.d.as_ptr().cast())),
+                _mm256_cvtph_ps(_mm_load_si128(tile.m.as_ptr().cast())),
+            )
+        };
+        // Register p: low nibbles are values 4p..4p+4, high nibbles 16+4p..16+4p+4 (per row).
+        let mut lo = [_mm256_setzero_si256(); 4];
+        let mut hi = [_mm256_setzero_si256(); 4];
+        for p in 0..4 {
+            lo[p] = _mm256_and_si256(w[p], mask);
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(w[p]), mask);
+        }
+        for i in 0..MR {
+            let row = &x[i];
+            // SAFETY: the assert above guarantees `qs` holds `blocks * 32` values, so the block's
+            // 32 bytes at `b * 32` are readable, and `d`, `s` hold `blocks` values.
+            let (xq, dx, sx) = unsafe {
+                (
+                    row.qs.as_ptr().add(b * BLOCK),
+                    *row.d.get_unchecked(b),
+                    *row.s.get_unchecked(b),
+                )
+            };
+            // Each maddubs lane is at most 2 * 15 * 127 = 3810 in magnitude; eight of them sum
+            // to at most 30480, so the i16 accumulation cannot saturate.
+            // SAFETY: indices 0..8 address the block's 32 readable bytes (see above).
+            let s = unsafe {
+                let mut s = _mm256_maddubs_epi16(lo[0], bcast4(xq, 0));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast4(xq, 4)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[1], bcast4(xq, 1)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[1], bcast4(xq, 5)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[2], bcast4(xq, 2)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[2], bcast4(xq, 6)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[3], bcast4(xq, 3)));
+                _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[3], bcast4(xq, 7)))
+            };
+            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+            acc[i] = _mm256_fmadd_ps(s, scale, acc[i]);
+            acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc[i]);
+        }
+    }
+    for (acc, out) in acc.iter().zip(out.iter_mut()) {
+        // SAFETY: `out` is 8 f32s, exactly one unaligned 256-bit store.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
+    }
+}
+
+/// Dot products of `MR` activation rows with one group of Q8 tiles and their scales `d`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (see [`available`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q8_group<const MR: usize>(
+    tiles: &[Q8Tile],
+    d: &[[f16; ROWS]],
+    x: &[Row<'_>; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    let blocks = tiles.len();
+    assert!(d.len() >= blocks);
+    for row in x {
+        assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks);
+    }
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); MR];
+    for (b, tile) in tiles.iter().enumerate() {
+        // SAFETY: `Q8Tile` is 32-byte aligned and 256 bytes long, so the 8 aligned loads are in
+        // bounds; `d[b]` exists (assert above) and is 16 bytes, read unaligned.
+        let (w, dw) = unsafe {
+            let q = tile.qs.as_ptr().cast::<__m256i>();
+            let mut w = [_mm256_setzero_si256(); 8];
+            for (p, w) in w.iter_mut().enumerate() {
+                *w = _mm256_load_si256(q.add(p));
+            }
+            (
+                w,
+                _mm256_cvtph_ps(_mm_loadu_si128(d.get_unchecked(b).as_ptr().cast())),
+            )
+        };
+        // maddubs wants an unsigned operand: use |w| and move w's sign onto x.
+        let mut aw = [_mm256_setzero_si256(); 8];
+        for p in 0..8 {
+            aw[p] = _mm256_abs_epi8(w[p]);
+        }
+        for i in 0..MR {
+            let row = &x[i];
+            // SAFETY: the assert above guarantees the block's 32 bytes and `d[b]` are readable.
+            let (xq, dx) = unsafe { (row.qs.as_ptr().add(b * BLOCK), *row.d.get_unchecked(b)) };
+            let mut s = _mm256_setzero_si256();
+            for p in 0..8 {
+                // SAFETY: p < 8 addresses the block's 32 readable bytes.
+                let xp = _mm256_sign_epi8(unsafe { bcast4(xq, p) }, w[p]);
+                // |w| <= 128 and |x| <= 127: a maddubs lane is at most 32512, no saturation.
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[p], xp), ones));
+            }
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[i]);
+        }
+    }
+    for (acc, out) in acc.iter().zip(out.iter_mut()) {
+        // SAFETY: `out` is 8 f32s, exactly one unaligned 256-bit store.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
+    }
+}
