@@ -354,18 +354,51 @@ impl KvCache {
         Ok(())
     }
 
-    /// Slot index of every position `0..len` of a table, for [`KvCache::gather`].
+    /// Slot index of every position `0..len` of a table.
+    pub(crate) fn slots(&self, table: &BlockTable, len: usize) -> Vec<u32> {
+        let bs = self.block_size;
+        (0..len)
+            .map(|p| table.blocks()[p / bs].0 * bs as u32 + (p % bs) as u32)
+            .collect()
+    }
+
+    /// [`KvCache::slots`] as a tensor, for [`KvCache::gather`].
     pub(crate) fn slot_ids(
         &self,
         table: &BlockTable,
         len: usize,
         device: &Device,
     ) -> Result<Tensor> {
-        let bs = self.block_size;
-        let ids: Vec<u32> = (0..len)
-            .map(|p| table.blocks()[p / bs].0 * bs as u32 + (p % bs) as u32)
-            .collect();
-        Ok(Tensor::from_vec(ids, len, device)?)
+        Ok(Tensor::from_vec(self.slots(table, len), len, device)?)
+    }
+
+    /// Runs `f` on layer `layer`'s K and V storage as f32 slices, each `(kv_heads, slots,
+    /// head_dim)`, when the cache lives in CPU memory as f32; `None` otherwise.
+    pub(crate) fn with_cpu_f32<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(&[f32], &[f32]) -> R,
+    ) -> Option<R> {
+        use candle_core::Storage;
+        let (ks, kl) = self.k[layer].storage_and_layout();
+        let (vs, vl) = self.v[layer].storage_and_layout();
+        match (&*ks, &*vs) {
+            (Storage::Cpu(k), Storage::Cpu(v)) => {
+                let k = k.as_slice::<f32>().ok()?;
+                let v = v.as_slice::<f32>().ok()?;
+                let n = kl.shape().elem_count();
+                Some(f(
+                    &k[kl.start_offset()..kl.start_offset() + n],
+                    &v[vl.start_offset()..vl.start_offset() + n],
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Slots per kv head in the storage tensors.
+    pub(crate) fn total_slots(&self) -> usize {
+        self.allocator.total_blocks() * self.block_size
     }
 
     /// K and V of the given slots, each `(kv_heads, slots, head_dim)` in f32.

@@ -6,6 +6,7 @@
 //! Invariants: one owner (a task or thread) holds an `Engine` and its block pool; a sequence's
 //! blocks return to the pool exactly once, when the sequence is released.
 
+mod attention;
 pub mod batch;
 pub mod chat;
 pub mod config;

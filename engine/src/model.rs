@@ -12,6 +12,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
+use crate::attention::{DecodeShape, decode_attention};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::kv::{BlockTable, KvCache};
 use crate::weights::{LayerWeights, ModelWeights, Phase};
@@ -207,7 +208,6 @@ impl Model {
         let q = q.squeeze(0)?;
 
         let scale = (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(g.members.len());
         for &(i, row) in &g.members {
             let s = &seqs[i];
             let m = s.tokens.len();
@@ -218,6 +218,16 @@ impl Model {
                 &k.narrow(1, row, m)?,
                 &v.narrow(1, row, m)?,
             )?;
+        }
+        if g.phase == Phase::Decode
+            && let Some(out) = self.paged_decode_attention(l, &q, g, seqs, cache)?
+        {
+            return Ok(out);
+        }
+        let mut outs = Vec::with_capacity(g.members.len());
+        for &(i, row) in &g.members {
+            let s = &seqs[i];
+            let m = s.tokens.len();
             let ctx = s.start + m;
             let (kc, vc) = cache.gather(l, &slots[i])?;
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
@@ -243,6 +253,46 @@ impl Model {
             outs.push(o);
         }
         Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// Decode rows through the paged CPU kernel ([`crate::attention`]): K and V are read in place,
+    /// and each (sequence, head) is computed alone, so batching never changes a result. `None`
+    /// when the cache is not f32 in CPU memory (the per-sequence path then runs).
+    fn paged_decode_attention(
+        &self,
+        l: usize,
+        q: &Tensor,
+        g: &Group,
+        seqs: &[SeqInput],
+        cache: &KvCache,
+    ) -> Result<Option<Tensor>> {
+        let c = self.config();
+        let shape = DecodeShape {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            cache_slots: cache.total_slots(),
+        };
+        if !self.device.is_cpu() || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1) {
+            return Ok(None);
+        }
+        let slots: Vec<Vec<u32>> = g
+            .members
+            .iter()
+            .map(|&(i, _)| cache.slots(seqs[i].table, seqs[i].start + 1))
+            .collect();
+        // q: (heads, rows, head_dim), one row per sequence in member order.
+        let qv = q.flatten_all()?.to_vec1::<f32>()?;
+        let Some(out) = cache.with_cpu_f32(l, |k, v| decode_attention(&shape, &qv, k, v, &slots))
+        else {
+            return Ok(None);
+        };
+        let b = g.members.len();
+        Ok(Some(Tensor::from_vec(
+            out,
+            (b, c.num_heads * c.head_dim),
+            &self.device,
+        )?))
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

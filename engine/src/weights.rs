@@ -13,6 +13,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{Architecture, ModelConfig, RopeScaling, RopeStyle, WeightFormat, WeightPlan};
+use crate::kernels::QuantLinear;
 use crate::{Error, Result};
 
 /// Which phase a forward pass serves; selects the weight format.
@@ -22,11 +23,29 @@ pub enum Phase {
     Decode,
 }
 
+/// How one weight matrix is multiplied: our AVX2 kernels for the quantized types they cover
+/// (Q4_0, Q4_1, Q8_0 on CPU), candle's `QMatMul` for everything else (dense floats, K-quants,
+/// CUDA).
+#[derive(Debug)]
+enum Matmul {
+    Candle(QMatMul),
+    Kernel(QuantLinear),
+}
+
+impl Matmul {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Matmul::Candle(m) => m.forward(x),
+            Matmul::Kernel(k) => k.forward(x),
+        }
+    }
+}
+
 /// One linear layer, `y = x W^T (+ b)`, held once per distinct weight format of the plan.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    prefill: Arc<QMatMul>,
-    decode: Arc<QMatMul>,
+    prefill: Arc<Matmul>,
+    decode: Arc<Matmul>,
     bias: Option<Tensor>,
 }
 
@@ -154,7 +173,7 @@ impl Source {
     }
 
     fn linear_from(&self, name: &str, raw: Raw, bias: Option<Tensor>) -> Result<Linear> {
-        let mut built: Vec<(WeightFormat, Arc<QMatMul>)> = Vec::with_capacity(2);
+        let mut built: Vec<(WeightFormat, Arc<Matmul>)> = Vec::with_capacity(2);
         for format in [self.plan.prefill, self.plan.decode] {
             if built.iter().any(|(f, _)| *f == format) {
                 continue;
@@ -168,17 +187,29 @@ impl Source {
                             dtype: format!("{:?}", q.dtype()),
                         });
                     }
-                    QMatMul::from_arc(q.clone())?
+                    let kernel = self
+                        .device
+                        .is_cpu()
+                        .then(|| QuantLinear::from_qtensor(q))
+                        .flatten();
+                    match kernel {
+                        Some(k) => Matmul::Kernel(k),
+                        None => Matmul::Candle(QMatMul::from_arc(q.clone())?),
+                    }
                 }
-                (Raw::Q(q), WeightFormat::F32) => QMatMul::Tensor(q.dequantize(&self.device)?),
+                (Raw::Q(q), WeightFormat::F32) => {
+                    Matmul::Candle(QMatMul::Tensor(q.dequantize(&self.device)?))
+                }
                 (Raw::Q(q), WeightFormat::F16) => {
-                    QMatMul::TensorF16(q.dequantize_f16(&self.device)?)
+                    Matmul::Candle(QMatMul::TensorF16(q.dequantize_f16(&self.device)?))
                 }
                 // Safetensors floats have no quantized form in the file: computed in f32.
                 (Raw::F(t), WeightFormat::Quantized | WeightFormat::F32) => {
-                    QMatMul::Tensor(t.to_dtype(DType::F32)?)
+                    Matmul::Candle(QMatMul::Tensor(t.to_dtype(DType::F32)?))
                 }
-                (Raw::F(t), WeightFormat::F16) => QMatMul::TensorF16(t.to_dtype(DType::F16)?),
+                (Raw::F(t), WeightFormat::F16) => {
+                    Matmul::Candle(QMatMul::TensorF16(t.to_dtype(DType::F16)?))
+                }
             };
             built.push((format, Arc::new(mm)));
         }
