@@ -409,6 +409,15 @@ pub(crate) fn load_gguf(
     for name in names {
         let info = &content.tensor_infos[name];
         let dtype = info.ggml_dtype;
+        // candle reads every type but Q8_1 (an activation format, never weights); say so rather
+        // than call the file corrupt.
+        if !dtype.is_quantized_supported() {
+            return Err(Error::UnsupportedTensorType {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                dtype: format!("{dtype:?}"),
+            });
+        }
         // candle sizes the read with unchecked arithmetic (a panic in debug builds, a wrong size
         // in release) and views an empty tensor's dangling byte pointer as `f32`s (an abort).
         let elems = info
