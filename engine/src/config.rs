@@ -110,6 +110,13 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
+        // Checked here because loaders size q/k/v from it before any tensor can contradict it.
+        if self.num_heads.checked_mul(self.head_dim).is_none() {
+            return Err(format!(
+                "num_heads {} times head_dim {} overflows",
+                self.num_heads, self.head_dim
+            ));
+        }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }

@@ -328,7 +328,9 @@ fn build(
     let c = &config;
     let q_out = c.num_heads * c.head_dim;
     let kv_out = c.num_kv_heads * c.head_dim;
-    let mut layers = Vec::with_capacity(c.num_layers);
+    // Sized by what loads, not by the layer count the file claims: a corrupt count must end in
+    // `MissingTensor` for the first absent layer, not in an allocation failure that aborts.
+    let mut layers = Vec::new();
     for i in 0..c.num_layers {
         let n = names(i);
         let w = n.weight_suffix;
@@ -428,7 +430,7 @@ pub(crate) fn load_gguf(
         source,
     })?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| corrupt(e.to_string()))?;
+    let content = read_gguf_header(&mut reader).map_err(corrupt)?;
     let config = gguf_config(path, &content.metadata, &content)?;
 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
@@ -436,6 +438,32 @@ pub(crate) fn load_gguf(
     let mut hasher = blake3::Hasher::new();
     let mut tensors = HashMap::with_capacity(names.len());
     for name in names {
+        let info = &content.tensor_infos[name];
+        let dtype = info.ggml_dtype;
+        // candle reads every type but Q8_1 (an activation format, never weights); say so rather
+        // than call the file corrupt.
+        if !dtype.is_quantized_supported() {
+            return Err(Error::UnsupportedTensorType {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                dtype: format!("{dtype:?}"),
+            });
+        }
+        // candle sizes the read with unchecked arithmetic (a panic in debug builds, a wrong size
+        // in release) and views an empty tensor's dangling byte pointer as `f32`s (an abort).
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n > 0);
+        let bytes = elems.and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
+        if bytes.is_none() {
+            return Err(corrupt(format!(
+                "tensor {name}: shape {:?} is empty or too large",
+                info.shape.dims()
+            )));
+        }
         let q = content
             .tensor(&mut reader, name, device)
             .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
@@ -474,6 +502,26 @@ pub(crate) fn load_gguf(
         *hasher.finalize().as_bytes(),
     )?;
     Ok((weights, content))
+}
+
+/// Parses a GGUF header. candle's reader panics on some malformed headers (a
+/// `general.alignment` of 0 divides by zero); a bad file must be an error, never a crash.
+fn read_gguf_header(
+    reader: &mut BufReader<File>,
+) -> std::result::Result<gguf_file::Content, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(reader)
+    })) {
+        Ok(read) => read.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("malformed header ({what})"))
+        }
+    }
 }
 
 fn gguf_config(
@@ -541,8 +589,13 @@ fn gguf_config(
     }
     let vocab_size = match get_u("vocab_size")? {
         Some(v) => v,
-        None => match content.tensor_infos.get("token_embd.weight") {
-            Some(info) => info.shape.dims()[0],
+        // A scalar `token_embd.weight` (a corrupt file) has no rows to count.
+        None => match content
+            .tensor_infos
+            .get("token_embd.weight")
+            .and_then(|info| info.shape.dims().first())
+        {
+            Some(&rows) => rows,
             None => return Err(missing(&key("vocab_size"))),
         },
     };
