@@ -174,8 +174,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// 2.2e-6, on logits spanning about 7.
 const FLOAT_TOL: f32 = 1e-4;
 
-/// Prefill of a quantized model: the same kernels see the same inputs, so logits are
-/// bit-identical or differ by float summation order only (measured: at most 7e-7).
+/// Prefill of a quantized model whose matrices run on candle's kernels in both engines (the
+/// K-quants): the same kernels see the same inputs, so logits are bit-identical or differ by
+/// float summation order only (measured: at most 7e-7).
 const QUANTIZED_PREFILL_TOL: f32 = 1e-4;
 
 /// Decode of a quantized model. Every quantized matmul first rounds its input to Q8, so a
@@ -187,9 +188,20 @@ const QUANTIZED_PREFILL_TOL: f32 = 1e-4;
 /// or bias) moves logits by whole units.
 const QUANTIZED_DECODE_TOL: f32 = 0.25;
 
+/// Q4_0, Q4_1 and Q8_0 matrices, which run on baton's kernels (see [`tolerances`]).
+const KERNEL_TOL: f32 = 0.5;
+
 fn tolerances(matrices: GgmlDType) -> (f32, f32) {
     match matrices {
         GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => (FLOAT_TOL, FLOAT_TOL),
+        // Q4_0, Q4_1 and Q8_0 run on baton's own AVX2 kernels (`engine/src/kernels`), which
+        // quantize activations like candle's but round the block sums in another order (FMA):
+        // from the first matmul on, Q8-rounding noise applies to prefill too. Measured: at most
+        // 0.048 on llama, 0.34 on the tied qwen2 model (its head re-reads the amplified hidden
+        // state); a loader mistake such as the wrong RoPE pairing moves these logits by 1.7 to
+        // 16.6, so 0.5 still tells the two apart. The kernels themselves are checked against an
+        // f32 matmul within a derived bound in `engine/src/kernels/tests.rs`.
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0 => (KERNEL_TOL, KERNEL_TOL),
         _ => (QUANTIZED_PREFILL_TOL, QUANTIZED_DECODE_TOL),
     }
 }
