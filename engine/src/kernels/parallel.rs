@@ -113,7 +113,7 @@ pub(crate) fn for_each_range(
         shared.work();
     }
     if shared.panicked.load(Ordering::Relaxed) {
-        panic!("quant linear: a kernel chunk panicked on a helper thread");
+        panic!("quant linear: a kernel chunk panicked");
     }
 }
 
