@@ -30,6 +30,12 @@ pub struct EngineArgs {
     /// Each figure is the best of this many runs.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Decode batch sizes to measure (the first is the single-stream figure when it is 1).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    batch_sizes: Vec<usize>,
+    /// Skip the prefill measurements (for profiling decode alone).
+    #[arg(long)]
+    decode_only: bool,
     /// Weights setting for the engine (auto: f32 prefill, quantized decode).
     #[arg(long, default_value = "auto")]
     weights: WeightsSetting,
@@ -179,28 +185,35 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     let load = t.elapsed();
 
     let mut prefill = Vec::new();
-    for n in [128usize, 512] {
+    let prefill_lens: &[usize] = if args.decode_only { &[] } else { &[128, 512] };
+    for &n in prefill_lens {
         time_prefill(&mut e, n)?; // warm-up
         let dt = best(args.repeats, || time_prefill(&mut e, n))?;
         prefill.push((n, n as f64 / dt.as_secs_f64()));
     }
     let mut decode = Vec::new();
-    for b in [1usize, 4, 8, 16] {
+    if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
+        bail!("--batch-sizes must list positive batch sizes");
+    }
+    for &b in &args.batch_sizes {
         time_decode(&mut e, b, 4)?; // warm-up
         let dt = best(args.repeats, || time_decode(&mut e, b, args.decode_tokens))?;
         decode.push((b, (b * args.decode_tokens) as f64 / dt.as_secs_f64()));
     }
-    let single = decode[0].1;
+    let prefill_at = |n: usize| prefill.iter().find(|(l, _)| *l == n).map(|(_, v)| *v);
+    let decode_at = |b: usize| decode.iter().find(|(l, _)| *l == b).map(|(_, v)| *v);
+    let single = decode_at(1);
+    let batch8_over_single = decode_at(8).zip(single).map(|(b8, s)| b8 / s);
     let mut report = json!({
         "model": model.display().to_string(),
         "threads": threads,
         "weights": format!("{:?}", e.weight_plan()),
         "load_s": load.as_secs_f64(),
-        "prefill_128_tok_s": prefill[0].1,
-        "prefill_512_tok_s": prefill[1].1,
+        "prefill_128_tok_s": prefill_at(128),
+        "prefill_512_tok_s": prefill_at(512),
         "decode_tok_s": single,
         "aggregate_decode_tok_s": decode.iter().map(|(b, v)| (b.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        "batch8_over_single": decode[2].1 / single,
+        "batch8_over_single": batch8_over_single,
         "rss_mib": rss_kib("VmRSS:").map(|k| k as f64 / 1024.0),
         "peak_rss_mib": rss_kib("VmHWM:").map(|k| k as f64 / 1024.0),
     });
@@ -210,12 +223,18 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "llama-cpp" => Some(llama_cpp(&model, args.decode_tokens, args.repeats)?),
         other => bail!("unknown --baseline {other:?} (llama-cpp or none)"),
     };
+    let base = |key: &str| {
+        baseline
+            .as_ref()
+            .and_then(|b| b.get(key))
+            .and_then(|v| v.as_f64())
+    };
     if let Some(b) = &baseline {
-        let ratio = |ours: f64, key: &str| b.get(key).and_then(|v| v.as_f64()).map(|v| ours / v);
+        let ratio = |ours: Option<f64>, key: &str| ours.zip(base(key)).map(|(o, t)| o / t);
         report["llama_cpp"] = b.clone();
         report["ratio_vs_llama_cpp"] = json!({
-            "prefill_128": ratio(prefill[0].1, "prefill_128_tok_s"),
-            "prefill_512": ratio(prefill[1].1, "prefill_512_tok_s"),
+            "prefill_128": ratio(prefill_at(128), "prefill_128_tok_s"),
+            "prefill_512": ratio(prefill_at(512), "prefill_512_tok_s"),
             "decode": ratio(single, "decode_tok_s"),
         });
     }
@@ -230,30 +249,32 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     println!("weights: {}", report["weights"].as_str().unwrap_or(""));
     println!(
         "{:<28} {:>12} {:>12} {:>8}",
-        "measure", "baton", "llama.cpp", "ratio"
+        "measure (higher is better)", "baton", "llama.cpp", "ratio"
     );
-    let row = |name: &str, ours: f64, key: &str| {
-        let base = baseline
-            .as_ref()
-            .and_then(|b| b.get(key))
-            .and_then(|v| v.as_f64());
-        match base {
+    let row = |name: &str, ours: Option<f64>, key: &str| {
+        let Some(ours) = ours else { return };
+        match base(key) {
             Some(v) => println!("{name:<28} {ours:>12.1} {v:>12.1} {:>7.2}x", ours / v),
             None => println!("{name:<28} {ours:>12.1} {:>12} {:>8}", "-", "-"),
         }
     };
-    row("prefill 128 (tok/s)", prefill[0].1, "prefill_128_tok_s");
-    row("prefill 512 (tok/s)", prefill[1].1, "prefill_512_tok_s");
+    row("prefill 128 (tok/s)", prefill_at(128), "prefill_128_tok_s");
+    row("prefill 512 (tok/s)", prefill_at(512), "prefill_512_tok_s");
     row("decode, 1 stream (tok/s)", single, "decode_tok_s");
     for (b, v) in &decode {
         println!("{:<28} {v:>12.1}", format!("decode, batch {b} (tok/s)"));
     }
-    println!(
-        "{:<28} {:>12.2}x",
-        "batch 8 / single stream",
-        decode[2].1 / single
-    );
-    row("load (s)", load.as_secs_f64(), "load_s");
+    if let Some(r) = batch8_over_single {
+        println!("{:<28} {r:>12.2}x", "batch 8 / single stream");
+    }
+    match base("load_s") {
+        Some(v) => println!(
+            "{:<28} {:>12.2} {v:>12.2}   (seconds, lower is better)",
+            "load",
+            load.as_secs_f64()
+        ),
+        None => println!("{:<28} {:>12.2}   (seconds)", "load", load.as_secs_f64()),
+    }
     if let (Some(r), Some(p)) = (report["rss_mib"].as_f64(), report["peak_rss_mib"].as_f64()) {
         println!("{:<28} {r:>12.0} (peak {p:.0})", "resident memory (MiB)");
     }
