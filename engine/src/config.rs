@@ -188,7 +188,7 @@ pub struct WeightPlan {
 }
 
 impl WeightPlan {
-    /// `auto` gives prefill dequantized f32 weights (compute-bound: measured here 226 tok/s against
+    /// `auto` gives prefill dequantized f32 weights (compute-bound: the project brief measured candle at 226 tok/s against
     /// 80 tok/s on Q4_1) and decode the file's quantized weights (memory-bound). A prefill worker
     /// never decodes, so it loads only the prefill format; a decode worker loads both, because
     /// it prefills short prompts itself and must compute them as a prefill worker would.

@@ -106,10 +106,16 @@ impl Model {
             xs.push(self.weights.embedding.forward(&ids)?);
             cos_sin.push(self.rope_rows(&pos)?);
         }
-        // Slot ids of each sequence's whole context, shared by every layer.
+        // Slot ids of each prefill sequence's whole context, shared by every layer (decode rows
+        // read the cache in place through `paged_decode_attention` and build their own lists).
         let slots = seqs
             .iter()
-            .map(|s| cache.slot_ids(s.table, s.start + s.tokens.len(), &self.device))
+            .map(|s| match s.phase {
+                Phase::Prefill => cache
+                    .slot_ids(s.table, s.start + s.tokens.len(), &self.device)
+                    .map(Some),
+                Phase::Decode => Ok(None),
+            })
             .collect::<Result<Vec<_>>>()?;
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
@@ -180,7 +186,7 @@ impl Model {
         x: &Tensor,
         g: &Group,
         seqs: &[SeqInput],
-        slots: &[Tensor],
+        slots: &[Option<Tensor>],
         (cos, sin): &(Tensor, Tensor),
         cache: &KvCache,
     ) -> Result<Tensor> {
@@ -229,7 +235,11 @@ impl Model {
             let s = &seqs[i];
             let m = s.tokens.len();
             let ctx = s.start + m;
-            let (kc, vc) = cache.gather(l, &slots[i])?;
+            let slot_ids = match &slots[i] {
+                Some(t) => t.clone(),
+                None => cache.slot_ids(s.table, ctx, &self.device)?,
+            };
+            let (kc, vc) = cache.gather(l, &slot_ids)?;
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
             let qs = q
                 .narrow(1, row, m)?

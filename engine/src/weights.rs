@@ -134,8 +134,7 @@ impl Source {
         self.tensors.contains_key(name)
     }
 
-    fn dims(&self, name: &str, raw: &Raw) -> Vec<usize> {
-        let _ = name;
+    fn dims(raw: &Raw) -> Vec<usize> {
         match raw {
             Raw::Q(q) => q.shape().dims().to_vec(),
             Raw::F(t) => t.dims().to_vec(),
@@ -143,7 +142,7 @@ impl Source {
     }
 
     fn check_shape(&self, name: &str, raw: &Raw, expected: &[usize]) -> Result<()> {
-        let got = self.dims(name, raw);
+        let got = Self::dims(raw);
         if got != expected {
             return Err(Error::TensorShape {
                 path: self.path.clone(),

@@ -2,9 +2,9 @@
 
 mod common;
 
-use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting};
+use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, WeightsSetting};
 use candle_core::{Device, Tensor};
-use common::{PROMPTS, argmax, dev_model_path, max_abs_diff};
+use common::{PROMPTS, argmax, dev_model_path, max_abs_diff, step_logits};
 
 const GREEDY_TOKENS: usize = 64;
 
@@ -59,16 +59,7 @@ fn gguf_quantized_logits_track_candle_quantized_llama() {
         let id = SeqId(i as u64);
         ours.add_sequence(id, prompt.to_vec())
             .expect("sequence added");
-        let mut logits = ours
-            .step(&[StepItem {
-                seq: id,
-                tokens: prompt.len(),
-                phase: Phase::Prefill,
-            }])
-            .expect("prefill")[0]
-            .logits
-            .clone()
-            .expect("prefill logits");
+        let mut logits = step_logits(&mut ours, id, prompt.len(), Phase::Prefill);
         for step in 0..GREEDY_TOKENS {
             let diff = max_abs_diff(&logits, &ref_logits);
             assert!(
@@ -84,16 +75,7 @@ fn gguf_quantized_logits_track_candle_quantized_llama() {
                 );
             }
             ours.push_token(id, next).expect("push");
-            logits = ours
-                .step(&[StepItem {
-                    seq: id,
-                    tokens: 1,
-                    phase: Phase::Decode,
-                }])
-                .expect("decode")[0]
-                .logits
-                .clone()
-                .expect("decode logits");
+            logits = step_logits(&mut ours, id, 1, Phase::Decode);
             let x = Tensor::new(&[next], &Device::Cpu)
                 .and_then(|t| t.unsqueeze(0))
                 .expect("t");
@@ -180,14 +162,7 @@ fn safetensors_logits_match_candle_llama() {
     let prompt: Vec<u32> = vec![3, 17, 200, 45, 9, 128, 77, 5, 61, 250, 12, 33, 90];
     let id = SeqId(1);
     ours.add_sequence(id, prompt.clone()).expect("add");
-    let out = ours
-        .step(&[StepItem {
-            seq: id,
-            tokens: prompt.len(),
-            phase: Phase::Prefill,
-        }])
-        .expect("prefill");
-    let mut our_logits = out[0].logits.clone().expect("logits");
+    let mut our_logits = step_logits(&mut ours, id, prompt.len(), Phase::Prefill);
     let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
         .and_then(|t| t.unsqueeze(0))
         .expect("t");
@@ -206,16 +181,7 @@ fn safetensors_logits_match_candle_llama() {
             "step {step}: greedy token differs"
         );
         ours.push_token(id, next).expect("push");
-        our_logits = ours
-            .step(&[StepItem {
-                seq: id,
-                tokens: 1,
-                phase: Phase::Decode,
-            }])
-            .expect("decode")[0]
-            .logits
-            .clone()
-            .expect("logits");
+        our_logits = step_logits(&mut ours, id, 1, Phase::Decode);
         let x = Tensor::new(&[next], &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("t");

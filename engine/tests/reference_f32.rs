@@ -7,9 +7,9 @@
 
 mod common;
 
-use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting};
+use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, WeightsSetting};
 use candle_core::{Device, Tensor};
-use common::{PROMPTS, argmax, dev_model_path, max_abs_diff};
+use common::{PROMPTS, argmax, dev_model_path, max_abs_diff, step_logits};
 
 const GREEDY_TOKENS: usize = 64;
 
@@ -53,30 +53,14 @@ fn gguf_dequantized_greedy_tokens_equal_candle_quantized_llama() {
         let id = SeqId(i as u64);
         ours.add_sequence(id, prompt.to_vec())
             .expect("sequence added");
-        let first = ours
-            .step(&[StepItem {
-                seq: id,
-                tokens: prompt.len(),
-                phase: Phase::Prefill,
-            }])
-            .expect("prefill")[0]
-            .logits
-            .clone()
-            .expect("prefill logits");
+        let first = step_logits(&mut ours, id, prompt.len(), Phase::Prefill);
         let diff = max_abs_diff(&first, &ref_first);
         assert!(diff < 1e-3, "prompt {i}: prefill logits differ by {diff}");
         let mut tokens = vec![argmax(&first)];
         while tokens.len() < GREEDY_TOKENS {
             ours.push_token(id, *tokens.last().expect("t"))
                 .expect("push");
-            let out = ours
-                .step(&[StepItem {
-                    seq: id,
-                    tokens: 1,
-                    phase: Phase::Decode,
-                }])
-                .expect("decode");
-            tokens.push(argmax(out[0].logits.as_ref().expect("logits")));
+            tokens.push(argmax(&step_logits(&mut ours, id, 1, Phase::Decode)));
         }
         assert_eq!(tokens, ref_tokens, "prompt {i}: greedy tokens differ");
         ours.release(id);

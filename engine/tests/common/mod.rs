@@ -66,3 +66,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Runs one engine step of `tokens` tokens of `seq` and returns its next-token logits.
+pub fn step_logits(
+    engine: &mut baton_engine::Engine,
+    seq: baton_engine::SeqId,
+    tokens: usize,
+    phase: baton_engine::Phase,
+) -> Vec<f32> {
+    engine
+        .step(&[baton_engine::StepItem { seq, tokens, phase }])
+        .expect("step")[0]
+        .logits
+        .clone()
+        .expect("logits at the end of the sequence")
+}
