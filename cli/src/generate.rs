@@ -76,12 +76,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_tokens,
         ..SamplingParams::default()
     };
-    params.validate(&SamplingLimits {
-        max_new_tokens: (engine.max_context() - prompt.len().min(engine.max_context())) as u32,
-        max_logprobs: 20,
-        max_stop_strings: 16,
-        max_stop_string_len: 256,
-    })?;
+    params.validate(&SamplingLimits::with_room(
+        engine.max_context().saturating_sub(prompt.len()),
+    ))?;
     let eos = tokenizer.eos_token_ids().to_vec();
     let mut batcher = Batcher::new(engine, eos);
     let id = SeqId(0);

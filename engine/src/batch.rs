@@ -15,10 +15,9 @@
 use std::collections::VecDeque;
 
 use crate::engine::{Engine, StepItem};
-use crate::sampling::{SampledToken, Sampler, SamplingParams};
-use crate::stop::{FinishReason, finish_reason_after};
 use crate::weights::Phase;
 use crate::{Error, Result, SeqId};
+use baton_text::{FinishReason, SampledToken, Sampler, SamplingParams, finish_reason_after};
 
 /// A request to generate from a prompt.
 #[derive(Debug, Clone)]
@@ -159,6 +158,33 @@ impl Batcher {
             sampler,
             generated: 1,
             decoding: true,
+        });
+        Ok(())
+    }
+
+    /// Continues a sequence whose prefill happened elsewhere but whose KV never arrived: the
+    /// prompt and the prefill side's first token are recomputed here, and sampling goes on from
+    /// the second token exactly as [`Batcher::resume_imported`] would have.
+    pub fn submit_continuation(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        first_token: u32,
+    ) -> Result<()> {
+        if self.contains(id) {
+            return Err(Error::invalid("id", format!("{id} is already running")));
+        }
+        let sampler = Sampler::resume(&params, &prompt, &[first_token]);
+        let mut tokens = prompt;
+        tokens.push(first_token);
+        self.engine.add_sequence(id, tokens)?;
+        self.waiting.push_back(Active {
+            id,
+            params,
+            sampler,
+            generated: 1,
+            decoding: false,
         });
         Ok(())
     }

@@ -303,7 +303,8 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     pub kv_dtype: KvDType,
     /// Longest prompt slice computed in one step; longer prompts are prefilled in chunks so they
-    /// share steps with running decodes.
+    /// share steps with running decodes. A multiple of `block_size`, so every chunk but a
+    /// prompt's last fills whole blocks and a block's KV can leave after the step that wrote it.
     pub prefill_chunk_tokens: usize,
     /// Most tokens (decode tokens plus prefill chunk tokens) one step computes.
     pub max_batch_tokens: usize,
@@ -335,8 +336,14 @@ impl EngineConfig {
         if self.block_size == 0 || self.block_size > 1024 {
             return Err(Error::invalid("block_size", "must be between 1 and 1024"));
         }
-        if self.prefill_chunk_tokens == 0 {
-            return Err(Error::invalid("prefill_chunk_tokens", "must be positive"));
+        if self.prefill_chunk_tokens == 0 || self.prefill_chunk_tokens % self.block_size != 0 {
+            return Err(Error::invalid(
+                "prefill_chunk_tokens",
+                format!(
+                    "must be a positive multiple of block_size ({})",
+                    self.block_size
+                ),
+            ));
         }
         if self.max_batch_tokens < self.prefill_chunk_tokens {
             return Err(Error::invalid(

@@ -9,10 +9,11 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use baton_text::Tokenizer;
+
 use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
 use crate::kv::{BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
 use crate::model::{Model, SeqInput};
-use crate::tokenizer::Tokenizer;
 use crate::weights::{self, Phase};
 use crate::{Error, Result, SeqId};
 
@@ -285,8 +286,10 @@ impl Engine {
         self.step_with_export(items, &[], &mut |_, _| Ok(()))
     }
 
-    /// Like [`Engine::step`], and after each layer hands that layer's KV of every sequence in
-    /// `export` (all its blocks) to `sink`, so it can travel while later layers compute.
+    /// Like [`Engine::step`], and after each layer hands to `sink` that layer's KV of the blocks
+    /// this step wrote for every sequence in `export`, so it can travel while later layers
+    /// compute. Prefill chunks are whole blocks (see `prefill_chunk_tokens`), so exporting every
+    /// chunk of a prompt sends each block exactly once.
     pub fn step_with_export(
         &mut self,
         items: &[StepItem],
@@ -307,19 +310,20 @@ impl Engine {
                 logits: end == seq.tokens.len(),
             });
         }
-        let exported: Vec<(SeqId, &BlockTable, usize)> = export
+        let exported: Vec<(SeqId, &BlockTable, usize, Range<usize>)> = export
             .iter()
-            .map(|id| {
-                let s = self.seq(*id)?;
-                let item = items.iter().find(|it| it.seq == *id);
-                let len = s.computed + item.map_or(0, |it| it.tokens);
-                Ok((*id, &s.table, len))
+            .filter_map(|id| {
+                let it = items.iter().find(|it| it.seq == *id)?;
+                Some(self.seq(*id).map(|s| {
+                    let len = s.computed + it.tokens;
+                    (*id, &s.table, len, s.computed / bs..len.div_ceil(bs))
+                }))
             })
             .collect::<Result<_>>()?;
         let cache = &self.cache;
         let mut on_layer = |l: usize| -> Result<()> {
-            for &(id, table, len) in &exported {
-                sink(id, cache.export(l, table, len, 0..len.div_ceil(bs))?)?;
+            for (id, table, len, blocks) in &exported {
+                sink(*id, cache.export(l, table, *len, blocks.clone())?)?;
             }
             Ok(())
         };

@@ -57,24 +57,9 @@ pub enum Error {
     },
     #[error("model file {path} has architecture {architecture:?}, which baton does not support")]
     UnknownArchitecture { path: PathBuf, architecture: String },
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    #[error("chat template: {0}")]
-    ChatTemplate(String),
-    #[error("model file {path} uses tokenizer model {model:?}, which baton does not support")]
-    UnsupportedTokenizer { path: PathBuf, model: String },
-    #[error("model file {path} uses pre-tokenizer {pre:?}, which baton does not support")]
-    UnsupportedPreTokenizer { path: PathBuf, pre: String },
-    #[error("token id {id} is outside the vocabulary of {vocab_size} tokens")]
-    TokenOutOfRange { id: u32, vocab_size: usize },
-    #[error("unknown chat role {role:?}, expected system, user, assistant or tool")]
-    UnknownRole { role: String },
-    #[error("chat template does not compile: {reason}")]
-    ChatTemplateSyntax { reason: String },
-    #[error("chat template rejected the conversation: {message}")]
-    ChatTemplateRaised { message: String },
-    #[error("chat template failed to render: {reason}")]
-    ChatTemplateRender { reason: String },
+    /// The tokenizer, chat template or sampling parameters (baton-text).
+    #[error(transparent)]
+    Text(#[from] baton_text::Error),
     #[error("invalid request: {field}: {reason}")]
     InvalidRequest { field: &'static str, reason: String },
     #[error("kv cache is full: need {needed} blocks, {free} free")]
@@ -97,14 +82,14 @@ impl Error {
     /// The class of this error, for the mapping at the serving edge.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::InvalidRequest { .. }
-            | Error::KvLayoutMismatch { .. }
-            | Error::KvImport(_)
-            | Error::ChatTemplate(_)
-            | Error::TokenOutOfRange { .. }
-            | Error::UnknownRole { .. }
-            | Error::ChatTemplateRaised { .. }
-            | Error::ChatTemplateRender { .. } => ErrorClass::InvalidRequest,
+            Error::InvalidRequest { .. } | Error::KvLayoutMismatch { .. } | Error::KvImport(_) => {
+                ErrorClass::InvalidRequest
+            }
+            Error::Text(e) => match e.class() {
+                baton_text::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
+                baton_text::ErrorClass::BadModel => ErrorClass::BadModel,
+                baton_text::ErrorClass::Internal => ErrorClass::Internal,
+            },
             Error::KvCacheFull { .. } => ErrorClass::Overloaded,
             Error::Io { .. }
             | Error::CorruptFile { .. }
@@ -113,13 +98,8 @@ impl Error {
             | Error::UnsupportedTensorType { .. }
             | Error::MissingMetadata { .. }
             | Error::InvalidMetadata { .. }
-            | Error::UnknownArchitecture { .. }
-            | Error::UnsupportedTokenizer { .. }
-            | Error::UnsupportedPreTokenizer { .. }
-            | Error::ChatTemplateSyntax { .. } => ErrorClass::BadModel,
-            Error::Tokenizer(_) | Error::UnknownSequence(_) | Error::Backend(_) => {
-                ErrorClass::Internal
-            }
+            | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
+            Error::UnknownSequence(_) | Error::Backend(_) => ErrorClass::Internal,
         }
     }
 

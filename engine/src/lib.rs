@@ -8,31 +8,28 @@
 
 mod attention;
 pub mod batch;
-pub mod chat;
 pub mod config;
-pub mod detokenize;
 mod engine;
 mod error;
 pub mod kernels;
 pub mod kv;
 mod model;
-pub mod sampling;
-pub mod stop;
-pub mod tokenizer;
 mod weights;
 
-pub use chat::{ChatMessage, ChatTemplate};
+// The text layer lives in its own crate so the coordinator can tokenize without the engine; the
+// engine re-exports it under the paths its users already know.
+pub use baton_text::{
+    ChatMessage, ChatTemplate, FinishReason, GREEDY_TEMPERATURE, IncrementalDetokenizer,
+    SampledToken, Sampler, SamplingLimits, SamplingParams, StopChecker, StopOutcome, Tokenizer,
+    chat, detokenize, finish_reason_after, sampling, stop, tokenizer,
+};
 pub use config::{
     DeviceSetting, EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
     WeightsSetting,
 };
-pub use detokenize::IncrementalDetokenizer;
 pub use engine::{Engine, LoadStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
 pub use kv::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
-pub use sampling::{GREEDY_TEMPERATURE, SampledToken, Sampler, SamplingLimits, SamplingParams};
-pub use stop::{FinishReason, StopChecker, StopOutcome, finish_reason_after};
-pub use tokenizer::Tokenizer;
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.

@@ -41,8 +41,8 @@ fn long_prompt() -> Vec<u32> {
         .collect()
 }
 
-/// Prefill side: chunks of the prompt, exporting every layer of every block during the last
-/// chunk; returns the chunks and the first sampled token.
+/// Prefill side: chunks of the prompt, each step exporting every layer of the blocks it wrote;
+/// returns the chunks and the first sampled token.
 fn prefill_and_export(e: &mut Engine, id: SeqId, prompt: &[u32]) -> (Vec<KvChunk>, u32) {
     e.add_sequence(id, prompt.to_vec()).expect("add");
     let chunk = e.config().prefill_chunk_tokens;
@@ -50,8 +50,6 @@ fn prefill_and_export(e: &mut Engine, id: SeqId, prompt: &[u32]) -> (Vec<KvChunk
     let mut first = None;
     while e.computed(id).expect("seq") < prompt.len() {
         let n = chunk.min(prompt.len() - e.computed(id).expect("seq"));
-        let last = e.computed(id).expect("seq") + n == prompt.len();
-        let export: &[SeqId] = if last { &[id] } else { &[] };
         let out = e
             .step_with_export(
                 &[StepItem {
@@ -59,7 +57,7 @@ fn prefill_and_export(e: &mut Engine, id: SeqId, prompt: &[u32]) -> (Vec<KvChunk
                     tokens: n,
                     phase: Phase::Prefill,
                 }],
-                export,
+                &[id],
                 &mut |_, c| {
                     chunks.push(c);
                     Ok(())
@@ -215,14 +213,20 @@ fn kv_moved_to_another_process_decodes_identically() {
     payload.extend_from_slice(&(prompts.len() as u32).to_le_bytes());
     for (i, p) in prompts.iter().enumerate() {
         let (chunks, first) = prefill_and_export(&mut prefill, SeqId(i as u64), p);
-        // Every layer exported once, in order, covering the whole prompt.
-        assert_eq!(chunks.len(), layers);
-        assert!(
-            chunks
-                .iter()
-                .enumerate()
-                .all(|(l, c)| c.layer as usize == l)
-        );
+        // Every (layer, block) exported exactly once: one chunk per layer per prefill step.
+        let steps = p.len().div_ceil(prefill.config().prefill_chunk_tokens);
+        assert_eq!(chunks.len(), layers * steps);
+        let mut seen = std::collections::HashSet::new();
+        for c in &chunks {
+            for b in c.first_block..c.first_block + c.num_blocks {
+                assert!(
+                    seen.insert((c.layer, b)),
+                    "layer {} block {b} twice",
+                    c.layer
+                );
+            }
+        }
+        assert_eq!(seen.len(), layers * prefill.blocks_for(p.len()));
         let bytes: usize = chunks.iter().map(|c| c.data.len()).sum();
         assert_eq!(
             bytes,

@@ -9,6 +9,8 @@
 //! - [`transport`]: the [`KvSender`] / [`KvReceiver`] traits every transport implements, and the
 //!   receiver's handoff bookkeeping shared by all of them.
 //! - [`tcp`]: the TCP transport (tokio), a pool of streams per worker pair.
+//! - [`link`]: the run-time choice of transport: endpoints, connections, sending a handoff.
+//! - [`lease`]: time-to-live bookkeeping for pinned block sets (push reservations, pull sources).
 //!
 //! Invariants: bytes reach the consumer only after their checksum and their place in an expected
 //! handoff are verified; every buffer between the socket and the consumer is bounded, so a slow
@@ -16,12 +18,16 @@
 
 mod error;
 pub mod frame;
+pub mod lease;
+pub mod link;
 pub mod plan;
 pub mod tcp;
 pub mod transport;
 
 pub use error::{Error, ErrorClass, FailureReason, Result, Side};
 pub use frame::{FrameLimits, HandoffId, Shard};
+pub use lease::{LeaseError, LeaseKind, Leases};
+pub use link::{Endpoint, Link, LinkConfig, Links, SendReport, send_all};
 pub use plan::{PlannedCopy, TransferPlan, plan, split_range};
 pub use tcp::{TcpConfig, TcpReceiver, TcpSender};
 pub use transport::{Delivery, Expectation, KvReceiver, KvSegment, KvSender, Stats, StatsSnapshot};

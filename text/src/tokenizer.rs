@@ -277,6 +277,33 @@ impl Tokenizer {
             .map_err(|reason| meta.invalid(key::TOKENS, reason))
     }
 
+    /// Loads the tokenizer of a model path the way the engine finds the model: a `.gguf` file
+    /// (its metadata) or a Hugging Face directory. Reads no tensors.
+    pub fn load(path: &Path) -> Result<Tokenizer> {
+        if path.is_dir() {
+            return Tokenizer::from_hf_dir(path);
+        }
+        let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let corrupt = |reason: String| Error::CorruptFile {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            reason,
+        };
+        // candle's reader panics on some malformed headers (the engine guards it the same way).
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            candle_core::quantized::gguf_file::Content::read(&mut file)
+        }));
+        let content = match read {
+            Ok(Ok(content)) => content,
+            Ok(Err(e)) => return Err(corrupt(e.to_string())),
+            Err(_) => return Err(corrupt("the GGUF reader panicked on the header".into())),
+        };
+        Tokenizer::from_gguf(path, &content.metadata)
+    }
+
     /// Loads a Hugging Face model directory: `tokenizer.json` (required), `tokenizer_config.json`
     /// (chat template, BOS/EOS/PAD/UNK tokens, `add_bos_token`, `add_eos_token`) and
     /// `generation_config.json` (EOS ids) when present. A `chat_template.jinja` file, which newer

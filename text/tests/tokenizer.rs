@@ -8,8 +8,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use baton_engine::chat::Role;
-use baton_engine::{ChatMessage, ChatTemplate, Error, IncrementalDetokenizer, Tokenizer};
+use baton_text::chat::Role;
+use baton_text::{ChatMessage, ChatTemplate, Error, IncrementalDetokenizer, Tokenizer};
 use candle_core::quantized::gguf_file::{self, Value};
 
 fn model_path() -> PathBuf {

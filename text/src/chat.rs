@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 /// Name under which the one template lives in its environment.
 const TEMPLATE_NAME: &str = "chat";
 
-/// Who wrote a chat message (not to be confused with [`crate::Role`], a worker's role).
+/// Who wrote a chat message (not to be confused with a worker's role in the engine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

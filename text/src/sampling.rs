@@ -126,6 +126,19 @@ pub struct SamplingLimits {
     pub max_stop_string_len: usize,
 }
 
+impl SamplingLimits {
+    /// baton's defaults for a request whose prompt leaves `room` tokens of context: at most 20
+    /// logprob alternatives (OpenAI's cap), 16 stop strings of at most 256 bytes.
+    pub fn with_room(room: usize) -> Self {
+        Self {
+            max_new_tokens: u32::try_from(room).unwrap_or(u32::MAX),
+            max_logprobs: 20,
+            max_stop_strings: 16,
+            max_stop_string_len: 256,
+        }
+    }
+}
+
 impl SamplingParams {
     /// Checks every field against its valid range and `limits`. The error names the field as
     /// the OpenAI API does (`temperature`, `top_p`, `max_tokens`, `stop`, ...).
