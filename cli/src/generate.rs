@@ -1,6 +1,6 @@
-//! `baton generate --local`: prefill and decode in this process, with the per-phase weight
-//! formats a cluster uses by default, so its greedy output is the reference a cluster's output
-//! must equal.
+//! `baton generate`: a gRPC client of a running cluster that streams to the terminal; with
+//! `--local`, prefill and decode in this process with the per-phase weight formats a cluster
+//! uses by default, so its greedy output is the reference a cluster's output must equal.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,9 +14,15 @@ use baton_engine::{Engine, EngineConfig, Role, SeqId, WeightsSetting};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Run the engine in this process (the cluster client arrives with the coordinator).
+    /// Run the engine in this process instead of asking a cluster.
     #[arg(long)]
     local: bool,
+    /// The coordinator's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    addr: String,
+    /// auto | force | off: disaggregate, or run prefill on the decode worker.
+    #[arg(long, default_value = "auto")]
+    pd_mode: String,
     /// A .gguf file or a Hugging Face model directory.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -48,10 +54,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if !args.local {
-        bail!(
-            "baton generate talks to a cluster over gRPC, which this build does not serve yet; \
-             pass --local to run the engine in this process"
-        );
+        return remote(args);
     }
     let model = crate::model_path::resolve(args.model)?;
     let mut cfg = EngineConfig::new(&model, Role::Colocated);
@@ -131,4 +134,89 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Streams a generation from a cluster's coordinator.
+fn remote(args: GenerateArgs) -> anyhow::Result<()> {
+    use baton_proto::v1::{self, inference_client::InferenceClient};
+    let pd_mode = match args.pd_mode.as_str() {
+        "auto" => v1::PdMode::Auto,
+        "force" => v1::PdMode::Force,
+        "off" => v1::PdMode::Off,
+        other => bail!("--pd-mode: {other:?} is not one of auto, force, off"),
+    };
+    let input = if args.chat {
+        v1::generate_request::Input::Chat(v1::ChatMessages {
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: args.prompt,
+            }],
+        })
+    } else {
+        v1::generate_request::Input::Prompt(args.prompt)
+    };
+    let request = v1::GenerateRequest {
+        input: Some(input),
+        sampling: Some(v1::SamplingParams {
+            temperature: Some(args.temperature),
+            top_p: Some(args.top_p),
+            top_k: args.top_k,
+            seed: args.seed,
+            max_tokens: Some(args.max_tokens),
+            ..v1::SamplingParams::default()
+        }),
+        pd_mode: pd_mode as i32,
+        ..v1::GenerateRequest::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut client = InferenceClient::connect(format!("http://{}", args.addr))
+            .await
+            .with_context(|| format!("connect to the coordinator at {}", args.addr))?;
+        let started = std::time::Instant::now();
+        let mut stream = client
+            .generate(request)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let mut out = std::io::stdout().lock();
+        let mut first = None;
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        {
+            first.get_or_insert_with(|| started.elapsed());
+            out.write_all(msg.text.as_bytes())?;
+            out.flush()?;
+            if let Some(finish) = msg.finish {
+                writeln!(out)?;
+                if args.verbose {
+                    let usage = finish.usage.unwrap_or_default();
+                    let p = finish.placement.unwrap_or_default();
+                    let kv = p.kv.unwrap_or_default();
+                    eprintln!(
+                        "{} prompt + {} generated tokens ({}), ttft {:.1} ms, total {:.1} ms\n\
+                         placement: {} (prefill {:?}, decode {:?}), kv {} bytes in {:.2} ms, {:.2} ms exposed",
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        v1::FinishReason::try_from(finish.reason)
+                            .map(|r| r.as_str_name())
+                            .unwrap_or("?"),
+                        first.unwrap_or_default().as_secs_f64() * 1e3,
+                        started.elapsed().as_secs_f64() * 1e3,
+                        p.mode,
+                        p.prefill_worker,
+                        p.decode_worker,
+                        kv.bytes,
+                        kv.transfer_seconds * 1e3,
+                        kv.exposed_seconds * 1e3,
+                    );
+                }
+            }
+        }
+        Ok(())
+    })
 }

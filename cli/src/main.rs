@@ -1,9 +1,11 @@
-//! `baton`: one binary for every role. Today: `generate --local` (the engine in this process) and
-//! `bench engine`. The cluster roles arrive with the coordinator and workers.
+//! `baton`: one binary for every role: `up` (a whole local cluster), `coordinator`, `prefill`,
+//! `decode`, `generate` (a client, or the engine in this process with `--local`) and `bench`.
 
 mod bench;
 mod generate;
 mod model_path;
+mod roles;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +22,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a local cluster: coordinator, prefill and decode workers as separate processes.
+    Up(up::UpArgs),
+    /// Run the coordinator (gRPC and OpenAI HTTP frontends).
+    Coordinator(roles::CoordinatorArgs),
+    /// Run a prefill worker.
+    Prefill(roles::PrefillArgs),
+    /// Run a decode worker.
+    Decode(roles::DecodeArgs),
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
     /// Measure baton against baselines.
@@ -28,14 +38,24 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Servers log their lifecycle; one-shot commands keep the terminal for their output.
+    let default_level = match cli.command {
+        Command::Generate(_) | Command::Bench(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Up(args) => up::run(args),
+        Command::Coordinator(args) => roles::coordinator(args),
+        Command::Prefill(args) => roles::prefill(args),
+        Command::Decode(args) => roles::decode(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

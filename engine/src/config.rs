@@ -336,7 +336,9 @@ impl EngineConfig {
         if self.block_size == 0 || self.block_size > 1024 {
             return Err(Error::invalid("block_size", "must be between 1 and 1024"));
         }
-        if self.prefill_chunk_tokens == 0 || self.prefill_chunk_tokens % self.block_size != 0 {
+        if self.prefill_chunk_tokens == 0
+            || !self.prefill_chunk_tokens.is_multiple_of(self.block_size)
+        {
             return Err(Error::invalid(
                 "prefill_chunk_tokens",
                 format!(

@@ -1,0 +1,262 @@
+//! `baton up`: a whole local cluster as separate OS processes on loopback: N prefill workers and
+//! M decode workers (ports chosen by the OS, read from each child's `listening` line), then the
+//! coordinator on the configured HTTP and gRPC ports. Prints the endpoints, and stops every
+//! child on Ctrl-C, on SIGTERM, or as soon as any child dies.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+#[derive(clap::Args)]
+pub struct UpArgs {
+    /// A .gguf file or a Hugging Face model directory (default: the development model, fetched
+    /// by scripts/fetch-model.sh when missing).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prefill workers.
+    #[arg(long, default_value_t = 1)]
+    prefill: usize,
+    /// Decode workers.
+    #[arg(long, default_value_t = 1)]
+    decode: usize,
+    /// OpenAI-compatible HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// gRPC address (baton.v1.Inference).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    grpc: SocketAddr,
+    /// push | pull
+    #[arg(long, default_value = "push")]
+    handoff: String,
+    /// auto | tcp | shm
+    #[arg(long, default_value = "auto")]
+    transport: String,
+    /// KV pool per worker, MiB.
+    #[arg(long, default_value_t = 512)]
+    kv_cache_mib: usize,
+}
+
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    /// SIGTERM to everyone, then wait; SIGKILL whoever is still there after a grace period.
+    fn stop(&mut self) {
+        for (_, c) in &self.0 {
+            terminate(c);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (name, c) in &mut self.0 {
+            loop {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if std::time::Instant::now() >= deadline => {
+                        eprintln!("baton up: {name} did not stop; killing it");
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn terminate(child: &Child) {
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) on a pid we spawned and have not reaped; no memory is touched.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+/// Starts `baton <args>` and returns it with the address from its first `listening` line.
+fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+    let exe = std::env::current_exe().context("find the baton executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: prctl in the child between fork and exec only sets a flag of that process.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            // The child dies with `baton up`, even if `up` is killed without cleaning up.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let label = name.to_string();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addrs = Vec::new();
+        let mut sent = false;
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(rest) = line.strip_prefix("listening ") {
+                if let Some((_, addr)) = rest.split_once('=')
+                    && let Ok(a) = addr.parse::<SocketAddr>()
+                {
+                    addrs.push(a);
+                }
+                // The coordinator announces two listeners; workers one.
+                if !sent && (addrs.len() == 2 || !label.starts_with("coordinator")) {
+                    let _ = tx.send(addrs.clone());
+                    sent = true;
+                }
+            } else {
+                println!("[{label}] {line}");
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(addrs) => Ok((child, addrs)),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            bail!("{name} did not start listening (exit status {status:?}); see its log above")
+        }
+    }
+}
+
+pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let model = crate::model_path::resolve(args.model)?;
+    let model_arg = model.display().to_string();
+    let mut children = Children(Vec::new());
+    let mut prefill_addrs = Vec::new();
+    let mut decode_addrs = Vec::new();
+    for i in 0..args.decode {
+        let name = format!("decode-{i}");
+        let (child, addrs) = spawn(
+            &name,
+            &[
+                "decode".into(),
+                "--model".into(),
+                model_arg.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--kv-cache-mib".into(),
+                args.kv_cache_mib.to_string(),
+                "--worker-id".into(),
+                name.clone(),
+            ],
+        )?;
+        decode_addrs.push(addrs[0]);
+        children.0.push((name, child));
+    }
+    for i in 0..args.prefill {
+        let name = format!("prefill-{i}");
+        let (child, addrs) = spawn(
+            &name,
+            &[
+                "prefill".into(),
+                "--model".into(),
+                model_arg.clone(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--kv-cache-mib".into(),
+                args.kv_cache_mib.to_string(),
+                "--worker-id".into(),
+                name.clone(),
+            ],
+        )?;
+        prefill_addrs.push(addrs[0]);
+        children.0.push((name, child));
+    }
+    let mut coord_args = vec![
+        "coordinator".to_string(),
+        "--model".into(),
+        model_arg,
+        "--grpc".into(),
+        args.grpc.to_string(),
+        "--http".into(),
+        args.http.to_string(),
+        "--handoff".into(),
+        args.handoff,
+        "--transport".into(),
+        args.transport,
+    ];
+    for a in &prefill_addrs {
+        coord_args.extend(["--prefill-worker".into(), a.to_string()]);
+    }
+    for a in &decode_addrs {
+        coord_args.extend(["--decode-worker".into(), a.to_string()]);
+    }
+    let (child, addrs) = spawn("coordinator", &coord_args)?;
+    children.0.push(("coordinator".into(), child));
+    let (grpc, http) = (addrs[0], addrs[1]);
+    println!(
+        "baton is up: {} prefill + {} decode workers",
+        args.prefill, args.decode
+    );
+    println!(
+        "  OpenAI HTTP  http://{http}/v1   (health /health, readiness /ready, metrics /metrics)"
+    );
+    println!("  gRPC         {grpc}   (baton.v1.Inference, reflection on)");
+    println!("Ctrl-C stops the cluster.");
+
+    let (stop_tx, stop_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        if wait_for_signal() {
+            let _ = stop_tx.send("signal".into());
+        }
+    });
+    // Watch for a child that dies on its own.
+    loop {
+        if let Ok(why) = stop_rx.recv_timeout(Duration::from_millis(200)) {
+            println!("baton up: stopping ({why})");
+            break;
+        }
+        let mut died = None;
+        for (name, c) in &mut children.0 {
+            if let Ok(Some(status)) = c.try_wait() {
+                died = Some(format!("{name} exited with {status}"));
+                break;
+            }
+        }
+        if let Some(why) = died {
+            eprintln!("baton up: {why}; stopping the cluster");
+            children.stop();
+            bail!("{why}");
+        }
+    }
+    children.stop();
+    Ok(())
+}
+
+/// Blocks this thread until SIGINT or SIGTERM arrives (a tiny runtime owns the handlers).
+fn wait_for_signal() -> bool {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return false;
+    };
+    rt.block_on(async {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return false;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => true,
+            _ = term.recv() => true,
+        }
+    })
+}

@@ -1,0 +1,724 @@
+//! One request's path through the cluster, shared by the gRPC and HTTP frontends.
+//!
+//! validate -> chat template -> tokenize -> admit (bounded) -> place
+//!   disaggregated push: D.Reserve -> P.Prefill (KV pushed layer by layer) -> D.Decode
+//!   disaggregated pull: P.Prefill (KV kept under lease) -> D.Decode (D reads, then releases)
+//!   aggregated:         D.Decode(prompt)
+//! -> incremental detokenization and stop strings -> StreamEvents
+//!
+//! Everything up to the first token happens before `generate` returns, so a failure there is an
+//! error with a status, not a broken stream. Dropping the returned stream cancels the decode
+//! call, and the decode worker frees the blocks.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use baton_proto::convert;
+use baton_proto::v1::{self, DecodeRequest, DecodeResponse, PrefillRequest, ReserveRequest};
+use baton_text::{
+    ChatMessage, FinishReason, IncrementalDetokenizer, SampledToken, SamplingLimits,
+    SamplingParams, StopChecker, finish_reason_after,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tonic::Streaming;
+
+use crate::config::{HandoffShape, TransportChoice};
+use crate::error::{Error, ErrorClass, Result};
+use crate::placement::{self, Mode, PdMode};
+use crate::server::Inner;
+use crate::workers::{Placed, Worker};
+
+/// What the client wants generated from.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    Text(String),
+    Chat(Vec<ChatMessage>),
+    Tokens(Vec<u32>),
+}
+
+/// A request as both frontends hand it over.
+#[derive(Debug, Clone)]
+pub struct GenerateInput {
+    /// `None` or the served model's name.
+    pub model: Option<String>,
+    pub input: PromptInput,
+    pub params: SamplingParams,
+    pub pd_mode: PdMode,
+    pub skip_special_tokens: bool,
+}
+
+/// Where a request ran and what its handoff moved.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    pub mode: Option<Mode>,
+    pub prefill_worker: Option<String>,
+    pub decode_worker: String,
+    pub kv_bytes: u64,
+    pub transfer_seconds: f64,
+    pub exposed_seconds: f64,
+    /// "tcp" or "shm" when KV moved.
+    pub transport: Option<&'static str>,
+    /// "push" or "pull" when KV moved.
+    pub shape: Option<&'static str>,
+}
+
+/// Token counts, OpenAI style.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+/// What a generation stream yields.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// New text (may be empty while a multi-byte character or a possible stop string is held
+    /// back) and the tokens it came from.
+    Delta {
+        text: String,
+        tokens: Vec<SampledToken>,
+    },
+    /// The last event.
+    Finish {
+        reason: FinishReason,
+        usage: Usage,
+        placement: Placement,
+    },
+}
+
+/// A running generation. Dropping it cancels the request everywhere.
+pub struct GenerateStream {
+    rx: mpsc::Receiver<Result<StreamEvent>>,
+}
+
+impl GenerateStream {
+    /// The next event; `None` after the finish (or an error).
+    pub async fn next(&mut self) -> Option<Result<StreamEvent>> {
+        self.rx.recv().await
+    }
+}
+
+/// The tokens a request's input stands for, after the chat template.
+pub fn tokenize(inner: &Inner, input: &PromptInput) -> Result<Vec<u32>> {
+    let tokens = match input {
+        PromptInput::Text(text) => inner.tokenizer.encode(text, true)?,
+        PromptInput::Chat(messages) => {
+            if messages.is_empty() {
+                return Err(Error::InvalidRequest {
+                    field: "messages",
+                    reason: "must hold at least one message".into(),
+                });
+            }
+            let template = inner
+                .tokenizer
+                .chat_template()
+                .ok_or(Error::InvalidRequest {
+                    field: "messages",
+                    reason: "the model has no chat template; send a prompt instead".into(),
+                })?;
+            let text = template.render(messages, true)?;
+            // The template writes the special tokens itself.
+            inner.tokenizer.encode(&text, false)?
+        }
+        PromptInput::Tokens(ids) => {
+            let vocab = inner.tokenizer.vocab_size() as u32;
+            if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+                return Err(Error::InvalidRequest {
+                    field: "prompt",
+                    reason: format!("token id {bad} is outside the vocabulary of {vocab}"),
+                });
+            }
+            ids.clone()
+        }
+    };
+    if tokens.is_empty() {
+        return Err(Error::InvalidRequest {
+            field: "prompt",
+            reason: "is empty".into(),
+        });
+    }
+    Ok(tokens)
+}
+
+/// Validates, admits and places a request, runs it up to its first token, and returns the
+/// stream of the rest.
+pub async fn generate(inner: Arc<Inner>, input: GenerateInput) -> Result<GenerateStream> {
+    let (prompt, params) = match check(&inner, &input) {
+        Ok(checked) => checked,
+        Err(e) => {
+            inner.metrics.request_refused(e.class());
+            return Err(e);
+        }
+    };
+    let permit = match inner.admission.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            let e = Error::Overloaded {
+                inflight: inner.config.max_inflight,
+                retry_after: inner.config.retry_after,
+            };
+            inner.metrics.request_refused(e.class());
+            return Err(e);
+        }
+    };
+    run(inner, input, prompt, params, permit).await
+}
+
+/// The request's tokens and validated sampling parameters, or the error naming the field.
+fn check(inner: &Inner, input: &GenerateInput) -> Result<(Vec<u32>, SamplingParams)> {
+    if let Some(model) = &input.model
+        && !model.is_empty()
+        && *model != inner.model_name
+    {
+        return Err(Error::UnknownModel(model.clone()));
+    }
+    let prompt = tokenize(inner, &input.input)?;
+    let max_context = inner.max_context();
+    if max_context == 0 {
+        return Err(Error::NoWorker { role: "decode" });
+    }
+    if prompt.len() >= max_context {
+        return Err(Error::InvalidRequest {
+            field: "prompt",
+            reason: format!(
+                "{} tokens leave no room in the {max_context}-token context",
+                prompt.len()
+            ),
+        });
+    }
+    let params = input.params.clone();
+    params.validate(&SamplingLimits::with_room(max_context - prompt.len()))?;
+    if params.max_new_tokens == 0 {
+        return Err(Error::InvalidRequest {
+            field: "max_tokens",
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok((prompt, params))
+}
+
+async fn run(
+    inner: Arc<Inner>,
+    input: GenerateInput,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    permit: OwnedSemaphorePermit,
+) -> Result<GenerateStream> {
+    let started = Instant::now();
+    inner.metrics.request_started();
+    let result = start(&inner, &prompt, &params, input.pd_mode).await;
+    let started_run = match result {
+        Ok(s) => s,
+        Err(e) => {
+            inner.metrics.request_failed(e.class());
+            return Err(e);
+        }
+    };
+    let prompt_tokens = prompt.len() as u32;
+    let (tx, rx) = mpsc::channel(32);
+    let run = Run {
+        inner: inner.clone(),
+        detok: IncrementalDetokenizer::new(
+            inner.tokenizer.clone(),
+            &prompt[prompt.len().saturating_sub(8)..],
+            input.skip_special_tokens,
+        ),
+        stops: StopChecker::new(&params.stop_strings),
+        params,
+        prompt_tokens,
+        started,
+        tx,
+        _permit: permit,
+    };
+    tokio::spawn(run.stream(started_run));
+    Ok(GenerateStream { rx })
+}
+
+/// A request after its placement: the first token (when the prefill worker sampled it) and the
+/// decode stream (absent when the first token already finished the request).
+struct Started {
+    first: Option<SampledToken>,
+    decode: Option<Streaming<DecodeResponse>>,
+    placement: Placement,
+    _placed: Vec<Placed>,
+}
+
+async fn start(
+    inner: &Arc<Inner>,
+    prompt: &[u32],
+    params: &SamplingParams,
+    pd_mode: PdMode,
+) -> Result<Started> {
+    let registry = &inner.registry;
+    let prefill_idx = placement::choose_prefill(&registry.prefill_candidates());
+    let mode = placement::decide(
+        pd_mode,
+        prompt.len(),
+        inner.config.min_disaggregated_tokens,
+        prefill_idx.is_some(),
+    )
+    .map_err(|_| Error::NoWorker { role: "prefill" })?;
+    let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
+    let decode_idx = placement::choose_decode(&registry.decode_candidates(needed))
+        .ok_or(Error::NoWorker { role: "decode" })?;
+    let decode = registry.decode[decode_idx].clone();
+    let sampling = convert::sampling_to_proto(params);
+    match (mode, prefill_idx) {
+        (Mode::Disaggregated, Some(pi)) => {
+            let prefill = registry.prefill[pi].clone();
+            disaggregated(inner, &prefill, &decode, prompt, params, sampling).await
+        }
+        _ => {
+            let placed = vec![decode.place()];
+            let stream = call(&decode, async {
+                decode
+                    .decode_client()
+                    .decode(DecodeRequest {
+                        request_id: String::new(),
+                        sampling: Some(sampling),
+                        source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
+                            prompt_token_ids: prompt.to_vec(),
+                        })),
+                    })
+                    .await
+            })
+            .await?;
+            Ok(Started {
+                first: None,
+                decode: Some(stream),
+                placement: Placement {
+                    mode: Some(Mode::Aggregated),
+                    decode_worker: decode.id().0,
+                    ..Placement::default()
+                },
+                _placed: placed,
+            })
+        }
+    }
+}
+
+/// Awaits a worker call, classifying its failure and marking the worker unhealthy when it
+/// looks gone.
+async fn call<T>(
+    worker: &Worker,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match f.await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(status) => {
+            let e = Error::from_status(&worker.address, &status);
+            if e.class() == ErrorClass::Unavailable && status.code() == tonic::Code::Unavailable {
+                worker.mark_unhealthy();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Shared memory when asked for, or under `auto` when the prefill worker opened a shared-memory
+/// link to this decode worker (both on one host); TCP otherwise.
+fn transport_for(choice: TransportChoice, shm_linked: bool) -> v1::Transport {
+    match choice {
+        TransportChoice::Tcp => v1::Transport::Tcp,
+        TransportChoice::Shm => v1::Transport::Shm,
+        TransportChoice::Auto if shm_linked => v1::Transport::Shm,
+        TransportChoice::Auto => v1::Transport::Tcp,
+    }
+}
+
+async fn disaggregated(
+    inner: &Arc<Inner>,
+    prefill: &Arc<Worker>,
+    decode: &Arc<Worker>,
+    prompt: &[u32],
+    params: &SamplingParams,
+    sampling: v1::SamplingParams,
+) -> Result<Started> {
+    let placed = vec![prefill.place(), decode.place()];
+    let handoff = inner.next_handoff();
+    let ttl_ms = inner.config.lease_ttl.as_millis() as u32;
+    let transport = transport_for(
+        inner.config.transport,
+        inner.registry.shm_linked(prefill, decode),
+    );
+    let eos = inner.tokenizer.eos_token_ids();
+    let mut placement = Placement {
+        mode: Some(Mode::Disaggregated),
+        prefill_worker: Some(prefill.id().0),
+        decode_worker: decode.id().0,
+        transport: Some(match transport {
+            v1::Transport::Shm => "shm",
+            _ => "tcp",
+        }),
+        ..Placement::default()
+    };
+    match inner.config.handoff {
+        HandoffShape::Push => {
+            placement.shape = Some("push");
+            let reserved = call(decode, async {
+                decode
+                    .decode_client()
+                    .reserve(ReserveRequest {
+                        request_id: String::new(),
+                        handoff_id: handoff,
+                        prompt_token_ids: prompt.to_vec(),
+                        ttl_ms,
+                        transport: transport as i32,
+                    })
+                    .await
+            })
+            .await?;
+            let prefilled = call(prefill, async {
+                prefill
+                    .prefill_client()
+                    .prefill(PrefillRequest {
+                        request_id: String::new(),
+                        prompt_token_ids: prompt.to_vec(),
+                        sampling: Some(sampling.clone()),
+                        handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
+                            handoff_id: handoff,
+                            endpoint: reserved.endpoint,
+                            destination: reserved.destination,
+                        })),
+                    })
+                    .await
+            })
+            .await;
+            let prefilled = match prefilled {
+                Ok(p) => p,
+                Err(e) => {
+                    release_decode(decode, handoff);
+                    return Err(e);
+                }
+            };
+            if let Some(kv) = &prefilled.kv {
+                placement.kv_bytes = kv.bytes;
+                placement.transfer_seconds = kv.transfer_seconds;
+                placement.exposed_seconds = kv.exposed_seconds;
+                inner.metrics.kv_transferred(kv.bytes, kv.transfer_seconds);
+            }
+            let first = first_token(&prefilled.first_token)?;
+            if finish_reason_after(first.id, 1, params, eos).is_some() {
+                release_decode(decode, handoff);
+                return Ok(Started {
+                    first: Some(first),
+                    decode: None,
+                    placement,
+                    _placed: placed,
+                });
+            }
+            let stream = call(decode, async {
+                decode
+                    .decode_client()
+                    .decode(DecodeRequest {
+                        request_id: String::new(),
+                        sampling: Some(sampling),
+                        source: Some(v1::decode_request::Source::Pushed(v1::PushedKv {
+                            handoff_id: handoff,
+                            first_token: Some(convert::token_to_proto(&first)),
+                        })),
+                    })
+                    .await
+            })
+            .await;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    release_decode(decode, handoff);
+                    return Err(e);
+                }
+            };
+            Ok(Started {
+                first: Some(first),
+                decode: Some(stream),
+                placement,
+                _placed: placed,
+            })
+        }
+        HandoffShape::Pull => {
+            placement.shape = Some("pull");
+            let prefilled = call(prefill, async {
+                prefill
+                    .prefill_client()
+                    .prefill(PrefillRequest {
+                        request_id: String::new(),
+                        prompt_token_ids: prompt.to_vec(),
+                        sampling: Some(sampling.clone()),
+                        handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
+                            handoff_id: handoff,
+                            ttl_ms,
+                        })),
+                    })
+                    .await
+            })
+            .await?;
+            let first = first_token(&prefilled.first_token)?;
+            if finish_reason_after(first.id, 1, params, eos).is_some() {
+                release_prefill(prefill, handoff);
+                return Ok(Started {
+                    first: Some(first),
+                    decode: None,
+                    placement,
+                    _placed: placed,
+                });
+            }
+            let stream = call(decode, async {
+                decode
+                    .decode_client()
+                    .decode(DecodeRequest {
+                        request_id: String::new(),
+                        sampling: Some(sampling),
+                        source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
+                            descriptor: prefilled.pull,
+                            first_token: Some(convert::token_to_proto(&first)),
+                            prompt_token_ids: prompt.to_vec(),
+                            transport: transport as i32,
+                        })),
+                    })
+                    .await
+            })
+            .await;
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    release_prefill(prefill, handoff);
+                    return Err(e);
+                }
+            };
+            Ok(Started {
+                first: Some(first),
+                decode: Some(stream),
+                placement,
+                _placed: placed,
+            })
+        }
+    }
+}
+
+fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
+    token
+        .as_ref()
+        .map(convert::token_from_proto)
+        .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))
+}
+
+/// Frees a decode worker's reservation in the background; its lease frees it anyway if this
+/// call is lost.
+fn release_decode(decode: &Arc<Worker>, handoff: u64) {
+    let mut client = decode.decode_client();
+    tokio::spawn(async move {
+        let _ = client
+            .release(v1::ReleaseRequest {
+                handoff_id: handoff,
+            })
+            .await;
+    });
+}
+
+fn release_prefill(prefill: &Arc<Worker>, handoff: u64) {
+    let mut client = prefill.prefill_client();
+    tokio::spawn(async move {
+        let _ = client
+            .release(v1::ReleaseRequest {
+                handoff_id: handoff,
+            })
+            .await;
+    });
+}
+
+/// The streaming half of a request.
+struct Run {
+    inner: Arc<Inner>,
+    detok: IncrementalDetokenizer,
+    stops: StopChecker,
+    params: SamplingParams,
+    prompt_tokens: u32,
+    started: Instant,
+    tx: mpsc::Sender<Result<StreamEvent>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Step {
+    Continue,
+    Done(FinishReason),
+}
+
+impl Run {
+    async fn stream(mut self, started: Started) {
+        let Started {
+            first,
+            decode,
+            mut placement,
+            _placed,
+        } = started;
+        let mut completion = 0u32;
+        let mut last_token_at: Option<Instant> = None;
+        let mut outcome = None;
+        if let Some(first) = first {
+            completion += 1;
+            let finish = finish_reason_after(
+                first.id,
+                1,
+                &self.params,
+                self.inner.tokenizer.eos_token_ids(),
+            );
+            match self.token(first, finish, &mut last_token_at).await {
+                Ok(Step::Done(reason)) => outcome = Some(reason),
+                Ok(Step::Continue) => {}
+                Err(()) => return,
+            }
+        }
+        if outcome.is_none() {
+            let Some(mut decode) = decode else {
+                self.fail(Error::Internal("no decode stream".into())).await;
+                return;
+            };
+            loop {
+                let message = tokio::select! {
+                    () = self.tx.closed() => {
+                        // The client went away: dropping `decode` cancels the call and the
+                        // decode worker frees the blocks.
+                        self.inner.metrics.request_cancelled();
+                        return;
+                    }
+                    m = decode.message() => m,
+                };
+                let message = match message {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        self.fail(Error::Worker {
+                            worker: placement.decode_worker.clone(),
+                            class: ErrorClass::Unavailable,
+                            message: "the decode stream ended without a finish".into(),
+                        })
+                        .await;
+                        return;
+                    }
+                    Err(status) => {
+                        self.fail(Error::from_status(&placement.decode_worker, &status))
+                            .await;
+                        return;
+                    }
+                };
+                if let Some(kv) = message.finish.as_ref().and_then(|f| f.kv.as_ref())
+                    && placement.shape == Some("pull")
+                    && kv.bytes > 0
+                {
+                    placement.kv_bytes = kv.bytes;
+                    placement.transfer_seconds = kv.transfer_seconds;
+                    self.inner
+                        .metrics
+                        .kv_transferred(kv.bytes, kv.transfer_seconds);
+                }
+                let finish = message
+                    .finish
+                    .as_ref()
+                    .map(|f| convert::finish_from_proto(f.reason));
+                let n = message.tokens.len();
+                let mut done = None;
+                for (i, t) in message.tokens.iter().enumerate() {
+                    completion += 1;
+                    let token_finish = if i + 1 == n { finish.flatten() } else { None };
+                    match self
+                        .token(
+                            convert::token_from_proto(t),
+                            token_finish,
+                            &mut last_token_at,
+                        )
+                        .await
+                    {
+                        Ok(Step::Done(reason)) => {
+                            done = Some(reason);
+                            break;
+                        }
+                        Ok(Step::Continue) => {}
+                        Err(()) => return,
+                    }
+                }
+                if let Some(reason) = done {
+                    outcome = Some(reason);
+                    break;
+                }
+                if finish.is_some() {
+                    // A finish the proto could not name (cancelled, error).
+                    self.fail(Error::Worker {
+                        worker: placement.decode_worker.clone(),
+                        class: ErrorClass::Internal,
+                        message: "the decode worker ended the stream with an error".into(),
+                    })
+                    .await;
+                    return;
+                }
+            }
+        }
+        let reason = outcome.unwrap_or(FinishReason::Length);
+        let usage = Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+        };
+        self.inner
+            .metrics
+            .request_finished(self.started.elapsed(), reason, placement.mode);
+        let _ = self
+            .tx
+            .send(Ok(StreamEvent::Finish {
+                reason,
+                usage,
+                placement,
+            }))
+            .await;
+    }
+
+    /// Streams one token's text. `Err` when the client is gone.
+    async fn token(
+        &mut self,
+        token: SampledToken,
+        finish: Option<FinishReason>,
+        last: &mut Option<Instant>,
+    ) -> Result<Step, ()> {
+        let now = Instant::now();
+        match last {
+            None => self.inner.metrics.first_token(now - self.started),
+            Some(prev) => self.inner.metrics.inter_token(now - *prev),
+        }
+        *last = Some(now);
+        // A token that ends generation as a stop token is counted but its text is not sent.
+        let mut text = String::new();
+        if finish != Some(FinishReason::Stop) {
+            match self.detok.push(token.id) {
+                Ok(Some(delta)) => text = delta,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "detokenizer failed on a token"),
+            }
+        }
+        if finish.is_some()
+            && let Ok(tail) = self.detok.finish()
+        {
+            text.push_str(&tail);
+        }
+        let outcome = self.stops.push(&text);
+        let mut emit = outcome.emit;
+        let stopped = outcome.stopped_by.is_some();
+        if finish.is_some() && !stopped {
+            emit.push_str(&self.stops.finish());
+        }
+        let event = StreamEvent::Delta {
+            text: emit,
+            tokens: vec![token],
+        };
+        if self.tx.send(Ok(event)).await.is_err() {
+            self.inner.metrics.request_cancelled();
+            return Err(());
+        }
+        if stopped {
+            return Ok(Step::Done(FinishReason::Stop));
+        }
+        Ok(finish.map_or(Step::Continue, Step::Done))
+    }
+
+    async fn fail(&self, e: Error) {
+        tracing::warn!(error = %e, "request failed mid-stream");
+        self.inner.metrics.request_failed(e.class());
+        let _ = self.tx.send(Err(e)).await;
+    }
+}

@@ -1,0 +1,265 @@
+//! The gRPC frontend: `baton.v1.Inference`, `grpc.health.v1` and reflection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use baton_proto::convert;
+use baton_proto::v1::{
+    self, ClusterStatusRequest, ClusterStatusResponse, GenerateRequest, GenerateResponse,
+    ModelsRequest, ModelsResponse, TokenizeRequest, TokenizeResponse,
+    inference_server::{Inference, InferenceServer},
+};
+use baton_text::{ChatMessage, chat::Role};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::{Error, Result};
+use crate::generate::{self, GenerateInput, PromptInput, StreamEvent};
+use crate::placement::PdMode;
+use crate::server::Inner;
+
+pub async fn serve(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    let reflection = baton_proto::reflection_service()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(InferenceServer::new(InferenceService { inner }))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+        .map_err(|e| Error::Internal(format!("grpc server: {e}")))
+}
+
+pub struct InferenceService {
+    inner: Arc<Inner>,
+}
+
+fn chat_messages(chat: v1::ChatMessages) -> Result<Vec<ChatMessage>> {
+    chat.messages
+        .into_iter()
+        .map(|m| {
+            let role: Role = m.role.parse()?;
+            Ok(ChatMessage::new(role, m.content))
+        })
+        .collect()
+}
+
+fn pd_mode(value: i32) -> Result<PdMode> {
+    match v1::PdMode::try_from(value) {
+        Ok(v1::PdMode::Auto) => Ok(PdMode::Auto),
+        Ok(v1::PdMode::Force) => Ok(PdMode::Force),
+        Ok(v1::PdMode::Off) => Ok(PdMode::Off),
+        Err(_) => Err(Error::InvalidRequest {
+            field: "pd_mode",
+            reason: format!("unknown value {value}"),
+        }),
+    }
+}
+
+/// The gRPC finish message for a stream's last event.
+pub fn finish_to_proto(
+    reason: baton_text::FinishReason,
+    usage: generate::Usage,
+    placement: &generate::Placement,
+) -> v1::GenerateFinish {
+    let kv = placement.shape.map(|shape| v1::KvTransferStats {
+        bytes: placement.kv_bytes,
+        segments: 0,
+        transfer_seconds: placement.transfer_seconds,
+        exposed_seconds: placement.exposed_seconds,
+        transport: match placement.transport {
+            Some("shm") => v1::Transport::Shm,
+            _ => v1::Transport::Tcp,
+        } as i32,
+        shape: if shape == "pull" {
+            v1::HandoffShape::Pull
+        } else {
+            v1::HandoffShape::Push
+        } as i32,
+    });
+    v1::GenerateFinish {
+        reason: convert::finish_to_proto(reason) as i32,
+        usage: Some(v1::Usage {
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            total_tokens: usage.prompt_tokens + usage.completion_tokens,
+        }),
+        placement: Some(v1::Placement {
+            mode: placement.mode.map_or("", |m| m.as_str()).into(),
+            prefill_worker: placement.prefill_worker.clone().unwrap_or_default(),
+            decode_worker: placement.decode_worker.clone(),
+            kv,
+            upstream: String::new(),
+            cost_usd: 0.0,
+        }),
+    }
+}
+
+type GenerateStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        let input = match req.input {
+            Some(v1::generate_request::Input::Prompt(p)) => PromptInput::Text(p),
+            Some(v1::generate_request::Input::Chat(c)) => PromptInput::Chat(chat_messages(c)?),
+            Some(v1::generate_request::Input::TokenIds(t)) => PromptInput::Tokens(t.ids),
+            None => {
+                return Err(Error::InvalidRequest {
+                    field: "input",
+                    reason: "one of prompt, chat or token_ids is required".into(),
+                }
+                .into());
+            }
+        };
+        let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+        let input = GenerateInput {
+            model: Some(req.model),
+            input,
+            params: convert::sampling_from_proto(req.sampling.as_ref()),
+            pd_mode: pd_mode(req.pd_mode)?,
+            skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
+        };
+        let mut stream = generate::generate(self.inner.clone(), input).await?;
+        let request_id = req.request_id;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(event) = stream.next().await {
+                let message = match event {
+                    Ok(StreamEvent::Delta { text, tokens }) => Ok(GenerateResponse {
+                        request_id: request_id.clone(),
+                        text,
+                        token_ids: tokens.iter().map(|t| t.id).collect(),
+                        logprobs: if want_logprobs {
+                            tokens.iter().map(convert::token_to_proto).collect()
+                        } else {
+                            Vec::new()
+                        },
+                        finish: None,
+                    }),
+                    Ok(StreamEvent::Finish {
+                        reason,
+                        usage,
+                        placement,
+                    }) => Ok(GenerateResponse {
+                        request_id: request_id.clone(),
+                        text: String::new(),
+                        token_ids: Vec::new(),
+                        logprobs: Vec::new(),
+                        finish: Some(finish_to_proto(reason, usage, &placement)),
+                    }),
+                    Err(e) => Err(Status::from(e)),
+                };
+                if tx.send(message).await.is_err() {
+                    // The client went away; dropping `stream` cancels the request.
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        if !req.model.is_empty() && req.model != self.inner.model_name {
+            return Err(Error::UnknownModel(req.model).into());
+        }
+        let ids = match req.input {
+            Some(v1::tokenize_request::Input::Prompt(p)) => self
+                .inner
+                .tokenizer
+                .encode(&p, req.add_special_tokens)
+                .map_err(Error::from)?,
+            Some(v1::tokenize_request::Input::Chat(c)) => {
+                generate::tokenize(&self.inner, &PromptInput::Chat(chat_messages(c)?))?
+            }
+            None => {
+                return Err(Error::InvalidRequest {
+                    field: "input",
+                    reason: "one of prompt or chat is required".into(),
+                }
+                .into());
+            }
+        };
+        Ok(Response::new(TokenizeResponse {
+            count: ids.len() as u32,
+            token_ids: ids,
+            max_context: self.inner.max_context() as u32,
+        }))
+    }
+
+    async fn models(&self, _: Request<ModelsRequest>) -> Result<Response<ModelsResponse>, Status> {
+        let fingerprint = self
+            .inner
+            .registry
+            .decode
+            .iter()
+            .find_map(|w| w.info().and_then(|i| i.layout).map(|l| l.fingerprint))
+            .unwrap_or_default();
+        Ok(Response::new(ModelsResponse {
+            models: vec![v1::ModelInfo {
+                id: self.inner.model_name.clone(),
+                max_context: self.inner.max_context() as u32,
+                fingerprint,
+                owned_by: "baton".into(),
+            }],
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let registry = &self.inner.registry;
+        let workers = registry
+            .prefill
+            .iter()
+            .chain(&registry.decode)
+            .map(|w| v1::WorkerStatus {
+                worker_id: w.id().0,
+                role: match w.role {
+                    crate::workers::WorkerRole::Prefill => v1::WorkerRole::Prefill,
+                    crate::workers::WorkerRole::Decode => v1::WorkerRole::Decode,
+                } as i32,
+                address: w.address.clone(),
+                healthy: w.healthy(),
+                load: Some(w.load()),
+            })
+            .collect::<Vec<_>>();
+        let running = self.inner.config.max_inflight - self.inner.admission.available_permits();
+        let waiting = workers
+            .iter()
+            .filter_map(|w| w.load.as_ref())
+            .map(|l| l.waiting)
+            .sum();
+        Ok(Response::new(ClusterStatusResponse {
+            workers,
+            running_requests: running as u32,
+            waiting_requests: waiting,
+        }))
+    }
+}

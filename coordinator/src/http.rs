@@ -1,0 +1,638 @@
+//! The OpenAI-compatible HTTP frontend (axum): `/v1/completions`, `/v1/chat/completions`
+//! (streaming SSE ending in `data: [DONE]`, or one JSON body), `/v1/models`, and the operator
+//! endpoints `/health`, `/ready`, `/metrics`.
+//!
+//! Bodies are parsed here rather than by axum's `Json` extractor so that every malformed body
+//! gets the OpenAI error envelope with a message naming the field.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use baton_text::{ChatMessage, FinishReason, SampledToken, SamplingParams, chat::Role};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::error::{Error, Result};
+use crate::generate::{self, GenerateInput, GenerateStream, PromptInput, StreamEvent, Usage};
+use crate::placement::PdMode;
+use crate::server::Inner;
+
+pub async fn serve(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, router(inner))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Internal(format!("http server: {e}")))
+}
+
+pub fn router(inner: Arc<Inner>) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(inner)
+}
+
+/// The OpenAI error envelope for an error, with its status (and `Retry-After` on 429).
+fn error_response(e: &Error) -> Response {
+    let (status, kind) = e.class().http();
+    let body = json!({
+        "error": {
+            "message": e.to_string(),
+            "type": kind,
+            "param": e.param(),
+            "code": Value::Null,
+        }
+    });
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Some(after) = e.retry_after()
+        && let Ok(v) = HeaderValue::from_str(&after.as_secs().max(1).to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        error_response(&self)
+    }
+}
+
+async fn ready(State(inner): State<Arc<Inner>>) -> Response {
+    if inner.ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no healthy prefill and decode workers yet",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        inner.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn models(State(inner): State<Arc<Inner>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": inner.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "baton",
+            "max_model_len": inner.max_context(),
+        }]
+    }))
+    .into_response()
+}
+
+/// `stop` may be one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum StopField {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `prompt` may be a string, a list of one string, or token ids.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Sampling fields both endpoints share (OpenAI names, plus vLLM's extensions).
+#[derive(Debug, Default, Deserialize)]
+struct Sampling {
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<StopField>,
+    stop_token_ids: Option<Vec<u32>>,
+    ignore_eos: Option<bool>,
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: PromptField,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    /// baton extension: auto | force | off.
+    pd_mode: Option<String>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ContentField {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MessageField {
+    role: String,
+    content: Option<ContentField>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<MessageField>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
+    pd_mode: Option<String>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        field: "body",
+        reason: format!("not a valid request: {e}"),
+    })
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidRequest {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Sampling {
+    fn params(&self, logprobs: Option<u32>) -> Result<SamplingParams> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(invalid("n", "only 1 is supported"));
+        }
+        let d = SamplingParams::default();
+        let top_k = match self.top_k {
+            None | Some(0) | Some(-1) => None,
+            Some(k) if k > 0 => {
+                Some(u32::try_from(k).map_err(|_| invalid("top_k", "is too large"))?)
+            }
+            Some(_) => return Err(invalid("top_k", "must be -1, 0 or positive")),
+        };
+        Ok(SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k,
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            seed: self.seed,
+            max_new_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(d.max_new_tokens),
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            stop_strings: match &self.stop {
+                None => Vec::new(),
+                Some(StopField::One(s)) => vec![s.clone()],
+                Some(StopField::Many(v)) => v.clone(),
+            },
+            ignore_eos: self.ignore_eos.unwrap_or(false),
+            logprobs,
+        })
+    }
+}
+
+fn pd_mode(value: Option<&str>) -> Result<PdMode> {
+    match value {
+        None | Some("auto") => Ok(PdMode::Auto),
+        Some("force") => Ok(PdMode::Force),
+        Some("off") => Ok(PdMode::Off),
+        Some(other) => Err(invalid(
+            "pd_mode",
+            format!("{other:?} is not one of auto, force, off"),
+        )),
+    }
+}
+
+/// Which OpenAI object a stream produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+struct Reply {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    include_usage: bool,
+    tokenizer: baton_text::Tokenizer,
+}
+
+async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    let req: CompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(&inner, e),
+    };
+    let prepared = (|| {
+        if req.echo == Some(true) {
+            return Err(invalid("echo", "is not supported"));
+        }
+        let input = match &req.prompt {
+            PromptField::Text(t) => PromptInput::Text(t.clone()),
+            PromptField::Texts(v) if v.len() == 1 => PromptInput::Text(v[0].clone()),
+            PromptField::Texts(_) => {
+                return Err(invalid(
+                    "prompt",
+                    "only one prompt per request is supported",
+                ));
+            }
+            PromptField::Tokens(ids) => PromptInput::Tokens(ids.clone()),
+        };
+        Ok(GenerateInput {
+            model: req.model.clone(),
+            input,
+            params: req.sampling.params(req.logprobs)?,
+            pd_mode: pd_mode(req.pd_mode.as_deref())?,
+            skip_special_tokens: true,
+        })
+    })();
+    let input = match prepared {
+        Ok(i) => i,
+        Err(e) => return refuse(&inner, e),
+    };
+    let reply = Reply {
+        kind: Kind::Completion,
+        id: format!("cmpl-{:016x}", rand::random::<u64>()),
+        created: now(),
+        model: inner.model_name.clone(),
+        logprobs: req.logprobs.is_some(),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        tokenizer: inner.tokenizer.clone(),
+    };
+    respond(inner, input, req.stream, reply).await
+}
+
+async fn chat_completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+    let req: ChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse(&inner, e),
+    };
+    let prepared = (|| {
+        let mut messages = Vec::with_capacity(req.messages.len());
+        for m in &req.messages {
+            let role: Role = m.role.parse().map_err(Error::Text)?;
+            let content = match &m.content {
+                None => String::new(),
+                Some(ContentField::Text(t)) => t.clone(),
+                Some(ContentField::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        if p.kind != "text" {
+                            return Err(invalid(
+                                "messages",
+                                format!("content part type {:?} is not supported", p.kind),
+                            ));
+                        }
+                        text.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    text
+                }
+            };
+            messages.push(ChatMessage::new(role, content));
+        }
+        let logprobs = if req.logprobs {
+            Some(req.top_logprobs.unwrap_or(0))
+        } else if req.top_logprobs.is_some() {
+            return Err(invalid("top_logprobs", "requires logprobs: true"));
+        } else {
+            None
+        };
+        Ok(GenerateInput {
+            model: req.model.clone(),
+            input: PromptInput::Chat(messages),
+            params: req.sampling.params(logprobs)?,
+            pd_mode: pd_mode(req.pd_mode.as_deref())?,
+            skip_special_tokens: true,
+        })
+    })();
+    let input = match prepared {
+        Ok(i) => i,
+        Err(e) => return refuse(&inner, e),
+    };
+    let reply = Reply {
+        kind: Kind::Chat,
+        id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        created: now(),
+        model: inner.model_name.clone(),
+        logprobs: req.logprobs,
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        tokenizer: inner.tokenizer.clone(),
+    };
+    respond(inner, input, req.stream, reply).await
+}
+
+fn refuse(inner: &Inner, e: Error) -> Response {
+    inner.metrics.request_refused(e.class());
+    error_response(&e)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn respond(inner: Arc<Inner>, input: GenerateInput, stream: bool, reply: Reply) -> Response {
+    let generation = match generate::generate(inner.clone(), input).await {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
+    };
+    if stream {
+        sse(generation, reply)
+    } else {
+        whole(generation, reply).await
+    }
+}
+
+fn logprobs_json(
+    kind: Kind,
+    tokens: &[SampledToken],
+    inner_tokenizer: &baton_text::Tokenizer,
+) -> Value {
+    let text = |id: u32| inner_tokenizer.decode(&[id], false).unwrap_or_default();
+    match kind {
+        Kind::Chat => json!({
+            "content": tokens.iter().map(|t| json!({
+                "token": text(t.id),
+                "logprob": t.logprob,
+                "bytes": text(t.id).into_bytes(),
+                "top_logprobs": t.top_logprobs.iter().map(|(id, lp)| json!({
+                    "token": text(*id),
+                    "logprob": lp,
+                    "bytes": text(*id).into_bytes(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()
+        }),
+        Kind::Completion => json!({
+            "tokens": tokens.iter().map(|t| text(t.id)).collect::<Vec<_>>(),
+            "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+            "top_logprobs": tokens.iter().map(|t| {
+                t.top_logprobs.iter().map(|(id, lp)| (text(*id), json!(lp))).collect::<serde_json::Map<_, _>>()
+            }).collect::<Vec<_>>(),
+            "text_offset": Vec::<u32>::new(),
+        }),
+    }
+}
+
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    })
+}
+
+fn placement_json(p: &generate::Placement) -> Value {
+    json!({
+        "mode": p.mode.map(|m| m.as_str()),
+        "prefill_worker": p.prefill_worker,
+        "decode_worker": p.decode_worker,
+        "kv_bytes": p.kv_bytes,
+        "kv_transfer_seconds": p.transfer_seconds,
+        "kv_exposed_seconds": p.exposed_seconds,
+        "transport": p.transport,
+        "shape": p.shape,
+    })
+}
+
+impl Reply {
+    fn chunk(
+        &self,
+        text: &str,
+        first: bool,
+        logprobs: Option<Value>,
+        finish: Option<FinishReason>,
+    ) -> Value {
+        let finish = finish.map(FinishReason::as_str);
+        let choice = match self.kind {
+            Kind::Completion => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+            Kind::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else if finish.is_some() && text.is_empty() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                })
+            }
+        };
+        json!({
+            "id": self.id,
+            "object": match self.kind {
+                Kind::Completion => "text_completion",
+                Kind::Chat => "chat.completion.chunk",
+            },
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        })
+    }
+}
+
+/// Server-sent events; dropping the body (client gone) drops the generation and cancels it.
+fn sse(generation: GenerateStream, reply: Reply) -> Response {
+    struct St {
+        generation: GenerateStream,
+        reply: Reply,
+        first: bool,
+        done: bool,
+        pending: std::collections::VecDeque<Event>,
+    }
+    let state = St {
+        generation,
+        reply,
+        first: true,
+        done: false,
+        pending: std::collections::VecDeque::new(),
+    };
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.pending.pop_front() {
+                return Some((Ok::<Event, std::convert::Infallible>(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.generation.next().await {
+                Some(Ok(StreamEvent::Delta { text, tokens })) => {
+                    let logprobs = st
+                        .reply
+                        .logprobs
+                        .then(|| logprobs_json(st.reply.kind, &tokens, &st.reply.tokenizer));
+                    if text.is_empty() && !st.first && logprobs.is_none() {
+                        continue;
+                    }
+                    let chunk = st.reply.chunk(&text, st.first, logprobs, None);
+                    st.first = false;
+                    st.pending
+                        .push_back(Event::default().data(chunk.to_string()));
+                }
+                Some(Ok(StreamEvent::Finish {
+                    reason,
+                    usage,
+                    placement,
+                })) => {
+                    let mut chunk = st.reply.chunk("", st.first, None, Some(reason));
+                    chunk["baton"] = placement_json(&placement);
+                    st.pending
+                        .push_back(Event::default().data(chunk.to_string()));
+                    if st.reply.include_usage {
+                        let mut u = st.reply.chunk("", false, None, None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage_json(usage);
+                        st.pending.push_back(Event::default().data(u.to_string()));
+                    }
+                    st.pending.push_back(Event::default().data("[DONE]"));
+                    st.done = true;
+                }
+                Some(Err(e)) => {
+                    let (_, kind) = e.class().http();
+                    let body = json!({"error": {"message": e.to_string(), "type": kind, "param": e.param(), "code": Value::Null}});
+                    st.pending
+                        .push_back(Event::default().data(body.to_string()));
+                    st.pending.push_back(Event::default().data("[DONE]"));
+                    st.done = true;
+                }
+                None => st.done = true,
+            }
+        }
+    });
+    Sse::new(stream).into_response()
+}
+
+/// One JSON body with the whole text.
+async fn whole(mut generation: GenerateStream, reply: Reply) -> Response {
+    let mut text = String::new();
+    let mut tokens: Vec<SampledToken> = Vec::new();
+    loop {
+        match generation.next().await {
+            Some(Ok(StreamEvent::Delta {
+                text: t,
+                tokens: ts,
+            })) => {
+                text.push_str(&t);
+                tokens.extend(ts);
+            }
+            Some(Ok(StreamEvent::Finish {
+                reason,
+                usage,
+                placement,
+            })) => {
+                let logprobs = reply
+                    .logprobs
+                    .then(|| logprobs_json(reply.kind, &tokens, &reply.tokenizer));
+                let choice = match reply.kind {
+                    Kind::Completion => json!({
+                        "index": 0,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": reason.as_str(),
+                    }),
+                    Kind::Chat => json!({
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": reason.as_str(),
+                    }),
+                };
+                return axum::Json(json!({
+                    "id": reply.id,
+                    "object": match reply.kind {
+                        Kind::Completion => "text_completion",
+                        Kind::Chat => "chat.completion",
+                    },
+                    "created": reply.created,
+                    "model": reply.model,
+                    "choices": [choice],
+                    "usage": usage_json(usage),
+                    "baton": placement_json(&placement),
+                }))
+                .into_response();
+            }
+            Some(Err(e)) => return error_response(&e),
+            None => {
+                return error_response(&Error::Internal(
+                    "the generation ended without a finish".into(),
+                ));
+            }
+        }
+    }
+}

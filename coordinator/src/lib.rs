@@ -1,0 +1,26 @@
+//! Coordinator: takes requests from gRPC and OpenAI HTTP clients, tokenizes them, admits them
+//! within a bound, places each on a prefill and a decode worker (or a decode worker alone), runs
+//! the KV handoff between them, and streams detokenized text back.
+//!
+//! client --gRPC Generate | POST /v1/chat/completions--> [coordinator]
+//!     --Reserve/Prefill--> prefill worker --KV--> decode worker --tokens--> [coordinator] --> client
+//!
+//! Invariants: the coordinator holds no KV and loads no weights (it needs only the tokenizer);
+//! admission is a semaphore, so overload is an immediate RESOURCE_EXHAUSTED / 429, never a
+//! queue; a dropped client stream cancels its decode call, which frees the worker's blocks.
+
+mod config;
+mod error;
+mod generate;
+mod grpc;
+mod http;
+mod metrics;
+mod placement;
+mod server;
+mod workers;
+
+pub use config::{CoordinatorConfig, HandoffShape, TransportChoice};
+pub use error::{Error, ErrorClass, Result};
+pub use generate::{GenerateInput, Placement, PromptInput, StreamEvent, Usage};
+pub use placement::PdMode;
+pub use server::{run, serve};

@@ -1,0 +1,171 @@
+//! The coordinator process: shared state, the worker poll task, and both frontends (gRPC on one
+//! listener, OpenAI HTTP on another), stopped together by one shutdown signal.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use baton_text::Tokenizer;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::CoordinatorConfig;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::workers::Registry;
+
+/// What every request handler shares.
+pub struct Inner {
+    pub config: CoordinatorConfig,
+    pub model_name: String,
+    pub tokenizer: Tokenizer,
+    pub registry: Registry,
+    pub admission: Arc<Semaphore>,
+    pub metrics: Metrics,
+    next_handoff: AtomicU64,
+}
+
+impl Inner {
+    /// Loads the tokenizer and sets up the registry (no worker is contacted yet).
+    pub fn new(config: CoordinatorConfig) -> Result<Self> {
+        config.validate()?;
+        let tokenizer = Tokenizer::load(&config.model)?;
+        let model_name = config.model_name.clone().unwrap_or_else(|| {
+            config
+                .model
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let registry = Registry::new(&config.prefill_workers, &config.decode_workers)?;
+        // Handoff ids only need to be unique among live handoffs of the workers this
+        // coordinator talks to; a random start keeps two coordinators (or a restart) apart.
+        let start = rand::random::<u64>() >> 1;
+        Ok(Self {
+            admission: Arc::new(Semaphore::new(config.max_inflight)),
+            config,
+            model_name,
+            tokenizer,
+            registry,
+            metrics: Metrics::new(),
+            next_handoff: AtomicU64::new(start),
+        })
+    }
+
+    pub fn next_handoff(&self) -> u64 {
+        self.next_handoff.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The smallest context any known decode worker serves (what a request may use).
+    pub fn max_context(&self) -> usize {
+        self.registry
+            .decode
+            .iter()
+            .chain(&self.registry.prefill)
+            .filter_map(|w| w.info())
+            .map(|i| i.max_context as usize)
+            .min()
+            .unwrap_or(0)
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.registry
+            .decode
+            .iter()
+            .filter_map(|w| w.info())
+            .map(|i| i.block_size as usize)
+            .max()
+            .unwrap_or(16)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.registry.ready()
+    }
+
+    async fn poll(&self) {
+        self.registry.poll_all().await;
+        let (mut used, mut total, mut waiting) = (0u64, 0u64, 0i64);
+        for w in self.registry.decode.iter().filter(|w| w.healthy()) {
+            let l = w.load();
+            used += u64::from(l.total_blocks.saturating_sub(l.free_blocks));
+            total += u64::from(l.total_blocks);
+            waiting += i64::from(l.waiting);
+        }
+        for w in self.registry.prefill.iter().filter(|w| w.healthy()) {
+            waiting += i64::from(w.load().running);
+        }
+        let usage = if total == 0 {
+            0.0
+        } else {
+            used as f64 / total as f64
+        };
+        self.metrics.set_worker_state(usage, waiting);
+    }
+}
+
+/// Binds both listeners from the config and serves until `shutdown` resolves.
+pub async fn run(
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let grpc = bind(config.grpc_listen).await?;
+    let http = bind(config.http_listen).await?;
+    serve(config, grpc, http, shutdown).await
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Internal(format!("bind {addr}: {e}")))
+}
+
+/// Serves on already bound listeners (tests bind 127.0.0.1:0 and keep them).
+pub async fn serve(
+    config: CoordinatorConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let interval = config.load_poll_interval;
+    let inner = Arc::new(Inner::new(config)?);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let poller = {
+        let inner = inner.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopping = tokio::select! {
+                    _ = tick.tick() => false,
+                    r = stop.wait_for(|s| *s) => { drop(r); true }
+                };
+                if stopping {
+                    return;
+                }
+                inner.poll().await;
+            }
+        })
+    };
+
+    tracing::info!(
+        grpc = %grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        http = %http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        model = %inner.model_name,
+        "coordinator serving"
+    );
+    let grpc_server = crate::grpc::serve(inner.clone(), grpc, stopped(stop_rx.clone()));
+    let http_server = crate::http::serve(inner.clone(), http, stopped(stop_rx.clone()));
+    let (g, h) = tokio::join!(grpc_server, http_server);
+    poller.abort();
+    g?;
+    h
+}

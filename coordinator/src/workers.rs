@@ -1,0 +1,310 @@
+//! The workers the coordinator routes to: their clients, what they said about themselves
+//! (`Info`), their last load report, and health. A poll task refreshes load; a worker that does
+//! not answer is unhealthy until it does. When a prefill and a decode worker are both known, the
+//! prefill worker is told to open its KV connection to the decode worker then, not on the first
+//! request.
+//!
+//! Workers come from a static list here; discovery (mDNS, etcd) will feed the same registry.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_proto::v1::{
+    self, ConnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
+    decode_worker_client::DecodeWorkerClient, prefill_worker_client::PrefillWorkerClient,
+};
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+use crate::placement::Candidate;
+
+/// A worker's name: its configured gRPC address until it reports its own id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WorkerId(pub String);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerRole {
+    Prefill,
+    Decode,
+}
+
+impl WorkerRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerRole::Prefill => "prefill",
+            WorkerRole::Decode => "decode",
+        }
+    }
+}
+
+/// One worker as the coordinator sees it.
+pub struct Worker {
+    pub role: WorkerRole,
+    pub address: String,
+    channel: Channel,
+    info: Mutex<Option<WorkerInfo>>,
+    load: Mutex<LoadReport>,
+    healthy: AtomicBool,
+    /// Requests placed here and not finished.
+    placed: AtomicU32,
+}
+
+impl Worker {
+    fn new(role: WorkerRole, address: &str) -> Result<Self> {
+        let channel = Channel::from_shared(format!("http://{address}"))
+            .map_err(|e| Error::InvalidConfig {
+                field: match role {
+                    WorkerRole::Prefill => "prefill_workers",
+                    WorkerRole::Decode => "decode_workers",
+                },
+                reason: format!("{address:?}: {e}"),
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            role,
+            address: address.to_string(),
+            channel,
+            info: Mutex::new(None),
+            load: Mutex::new(LoadReport::default()),
+            healthy: AtomicBool::new(false),
+            placed: AtomicU32::new(0),
+        })
+    }
+
+    pub fn id(&self) -> WorkerId {
+        let info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+        WorkerId(
+            info.as_ref()
+                .map_or_else(|| self.address.clone(), |i| i.worker_id.clone()),
+        )
+    }
+
+    pub fn info(&self) -> Option<WorkerInfo> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn load(&self) -> LoadReport {
+        *self.load.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn prefill_client(&self) -> PrefillWorkerClient<Channel> {
+        PrefillWorkerClient::new(self.channel.clone())
+    }
+
+    pub fn decode_client(&self) -> DecodeWorkerClient<Channel> {
+        DecodeWorkerClient::new(self.channel.clone())
+    }
+
+    /// Marks a request placed here until the guard drops.
+    pub fn place(self: &Arc<Self>) -> Placed {
+        self.placed.fetch_add(1, Ordering::Relaxed);
+        Placed(self.clone())
+    }
+
+    /// A call failed as if the worker were gone: stop routing to it until a poll succeeds.
+    pub fn mark_unhealthy(&self) {
+        if self.healthy.swap(false, Ordering::Relaxed) {
+            tracing::warn!(worker = %self.address, role = self.role.as_str(), "worker unhealthy");
+        }
+    }
+
+    fn candidate(&self, needed_blocks: u32) -> Candidate {
+        let load = self.load();
+        Candidate {
+            healthy: self.healthy() && self.info.lock().is_ok_and(|i| i.is_some()),
+            queued: load.running + load.waiting,
+            placed: self.placed.load(Ordering::Relaxed),
+            free_blocks: load.free_blocks,
+            needed_blocks,
+        }
+    }
+
+    async fn poll(&self) -> bool {
+        let known = self.info().is_some();
+        let result = async {
+            if !known {
+                let info = match self.role {
+                    WorkerRole::Prefill => self.prefill_client().info(InfoRequest {}).await,
+                    WorkerRole::Decode => self.decode_client().info(InfoRequest {}).await,
+                }?
+                .into_inner();
+                tracing::info!(worker = %info.worker_id, address = %self.address, role = self.role.as_str(), "worker joined");
+                *self.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+            }
+            let load = match self.role {
+                WorkerRole::Prefill => self.prefill_client().load(LoadRequest {}).await,
+                WorkerRole::Decode => self.decode_client().load(LoadRequest {}).await,
+            }?
+            .into_inner();
+            *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
+            Ok::<_, tonic::Status>(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                if !self.healthy.swap(true, Ordering::Relaxed) {
+                    tracing::info!(worker = %self.address, role = self.role.as_str(), "worker healthy");
+                }
+                true
+            }
+            Err(status) => {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(worker = %self.address, role = self.role.as_str(), error = %status.message(), "worker unhealthy");
+                }
+                // A restarted worker may come back with another id or layout: ask again.
+                *self.info.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                false
+            }
+        }
+    }
+}
+
+/// Counts a request against a worker while it runs there.
+pub struct Placed(Arc<Worker>);
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.0.placed.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Every worker, by role.
+pub struct Registry {
+    pub prefill: Vec<Arc<Worker>>,
+    pub decode: Vec<Arc<Worker>>,
+    /// (prefill index, decode index) pairs whose KV link is open.
+    linked: Mutex<HashSet<(usize, usize)>>,
+    /// Pairs that also opened a shared-memory link (same host).
+    shm: Mutex<HashSet<(usize, usize)>>,
+}
+
+impl Registry {
+    pub fn new(prefill: &[String], decode: &[String]) -> Result<Self> {
+        Ok(Self {
+            prefill: prefill
+                .iter()
+                .map(|a| Worker::new(WorkerRole::Prefill, a).map(Arc::new))
+                .collect::<Result<_>>()?,
+            decode: decode
+                .iter()
+                .map(|a| Worker::new(WorkerRole::Decode, a).map(Arc::new))
+                .collect::<Result<_>>()?,
+            linked: Mutex::new(HashSet::new()),
+            shm: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn prefill_candidates(&self) -> Vec<Candidate> {
+        self.prefill.iter().map(|w| w.candidate(0)).collect()
+    }
+
+    pub fn decode_candidates(&self, needed_blocks: u32) -> Vec<Candidate> {
+        self.decode
+            .iter()
+            .map(|w| w.candidate(needed_blocks))
+            .collect()
+    }
+
+    /// Ready: at least one healthy decode worker, and a healthy prefill worker when any is
+    /// configured.
+    pub fn ready(&self) -> bool {
+        let any = |ws: &[Arc<Worker>]| ws.iter().any(|w| w.healthy());
+        any(&self.decode) && (self.prefill.is_empty() || any(&self.prefill))
+    }
+
+    /// Polls every worker once, then opens KV links for new healthy pairs.
+    pub async fn poll_all(&self) {
+        let all: Vec<&Arc<Worker>> = self.prefill.iter().chain(&self.decode).collect();
+        futures::future::join_all(all.iter().map(|w| w.poll())).await;
+        self.link_pairs().await;
+    }
+
+    async fn link_pairs(&self) {
+        for (pi, p) in self.prefill.iter().enumerate() {
+            for (di, d) in self.decode.iter().enumerate() {
+                let (Some(_), Some(dinfo)) = (p.info(), d.info()) else {
+                    self.unlink(pi, di);
+                    continue;
+                };
+                if !(p.healthy() && d.healthy()) {
+                    self.unlink(pi, di);
+                    continue;
+                }
+                if self
+                    .linked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&(pi, di))
+                {
+                    continue;
+                }
+                let mut all_ok = true;
+                let mut shm_ok = false;
+                for endpoint in &dinfo.kv_endpoints {
+                    let req = ConnectRequest {
+                        endpoint: Some(endpoint.clone()),
+                        destination: dinfo.layout.clone(),
+                    };
+                    let shm = endpoint.transport == v1::Transport::Shm as i32;
+                    let result = p.prefill_client().connect_peer(req).await;
+                    shm_ok |= shm && result.is_ok();
+                    if let Err(status) = result {
+                        // Shared memory only works on one host; TCP must.
+                        if !shm {
+                            all_ok = false;
+                        }
+                        tracing::warn!(prefill = %p.address, decode = %d.address, endpoint = %endpoint.address, error = %status.message(), "kv link not opened");
+                    }
+                }
+                if all_ok {
+                    self.linked
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert((pi, di));
+                    if shm_ok {
+                        self.shm
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert((pi, di));
+                    }
+                    tracing::info!(prefill = %p.address, decode = %d.address, shm = shm_ok, "kv link open");
+                }
+            }
+        }
+    }
+
+    fn unlink(&self, pi: usize, di: usize) {
+        for set in [&self.linked, &self.shm] {
+            set.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&(pi, di));
+        }
+    }
+
+    /// Whether this prefill worker holds a shared-memory link to this decode worker.
+    pub fn shm_linked(&self, prefill: &Arc<Worker>, decode: &Arc<Worker>) -> bool {
+        let pi = self.prefill.iter().position(|w| Arc::ptr_eq(w, prefill));
+        let di = self.decode.iter().position(|w| Arc::ptr_eq(w, decode));
+        pi.zip(di).is_some_and(|pair| {
+            self.shm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&pair)
+        })
+    }
+}

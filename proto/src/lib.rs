@@ -1,0 +1,58 @@
+//! baton's gRPC API, protobuf package `baton.v1`, compiled with tonic and prost.
+//!
+//! ```text
+//! client --Inference (Generate, Tokenize, Models, ClusterStatus)--> coordinator
+//! coordinator --PrefillWorker (Info, Load, ConnectPeer, Prefill)--> prefill worker
+//! coordinator --DecodeWorker (Info, Load, Reserve, Release, Decode)--> decode worker
+//! decode worker --PrefillWorker (Pull, Release)--> prefill worker   (pull shape)
+//! ```
+//!
+//! The sources are `baton/v1/{common,inference,worker}.proto` in this crate. [`v1`] holds the
+//! generated messages, clients (`v1::inference_client::InferenceClient`, ...) and servers
+//! (`v1::inference_server::InferenceServer`, ...). [`convert`] maps messages to domain types:
+//! the text layer's always, the engine's and kv-transfer's only with the `workers` feature, so
+//! the coordinator never links the engine.
+//!
+//! Every server should also serve `grpc.health.v1` ([`tonic_health::server::health_reporter`])
+//! and reflection ([`reflection_service`]).
+
+pub mod convert;
+
+/// The generated `baton.v1` messages, clients and servers.
+pub mod v1 {
+    tonic::include_proto!("baton.v1");
+}
+
+/// The encoded `google.protobuf.FileDescriptorSet` of every `baton.v1` file, for reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("baton_v1_descriptor");
+
+pub use prost;
+pub use tonic;
+pub use tonic_health;
+pub use tonic_reflection;
+
+use tonic_reflection::server::{
+    Builder, Error as ReflectionError, v1::ServerReflection, v1::ServerReflectionServer,
+    v1alpha::ServerReflection as ServerReflectionV1Alpha,
+    v1alpha::ServerReflectionServer as ServerReflectionServerV1Alpha,
+};
+
+/// A `grpc.reflection.v1` service describing `baton.v1`, `grpc.health.v1` and reflection itself,
+/// so tools such as grpcurl can list and call every service a baton server exposes.
+pub fn reflection_service() -> Result<ServerReflectionServer<impl ServerReflection>, ReflectionError>
+{
+    reflection_builder().build_v1()
+}
+
+/// The same service as [`reflection_service`] under `grpc.reflection.v1alpha`, for older
+/// clients (grpc_cli and some GUI tools) that only speak that version.
+pub fn reflection_service_v1alpha()
+-> Result<ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha>, ReflectionError> {
+    reflection_builder().build_v1alpha()
+}
+
+fn reflection_builder() -> Builder<'static> {
+    Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
