@@ -158,6 +158,18 @@ pub enum Error {
     DuplicateHandoff(HandoffId),
     #[error("segment of {handoff} rejected: {reason}")]
     SegmentRejected { handoff: HandoffId, reason: String },
+    #[error(
+        "frame of {frame_bytes} bytes for {handoff} does not fit a shared-memory slot of {slot_bytes} bytes"
+    )]
+    SegmentTooLarge {
+        handoff: HandoffId,
+        frame_bytes: u64,
+        slot_bytes: u64,
+    },
+    #[error("malformed shared-memory notice: {reason}")]
+    MalformedNotice { reason: String },
+    #[error("shared-memory segment refused: {reason}")]
+    SegmentRefused { reason: String },
     #[error("invalid {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
     #[error("the consumer of received kv is gone")]
@@ -176,6 +188,7 @@ impl Error {
             | Error::InvalidBlocks { .. }
             | Error::UnknownHandoff(_)
             | Error::DuplicateHandoff(_)
+            | Error::SegmentTooLarge { .. }
             | Error::InvalidConfig { .. } => ErrorClass::InvalidRequest,
             Error::BadMagic { .. }
             | Error::UnsupportedVersion { .. }
@@ -186,6 +199,8 @@ impl Error {
             | Error::MalformedFrame { .. }
             | Error::UnexpectedFrame { .. }
             | Error::SegmentRejected { .. }
+            | Error::MalformedNotice { .. }
+            | Error::SegmentRefused { .. }
             | Error::Io { .. }
             | Error::PeerClosed { .. }
             | Error::PeerRefused { .. } => ErrorClass::Unavailable,
@@ -203,13 +218,16 @@ impl Error {
             | Error::ShardsOverlap { .. }
             | Error::ShardsLeaveGap { .. }
             | Error::InvalidBlocks { .. }
-            | Error::UnsupportedVersion { .. } => FailureReason::Incompatible,
+            | Error::UnsupportedVersion { .. }
+            | Error::SegmentRefused { .. } => FailureReason::Incompatible,
             Error::HeaderCorrupt { .. } | Error::PayloadCorrupt { .. } => FailureReason::Corrupt,
             Error::BadMagic { .. }
             | Error::UnknownFrameKind { .. }
             | Error::PayloadTooLarge { .. }
             | Error::MalformedFrame { .. }
-            | Error::UnexpectedFrame { .. } => FailureReason::Malformed,
+            | Error::UnexpectedFrame { .. }
+            | Error::MalformedNotice { .. }
+            | Error::SegmentTooLarge { .. } => FailureReason::Malformed,
             Error::UnknownHandoff(_)
             | Error::DuplicateHandoff(_)
             | Error::SegmentRejected { .. } => FailureReason::Unexpected,

@@ -9,11 +9,13 @@
 //! - [`transport`]: the [`KvSender`] / [`KvReceiver`] traits every transport implements, and the
 //!   receiver's handoff bookkeeping shared by all of them.
 //! - [`tcp`]: the TCP transport (tokio), a pool of streams per worker pair.
+//! - [`shm`]: the shared-memory transport for two workers on one host: frames in slots of a
+//!   segment both map, a Unix-domain socket for the handshake and slot notices.
 //! - [`link`]: the run-time choice of transport: endpoints, connections, sending a handoff.
 //! - [`lease`]: time-to-live bookkeeping for pinned block sets (push reservations, pull sources).
 //!
 //! Invariants: bytes reach the consumer only after their checksum and their place in an expected
-//! handoff are verified; every buffer between the socket and the consumer is bounded, so a slow
+//! handoff are verified; every buffer between the sender and the consumer is bounded, so a slow
 //! decode worker slows the prefill worker's sends instead of growing memory.
 
 mod error;
@@ -21,6 +23,8 @@ pub mod frame;
 pub mod lease;
 pub mod link;
 pub mod plan;
+pub mod shm;
+mod stream;
 pub mod tcp;
 pub mod transport;
 
@@ -29,5 +33,6 @@ pub use frame::{FrameLimits, HandoffId, Shard};
 pub use lease::{LeaseError, LeaseKind, Leases};
 pub use link::{Endpoint, Link, LinkConfig, Links, SendReport, send_all};
 pub use plan::{PlannedCopy, TransferPlan, plan, split_range};
+pub use shm::{ShmConfig, ShmReceiver, ShmSender};
 pub use tcp::{TcpConfig, TcpReceiver, TcpSender};
 pub use transport::{Delivery, Expectation, KvReceiver, KvSegment, KvSender, Stats, StatsSnapshot};

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use baton_engine::{KvChunk, LayoutDescriptor};
+use baton_engine::LayoutDescriptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -26,11 +26,13 @@ use tokio::task::JoinSet;
 
 use crate::error::{Error, FailureReason, Result};
 use crate::frame::{
-    CloseCode, FrameHeader, FrameKind, FrameLimits, HEADER_LEN, HandoffId, Shard, decode_close,
-    decode_descriptor, encode_close, encode_descriptor, encode_frame,
+    FrameHeader, FrameKind, FrameLimits, HEADER_LEN, HandoffId, Shard, decode_close,
+    decode_descriptor, encode_descriptor, encode_frame,
 };
+use crate::stream::{io_err, read_control, read_full, read_hello_reply, read_payload, send_close};
 use crate::transport::{
-    Delivery, Expectation, Handoffs, KvReceiver, KvSegment, KvSender, Stats, segment_bytes,
+    Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore, Stats,
+    kv_data_header,
 };
 
 /// Settings of both ends of the TCP transport.
@@ -86,11 +88,8 @@ impl TcpConfig {
 }
 
 struct ReceiverShared {
-    local: LayoutDescriptor,
     config: TcpConfig,
-    handoffs: Handoffs,
-    stats: Stats,
-    deliveries: mpsc::Sender<Delivery>,
+    core: ReceiverCore,
 }
 
 /// The decode worker's end: accepts streams from prefill workers and delivers verified segments
@@ -130,14 +129,8 @@ impl TcpReceiver {
         socket.bind(addr).map_err(io_err("bind"))?;
         let listener = socket.listen(1024).map_err(io_err("listen"))?;
         let local_addr = listener.local_addr().map_err(io_err("local address"))?;
-        let (tx, rx) = mpsc::channel(config.delivery_capacity);
-        let shared = Arc::new(ReceiverShared {
-            handoffs: Handoffs::new(local.clone()),
-            local,
-            config,
-            stats: Stats::default(),
-            deliveries: tx,
-        });
+        let (core, rx) = ReceiverCore::new(local, config.delivery_capacity);
+        let shared = Arc::new(ReceiverShared { config, core });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok((
             Self {
@@ -154,7 +147,7 @@ impl TcpReceiver {
     }
 
     pub fn descriptor(&self) -> &LayoutDescriptor {
-        &self.shared.local
+        &self.shared.core.local
     }
 }
 
@@ -167,15 +160,15 @@ impl Drop for TcpReceiver {
 
 impl KvReceiver for TcpReceiver {
     fn expect(&self, handoff: HandoffId, expectation: Expectation) -> Result<()> {
-        self.shared.handoffs.expect(handoff, expectation)
+        self.shared.core.handoffs.expect(handoff, expectation)
     }
 
     fn cancel(&self, handoff: HandoffId) -> bool {
-        self.shared.handoffs.cancel(handoff)
+        self.shared.core.handoffs.cancel(handoff)
     }
 
     fn stats(&self) -> &Stats {
-        &self.shared.stats
+        &self.shared.core.stats
     }
 }
 
@@ -191,7 +184,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<ReceiverShared>) {
                     // Per-connection failures (a peer resetting before accept, fd pressure)
                     // must not stop the listener.
                     tracing::warn!(error = %e, "kv receiver: accept failed");
-                    shared.stats.failure(FailureReason::Io);
+                    shared.core.stats.failure(FailureReason::Io);
                 }
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
@@ -208,15 +201,14 @@ async fn serve_stream(stream: TcpStream, peer: SocketAddr, shared: Arc<ReceiverS
         Ok(shard) => shard,
         Err(e) => {
             tracing::info!(%peer, error = %e, "kv receiver: handshake failed");
-            shared.stats.failure(e.reason());
+            shared.core.stats.failure(e.reason());
             let _ = send_close(&mut wr, &e).await;
             return;
         }
     };
     let mut stream = ReceivingStream {
         shared: &shared,
-        shard,
-        touched: Vec::new(),
+        inbound: Inbound::new(&shared.core, shard),
     };
     if let Err(e) = stream.run(&mut rd).await {
         tracing::info!(%peer, error = %e, "kv receiver: stream closed");
@@ -245,11 +237,11 @@ async fn accept_hello(
             });
         }
     };
-    shared
-        .local
+    let local = &shared.core.local;
+    local
         .check_compatible(&remote)
         .map_err(Error::from_layout)?;
-    let hello = encode_descriptor(&shared.local);
+    let hello = encode_descriptor(local);
     let reply = FrameHeader::new(FrameKind::Hello, &hello)?;
     wr.write_all(&encode_frame(&reply, &hello))
         .await
@@ -259,10 +251,7 @@ async fn accept_hello(
 
 struct ReceivingStream<'a> {
     shared: &'a ReceiverShared,
-    shard: Shard,
-    // Live handoffs this stream has carried frames of: the ones to fail if it breaks mid-frame
-    // before the frame's own handoff is known.
-    touched: Vec<HandoffId>,
+    inbound: Inbound<'a>,
 }
 
 impl ReceivingStream<'_> {
@@ -270,6 +259,7 @@ impl ReceivingStream<'_> {
     /// returned has been counted.
     async fn run(&mut self, rd: &mut BufReader<OwnedReadHalf>) -> Result<()> {
         let shared = self.shared;
+        let stats = &shared.core.stats;
         loop {
             let mut head = [0u8; HEADER_LEN];
             let closed = || Error::PeerClosed {
@@ -280,31 +270,19 @@ impl ReceivingStream<'_> {
                 Ok(0) => return Ok(()),
                 Ok(n) if n == HEADER_LEN => {}
                 Ok(_) => {
-                    self.fail_touched(closed).await;
-                    return Err(self.counted(closed()));
+                    self.inbound.fail_touched(closed).await;
+                    return Err(self.inbound.counted(closed()));
                 }
                 Err(e) => {
-                    self.fail_touched(closed).await;
-                    return Err(self.counted(io_err("read frame header")(e)));
+                    self.inbound.fail_touched(closed).await;
+                    return Err(self.inbound.counted(io_err("read frame header")(e)));
                 }
             }
-            shared.stats.add_received(HEADER_LEN);
+            stats.add_received(HEADER_LEN);
             let header = match FrameHeader::decode(&head, &shared.config.limits) {
                 Ok(h) => h,
-                Err(e) => {
-                    // The framing cannot be trusted past a bad header: end the stream.
-                    let copy = header_error_copy(&e);
-                    self.fail_touched(|| copy.clone().into_error()).await;
-                    // Counted before the consumer hears of it, like every other rejection.
-                    let e = self.counted(e);
-                    shared.stats.frame_rejected();
-                    self.deliver(Delivery::Rejected {
-                        handoff: None,
-                        error: copy.into_error(),
-                    })
-                    .await?;
-                    return Err(e);
-                }
+                // The framing cannot be trusted past a bad header: end the stream.
+                Err(e) => return Err(self.inbound.unreadable(e).await),
             };
             match header.kind {
                 FrameKind::KvData => self.kv_data(rd, header).await?,
@@ -314,12 +292,12 @@ impl ReceivingStream<'_> {
                         header.verify_payload(&payload)?;
                         decode_close(&payload)
                     };
-                    let (code, message) = closing.await.map_err(|e| self.counted(e))?;
+                    let (code, message) = closing.await.map_err(|e| self.inbound.counted(e))?;
                     tracing::info!(?code, %message, "kv receiver: peer closed the stream");
                     return Ok(());
                 }
                 got => {
-                    return Err(self.counted(Error::UnexpectedFrame {
+                    return Err(self.inbound.counted(Error::UnexpectedFrame {
                         expected: FrameKind::KvData,
                         got,
                     }));
@@ -328,177 +306,45 @@ impl ReceivingStream<'_> {
         }
     }
 
-    fn counted(&self, e: Error) -> Error {
-        self.shared.stats.failure(e.reason());
-        e
-    }
-
     async fn kv_data(
         &mut self,
         rd: &mut BufReader<OwnedReadHalf>,
         header: FrameHeader,
     ) -> Result<()> {
-        let shared = self.shared;
+        let stats = &self.shared.core.stats;
         let id = header.handoff;
-        let admitted = if header.shard != self.shard {
-            Err(Error::MalformedFrame {
-                kind: FrameKind::KvData,
-                reason: format!(
-                    "frame from shard {:?} on a stream opened by {:?}",
-                    header.shard, self.shard
-                ),
-            })
-        } else {
-            shared.handoffs.admit(&header)
-        };
-        if let Err(e) = admitted {
+        if let Err(e) = self.inbound.admit(&header) {
             // Skip the payload without buffering it; the header was verified, so the framing
             // holds.
             let skipped = skip(rd, u64::from(header.payload_len)).await;
-            shared.stats.add_received(skipped as usize);
+            stats.add_received(skipped as usize);
             if skipped < u64::from(header.payload_len) {
-                return Err(self.counted(Error::PeerClosed {
+                return Err(self.inbound.counted(Error::PeerClosed {
                     during: "inside a rejected frame",
                     handoff: Some(id),
                 }));
             }
-            return self.reject(Some(id), e).await.map_err(|e| self.counted(e));
-        }
-        if !self.touched.contains(&id) {
-            self.touched.retain(|h| shared.handoffs.is_live(*h));
-            self.touched.push(id);
+            return self
+                .inbound
+                .reject(Some(id), e)
+                .await
+                .map_err(|e| self.inbound.counted(e));
         }
         let payload = match read_payload(rd, &header).await {
             Ok(p) => p,
             Err(e) => {
                 // Counted once, as the handoff's failure.
-                self.fail(id, e).await?;
+                self.inbound.fail(id, e).await?;
                 return Err(Error::PeerClosed {
                     during: "inside a frame payload",
                     handoff: Some(id),
                 });
             }
         };
-        shared.stats.add_received(payload.len());
-        shared.stats.frame_received();
-        if let Err(e) = header.verify_payload(&payload) {
-            return self.fail(id, e).await;
-        }
-        let segment = KvSegment {
-            handoff: id,
-            kv_heads: header.kv_heads.clone(),
-            chunk: KvChunk {
-                layer: header.layer,
-                first_block: header.first_block,
-                num_blocks: header.num_blocks,
-                tokens: header.tokens,
-                data: payload,
-            },
-        };
-        self.deliver(Delivery::Segment(segment)).await?;
-        shared.stats.segment_delivered();
-        if shared.handoffs.delivered(id) {
-            shared.stats.handoff_completed();
-            self.deliver(Delivery::Complete(id)).await?;
-        }
-        Ok(())
+        stats.add_received(payload.len());
+        stats.frame_received();
+        self.inbound.deliver_segment(header, payload).await
     }
-
-    /// Waits for room in the consumer's channel; this wait is the back-pressure.
-    async fn deliver(&self, d: Delivery) -> Result<()> {
-        let tx = &self.shared.deliveries;
-        let d = match tx.try_send(d) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ConsumerGone),
-            Err(mpsc::error::TrySendError::Full(d)) => d,
-        };
-        let _waiting = self.shared.stats.delivery_waiting();
-        tx.send(d).await.map_err(|_| Error::ConsumerGone)
-    }
-
-    async fn fail(&self, id: HandoffId, error: Error) -> Result<()> {
-        let stats = &self.shared.stats;
-        stats.failure(error.reason());
-        if self.shared.handoffs.fail(id) {
-            stats.handoff_failed();
-            self.deliver(Delivery::Failed { handoff: id, error })
-                .await?;
-        }
-        Ok(())
-    }
-
-    async fn fail_touched(&self, error: impl Fn() -> Error) {
-        for id in &self.touched {
-            if self.fail(*id, error()).await.is_err() {
-                return;
-            }
-        }
-    }
-
-    async fn reject(&self, handoff: Option<HandoffId>, error: Error) -> Result<()> {
-        let stats = &self.shared.stats;
-        stats.failure(error.reason());
-        stats.frame_rejected();
-        self.deliver(Delivery::Rejected { handoff, error }).await
-    }
-}
-
-/// The parts of a header error, kept to build one error per handoff it fails.
-#[derive(Clone)]
-enum HeaderErrorCopy {
-    Corrupt { expected: u32, computed: u32 },
-    Other(String),
-}
-
-impl HeaderErrorCopy {
-    fn into_error(self) -> Error {
-        match self {
-            HeaderErrorCopy::Corrupt { expected, computed } => {
-                Error::HeaderCorrupt { expected, computed }
-            }
-            HeaderErrorCopy::Other(reason) => Error::MalformedFrame {
-                kind: FrameKind::KvData,
-                reason,
-            },
-        }
-    }
-}
-
-fn header_error_copy(e: &Error) -> HeaderErrorCopy {
-    match e {
-        Error::HeaderCorrupt { expected, computed } => HeaderErrorCopy::Corrupt {
-            expected: *expected,
-            computed: *computed,
-        },
-        other => HeaderErrorCopy::Other(other.to_string()),
-    }
-}
-
-/// Reads until `buf` is full or the peer closes; returns the bytes read.
-async fn read_full<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match rd.read(&mut buf[n..]).await? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
-
-/// Reads a frame's payload, whose length the verified header bounds.
-async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, header: &FrameHeader) -> Result<Vec<u8>> {
-    let mut payload = vec![0u8; header.payload_len as usize];
-    let n = read_full(rd, &mut payload)
-        .await
-        .map_err(io_err("read frame payload"))?;
-    if n < payload.len() {
-        return Err(Error::PeerClosed {
-            during: "inside a frame payload",
-            handoff: Some(header.handoff),
-        });
-    }
-    Ok(payload)
 }
 
 /// Reads and drops `len` bytes; returns how many there were before the stream ended.
@@ -506,45 +352,6 @@ async fn skip<R: AsyncRead + Unpin>(rd: &mut R, len: u64) -> u64 {
     tokio::io::copy(&mut rd.take(len), &mut tokio::io::sink())
         .await
         .unwrap_or(0)
-}
-
-/// Reads one whole control frame (hello or close) and verifies it.
-async fn read_control<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    limits: &FrameLimits,
-) -> Result<(FrameHeader, Vec<u8>)> {
-    let mut head = [0u8; HEADER_LEN];
-    let n = read_full(rd, &mut head)
-        .await
-        .map_err(io_err("read handshake"))?;
-    if n < HEADER_LEN {
-        return Err(Error::PeerClosed {
-            during: "during the handshake",
-            handoff: None,
-        });
-    }
-    let header = FrameHeader::decode(&head, limits)?;
-    if header.kind == FrameKind::KvData {
-        return Err(Error::UnexpectedFrame {
-            expected: FrameKind::Hello,
-            got: header.kind,
-        });
-    }
-    let payload = read_payload(rd, &header).await?;
-    header.verify_payload(&payload)?;
-    Ok((header, payload))
-}
-
-async fn send_close(wr: &mut OwnedWriteHalf, error: &Error) -> io::Result<()> {
-    let payload = encode_close(CloseCode::for_error(error), &error.to_string());
-    if let Ok(header) = FrameHeader::new(FrameKind::Close, &payload) {
-        wr.write_all(&encode_frame(&header, &payload)).await?;
-    }
-    wr.shutdown().await
-}
-
-fn io_err(during: &'static str) -> impl Fn(io::Error) -> Error {
-    move |source| Error::Io { during, source }
 }
 
 /// The prefill worker's end: a pool of handshaken streams to one decode worker.
@@ -648,21 +455,7 @@ async fn open_stream(
         .write_all(&encode_frame(&header, &hello))
         .await
         .map_err(io_err("write hello"))?;
-    let (reply, payload) = read_control(&mut stream, &config.limits).await?;
-    let remote = match reply.kind {
-        FrameKind::Hello => decode_descriptor(&payload)?,
-        FrameKind::Close => {
-            let (code, message) = decode_close(&payload)?;
-            return Err(Error::PeerRefused { code, message });
-        }
-        got => {
-            return Err(Error::UnexpectedFrame {
-                expected: FrameKind::Hello,
-                got,
-            });
-        }
-    };
-    remote.check_compatible(local).map_err(Error::from_layout)?;
+    let remote = read_hello_reply(&mut stream, local, &config.limits).await?;
     let (rd, wr) = stream.into_split();
     Ok((rd, wr, remote))
 }
@@ -685,40 +478,10 @@ impl KvSender for TcpSender {
     }
 
     async fn send(&self, segment: &KvSegment) -> Result<()> {
-        let c = &segment.chunk;
-        let heads = &segment.kv_heads;
-        let reject = |reason: String| Error::SegmentRejected {
-            handoff: segment.handoff,
-            reason,
-        };
-        if heads.is_empty()
-            || heads.start < self.local.kv_heads.start
-            || heads.end > self.local.kv_heads.end
-        {
-            return Err(reject(format!(
-                "kv heads {heads:?} outside this shard's {:?}",
-                self.local.kv_heads
-            )));
-        }
-        let expected = segment_bytes(&self.local, c.tokens, heads.len() as u32);
-        if c.data.len() as u64 != expected {
-            return Err(reject(format!(
-                "{} bytes of data, expected {expected}",
-                c.data.len()
-            )));
-        }
-        let mut header = FrameHeader::new(FrameKind::KvData, &c.data)?;
-        header.handoff = segment.handoff;
-        header.layer = c.layer;
-        header.first_block = c.first_block;
-        header.num_blocks = c.num_blocks;
-        header.tokens = c.tokens;
-        header.kv_heads = heads.clone();
-        header.shard = self.shard;
-        let head = header.encode();
+        let head = kv_data_header(&self.local, self.shard, segment)?.encode();
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.streams.len();
         let mut wr = self.streams[i].lock().await;
-        write_frame(&mut wr, &head, &c.data, &self.stats)
+        write_frame(&mut wr, &head, &segment.chunk.data, &self.stats)
             .await
             .map_err(|e| match e.kind() {
                 io::ErrorKind::BrokenPipe

@@ -1,4 +1,4 @@
-//! What every transport (TCP now; shared memory, RDMA, device copies later) offers, and the
+//! What every transport (TCP and shared memory now; RDMA, device copies later) offers, and the
 //! receiving side's handoff bookkeeping they all share.
 //!
 //! The prefill side holds a [`KvSender`] connected to one decode worker and sends
@@ -6,6 +6,10 @@
 //! holds a [`KvReceiver`], tells it which handoffs to [`expect`](KvReceiver::expect), and reads
 //! [`Delivery`]s from a bounded channel: verified segments, then `Complete` once every
 //! (layer, block, kv head) of the handoff has been delivered, or `Failed` with a typed error.
+//!
+//! Every receiver keeps one `ReceiverCore` (expected handoffs, counters, the consumer's
+//! channel) and serves each connection from a sender shard as an `Inbound`, which admits, verifies
+//! and delivers frames the same way whatever carried their bytes.
 //!
 //! Invariants: a segment reaches the consumer only after its checksum is verified and its place
 //! in an expected handoff is admitted; each unit of a handoff is admitted at most once; a handoff
@@ -18,9 +22,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use baton_engine::{KvChunk, LayoutDescriptor};
+use tokio::sync::mpsc;
 
 use crate::error::{Error, FailureReason, Result};
-use crate::frame::{FrameHeader, HandoffId};
+use crate::frame::{FrameHeader, FrameKind, HandoffId, Shard};
 
 /// One layer's KV for a run of blocks and a range of kv heads, on its way to a decode worker.
 /// `chunk.data` holds K then V, each `(kv_heads, tokens, head_dim)` row-major, for exactly the
@@ -221,6 +226,43 @@ pub(crate) fn segment_bytes(d: &LayoutDescriptor, tokens: u32, heads: u32) -> u6
     2 * u64::from(tokens) * u64::from(heads) * u64::from(d.head_dim) * d.dtype.size() as u64
 }
 
+/// The kv data header a sender of `shard` holding layout `local` writes for `segment`; refuses
+/// heads outside the shard and data whose size does not match them.
+pub(crate) fn kv_data_header(
+    local: &LayoutDescriptor,
+    shard: Shard,
+    segment: &KvSegment,
+) -> Result<FrameHeader> {
+    let c = &segment.chunk;
+    let heads = &segment.kv_heads;
+    let reject = |reason: String| Error::SegmentRejected {
+        handoff: segment.handoff,
+        reason,
+    };
+    if heads.is_empty() || heads.start < local.kv_heads.start || heads.end > local.kv_heads.end {
+        return Err(reject(format!(
+            "kv heads {heads:?} outside this shard's {:?}",
+            local.kv_heads
+        )));
+    }
+    let expected = segment_bytes(local, c.tokens, heads.len() as u32);
+    if c.data.len() as u64 != expected {
+        return Err(reject(format!(
+            "{} bytes of data, expected {expected}",
+            c.data.len()
+        )));
+    }
+    let mut header = FrameHeader::new(FrameKind::KvData, &c.data)?;
+    header.handoff = segment.handoff;
+    header.layer = c.layer;
+    header.first_block = c.first_block;
+    header.num_blocks = c.num_blocks;
+    header.tokens = c.tokens;
+    header.kv_heads = heads.clone();
+    header.shard = shard;
+    Ok(header)
+}
+
 struct Handoff {
     expectation: Expectation,
     // One bit per (layer, block, kv head) unit admitted, indexed relative to the expectation.
@@ -392,5 +434,227 @@ impl Handoffs {
 
     pub(crate) fn is_live(&self, id: HandoffId) -> bool {
         self.lock().contains_key(&id)
+    }
+}
+
+/// What a receiver shares between all its links: the expected handoffs, the counters and the
+/// consumer's bounded channel.
+pub(crate) struct ReceiverCore {
+    pub(crate) local: LayoutDescriptor,
+    pub(crate) handoffs: Handoffs,
+    pub(crate) stats: Stats,
+    deliveries: mpsc::Sender<Delivery>,
+}
+
+impl ReceiverCore {
+    /// A core for a receiver holding `local`, and the consumer's end of its channel, which holds
+    /// at most `capacity` deliveries.
+    pub(crate) fn new(
+        local: LayoutDescriptor,
+        capacity: usize,
+    ) -> (Self, mpsc::Receiver<Delivery>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let core = Self {
+            handoffs: Handoffs::new(local.clone()),
+            local,
+            stats: Stats::default(),
+            deliveries: tx,
+        };
+        (core, rx)
+    }
+}
+
+/// The receiving side of one link (a TCP stream, a shared-memory connection) opened by one
+/// sender shard: admits its frames, hands verified segments over, and fails or rejects through
+/// the shared core.
+pub(crate) struct Inbound<'a> {
+    core: &'a ReceiverCore,
+    shard: Shard,
+    // Live handoffs this link has carried frames of: the ones to fail if it breaks mid-frame
+    // before the frame's own handoff is known.
+    touched: Vec<HandoffId>,
+}
+
+impl<'a> Inbound<'a> {
+    pub(crate) fn new(core: &'a ReceiverCore, shard: Shard) -> Self {
+        Self {
+            core,
+            shard,
+            touched: Vec::new(),
+        }
+    }
+
+    /// Counts `e` as a failure and returns it.
+    pub(crate) fn counted(&self, e: Error) -> Error {
+        self.core.stats.failure(e.reason());
+        e
+    }
+
+    /// Admits a kv data header read from this link: it must come from the shard that opened the
+    /// link and fit an expected handoff.
+    pub(crate) fn admit(&mut self, header: &FrameHeader) -> Result<()> {
+        if header.shard != self.shard {
+            return Err(Error::MalformedFrame {
+                kind: FrameKind::KvData,
+                reason: format!(
+                    "frame from shard {:?} on a link opened by {:?}",
+                    header.shard, self.shard
+                ),
+            });
+        }
+        let handoffs = &self.core.handoffs;
+        handoffs.admit(header)?;
+        let id = header.handoff;
+        if !self.touched.contains(&id) {
+            self.touched.retain(|h| handoffs.is_live(*h));
+            self.touched.push(id);
+        }
+        Ok(())
+    }
+
+    /// Verifies the payload of an admitted frame and hands the segment to the consumer, then
+    /// `Complete` if it was the handoff's last; a payload that fails its checksum fails the
+    /// handoff instead.
+    pub(crate) async fn deliver_segment(
+        &self,
+        header: FrameHeader,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        let id = header.handoff;
+        if let Err(e) = header.verify_payload(&payload) {
+            return self.fail(id, e).await;
+        }
+        let segment = KvSegment {
+            handoff: id,
+            kv_heads: header.kv_heads,
+            chunk: KvChunk {
+                layer: header.layer,
+                first_block: header.first_block,
+                num_blocks: header.num_blocks,
+                tokens: header.tokens,
+                data: payload,
+            },
+        };
+        self.deliver(Delivery::Segment(segment)).await?;
+        let stats = &self.core.stats;
+        stats.segment_delivered();
+        if self.core.handoffs.delivered(id) {
+            stats.handoff_completed();
+            self.deliver(Delivery::Complete(id)).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for room in the consumer's channel; this wait is the back-pressure.
+    pub(crate) async fn deliver(&self, d: Delivery) -> Result<()> {
+        let tx = &self.core.deliveries;
+        let d = match tx.try_send(d) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Error::ConsumerGone),
+            Err(mpsc::error::TrySendError::Full(d)) => d,
+        };
+        let _waiting = self.core.stats.delivery_waiting();
+        tx.send(d).await.map_err(|_| Error::ConsumerGone)
+    }
+
+    /// Counts `error` and ends `handoff` with it, unless the handoff already ended.
+    pub(crate) async fn fail(&self, id: HandoffId, error: Error) -> Result<()> {
+        self.core.stats.failure(error.reason());
+        if self.core.handoffs.fail(id) {
+            self.core.stats.handoff_failed();
+            self.deliver(Delivery::Failed { handoff: id, error })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Fails every handoff this link has carried, with a fresh `error()` each.
+    pub(crate) async fn fail_touched(&self, error: impl Fn() -> Error) {
+        for id in &self.touched {
+            if self.fail(*id, error()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Fails the handoffs this link has carried that are still live, counting only those: for a
+    /// link whose end leaves them without a path.
+    pub(crate) async fn fail_live(&self, error: impl Fn(HandoffId) -> Error) -> Result<()> {
+        for id in &self.touched {
+            if self.core.handoffs.fail(*id) {
+                let error = error(*id);
+                self.core.stats.failure(error.reason());
+                self.core.stats.handoff_failed();
+                self.deliver(Delivery::Failed {
+                    handoff: *id,
+                    error,
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops a frame no live handoff owns, telling the consumer.
+    pub(crate) async fn reject(&self, handoff: Option<HandoffId>, error: Error) -> Result<()> {
+        let stats = &self.core.stats;
+        stats.failure(error.reason());
+        stats.frame_rejected();
+        self.deliver(Delivery::Rejected { handoff, error }).await
+    }
+
+    /// A frame that cannot be read at all (bad header, bad notice): the link cannot be trusted
+    /// past it. Fails every handoff the link carried, tells the consumer, and returns the
+    /// (counted) error that ends the link.
+    pub(crate) async fn unreadable(&self, e: Error) -> Error {
+        let copy = UnreadableCopy::of(&e);
+        self.fail_touched(|| copy.clone().into_error()).await;
+        // Counted before the consumer hears of it, like every other rejection.
+        let e = self.counted(e);
+        self.core.stats.frame_rejected();
+        match self
+            .deliver(Delivery::Rejected {
+                handoff: None,
+                error: copy.into_error(),
+            })
+            .await
+        {
+            Ok(()) => e,
+            Err(gone) => gone,
+        }
+    }
+}
+
+/// The parts of an unreadable-frame error, kept to build one error per handoff it fails.
+#[derive(Clone)]
+enum UnreadableCopy {
+    Corrupt { expected: u32, computed: u32 },
+    Notice(String),
+    Other(String),
+}
+
+impl UnreadableCopy {
+    fn of(e: &Error) -> Self {
+        match e {
+            Error::HeaderCorrupt { expected, computed } => UnreadableCopy::Corrupt {
+                expected: *expected,
+                computed: *computed,
+            },
+            Error::MalformedNotice { reason } => UnreadableCopy::Notice(reason.clone()),
+            other => UnreadableCopy::Other(other.to_string()),
+        }
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            UnreadableCopy::Corrupt { expected, computed } => {
+                Error::HeaderCorrupt { expected, computed }
+            }
+            UnreadableCopy::Notice(reason) => Error::MalformedNotice { reason },
+            UnreadableCopy::Other(reason) => Error::MalformedFrame {
+                kind: FrameKind::KvData,
+                reason,
+            },
+        }
     }
 }

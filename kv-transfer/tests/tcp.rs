@@ -37,11 +37,12 @@ fn loopback() -> SocketAddr {
 struct RawTcp(TcpStream);
 
 impl RawLink for RawTcp {
-    async fn write(&mut self, bytes: &[u8]) {
-        self.0.write_all(bytes).await.expect("raw write");
+    async fn send_frame(&mut self, frame: &[u8]) {
+        self.0.write_all(frame).await.expect("raw write");
     }
 
-    async fn close(self) {
+    async fn die_mid_frame(mut self, frame: &[u8], cut: usize) {
+        self.0.write_all(&frame[..cut]).await.expect("raw write");
         drop(self.0);
     }
 }

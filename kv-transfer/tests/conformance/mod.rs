@@ -1,6 +1,7 @@
-//! The conformance suite every KV transport runs: TCP today (`tests/tcp.rs`), shared memory and
-//! device transports later. Each check is a function generic over a [`Backend`], which knows how
-//! to connect a sender to a receiver and how to put raw bytes on the wire.
+//! The conformance suite every KV transport runs: TCP (`tests/tcp.rs`) and shared memory
+//! (`tests/shm.rs`) today, device transports later. Each check is a function generic over a
+//! [`Backend`], which knows how to connect a sender to a receiver and how to put raw frame bytes
+//! on a link.
 //!
 //! No check sleeps: progress is observed through deliveries and counters; timeouts are only
 //! upper bounds that turn a hang into a failure.
@@ -29,6 +30,7 @@ pub const LIMIT: Duration = Duration::from_secs(20);
 /// How a test wants its pair connected.
 #[derive(Debug, Clone)]
 pub struct PairOptions {
+    /// Streams per pair, for transports that open several.
     pub streams: usize,
     pub delivery_capacity: usize,
 }
@@ -62,7 +64,7 @@ pub trait Backend {
     );
 
     /// A link to `receiver` that has done the handshake as a sender holding `src` and `shard`,
-    /// on which the test writes arbitrary bytes.
+    /// on which the test puts arbitrary frame bytes.
     async fn raw(
         &self,
         receiver: &Self::Receiver,
@@ -77,9 +79,11 @@ pub trait Backend {
 
 /// Raw access to a handshaken link.
 pub trait RawLink {
-    async fn write(&mut self, bytes: &[u8]);
-    /// Ends the link the way a crashed peer would.
-    async fn close(self);
+    /// Puts `frame` on the link as the transport carries one whole frame, whatever its bytes.
+    async fn send_frame(&mut self, frame: &[u8]);
+    /// Puts the first `cut` bytes of `frame` on the link, as far as the transport lets a frame
+    /// be partial, then ends the link the way a crashed peer would.
+    async fn die_mid_frame(self, frame: &[u8], cut: usize);
 }
 
 pub fn model(fingerprint: u8) -> LayoutDescriptor {
@@ -364,8 +368,8 @@ pub async fn stalled_consumer_bounds_in_flight_bytes<B: Backend>(backend: &B) {
     assert_eq!(sender.stats().snapshot().bytes_sent, total);
 }
 
-/// A peer that dies inside a frame fails the handoff that frame belongs to, or, inside a header,
-/// every live handoff its link carried; the receiver does not wait for the rest.
+/// A peer that dies inside a frame, past its header or inside it, fails the live handoffs its
+/// link carried; the receiver does not wait for the rest.
 pub async fn peer_closing_mid_frame_fails_the_handoff<B: Backend>(backend: &B) {
     let d = model(1);
     let (receiver, mut rx, _sender) = backend
@@ -378,10 +382,12 @@ pub async fn peer_closing_mid_frame_fails_the_handoff<B: Backend>(backend: &B) {
     receiver
         .expect(a, Expectation::whole_sequence(&d, 16))
         .expect("expect");
-    let bytes = frame_bytes(&segment(&d, a, 0, 0..2, 16, &mut rng), shard);
+    let first = frame_bytes(&segment(&d, a, 0, 0..2, 16, &mut rng), shard);
+    let second = frame_bytes(&segment(&d, a, 0, 2..4, 16, &mut rng), shard);
     let mut raw = backend.raw(&receiver, &d, shard).await;
-    raw.write(&bytes[..bytes.len() / 2 + 30]).await;
-    raw.close().await;
+    raw.send_frame(&first).await;
+    raw.die_mid_frame(&second, second.len() / 2 + 30).await;
+    assert!(matches!(next(&mut rx).await, Delivery::Segment(s) if s.handoff == a));
     match next(&mut rx).await {
         Delivery::Failed { handoff, error } => {
             assert_eq!(handoff, a);
@@ -396,9 +402,8 @@ pub async fn peer_closing_mid_frame_fails_the_handoff<B: Backend>(backend: &B) {
         .expect("expect");
     let whole = frame_bytes(&segment(&d, b, 0, 0..2, 16, &mut rng), shard);
     let mut raw = backend.raw(&receiver, &d, shard).await;
-    raw.write(&whole).await;
-    raw.write(&whole[..20]).await;
-    raw.close().await;
+    raw.send_frame(&whole).await;
+    raw.die_mid_frame(&whole, 20).await;
     assert!(matches!(next(&mut rx).await, Delivery::Segment(s) if s.handoff == b));
     match next(&mut rx).await {
         Delivery::Failed { handoff, error } => {
@@ -432,7 +437,7 @@ pub async fn flipped_byte_is_rejected<B: Backend>(backend: &B) {
     let last = bytes.len() - 1;
     bytes[last] ^= 0x10;
     let mut raw = backend.raw(&receiver, &d, shard).await;
-    raw.write(&bytes).await;
+    raw.send_frame(&bytes).await;
     match next(&mut rx).await {
         Delivery::Failed { handoff, error } => {
             assert_eq!(handoff, a);
@@ -448,7 +453,7 @@ pub async fn flipped_byte_is_rejected<B: Backend>(backend: &B) {
     let mut bytes = frame_bytes(&segment(&d, b, 1, 0..2, 8, &mut rng), shard);
     bytes[17] ^= 0x01; // the layer field
     let mut raw = backend.raw(&receiver, &d, shard).await;
-    raw.write(&bytes).await;
+    raw.send_frame(&bytes).await;
     match next(&mut rx).await {
         Delivery::Rejected {
             handoff: None,

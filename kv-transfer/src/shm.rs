@@ -1,0 +1,1710 @@
+//! The shared-memory transport, for a prefill worker and a decode worker on one host: the prefill
+//! worker's frames live in a segment both processes map, a handoff is a copy out of that segment,
+//! and a Unix-domain socket carries only the handshake and small notices.
+//!
+//! ```text
+//! prefill ShmSender --frames in segment slots--> ShmReceiver --bounded channel--> decode consumer
+//!           <== control socket: hello; "frame in slot i, n bytes"; "slot i free" ==>
+//! ```
+//!
+//! The sender creates the segment, a file of `slots x slot_bytes` bytes in
+//! [`ShmConfig::segment_dir`] (`/dev/shm`, mode 0600), names it in its hello, and unlinks it once
+//! the receiver has mapped it and answered: both keep their mappings and nothing is left in
+//! `/dev/shm` if either process dies later. A send waits for a free slot, writes the frame into
+//! it (the same header and payload bytes a TCP stream carries, see [`crate::frame`]) and sends a
+//! ready notice. The receiver checks the notice against its mapping, copies the frame out, hands
+//! the slot back with a free notice, verifies the copy and waits for room in the consumer's
+//! bounded channel before reading the next notice. A stalled consumer therefore stops the free
+//! notices and the sender waits for a slot: the bytes between sender and consumer are bounded by
+//! the slots, the one frame the receiver holds and the channel capacity.
+//!
+//! A frame (56-byte header and payload) must fit one slot: a larger segment is refused at send
+//! with [`Error::SegmentTooLarge`], and the prefill worker splits block runs to stay under
+//! [`ShmSender::max_payload`], as it does for [`FrameLimits`].
+//!
+//! Control socket, after the hello frames (the sender's hello payload is its layout descriptor
+//! followed by a [`SegmentOffer`]; the receiver answers with a hello of its descriptor, or a
+//! close frame saying why it refuses), carries [`Notice`]s of [`NOTICE_LEN`] bytes:
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic "BTSH"
+//!      4    1 kind: 1 ready (sender to receiver), 2 free (receiver to sender),
+//!               3 close (receiver to sender; a close payload of `length` bytes follows)
+//!      5    3 zero
+//!      8    4 slot
+//!     12    4 length: frame bytes in the slot (ready), 0 (free), close payload bytes (close)
+//! ```
+//!
+//! Invariants: a slot belongs to the sender from the moment a send takes it until its ready
+//! notice, then to the receiver until its free notice. The receiver trusts nothing a peer sends:
+//! slot indices and lengths are checked against the mapping before any byte is read, headers are
+//! decoded and bounded as on TCP, and it never holds a reference into the mapping: it copies the
+//! bytes out and verifies the copy, so a peer that writes while it reads can only cause a
+//! checksum failure. When a link ends, every live handoff it carried fails: the segment was that
+//! sender's only path. (A process of the same user that kept a descriptor to the segment could
+//! shrink it and make a reader fault; such a process can write our memory anyway.)
+
+use std::ffi::OsStr;
+use std::fs::OpenOptions;
+use std::io;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use baton_engine::LayoutDescriptor;
+use memmap2::{MmapOptions, MmapRaw};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, TryAcquireError, mpsc};
+use tokio::task::JoinSet;
+
+use crate::error::{Error, FailureReason, Result};
+use crate::frame::{
+    CloseCode, DESCRIPTOR_LEN, FrameHeader, FrameKind, FrameLimits, HEADER_LEN, HandoffId,
+    MAX_CLOSE_MESSAGE, Shard, decode_close, decode_descriptor, encode_close, encode_descriptor,
+    encode_frame,
+};
+use crate::stream::{io_err, read_control, read_full, read_hello_reply, send_close};
+use crate::transport::{
+    Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore, Stats,
+    kv_data_header,
+};
+
+/// Bytes of every notice on the control socket.
+pub const NOTICE_LEN: usize = 16;
+const NOTICE_MAGIC: [u8; 4] = *b"BTSH";
+/// Longest segment path a hello may name.
+pub const MAX_SEGMENT_PATH: usize = 1024;
+/// Bytes of a [`SegmentOffer`] before its path.
+const OFFER_FIXED_LEN: usize = 4 + 4 + 2;
+/// Largest hello payload a receiver reads: descriptor, offer, longest path.
+const MAX_HELLO: usize = DESCRIPTOR_LEN + OFFER_FIXED_LEN + MAX_SEGMENT_PATH;
+
+/// Settings of both ends of the shared-memory transport.
+#[derive(Debug, Clone)]
+pub struct ShmConfig {
+    /// Slots in a sender's segment: frames written and not yet copied out by the receiver. For a
+    /// receiver, the most slots it maps of one sender.
+    pub slots: usize,
+    /// Bytes of one slot; a frame (56-byte header and payload) must fit one. For a receiver, the
+    /// largest slot it maps.
+    pub slot_bytes: usize,
+    /// Directory senders create segments in, a tmpfs so that they are memory, not disk. A
+    /// receiver maps segments from this directory only.
+    pub segment_dir: PathBuf,
+    /// Bounds on what a peer may send.
+    pub limits: FrameLimits,
+    /// Deliveries the receiver's channel holds before its links stop copying frames out.
+    pub delivery_capacity: usize,
+    /// Longest a connection may take to exchange hellos.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        // 64 MiB per sender: eight frames of up to 8 MiB less the header, each one layer of
+        // 127 16-token blocks of an 8-kv-head, 128-dim f16 model.
+        Self {
+            slots: 8,
+            slot_bytes: 8 << 20,
+            segment_dir: PathBuf::from("/dev/shm"),
+            limits: FrameLimits::default(),
+            delivery_capacity: 64,
+            handshake_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ShmConfig {
+    fn validate(&self) -> Result<()> {
+        let invalid = |field, reason: &str| {
+            Err(Error::InvalidConfig {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.slots == 0 || u32::try_from(self.slots).is_err() {
+            return invalid("slots", "must be between 1 and 2^32 - 1");
+        }
+        if self.slot_bytes < HEADER_LEN {
+            return invalid("slot_bytes", "must hold a frame header (56 bytes)");
+        }
+        if u32::try_from(self.slot_bytes).is_err() {
+            return invalid(
+                "slot_bytes",
+                "must be below 4 GiB (notices carry 32-bit lengths)",
+            );
+        }
+        if self
+            .slots
+            .checked_mul(self.slot_bytes)
+            .is_none_or(|n| n > isize::MAX as usize)
+        {
+            return invalid("slots", "slots x slot_bytes overflows");
+        }
+        if !self.segment_dir.is_absolute() {
+            return invalid("segment_dir", "must be an absolute path");
+        }
+        if self.delivery_capacity == 0 {
+            return invalid("delivery_capacity", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn geometry(&self) -> Geometry {
+        // Both fit u32 after `validate`.
+        Geometry {
+            slots: self.slots as u32,
+            slot_bytes: self.slot_bytes as u32,
+        }
+    }
+}
+
+/// The shape of a segment: `slots` slots of `slot_bytes` bytes, back to back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geometry {
+    slots: u32,
+    slot_bytes: u32,
+}
+
+impl Geometry {
+    fn len(&self) -> usize {
+        self.slots as usize * self.slot_bytes as usize
+    }
+
+    /// Where the frame a ready notice names lies in the segment; refuses a slot outside it and a
+    /// length that is shorter than a header or runs past the slot.
+    fn locate(&self, slot: u32, len: u32) -> Result<Range<usize>> {
+        let malformed = |reason: String| Error::MalformedNotice { reason };
+        if slot >= self.slots {
+            return Err(malformed(format!(
+                "slot {slot} outside the segment's {} slots",
+                self.slots
+            )));
+        }
+        if (len as usize) < HEADER_LEN || len > self.slot_bytes {
+            return Err(malformed(format!(
+                "frame of {len} bytes in a slot of {} (a header is {HEADER_LEN})",
+                self.slot_bytes
+            )));
+        }
+        let start = slot as usize * self.slot_bytes as usize;
+        Ok(start..start + len as usize)
+    }
+}
+
+/// A message on the control socket after the hellos.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// Sender to receiver: slot `slot` holds a whole frame of `len` bytes.
+    Ready { slot: u32, len: u32 },
+    /// Receiver to sender: slot `slot` has been copied out and may be written again.
+    Free { slot: u32 },
+    /// Receiver to sender: the link ends; a close payload ([`encode_close`]) of `len` bytes
+    /// follows.
+    Close { len: u32 },
+}
+
+impl Notice {
+    pub fn encode(&self) -> [u8; NOTICE_LEN] {
+        let (kind, slot, len) = match *self {
+            Notice::Ready { slot, len } => (1u8, slot, len),
+            Notice::Free { slot } => (2, slot, 0),
+            Notice::Close { len } => (3, 0, len),
+        };
+        let mut b = [0u8; NOTICE_LEN];
+        b[0..4].copy_from_slice(&NOTICE_MAGIC);
+        b[4] = kind;
+        b[8..12].copy_from_slice(&slot.to_le_bytes());
+        b[12..16].copy_from_slice(&len.to_le_bytes());
+        b
+    }
+
+    /// Decodes a notice, refusing foreign magic, unknown kinds and nonzero unused fields.
+    pub fn decode(b: &[u8; NOTICE_LEN]) -> Result<Self> {
+        let malformed = |reason: String| Error::MalformedNotice { reason };
+        if b[0..4] != NOTICE_MAGIC {
+            return Err(malformed(format!("magic {:02x?}", &b[0..4])));
+        }
+        if b[5..8] != [0, 0, 0] {
+            return Err(malformed(format!("reserved bytes {:02x?}", &b[5..8])));
+        }
+        let slot = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        let len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+        match b[4] {
+            1 => Ok(Notice::Ready { slot, len }),
+            2 if len == 0 => Ok(Notice::Free { slot }),
+            3 if slot == 0 => Ok(Notice::Close { len }),
+            2 | 3 => Err(malformed(format!(
+                "kind {} with slot {slot} and length {len}",
+                b[4]
+            ))),
+            kind => Err(malformed(format!("unknown kind {kind}"))),
+        }
+    }
+}
+
+/// The part of a sender's hello that names its segment.
+///
+/// ```text
+/// offset size field
+///      0    4 slots
+///      4    4 slot bytes
+///      8    2 path length
+///     10    n path (bytes of an absolute path, no terminator)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentOffer {
+    pub path: PathBuf,
+    pub slots: u32,
+    pub slot_bytes: u32,
+}
+
+impl SegmentOffer {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let path = self.path.as_os_str().as_bytes();
+        if path.len() > MAX_SEGMENT_PATH {
+            return Err(Error::InvalidConfig {
+                field: "segment_dir",
+                reason: format!(
+                    "segment path of {} bytes (at most {MAX_SEGMENT_PATH})",
+                    path.len()
+                ),
+            });
+        }
+        let mut b = Vec::with_capacity(OFFER_FIXED_LEN + path.len());
+        b.extend_from_slice(&self.slots.to_le_bytes());
+        b.extend_from_slice(&self.slot_bytes.to_le_bytes());
+        b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        b.extend_from_slice(path);
+        Ok(b)
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let malformed = |reason: String| Error::MalformedFrame {
+            kind: FrameKind::Hello,
+            reason,
+        };
+        let Some((fixed, path)) = b.split_first_chunk::<OFFER_FIXED_LEN>() else {
+            return Err(malformed(format!("segment offer of {} bytes", b.len())));
+        };
+        let path_len = u16::from_le_bytes([fixed[8], fixed[9]]) as usize;
+        if path.len() != path_len || path_len > MAX_SEGMENT_PATH {
+            return Err(malformed(format!(
+                "segment path of {} bytes, offer says {path_len}",
+                path.len()
+            )));
+        }
+        Ok(Self {
+            path: PathBuf::from(OsStr::from_bytes(path)),
+            slots: u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]),
+            slot_bytes: u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]),
+        })
+    }
+}
+
+/// A sender's hello payload: its layout descriptor, then its segment offer.
+pub fn encode_hello(d: &LayoutDescriptor, offer: &SegmentOffer) -> Result<Vec<u8>> {
+    let mut b = encode_descriptor(d).to_vec();
+    b.extend_from_slice(&offer.encode()?);
+    Ok(b)
+}
+
+/// Decodes a sender's hello payload.
+pub fn decode_hello(b: &[u8]) -> Result<(LayoutDescriptor, SegmentOffer)> {
+    let Some((descriptor, offer)) = b.split_at_checked(DESCRIPTOR_LEN) else {
+        return Err(Error::MalformedFrame {
+            kind: FrameKind::Hello,
+            reason: format!("hello of {} bytes", b.len()),
+        });
+    };
+    Ok((decode_descriptor(descriptor)?, SegmentOffer::decode(offer)?))
+}
+
+/// A segment file that is removed from the directory when this drops: once the receiver has
+/// mapped it, or when the handshake fails.
+struct SegmentFile(PathBuf);
+
+impl Drop for SegmentFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            tracing::warn!(path = %self.0.display(), error = %e, "kv sender: segment not unlinked");
+        }
+    }
+}
+
+/// The sender's mapping of its own segment.
+struct SenderSegment {
+    map: MmapRaw,
+    geometry: Geometry,
+    // Where the file was created; unlinked once the receiver has mapped it.
+    path: PathBuf,
+}
+
+impl SenderSegment {
+    /// Creates, reserves and maps a fresh segment file in `config.segment_dir`. Blocking.
+    fn create(config: &ShmConfig) -> Result<(Self, SegmentFile)> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let geometry = config.geometry();
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let (file, path) = loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = config
+                .segment_dir
+                .join(format!("baton-kv-{}-{n}-{nanos:08x}", std::process::id()));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(file) => break (file, path),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("create shared-memory segment")(e)),
+            }
+        };
+        let guard = SegmentFile(path.clone());
+        let len = geometry.len();
+        // Reserve the pages now: on a full tmpfs this fails here, with an error, instead of
+        // faulting (SIGBUS) on a later write into the mapping.
+        // SAFETY: `file` is an open, writable descriptor for the duration of the call; the
+        // call takes plain integers and touches no Rust memory.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        if rc != 0 {
+            return Err(io_err("reserve shared-memory segment")(
+                io::Error::from_raw_os_error(rc),
+            ));
+        }
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(io_err("map shared-memory segment"))?;
+        Ok((
+            Self {
+                map,
+                geometry,
+                path,
+            },
+            guard,
+        ))
+    }
+
+    /// Writes a frame into `slot`, which the caller has taken from the pool.
+    fn write(&self, slot: u32, header: &[u8; HEADER_LEN], payload: &[u8]) {
+        let g = self.geometry;
+        assert!(
+            slot < g.slots && HEADER_LEN + payload.len() <= g.slot_bytes as usize,
+            "frame outside its slot"
+        );
+        let start = slot as usize * g.slot_bytes as usize;
+        // SAFETY: `start .. start + HEADER_LEN + payload.len()` lies inside the mapping (the
+        // assert above, and the mapping is `geometry.len()` bytes), which lives as long as
+        // `self`. The slot pool hands each slot to one send at a time, so no other thread of
+        // this process writes these bytes now, and the receiver reads them only after the ready
+        // notice that follows this write. The sources are local buffers, not the mapping.
+        unsafe {
+            let dst = self.map.as_mut_ptr().add(start);
+            std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN);
+            std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(HEADER_LEN), payload.len());
+        }
+    }
+}
+
+/// The receiver's read-only mapping of a sender's segment.
+struct MappedSegment {
+    map: MmapRaw,
+    geometry: Geometry,
+}
+
+impl MappedSegment {
+    /// Maps the segment a hello offers, if it lies in `config.segment_dir`, is a regular file
+    /// at least as long as its geometry, and that geometry is within `config`.
+    fn open(offer: &SegmentOffer, config: &ShmConfig) -> Result<Self> {
+        let refused = |reason: String| Error::SegmentRefused { reason };
+        if offer.path.parent() != Some(config.segment_dir.as_path()) {
+            return Err(refused(format!(
+                "{} is not in {}",
+                offer.path.display(),
+                config.segment_dir.display()
+            )));
+        }
+        if offer.slots == 0 || offer.slots as usize > config.slots {
+            return Err(refused(format!(
+                "{} slots (this receiver maps 1 to {})",
+                offer.slots, config.slots
+            )));
+        }
+        if (offer.slot_bytes as usize) < HEADER_LEN || offer.slot_bytes as usize > config.slot_bytes
+        {
+            return Err(refused(format!(
+                "slots of {} bytes (this receiver maps {HEADER_LEN} to {})",
+                offer.slot_bytes, config.slot_bytes
+            )));
+        }
+        let geometry = Geometry {
+            slots: offer.slots,
+            slot_bytes: offer.slot_bytes,
+        };
+        // No symlinks, and no blocking on a FIFO a peer might name.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&offer.path)
+            .map_err(io_err("open shared-memory segment"))?;
+        let meta = file
+            .metadata()
+            .map_err(io_err("stat shared-memory segment"))?;
+        if !meta.is_file() {
+            return Err(refused(format!(
+                "{} is not a regular file",
+                offer.path.display()
+            )));
+        }
+        if meta.len() < geometry.len() as u64 {
+            return Err(refused(format!(
+                "{} bytes, {} slots of {} need {}",
+                meta.len(),
+                geometry.slots,
+                geometry.slot_bytes,
+                geometry.len()
+            )));
+        }
+        let map = MmapOptions::new()
+            .len(geometry.len())
+            .map_raw_read_only(&file)
+            .map_err(io_err("map shared-memory segment"))?;
+        Ok(Self { map, geometry })
+    }
+
+    /// Copies `dst.len()` bytes at offset `at` out of the mapping.
+    fn copy_out(&self, at: usize, dst: &mut [u8]) {
+        assert!(
+            at.checked_add(dst.len())
+                .is_some_and(|end| end <= self.map.len()),
+            "copy outside the mapping"
+        );
+        // SAFETY: `at .. at + dst.len()` lies inside the mapping (asserted above), which lives
+        // as long as `self`, and the file was at least that long when mapped (`open`). No
+        // reference into the mapping exists: the sender may be writing these bytes right now,
+        // which can change what is copied but not make the copy unsound (any byte is a valid
+        // `u8`), and callers verify the copy before using it. `dst` is our own buffer, so the
+        // two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at), dst.as_mut_ptr(), dst.len());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Taken by a send that has not yet sent its ready notice.
+    Writing,
+    /// Ready notice sent; the receiver owns it until its free notice.
+    Noticed,
+}
+
+/// Which of a sender's slots are free, being written, or waiting for the receiver. Pure
+/// bookkeeping; [`Slots`] adds the waiting.
+struct SlotPool {
+    state: Vec<SlotState>,
+    free: Vec<u32>,
+}
+
+impl SlotPool {
+    fn new(slots: u32) -> Self {
+        Self {
+            state: vec![SlotState::Free; slots as usize],
+            free: (0..slots).rev().collect(),
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        let slot = self.free.pop()?;
+        self.state[slot as usize] = SlotState::Writing;
+        Some(slot)
+    }
+
+    /// A taken slot's ready notice has gone out.
+    fn noticed(&mut self, slot: u32) {
+        debug_assert_eq!(self.state[slot as usize], SlotState::Writing);
+        self.state[slot as usize] = SlotState::Noticed;
+    }
+
+    /// A taken slot goes back unsent (the send was cancelled or failed before its notice).
+    fn unwritten(&mut self, slot: u32) {
+        debug_assert_eq!(self.state[slot as usize], SlotState::Writing);
+        self.state[slot as usize] = SlotState::Free;
+        self.free.push(slot);
+    }
+
+    /// The receiver's free notice for `slot`; refused unless the slot is waiting for it.
+    fn credit(&mut self, slot: u32) -> Result<()> {
+        match self.state.get(slot as usize) {
+            Some(SlotState::Noticed) => {
+                self.state[slot as usize] = SlotState::Free;
+                self.free.push(slot);
+                Ok(())
+            }
+            Some(state) => Err(Error::MalformedNotice {
+                reason: format!("free notice for slot {slot}, which is {state:?}"),
+            }),
+            None => Err(Error::MalformedNotice {
+                reason: format!(
+                    "free notice for slot {slot} outside the segment's {} slots",
+                    self.state.len()
+                ),
+            }),
+        }
+    }
+}
+
+/// A sender's slots, shared by its sends and the task reading free notices.
+struct Slots {
+    pool: Mutex<SlotPool>,
+    // One permit per free slot; closed when the link ends, which wakes every waiting send.
+    free: Semaphore,
+    // What the receiver said when it closed the link, if it did.
+    closed: OnceLock<(CloseCode, String)>,
+}
+
+impl Slots {
+    fn new(slots: u32) -> Self {
+        Self {
+            pool: Mutex::new(SlotPool::new(slots)),
+            free: Semaphore::new(slots as usize),
+            closed: OnceLock::new(),
+        }
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, SlotPool> {
+        // Every critical section is a few assignments that cannot panic halfway.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a free slot; `None` once the link has ended.
+    async fn take(&self, stats: &Stats) -> Option<TakenSlot<'_>> {
+        let permit = match self.free.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {
+                let _waiting = stats.write_waiting();
+                self.free.acquire().await.ok()?
+            }
+        };
+        permit.forget();
+        let slot = self
+            .pool()
+            .take()
+            .expect("a semaphore permit stands for a free slot");
+        Some(TakenSlot {
+            slots: self,
+            slot,
+            noticed: false,
+        })
+    }
+
+    fn credit(&self, slot: u32) -> Result<()> {
+        self.pool().credit(slot)?;
+        self.free.add_permits(1);
+        Ok(())
+    }
+}
+
+/// A slot a send holds; goes back to the pool on drop unless its ready notice went out.
+struct TakenSlot<'a> {
+    slots: &'a Slots,
+    slot: u32,
+    noticed: bool,
+}
+
+impl TakenSlot<'_> {
+    /// Queues the ready notice for the frame written into this slot.
+    fn notice(mut self, notices: &mpsc::Sender<Notice>, len: u32) -> bool {
+        // Held across the send so that the free notice, however fast it comes back, finds the
+        // slot marked noticed.
+        let mut pool = self.slots.pool();
+        // The queue holds at most one notice per slot, so it is never full; a closed queue
+        // means the link is gone.
+        let sent = notices
+            .try_send(Notice::Ready {
+                slot: self.slot,
+                len,
+            })
+            .is_ok();
+        if sent {
+            pool.noticed(self.slot);
+            self.noticed = true;
+        }
+        // Before `self` drops, which takes the lock to return an unsent slot.
+        drop(pool);
+        sent
+    }
+}
+
+impl Drop for TakenSlot<'_> {
+    fn drop(&mut self) {
+        if !self.noticed {
+            self.slots.pool().unwritten(self.slot);
+            self.slots.free.add_permits(1);
+        }
+    }
+}
+
+struct ReceiverShared {
+    config: ShmConfig,
+    core: ReceiverCore,
+}
+
+/// The decode worker's end: listens on a Unix-domain socket, maps each sender's segment and
+/// delivers verified segments of expected handoffs. Dropping it stops accepting, ends every
+/// link and removes the socket file.
+pub struct ShmReceiver {
+    shared: Arc<ReceiverShared>,
+    socket_path: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl ShmReceiver {
+    /// Listens on `socket_path` (mode 0600; a stale socket file there is replaced, a live one
+    /// refused) for senders whose layout maps onto `local`. Deliveries arrive on the returned
+    /// channel, which holds at most `config.delivery_capacity` of them.
+    pub async fn bind(
+        socket_path: &Path,
+        local: LayoutDescriptor,
+        config: ShmConfig,
+    ) -> Result<(Self, mpsc::Receiver<Delivery>)> {
+        config.validate()?;
+        remove_stale_socket(socket_path)?;
+        let listener = UnixListener::bind(socket_path).map_err(io_err("bind control socket"))?;
+        std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err("restrict control socket"))?;
+        let (core, rx) = ReceiverCore::new(local, config.delivery_capacity);
+        let shared = Arc::new(ReceiverShared { config, core });
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok((
+            Self {
+                shared,
+                socket_path: socket_path.to_owned(),
+                accept,
+            },
+            rx,
+        ))
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    pub fn descriptor(&self) -> &LayoutDescriptor {
+        &self.shared.core.local
+    }
+}
+
+impl Drop for ShmReceiver {
+    fn drop(&mut self) {
+        // The accept task owns the link tasks; aborting it drops (and aborts) them too.
+        self.accept.abort();
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+}
+
+impl KvReceiver for ShmReceiver {
+    fn expect(&self, handoff: HandoffId, expectation: Expectation) -> Result<()> {
+        self.shared.core.handoffs.expect(handoff, expectation)
+    }
+
+    fn cancel(&self, handoff: HandoffId) -> bool {
+        self.shared.core.handoffs.cancel(handoff)
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.shared.core.stats
+    }
+}
+
+/// Clears the way for binding `path`: nothing there, or a socket nobody listens on any more.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    let in_the_way = |reason: &str| Error::Io {
+        during: "bind control socket",
+        source: io::Error::new(io::ErrorKind::AddrInUse, reason),
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("inspect control socket path")(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(in_the_way("the path exists and is not a socket"));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(in_the_way("a receiver is listening on this socket"));
+    }
+    std::fs::remove_file(path).map_err(io_err("remove stale control socket"))
+}
+
+async fn accept_loop(listener: UnixListener, shared: Arc<ReceiverShared>) {
+    let mut links = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    links.spawn(serve_link(stream, shared.clone()));
+                }
+                Err(e) => {
+                    // Per-connection failures must not stop the listener.
+                    tracing::warn!(error = %e, "kv receiver: accept failed");
+                    shared.core.stats.failure(FailureReason::Io);
+                }
+            },
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+        }
+    }
+}
+
+/// Serves one sender until it goes away or breaks the protocol.
+async fn serve_link(stream: UnixStream, shared: Arc<ReceiverShared>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut rd = BufReader::new(rd);
+    let (shard, segment) = match accept_hello(&mut rd, &mut wr, &shared).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            tracing::info!(error = %e, "kv receiver: shared-memory handshake failed");
+            shared.core.stats.failure(e.reason());
+            let _ = send_close(&mut wr, &e).await;
+            return;
+        }
+    };
+    let mut link = ReceivingLink {
+        shared: &shared,
+        inbound: Inbound::new(&shared.core, shard),
+        segment,
+    };
+    let ended = link.run(&mut rd, &mut wr).await;
+    // The segment was this sender's only path: whatever it still owed will not come.
+    let _ = link
+        .inbound
+        .fail_live(|id| Error::PeerClosed {
+            during: "before its handoffs completed",
+            handoff: Some(id),
+        })
+        .await;
+    if let Err(e) = ended {
+        tracing::info!(error = %e, "kv receiver: shared-memory link closed");
+        let _ = send_close_notice(&mut wr, &e).await;
+    }
+}
+
+async fn accept_hello(
+    rd: &mut BufReader<OwnedReadHalf>,
+    wr: &mut OwnedWriteHalf,
+    shared: &ReceiverShared,
+) -> Result<(Shard, MappedSegment)> {
+    let limit = shared.config.handshake_timeout;
+    let limits = FrameLimits {
+        max_payload: MAX_HELLO as u32,
+    };
+    let (header, payload) = tokio::time::timeout(limit, read_control(rd, &limits))
+        .await
+        .map_err(|_| Error::Timeout {
+            during: "handshake",
+            limit,
+        })??;
+    if header.kind != FrameKind::Hello {
+        return Err(Error::UnexpectedFrame {
+            expected: FrameKind::Hello,
+            got: header.kind,
+        });
+    }
+    let (remote, offer) = decode_hello(&payload)?;
+    let local = &shared.core.local;
+    local
+        .check_compatible(&remote)
+        .map_err(Error::from_layout)?;
+    let segment = MappedSegment::open(&offer, &shared.config)?;
+    let hello = encode_descriptor(local);
+    let reply = FrameHeader::new(FrameKind::Hello, &hello)?;
+    wr.write_all(&encode_frame(&reply, &hello))
+        .await
+        .map_err(io_err("write hello"))?;
+    Ok((header.shard, segment))
+}
+
+/// Tells the sender why the link ends, in a close notice, and shuts the writing side.
+async fn send_close_notice(wr: &mut OwnedWriteHalf, error: &Error) -> io::Result<()> {
+    let payload = encode_close(CloseCode::for_error(error), &error.to_string());
+    let mut bytes = Notice::Close {
+        len: payload.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    bytes.extend_from_slice(&payload);
+    wr.write_all(&bytes).await?;
+    wr.shutdown().await
+}
+
+struct ReceivingLink<'a> {
+    shared: &'a ReceiverShared,
+    inbound: Inbound<'a>,
+    segment: MappedSegment,
+}
+
+impl ReceivingLink<'_> {
+    /// Reads notices until the sender goes away (Ok) or an error that ends the link. Every
+    /// error returned has been counted.
+    async fn run(
+        &mut self,
+        rd: &mut BufReader<OwnedReadHalf>,
+        wr: &mut OwnedWriteHalf,
+    ) -> Result<()> {
+        loop {
+            let mut b = [0u8; NOTICE_LEN];
+            match read_full(rd, &mut b).await {
+                Ok(0) => return Ok(()),
+                Ok(NOTICE_LEN) => {}
+                Ok(_) => {
+                    return Err(self.inbound.counted(Error::PeerClosed {
+                        during: "inside a notice",
+                        handoff: None,
+                    }));
+                }
+                Err(e) => return Err(self.inbound.counted(io_err("read notice")(e))),
+            }
+            let (slot, len) = match Notice::decode(&b) {
+                Ok(Notice::Ready { slot, len }) => (slot, len),
+                Ok(other) => {
+                    let e = Error::MalformedNotice {
+                        reason: format!("{other:?} from a sender"),
+                    };
+                    return Err(self.inbound.unreadable(e).await);
+                }
+                Err(e) => return Err(self.inbound.unreadable(e).await),
+            };
+            self.frame(slot, len, wr).await?;
+        }
+    }
+
+    /// Copies out, admits, verifies and delivers the frame a ready notice names.
+    async fn frame(&mut self, slot: u32, len: u32, wr: &mut OwnedWriteHalf) -> Result<()> {
+        let stats = &self.shared.core.stats;
+        let at = match self.segment.geometry.locate(slot, len) {
+            Ok(at) => at,
+            Err(e) => return Err(self.inbound.unreadable(e).await),
+        };
+        let mut head = [0u8; HEADER_LEN];
+        self.segment.copy_out(at.start, &mut head);
+        stats.add_received(HEADER_LEN);
+        let header = match self.header(&head, at.len()) {
+            Ok(header) => header,
+            Err(e) => return Err(self.inbound.unreadable(e).await),
+        };
+        let id = header.handoff;
+        if let Err(e) = self.inbound.admit(&header) {
+            free_slot(wr, slot).await;
+            return self
+                .inbound
+                .reject(Some(id), e)
+                .await
+                .map_err(|e| self.inbound.counted(e));
+        }
+        let mut payload = vec![0u8; header.payload_len as usize];
+        self.segment.copy_out(at.start + HEADER_LEN, &mut payload);
+        stats.add_received(payload.len());
+        stats.frame_received();
+        // The copy is ours: the sender may reuse the slot while we verify and deliver it.
+        free_slot(wr, slot).await;
+        self.inbound.deliver_segment(header, payload).await
+    }
+
+    /// Decodes a frame header copied out of a slot holding `len` frame bytes.
+    fn header(&self, head: &[u8; HEADER_LEN], len: usize) -> Result<FrameHeader> {
+        let header = FrameHeader::decode(head, &self.shared.config.limits)?;
+        if header.kind != FrameKind::KvData {
+            return Err(Error::UnexpectedFrame {
+                expected: FrameKind::KvData,
+                got: header.kind,
+            });
+        }
+        if HEADER_LEN + header.payload_len as usize != len {
+            return Err(Error::MalformedFrame {
+                kind: FrameKind::KvData,
+                reason: format!(
+                    "notice says {len} bytes, header says {} of payload",
+                    header.payload_len
+                ),
+            });
+        }
+        Ok(header)
+    }
+}
+
+/// Hands `slot` back to the sender. A failed write means the sender is gone, which the next
+/// read sees; what was copied out is still delivered.
+async fn free_slot(wr: &mut OwnedWriteHalf, slot: u32) {
+    if let Err(e) = wr.write_all(&Notice::Free { slot }.encode()).await {
+        tracing::debug!(error = %e, slot, "kv receiver: free notice not sent");
+    }
+}
+
+/// The prefill worker's end: a segment of slots mapped by one decode worker, and the control
+/// socket to it.
+pub struct ShmSender {
+    local: LayoutDescriptor,
+    peer: LayoutDescriptor,
+    shard: Shard,
+    segment: SenderSegment,
+    slots: Arc<Slots>,
+    // Ready notices for the task that writes them to the socket; it drains them after this
+    // sender drops, so a frame whose send returned is always noticed.
+    notices: mpsc::Sender<Notice>,
+    stats: Arc<Stats>,
+    free_notices: tokio::task::JoinHandle<()>,
+}
+
+impl ShmSender {
+    /// Connects to the receiver listening on `socket_path`, creates the segment, offers it in
+    /// the hello and unlinks it once the receiver has mapped it. Refused when the receiver's
+    /// layout and `local` cannot be mapped, on either side, or the receiver cannot use the
+    /// segment.
+    pub async fn connect(
+        socket_path: &Path,
+        local: LayoutDescriptor,
+        shard: Shard,
+        config: ShmConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let stats = Arc::new(Stats::default());
+        let limit = config.handshake_timeout;
+        let (stream, peer, segment) =
+            tokio::time::timeout(limit, handshake(socket_path, &local, shard, &config))
+                .await
+                .map_err(|_| Error::Timeout {
+                    during: "connect and handshake",
+                    limit,
+                })?
+                .inspect_err(|e| stats.failure(e.reason()))?;
+        let slots = Arc::new(Slots::new(segment.geometry.slots));
+        let (rd, wr) = stream.into_split();
+        let (notices, queued) = mpsc::channel(config.slots);
+        tokio::spawn(write_notices(wr, queued));
+        let free_notices = tokio::spawn(read_free_notices(rd, slots.clone(), stats.clone()));
+        Ok(Self {
+            local,
+            peer,
+            shard,
+            segment,
+            slots,
+            notices,
+            stats,
+            free_notices,
+        })
+    }
+
+    /// Largest kv data payload one send takes: a slot less the frame header.
+    pub fn max_payload(&self) -> usize {
+        self.segment.geometry.slot_bytes as usize - HEADER_LEN
+    }
+
+    /// Slots in the segment.
+    pub fn slots(&self) -> usize {
+        self.segment.geometry.slots as usize
+    }
+
+    /// The error a send fails with once the link has ended.
+    fn gone(&self, handoff: HandoffId) -> Error {
+        match self.slots.closed.get() {
+            Some((code, message)) => Error::PeerRefused {
+                code: *code,
+                message: message.clone(),
+            },
+            None => Error::PeerClosed {
+                during: "while sending",
+                handoff: Some(handoff),
+            },
+        }
+    }
+}
+
+impl Drop for ShmSender {
+    fn drop(&mut self) {
+        self.free_notices.abort();
+    }
+}
+
+async fn handshake(
+    socket_path: &Path,
+    local: &LayoutDescriptor,
+    shard: Shard,
+    config: &ShmConfig,
+) -> Result<(UnixStream, LayoutDescriptor, SenderSegment)> {
+    let mut stream = UnixStream::connect(socket_path)
+        .await
+        .map_err(io_err("connect"))?;
+    let create = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || SenderSegment::create(&config))
+    };
+    let (segment, file) = create.await.map_err(|e| Error::Io {
+        during: "create shared-memory segment",
+        source: io::Error::other(e),
+    })??;
+    let offer = SegmentOffer {
+        path: segment.path.clone(),
+        slots: segment.geometry.slots,
+        slot_bytes: segment.geometry.slot_bytes,
+    };
+    let hello = encode_hello(local, &offer)?;
+    let mut header = FrameHeader::new(FrameKind::Hello, &hello)?;
+    header.shard = shard;
+    stream
+        .write_all(&encode_frame(&header, &hello))
+        .await
+        .map_err(io_err("write hello"))?;
+    let remote = read_hello_reply(&mut stream, local, &config.limits).await?;
+    // The receiver has mapped the segment; from here on only the two mappings hold it.
+    drop(file);
+    Ok((stream, remote, segment))
+}
+
+async fn write_notices(mut wr: OwnedWriteHalf, mut queued: mpsc::Receiver<Notice>) {
+    while let Some(notice) = queued.recv().await {
+        if let Err(e) = wr.write_all(&notice.encode()).await {
+            tracing::info!(error = %e, "kv sender: control socket closed");
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Returns freed slots to the pool until the receiver goes away, closes the link, or sends
+/// something that breaks the protocol; then ends the link for every send.
+async fn read_free_notices(mut rd: OwnedReadHalf, slots: Arc<Slots>, stats: Arc<Stats>) {
+    let broken = loop {
+        let mut b = [0u8; NOTICE_LEN];
+        if rd.read_exact(&mut b).await.is_err() {
+            break None;
+        }
+        match Notice::decode(&b) {
+            Ok(Notice::Free { slot }) => {
+                if let Err(e) = slots.credit(slot) {
+                    break Some(e);
+                }
+            }
+            Ok(Notice::Close { len }) => {
+                if len as usize > 2 + MAX_CLOSE_MESSAGE {
+                    break Some(Error::MalformedNotice {
+                        reason: format!("close payload of {len} bytes"),
+                    });
+                }
+                let mut payload = vec![0u8; len as usize];
+                if rd.read_exact(&mut payload).await.is_err() {
+                    break None;
+                }
+                match decode_close(&payload) {
+                    Ok((code, message)) => {
+                        tracing::info!(?code, %message, "kv sender: receiver closed the link");
+                        stats.failure(FailureReason::Refused);
+                        let _ = slots.closed.set((code, message));
+                        break None;
+                    }
+                    Err(e) => break Some(e),
+                }
+            }
+            Ok(other) => {
+                break Some(Error::MalformedNotice {
+                    reason: format!("{other:?} from a receiver"),
+                });
+            }
+            Err(e) => break Some(e),
+        }
+    };
+    if let Some(e) = broken {
+        tracing::warn!(error = %e, "kv sender: receiver broke the control protocol");
+        stats.failure(e.reason());
+    }
+    slots.free.close();
+}
+
+impl KvSender for ShmSender {
+    fn peer(&self) -> &LayoutDescriptor {
+        &self.peer
+    }
+
+    async fn send(&self, segment: &KvSegment) -> Result<()> {
+        let head = kv_data_header(&self.local, self.shard, segment)?.encode();
+        let payload = &segment.chunk.data;
+        let frame_bytes = HEADER_LEN + payload.len();
+        let slot_bytes = self.segment.geometry.slot_bytes;
+        if frame_bytes > slot_bytes as usize {
+            return Err(Error::SegmentTooLarge {
+                handoff: segment.handoff,
+                frame_bytes: frame_bytes as u64,
+                slot_bytes: u64::from(slot_bytes),
+            });
+        }
+        let Some(slot) = self.slots.take(&self.stats).await else {
+            let e = self.gone(segment.handoff);
+            self.stats.failure(e.reason());
+            return Err(e);
+        };
+        self.segment.write(slot.slot, &head, payload);
+        // `frame_bytes` fits a slot, whose size fits u32.
+        if !slot.notice(&self.notices, frame_bytes as u32) {
+            let e = self.gone(segment.handoff);
+            self.stats.failure(e.reason());
+            return Err(e);
+        }
+        self.stats.add_sent(frame_bytes);
+        self.stats.frame_sent();
+        Ok(())
+    }
+
+    fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use baton_engine::{Fingerprint, KvChunk, KvDType};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    fn model() -> LayoutDescriptor {
+        LayoutDescriptor {
+            fingerprint: Fingerprint([1; 32]),
+            dtype: KvDType::F16,
+            block_size: 4,
+            num_layers: 2,
+            layers: 0..2,
+            num_kv_heads: 2,
+            kv_heads: 0..2,
+            head_dim: 8,
+        }
+    }
+
+    /// Two slots of 4 KiB: a 4-token segment of `model` is a 256-byte payload.
+    fn config() -> ShmConfig {
+        ShmConfig {
+            slots: 2,
+            slot_bytes: 4096,
+            delivery_capacity: 4,
+            ..ShmConfig::default()
+        }
+    }
+
+    fn socket_path() -> PathBuf {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        std::env::temp_dir().join(format!(
+            "baton-kv-unit-{}-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    fn segment(handoff: u64, layer: u32, tokens: u32) -> KvSegment {
+        let d = model();
+        let len = 2 * tokens as usize * 2 * d.head_dim as usize * d.dtype.size();
+        KvSegment {
+            handoff: HandoffId(handoff),
+            kv_heads: 0..2,
+            chunk: KvChunk {
+                layer,
+                first_block: 0,
+                num_blocks: tokens.div_ceil(d.block_size),
+                tokens,
+                data: (0..len).map(|i| i as u8).collect(),
+            },
+        }
+    }
+
+    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(LIMIT, f).await {
+            Ok(v) => v,
+            Err(_) => panic!("{what} did not happen within {LIMIT:?}"),
+        }
+    }
+
+    async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        within(what, async {
+            while !cond() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Delivery>) -> Delivery {
+        within("a delivery", rx.recv())
+            .await
+            .expect("delivery channel open")
+    }
+
+    async fn pair() -> (ShmReceiver, mpsc::Receiver<Delivery>, ShmSender) {
+        let (receiver, rx) = ShmReceiver::bind(&socket_path(), model(), config())
+            .await
+            .expect("bind");
+        let sender =
+            ShmSender::connect(receiver.socket_path(), model(), Shard::default(), config())
+                .await
+                .expect("connect");
+        (receiver, rx, sender)
+    }
+
+    /// Sends a hello offering `offer` and returns the receiver's answer.
+    async fn offer_hello(receiver: &ShmReceiver, offer: &SegmentOffer) -> Result<LayoutDescriptor> {
+        let mut stream = UnixStream::connect(receiver.socket_path())
+            .await
+            .expect("connect");
+        let hello = encode_hello(&model(), offer).expect("hello");
+        let header = FrameHeader::new(FrameKind::Hello, &hello).expect("hello");
+        stream
+            .write_all(&encode_frame(&header, &hello))
+            .await
+            .expect("write hello");
+        within(
+            "the hello reply",
+            read_hello_reply(&mut stream, &model(), &FrameLimits::default()),
+        )
+        .await
+    }
+
+    /// Injects `notice` on a handshaken sender's socket, then checks the receiver ends the link:
+    /// rejects the frame, counts it malformed, and the sender's sends fail with its close.
+    async fn bad_notice_ends_the_link(notice: Notice) {
+        let (receiver, mut rx, sender) = pair().await;
+        sender.notices.try_send(notice).expect("queue notice");
+        match next(&mut rx).await {
+            Delivery::Rejected {
+                handoff: None,
+                error: Error::MalformedNotice { .. },
+            } => {}
+            other => panic!("expected a rejected notice, got {other:?}"),
+        }
+        assert_eq!(
+            receiver
+                .stats()
+                .snapshot()
+                .failures(FailureReason::Malformed),
+            1
+        );
+        wait_until("the sender sees the close", || {
+            sender.slots.free.is_closed()
+        })
+        .await;
+        let err = sender
+            .send(&segment(1, 0, 4))
+            .await
+            .expect_err("link closed");
+        assert!(
+            matches!(
+                err,
+                Error::PeerRefused {
+                    code: CloseCode::Malformed,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn slot_pool_hands_out_each_slot_once() {
+        let mut pool = SlotPool::new(3);
+        let taken: Vec<u32> = (0..3).map(|_| pool.take().expect("free slot")).collect();
+        assert_eq!(taken, [0, 1, 2]);
+        assert_eq!(pool.take(), None);
+        for &slot in &taken {
+            pool.noticed(slot);
+        }
+        pool.credit(1).expect("noticed slot");
+        assert_eq!(pool.take(), Some(1));
+        assert_eq!(pool.take(), None);
+    }
+
+    #[test]
+    fn slot_pool_refuses_credits_for_slots_not_noticed() {
+        let mut pool = SlotPool::new(2);
+        let refused = |r: Result<()>| matches!(r, Err(Error::MalformedNotice { .. }));
+        assert!(refused(pool.credit(0)), "free slot credited");
+        assert!(refused(pool.credit(2)), "slot outside the segment credited");
+        assert!(refused(pool.credit(u32::MAX)));
+        let slot = pool.take().expect("free slot");
+        assert!(refused(pool.credit(slot)), "slot being written credited");
+        pool.noticed(slot);
+        pool.credit(slot).expect("noticed slot");
+        assert!(refused(pool.credit(slot)), "slot credited twice");
+    }
+
+    #[test]
+    fn unwritten_slot_goes_back_to_the_pool() {
+        let mut pool = SlotPool::new(1);
+        let slot = pool.take().expect("free slot");
+        pool.unwritten(slot);
+        assert_eq!(pool.take(), Some(slot));
+    }
+
+    #[test]
+    fn notices_locate_frames_only_inside_their_slot() {
+        let g = Geometry {
+            slots: 2,
+            slot_bytes: 100,
+        };
+        assert_eq!(g.locate(1, 100).expect("whole slot"), 100..200);
+        assert_eq!(g.locate(0, 56).expect("bare header"), 0..56);
+        let malformed = |r: Result<Range<usize>>| matches!(r, Err(Error::MalformedNotice { .. }));
+        assert!(malformed(g.locate(2, 60)), "slot index out of range");
+        assert!(malformed(g.locate(u32::MAX, 60)));
+        assert!(malformed(g.locate(0, 101)), "length past the slot");
+        assert!(malformed(g.locate(1, u32::MAX)));
+        assert!(malformed(g.locate(0, 55)), "shorter than a header");
+    }
+
+    #[test]
+    fn notices_round_trip_and_bad_ones_are_typed_errors() {
+        for n in [
+            Notice::Ready { slot: 3, len: 77 },
+            Notice::Free { slot: 9 },
+            Notice::Close { len: 12 },
+        ] {
+            assert_eq!(Notice::decode(&n.encode()).expect("valid"), n);
+        }
+        let bad = |edit: fn(&mut [u8; NOTICE_LEN])| {
+            let mut b = Notice::Free { slot: 1 }.encode();
+            edit(&mut b);
+            matches!(Notice::decode(&b), Err(Error::MalformedNotice { .. }))
+        };
+        assert!(bad(|b| b[0] = b'X'), "foreign magic");
+        assert!(bad(|b| b[4] = 9), "unknown kind");
+        assert!(bad(|b| b[6] = 1), "reserved byte set");
+        assert!(bad(|b| b[12] = 1), "free notice with a length");
+        assert!(bad(|b| b[4] = 3), "close notice with a slot");
+    }
+
+    proptest! {
+        #[test]
+        fn random_notice_bytes_never_panic(bytes in any::<[u8; NOTICE_LEN]>(), slot in any::<u32>(), len in any::<u32>()) {
+            if let Ok(n) = Notice::decode(&bytes) {
+                prop_assert_eq!(n.encode(), bytes);
+            }
+            let g = Geometry { slots: 8, slot_bytes: 4096 };
+            if let Ok(at) = g.locate(slot, len) {
+                prop_assert!(at.end <= g.len() && at.len() >= HEADER_LEN);
+            }
+        }
+    }
+
+    #[test]
+    fn segment_offer_round_trips_and_refuses_bad_lengths() {
+        let offer = SegmentOffer {
+            path: PathBuf::from("/dev/shm/baton-kv-1"),
+            slots: 8,
+            slot_bytes: 8 << 20,
+        };
+        let bytes = encode_hello(&model(), &offer).expect("encode");
+        assert_eq!(
+            decode_hello(&bytes).expect("decode"),
+            (model(), offer.clone())
+        );
+        assert!(decode_hello(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_hello(&bytes[..DESCRIPTOR_LEN - 1]).is_err());
+        let mut long = bytes.clone();
+        long.push(b'x');
+        assert!(decode_hello(&long).is_err());
+        let too_long = SegmentOffer {
+            path: PathBuf::from("/".repeat(MAX_SEGMENT_PATH + 1)),
+            ..offer
+        };
+        assert!(too_long.encode().is_err());
+    }
+
+    #[test]
+    fn invalid_config_names_the_field() {
+        let field = |c: ShmConfig| match c.validate() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected an invalid config, got {other:?}"),
+        };
+        assert_eq!(
+            field(ShmConfig {
+                slots: 0,
+                ..config()
+            }),
+            "slots"
+        );
+        assert_eq!(
+            field(ShmConfig {
+                slot_bytes: HEADER_LEN - 1,
+                ..config()
+            }),
+            "slot_bytes"
+        );
+        assert_eq!(
+            field(ShmConfig {
+                slot_bytes: 1 << 32,
+                ..config()
+            }),
+            "slot_bytes"
+        );
+        assert_eq!(
+            field(ShmConfig {
+                segment_dir: PathBuf::from("shm"),
+                ..config()
+            }),
+            "segment_dir"
+        );
+        assert_eq!(
+            field(ShmConfig {
+                delivery_capacity: 0,
+                ..config()
+            }),
+            "delivery_capacity"
+        );
+        ShmConfig::default().validate().expect("default is valid");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segment_file_is_unlinked_after_the_handshake() {
+        let (_receiver, mut rx, sender) = pair().await;
+        assert!(
+            !sender.segment.path.exists(),
+            "{} left behind",
+            sender.segment.path.display()
+        );
+        // Both mappings outlive the name.
+        sender.send(&segment(1, 0, 4)).await.expect("send");
+        assert!(matches!(
+            next(&mut rx).await,
+            Delivery::Rejected {
+                error: Error::UnknownHandoff(_),
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segment_larger_than_a_slot_is_refused_at_send() {
+        let (_receiver, _rx, sender) = pair().await;
+        assert_eq!(sender.max_payload(), 4096 - HEADER_LEN);
+        // 64 tokens: 4 KiB of payload, which with its header does not fit a 4 KiB slot.
+        let err = sender
+            .send(&segment(1, 0, 64))
+            .await
+            .expect_err("too large");
+        assert!(
+            matches!(
+                err,
+                Error::SegmentTooLarge {
+                    handoff: HandoffId(1),
+                    frame_bytes: 4152,
+                    slot_bytes: 4096,
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(sender.stats().snapshot().frames_sent, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_sent_before_the_sender_drops_are_delivered() {
+        let (receiver, mut rx, sender) = pair().await;
+        receiver
+            .expect(HandoffId(1), Expectation::whole_sequence(&model(), 4))
+            .expect("expect");
+        sender.send(&segment(1, 0, 4)).await.expect("send");
+        sender.send(&segment(1, 1, 4)).await.expect("send");
+        drop(sender);
+        assert!(matches!(next(&mut rx).await, Delivery::Segment(_)));
+        assert!(matches!(next(&mut rx).await, Delivery::Segment(_)));
+        assert!(matches!(
+            next(&mut rx).await,
+            Delivery::Complete(HandoffId(1))
+        ));
+        assert_eq!(receiver.stats().snapshot().handoffs_failed, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notice_before_hello_is_refused() {
+        let (receiver, _rx) = ShmReceiver::bind(&socket_path(), model(), config())
+            .await
+            .expect("bind");
+        let mut stream = UnixStream::connect(receiver.socket_path())
+            .await
+            .expect("connect");
+        for slot in 0..4 {
+            let notice = Notice::Ready { slot, len: 100 };
+            stream.write_all(&notice.encode()).await.expect("write");
+        }
+        let reply = within(
+            "the refusal",
+            read_hello_reply(&mut stream, &model(), &FrameLimits::default()),
+        )
+        .await;
+        assert!(
+            matches!(
+                reply,
+                Err(Error::PeerRefused {
+                    code: CloseCode::Malformed,
+                    ..
+                })
+            ),
+            "{reply:?}"
+        );
+        assert_eq!(
+            receiver
+                .stats()
+                .snapshot()
+                .failures(FailureReason::Malformed),
+            1
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notice_for_a_slot_out_of_range_ends_the_link() {
+        bad_notice_ends_the_link(Notice::Ready { slot: 2, len: 100 }).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notice_length_past_the_slot_ends_the_link() {
+        bad_notice_ends_the_link(Notice::Ready { slot: 0, len: 4097 }).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn free_notice_from_a_sender_ends_the_link() {
+        bad_notice_ends_the_link(Notice::Free { slot: 0 }).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn notice_disagreeing_with_its_header_fails_the_live_handoff() {
+        let (receiver, mut rx, sender) = pair().await;
+        let id = HandoffId(1);
+        receiver
+            .expect(id, Expectation::whole_sequence(&model(), 4))
+            .expect("expect");
+        let s = segment(1, 0, 4);
+        sender.send(&s).await.expect("send");
+        assert!(matches!(next(&mut rx).await, Delivery::Segment(_)));
+        // Slot 0 still holds that frame; a notice claiming a longer one is refused.
+        let len = (HEADER_LEN + s.chunk.data.len() + 8) as u32;
+        sender
+            .notices
+            .try_send(Notice::Ready { slot: 0, len })
+            .expect("queue notice");
+        match next(&mut rx).await {
+            Delivery::Failed { handoff, error } => {
+                assert_eq!(handoff, id);
+                assert_eq!(error.reason(), FailureReason::Malformed, "{error}");
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert!(matches!(
+            next(&mut rx).await,
+            Delivery::Rejected { handoff: None, .. }
+        ));
+        assert!(!receiver.cancel(id), "the failed handoff is over");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segment_outside_the_segment_dir_is_refused() {
+        let (receiver, _rx) = ShmReceiver::bind(&socket_path(), model(), config())
+            .await
+            .expect("bind");
+        let offer = SegmentOffer {
+            path: std::env::temp_dir().join("baton-kv-elsewhere"),
+            slots: 2,
+            slot_bytes: 4096,
+        };
+        let reply = offer_hello(&receiver, &offer).await;
+        assert!(
+            matches!(
+                reply,
+                Err(Error::PeerRefused {
+                    code: CloseCode::Incompatible,
+                    ..
+                })
+            ),
+            "{reply:?}"
+        );
+        assert_eq!(
+            receiver
+                .stats()
+                .snapshot()
+                .failures(FailureReason::Incompatible),
+            1
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn segment_shorter_than_its_offer_or_too_big_is_refused() {
+        let (receiver, _rx) = ShmReceiver::bind(&socket_path(), model(), config())
+            .await
+            .expect("bind");
+        let (segment, _file) = SenderSegment::create(&ShmConfig {
+            slots: 1,
+            ..config()
+        })
+        .expect("segment");
+        for (slots, slot_bytes) in [(2, 4096), (3, 4096), (1, 8192), (0, 4096), (1, 10)] {
+            let offer = SegmentOffer {
+                path: segment.path.clone(),
+                slots,
+                slot_bytes,
+            };
+            let reply = offer_hello(&receiver, &offer).await;
+            assert!(
+                matches!(
+                    reply,
+                    Err(Error::PeerRefused {
+                        code: CloseCode::Incompatible,
+                        ..
+                    })
+                ),
+                "{slots} x {slot_bytes}: {reply:?}"
+            );
+        }
+        let offer = SegmentOffer {
+            path: segment.path.clone(),
+            slots: 1,
+            slot_bytes: 4096,
+        };
+        offer_hello(&receiver, &offer)
+            .await
+            .expect("a segment that fits");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stale_socket_is_replaced_and_the_socket_removed_on_drop() {
+        let path = socket_path();
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("stale listener"));
+        assert!(path.exists(), "a dropped listener leaves its socket file");
+        let (receiver, _rx) = ShmReceiver::bind(&path, model(), config())
+            .await
+            .expect("bind over a stale socket");
+        let err = ShmReceiver::bind(&path, model(), config())
+            .await
+            .err()
+            .expect("a live socket is not taken over");
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        drop(receiver);
+        assert!(!path.exists(), "socket file left behind");
+
+        std::fs::write(&path, b"not a socket").expect("write file");
+        assert!(ShmReceiver::bind(&path, model(), config()).await.is_err());
+        assert!(path.exists(), "a file that is not a socket was removed");
+        std::fs::remove_file(&path).expect("clean up");
+    }
+}
