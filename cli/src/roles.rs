@@ -71,6 +71,10 @@ pub struct DecodeArgs {
     /// Where the TCP KV receiver listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: SocketAddr,
+    /// Unix socket of the shared-memory KV receiver, for prefill workers on this host; none
+    /// turns shared memory off.
+    #[arg(long)]
+    pub kv_shm_socket: Option<PathBuf>,
     /// fail | recompute: what happens to a stream whose KV transfer fails.
     #[arg(long, default_value = "fail")]
     pub kv_failure_policy: KvFailurePolicy,
@@ -164,6 +168,7 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let mut config = DecodeConfig::new(args.engine.config(Role::Decode)?);
     config.listen = args.listen;
     config.kv_tcp_listen = args.kv_listen;
+    config.kv_shm_socket = args.kv_shm_socket;
     config.kv_failure_policy = args.kv_failure_policy;
     config.worker_id = args.worker_id;
     runtime()?.block_on(async {

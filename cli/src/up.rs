@@ -155,6 +155,11 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.kv_cache_mib.to_string(),
                 "--worker-id".into(),
                 name.clone(),
+                "--kv-shm-socket".into(),
+                std::env::temp_dir()
+                    .join(format!("baton-{}-{name}.sock", std::process::id()))
+                    .display()
+                    .to_string(),
             ],
         )?;
         decode_addrs.push(addrs[0]);

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use baton_engine::EngineConfig;
-use baton_kv_transfer::TcpConfig;
+use baton_kv_transfer::{ShmConfig, TcpConfig};
 
 use crate::error::{Error, Result};
 
@@ -46,6 +46,7 @@ pub struct DecodeConfig {
     /// Identifies this host: prefill workers with the same id may use shared memory.
     pub host_id: String,
     pub tcp: TcpConfig,
+    pub shm: ShmConfig,
     /// Most streams, decoding or waiting for their KV, at once.
     pub max_streams: usize,
     /// Longest lease a reservation may ask for.
@@ -63,6 +64,7 @@ impl DecodeConfig {
             kv_shm_socket: None,
             host_id: default_host_id(),
             tcp: TcpConfig::default(),
+            shm: ShmConfig::default(),
             max_streams: 256,
             max_lease_ttl: Duration::from_secs(60),
             kv_failure_policy: KvFailurePolicy::Fail,

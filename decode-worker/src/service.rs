@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use baton_engine::batch::Batcher;
 use baton_engine::{Engine, LayoutDescriptor, SamplingLimits};
-use baton_kv_transfer::{Delivery, Endpoint, HandoffId, KvReceiver, TcpReceiver};
+use baton_kv_transfer::{Delivery, Endpoint, HandoffId, KvReceiver, ShmReceiver, TcpReceiver};
 use baton_proto::convert;
 use baton_proto::v1::{
     self, DecodeFinish, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest,
@@ -64,10 +64,16 @@ pub async fn serve(
     // bounded channel the engine thread reads.
     let (tcp, tcp_rx) =
         TcpReceiver::bind(config.kv_tcp_listen, local.clone(), config.tcp.clone()).await?;
-    let endpoints = vec![(v1::Transport::Tcp, Endpoint::Tcp(tcp.local_addr()))];
-    let receivers: Vec<Arc<dyn KvReceiver>> = vec![Arc::new(tcp)];
+    let mut endpoints = vec![(v1::Transport::Tcp, Endpoint::Tcp(tcp.local_addr()))];
+    let mut receivers: Vec<Arc<dyn KvReceiver>> = vec![Arc::new(tcp)];
     let (merged_tx, merged_rx) = mpsc::channel(config.tcp.delivery_capacity);
     tokio::spawn(forward(tcp_rx, merged_tx.clone()));
+    if let Some(path) = &config.kv_shm_socket {
+        let (shm, shm_rx) = ShmReceiver::bind(path, local.clone(), config.shm.clone()).await?;
+        endpoints.push((v1::Transport::Shm, Endpoint::Shm(path.clone())));
+        receivers.push(Arc::new(shm));
+        tokio::spawn(forward(shm_rx, merged_tx.clone()));
+    }
     drop(merged_tx);
 
     let info = WorkerInfo {

@@ -31,7 +31,10 @@ pub mod transport;
 pub use error::{Error, ErrorClass, FailureReason, Result, Side};
 pub use frame::{FrameLimits, HandoffId, Shard};
 pub use lease::{LeaseError, LeaseKind, Leases};
-pub use link::{Endpoint, Link, LinkConfig, Links, SendReport, send_all};
+pub use link::{
+    Endpoint, Link, LinkConfig, Links, MAX_SEGMENT_BYTES, SendReport, max_blocks_per_segment,
+    send_all,
+};
 pub use plan::{PlannedCopy, TransferPlan, plan, split_range};
 pub use shm::{ShmConfig, ShmReceiver, ShmSender};
 pub use tcp::{TcpConfig, TcpReceiver, TcpSender};

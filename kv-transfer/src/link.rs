@@ -3,11 +3,16 @@
 //! ([`Links`]), opened when the coordinator introduces a peer rather than on its first request.
 //!
 //! prefill worker: Links --Link::send(KvSegment)--> Endpoint (TCP address | shm socket)
+//!
+//! A segment must fit one frame of the chosen transport (a shared-memory slot is 8 MiB by
+//! default): senders split a layer's blocks into runs of at most [`MAX_SEGMENT_BYTES`], see
+//! [`max_blocks_per_segment`].
 //!     --> decode worker's receiver
 
 use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,6 +21,7 @@ use tokio::sync::{Mutex, mpsc};
 
 use crate::error::Result;
 use crate::frame::Shard;
+use crate::shm::{ShmConfig, ShmSender};
 use crate::tcp::{TcpConfig, TcpSender};
 use crate::transport::{KvSegment, KvSender, Stats};
 
@@ -23,12 +29,15 @@ use crate::transport::{KvSegment, KvSender, Stats};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Tcp(SocketAddr),
+    /// The Unix socket of a shared-memory receiver on this host.
+    Shm(PathBuf),
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+            Endpoint::Shm(p) => write!(f, "shm://{}", p.display()),
         }
     }
 }
@@ -36,6 +45,7 @@ impl fmt::Display for Endpoint {
 /// A handshaken connection to one decode worker over one transport.
 pub enum Link {
     Tcp(TcpSender),
+    Shm(ShmSender),
 }
 
 impl Link {
@@ -49,12 +59,16 @@ impl Link {
             Endpoint::Tcp(addr) => Ok(Link::Tcp(
                 TcpSender::connect(*addr, local, Shard::default(), config.tcp.clone()).await?,
             )),
+            Endpoint::Shm(path) => Ok(Link::Shm(
+                ShmSender::connect(path, local, Shard::default(), config.shm.clone()).await?,
+            )),
         }
     }
 
     pub async fn send(&self, segment: &KvSegment) -> Result<()> {
         match self {
             Link::Tcp(s) => s.send(segment).await,
+            Link::Shm(s) => s.send(segment).await,
         }
     }
 
@@ -62,12 +76,14 @@ impl Link {
     pub fn peer(&self) -> &LayoutDescriptor {
         match self {
             Link::Tcp(s) => s.peer(),
+            Link::Shm(s) => s.peer(),
         }
     }
 
     pub fn stats(&self) -> &Stats {
         match self {
             Link::Tcp(s) => s.stats(),
+            Link::Shm(s) => s.stats(),
         }
     }
 }
@@ -76,6 +92,7 @@ impl Link {
 #[derive(Debug, Clone, Default)]
 pub struct LinkConfig {
     pub tcp: TcpConfig,
+    pub shm: ShmConfig,
 }
 
 /// What one handoff's sending cost.
@@ -149,4 +166,14 @@ impl Links {
             tracing::warn!(%endpoint, "kv link dropped after a transport error");
         }
     }
+}
+
+/// Payload bytes one segment may carry on any transport with default settings: a
+/// shared-memory slot less the frame header, with room to spare.
+pub const MAX_SEGMENT_BYTES: usize = 4 << 20;
+
+/// How many blocks of one layer fit one segment, for a layout whose one block of one layer
+/// (K and V) is `block_bytes`.
+pub fn max_blocks_per_segment(block_bytes: usize) -> usize {
+    (MAX_SEGMENT_BYTES / block_bytes.max(1)).max(1)
 }

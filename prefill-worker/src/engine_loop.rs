@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use baton_engine::{Engine, KvChunk, SampledToken, Sampler, SamplingParams, SeqId};
-use baton_kv_transfer::{HandoffId, KvSegment, LeaseKind, Leases};
+use baton_kv_transfer::{HandoffId, KvSegment, LeaseKind, Leases, max_blocks_per_segment};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -493,17 +493,24 @@ impl Loop {
         let layers = self.engine.model_config().num_layers;
         let blocks = self.engine.blocks_held(seq)?;
         let kv_heads = self.engine.descriptor().kv_heads.clone();
+        let descriptor = self.engine.descriptor();
+        let block_bytes = descriptor.bytes_per_token_half() * 2 * descriptor.block_size as usize;
+        let run = max_blocks_per_segment(block_bytes);
         for layer in 0..layers {
             self.leases.renew(handoff, Instant::now());
-            let chunk = self.engine.export(seq, layer, 0..blocks)?;
-            let segment = KvSegment {
-                handoff,
-                kv_heads: kv_heads.clone(),
-                chunk,
-            };
-            segments.blocking_send(segment).map_err(|_| {
-                Error::Transfer("the transport to the decode worker stopped taking kv".into())
-            })?;
+            for first in (0..blocks).step_by(run) {
+                let chunk = self
+                    .engine
+                    .export(seq, layer, first..(first + run).min(blocks))?;
+                let segment = KvSegment {
+                    handoff,
+                    kv_heads: kv_heads.clone(),
+                    chunk,
+                };
+                segments.blocking_send(segment).map_err(|_| {
+                    Error::Transfer("the transport to the decode worker stopped taking kv".into())
+                })?;
+            }
         }
         self.leases.renew(handoff, Instant::now());
         Ok(())

@@ -65,6 +65,18 @@ pub async fn serve(
     };
     let local = engine.descriptor().clone();
     let max_context = engine.max_context();
+    // A push segment is one layer of one prefill chunk; it must fit a transport frame.
+    let chunk_bytes = local.bytes_per_token_half() * 2 * config.engine.prefill_chunk_tokens;
+    if chunk_bytes > baton_kv_transfer::MAX_SEGMENT_BYTES {
+        return Err(Error::InvalidRequest {
+            field: "prefill_chunk_tokens",
+            reason: format!(
+                "one layer of a {}-token chunk is {chunk_bytes} bytes of kv, more than a kv segment's {} bytes; lower it",
+                config.engine.prefill_chunk_tokens,
+                baton_kv_transfer::MAX_SEGMENT_BYTES
+            ),
+        });
+    }
     tracing::info!(%worker_id, %addr, blocks = engine.total_blocks(), "prefill worker serving");
     let (handle, join) = engine_loop::spawn(
         engine,

@@ -177,6 +177,11 @@ mod workers {
                 address: addr.to_string(),
                 host_id: host_id.to_string(),
             },
+            Endpoint::Shm(path) => v1::KvEndpoint {
+                transport: v1::Transport::Shm as i32,
+                address: path.display().to_string(),
+                host_id: host_id.to_string(),
+            },
         }
     }
 
@@ -191,6 +196,9 @@ mod workers {
                         reason: format!("{:?} is not host:port: {err}", e.address),
                     })
             }
+            Ok(v1::Transport::Shm) if !e.address.is_empty() => {
+                Ok(Endpoint::Shm(std::path::PathBuf::from(&e.address)))
+            }
             _ => Err(ConvertError {
                 field: "endpoint.transport",
                 reason: format!("transport {} is not supported here", e.transport),
@@ -201,6 +209,7 @@ mod workers {
     pub fn endpoint_transport(e: &Endpoint) -> v1::Transport {
         match e {
             Endpoint::Tcp(_) => v1::Transport::Tcp,
+            Endpoint::Shm(_) => v1::Transport::Shm,
         }
     }
 }
