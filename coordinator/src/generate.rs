@@ -53,7 +53,10 @@ pub struct Placement {
     pub mode: Option<Mode>,
     pub prefill_worker: Option<String>,
     pub decode_worker: String,
+    /// KV payload bytes the prefill worker sent.
     pub kv_bytes: u64,
+    /// KV payload bytes the decode worker received and imported.
+    pub kv_bytes_received: u64,
     pub transfer_seconds: f64,
     pub exposed_seconds: f64,
     /// "tcp" or "shm" when KV moved.
@@ -600,15 +603,18 @@ impl Run {
                         return;
                     }
                 };
-                if let Some(kv) = message.finish.as_ref().and_then(|f| f.kv.as_ref())
-                    && placement.shape == Some("pull")
-                    && kv.bytes > 0
-                {
-                    placement.kv_bytes = kv.bytes;
-                    placement.transfer_seconds = kv.transfer_seconds;
-                    self.inner
-                        .metrics
-                        .kv_transferred(kv.bytes, kv.transfer_seconds);
+                if let Some(f) = &message.finish {
+                    if let Some(kv) = &f.kv {
+                        placement.kv_bytes_received = kv.bytes;
+                    }
+                    if let Some(source) = &f.source_kv {
+                        placement.kv_bytes = source.bytes;
+                        placement.transfer_seconds = source.transfer_seconds;
+                        placement.exposed_seconds = source.exposed_seconds;
+                        self.inner
+                            .metrics
+                            .kv_transferred(source.bytes, source.transfer_seconds);
+                    }
                 }
                 let finish = message
                     .finish

@@ -21,15 +21,31 @@ use crate::generate::{self, GenerateInput, PromptInput, StreamEvent};
 use crate::placement::PdMode;
 use crate::server::Inner;
 
+/// The gRPC health name of the client API; NOT_SERVING until the cluster is ready (a healthy
+/// decode worker, and a healthy prefill worker when any is configured).
+pub const INFERENCE_SERVICE: &str = "baton.v1.Inference";
+
+/// Reports readiness through `grpc.health.v1`: the `baton.v1.Inference` entry and the server's
+/// overall ("") entry follow `ready`.
+pub async fn report_readiness(health: &tonic_health::server::HealthReporter, ready: bool) {
+    use tonic_health::ServingStatus;
+    let status = if ready {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    health.set_service_status(INFERENCE_SERVICE, status).await;
+    health.set_service_status("", status).await;
+}
+
 pub async fn serve(
     inner: Arc<Inner>,
     listener: TcpListener,
+    health_service: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InferenceServer<InferenceService>>()
-        .await;
     let reflection = baton_proto::reflection_service()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     tonic::transport::Server::builder()
@@ -105,6 +121,7 @@ pub fn finish_to_proto(
             kv,
             upstream: String::new(),
             cost_usd: 0.0,
+            kv_bytes_received: placement.kv_bytes_received,
         }),
     }
 }

@@ -455,6 +455,7 @@ fn placement_json(p: &generate::Placement) -> Value {
         "prefill_worker": p.prefill_worker,
         "decode_worker": p.decode_worker,
         "kv_bytes": p.kv_bytes,
+        "kv_bytes_received": p.kv_bytes_received,
         "kv_transfer_seconds": p.transfer_seconds,
         "kv_exposed_seconds": p.exposed_seconds,
         "transport": p.transport,

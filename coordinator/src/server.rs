@@ -137,10 +137,13 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let (health, health_service) = tonic_health::server::health_reporter();
+    crate::grpc::report_readiness(&health, false).await;
     let poller = {
         let inner = inner.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            let mut was_ready = false;
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -152,6 +155,12 @@ pub async fn serve(
                     return;
                 }
                 inner.poll().await;
+                let ready = inner.ready();
+                if ready != was_ready {
+                    crate::grpc::report_readiness(&health, ready).await;
+                    tracing::info!(ready, "cluster readiness changed");
+                    was_ready = ready;
+                }
             }
         })
     };
@@ -162,7 +171,12 @@ pub async fn serve(
         model = %inner.model_name,
         "coordinator serving"
     );
-    let grpc_server = crate::grpc::serve(inner.clone(), grpc, stopped(stop_rx.clone()));
+    let grpc_server = crate::grpc::serve(
+        inner.clone(),
+        grpc,
+        health_service,
+        stopped(stop_rx.clone()),
+    );
     let http_server = crate::http::serve(inner.clone(), http, stopped(stop_rx.clone()));
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();

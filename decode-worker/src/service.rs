@@ -23,7 +23,7 @@ use baton_proto::v1::{
     prefill_worker_client::PrefillWorkerClient,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -398,6 +398,7 @@ impl DecodeWorker for DecodeService {
                 // The read: the prefill worker sends its leased blocks to our receiver. Its
                 // failure fails the handoff; the engine decides by policy what the stream sees.
                 let mut reader = client.clone();
+                let (report_tx, report_rx) = oneshot::channel();
                 tokio::spawn(async move {
                     let result = reader
                         .pull(v1::PullRequest {
@@ -406,19 +407,24 @@ impl DecodeWorker for DecodeService {
                             destination_layout: Some(layout),
                         })
                         .await;
-                    if let Err(status) = result {
-                        let _ = engine
-                            .abandon(
-                                handoff,
-                                format!(
-                                    "pull from the prefill worker failed: {}",
-                                    status.message()
-                                ),
-                            )
-                            .await;
+                    match result {
+                        Ok(response) => {
+                            let _ = report_tx.send(response.into_inner().kv);
+                        }
+                        Err(status) => {
+                            let _ = engine
+                                .abandon(
+                                    handoff,
+                                    format!(
+                                        "pull from the prefill worker failed: {}",
+                                        status.message()
+                                    ),
+                                )
+                                .await;
+                        }
                     }
                 });
-                Some((handoff, client))
+                Some((handoff, client, report_rx))
             }
             None => None,
         };
@@ -435,8 +441,16 @@ async fn stream_events(
     tx: mpsc::Sender<Result<DecodeResponse, Status>>,
     imported: bool,
     prompt_tokens: Option<usize>,
-    mut pull: Option<(HandoffId, PrefillWorkerClient<Channel>)>,
+    pull: Option<(
+        HandoffId,
+        PrefillWorkerClient<Channel>,
+        oneshot::Receiver<Option<v1::KvTransferStats>>,
+    )>,
 ) {
+    let (mut pull, mut source_report) = match pull {
+        Some((h, c, r)) => (Some((h, c)), Some(r)),
+        None => (None, None),
+    };
     // The prefill worker sampled the first token of an imported sequence.
     let mut completion = u32::from(imported);
     let mut kv = v1::KvTransferStats::default();
@@ -466,6 +480,20 @@ async fn stream_events(
             }
             DecodeEvent::Token { token, finish } => {
                 completion += 1;
+                // The pull read's answer (the prefill worker's byte count) races the KV it
+                // announces; by the last token it is due, so wait for it briefly.
+                let source_kv = match (&finish, source_report.take()) {
+                    (Some(_), Some(rx)) => tokio::time::timeout(Duration::from_secs(5), rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .flatten(),
+                    (None, rx) => {
+                        source_report = rx;
+                        None
+                    }
+                    (Some(_), None) => None,
+                };
                 DecodeResponse {
                     tokens: vec![convert::token_to_proto(&token)],
                     finish: finish.map(|reason| DecodeFinish {
@@ -473,6 +501,7 @@ async fn stream_events(
                         prompt_tokens: prompt_tokens.unwrap_or(0) as u32,
                         completion_tokens: completion,
                         kv: Some(kv),
+                        source_kv,
                     }),
                 }
             }

@@ -1,0 +1,229 @@
+//! Requests through a real cluster: many streams at once, cancellation, and bad input.
+
+use std::time::Duration;
+
+use baton_coordinator::{HandoffShape, TransportChoice};
+use baton_e2e::{Coordinator, LIMIT, Workers, http_post, prompt_of, reference};
+use baton_proto::v1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MAX_TOKENS: u32 = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_streams_equal_the_same_requests_one_at_a_time() {
+    // Lengths straddle the 32-token disaggregation threshold: both placements run at once.
+    let prompts: Vec<Vec<u32>> = (0..32).map(|i| prompt_of(12 + 2 * i, i as u32)).collect();
+    let expected = {
+        let prompts = prompts.clone();
+        tokio::task::spawn_blocking(move || reference(&prompts, MAX_TOKENS))
+            .await
+            .expect("reference")
+    };
+    let workers = Workers::start(128).await;
+    let coordinator =
+        Coordinator::start(&workers, HandoffShape::Push, TransportChoice::Tcp, |_| {}).await;
+    let runs = prompts.iter().map(|p| async {
+        tokio::time::timeout(LIMIT, coordinator.generate(p, MAX_TOKENS, v1::PdMode::Auto))
+            .await
+            .expect("within the limit")
+    });
+    let results = futures::future::join_all(runs).await;
+    let mut modes = std::collections::BTreeSet::new();
+    for (i, r) in results.into_iter().enumerate() {
+        let (tokens, finish) = r.unwrap_or_else(|s| panic!("stream {i}: {s}"));
+        assert_eq!(tokens, expected[i], "stream {i} differs from running alone");
+        modes.insert(finish.placement.expect("placement").mode);
+    }
+    assert_eq!(
+        modes.into_iter().collect::<Vec<_>>(),
+        ["aggregated", "disaggregated"],
+        "both placements were exercised"
+    );
+    workers.await_pools_full(Duration::from_secs(1)).await;
+}
+
+fn long_request(prompt: &[u32]) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        sampling: Some(v1::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(500),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        pd_mode: v1::PdMode::Force as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_streams_return_every_block_within_a_second() {
+    let workers = Workers::start(64).await;
+    for shape in [HandoffShape::Push, HandoffShape::Pull] {
+        let coordinator = Coordinator::start(&workers, shape, TransportChoice::Tcp, |_| {}).await;
+
+        // gRPC: read a few tokens, then drop the stream (client disconnect).
+        let mut stream = coordinator
+            .client()
+            .generate(long_request(&prompt_of(100, 1)))
+            .await
+            .expect("generate")
+            .into_inner();
+        for _ in 0..3 {
+            stream.message().await.expect("message").expect("a token");
+        }
+        let ((pf, pt), (df, dt)) = workers.pools().await;
+        assert!(pf < pt || df < dt, "the stream holds blocks while it runs");
+        drop(stream);
+        workers.await_pools_full(Duration::from_secs(1)).await;
+
+        // SSE: read two events, then close the connection.
+        let body = serde_json::json!({
+            "prompt": prompt_of(100, 2),
+            "max_tokens": 500,
+            "temperature": 0,
+            "ignore_eos": true,
+            "stream": true,
+            "pd_mode": "force",
+        })
+        .to_string();
+        let mut s = tokio::net::TcpStream::connect(coordinator.http)
+            .await
+            .expect("connect");
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while seen.matches("data:").count() < 2 {
+            let n = s.read(&mut buf).await.expect("read");
+            assert!(n > 0, "stream ended early: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+        drop(s);
+        workers.await_pools_full(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_errors_naming_the_field_and_change_nothing() {
+    let workers = Workers::start(64).await;
+    let coordinator =
+        Coordinator::start(&workers, HandoffShape::Push, TransportChoice::Tcp, |_| {}).await;
+    let too_long: Vec<u32> = prompt_of(9000, 3);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "/v1/completions",
+            r#"{"prompt":"","max_tokens":4}"#.into(),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            serde_json::json!({"prompt": too_long, "max_tokens": 4}).to_string(),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","max_tokens":0}"#.into(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","max_tokens":100000}"#.into(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","temperature":-1}"#.into(),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","top_p":0}"#.into(),
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","top_p":1.5}"#.into(),
+            400,
+            "top_p",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","model":"gpt-9"}"#.into(),
+            404,
+            "model",
+        ),
+        ("/v1/completions", r#"{"prompt":"hi","#.into(), 400, "body"),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"wizard","content":"hi"}]}"#.into(),
+            400,
+            "role",
+        ),
+    ];
+    for (path, body, status, field) in &cases {
+        let (got, text) = http_post(coordinator.http, path, body).await;
+        assert_eq!(got, *status, "{path} {body}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json error body");
+        let message = v["error"]["message"].as_str().expect("error.message");
+        assert!(
+            message.contains(field),
+            "{body}: message {message:?} names {field}"
+        );
+        assert!(v["error"]["type"].is_string(), "{text}");
+    }
+
+    // The same classes over gRPC.
+    let mut client = coordinator.client();
+    let bad = |sampling: v1::SamplingParams, ids: Vec<u32>| v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds { ids })),
+        sampling: Some(sampling),
+        ..Default::default()
+    };
+    for (req, field) in [
+        (bad(Default::default(), vec![]), "prompt"),
+        (
+            bad(
+                v1::SamplingParams {
+                    temperature: Some(-0.5),
+                    ..Default::default()
+                },
+                vec![504, 3575],
+            ),
+            "temperature",
+        ),
+        (
+            bad(
+                v1::SamplingParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                vec![504, 3575],
+            ),
+            "max_tokens",
+        ),
+    ] {
+        let status = client.generate(req).await.err().expect("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{status:?} names {field}");
+    }
+
+    workers.await_pools_full(Duration::from_secs(1)).await;
+    let (tokens, _) = coordinator
+        .generate(&prompt_of(40, 4), 4, v1::PdMode::Force)
+        .await
+        .expect("a good request still works");
+    assert!(!tokens.is_empty());
+}
