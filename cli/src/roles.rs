@@ -112,6 +112,9 @@ pub struct CoordinatorArgs {
     /// Requests admitted at once; more get 429 / RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256)]
     pub max_inflight: usize,
+    /// Time to live of a handoff's pinned blocks, in milliseconds (renewed while KV flows).
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_ttl_ms: u64,
 }
 
 /// SIGINT or SIGTERM.
@@ -190,6 +193,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.transport = args.transport;
     config.min_disaggregated_tokens = args.min_disaggregated_tokens;
     config.max_inflight = args.max_inflight;
+    config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
     config.load_poll_interval = Duration::from_millis(250);
     runtime()?.block_on(async {
         let grpc = bind(args.grpc).await?;

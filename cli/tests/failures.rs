@@ -1,0 +1,398 @@
+//! Failure paths with real worker processes (`baton prefill`, `baton decode`, `baton
+//! coordinator`), killed with SIGKILL mid-handoff: nothing hangs, the survivor reports a clear
+//! error, and every pinned block returns to its pool within the lease's time to live.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use baton_proto::v1::{
+    self, LoadRequest, decode_worker_client::DecodeWorkerClient, inference_client::InferenceClient,
+    prefill_worker_client::PrefillWorkerClient,
+};
+use tonic::transport::Channel;
+
+const START_LIMIT: Duration = Duration::from_secs(120);
+/// Lease time the tests give handoffs; pools must be full again within this plus a margin.
+const TTL_MS: u32 = 1500;
+
+/// A `baton` child process, killed when dropped.
+struct Proc {
+    child: Child,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Proc {
+    fn start(args: &[&str], announced: usize) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start baton");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some((_, a)) = line
+                    .strip_prefix("listening ")
+                    .and_then(|r| r.split_once('='))
+                {
+                    let _ = tx.send(a.parse::<SocketAddr>().expect("announced address"));
+                }
+            }
+        });
+        let addrs = (0..announced)
+            .map(|_| {
+                rx.recv_timeout(START_LIMIT)
+                    .expect("process announced its address")
+            })
+            .collect();
+        Proc { child, addrs }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn model() -> String {
+    if let Some(p) = std::env::var_os("BATON_MODEL") {
+        return p.to_string_lossy().into_owned();
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/fetch-model.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("fetch model");
+    assert!(out.status.success(), "fetch-model.sh failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn worker(role: &str, model: &str) -> Proc {
+    Proc::start(
+        &[
+            role,
+            "--model",
+            model,
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-cache-mib",
+            "128",
+        ],
+        1,
+    )
+}
+
+fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_lazy()
+}
+
+/// A prompt long enough that its prefill takes a while on this machine.
+fn long_prompt() -> Vec<u32> {
+    const TEXT: &[u32] = &[
+        6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 8718, 28,
+    ];
+    TEXT.iter().copied().cycle().take(1500).collect()
+}
+
+fn greedy(max_tokens: u32) -> v1::SamplingParams {
+    v1::SamplingParams {
+        temperature: Some(0.0),
+        max_tokens: Some(max_tokens),
+        ..Default::default()
+    }
+}
+
+async fn wait_ready_prefill(addr: SocketAddr) -> v1::WorkerInfo {
+    tokio::time::timeout(
+        START_LIMIT,
+        PrefillWorkerClient::new(channel(addr)).info(v1::InfoRequest {}),
+    )
+    .await
+    .expect("prefill worker up")
+    .expect("info")
+    .into_inner()
+}
+
+async fn wait_ready_decode(addr: SocketAddr) -> v1::WorkerInfo {
+    tokio::time::timeout(
+        START_LIMIT,
+        DecodeWorkerClient::new(channel(addr)).info(v1::InfoRequest {}),
+    )
+    .await
+    .expect("decode worker up")
+    .expect("info")
+    .into_inner()
+}
+
+/// Asks until `free == total` or `limit` passes; returns how long it took.
+async fn await_full(
+    load: impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = v1::LoadReport> + Send>>,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let l = load().await;
+        if l.free_blocks == l.total_blocks {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "pool not full within {limit:?}: {} of {} blocks free",
+            l.free_blocks,
+            l.total_blocks
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+fn decode_load(
+    addr: SocketAddr,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = v1::LoadReport> + Send>> {
+    move || {
+        Box::pin(async move {
+            DecodeWorkerClient::new(channel(addr))
+                .load(LoadRequest {})
+                .await
+                .expect("decode load")
+                .into_inner()
+        })
+    }
+}
+
+fn prefill_load(
+    addr: SocketAddr,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = v1::LoadReport> + Send>> {
+    move || {
+        Box::pin(async move {
+            PrefillWorkerClient::new(channel(addr))
+                .load(LoadRequest {})
+                .await
+                .expect("prefill load")
+                .into_inner()
+        })
+    }
+}
+
+/// Waits until the prefill worker reports a prompt in progress.
+async fn await_prefilling(addr: SocketAddr) {
+    tokio::time::timeout(START_LIMIT, async {
+        loop {
+            if prefill_load(addr)().await.running > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("prefill started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_killed_mid_push_fails_the_request_unavailable_and_the_decode_pool_refills() {
+    let model = model();
+    let mut prefill = worker("prefill", &model);
+    let decode = worker("decode", &model);
+    let (p, d) = (prefill.addrs[0], decode.addrs[0]);
+    wait_ready_prefill(p).await;
+    wait_ready_decode(d).await;
+    let coordinator = Proc::start(
+        &[
+            "coordinator",
+            "--model",
+            &model,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--prefill-worker",
+            &p.to_string(),
+            "--decode-worker",
+            &d.to_string(),
+            "--lease-ttl-ms",
+            &TTL_MS.to_string(),
+        ],
+        2,
+    );
+    let mut client = InferenceClient::new(channel(coordinator.addrs[0]));
+    // The coordinator needs a poll to see its workers; Tokenize answers at once, Generate may
+    // briefly say UNAVAILABLE: retry that only.
+    let request = v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+            ids: long_prompt(),
+        })),
+        sampling: Some(greedy(8)),
+        pd_mode: v1::PdMode::Force as i32,
+        ..Default::default()
+    };
+    let call = tokio::spawn(async move {
+        let started = Instant::now();
+        loop {
+            match client.generate(request.clone()).await {
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable
+                        && s.message().contains("no healthy") =>
+                {
+                    assert!(
+                        started.elapsed() < START_LIMIT,
+                        "coordinator never saw its workers"
+                    );
+                    tokio::task::yield_now().await;
+                }
+                other => return other.map(|r| r.into_inner()),
+            }
+        }
+    });
+    await_prefilling(p).await;
+    prefill.kill();
+    let result = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the request ends instead of hanging")
+        .expect("task");
+    let status = match result {
+        Err(s) => s,
+        Ok(mut stream) => stream.message().await.err().expect("the stream fails"),
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let took = await_full(
+        decode_load(d),
+        Duration::from_millis(u64::from(TTL_MS) + 5000),
+    )
+    .await;
+    eprintln!("decode pool full again {took:?} after the prefill worker died");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decode_killed_mid_push_frees_the_prefill_side() {
+    let model = model();
+    let prefill = worker("prefill", &model);
+    let mut decode = worker("decode", &model);
+    let (p, d) = (prefill.addrs[0], decode.addrs[0]);
+    wait_ready_prefill(p).await;
+    let dinfo = wait_ready_decode(d).await;
+    let prompt = long_prompt();
+    let reserved = DecodeWorkerClient::new(channel(d))
+        .reserve(v1::ReserveRequest {
+            handoff_id: 7,
+            prompt_token_ids: prompt.clone(),
+            ttl_ms: TTL_MS,
+            transport: v1::Transport::Tcp as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("reserve")
+        .into_inner();
+    let mut pc = PrefillWorkerClient::new(channel(p));
+    pc.connect_peer(v1::ConnectRequest {
+        endpoint: reserved.endpoint.clone(),
+        destination: dinfo.layout.clone(),
+    })
+    .await
+    .expect("link");
+    let call = tokio::spawn(async move {
+        pc.prefill(v1::PrefillRequest {
+            prompt_token_ids: prompt,
+            sampling: Some(greedy(8)),
+            handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
+                handoff_id: 7,
+                endpoint: reserved.endpoint,
+                destination: reserved.destination,
+            })),
+            ..Default::default()
+        })
+        .await
+    });
+    await_prefilling(p).await;
+    decode.kill();
+    let status = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("prefill ends instead of hanging")
+        .expect("task")
+        .err()
+        .expect("the push fails");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    await_full(
+        prefill_load(p),
+        Duration::from_millis(u64::from(TTL_MS) + 5000),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_killed_before_a_pull_fails_the_decode_stream_and_refills_its_pool() {
+    let model = model();
+    let mut prefill = worker("prefill", &model);
+    let decode = worker("decode", &model);
+    let (p, d) = (prefill.addrs[0], decode.addrs[0]);
+    wait_ready_prefill(p).await;
+    wait_ready_decode(d).await;
+    let prompt: Vec<u32> = long_prompt()[..200].to_vec();
+    let prefilled = PrefillWorkerClient::new(channel(p))
+        .prefill(v1::PrefillRequest {
+            prompt_token_ids: prompt.clone(),
+            sampling: Some(greedy(8)),
+            handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
+                handoff_id: 9,
+                ttl_ms: TTL_MS,
+            })),
+            ..Default::default()
+        })
+        .await
+        .expect("prefill")
+        .into_inner();
+    prefill.kill();
+    let started = Instant::now();
+    let decoded = DecodeWorkerClient::new(channel(d))
+        .decode(v1::DecodeRequest {
+            sampling: Some(greedy(8)),
+            source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
+                descriptor: prefilled.pull,
+                first_token: prefilled.first_token,
+                prompt_token_ids: prompt,
+                transport: v1::Transport::Tcp as i32,
+            })),
+            ..Default::default()
+        })
+        .await;
+    let status = match decoded {
+        Err(s) => s,
+        Ok(r) => {
+            let mut stream = r.into_inner();
+            tokio::time::timeout(
+                Duration::from_millis(u64::from(TTL_MS) + 10_000),
+                stream.message(),
+            )
+            .await
+            .expect("the stream ends instead of hanging")
+            .err()
+            .expect("the stream fails")
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("prefill") || status.message().contains("expired"),
+        "a clear error: {status:?}"
+    );
+    await_full(
+        decode_load(d),
+        Duration::from_millis(u64::from(TTL_MS) + 5000),
+    )
+    .await;
+    eprintln!(
+        "decode failed and refilled {:?} after the prefill worker died",
+        started.elapsed()
+    );
+}
