@@ -396,3 +396,106 @@ async fn prefill_killed_before_a_pull_fails_the_decode_stream_and_refills_its_po
         started.elapsed()
     );
 }
+
+/// Every token of a decode stream, and its finish.
+async fn drain(
+    mut stream: tonic::Streaming<v1::DecodeResponse>,
+) -> Result<(Vec<u32>, v1::DecodeFinish), tonic::Status> {
+    let mut tokens = Vec::new();
+    while let Some(m) = stream.message().await? {
+        tokens.extend(m.tokens.iter().map(|t| t.token_id));
+        if let Some(f) = m.finish {
+            return Ok((tokens, f));
+        }
+    }
+    Err(tonic::Status::internal("no finish"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recompute_policy_continues_a_stream_whose_pull_source_died() {
+    let model = model();
+    let mut prefill = worker("prefill", &model);
+    let decode = Proc::start(
+        &[
+            "decode",
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-cache-mib",
+            "128",
+            "--kv-failure-policy",
+            "recompute",
+        ],
+        1,
+    );
+    let (p, d) = (prefill.addrs[0], decode.addrs[0]);
+    wait_ready_prefill(p).await;
+    wait_ready_decode(d).await;
+    let prompt: Vec<u32> = long_prompt()[..120].to_vec();
+    // The decode worker alone (aggregated) gives the reference.
+    let mut dc = DecodeWorkerClient::new(channel(d));
+    let (reference, _) = drain(
+        dc.decode(v1::DecodeRequest {
+            sampling: Some(greedy(8)),
+            source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
+                prompt_token_ids: prompt.clone(),
+            })),
+            ..Default::default()
+        })
+        .await
+        .expect("aggregated decode")
+        .into_inner(),
+    )
+    .await
+    .expect("aggregated stream");
+
+    let prefilled = PrefillWorkerClient::new(channel(p))
+        .prefill(v1::PrefillRequest {
+            prompt_token_ids: prompt.clone(),
+            sampling: Some(greedy(8)),
+            handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
+                handoff_id: 11,
+                ttl_ms: TTL_MS,
+            })),
+            ..Default::default()
+        })
+        .await
+        .expect("prefill")
+        .into_inner();
+    let first = prefilled.first_token.clone().expect("first token");
+    assert_eq!(
+        first.token_id, reference[0],
+        "the prefill worker's first token"
+    );
+    prefill.kill();
+    let stream = dc
+        .decode(v1::DecodeRequest {
+            sampling: Some(greedy(8)),
+            source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
+                descriptor: prefilled.pull,
+                first_token: Some(first),
+                prompt_token_ids: prompt,
+                transport: v1::Transport::Tcp as i32,
+            })),
+            ..Default::default()
+        })
+        .await
+        .expect("decode accepted")
+        .into_inner();
+    let (tokens, finish) = tokio::time::timeout(Duration::from_secs(60), drain(stream))
+        .await
+        .expect("the stream ends")
+        .expect("recompute keeps the stream alive");
+    assert_eq!(
+        tokens,
+        reference[1..],
+        "recomputed stream equals the intact one"
+    );
+    assert_eq!(
+        finish.kv.map_or(0, |k| k.bytes),
+        0,
+        "no kv was imported: the prompt was recomputed"
+    );
+    await_full(decode_load(d), Duration::from_secs(5)).await;
+}

@@ -36,7 +36,7 @@ pub enum Error {
     },
     #[error("invalid configuration: {field}: {reason}")]
     InvalidConfig { field: &'static str, reason: String },
-    #[error("text: {0}")]
+    #[error(transparent)]
     Text(#[from] baton_text::Error),
     #[error("internal error: {0}")]
     Internal(String),

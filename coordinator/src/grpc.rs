@@ -159,7 +159,12 @@ impl Inference for InferenceService {
             skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
         };
         let mut stream = generate::generate(self.inner.clone(), input).await?;
-        let request_id = req.request_id;
+        // The client's id is echoed; without one the coordinator assigns one.
+        let request_id = if req.request_id.is_empty() {
+            format!("req-{:016x}", rand::random::<u64>())
+        } else {
+            req.request_id
+        };
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(event) = stream.next().await {

@@ -358,9 +358,12 @@ pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if status == 429 {
+        assert!(
+            head.to_ascii_lowercase().contains("retry-after:"),
+            "429 without Retry-After: {head}"
+        );
+    }
+    (status, body.to_string())
 }

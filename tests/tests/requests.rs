@@ -227,3 +227,42 @@ async fn bad_requests_get_errors_naming_the_field_and_change_nothing() {
         .expect("a good request still works");
     assert!(!tokens.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once_with_retry_after() {
+    let workers = Workers::start(64).await;
+    let coordinator = Coordinator::start(&workers, HandoffShape::Push, TransportChoice::Tcp, |c| {
+        c.max_inflight = 1;
+    })
+    .await;
+    // One long stream holds the only admission slot.
+    let mut running = coordinator
+        .client()
+        .generate(long_request(&prompt_of(40, 5)))
+        .await
+        .expect("first request admitted")
+        .into_inner();
+    running.message().await.expect("message").expect("a token");
+
+    let status = coordinator
+        .client()
+        .generate(long_request(&prompt_of(40, 6)))
+        .await
+        .err()
+        .expect("second request refused");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.metadata().get("retry-after").is_some(), "{status:?}");
+
+    let (code, body) = http_post(
+        coordinator.http,
+        "/v1/completions",
+        r#"{"prompt":"hi","max_tokens":2}"#,
+    )
+    .await;
+    assert_eq!(code, 429, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"]["type"], "rate_limit_exceeded", "{body}");
+
+    drop(running);
+    workers.await_pools_full(Duration::from_secs(1)).await;
+}
