@@ -44,27 +44,35 @@ pub struct UpArgs {
 struct Children(Vec<(String, Child)>);
 
 impl Children {
-    /// SIGTERM to everyone, then wait; SIGKILL whoever is still there after a grace period.
+    /// SIGTERM to everyone, then wait up to a grace period; SIGKILL whoever is still there.
     fn stop(&mut self) {
         for (_, c) in &self.0 {
-            terminate(c);
+            signal(c.id(), libc::SIGTERM);
         }
+        let (tx, rx) = mpsc::channel();
+        let mut waiting = Vec::new();
+        for (name, mut c) in self.0.drain(..) {
+            let tx = tx.clone();
+            waiting.push((name, c.id()));
+            std::thread::spawn(move || {
+                let _ = c.wait();
+                let _ = tx.send(c.id());
+            });
+        }
+        drop(tx);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for (name, c) in &mut self.0 {
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if std::time::Instant::now() >= deadline => {
+        while !waiting.is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(pid) => waiting.retain(|(_, p)| *p != pid),
+                Err(_) => {
+                    for (name, pid) in waiting.drain(..) {
                         eprintln!("baton up: {name} did not stop; killing it");
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
+                        signal(pid, libc::SIGKILL);
                     }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 }
             }
         }
-        self.0.clear();
     }
 }
 
@@ -74,13 +82,13 @@ impl Drop for Children {
     }
 }
 
-fn terminate(child: &Child) {
-    let Ok(pid) = i32::try_from(child.id()) else {
+fn signal(pid: u32, sig: i32) {
+    let Ok(pid) = i32::try_from(pid) else {
         return;
     };
-    // SAFETY: kill(2) on a pid we spawned and have not reaped; no memory is touched.
+    // SAFETY: kill(2) on a pid we spawned; no memory is touched.
     unsafe {
-        libc::kill(pid, libc::SIGTERM);
+        libc::kill(pid, sig);
     }
 }
 
@@ -141,47 +149,34 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut children = Children(Vec::new());
     let mut prefill_addrs = Vec::new();
     let mut decode_addrs = Vec::new();
-    for i in 0..args.decode {
-        let name = format!("decode-{i}");
-        let (child, addrs) = spawn(
-            &name,
-            &[
-                "decode".into(),
-                "--model".into(),
-                model_arg.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--kv-cache-mib".into(),
-                args.kv_cache_mib.to_string(),
-                "--worker-id".into(),
-                name.clone(),
-                "--kv-shm-socket".into(),
-                std::env::temp_dir()
-                    .join(format!("baton-{}-{name}.sock", std::process::id()))
-                    .display()
-                    .to_string(),
-            ],
-        )?;
-        decode_addrs.push(addrs[0]);
-        children.0.push((name, child));
-    }
-    for i in 0..args.prefill {
-        let name = format!("prefill-{i}");
-        let (child, addrs) = spawn(
-            &name,
-            &[
-                "prefill".into(),
-                "--model".into(),
-                model_arg.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--kv-cache-mib".into(),
-                args.kv_cache_mib.to_string(),
-                "--worker-id".into(),
-                name.clone(),
-            ],
-        )?;
-        prefill_addrs.push(addrs[0]);
+    let kv_mib = args.kv_cache_mib.to_string();
+    let workers = (0..args.decode)
+        .map(|i| ("decode", i))
+        .chain((0..args.prefill).map(|i| ("prefill", i)));
+    for (role, i) in workers {
+        let name = format!("{role}-{i}");
+        let mut role_args: Vec<String> = vec![
+            role.into(),
+            "--model".into(),
+            model_arg.clone(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--kv-cache-mib".into(),
+            kv_mib.clone(),
+            "--worker-id".into(),
+            name.clone(),
+        ];
+        if role == "decode" {
+            // Shared memory for prefill workers on this host.
+            let socket =
+                std::env::temp_dir().join(format!("baton-{}-{name}.sock", std::process::id()));
+            role_args.extend(["--kv-shm-socket".into(), socket.display().to_string()]);
+        }
+        let (child, addrs) = spawn(&name, &role_args)?;
+        match role {
+            "decode" => decode_addrs.push(addrs[0]),
+            _ => prefill_addrs.push(addrs[0]),
+        }
         children.0.push((name, child));
     }
     let mut coord_args = vec![

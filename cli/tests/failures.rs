@@ -264,7 +264,7 @@ async fn prefill_killed_mid_push_fails_the_request_unavailable_and_the_decode_po
         .expect("task");
     let status = match result {
         Err(s) => s,
-        Ok(mut stream) => stream.message().await.err().expect("the stream fails"),
+        Ok(mut stream) => stream.message().await.expect_err("the stream fails"),
     };
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     let took = await_full(
@@ -321,8 +321,7 @@ async fn decode_killed_mid_push_frees_the_prefill_side() {
         .await
         .expect("prefill ends instead of hanging")
         .expect("task")
-        .err()
-        .expect("the push fails");
+        .expect_err("the push fails");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     await_full(
         prefill_load(p),
@@ -377,8 +376,7 @@ async fn prefill_killed_before_a_pull_fails_the_decode_stream_and_refills_its_po
             )
             .await
             .expect("the stream ends instead of hanging")
-            .err()
-            .expect("the stream fails")
+            .expect_err("the stream fails")
         }
     };
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");

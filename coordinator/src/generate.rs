@@ -26,7 +26,7 @@ use crate::config::{HandoffShape, TransportChoice};
 use crate::error::{Error, ErrorClass, Result};
 use crate::placement::{self, Mode, PdMode};
 use crate::server::Inner;
-use crate::workers::{Placed, Worker};
+use crate::workers::{Placed, Worker, WorkerRole};
 
 /// What the client wants generated from.
 #[derive(Debug, Clone)]
@@ -390,7 +390,7 @@ async fn disaggregated(
             let prefilled = match prefilled {
                 Ok(p) => p,
                 Err(e) => {
-                    release_decode(decode, handoff);
+                    release(decode, handoff);
                     return Err(e);
                 }
             };
@@ -402,7 +402,7 @@ async fn disaggregated(
             }
             let first = first_token(&prefilled.first_token)?;
             if finish_reason_after(first.id, 1, params, eos).is_some() {
-                release_decode(decode, handoff);
+                release(decode, handoff);
                 return Ok(Started {
                     first: Some(first),
                     decode: None,
@@ -427,7 +427,7 @@ async fn disaggregated(
             let stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
-                    release_decode(decode, handoff);
+                    release(decode, handoff);
                     return Err(e);
                 }
             };
@@ -457,7 +457,7 @@ async fn disaggregated(
             .await?;
             let first = first_token(&prefilled.first_token)?;
             if finish_reason_after(first.id, 1, params, eos).is_some() {
-                release_prefill(prefill, handoff);
+                release(prefill, handoff);
                 return Ok(Started {
                     first: Some(first),
                     decode: None,
@@ -484,7 +484,7 @@ async fn disaggregated(
             let stream = match stream {
                 Ok(s) => s,
                 Err(e) => {
-                    release_prefill(prefill, handoff);
+                    release(prefill, handoff);
                     return Err(e);
                 }
             };
@@ -505,27 +505,21 @@ fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
         .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))
 }
 
-/// Frees a decode worker's reservation in the background; its lease frees it anyway if this
-/// call is lost.
-fn release_decode(decode: &Arc<Worker>, handoff: u64) {
-    let mut client = decode.decode_client();
+/// Frees what a handoff pinned on `worker` (a decode worker's reservation, a prefill worker's
+/// pull source) in the background; its lease frees it anyway if this call is lost.
+fn release(worker: &Arc<Worker>, handoff: u64) {
+    let worker = worker.clone();
     tokio::spawn(async move {
-        let _ = client
-            .release(v1::ReleaseRequest {
-                handoff_id: handoff,
-            })
-            .await;
-    });
-}
-
-fn release_prefill(prefill: &Arc<Worker>, handoff: u64) {
-    let mut client = prefill.prefill_client();
-    tokio::spawn(async move {
-        let _ = client
-            .release(v1::ReleaseRequest {
-                handoff_id: handoff,
-            })
-            .await;
+        let request = v1::ReleaseRequest {
+            handoff_id: handoff,
+        };
+        let result = match worker.role {
+            WorkerRole::Decode => worker.decode_client().release(request).await.map(drop),
+            WorkerRole::Prefill => worker.prefill_client().release(request).await.map(drop),
+        };
+        if let Err(status) = result {
+            tracing::debug!(worker = %worker.address, handoff, error = %status.message(), "release failed; the lease will expire");
+        }
     });
 }
 

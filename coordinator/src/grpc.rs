@@ -46,7 +46,7 @@ pub async fn serve(
     >,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let reflection = baton_proto::reflection_service()
+    let reflection = baton_proto::reflection_service(&["baton.v1.Inference"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     tonic::transport::Server::builder()
         .add_service(health_service)

@@ -30,13 +30,10 @@ impl Inner {
     pub fn new(config: CoordinatorConfig) -> Result<Self> {
         config.validate()?;
         let tokenizer = Tokenizer::load(&config.model)?;
-        let model_name = config.model_name.clone().unwrap_or_else(|| {
-            config
-                .model
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into())
-        });
+        let model_name = config
+            .model_name
+            .clone()
+            .unwrap_or_else(|| baton_text::model_name(&config.model));
         let registry = Registry::new(&config.prefill_workers, &config.decode_workers)?;
         // Handoff ids only need to be unique among live handoffs of the workers this
         // coordinator talks to; a random start keeps two coordinators (or a restart) apart.

@@ -79,7 +79,7 @@ pub async fn serve(
     let info = WorkerInfo {
         worker_id: worker_id.clone(),
         role: v1::WorkerRole::Decode as i32,
-        model_name: model_name(&config),
+        model_name: baton_engine::model_name(&config.engine.model),
         layout: Some(convert::descriptor_to_proto(&local)),
         kv_endpoints: endpoints
             .iter()
@@ -120,7 +120,7 @@ pub async fn serve(
     health
         .set_serving::<DecodeWorkerServer<DecodeService>>()
         .await;
-    let reflection = baton_proto::reflection_service()
+    let reflection = baton_proto::reflection_service(&["baton.v1.DecodeWorker"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -141,15 +141,6 @@ async fn forward(mut from: mpsc::Receiver<Delivery>, to: mpsc::Sender<Delivery>)
             return;
         }
     }
-}
-
-fn model_name(config: &DecodeConfig) -> String {
-    config
-        .engine
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
 }
 
 pub struct DecodeService {

@@ -21,7 +21,7 @@ mod weights;
 pub use baton_text::{
     ChatMessage, ChatTemplate, FinishReason, GREEDY_TEMPERATURE, IncrementalDetokenizer,
     SampledToken, Sampler, SamplingLimits, SamplingParams, StopChecker, StopOutcome, Tokenizer,
-    chat, detokenize, finish_reason_after, sampling, stop, tokenizer,
+    chat, detokenize, finish_reason_after, model_name, sampling, stop, tokenizer,
 };
 pub use config::{
     DeviceSetting, EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,

@@ -55,7 +55,7 @@ pub async fn serve(
     let info = WorkerInfo {
         worker_id: worker_id.clone(),
         role: v1::WorkerRole::Prefill as i32,
-        model_name: model_name(&config),
+        model_name: baton_engine::model_name(&config.engine.model),
         layout: Some(convert::descriptor_to_proto(engine.descriptor())),
         kv_endpoints: Vec::new(),
         max_context: engine.max_context() as u32,
@@ -101,7 +101,7 @@ pub async fn serve(
     health
         .set_serving::<PrefillWorkerServer<PrefillService>>()
         .await;
-    let reflection = baton_proto::reflection_service()
+    let reflection = baton_proto::reflection_service(&["baton.v1.PrefillWorker"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -115,16 +115,6 @@ pub async fn serve(
     // The service (and every engine handle) is dropped by now: the engine thread ends.
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
     result.map_err(|e| Error::Internal(format!("grpc server: {e}")))
-}
-
-/// The API's model name: the model file's stem.
-fn model_name(config: &PrefillConfig) -> String {
-    config
-        .engine
-        .model
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
 }
 
 pub struct PrefillService {

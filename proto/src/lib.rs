@@ -37,22 +37,30 @@ use tonic_reflection::server::{
     v1alpha::ServerReflectionServer as ServerReflectionServerV1Alpha,
 };
 
-/// A `grpc.reflection.v1` service describing `baton.v1`, `grpc.health.v1` and reflection itself,
-/// so tools such as grpcurl can list and call every service a baton server exposes.
-pub fn reflection_service() -> Result<ServerReflectionServer<impl ServerReflection>, ReflectionError>
-{
-    reflection_builder().build_v1()
+/// A `grpc.reflection.v1` service listing the `baton.v1` services in `served` (what this server
+/// actually serves), `grpc.health.v1` and reflection itself, with every `baton.v1` type
+/// resolvable, so tools such as grpcurl can list and call them.
+pub fn reflection_service(
+    served: &[&str],
+) -> Result<ServerReflectionServer<impl ServerReflection>, ReflectionError> {
+    reflection_builder(served).build_v1()
 }
 
 /// The same service as [`reflection_service`] under `grpc.reflection.v1alpha`, for older
 /// clients (grpc_cli and some GUI tools) that only speak that version.
-pub fn reflection_service_v1alpha()
--> Result<ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha>, ReflectionError> {
-    reflection_builder().build_v1alpha()
+pub fn reflection_service_v1alpha(
+    served: &[&str],
+) -> Result<ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha>, ReflectionError> {
+    reflection_builder(served).build_v1alpha()
 }
 
-fn reflection_builder() -> Builder<'static> {
-    Builder::configure()
+fn reflection_builder(served: &[&str]) -> Builder<'static> {
+    let builder = Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection");
+    served
+        .iter()
+        .fold(builder, |b, name| b.with_service_name(*name))
 }

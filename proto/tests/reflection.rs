@@ -23,7 +23,11 @@ async fn reflection_lists_baton_and_health_services() -> anyhow::Result<()> {
     let server = tokio::spawn(
         Server::builder()
             .add_service(health)
-            .add_service(reflection_service()?)
+            .add_service(reflection_service(&[
+                "baton.v1.Inference",
+                "baton.v1.PrefillWorker",
+                "baton.v1.DecodeWorker",
+            ])?)
             .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
                 stopped.await.ok();
             }),

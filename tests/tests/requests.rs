@@ -215,7 +215,7 @@ async fn bad_requests_get_errors_naming_the_field_and_change_nothing() {
             "max_tokens",
         ),
     ] {
-        let status = client.generate(req).await.err().expect("refused");
+        let status = client.generate(req).await.expect_err("refused");
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
         assert!(status.message().contains(field), "{status:?} names {field}");
     }
@@ -248,8 +248,7 @@ async fn overload_is_refused_at_once_with_retry_after() {
         .client()
         .generate(long_request(&prompt_of(40, 6)))
         .await
-        .err()
-        .expect("second request refused");
+        .expect_err("second request refused");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.metadata().get("retry-after").is_some(), "{status:?}");
 

@@ -21,3 +21,11 @@ pub use error::{Error, ErrorClass, Result};
 pub use sampling::{GREEDY_TEMPERATURE, SampledToken, Sampler, SamplingLimits, SamplingParams};
 pub use stop::{FinishReason, StopChecker, StopOutcome, finish_reason_after};
 pub use tokenizer::Tokenizer;
+
+/// The name a model is served under when none is configured: its file's (or directory's) stem,
+/// e.g. `SmolLM2-135M-Instruct.Q4_1` for `.../SmolLM2-135M-Instruct.Q4_1.gguf`.
+pub fn model_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
