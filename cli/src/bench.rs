@@ -1,5 +1,6 @@
 //! `baton bench engine`: prefill, decode and batched-decode throughput of the engine on one
-//! model, with llama.cpp measured in the same invocation as the baseline.
+//! model, with llama.cpp measured in the same invocation as the baseline. `baton bench
+//! transfer` (KV transports against raw TCP and memcpy) lives in [`crate::bench_transfer`].
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,6 +13,9 @@ use serde_json::json;
 pub enum BenchCommand {
     /// Engine throughput: prefill, single-stream and batched decode, load time, memory.
     Engine(EngineArgs),
+    /// KV transfer: baton's TCP and shared-memory transports against raw loopback TCP and memcpy
+    /// on a real prompt's KV, and how much of a push transfer the prefill compute hides.
+    Transfer(crate::bench_transfer::TransferArgs),
 }
 
 #[derive(clap::Args)]
@@ -44,6 +48,7 @@ pub struct EngineArgs {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(args),
+        BenchCommand::Transfer(args) => crate::bench_transfer::run(args),
     }
 }
 
@@ -59,7 +64,7 @@ fn best<F: FnMut() -> anyhow::Result<Duration>>(
 }
 
 /// A prompt of `n` real tokens: the model's own encoding of English text, repeated.
-fn prompt(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
+pub(crate) fn prompt(engine: &Engine, n: usize) -> anyhow::Result<Vec<u32>> {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(200);
     let base = engine.tokenizer().encode(&text, false)?;
     Ok(base.iter().copied().cycle().take(n).collect())

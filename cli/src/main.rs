@@ -1,8 +1,11 @@
 //! `baton`: one binary for every role: `up` (a whole local cluster), `coordinator`, `prefill`,
-//! `decode`, `generate` (a client, or the engine in this process with `--local`) and `bench`.
+//! `decode`, `generate` (a client, or the engine in this process with `--local`), `bench`, and
+//! `kv-demo` (the KV transfer between two processes, without a cluster).
 
 mod bench;
+mod bench_transfer;
 mod generate;
+mod kv_demo;
 mod model_path;
 mod roles;
 mod up;
@@ -35,13 +38,16 @@ enum Command {
     /// Measure baton against baselines.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Move one prompt's KV from a prefill engine in this process to a decode engine in a child
+    /// process over TCP and/or shared memory, and check the tokens against a single process.
+    KvDemo(kv_demo::KvDemoArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Servers log their lifecycle; one-shot commands keep the terminal for their output.
     let default_level = match cli.command {
-        Command::Generate(_) | Command::Bench(_) => "warn",
+        Command::Generate(_) | Command::Bench(_) | Command::KvDemo(_) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -58,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Command::Decode(args) => roles::decode(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::KvDemo(args) => kv_demo::run(args),
     }
 }
