@@ -11,6 +11,7 @@ use baton_coordinator::{CoordinatorConfig, HandoffShape, TransportChoice};
 use baton_decode_worker::{DecodeConfig, KvFailurePolicy};
 use baton_engine::{EngineConfig, Role, WeightsSetting};
 use baton_prefill_worker::PrefillConfig;
+use baton_telemetry::{LogFormat, Telemetry, TelemetryConfig};
 use tokio::net::TcpListener;
 
 /// Engine settings every worker role takes.
@@ -50,10 +51,71 @@ impl EngineArgs {
     }
 }
 
+/// Logs and traces, the same for every role.
+#[derive(clap::Args, Clone)]
+pub struct TelemetryArgs {
+    /// human | json: how log lines are written to stderr.
+    #[arg(long, default_value = "human")]
+    pub log_format: LogFormat,
+    /// OTLP/gRPC collector that receives this process's spans (e.g. http://127.0.0.1:4317);
+    /// none exports no spans.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl TelemetryArgs {
+    /// Installs this process's logs and span export for `role`.
+    pub fn init(&self, role: &str, instance: Option<&str>) -> anyhow::Result<Telemetry> {
+        let mut config = TelemetryConfig::new(format!("baton-{role}"));
+        config.instance_id = instance.map(str::to_string);
+        config.log_format = self.log_format;
+        config.otlp_endpoint = self.otlp_endpoint.clone();
+        Ok(baton_telemetry::init(&config)?)
+    }
+
+    /// The same settings as flags, for child processes.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["--log-format".into(), self.log_format.to_string()];
+        if let Some(e) = &self.otlp_endpoint {
+            args.extend(["--otlp-endpoint".into(), e.clone()]);
+        }
+        args
+    }
+}
+
+/// Settings both worker roles take besides the engine's.
+#[derive(clap::Args, Clone)]
+pub struct WorkerArgs {
+    /// Prometheus /metrics address (port 0 lets the OS choose; the chosen one is printed).
+    /// Default: 127.0.0.1:9061 for prefill workers, 127.0.0.1:9071 for decode workers.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve no /metrics endpoint.
+    #[arg(long, conflicts_with = "metrics_listen")]
+    pub no_metrics: bool,
+    /// On SIGTERM, how long in-flight work may take before it is cancelled, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+impl WorkerArgs {
+    fn metrics(&self, default: Option<SocketAddr>) -> Option<SocketAddr> {
+        if self.no_metrics {
+            None
+        } else {
+            self.metrics_listen.or(default)
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct PrefillArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// gRPC address (port 0 lets the OS choose; the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
@@ -65,6 +127,10 @@ pub struct PrefillArgs {
 pub struct DecodeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// gRPC address (port 0 lets the OS choose; the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:50071")]
     pub listen: SocketAddr,
@@ -84,6 +150,8 @@ pub struct DecodeArgs {
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// The model whose tokenizer and chat template requests use (no weights are loaded).
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -154,21 +222,39 @@ fn announce(what: &str, addr: SocketAddr) {
     let _ = std::io::stdout().flush();
 }
 
+async fn bind_metrics(at: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match at {
+        Some(at) => {
+            let listener = bind(at).await?;
+            announce("metrics", listener.local_addr()?);
+            Ok(Some(listener))
+        }
+        None => Ok(None),
+    }
+}
+
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
+    let _telemetry = args.telemetry.init("prefill", args.worker_id.as_deref())?;
     let mut config = PrefillConfig::new(args.engine.config(Role::Prefill)?);
     config.listen = args.listen;
     config.worker_id = args.worker_id;
+    config.metrics_listen = args.worker.metrics(config.metrics_listen);
+    config.drain_timeout = Duration::from_millis(args.worker.drain_timeout_ms);
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
-        baton_prefill_worker::serve(config, listener, shutdown_signal())
+        let metrics = bind_metrics(config.metrics_listen).await?;
+        baton_prefill_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
             .await
             .context("prefill worker")
     })
 }
 
 pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
+    let _telemetry = args.telemetry.init("decode", args.worker_id.as_deref())?;
     let mut config = DecodeConfig::new(args.engine.config(Role::Decode)?);
+    config.metrics_listen = args.worker.metrics(config.metrics_listen);
+    config.drain_timeout = Duration::from_millis(args.worker.drain_timeout_ms);
     config.listen = args.listen;
     config.kv_tcp_listen = args.kv_listen;
     config.kv_shm_socket = args.kv_shm_socket;
@@ -177,13 +263,15 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
-        baton_decode_worker::serve(config, listener, shutdown_signal())
+        let metrics = bind_metrics(config.metrics_listen).await?;
+        baton_decode_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
             .await
             .context("decode worker")
     })
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let _telemetry = args.telemetry.init("coordinator", None)?;
     let model = crate::model_path::resolve(args.model)?;
     let mut config = CoordinatorConfig::new(model);
     config.model_name = args.model_name;

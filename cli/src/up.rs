@@ -39,19 +39,30 @@ pub struct UpArgs {
     /// KV pool per worker, MiB.
     #[arg(long, default_value_t = 512)]
     kv_cache_mib: usize,
+    /// On SIGTERM, how long a worker's in-flight work may take before it is cancelled, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    drain_timeout_ms: u64,
+    #[command(flatten)]
+    telemetry: crate::roles::TelemetryArgs,
 }
 
-struct Children(Vec<(String, Child)>);
+struct Children {
+    procs: Vec<(String, Child)>,
+    /// How long children may take to stop after SIGTERM: the workers' drain deadline and a
+    /// margin.
+    grace: Duration,
+}
 
 impl Children {
-    /// SIGTERM to everyone, then wait up to a grace period; SIGKILL whoever is still there.
+    /// SIGTERM to everyone, then wait up to the grace period; SIGKILL whoever is still there.
     fn stop(&mut self) {
-        for (_, c) in &self.0 {
+        for (_, c) in &self.procs {
             signal(c.id(), libc::SIGTERM);
         }
         let (tx, rx) = mpsc::channel();
         let mut waiting = Vec::new();
-        for (name, mut c) in self.0.drain(..) {
+        for (name, mut c) in self.procs.drain(..) {
             let tx = tx.clone();
             waiting.push((name, c.id()));
             std::thread::spawn(move || {
@@ -60,7 +71,7 @@ impl Children {
             });
         }
         drop(tx);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + self.grace;
         while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
@@ -123,8 +134,9 @@ fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)
                 {
                     addrs.push(a);
                 }
-                // The coordinator announces two listeners; workers one.
-                if !sent && (addrs.len() == 2 || !label.starts_with("coordinator")) {
+                // The coordinator announces two listeners (gRPC, HTTP); workers two too
+                // (gRPC, metrics).
+                if !sent && addrs.len() == 2 {
                     let _ = tx.send(addrs.clone());
                     sent = true;
                 }
@@ -146,8 +158,12 @@ fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let model = crate::model_path::resolve(args.model)?;
     let model_arg = model.display().to_string();
-    let mut children = Children(Vec::new());
+    let mut children = Children {
+        procs: Vec::new(),
+        grace: Duration::from_millis(args.drain_timeout_ms) + Duration::from_secs(5),
+    };
     let mut prefill_addrs = Vec::new();
+    let mut metrics = Vec::new();
     let mut decode_addrs = Vec::new();
     let kv_mib = args.kv_cache_mib.to_string();
     let workers = (0..args.decode)
@@ -165,7 +181,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             kv_mib.clone(),
             "--worker-id".into(),
             name.clone(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--drain-timeout-ms".into(),
+            args.drain_timeout_ms.to_string(),
         ];
+        role_args.extend(args.telemetry.to_args());
         if role == "decode" {
             // Shared memory for prefill workers on this host.
             let socket =
@@ -173,11 +194,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             role_args.extend(["--kv-shm-socket".into(), socket.display().to_string()]);
         }
         let (child, addrs) = spawn(&name, &role_args)?;
+        metrics.push((name.clone(), addrs[1]));
         match role {
             "decode" => decode_addrs.push(addrs[0]),
             _ => prefill_addrs.push(addrs[0]),
         }
-        children.0.push((name, child));
+        children.procs.push((name, child));
     }
     let mut coord_args = vec![
         "coordinator".to_string(),
@@ -192,6 +214,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         "--transport".into(),
         args.transport,
     ];
+    coord_args.extend(args.telemetry.to_args());
     for a in &prefill_addrs {
         coord_args.extend(["--prefill-worker".into(), a.to_string()]);
     }
@@ -199,7 +222,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         coord_args.extend(["--decode-worker".into(), a.to_string()]);
     }
     let (child, addrs) = spawn("coordinator", &coord_args)?;
-    children.0.push(("coordinator".into(), child));
+    children.procs.push(("coordinator".into(), child));
     let (grpc, http) = (addrs[0], addrs[1]);
     println!(
         "baton is up: {} prefill + {} decode workers",
@@ -209,6 +232,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         "  OpenAI HTTP  http://{http}/v1   (health /health, readiness /ready, metrics /metrics)"
     );
     println!("  gRPC         {grpc}   (baton.v1.Inference, reflection on)");
+    for (name, at) in &metrics {
+        println!("  {name:<12} metrics http://{at}/metrics");
+    }
     println!("Ctrl-C stops the cluster.");
 
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
@@ -224,7 +250,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             break;
         }
         let mut died = None;
-        for (name, c) in &mut children.0 {
+        for (name, c) in &mut children.procs {
             if let Ok(Some(status)) = c.try_wait() {
                 died = Some(format!("{name} exited with {status}"));
                 break;

@@ -49,6 +49,7 @@ pub async fn serve(
     let reflection = baton_proto::reflection_service(&["baton.v1.Inference"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     tonic::transport::Server::builder()
+        .trace_fn(baton_telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::new(InferenceService { inner }))

@@ -52,6 +52,11 @@ pub struct DecodeConfig {
     /// Longest lease a reservation may ask for.
     pub max_lease_ttl: Duration,
     pub kv_failure_policy: KvFailurePolicy,
+    /// Prometheus `/metrics` address (port 0 picks one); `None` serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM: how long in-flight streams may run before they are cancelled with an error
+    /// and their blocks freed.
+    pub drain_timeout: Duration,
 }
 
 impl DecodeConfig {
@@ -68,6 +73,8 @@ impl DecodeConfig {
             max_streams: 256,
             max_lease_ttl: Duration::from_secs(60),
             kv_failure_policy: KvFailurePolicy::Fail,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9071))),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 
@@ -78,6 +85,9 @@ impl DecodeConfig {
         }
         if self.max_lease_ttl < Duration::from_millis(10) {
             return Err(invalid("max_lease_ttl", "must be at least 10 ms"));
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(invalid("drain_timeout", "must be at most 1 h"));
         }
         Ok(())
     }

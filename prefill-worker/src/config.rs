@@ -26,6 +26,11 @@ pub struct PrefillConfig {
     pub segment_queue: usize,
     /// Longest lease a pull handoff may ask for.
     pub max_lease_ttl: Duration,
+    /// Prometheus `/metrics` address (port 0 picks one); `None` serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM: how long queued prefills and leased pull sources may take to finish before
+    /// they are failed and their blocks freed.
+    pub drain_timeout: Duration,
 }
 
 impl PrefillConfig {
@@ -39,6 +44,8 @@ impl PrefillConfig {
             max_pending: 64,
             segment_queue: 64,
             max_lease_ttl: Duration::from_secs(60),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9061))),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 
@@ -52,6 +59,9 @@ impl PrefillConfig {
         }
         if self.max_lease_ttl < Duration::from_millis(10) {
             return Err(invalid("max_lease_ttl", "must be at least 10 ms"));
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(invalid("drain_timeout", "must be at most 1 h"));
         }
         Ok(())
     }
