@@ -26,6 +26,8 @@ pub enum Error {
         inflight: usize,
         retry_after: Duration,
     },
+    #[error("the request's deadline passed ({timeout:?} after it arrived)")]
+    DeadlineExceeded { timeout: Duration },
     #[error("no healthy {role} worker")]
     NoWorker { role: &'static str },
     #[error("{worker}: {message}")]
@@ -49,6 +51,7 @@ impl Error {
             Error::UnknownModel(_) => ErrorClass::NotFound,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
             Error::NoWorker { .. } => ErrorClass::Unavailable,
+            Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
             Error::Text(e) => match e.class() {
                 baton_text::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,

@@ -11,7 +11,7 @@
 //! call, and the decode worker frees the blocks.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baton_proto::convert;
 use baton_proto::v1::{self, DecodeRequest, DecodeResponse, PrefillRequest, ReserveRequest};
@@ -47,6 +47,10 @@ pub struct GenerateInput {
     pub params: SamplingParams,
     pub pd_mode: PdMode,
     pub skip_special_tokens: bool,
+    /// The client's time limit (gRPC `grpc-timeout`, HTTP `timeout`): placement, the workers'
+    /// calls and the stream all end with DEADLINE_EXCEEDED / 504 when it passes, and the
+    /// workers are told, so they stop too.
+    pub timeout: Option<Duration>,
 }
 
 /// Where a request ran and what its handoff moved.
@@ -161,7 +165,11 @@ pub async fn generate(inner: Arc<Inner>, input: GenerateInput) -> Result<Generat
     if let Some(id) = span.in_scope(baton_telemetry::trace_id_of_current_span) {
         span.record("trace_id", id);
     }
-    generate_in_span(inner, input).instrument(span).await
+    let deadline = input.timeout.map(|t| tokio::time::Instant::now() + t);
+    crate::workers::DEADLINE
+        .scope(deadline, generate_in_span(inner, input))
+        .instrument(span)
+        .await
 }
 
 async fn generate_in_span(inner: Arc<Inner>, input: GenerateInput) -> Result<GenerateStream> {
@@ -232,7 +240,14 @@ async fn run(
 ) -> Result<GenerateStream> {
     let started = Instant::now();
     inner.metrics.request_started();
-    let result = start(&inner, &prompt, &params, input.pd_mode).await;
+    let deadline = crate::workers::DEADLINE.try_with(|d| *d).ok().flatten();
+    let starting = start(&inner, &prompt, &params, input.pd_mode);
+    let result = match (deadline, input.timeout) {
+        (Some(deadline), Some(timeout)) => tokio::time::timeout_at(deadline, starting)
+            .await
+            .unwrap_or(Err(Error::DeadlineExceeded { timeout })),
+        _ => starting.await,
+    };
     let started_run = match result {
         Ok(s) => s,
         Err(e) => {
@@ -253,6 +268,7 @@ async fn run(
         params,
         prompt_tokens,
         started,
+        deadline: deadline.zip(input.timeout),
         tx,
         _permit: permit,
     };
@@ -587,6 +603,8 @@ struct Run {
     params: SamplingParams,
     prompt_tokens: u32,
     started: Instant,
+    /// When the client's time runs out, and the timeout it gave.
+    deadline: Option<(tokio::time::Instant, Duration)>,
     tx: mpsc::Sender<Result<StreamEvent>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -626,12 +644,25 @@ impl Run {
                 self.fail(Error::Internal("no decode stream".into())).await;
                 return;
             };
+            let deadline = self.deadline;
+            let expired = async move {
+                match deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 let message = tokio::select! {
                     () = self.tx.closed() => {
                         // The client went away: dropping `decode` cancels the call and the
                         // decode worker frees the blocks.
                         self.inner.metrics.request_cancelled();
+                        return;
+                    }
+                    () = &mut expired => {
+                        let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                        self.fail(Error::DeadlineExceeded { timeout }).await;
                         return;
                     }
                     m = decode.message() => m,

@@ -53,6 +53,31 @@ impl WorkerRole {
     }
 }
 
+tokio::task_local! {
+    /// The deadline of the request this task is serving, when its client set one.
+    pub static DEADLINE: Option<tokio::time::Instant>;
+}
+
+/// What every call to a worker carries: the current span's W3C trace context (so the worker's
+/// spans join the request's trace) and, inside a [`DEADLINE`] scope, the time left as
+/// `grpc-timeout` (so the worker stops working for a client that has given up).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outgoing;
+
+impl tonic::service::Interceptor for Outgoing {
+    fn call(
+        &mut self,
+        request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let mut request = TraceContext.call(request)?;
+        if let Ok(Some(deadline)) = DEADLINE.try_with(|d| *d) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            request.set_timeout(left.max(Duration::from_millis(1)));
+        }
+        Ok(request)
+    }
+}
+
 /// One worker as the coordinator sees it.
 pub struct Worker {
     pub role: WorkerRole,
@@ -117,14 +142,14 @@ impl Worker {
         self.healthy() && !self.draining.load(Ordering::Relaxed)
     }
 
-    /// Calls carry the current span's trace context, so the worker's spans join the request's
-    /// trace.
-    pub fn prefill_client(&self) -> PrefillWorkerClient<InterceptedService<Channel, TraceContext>> {
-        PrefillWorkerClient::with_interceptor(self.channel.clone(), TraceContext)
+    /// Calls carry the current span's trace context and the request's deadline (see
+    /// [`Outgoing`]).
+    pub fn prefill_client(&self) -> PrefillWorkerClient<InterceptedService<Channel, Outgoing>> {
+        PrefillWorkerClient::with_interceptor(self.channel.clone(), Outgoing)
     }
 
-    pub fn decode_client(&self) -> DecodeWorkerClient<InterceptedService<Channel, TraceContext>> {
-        DecodeWorkerClient::with_interceptor(self.channel.clone(), TraceContext)
+    pub fn decode_client(&self) -> DecodeWorkerClient<InterceptedService<Channel, Outgoing>> {
+        DecodeWorkerClient::with_interceptor(self.channel.clone(), Outgoing)
     }
 
     fn set_draining(&self, draining: bool) {

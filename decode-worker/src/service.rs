@@ -397,6 +397,8 @@ impl DecodeWorker for DecodeService {
         &self,
         request: Request<DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
+        let deadline = convert::grpc_timeout(request.metadata())
+            .map(|t| (tokio::time::Instant::now() + t, t));
         let req = request.into_inner();
         if !matches!(req.source, Some(Source::Pushed(_))) {
             self.admit_new_work()?;
@@ -537,7 +539,7 @@ impl DecodeWorker for DecodeService {
         };
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(
-            stream_events(events, tx, imported, prompt_tokens, pull)
+            stream_events(events, tx, imported, prompt_tokens, pull, deadline)
                 .instrument(tracing::info_span!("decode_stream", imported)),
         );
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -556,6 +558,7 @@ async fn stream_events(
         PrefillClient,
         oneshot::Receiver<Option<v1::KvTransferStats>>,
     )>,
+    deadline: Option<(tokio::time::Instant, Duration)>,
 ) {
     let (mut pull, mut source_report) = match pull {
         Some((h, c, r)) => (Some((h, c)), Some(r)),
@@ -564,7 +567,30 @@ async fn stream_events(
     // The prefill worker sampled the first token of an imported sequence.
     let mut completion = u32::from(imported);
     let mut kv = v1::KvTransferStats::default();
-    while let Some(event) = events.recv().await {
+    let expired = async move {
+        match deadline {
+            Some((at, _)) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            () = &mut expired => {
+                // Returning drops `events`: the engine cancels the stream and frees its blocks.
+                let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                let _ = tx
+                    .send(Err(Status::deadline_exceeded(format!(
+                        "the call's deadline passed ({timeout:?} after it arrived)"
+                    ))))
+                    .await;
+                return;
+            }
+        };
         let message = match event {
             DecodeEvent::KvLanded { bytes, transfer } => {
                 kv.bytes = bytes;

@@ -278,6 +278,7 @@ impl Loop {
                 }
             }
             self.expire(Instant::now());
+            self.cancel_abandoned();
             let now = self.snapshot();
             self.published
                 .send_if_modified(|was| std::mem::replace(was, now) != now);
@@ -322,6 +323,21 @@ impl Loop {
         for (_, seq) in self.leases.drain() {
             self.engine.release(seq);
         }
+    }
+
+    /// Drops prompts whose caller stopped waiting (its deadline passed, or it went away): no
+    /// step is spent on them and their blocks return to the pool.
+    fn cancel_abandoned(&mut self) {
+        let engine = &mut self.engine;
+        self.pending.retain(|a| {
+            if a.reply.is_closed() {
+                tracing::debug!(handoff = %a.job.handoff, "caller gone; prefill cancelled");
+                engine.release(a.seq);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     fn snapshot(&self) -> Snapshot {
