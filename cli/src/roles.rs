@@ -1,52 +1,94 @@
-//! `baton prefill | decode | coordinator`: one role per process. Each binds its listener, prints
-//! one `listening ...` line on stdout (what `baton up` reads to learn ports chosen by the OS),
-//! serves until SIGINT or SIGTERM, and exits 0.
+//! `baton prefill | decode | coordinator`: one role per process. Each loads its configuration
+//! (defaults < `--config FILE` < `BATON_*` env < flags, see `config.rs`), validates it before
+//! binding anything, binds its listener, prints one `listening ...` line on stdout (what `baton
+//! up` reads to learn ports chosen by the OS), serves until SIGINT or SIGTERM, and exits 0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
-use baton_coordinator::{CoordinatorConfig, HandoffShape, TransportChoice};
-use baton_decode_worker::{DecodeConfig, KvFailurePolicy};
-use baton_engine::{EngineConfig, Role, WeightsSetting};
-use baton_prefill_worker::PrefillConfig;
 use tokio::net::TcpListener;
 
-/// Engine settings every worker role takes.
+use crate::config::{Flags, Loaded, RoleName, Sources};
+
+/// Where a role's configuration comes from besides its named flags. Named flags and `--set`
+/// override `BATON_*` environment variables, which override the file.
+#[derive(clap::Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// A TOML config file, one table per role (see baton.toml at the repository root).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Sets any config key, e.g. `--set decode.engine.max_running=32`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The layers, with the named flags `named` adds and this role's `--set`s on top.
+    pub fn sources(
+        &self,
+        role: Option<RoleName>,
+        named: impl FnOnce(&mut Flags),
+    ) -> anyhow::Result<Sources> {
+        let mut sources = Sources::from_process(self.config.clone());
+        named(&mut sources.flags);
+        sources.flags.set_args(role, &self.set)?;
+        Ok(sources)
+    }
+}
+
+/// Engine settings every worker role takes as flags; each sets the key in its comment under
+/// the role's table, and only when given.
 #[derive(clap::Args, Clone)]
 pub struct EngineArgs {
-    /// A .gguf file or a Hugging Face model directory (default: the development model).
+    /// A .gguf file or a Hugging Face model directory (engine.model; default: $BATON_MODEL,
+    /// else the development model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// auto | quantized | f32 | f16 (auto: f32 for prefill, quantized for decode).
-    #[arg(long, default_value = "auto")]
-    pub weights: WeightsSetting,
-    /// cpu, or cuda:N with a build that has the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: baton_engine::DeviceSetting,
-    /// Bytes of KV block pool, in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub kv_cache_mib: usize,
-    /// Longest prompt slice one step computes (a multiple of the 16-token block).
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk_tokens: usize,
-    /// Cap on the context length (default: the model's).
+    /// auto | quantized | f32 | f16 (engine.weights; default auto: f32 for prefill, quantized
+    /// for decode).
     #[arg(long)]
-    pub max_context: Option<usize>,
+    pub weights: Option<String>,
+    /// cpu, or cuda:N with a build that has the `cuda` feature (engine.device; default cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// KV block pool, in MiB (engine.kv_cache_mib; default 512).
+    #[arg(long)]
+    pub kv_cache_mib: Option<String>,
+    /// Longest prompt slice one step computes, a multiple of the block size
+    /// (engine.prefill_chunk_tokens; default 512).
+    #[arg(long)]
+    pub prefill_chunk_tokens: Option<String>,
+    /// Cap on the context length (engine.max_context; default: the model's).
+    #[arg(long)]
+    pub max_context: Option<String>,
 }
 
 impl EngineArgs {
-    fn config(&self, role: Role) -> anyhow::Result<EngineConfig> {
-        let model = crate::model_path::resolve(self.model.clone())?;
-        let mut cfg = EngineConfig::new(model, role);
-        cfg.weights = self.weights;
-        cfg.device = self.device;
-        cfg.kv_cache_bytes = self.kv_cache_mib << 20;
-        cfg.prefill_chunk_tokens = self.prefill_chunk_tokens;
-        cfg.max_batch_tokens = cfg.max_batch_tokens.max(self.prefill_chunk_tokens);
-        cfg.max_context = self.max_context;
-        Ok(cfg)
+    fn flags(&self, role: &str, f: &mut Flags) {
+        let key = |k: &str| format!("{role}.engine.{k}");
+        f.named(
+            &key("model"),
+            "--model",
+            self.model.as_ref().map(|p| p.display()),
+        );
+        f.named(&key("weights"), "--weights", self.weights.as_ref());
+        f.named(&key("device"), "--device", self.device.as_ref());
+        f.named(
+            &key("kv_cache_mib"),
+            "--kv-cache-mib",
+            self.kv_cache_mib.as_ref(),
+        );
+        f.named(
+            &key("prefill_chunk_tokens"),
+            "--prefill-chunk-tokens",
+            self.prefill_chunk_tokens.as_ref(),
+        );
+        f.named(
+            &key("max_context"),
+            "--max-context",
+            self.max_context.as_ref(),
+        );
     }
 }
 
@@ -54,67 +96,195 @@ impl EngineArgs {
 pub struct PrefillArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// gRPC address (port 0 lets the OS choose; the chosen one is printed).
-    #[arg(long, default_value = "127.0.0.1:50061")]
-    pub listen: SocketAddr,
+    /// gRPC address; port 0 lets the OS choose, the chosen one is printed (prefill.listen;
+    /// default 127.0.0.1:50061).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Name in logs, metrics and placements (prefill.worker_id).
     #[arg(long)]
     pub worker_id: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl PrefillArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        self.config.sources(Some(RoleName::Prefill), |f| {
+            self.engine.flags("prefill", f);
+            f.named("prefill.listen", "--listen", self.listen.as_ref());
+            f.named("prefill.worker_id", "--worker-id", self.worker_id.as_ref());
+        })
+    }
 }
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// gRPC address (port 0 lets the OS choose; the chosen one is printed).
-    #[arg(long, default_value = "127.0.0.1:50071")]
-    pub listen: SocketAddr,
-    /// Where the TCP KV receiver listens.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub kv_listen: SocketAddr,
-    /// Unix socket of the shared-memory KV receiver, for prefill workers on this host; none
-    /// turns shared memory off.
+    /// gRPC address; port 0 lets the OS choose, the chosen one is printed (decode.listen;
+    /// default 127.0.0.1:50071).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Where the TCP KV receiver listens (decode.kv_tcp_listen; default 127.0.0.1:0).
+    #[arg(long)]
+    pub kv_listen: Option<String>,
+    /// Unix socket of the shared-memory KV receiver, for prefill workers on this host
+    /// (decode.kv_shm_socket; default: none, shared memory off).
     #[arg(long)]
     pub kv_shm_socket: Option<PathBuf>,
-    /// fail | recompute: what happens to a stream whose KV transfer fails.
-    #[arg(long, default_value = "fail")]
-    pub kv_failure_policy: KvFailurePolicy,
+    /// fail | recompute: what happens to a stream whose KV transfer fails
+    /// (decode.kv_failure_policy; default fail).
+    #[arg(long)]
+    pub kv_failure_policy: Option<String>,
+    /// Name in logs, metrics and placements (decode.worker_id).
     #[arg(long)]
     pub worker_id: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl DecodeArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        self.config.sources(Some(RoleName::Decode), |f| {
+            self.engine.flags("decode", f);
+            f.named("decode.listen", "--listen", self.listen.as_ref());
+            f.named(
+                "decode.kv_tcp_listen",
+                "--kv-listen",
+                self.kv_listen.as_ref(),
+            );
+            f.named(
+                "decode.kv_shm_socket",
+                "--kv-shm-socket",
+                self.kv_shm_socket.as_ref().map(|p| p.display()),
+            );
+            f.named(
+                "decode.kv_failure_policy",
+                "--kv-failure-policy",
+                self.kv_failure_policy.as_ref(),
+            );
+            f.named("decode.worker_id", "--worker-id", self.worker_id.as_ref());
+        })
+    }
 }
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
-    /// The model whose tokenizer and chat template requests use (no weights are loaded).
+    /// The model whose tokenizer and chat template requests use; no weights are loaded
+    /// (coordinator.model; default: $BATON_MODEL, else the development model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The API's model name (default: the model file's stem).
+    /// The API's model name (coordinator.model_name; default: the model file's stem).
     #[arg(long)]
     pub model_name: Option<String>,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub grpc: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub http: SocketAddr,
-    /// A prefill worker's gRPC address; repeat for several.
+    /// gRPC address (coordinator.grpc_listen; default 127.0.0.1:50051).
+    #[arg(long)]
+    pub grpc: Option<String>,
+    /// OpenAI HTTP address (coordinator.http_listen; default 127.0.0.1:8080).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// A prefill worker's gRPC address; repeat for several (coordinator.prefill_workers).
     #[arg(long = "prefill-worker")]
     pub prefill_workers: Vec<String>,
-    /// A decode worker's gRPC address; repeat for several.
-    #[arg(long = "decode-worker", required = true)]
+    /// A decode worker's gRPC address; repeat for several; at least one is needed
+    /// (coordinator.decode_workers).
+    #[arg(long = "decode-worker")]
     pub decode_workers: Vec<String>,
-    /// push | pull
-    #[arg(long, default_value = "push")]
-    pub handoff: HandoffShape,
-    /// auto | tcp | shm
-    #[arg(long, default_value = "auto")]
-    pub transport: TransportChoice,
-    /// Prompts shorter than this run on the decode worker alone (pd_mode auto).
-    #[arg(long, default_value_t = 32)]
-    pub min_disaggregated_tokens: usize,
-    /// Requests admitted at once; more get 429 / RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 256)]
-    pub max_inflight: usize,
-    /// Time to live of a handoff's pinned blocks, in milliseconds (renewed while KV flows).
-    #[arg(long, default_value_t = 10_000)]
-    pub lease_ttl_ms: u64,
+    /// push | pull (coordinator.handoff; default push).
+    #[arg(long)]
+    pub handoff: Option<String>,
+    /// auto | tcp | shm (coordinator.transport; default auto).
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// Prompts shorter than this run on the decode worker alone under pd_mode auto
+    /// (coordinator.min_disaggregated_tokens; default 32).
+    #[arg(long)]
+    pub min_disaggregated_tokens: Option<String>,
+    /// Requests admitted at once; more get 429 / RESOURCE_EXHAUSTED (coordinator.max_inflight;
+    /// default 256).
+    #[arg(long)]
+    pub max_inflight: Option<String>,
+    /// Time to live of a handoff's pinned blocks, in milliseconds, renewed while KV flows
+    /// (coordinator.lease_ttl; default 10000).
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl CoordinatorArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        self.config.sources(Some(RoleName::Coordinator), |f| {
+            f.named(
+                "coordinator.model",
+                "--model",
+                self.model.as_ref().map(|p| p.display()),
+            );
+            f.named(
+                "coordinator.model_name",
+                "--model-name",
+                self.model_name.as_ref(),
+            );
+            f.named("coordinator.grpc_listen", "--grpc", self.grpc.as_ref());
+            f.named("coordinator.http_listen", "--http", self.http.as_ref());
+            f.list(
+                "coordinator.prefill_workers",
+                "--prefill-worker",
+                &self.prefill_workers,
+            );
+            f.list(
+                "coordinator.decode_workers",
+                "--decode-worker",
+                &self.decode_workers,
+            );
+            f.named("coordinator.handoff", "--handoff", self.handoff.as_ref());
+            f.named(
+                "coordinator.transport",
+                "--transport",
+                self.transport.as_ref(),
+            );
+            f.named(
+                "coordinator.min_disaggregated_tokens",
+                "--min-disaggregated-tokens",
+                self.min_disaggregated_tokens.as_ref(),
+            );
+            f.named(
+                "coordinator.max_inflight",
+                "--max-inflight",
+                self.max_inflight.as_ref(),
+            );
+            f.named(
+                "coordinator.lease_ttl",
+                "--lease-ttl-ms",
+                self.lease_ttl_ms.map(|ms| format!("{ms}ms")),
+            );
+        })
+    }
+}
+
+/// Loads and validates one role's configuration. With `print`, prints it (even when it does
+/// not validate, before the error) and returns `None`.
+pub fn configure(sources: &Sources, role: RoleName, print: bool) -> anyhow::Result<Option<Loaded>> {
+    let loaded = crate::config::load(sources)?;
+    let valid = loaded.validate(role);
+    if print {
+        let mut shown = loaded.config.clone();
+        crate::config::show_default_models(&mut shown);
+        print!("{}", crate::config::to_toml(&shown, role)?);
+        valid?;
+        return Ok(None);
+    }
+    valid?;
+    Ok(Some(loaded))
 }
 
 /// SIGINT or SIGTERM.
@@ -155,9 +325,11 @@ fn announce(what: &str, addr: SocketAddr) {
 }
 
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
-    let mut config = PrefillConfig::new(args.engine.config(Role::Prefill)?);
-    config.listen = args.listen;
-    config.worker_id = args.worker_id;
+    let Some(loaded) = configure(&args.sources()?, RoleName::Prefill, args.print_config)? else {
+        return Ok(());
+    };
+    let mut config = loaded.config.prefill;
+    config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
@@ -168,12 +340,11 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
 }
 
 pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
-    let mut config = DecodeConfig::new(args.engine.config(Role::Decode)?);
-    config.listen = args.listen;
-    config.kv_tcp_listen = args.kv_listen;
-    config.kv_shm_socket = args.kv_shm_socket;
-    config.kv_failure_policy = args.kv_failure_policy;
-    config.worker_id = args.worker_id;
+    let Some(loaded) = configure(&args.sources()?, RoleName::Decode, args.print_config)? else {
+        return Ok(());
+    };
+    let mut config = loaded.config.decode;
+    config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
@@ -184,20 +355,15 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let model = crate::model_path::resolve(args.model)?;
-    let mut config = CoordinatorConfig::new(model);
-    config.model_name = args.model_name;
-    config.prefill_workers = args.prefill_workers;
-    config.decode_workers = args.decode_workers;
-    config.handoff = args.handoff;
-    config.transport = args.transport;
-    config.min_disaggregated_tokens = args.min_disaggregated_tokens;
-    config.max_inflight = args.max_inflight;
-    config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
-    config.load_poll_interval = Duration::from_millis(250);
+    let Some(loaded) = configure(&args.sources()?, RoleName::Coordinator, args.print_config)?
+    else {
+        return Ok(());
+    };
+    let mut config = loaded.config.coordinator;
+    config.model = crate::config::resolve_model(&config.model)?;
     runtime()?.block_on(async {
-        let grpc = bind(args.grpc).await?;
-        let http = bind(args.http).await?;
+        let grpc = bind(config.grpc_listen).await?;
+        let http = bind(config.http_listen).await?;
         announce("grpc", grpc.local_addr()?);
         announce("http", http.local_addr()?);
         baton_coordinator::serve(config, grpc, http, shutdown_signal())

@@ -1,30 +1,43 @@
-//! The prefill worker's settings: one typed struct, validated once at start.
+//! The prefill worker's settings: one typed struct, validated once at start. The same struct is
+//! the `[prefill]` table of a config file (`baton.toml`); every key is optional and keeps the
+//! default [`PrefillConfig::new`] gives.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_engine::EngineConfig;
+use baton_engine::{EngineConfig, Role};
 use baton_kv_transfer::LinkConfig;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default = "PrefillConfig::unset")]
 pub struct PrefillConfig {
+    /// The engine (`[prefill.engine]`).
+    #[serde(deserialize_with = "prefill_engine")]
     pub engine: EngineConfig,
-    /// gRPC address (PrefillWorker, health, reflection).
+    /// gRPC address (PrefillWorker, health, reflection); port 0 lets the OS choose. Default
+    /// "127.0.0.1:50061".
     pub listen: SocketAddr,
-    /// Name in logs, metrics and placements; defaults to `prefill@<listen>`.
+    /// Name in logs, metrics and placements. Default: unset, `prefill@<listen>`.
     pub worker_id: Option<String>,
-    /// Identifies this host: decode workers with the same id may be reached over shared memory.
+    /// Identifies this host: decode workers with the same id may be reached over shared
+    /// memory. Default: empty.
     pub host_id: String,
-    /// Transport settings for connections to decode workers.
+    /// Transport settings for connections to decode workers (`[prefill.link.tcp]`,
+    /// `[prefill.link.shm]`).
     pub link: LinkConfig,
-    /// Prompts queued or being prefilled at once; more is RESOURCE_EXHAUSTED.
+    /// Prompts queued or being prefilled at once; more is RESOURCE_EXHAUSTED. Default 64.
     pub max_pending: usize,
     /// KV segments buffered between the engine and the transport per handoff: the bound on
-    /// what a slow decode worker makes this worker hold.
+    /// what a slow decode worker makes this worker hold. Default 64.
     pub segment_queue: usize,
-    /// Longest lease a pull handoff may ask for.
+    /// Longest lease a pull handoff may ask for (a duration, at least 10 ms). Default 60s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_lease_ttl: Duration,
 }
 
@@ -42,6 +55,11 @@ impl PrefillConfig {
         }
     }
 
+    /// The defaults of a config file's `[prefill]` table: no model chosen yet.
+    fn unset() -> Self {
+        Self::new(EngineConfig::new(PathBuf::new(), Role::Prefill))
+    }
+
     pub fn validate(&self) -> Result<()> {
         self.engine.validate()?;
         if self.max_pending == 0 {
@@ -55,6 +73,13 @@ impl PrefillConfig {
         }
         Ok(())
     }
+}
+
+/// A configured engine table runs in the prefill role, whatever its own defaults say.
+fn prefill_engine<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<EngineConfig, D::Error> {
+    let mut engine = EngineConfig::deserialize(d)?;
+    engine.role = Role::Prefill;
+    Ok(engine)
 }
 
 fn invalid(field: &'static str, reason: &str) -> Error {
