@@ -975,6 +975,33 @@ mod tests {
     }
 
     #[test]
+    fn optional_keys_default_to_unset() {
+        // TOML has no null and an env var or flag cannot say "none", so an optional key whose
+        // default is a value could never be turned off: such a setting needs an explicit
+        // off value (a bool, an enum, or "") instead.
+        let root = root_schema();
+        let mut optional = 0;
+        for (key, schema) in all_leaves() {
+            let nullable = ["type", "anyOf", "oneOf"].iter().any(|k| {
+                resolve(&schema, &root)
+                    .get(*k)
+                    .is_some_and(|v| v.to_string().contains("null"))
+            });
+            if nullable {
+                optional += 1;
+                assert_eq!(
+                    default_of(&key),
+                    Json::Null,
+                    "{key}: optional with a default"
+                );
+            }
+        }
+        // worker_id twice, model_name, kv_shm_socket, max_context twice, socket_buffer_bytes
+        // twice.
+        assert!(optional >= 8, "only {optional} optional keys found");
+    }
+
+    #[test]
     fn every_key_can_be_set_from_each_source_and_the_higher_layer_wins() {
         let leaves = all_leaves();
         assert!(leaves.len() > 60, "only {} keys found", leaves.len());
