@@ -1,9 +1,11 @@
 //! `baton`: one binary for every role: `up` (a whole local cluster), `coordinator`, `prefill`,
 //! `decode`, `generate` (a client, or the engine in this process with `--local`), `bench`, and
-//! `kv-demo` (the KV transfer between two processes, without a cluster).
+//! `kv-demo` (the KV transfer between two processes, without a cluster), and `config` (the
+//! effective configuration of a role, and its JSON Schema).
 
 mod bench;
 mod bench_transfer;
+mod config;
 mod generate;
 mod kv_demo;
 mod model_path;
@@ -41,6 +43,38 @@ enum Command {
     /// Move one prompt's KV from a prefill engine in this process to a decode engine in a child
     /// process over TCP and/or shared memory, and check the tokens against a single process.
     KvDemo(kv_demo::KvDemoArgs),
+    /// Show a role's effective configuration, or the configuration's JSON Schema.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print a role's effective configuration (defaults < --config file < BATON_* env < --set)
+    /// as TOML, secrets redacted; exits non-zero, naming the key, if it would not start.
+    Print {
+        #[arg(long, value_enum)]
+        role: config::RoleName,
+        #[command(flatten)]
+        config: roles::ConfigArgs,
+    },
+    /// Print the JSON Schema of the config file, or of one role's table.
+    Schema {
+        #[arg(long, value_enum)]
+        role: Option<config::RoleName>,
+    },
+}
+
+fn config_command(cmd: ConfigCommand) -> anyhow::Result<()> {
+    match cmd {
+        ConfigCommand::Print { role, config } => {
+            roles::configure(&config.sources(Some(role), |_| {})?, role, true)?;
+        }
+        ConfigCommand::Schema { role } => {
+            println!("{}", serde_json::to_string_pretty(&config::schema(role))?);
+        }
+    }
+    Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,5 +103,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::KvDemo(args) => kv_demo::run(args),
+        Command::Config(cmd) => config_command(cmd),
     }
 }

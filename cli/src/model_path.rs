@@ -7,19 +7,24 @@ use anyhow::{Context, bail};
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// `--model`, else `BATON_MODEL`, else the fetch script's cache.
-pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    let path = match model.or_else(|| std::env::var_os("BATON_MODEL").map(PathBuf::from)) {
-        Some(p) => p,
+/// `--model`, else `BATON_MODEL`, else the fetch script's cache; nothing is fetched.
+pub fn locate(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match model.or_else(|| std::env::var_os("BATON_MODEL").map(PathBuf::from)) {
+        Some(p) => Ok(p),
         None => {
             let dir = match std::env::var_os("BATON_MODEL_DIR") {
                 Some(d) => PathBuf::from(d),
                 None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
                     .join(".cache/baton/models"),
             };
-            dir.join(DEFAULT_MODEL_FILE)
+            Ok(dir.join(DEFAULT_MODEL_FILE))
         }
-    };
+    }
+}
+
+/// As [`locate`], fetching the development model when it is the one chosen and missing.
+pub fn resolve(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = locate(model)?;
     if !path.exists() && path.file_name().is_some_and(|n| n == DEFAULT_MODEL_FILE) {
         fetch_default()?;
     }

@@ -1,111 +1,172 @@
-//! `baton prefill | decode | coordinator`: one role per process. Each binds its listener, prints
-//! one `listening ...` line on stdout (what `baton up` reads to learn ports chosen by the OS),
-//! serves until SIGINT or SIGTERM, and exits 0.
+//! `baton prefill | decode | coordinator`: one role per process. Each loads its configuration
+//! (defaults < `--config FILE` < `BATON_*` env < flags, see `config.rs`), validates it before
+//! binding anything, binds its listener, prints one `listening ...` line on stdout (what `baton
+//! up` reads to learn ports chosen by the OS), serves until SIGINT or SIGTERM, and exits 0.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
-use baton_coordinator::{CoordinatorConfig, HandoffShape, TransportChoice};
-use baton_decode_worker::{DecodeConfig, KvFailurePolicy};
-use baton_engine::{EngineConfig, Role, WeightsSetting};
-use baton_prefill_worker::PrefillConfig;
-use baton_telemetry::{LogFormat, Telemetry, TelemetryConfig};
 use tokio::net::TcpListener;
 
-/// Engine settings every worker role takes.
-#[derive(clap::Args, Clone)]
-pub struct EngineArgs {
-    /// A .gguf file or a Hugging Face model directory (default: the development model).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// auto | quantized | f32 | f16 (auto: f32 for prefill, quantized for decode).
-    #[arg(long, default_value = "auto")]
-    pub weights: WeightsSetting,
-    /// cpu, or cuda:N with a build that has the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: baton_engine::DeviceSetting,
-    /// Bytes of KV block pool, in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub kv_cache_mib: usize,
-    /// Longest prompt slice one step computes (a multiple of the 16-token block).
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk_tokens: usize,
-    /// Cap on the context length (default: the model's).
-    #[arg(long)]
-    pub max_context: Option<usize>,
+use crate::config::{Flags, Loaded, RoleName, Sources};
+
+/// Where a role's configuration comes from besides its named flags. Named flags and `--set`
+/// override `BATON_*` environment variables, which override the file.
+#[derive(clap::Args, Clone, Default)]
+pub struct ConfigArgs {
+    /// A TOML config file, one table per role (see baton.toml at the repository root).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Sets any config key, e.g. `--set decode.engine.max_running=32`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
-impl EngineArgs {
-    fn config(&self, role: Role) -> anyhow::Result<EngineConfig> {
-        let model = crate::model_path::resolve(self.model.clone())?;
-        let mut cfg = EngineConfig::new(model, role);
-        cfg.weights = self.weights;
-        cfg.device = self.device;
-        cfg.kv_cache_bytes = self.kv_cache_mib << 20;
-        cfg.prefill_chunk_tokens = self.prefill_chunk_tokens;
-        cfg.max_batch_tokens = cfg.max_batch_tokens.max(self.prefill_chunk_tokens);
-        cfg.max_context = self.max_context;
-        Ok(cfg)
+impl ConfigArgs {
+    /// The layers, with the named flags `named` adds and this role's `--set`s on top.
+    pub fn sources(
+        &self,
+        role: Option<RoleName>,
+        named: impl FnOnce(&mut Flags),
+    ) -> anyhow::Result<Sources> {
+        let mut sources = Sources::from_process(self.config.clone());
+        named(&mut sources.flags);
+        sources.flags.set_args(role, &self.set)?;
+        Ok(sources)
     }
 }
 
-/// Logs and traces, the same for every role.
+/// Engine settings every worker role takes as flags; each sets the key in its comment under
+/// the role's table, and only when given.
 #[derive(clap::Args, Clone)]
+pub struct EngineArgs {
+    /// A .gguf file or a Hugging Face model directory (engine.model; default: $BATON_MODEL,
+    /// else the development model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// auto | quantized | f32 | f16 (engine.weights; default auto: f32 for prefill, quantized
+    /// for decode).
+    #[arg(long)]
+    pub weights: Option<String>,
+    /// cpu, or cuda:N with a build that has the `cuda` feature (engine.device; default cpu).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// KV block pool, in MiB (engine.kv_cache_mib; default 512).
+    #[arg(long)]
+    pub kv_cache_mib: Option<String>,
+    /// Longest prompt slice one step computes, a multiple of the block size
+    /// (engine.prefill_chunk_tokens; default 512).
+    #[arg(long)]
+    pub prefill_chunk_tokens: Option<String>,
+    /// Cap on the context length (engine.max_context; default: the model's).
+    #[arg(long)]
+    pub max_context: Option<String>,
+}
+
+impl EngineArgs {
+    fn flags(&self, role: &str, f: &mut Flags) {
+        let key = |k: &str| format!("{role}.engine.{k}");
+        f.named(
+            &key("model"),
+            "--model",
+            self.model.as_ref().map(|p| p.display()),
+        );
+        f.named(&key("weights"), "--weights", self.weights.as_ref());
+        f.named(&key("device"), "--device", self.device.as_ref());
+        f.named(
+            &key("kv_cache_mib"),
+            "--kv-cache-mib",
+            self.kv_cache_mib.as_ref(),
+        );
+        f.named(
+            &key("prefill_chunk_tokens"),
+            "--prefill-chunk-tokens",
+            self.prefill_chunk_tokens.as_ref(),
+        );
+        f.named(
+            &key("max_context"),
+            "--max-context",
+            self.max_context.as_ref(),
+        );
+    }
+}
+
+/// Logs and traces, the same flags for every role (`<role>.telemetry.*`).
+#[derive(clap::Args, Clone, Default)]
 pub struct TelemetryArgs {
-    /// human | json: how log lines are written to stderr.
-    #[arg(long, default_value = "human")]
-    pub log_format: LogFormat,
-    /// OTLP/gRPC collector that receives this process's spans (e.g. http://127.0.0.1:4317);
-    /// none exports no spans.
+    /// human | json: how log lines are written to stderr (telemetry.log_format; default
+    /// human).
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// OTLP/gRPC collector that receives this process's spans, e.g. http://127.0.0.1:4317
+    /// (telemetry.otlp_endpoint; default: none).
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
 }
 
 impl TelemetryArgs {
-    /// Installs this process's logs and span export for `role`.
-    pub fn init(&self, role: &str, instance: Option<&str>) -> anyhow::Result<Telemetry> {
-        let mut config = TelemetryConfig::new(format!("baton-{role}"));
-        config.instance_id = instance.map(str::to_string);
-        config.log_format = self.log_format;
-        config.otlp_endpoint = self.otlp_endpoint.clone();
-        Ok(baton_telemetry::init(&config)?)
-    }
-
-    /// The same settings as flags, for child processes.
-    pub fn to_args(&self) -> Vec<String> {
-        let mut args = vec!["--log-format".into(), self.log_format.to_string()];
-        if let Some(e) = &self.otlp_endpoint {
-            args.extend(["--otlp-endpoint".into(), e.clone()]);
-        }
-        args
+    fn flags(&self, role: &str, f: &mut Flags) {
+        f.named(
+            &format!("{role}.telemetry.log_format"),
+            "--log-format",
+            self.log_format.as_ref(),
+        );
+        f.named(
+            &format!("{role}.telemetry.otlp_endpoint"),
+            "--otlp-endpoint",
+            self.otlp_endpoint.as_ref(),
+        );
     }
 }
 
 /// Settings both worker roles take besides the engine's.
 #[derive(clap::Args, Clone)]
 pub struct WorkerArgs {
-    /// Prometheus /metrics address (port 0 lets the OS choose; the chosen one is printed).
-    /// Default: 127.0.0.1:9061 for prefill workers, 127.0.0.1:9071 for decode workers.
+    /// Prometheus /metrics address; port 0 lets the OS choose, the chosen one is printed
+    /// (metrics_listen; default 127.0.0.1:9061 for prefill, 127.0.0.1:9071 for decode).
     #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Serve no /metrics endpoint.
+    pub metrics_listen: Option<String>,
+    /// Serve no /metrics endpoint (metrics = false).
     #[arg(long, conflicts_with = "metrics_listen")]
     pub no_metrics: bool,
-    /// On SIGTERM, how long in-flight work may take before it is cancelled, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    pub drain_timeout_ms: u64,
+    /// On SIGTERM, how long in-flight work may take before it is cancelled, in milliseconds
+    /// (drain_timeout; default 30000).
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 impl WorkerArgs {
-    fn metrics(&self, default: Option<SocketAddr>) -> Option<SocketAddr> {
-        if self.no_metrics {
-            None
-        } else {
-            self.metrics_listen.or(default)
-        }
+    fn flags(&self, role: &str, f: &mut Flags) {
+        f.named(
+            &format!("{role}.metrics_listen"),
+            "--metrics-listen",
+            self.metrics_listen.as_ref(),
+        );
+        f.named(
+            &format!("{role}.metrics"),
+            "--no-metrics",
+            self.no_metrics.then_some("false"),
+        );
+        f.named(
+            &format!("{role}.drain_timeout"),
+            "--drain-timeout-ms",
+            self.drain_timeout_ms.map(|ms| format!("{ms}ms")),
+        );
     }
+}
+
+/// Installs this process's logs and span export.
+fn telemetry(
+    config: &baton_telemetry::TelemetryConfig,
+    role: &str,
+    instance: Option<&str>,
+) -> anyhow::Result<baton_telemetry::Telemetry> {
+    let service = baton_telemetry::ServiceName {
+        name: format!("baton-{role}"),
+        instance: instance.map(str::to_string),
+    };
+    Ok(baton_telemetry::init(config, &service)?)
 }
 
 #[derive(clap::Args)]
@@ -116,11 +177,30 @@ pub struct PrefillArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
-    /// gRPC address (port 0 lets the OS choose; the chosen one is printed).
-    #[arg(long, default_value = "127.0.0.1:50061")]
-    pub listen: SocketAddr,
+    /// gRPC address; port 0 lets the OS choose, the chosen one is printed (prefill.listen;
+    /// default 127.0.0.1:50061).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Name in logs, metrics and placements (prefill.worker_id).
     #[arg(long)]
     pub worker_id: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl PrefillArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        self.config.sources(Some(RoleName::Prefill), |f| {
+            self.engine.flags("prefill", f);
+            self.worker.flags("prefill", f);
+            self.telemetry.flags("prefill", f);
+            f.named("prefill.listen", "--listen", self.listen.as_ref());
+            f.named("prefill.worker_id", "--worker-id", self.worker_id.as_ref());
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -131,58 +211,172 @@ pub struct DecodeArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
-    /// gRPC address (port 0 lets the OS choose; the chosen one is printed).
-    #[arg(long, default_value = "127.0.0.1:50071")]
-    pub listen: SocketAddr,
-    /// Where the TCP KV receiver listens.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub kv_listen: SocketAddr,
-    /// Unix socket of the shared-memory KV receiver, for prefill workers on this host; none
-    /// turns shared memory off.
+    /// gRPC address; port 0 lets the OS choose, the chosen one is printed (decode.listen;
+    /// default 127.0.0.1:50071).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Where the TCP KV receiver listens (decode.kv_tcp_listen; default 127.0.0.1:0).
+    #[arg(long)]
+    pub kv_listen: Option<String>,
+    /// Unix socket of the shared-memory KV receiver, for prefill workers on this host
+    /// (decode.kv_shm_socket; default: none, shared memory off).
     #[arg(long)]
     pub kv_shm_socket: Option<PathBuf>,
-    /// fail | recompute: what happens to a stream whose KV transfer fails.
-    #[arg(long, default_value = "fail")]
-    pub kv_failure_policy: KvFailurePolicy,
+    /// fail | recompute: what happens to a stream whose KV transfer fails
+    /// (decode.kv_failure_policy; default fail).
+    #[arg(long)]
+    pub kv_failure_policy: Option<String>,
+    /// Name in logs, metrics and placements (decode.worker_id).
     #[arg(long)]
     pub worker_id: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl DecodeArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        self.config.sources(Some(RoleName::Decode), |f| {
+            self.engine.flags("decode", f);
+            self.worker.flags("decode", f);
+            self.telemetry.flags("decode", f);
+            f.named("decode.listen", "--listen", self.listen.as_ref());
+            f.named(
+                "decode.kv_tcp_listen",
+                "--kv-listen",
+                self.kv_listen.as_ref(),
+            );
+            f.named(
+                "decode.kv_shm_socket",
+                "--kv-shm-socket",
+                self.kv_shm_socket.as_ref().map(|p| p.display()),
+            );
+            f.named(
+                "decode.kv_failure_policy",
+                "--kv-failure-policy",
+                self.kv_failure_policy.as_ref(),
+            );
+            f.named("decode.worker_id", "--worker-id", self.worker_id.as_ref());
+        })
+    }
 }
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
-    /// The model whose tokenizer and chat template requests use (no weights are loaded).
+    /// The model whose tokenizer and chat template requests use; no weights are loaded
+    /// (coordinator.model; default: $BATON_MODEL, else the development model).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The API's model name (default: the model file's stem).
+    /// The API's model name (coordinator.model_name; default: the model file's stem).
     #[arg(long)]
     pub model_name: Option<String>,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub grpc: SocketAddr,
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub http: SocketAddr,
-    /// A prefill worker's gRPC address; repeat for several.
+    /// gRPC address (coordinator.grpc_listen; default 127.0.0.1:50051).
+    #[arg(long)]
+    pub grpc: Option<String>,
+    /// OpenAI HTTP address (coordinator.http_listen; default 127.0.0.1:8080).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// A prefill worker's gRPC address; repeat for several (coordinator.prefill_workers).
     #[arg(long = "prefill-worker")]
     pub prefill_workers: Vec<String>,
-    /// A decode worker's gRPC address; repeat for several.
-    #[arg(long = "decode-worker", required = true)]
+    /// A decode worker's gRPC address; repeat for several; at least one is needed
+    /// (coordinator.decode_workers).
+    #[arg(long = "decode-worker")]
     pub decode_workers: Vec<String>,
-    /// push | pull
-    #[arg(long, default_value = "push")]
-    pub handoff: HandoffShape,
-    /// auto | tcp | shm
-    #[arg(long, default_value = "auto")]
-    pub transport: TransportChoice,
-    /// Prompts shorter than this run on the decode worker alone (pd_mode auto).
-    #[arg(long, default_value_t = 32)]
-    pub min_disaggregated_tokens: usize,
-    /// Requests admitted at once; more get 429 / RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 256)]
-    pub max_inflight: usize,
-    /// Time to live of a handoff's pinned blocks, in milliseconds (renewed while KV flows).
-    #[arg(long, default_value_t = 10_000)]
-    pub lease_ttl_ms: u64,
+    /// push | pull (coordinator.handoff; default push).
+    #[arg(long)]
+    pub handoff: Option<String>,
+    /// auto | tcp | shm (coordinator.transport; default auto).
+    #[arg(long)]
+    pub transport: Option<String>,
+    /// Prompts shorter than this run on the decode worker alone under pd_mode auto
+    /// (coordinator.min_disaggregated_tokens; default 32).
+    #[arg(long)]
+    pub min_disaggregated_tokens: Option<String>,
+    /// Requests admitted at once; more get 429 / RESOURCE_EXHAUSTED (coordinator.max_inflight;
+    /// default 256).
+    #[arg(long)]
+    pub max_inflight: Option<String>,
+    /// Time to live of a handoff's pinned blocks, in milliseconds, renewed while KV flows
+    /// (coordinator.lease_ttl; default 10000).
+    #[arg(long)]
+    pub lease_ttl_ms: Option<u64>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl CoordinatorArgs {
+    fn sources(&self) -> anyhow::Result<Sources> {
+        self.config.sources(Some(RoleName::Coordinator), |f| {
+            self.telemetry.flags("coordinator", f);
+            f.named(
+                "coordinator.model",
+                "--model",
+                self.model.as_ref().map(|p| p.display()),
+            );
+            f.named(
+                "coordinator.model_name",
+                "--model-name",
+                self.model_name.as_ref(),
+            );
+            f.named("coordinator.grpc_listen", "--grpc", self.grpc.as_ref());
+            f.named("coordinator.http_listen", "--http", self.http.as_ref());
+            f.list(
+                "coordinator.prefill_workers",
+                "--prefill-worker",
+                &self.prefill_workers,
+            );
+            f.list(
+                "coordinator.decode_workers",
+                "--decode-worker",
+                &self.decode_workers,
+            );
+            f.named("coordinator.handoff", "--handoff", self.handoff.as_ref());
+            f.named(
+                "coordinator.transport",
+                "--transport",
+                self.transport.as_ref(),
+            );
+            f.named(
+                "coordinator.min_disaggregated_tokens",
+                "--min-disaggregated-tokens",
+                self.min_disaggregated_tokens.as_ref(),
+            );
+            f.named(
+                "coordinator.max_inflight",
+                "--max-inflight",
+                self.max_inflight.as_ref(),
+            );
+            f.named(
+                "coordinator.lease_ttl",
+                "--lease-ttl-ms",
+                self.lease_ttl_ms.map(|ms| format!("{ms}ms")),
+            );
+        })
+    }
+}
+
+/// Loads and validates one role's configuration. With `print`, prints it (even when it does
+/// not validate, before the error) and returns `None`.
+pub fn configure(sources: &Sources, role: RoleName, print: bool) -> anyhow::Result<Option<Loaded>> {
+    let loaded = crate::config::load(sources)?;
+    let valid = loaded.validate(role);
+    if print {
+        let mut shown = loaded.config.clone();
+        crate::config::show_default_models(&mut shown);
+        print!("{}", crate::config::to_toml(&shown, role)?);
+        valid?;
+        return Ok(None);
+    }
+    valid?;
+    Ok(Some(loaded))
 }
 
 /// SIGINT or SIGTERM.
@@ -222,6 +416,7 @@ fn announce(what: &str, addr: SocketAddr) {
     let _ = std::io::stdout().flush();
 }
 
+/// Binds the metrics listener (when metrics are on) and announces it after the gRPC one.
 async fn bind_metrics(at: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
     match at {
         Some(at) => {
@@ -234,16 +429,16 @@ async fn bind_metrics(at: Option<SocketAddr>) -> anyhow::Result<Option<TcpListen
 }
 
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
-    let _telemetry = args.telemetry.init("prefill", args.worker_id.as_deref())?;
-    let mut config = PrefillConfig::new(args.engine.config(Role::Prefill)?);
-    config.listen = args.listen;
-    config.worker_id = args.worker_id;
-    config.metrics_listen = args.worker.metrics(config.metrics_listen);
-    config.drain_timeout = Duration::from_millis(args.worker.drain_timeout_ms);
+    let Some(loaded) = configure(&args.sources()?, RoleName::Prefill, args.print_config)? else {
+        return Ok(());
+    };
+    let mut config = loaded.config.prefill;
+    let _telemetry = telemetry(&config.telemetry, "prefill", config.worker_id.as_deref())?;
+    config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
-        let metrics = bind_metrics(config.metrics_listen).await?;
+        let metrics = bind_metrics(config.metrics.then_some(config.metrics_listen)).await?;
         baton_prefill_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
             .await
             .context("prefill worker")
@@ -251,19 +446,16 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
 }
 
 pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
-    let _telemetry = args.telemetry.init("decode", args.worker_id.as_deref())?;
-    let mut config = DecodeConfig::new(args.engine.config(Role::Decode)?);
-    config.metrics_listen = args.worker.metrics(config.metrics_listen);
-    config.drain_timeout = Duration::from_millis(args.worker.drain_timeout_ms);
-    config.listen = args.listen;
-    config.kv_tcp_listen = args.kv_listen;
-    config.kv_shm_socket = args.kv_shm_socket;
-    config.kv_failure_policy = args.kv_failure_policy;
-    config.worker_id = args.worker_id;
+    let Some(loaded) = configure(&args.sources()?, RoleName::Decode, args.print_config)? else {
+        return Ok(());
+    };
+    let mut config = loaded.config.decode;
+    let _telemetry = telemetry(&config.telemetry, "decode", config.worker_id.as_deref())?;
+    config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
-        let metrics = bind_metrics(config.metrics_listen).await?;
+        let metrics = bind_metrics(config.metrics.then_some(config.metrics_listen)).await?;
         baton_decode_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
             .await
             .context("decode worker")
@@ -271,21 +463,16 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
-    let _telemetry = args.telemetry.init("coordinator", None)?;
-    let model = crate::model_path::resolve(args.model)?;
-    let mut config = CoordinatorConfig::new(model);
-    config.model_name = args.model_name;
-    config.prefill_workers = args.prefill_workers;
-    config.decode_workers = args.decode_workers;
-    config.handoff = args.handoff;
-    config.transport = args.transport;
-    config.min_disaggregated_tokens = args.min_disaggregated_tokens;
-    config.max_inflight = args.max_inflight;
-    config.lease_ttl = Duration::from_millis(args.lease_ttl_ms);
-    config.load_poll_interval = Duration::from_millis(250);
+    let Some(loaded) = configure(&args.sources()?, RoleName::Coordinator, args.print_config)?
+    else {
+        return Ok(());
+    };
+    let mut config = loaded.config.coordinator;
+    let _telemetry = telemetry(&config.telemetry, "coordinator", None)?;
+    config.model = crate::config::resolve_model(&config.model)?;
     runtime()?.block_on(async {
-        let grpc = bind(args.grpc).await?;
-        let http = bind(args.http).await?;
+        let grpc = bind(config.grpc_listen).await?;
+        let http = bind(config.http_listen).await?;
         announce("grpc", grpc.local_addr()?);
         announce("http", http.local_addr()?);
         baton_coordinator::serve(config, grpc, http, shutdown_signal())

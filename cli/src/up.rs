@@ -2,6 +2,13 @@
 //! M decode workers (ports chosen by the OS, read from each child's `listening` line), then the
 //! coordinator on the configured HTTP and gRPC ports. Prints the endpoints, and stops every
 //! child on Ctrl-C, on SIGTERM, or as soon as any child dies.
+//!
+//! Configuration: `--config FILE` and `--set KEY=VALUE` go to the children whose table they
+//! name, the environment is inherited, and `up`'s own flags become the children's flags. Every
+//! role's configuration is loaded and validated here first, so a bad key stops `up` before any
+//! child starts. `up` chooses, per child, what must differ between processes on one host: the
+//! workers' listen ports (0), worker ids, the decode workers' shared-memory sockets, and the
+//! coordinator's worker lists.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -12,10 +19,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use crate::config::{Flags, RoleName};
+use crate::roles::ConfigArgs;
+
 #[derive(clap::Args)]
 pub struct UpArgs {
-    /// A .gguf file or a Hugging Face model directory (default: the development model, fetched
-    /// by scripts/fetch-model.sh when missing).
+    /// A .gguf file or a Hugging Face model directory, for every role (default: the
+    /// configured models, else $BATON_MODEL, else the development model, fetched by
+    /// scripts/fetch-model.sh when missing).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Prefill workers.
@@ -24,27 +35,91 @@ pub struct UpArgs {
     /// Decode workers.
     #[arg(long, default_value_t = 1)]
     decode: usize,
-    /// OpenAI-compatible HTTP address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http: SocketAddr,
-    /// gRPC address (baton.v1.Inference).
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    grpc: SocketAddr,
-    /// push | pull
-    #[arg(long, default_value = "push")]
-    handoff: String,
-    /// auto | tcp | shm
-    #[arg(long, default_value = "auto")]
-    transport: String,
-    /// KV pool per worker, MiB.
-    #[arg(long, default_value_t = 512)]
-    kv_cache_mib: usize,
-    /// On SIGTERM, how long a worker's in-flight work may take before it is cancelled, in
-    /// milliseconds.
-    #[arg(long, default_value_t = 30_000)]
-    drain_timeout_ms: u64,
+    /// OpenAI-compatible HTTP address (coordinator.http_listen; default 127.0.0.1:8080).
+    #[arg(long)]
+    http: Option<String>,
+    /// gRPC address, baton.v1.Inference (coordinator.grpc_listen; default 127.0.0.1:50051).
+    #[arg(long)]
+    grpc: Option<String>,
+    /// push | pull (coordinator.handoff; default push).
+    #[arg(long)]
+    handoff: Option<String>,
+    /// auto | tcp | shm (coordinator.transport; default auto).
+    #[arg(long)]
+    transport: Option<String>,
+    /// KV pool per worker, MiB (engine.kv_cache_mib of both worker roles; default 512).
+    #[arg(long)]
+    kv_cache_mib: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
     #[command(flatten)]
     telemetry: crate::roles::TelemetryArgs,
+}
+
+impl UpArgs {
+    /// The flags `up` passes to the children of `role`, as (flag, value) pairs.
+    fn child_flags(&self, role: RoleName) -> Vec<(&'static str, String)> {
+        let mut flags = Vec::new();
+        if let Some(m) = &self.model {
+            flags.push(("--model", m.display().to_string()));
+        }
+        if let Some(path) = &self.config.config {
+            flags.push(("--config", path.display().to_string()));
+        }
+        let role_prefix = format!("{}.", role.key());
+        for set in &self.config.set {
+            if set.starts_with(&role_prefix) {
+                flags.push(("--set", set.clone()));
+            }
+        }
+        let given = |flag, value: &Option<String>| value.clone().map(|v| (flag, v));
+        let own = match role {
+            RoleName::Coordinator => vec![
+                given("--http", &self.http),
+                given("--grpc", &self.grpc),
+                given("--handoff", &self.handoff),
+                given("--transport", &self.transport),
+            ],
+            RoleName::Prefill | RoleName::Decode => {
+                vec![given("--kv-cache-mib", &self.kv_cache_mib)]
+            }
+        };
+        flags.extend(own.into_iter().flatten());
+        flags.extend(given("--log-format", &self.telemetry.log_format));
+        flags.extend(given("--otlp-endpoint", &self.telemetry.otlp_endpoint));
+        flags
+    }
+
+    /// The config keys `child_flags` and the per-child choices set, for checking every role's
+    /// configuration before starting anything.
+    fn flags_as_keys(&self, flags: &mut Flags) {
+        let model = self.model.as_ref().map(|p| p.display());
+        flags.named("coordinator.model", "--model", model.as_ref());
+        flags.named("prefill.engine.model", "--model", model.as_ref());
+        flags.named("decode.engine.model", "--model", model.as_ref());
+        flags.named("coordinator.http_listen", "--http", self.http.as_ref());
+        flags.named("coordinator.grpc_listen", "--grpc", self.grpc.as_ref());
+        flags.named("coordinator.handoff", "--handoff", self.handoff.as_ref());
+        flags.named(
+            "coordinator.transport",
+            "--transport",
+            self.transport.as_ref(),
+        );
+        for role in ["prefill", "decode"] {
+            flags.named(
+                &format!("{role}.engine.kv_cache_mib"),
+                "--kv-cache-mib",
+                self.kv_cache_mib.as_ref(),
+            );
+            flags.named(&format!("{role}.listen"), "--listen", Some("127.0.0.1:0"));
+        }
+        // Filled in with the workers' real addresses once they listen.
+        flags.list(
+            "coordinator.decode_workers",
+            "--decode-worker",
+            &["127.0.0.1:0".to_string()],
+        );
+    }
 }
 
 struct Children {
@@ -103,8 +178,13 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// Starts `baton <args>` and returns it with the address from its first `listening` line.
-fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+/// Starts `baton <args>` and returns it with the addresses of its first `announced`
+/// `listening` lines.
+fn spawn(
+    name: &str,
+    args: &[String],
+    announced: usize,
+) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
     let exe = std::env::current_exe().context("find the baton executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
@@ -134,9 +214,7 @@ fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)
                 {
                     addrs.push(a);
                 }
-                // The coordinator announces two listeners (gRPC, HTTP); workers two too
-                // (gRPC, metrics).
-                if !sent && addrs.len() == 2 {
+                if !sent && addrs.len() == announced {
                     let _ = tx.send(addrs.clone());
                     sent = true;
                 }
@@ -156,72 +234,80 @@ fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
-    let model = crate::model_path::resolve(args.model)?;
-    let model_arg = model.display().to_string();
+    let sources = args
+        .config
+        .sources(None, |flags| args.flags_as_keys(flags))?;
+    let loaded = crate::config::load(&sources)?;
+    for role in RoleName::ALL {
+        loaded.validate(role)?;
+    }
+    // Fetched once here rather than by every child at once.
+    crate::config::resolve_model(&loaded.config.coordinator.model)?;
+    if args.prefill > 0 {
+        crate::config::resolve_model(&loaded.config.prefill.engine.model)?;
+    }
+    crate::config::resolve_model(&loaded.config.decode.engine.model)?;
+
+    let drain = loaded
+        .config
+        .prefill
+        .drain_timeout
+        .max(loaded.config.decode.drain_timeout);
     let mut children = Children {
         procs: Vec::new(),
-        grace: Duration::from_millis(args.drain_timeout_ms) + Duration::from_secs(5),
+        grace: drain + Duration::from_secs(5),
     };
-    let mut prefill_addrs = Vec::new();
     let mut metrics = Vec::new();
+    let mut prefill_addrs = Vec::new();
     let mut decode_addrs = Vec::new();
-    let kv_mib = args.kv_cache_mib.to_string();
     let workers = (0..args.decode)
-        .map(|i| ("decode", i))
-        .chain((0..args.prefill).map(|i| ("prefill", i)));
+        .map(|i| (RoleName::Decode, i))
+        .chain((0..args.prefill).map(|i| (RoleName::Prefill, i)));
     for (role, i) in workers {
-        let name = format!("{role}-{i}");
-        let mut role_args: Vec<String> = vec![
-            role.into(),
-            "--model".into(),
-            model_arg.clone(),
+        let name = format!("{}-{i}", role.key());
+        let mut role_args: Vec<String> = vec![role.key().into()];
+        for (flag, value) in args.child_flags(role) {
+            role_args.extend([flag.into(), value]);
+        }
+        role_args.extend([
             "--listen".into(),
             "127.0.0.1:0".into(),
-            "--kv-cache-mib".into(),
-            kv_mib.clone(),
             "--worker-id".into(),
             name.clone(),
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
-            "--drain-timeout-ms".into(),
-            args.drain_timeout_ms.to_string(),
-        ];
-        role_args.extend(args.telemetry.to_args());
-        if role == "decode" {
+        ]);
+        if role == RoleName::Decode {
             // Shared memory for prefill workers on this host.
             let socket =
                 std::env::temp_dir().join(format!("baton-{}-{name}.sock", std::process::id()));
             role_args.extend(["--kv-shm-socket".into(), socket.display().to_string()]);
         }
-        let (child, addrs) = spawn(&name, &role_args)?;
-        metrics.push((name.clone(), addrs[1]));
+        let serves_metrics = match role {
+            RoleName::Decode => loaded.config.decode.metrics,
+            _ => loaded.config.prefill.metrics,
+        };
+        let (child, addrs) = spawn(&name, &role_args, 1 + usize::from(serves_metrics))?;
+        if let Some(at) = addrs.get(1) {
+            metrics.push((name.clone(), *at));
+        }
         match role {
-            "decode" => decode_addrs.push(addrs[0]),
+            RoleName::Decode => decode_addrs.push(addrs[0]),
             _ => prefill_addrs.push(addrs[0]),
         }
         children.procs.push((name, child));
     }
-    let mut coord_args = vec![
-        "coordinator".to_string(),
-        "--model".into(),
-        model_arg,
-        "--grpc".into(),
-        args.grpc.to_string(),
-        "--http".into(),
-        args.http.to_string(),
-        "--handoff".into(),
-        args.handoff,
-        "--transport".into(),
-        args.transport,
-    ];
-    coord_args.extend(args.telemetry.to_args());
+    let mut coord_args = vec!["coordinator".to_string()];
+    for (flag, value) in args.child_flags(RoleName::Coordinator) {
+        coord_args.extend([flag.into(), value]);
+    }
     for a in &prefill_addrs {
         coord_args.extend(["--prefill-worker".into(), a.to_string()]);
     }
     for a in &decode_addrs {
         coord_args.extend(["--decode-worker".into(), a.to_string()]);
     }
-    let (child, addrs) = spawn("coordinator", &coord_args)?;
+    let (child, addrs) = spawn("coordinator", &coord_args, 2)?;
     children.procs.push(("coordinator".into(), child));
     let (grpc, http) = (addrs[0], addrs[1]);
     println!(

@@ -1,14 +1,20 @@
-//! The coordinator's settings: one typed struct, validated once at start.
+//! The coordinator's settings: one typed struct, validated once at start. The same struct is
+//! the `[coordinator]` table of a config file (`baton.toml`); every key is optional and keeps the
+//! default [`CoordinatorConfig::new`] gives.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Error, Result};
 
 /// How a disaggregated request's KV moves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum HandoffShape {
     /// The decode worker reserves blocks; the prefill worker writes each layer into them as it
     /// is computed (Mooncake-style). Hides the transfer behind the prefill.
@@ -31,13 +37,16 @@ impl FromStr for HandoffShape {
 }
 
 /// Which transport carries KV between a prefill and a decode worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum TransportChoice {
     /// Shared memory when both workers report the same host id and the decode worker offers
     /// it, TCP otherwise.
     #[default]
     Auto,
+    /// TCP always.
     Tcp,
+    /// Shared memory always (workers on one host).
     Shm,
 }
 
@@ -53,35 +62,54 @@ impl FromStr for TransportChoice {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default = "CoordinatorConfig::unset")]
 pub struct CoordinatorConfig {
     /// The model file or directory: the coordinator reads its tokenizer and chat template (no
-    /// weights).
+    /// weights). Default: empty, meaning `$BATON_MODEL`, else the development model.
     pub model: PathBuf,
-    /// The API's model name; defaults to the model file's stem.
+    /// The API's model name. Default: unset, the model file's stem.
     pub model_name: Option<String>,
-    /// gRPC (baton.v1.Inference, health, reflection).
+    /// gRPC address (baton.v1.Inference, health, reflection). Default "127.0.0.1:50051".
     pub grpc_listen: SocketAddr,
-    /// OpenAI-compatible HTTP, /health, /ready, /metrics.
+    /// OpenAI-compatible HTTP address (also /health, /ready, /metrics). Default
+    /// "127.0.0.1:8080".
     pub http_listen: SocketAddr,
-    /// gRPC addresses (host:port) of prefill workers.
+    /// gRPC addresses (host:port) of prefill workers. Default: none (every request runs
+    /// aggregated on a decode worker).
     pub prefill_workers: Vec<String>,
-    /// gRPC addresses (host:port) of decode workers.
+    /// gRPC addresses (host:port) of decode workers; at least one. Default: none.
     pub decode_workers: Vec<String>,
+    /// How a disaggregated request's KV moves: `push` (the prefill worker writes each layer
+    /// into blocks the decode worker reserved) or `pull` (the decode worker reads blocks the
+    /// prefill worker keeps under a lease). Default `push`.
     pub handoff: HandoffShape,
+    /// KV transport between workers: `auto` (shared memory on one host, else TCP), `tcp` or
+    /// `shm`. Default `auto`.
     pub transport: TransportChoice,
-    /// Prompts shorter than this run aggregated on a decode worker under `pd_mode = auto`: their
-    /// prefill costs less than a handoff.
+    /// Prompts shorter than this many tokens run aggregated on a decode worker under
+    /// `pd_mode = auto`: their prefill costs less than a handoff. Default 32.
     pub min_disaggregated_tokens: usize,
     /// Requests admitted at once (streaming or waiting); more get RESOURCE_EXHAUSTED / 429.
+    /// Default 256.
     pub max_inflight: usize,
-    /// Lease time for a handoff's pinned blocks (renewed while the transfer progresses).
+    /// Lease time of a handoff's pinned blocks, renewed while the transfer progresses (a
+    /// duration: "10s", "500ms"; 10 ms to 60 s). Default 10s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lease_ttl: Duration,
-    /// How often worker load is polled; a worker that fails a poll is unhealthy until the next
-    /// one succeeds.
+    /// How often worker load is polled (a duration, at least 10 ms); a worker that fails a
+    /// poll is unhealthy until the next one succeeds. Default 250ms.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub load_poll_interval: Duration,
-    /// Seconds a client is told to wait after a 429 (`Retry-After`).
+    /// How long a client is told to wait after a 429 (`Retry-After`, whole seconds; a
+    /// duration). Default 1s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub retry_after: Duration,
+    /// Logs and traces (`[coordinator.telemetry]`).
+    pub telemetry: baton_telemetry::TelemetryConfig,
 }
 
 impl CoordinatorConfig {
@@ -98,9 +126,15 @@ impl CoordinatorConfig {
             min_disaggregated_tokens: 32,
             max_inflight: 256,
             lease_ttl: Duration::from_secs(10),
-            load_poll_interval: Duration::from_millis(500),
+            load_poll_interval: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
+            telemetry: baton_telemetry::TelemetryConfig::default(),
         }
+    }
+
+    /// The defaults of a config file's `[coordinator]` table: no model chosen yet.
+    fn unset() -> Self {
+        Self::new(PathBuf::new())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -121,6 +155,9 @@ impl CoordinatorConfig {
         }
         if self.load_poll_interval < Duration::from_millis(10) {
             return bad("load_poll_interval", "must be at least 10 ms");
+        }
+        if let Err(e) = self.telemetry.validate() {
+            return bad("telemetry", &e.to_string());
         }
         Ok(())
     }

@@ -225,7 +225,10 @@ fn timeout(body: Option<f64>, headers: &HeaderMap) -> Result<Option<Duration>> {
         },
     };
     if !(seconds > 0.0 && seconds <= 86_400.0) {
-        return Err(invalid(field, "must be more than 0 and at most 86400 seconds"));
+        return Err(invalid(
+            field,
+            "must be more than 0 and at most 86400 seconds",
+        ));
     }
     Ok(Some(Duration::from_secs_f64(seconds)))
 }
@@ -311,11 +314,7 @@ struct Reply {
     tokenizer: baton_text::Tokenizer,
 }
 
-async fn completions(
-    State(inner): State<Arc<Inner>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
     let req: CompletionRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),

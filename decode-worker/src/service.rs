@@ -48,19 +48,21 @@ pub async fn run(config: DecodeConfig, shutdown: impl Future<Output = ()> + Send
 }
 
 /// Serves on an already bound listener (tests bind 127.0.0.1:0 and keep it); binds
-/// `config.metrics_listen` itself.
+/// `config.metrics_listen` itself when `config.metrics` is on.
 pub async fn serve(
     config: DecodeConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let metrics = match config.metrics_listen {
-        Some(at) => Some(
+    let metrics = if config.metrics {
+        let at = config.metrics_listen;
+        Some(
             TcpListener::bind(at)
                 .await
                 .map_err(|e| Error::Internal(format!("bind metrics {at}: {e}")))?,
-        ),
-        None => None,
+        )
+    } else {
+        None
     };
     serve_with_metrics(config, listener, metrics, shutdown).await
 }
@@ -397,8 +399,8 @@ impl DecodeWorker for DecodeService {
         &self,
         request: Request<DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
-        let deadline = convert::grpc_timeout(request.metadata())
-            .map(|t| (tokio::time::Instant::now() + t, t));
+        let deadline =
+            convert::grpc_timeout(request.metadata()).map(|t| (tokio::time::Instant::now() + t, t));
         let req = request.into_inner();
         if !matches!(req.source, Some(Source::Pushed(_))) {
             self.admit_new_work()?;

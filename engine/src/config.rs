@@ -1,6 +1,7 @@
 //! Model hyperparameters and engine settings: what a model file says about its shape, and how the
 //! engine should hold its weights and KV cache.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Decoder families the engine runs. All are Llama-shaped (RMSNorm, RoPE, SwiGLU, GQA); the
@@ -145,13 +146,18 @@ pub enum WeightFormat {
 }
 
 /// The `weights` setting: `auto` picks per role (prefill dequantized, decode quantized).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightsSetting {
+    /// f32 for prefill (compute-bound), the file's quantized weights for decode (memory-bound).
     #[default]
     Auto,
+    /// As the file stores them.
     Quantized,
+    /// Dequantized to f32 (`dequantized` is accepted too).
+    #[serde(alias = "dequantized")]
     F32,
+    /// Dequantized to f16.
     F16,
 }
 
@@ -216,7 +222,7 @@ impl WeightPlan {
 }
 
 /// Element type of the KV cache blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KvDType {
     F32,
@@ -246,9 +252,10 @@ impl KvDType {
     }
 }
 
-/// Where the engine keeps its weights and KV pool.
+/// Where the engine keeps its weights and KV pool. Written `cpu`, `cuda` (ordinal 0) or `cuda:N`
+/// in configuration and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSetting {
     #[default]
     Cpu,
@@ -272,6 +279,42 @@ impl std::str::FromStr for DeviceSetting {
     }
 }
 
+impl std::fmt::Display for DeviceSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSetting {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSetting> for String {
+    fn from(d: DeviceSetting) -> String {
+        d.to_string()
+    }
+}
+
+impl JsonSchema for DeviceSetting {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "DeviceSetting".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^(cpu|cuda(:[0-9]+)?)$",
+            "description": "cpu, cuda (ordinal 0) or cuda:N; CUDA needs a build with the `cuda` feature."
+        })
+    }
+}
+
 impl DeviceSetting {
     /// Opens the device; a CUDA setting in a build without the `cuda` feature is a clear error.
     pub fn open(self) -> crate::Result<candle_core::Device> {
@@ -288,30 +331,62 @@ impl DeviceSetting {
     }
 }
 
-/// Settings for one engine instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Settings for one engine instance: the `[prefill.engine]` and `[decode.engine]` tables of a
+/// config file. Every key is optional; a missing key has the default [`EngineConfig::new`] gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default = "EngineConfig::unset")]
 pub struct EngineConfig {
     /// A `.gguf` file, or a Hugging Face directory with config.json, *.safetensors and
-    /// tokenizer.json.
+    /// tokenizer.json. Default: empty, meaning `$BATON_MODEL`, else the development model
+    /// (fetched by scripts/fetch-model.sh).
     pub model: std::path::PathBuf,
+    /// How linear-layer weights are held: `auto` (f32 for prefill, the file's quantized weights
+    /// for decode), `quantized`, `f32` or `f16`. Default `auto`.
     pub weights: WeightsSetting,
+    /// What `weights = auto` means. Not configuration: the role running the engine sets it.
+    #[serde(skip)]
     pub role: Role,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature). Default `cpu`.
     pub device: DeviceSetting,
-    /// Tokens per KV block.
+    /// Tokens per KV block, 1 to 1024. Default 16.
     pub block_size: usize,
-    /// Bytes the KV block pool may occupy.
+    /// Size of the KV block pool, in MiB (in code: bytes). Default 512.
+    #[serde(rename = "kv_cache_mib", with = "mib")]
+    #[schemars(rename = "kv_cache_mib", with = "u64")]
     pub kv_cache_bytes: usize,
+    /// Element type of KV blocks: `f32` or `f16`. Default `f32` (f32 keeps a disaggregated
+    /// run's numbers identical to one process on CPU).
     pub kv_dtype: KvDType,
-    /// Longest prompt slice computed in one step; longer prompts are prefilled in chunks so they
-    /// share steps with running decodes. A multiple of `block_size`, so every chunk but a
-    /// prompt's last fills whole blocks and a block's KV can leave after the step that wrote it.
+    /// Longest prompt slice computed in one step, in tokens; longer prompts are prefilled in
+    /// chunks so they share steps with running decodes. A positive multiple of `block_size`, so
+    /// every chunk but a prompt's last fills whole blocks and a block's KV can leave after the
+    /// step that wrote it. Default 512.
     pub prefill_chunk_tokens: usize,
-    /// Most tokens (decode tokens plus prefill chunk tokens) one step computes.
+    /// Most tokens (decode tokens plus prefill chunk tokens) one step computes; at least
+    /// `prefill_chunk_tokens`. Default 2048.
     pub max_batch_tokens: usize,
-    /// Most sequences decoding at once.
+    /// Most sequences decoding at once. Default 64.
     pub max_running: usize,
-    /// Context length cap; `None` uses the model's trained maximum.
+    /// Context length cap, in tokens (prompt plus generated). Default: unset, the model's
+    /// trained maximum.
     pub max_context: Option<usize>,
+}
+
+/// `kv_cache_bytes` as whole MiB in configuration.
+mod mib {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &usize, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64((*bytes >> 20) as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+        let mib = u64::deserialize(d)?;
+        usize::try_from(mib)
+            .ok()
+            .and_then(|m| m.checked_mul(1 << 20))
+            .ok_or_else(|| serde::de::Error::custom(format!("{mib} MiB does not fit in memory")))
+    }
 }
 
 impl EngineConfig {
@@ -329,6 +404,12 @@ impl EngineConfig {
             max_running: 64,
             max_context: None,
         }
+    }
+
+    /// The defaults of a config file's engine table: no model chosen yet, role set by the
+    /// enclosing worker config.
+    fn unset() -> Self {
+        Self::new(std::path::PathBuf::new(), Role::Colocated)
     }
 
     pub fn validate(&self) -> crate::Result<()> {
@@ -395,6 +476,25 @@ mod tests {
         assert_eq!(prefill_only, WeightPlan::uniform(WeightFormat::F32));
         assert_eq!("dequantized".parse(), Ok(WeightsSetting::F32));
         assert!("q4".parse::<WeightsSetting>().is_err());
+    }
+
+    #[test]
+    fn engine_config_reads_devices_as_text_and_the_kv_pool_in_mib() {
+        let cfg: EngineConfig = serde_json::from_str(
+            r#"{"device": "cuda:1", "kv_cache_mib": 64, "weights": "dequantized"}"#,
+        )
+        .expect("a valid engine table");
+        assert_eq!(cfg.device, DeviceSetting::Cuda(1));
+        assert_eq!(cfg.kv_cache_bytes, 64 << 20);
+        assert_eq!(cfg.weights, WeightsSetting::F32);
+        assert_eq!(cfg.block_size, 16, "missing keys keep their defaults");
+        let text = serde_json::to_value(&cfg).expect("serializes");
+        assert_eq!(text["device"], "cuda:1");
+        assert_eq!(text["kv_cache_mib"], 64);
+        assert!(text.get("role").is_none(), "the role is not configuration");
+        let err = serde_json::from_str::<EngineConfig>(r#"{"kv_cache_mb": 64}"#)
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("kv_cache_mb"), "{err}");
     }
 
     #[test]

@@ -150,11 +150,16 @@ impl CloseCode {
     }
 }
 
-/// Bounds a decoder enforces on what a peer sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Bounds a decoder enforces on what a peer sends (the `limits` table of a transport's config).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(deny_unknown_fields, default)]
 pub struct FrameLimits {
     /// Largest payload accepted, in bytes. A kv data frame is one layer of a run of blocks, so
-    /// senders keep frames under this by splitting block runs.
+    /// senders keep frames under this by splitting block runs. Default 67108864 (64 MiB).
+    #[serde(rename = "max_payload_bytes")]
+    #[schemars(rename = "max_payload_bytes")]
     pub max_payload: u32,
 }
 

@@ -88,10 +88,13 @@ impl Link {
     }
 }
 
-/// Transport settings for the connections a prefill worker opens.
-#[derive(Debug, Clone, Default)]
+/// Transport settings for the connections a prefill worker opens (`[prefill.link]`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct LinkConfig {
+    /// The TCP transport's sending side.
     pub tcp: TcpConfig,
+    /// The shared-memory transport's sending side.
     pub shm: ShmConfig,
 }
 

@@ -87,23 +87,29 @@ const OFFER_FIXED_LEN: usize = 4 + 4 + 2;
 /// Largest hello payload a receiver reads: descriptor, offer, longest path.
 const MAX_HELLO: usize = DESCRIPTOR_LEN + OFFER_FIXED_LEN + MAX_SEGMENT_PATH;
 
-/// Settings of both ends of the shared-memory transport.
-#[derive(Debug, Clone)]
+/// Settings of both ends of the shared-memory transport (`[decode.shm]`, `[prefill.link.shm]` in
+/// a config file; a missing key keeps its default).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShmConfig {
     /// Slots in a sender's segment: frames written and not yet copied out by the receiver. For a
-    /// receiver, the most slots it maps of one sender.
+    /// receiver, the most slots it maps of one sender. Default 8.
     pub slots: usize,
     /// Bytes of one slot; a frame (56-byte header and payload) must fit one. For a receiver, the
-    /// largest slot it maps.
+    /// largest slot it maps. Default 8388608 (8 MiB).
     pub slot_bytes: usize,
     /// Directory senders create segments in, a tmpfs so that they are memory, not disk. A
-    /// receiver maps segments from this directory only.
+    /// receiver maps segments from this directory only. An absolute path; default "/dev/shm".
     pub segment_dir: PathBuf,
     /// Bounds on what a peer may send.
     pub limits: FrameLimits,
     /// Deliveries the receiver's channel holds before its links stop copying frames out.
+    /// Default 64.
     pub delivery_capacity: usize,
-    /// Longest a connection may take to exchange hellos.
+    /// Longest a connection may take to exchange hellos (a duration: "5s", "500ms").
+    /// Default 5s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub handshake_timeout: Duration,
 }
 
@@ -123,7 +129,7 @@ impl Default for ShmConfig {
 }
 
 impl ShmConfig {
-    fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<()> {
         let invalid = |field, reason: &str| {
             Err(Error::InvalidConfig {
                 field,

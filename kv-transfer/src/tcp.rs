@@ -35,21 +35,32 @@ use crate::transport::{
     kv_data_header,
 };
 
-/// Settings of both ends of the TCP transport.
-#[derive(Debug, Clone)]
+/// Settings of both ends of the TCP transport (`[decode.tcp]`, `[prefill.link.tcp]` in a config
+/// file; a missing key keeps its default).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct TcpConfig {
-    /// Streams a sender opens to one receiver. Frames are spread over them round robin.
+    /// Streams a sender opens to one receiver; frames are spread over them round robin.
+    /// Default 4.
     pub streams: usize,
     /// Bounds on what a peer may send.
     pub limits: FrameLimits,
-    /// Deliveries the receiver's channel holds before its streams stop reading.
+    /// Deliveries the receiver's channel holds before its streams stop reading. Default 64.
     pub delivery_capacity: usize,
-    /// Socket send and receive buffer sizes in bytes (`SO_SNDBUF`, `SO_RCVBUF`); `None` keeps
-    /// the OS defaults. Part of the in-flight bound.
+    /// Socket send and receive buffer sizes, in bytes (`SO_SNDBUF`, `SO_RCVBUF`); part of the
+    /// in-flight bound. Default: unset, the OS defaults.
+    #[serde(rename = "socket_buffer_bytes")]
+    #[schemars(rename = "socket_buffer_bytes")]
     pub socket_buffer: Option<u32>,
-    /// Longest a connection may take to exchange hellos.
+    /// Longest a connection may take to exchange hellos (a duration: "5s", "500ms").
+    /// Default 5s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub handshake_timeout: Duration,
-    /// Bytes of read buffering per receiving stream.
+    /// Read buffering per receiving stream, in bytes; at least a frame header (56). Default
+    /// 65536.
+    #[serde(rename = "read_buffer_bytes")]
+    #[schemars(rename = "read_buffer_bytes")]
     pub read_buffer: usize,
 }
 
@@ -67,7 +78,8 @@ impl Default for TcpConfig {
 }
 
 impl TcpConfig {
-    fn validate(&self) -> Result<()> {
+    /// Errors name the config key (`read_buffer_bytes`, not the field).
+    pub fn validate(&self) -> Result<()> {
         let invalid = |field, reason: &str| {
             Err(Error::InvalidConfig {
                 field,
@@ -81,7 +93,7 @@ impl TcpConfig {
             return invalid("delivery_capacity", "must be at least 1");
         }
         if self.read_buffer < HEADER_LEN {
-            return invalid("read_buffer", "must hold a frame header");
+            return invalid("read_buffer_bytes", "must hold a frame header");
         }
         Ok(())
     }

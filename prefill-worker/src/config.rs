@@ -1,36 +1,54 @@
-//! The prefill worker's settings: one typed struct, validated once at start.
+//! The prefill worker's settings: one typed struct, validated once at start. The same struct is
+//! the `[prefill]` table of a config file (`baton.toml`); every key is optional and keeps the
+//! default [`PrefillConfig::new`] gives.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use baton_engine::EngineConfig;
+use baton_engine::{EngineConfig, Role};
 use baton_kv_transfer::LinkConfig;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default = "PrefillConfig::unset")]
 pub struct PrefillConfig {
+    /// The engine (`[prefill.engine]`).
+    #[serde(deserialize_with = "prefill_engine")]
     pub engine: EngineConfig,
-    /// gRPC address (PrefillWorker, health, reflection).
+    /// gRPC address (PrefillWorker, health, reflection); port 0 lets the OS choose. Default
+    /// "127.0.0.1:50061".
     pub listen: SocketAddr,
-    /// Name in logs, metrics and placements; defaults to `prefill@<listen>`.
+    /// Name in logs, metrics and placements. Default: unset, `prefill@<listen>`.
     pub worker_id: Option<String>,
-    /// Identifies this host: decode workers with the same id may be reached over shared memory.
+    /// Identifies this host: decode workers with the same id may be reached over shared
+    /// memory. Default: empty.
     pub host_id: String,
-    /// Transport settings for connections to decode workers.
+    /// Transport settings for connections to decode workers (`[prefill.link.tcp]`,
+    /// `[prefill.link.shm]`).
     pub link: LinkConfig,
-    /// Prompts queued or being prefilled at once; more is RESOURCE_EXHAUSTED.
+    /// Prompts queued or being prefilled at once; more is RESOURCE_EXHAUSTED. Default 64.
     pub max_pending: usize,
     /// KV segments buffered between the engine and the transport per handoff: the bound on
-    /// what a slow decode worker makes this worker hold.
+    /// what a slow decode worker makes this worker hold. Default 64.
     pub segment_queue: usize,
-    /// Longest lease a pull handoff may ask for.
+    /// Longest lease a pull handoff may ask for (a duration, at least 10 ms). Default 60s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_lease_ttl: Duration,
-    /// Prometheus `/metrics` address (port 0 picks one); `None` serves no metrics.
-    pub metrics_listen: Option<SocketAddr>,
-    /// On SIGTERM: how long queued prefills and leased pull sources may take to finish before
-    /// they are failed and their blocks freed.
+    /// Serve Prometheus `/metrics` on `metrics_listen`. Default true.
+    pub metrics: bool,
+    /// The `/metrics` address; port 0 lets the OS choose. Default "127.0.0.1:9061".
+    pub metrics_listen: SocketAddr,
+    /// On SIGTERM, how long queued prefills and leased pull sources may take to finish before they are failed and their blocks freed (a duration, at most 1 h). Default 30s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub drain_timeout: Duration,
+    /// Logs and traces (`[prefill.telemetry]`).
+    pub telemetry: baton_telemetry::TelemetryConfig,
 }
 
 impl PrefillConfig {
@@ -44,9 +62,16 @@ impl PrefillConfig {
             max_pending: 64,
             segment_queue: 64,
             max_lease_ttl: Duration::from_secs(60),
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9061))),
+            metrics: true,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9061)),
             drain_timeout: Duration::from_secs(30),
+            telemetry: baton_telemetry::TelemetryConfig::default(),
         }
+    }
+
+    /// The defaults of a config file's `[prefill]` table: no model chosen yet.
+    fn unset() -> Self {
+        Self::new(EngineConfig::new(PathBuf::new(), Role::Prefill))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -63,8 +88,18 @@ impl PrefillConfig {
         if self.drain_timeout > Duration::from_secs(3600) {
             return Err(invalid("drain_timeout", "must be at most 1 h"));
         }
+        if let Err(e) = self.telemetry.validate() {
+            return Err(invalid("telemetry", &e.to_string()));
+        }
         Ok(())
     }
+}
+
+/// A configured engine table runs in the prefill role, whatever its own defaults say.
+fn prefill_engine<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<EngineConfig, D::Error> {
+    let mut engine = EngineConfig::deserialize(d)?;
+    engine.role = Role::Prefill;
+    Ok(engine)
 }
 
 fn invalid(field: &'static str, reason: &str) -> Error {

@@ -41,19 +41,21 @@ pub async fn run(config: PrefillConfig, shutdown: impl Future<Output = ()> + Sen
 }
 
 /// Serves on an already bound listener (tests bind 127.0.0.1:0 and keep it); binds
-/// `config.metrics_listen` itself.
+/// `config.metrics_listen` itself when `config.metrics` is on.
 pub async fn serve(
     config: PrefillConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let metrics = match config.metrics_listen {
-        Some(at) => Some(
+    let metrics = if config.metrics {
+        let at = config.metrics_listen;
+        Some(
             TcpListener::bind(at)
                 .await
                 .map_err(|e| Error::Internal(format!("bind metrics {at}: {e}")))?,
-        ),
-        None => None,
+        )
+    } else {
+        None
     };
     serve_with_metrics(config, listener, metrics, shutdown).await
 }

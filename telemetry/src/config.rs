@@ -1,16 +1,20 @@
-//! Telemetry settings, the same for every role.
+//! Telemetry settings: the `telemetry` table of every role (`[decode.telemetry]`, ...).
 
 use std::str::FromStr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One human-readable line per event.
     #[default]
     Human,
-    /// One JSON object per event (with the current span and its parents), for log shippers.
+    /// One JSON object per event (with the current span), for log shippers.
     Json,
 }
 
@@ -34,31 +38,31 @@ impl std::fmt::Display for LogFormat {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
-    /// `service.name` of this process's spans: `baton-coordinator`, `baton-prefill`,
-    /// `baton-decode`.
-    pub service_name: String,
-    /// `service.instance.id`: which worker of a role (its worker id), when known.
-    pub instance_id: Option<String>,
+    /// `human` (one line per event) or `json` (one object per event) logs on stderr. Default
+    /// `human`.
     pub log_format: LogFormat,
-    /// `RUST_LOG`-style filter; default: `info` for servers.
+    /// Which events are logged, in `RUST_LOG` syntax (`RUST_LOG` itself wins when set). Default
+    /// "info".
     pub log_filter: String,
-    /// OTLP/gRPC collector (`http://host:4317`); none exports no spans.
+    /// OTLP/gRPC collector that receives this process's spans, e.g. "http://127.0.0.1:4317".
+    /// Default: unset, no spans leave the process.
     pub otlp_endpoint: Option<String>,
 }
 
-impl TelemetryConfig {
-    pub fn new(service_name: impl Into<String>) -> Self {
+impl Default for TelemetryConfig {
+    fn default() -> Self {
         Self {
-            service_name: service_name.into(),
-            instance_id: None,
             log_format: LogFormat::Human,
             log_filter: "info".into(),
             otlp_endpoint: None,
         }
     }
+}
 
+impl TelemetryConfig {
     pub fn validate(&self) -> Result<()> {
         if let Some(endpoint) = &self.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
@@ -68,12 +72,21 @@ impl TelemetryConfig {
                 reason: format!("{endpoint:?} must start with http:// or https://"),
             });
         }
-        if self.service_name.is_empty() {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
             return Err(Error::InvalidConfig {
-                field: "service_name",
-                reason: "is empty".into(),
+                field: "log_filter",
+                reason: e.to_string(),
             });
         }
         Ok(())
     }
+}
+
+/// Which process the spans come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceName {
+    /// `service.name`: `baton-coordinator`, `baton-prefill`, `baton-decode`.
+    pub name: String,
+    /// `service.instance.id`: which worker of its role, when known.
+    pub instance: Option<String>,
 }

@@ -16,7 +16,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
 
-use crate::config::{LogFormat, TelemetryConfig};
+use crate::config::{LogFormat, ServiceName, TelemetryConfig};
 use crate::error::{Error, Result};
 
 /// Keeps span export alive; dropping it (or [`Telemetry::shutdown`]) flushes the spans still
@@ -53,7 +53,7 @@ impl Drop for Telemetry {
 
 /// Installs the process's subscriber. Call once, before serving, outside any async runtime's
 /// worker threads (span export runs on its own thread with its own small runtime).
-pub fn init(config: &TelemetryConfig) -> Result<Telemetry> {
+pub fn init(config: &TelemetryConfig, service: &ServiceName) -> Result<Telemetry> {
     config.validate()?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env()
@@ -88,7 +88,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry> {
     let provider = config
         .otlp_endpoint
         .as_deref()
-        .map(|endpoint| provider(config, endpoint))
+        .map(|endpoint| provider(service, endpoint))
         .transpose()?;
     // Spans are exported whatever the log filter says: an operator who quiets the logs still
     // wants the traces. baton's own spans are info level.
@@ -106,7 +106,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry> {
     Ok(Telemetry { provider })
 }
 
-fn provider(config: &TelemetryConfig, endpoint: &str) -> Result<SdkTracerProvider> {
+fn provider(service: &ServiceName, endpoint: &str) -> Result<SdkTracerProvider> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("otlp-export")
@@ -122,8 +122,8 @@ fn provider(config: &TelemetryConfig, endpoint: &str) -> Result<SdkTracerProvide
             .build()
             .map_err(|e| Error::Exporter(format!("{endpoint}: {e}")))?
     };
-    let mut resource = Resource::builder().with_service_name(config.service_name.clone());
-    if let Some(id) = &config.instance_id {
+    let mut resource = Resource::builder().with_service_name(service.name.clone());
+    if let Some(id) = &service.instance {
         resource = resource.with_attribute(opentelemetry::KeyValue::new(
             "service.instance.id",
             id.clone(),

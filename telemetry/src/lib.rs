@@ -16,7 +16,7 @@ mod init;
 mod metrics;
 mod propagate;
 
-pub use config::{LogFormat, TelemetryConfig};
+pub use config::{LogFormat, ServiceName, TelemetryConfig};
 pub use error::{Error, Result};
 pub use init::{Telemetry, init};
 pub use metrics::{

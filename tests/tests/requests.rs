@@ -288,7 +288,11 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
     .expect("the deadline ends the stream");
     let status = ended.expect_err("a 500-token stream does not fit in 1.5 s");
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     workers.await_pools_full(Duration::from_secs(1)).await;
 
     // The workers take the deadline from the call itself: a decode stream called directly
@@ -301,13 +305,12 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
         ..Default::default()
     });
     direct.set_timeout(Duration::from_millis(800));
-    let mut stream = v1::decode_worker_client::DecodeWorkerClient::new(baton_e2e::channel(
-        workers.decode,
-    ))
-    .decode(direct)
-    .await
-    .expect("decode starts")
-    .into_inner();
+    let mut stream =
+        v1::decode_worker_client::DecodeWorkerClient::new(baton_e2e::channel(workers.decode))
+            .decode(direct)
+            .await
+            .expect("decode starts")
+            .into_inner();
     let status = loop {
         match stream.message().await {
             Ok(Some(_)) => {}
