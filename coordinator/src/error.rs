@@ -44,6 +44,16 @@ pub enum Error {
     Internal(String),
 }
 
+/// Whether a call failed because tonic's client-side timer for its `grpc-timeout` fired.
+fn timed_out(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some_and(|e| {
+        e.downcast_ref::<tonic::TimeoutExpired>().is_some()
+            || e.downcast_ref::<tonic::transport::Error>()
+                .and_then(std::error::Error::source)
+                .is_some_and(|e| e.downcast_ref::<tonic::TimeoutExpired>().is_some())
+    })
+}
+
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -81,6 +91,9 @@ impl Error {
             }
             Code::ResourceExhausted => ErrorClass::Overloaded,
             Code::DeadlineExceeded => ErrorClass::Deadline,
+            // tonic's own timer for the call's grpc-timeout (the request's deadline) reports
+            // CANCELLED; it is the deadline that passed.
+            Code::Cancelled if timed_out(status) => ErrorClass::Deadline,
             Code::Cancelled => ErrorClass::Cancelled,
             Code::NotFound => ErrorClass::NotFound,
             Code::Unavailable | Code::Aborted | Code::Unknown => ErrorClass::Unavailable,

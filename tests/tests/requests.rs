@@ -274,7 +274,7 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
 
     // gRPC: the client's grpc-timeout ends a stream that would run far longer.
     let mut request = tonic::Request::new(long_request(&prompt_of(100, 3)));
-    request.set_timeout(Duration::from_millis(1500));
+    request.set_timeout(Duration::from_secs(3));
     let started = std::time::Instant::now();
     let ended = tokio::time::timeout(LIMIT, async {
         let mut stream = coordinator.client().generate(request).await?.into_inner();
