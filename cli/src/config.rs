@@ -848,6 +848,7 @@ mod tests {
                     vec![json!(n + 1), json!(n + 2)]
                 }
                 Json::Array(_) => vec![json!(["127.0.0.1:7"]), json!(["127.0.0.1:8", "h:9"])],
+                Json::Bool(b) => vec![json!(!b)],
                 Json::String(s) => {
                     if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
                         let port = addr.port();

@@ -79,20 +79,22 @@ fn config_command(cmd: ConfigCommand) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Servers log their lifecycle; one-shot commands keep the terminal for their output.
-    let default_level = match cli.command {
-        Command::Generate(_) | Command::Bench(_) | Command::KvDemo(_) | Command::Config(_) => {
-            "warn"
-        }
-        _ => "info",
+    // The roles install their own telemetry (logs, span export) from their settings. Of the
+    // rest, `up` logs its lifecycle and one-shot commands keep the terminal for their output.
+    let one_shot = match cli.command {
+        Command::Coordinator(_) | Command::Prefill(_) | Command::Decode(_) => None,
+        Command::Up(_) => Some("info"),
+        _ => Some("warn"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    if let Some(level) = one_shot {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match cli.command {
         Command::Up(args) => up::run(args),
         Command::Coordinator(args) => roles::coordinator(args),

@@ -92,10 +92,91 @@ impl EngineArgs {
     }
 }
 
+/// Logs and traces, the same flags for every role (`<role>.telemetry.*`).
+#[derive(clap::Args, Clone, Default)]
+pub struct TelemetryArgs {
+    /// human | json: how log lines are written to stderr (telemetry.log_format; default
+    /// human).
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// OTLP/gRPC collector that receives this process's spans, e.g. http://127.0.0.1:4317
+    /// (telemetry.otlp_endpoint; default: none).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+impl TelemetryArgs {
+    fn flags(&self, role: &str, f: &mut Flags) {
+        f.named(
+            &format!("{role}.telemetry.log_format"),
+            "--log-format",
+            self.log_format.as_ref(),
+        );
+        f.named(
+            &format!("{role}.telemetry.otlp_endpoint"),
+            "--otlp-endpoint",
+            self.otlp_endpoint.as_ref(),
+        );
+    }
+}
+
+/// Settings both worker roles take besides the engine's.
+#[derive(clap::Args, Clone)]
+pub struct WorkerArgs {
+    /// Prometheus /metrics address; port 0 lets the OS choose, the chosen one is printed
+    /// (metrics_listen; default 127.0.0.1:9061 for prefill, 127.0.0.1:9071 for decode).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Serve no /metrics endpoint (metrics = false).
+    #[arg(long, conflicts_with = "metrics_listen")]
+    pub no_metrics: bool,
+    /// On SIGTERM, how long in-flight work may take before it is cancelled, in milliseconds
+    /// (drain_timeout; default 30000).
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+impl WorkerArgs {
+    fn flags(&self, role: &str, f: &mut Flags) {
+        f.named(
+            &format!("{role}.metrics_listen"),
+            "--metrics-listen",
+            self.metrics_listen.as_ref(),
+        );
+        f.named(
+            &format!("{role}.metrics"),
+            "--no-metrics",
+            self.no_metrics.then_some("false"),
+        );
+        f.named(
+            &format!("{role}.drain_timeout"),
+            "--drain-timeout-ms",
+            self.drain_timeout_ms.map(|ms| format!("{ms}ms")),
+        );
+    }
+}
+
+/// Installs this process's logs and span export.
+fn telemetry(
+    config: &baton_telemetry::TelemetryConfig,
+    role: &str,
+    instance: Option<&str>,
+) -> anyhow::Result<baton_telemetry::Telemetry> {
+    let service = baton_telemetry::ServiceName {
+        name: format!("baton-{role}"),
+        instance: instance.map(str::to_string),
+    };
+    Ok(baton_telemetry::init(config, &service)?)
+}
+
 #[derive(clap::Args)]
 pub struct PrefillArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// gRPC address; port 0 lets the OS choose, the chosen one is printed (prefill.listen;
     /// default 127.0.0.1:50061).
     #[arg(long)]
@@ -114,6 +195,8 @@ impl PrefillArgs {
     fn sources(&self) -> anyhow::Result<Sources> {
         self.config.sources(Some(RoleName::Prefill), |f| {
             self.engine.flags("prefill", f);
+            self.worker.flags("prefill", f);
+            self.telemetry.flags("prefill", f);
             f.named("prefill.listen", "--listen", self.listen.as_ref());
             f.named("prefill.worker_id", "--worker-id", self.worker_id.as_ref());
         })
@@ -124,6 +207,10 @@ impl PrefillArgs {
 pub struct DecodeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// gRPC address; port 0 lets the OS choose, the chosen one is printed (decode.listen;
     /// default 127.0.0.1:50071).
     #[arg(long)]
@@ -153,6 +240,8 @@ impl DecodeArgs {
     fn sources(&self) -> anyhow::Result<Sources> {
         self.config.sources(Some(RoleName::Decode), |f| {
             self.engine.flags("decode", f);
+            self.worker.flags("decode", f);
+            self.telemetry.flags("decode", f);
             f.named("decode.listen", "--listen", self.listen.as_ref());
             f.named(
                 "decode.kv_tcp_listen",
@@ -176,6 +265,8 @@ impl DecodeArgs {
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
     /// The model whose tokenizer and chat template requests use; no weights are loaded
     /// (coordinator.model; default: $BATON_MODEL, else the development model).
     #[arg(long)]
@@ -224,6 +315,7 @@ pub struct CoordinatorArgs {
 impl CoordinatorArgs {
     fn sources(&self) -> anyhow::Result<Sources> {
         self.config.sources(Some(RoleName::Coordinator), |f| {
+            self.telemetry.flags("coordinator", f);
             f.named(
                 "coordinator.model",
                 "--model",
@@ -324,16 +416,30 @@ fn announce(what: &str, addr: SocketAddr) {
     let _ = std::io::stdout().flush();
 }
 
+/// Binds the metrics listener (when metrics are on) and announces it after the gRPC one.
+async fn bind_metrics(at: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match at {
+        Some(at) => {
+            let listener = bind(at).await?;
+            announce("metrics", listener.local_addr()?);
+            Ok(Some(listener))
+        }
+        None => Ok(None),
+    }
+}
+
 pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let Some(loaded) = configure(&args.sources()?, RoleName::Prefill, args.print_config)? else {
         return Ok(());
     };
     let mut config = loaded.config.prefill;
+    let _telemetry = telemetry(&config.telemetry, "prefill", config.worker_id.as_deref())?;
     config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
-        baton_prefill_worker::serve(config, listener, shutdown_signal())
+        let metrics = bind_metrics(config.metrics.then_some(config.metrics_listen)).await?;
+        baton_prefill_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
             .await
             .context("prefill worker")
     })
@@ -344,11 +450,13 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut config = loaded.config.decode;
+    let _telemetry = telemetry(&config.telemetry, "decode", config.worker_id.as_deref())?;
     config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
-        baton_decode_worker::serve(config, listener, shutdown_signal())
+        let metrics = bind_metrics(config.metrics.then_some(config.metrics_listen)).await?;
+        baton_decode_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
             .await
             .context("decode worker")
     })
@@ -360,6 +468,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut config = loaded.config.coordinator;
+    let _telemetry = telemetry(&config.telemetry, "coordinator", None)?;
     config.model = crate::config::resolve_model(&config.model)?;
     runtime()?.block_on(async {
         let grpc = bind(config.grpc_listen).await?;

@@ -52,6 +52,8 @@ pub struct UpArgs {
     kv_cache_mib: Option<String>,
     #[command(flatten)]
     config: ConfigArgs,
+    #[command(flatten)]
+    telemetry: crate::roles::TelemetryArgs,
 }
 
 impl UpArgs {
@@ -83,6 +85,8 @@ impl UpArgs {
             }
         };
         flags.extend(own.into_iter().flatten());
+        flags.extend(given("--log-format", &self.telemetry.log_format));
+        flags.extend(given("--otlp-endpoint", &self.telemetry.otlp_endpoint));
         flags
     }
 
@@ -118,17 +122,22 @@ impl UpArgs {
     }
 }
 
-struct Children(Vec<(String, Child)>);
+struct Children {
+    procs: Vec<(String, Child)>,
+    /// How long children may take to stop after SIGTERM: the workers' drain deadline and a
+    /// margin.
+    grace: Duration,
+}
 
 impl Children {
-    /// SIGTERM to everyone, then wait up to a grace period; SIGKILL whoever is still there.
+    /// SIGTERM to everyone, then wait up to the grace period; SIGKILL whoever is still there.
     fn stop(&mut self) {
-        for (_, c) in &self.0 {
+        for (_, c) in &self.procs {
             signal(c.id(), libc::SIGTERM);
         }
         let (tx, rx) = mpsc::channel();
         let mut waiting = Vec::new();
-        for (name, mut c) in self.0.drain(..) {
+        for (name, mut c) in self.procs.drain(..) {
             let tx = tx.clone();
             waiting.push((name, c.id()));
             std::thread::spawn(move || {
@@ -137,7 +146,7 @@ impl Children {
             });
         }
         drop(tx);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + self.grace;
         while !waiting.is_empty() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
@@ -169,8 +178,13 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// Starts `baton <args>` and returns it with the address from its first `listening` line.
-fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+/// Starts `baton <args>` and returns it with the addresses of its first `announced`
+/// `listening` lines.
+fn spawn(
+    name: &str,
+    args: &[String],
+    announced: usize,
+) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
     let exe = std::env::current_exe().context("find the baton executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
@@ -200,8 +214,7 @@ fn spawn(name: &str, args: &[String]) -> anyhow::Result<(Child, Vec<SocketAddr>)
                 {
                     addrs.push(a);
                 }
-                // The coordinator announces two listeners; workers one.
-                if !sent && (addrs.len() == 2 || !label.starts_with("coordinator")) {
+                if !sent && addrs.len() == announced {
                     let _ = tx.send(addrs.clone());
                     sent = true;
                 }
@@ -235,7 +248,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     crate::config::resolve_model(&loaded.config.decode.engine.model)?;
 
-    let mut children = Children(Vec::new());
+    let drain = loaded
+        .config
+        .prefill
+        .drain_timeout
+        .max(loaded.config.decode.drain_timeout);
+    let mut children = Children {
+        procs: Vec::new(),
+        grace: drain + Duration::from_secs(5),
+    };
+    let mut metrics = Vec::new();
     let mut prefill_addrs = Vec::new();
     let mut decode_addrs = Vec::new();
     let workers = (0..args.decode)
@@ -252,6 +274,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             "127.0.0.1:0".into(),
             "--worker-id".into(),
             name.clone(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
         ]);
         if role == RoleName::Decode {
             // Shared memory for prefill workers on this host.
@@ -259,12 +283,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
                 std::env::temp_dir().join(format!("baton-{}-{name}.sock", std::process::id()));
             role_args.extend(["--kv-shm-socket".into(), socket.display().to_string()]);
         }
-        let (child, addrs) = spawn(&name, &role_args)?;
+        let serves_metrics = match role {
+            RoleName::Decode => loaded.config.decode.metrics,
+            _ => loaded.config.prefill.metrics,
+        };
+        let (child, addrs) = spawn(&name, &role_args, 1 + usize::from(serves_metrics))?;
+        if let Some(at) = addrs.get(1) {
+            metrics.push((name.clone(), *at));
+        }
         match role {
             RoleName::Decode => decode_addrs.push(addrs[0]),
             _ => prefill_addrs.push(addrs[0]),
         }
-        children.0.push((name, child));
+        children.procs.push((name, child));
     }
     let mut coord_args = vec!["coordinator".to_string()];
     for (flag, value) in args.child_flags(RoleName::Coordinator) {
@@ -276,8 +307,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     for a in &decode_addrs {
         coord_args.extend(["--decode-worker".into(), a.to_string()]);
     }
-    let (child, addrs) = spawn("coordinator", &coord_args)?;
-    children.0.push(("coordinator".into(), child));
+    let (child, addrs) = spawn("coordinator", &coord_args, 2)?;
+    children.procs.push(("coordinator".into(), child));
     let (grpc, http) = (addrs[0], addrs[1]);
     println!(
         "baton is up: {} prefill + {} decode workers",
@@ -287,6 +318,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         "  OpenAI HTTP  http://{http}/v1   (health /health, readiness /ready, metrics /metrics)"
     );
     println!("  gRPC         {grpc}   (baton.v1.Inference, reflection on)");
+    for (name, at) in &metrics {
+        println!("  {name:<12} metrics http://{at}/metrics");
+    }
     println!("Ctrl-C stops the cluster.");
 
     let (stop_tx, stop_rx) = mpsc::channel::<String>();
@@ -302,7 +336,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             break;
         }
         let mut died = None;
-        for (name, c) in &mut children.0 {
+        for (name, c) in &mut children.procs {
             if let Ok(Some(status)) = c.try_wait() {
                 died = Some(format!("{name} exited with {status}"));
                 break;

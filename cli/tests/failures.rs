@@ -2,82 +2,20 @@
 //! coordinator`), killed with SIGKILL mid-handoff: nothing hangs, the survivor reports a clear
 //! error, and every pinned block returns to its pool within the lease's time to live.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use common::{Proc, START_LIMIT, channel, model};
 
 use baton_proto::v1::{
     self, LoadRequest, decode_worker_client::DecodeWorkerClient, inference_client::InferenceClient,
     prefill_worker_client::PrefillWorkerClient,
 };
-use tonic::transport::Channel;
 
-const START_LIMIT: Duration = Duration::from_secs(120);
 /// Lease time the tests give handoffs; pools must be full again within this plus a margin.
 const TTL_MS: u32 = 1500;
-
-/// A `baton` child process, killed when dropped.
-struct Proc {
-    child: Child,
-    addrs: Vec<SocketAddr>,
-}
-
-impl Proc {
-    fn start(args: &[&str], announced: usize) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start baton");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some((_, a)) = line
-                    .strip_prefix("listening ")
-                    .and_then(|r| r.split_once('='))
-                {
-                    let _ = tx.send(a.parse::<SocketAddr>().expect("announced address"));
-                }
-            }
-        });
-        let addrs = (0..announced)
-            .map(|_| {
-                rx.recv_timeout(START_LIMIT)
-                    .expect("process announced its address")
-            })
-            .collect();
-        Proc { child, addrs }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn model() -> String {
-    if let Some(p) = std::env::var_os("BATON_MODEL") {
-        return p.to_string_lossy().into_owned();
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/fetch-model.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("fetch model");
-    assert!(out.status.success(), "fetch-model.sh failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn worker(role: &str, model: &str) -> Proc {
     Proc::start(
@@ -89,15 +27,10 @@ fn worker(role: &str, model: &str) -> Proc {
             "127.0.0.1:0",
             "--kv-cache-mib",
             "128",
+            "--no-metrics",
         ],
         1,
     )
-}
-
-fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect_lazy()
 }
 
 /// A prompt long enough that its prefill takes a while on this machine.
@@ -424,6 +357,7 @@ async fn recompute_policy_continues_a_stream_whose_pull_source_died() {
             "128",
             "--kv-failure-policy",
             "recompute",
+            "--no-metrics",
         ],
         1,
     );

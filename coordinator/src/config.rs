@@ -108,6 +108,8 @@ pub struct CoordinatorConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub retry_after: Duration,
+    /// Logs and traces (`[coordinator.telemetry]`).
+    pub telemetry: baton_telemetry::TelemetryConfig,
 }
 
 impl CoordinatorConfig {
@@ -126,6 +128,7 @@ impl CoordinatorConfig {
             lease_ttl: Duration::from_secs(10),
             load_poll_interval: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
+            telemetry: baton_telemetry::TelemetryConfig::default(),
         }
     }
 
@@ -152,6 +155,9 @@ impl CoordinatorConfig {
         }
         if self.load_poll_interval < Duration::from_millis(10) {
             return bad("load_poll_interval", "must be at least 10 ms");
+        }
+        if let Err(e) = self.telemetry.validate() {
+            return bad("telemetry", &e.to_string());
         }
         Ok(())
     }

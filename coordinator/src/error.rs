@@ -26,6 +26,8 @@ pub enum Error {
         inflight: usize,
         retry_after: Duration,
     },
+    #[error("the request's deadline passed ({timeout:?} after it arrived)")]
+    DeadlineExceeded { timeout: Duration },
     #[error("no healthy {role} worker")]
     NoWorker { role: &'static str },
     #[error("{worker}: {message}")]
@@ -42,6 +44,16 @@ pub enum Error {
     Internal(String),
 }
 
+/// Whether a call failed because tonic's client-side timer for its `grpc-timeout` fired.
+fn timed_out(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some_and(|e| {
+        e.downcast_ref::<tonic::TimeoutExpired>().is_some()
+            || e.downcast_ref::<tonic::transport::Error>()
+                .and_then(std::error::Error::source)
+                .is_some_and(|e| e.downcast_ref::<tonic::TimeoutExpired>().is_some())
+    })
+}
+
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -49,6 +61,7 @@ impl Error {
             Error::UnknownModel(_) => ErrorClass::NotFound,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
             Error::NoWorker { .. } => ErrorClass::Unavailable,
+            Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
             Error::Text(e) => match e.class() {
                 baton_text::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
@@ -78,6 +91,9 @@ impl Error {
             }
             Code::ResourceExhausted => ErrorClass::Overloaded,
             Code::DeadlineExceeded => ErrorClass::Deadline,
+            // tonic's own timer for the call's grpc-timeout (the request's deadline) reports
+            // CANCELLED; it is the deadline that passed.
+            Code::Cancelled if timed_out(status) => ErrorClass::Deadline,
             Code::Cancelled => ErrorClass::Cancelled,
             Code::NotFound => ErrorClass::NotFound,
             Code::Unavailable | Code::Aborted | Code::Unknown => ErrorClass::Unavailable,

@@ -11,7 +11,7 @@
 //! call, and the decode worker frees the blocks.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baton_proto::convert;
 use baton_proto::v1::{self, DecodeRequest, DecodeResponse, PrefillRequest, ReserveRequest};
@@ -21,6 +21,8 @@ use baton_text::{
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tonic::Streaming;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 
 use crate::config::{HandoffShape, TransportChoice};
 use crate::error::{Error, ErrorClass, Result};
@@ -45,6 +47,10 @@ pub struct GenerateInput {
     pub params: SamplingParams,
     pub pd_mode: PdMode,
     pub skip_special_tokens: bool,
+    /// The client's time limit (gRPC `grpc-timeout`, HTTP `timeout`): placement, the workers'
+    /// calls and the stream all end with DEADLINE_EXCEEDED / 504 when it passes, and the
+    /// workers are told, so they stop too.
+    pub timeout: Option<Duration>,
 }
 
 /// Where a request ran and what its handoff moved.
@@ -145,15 +151,40 @@ pub fn tokenize(inner: &Inner, input: &PromptInput) -> Result<Vec<u32>> {
 
 /// Validates, admits and places a request, runs it up to its first token, and returns the
 /// stream of the rest.
+///
+/// The request is one trace: a `request` span with children for each stage (tokenize, admit,
+/// place, reserve, prefill, decode, stream); calls to workers carry its context, so their spans
+/// join it.
 pub async fn generate(inner: Arc<Inner>, input: GenerateInput) -> Result<GenerateStream> {
-    let (prompt, params) = match check(&inner, &input) {
+    let span = tracing::info_span!(
+        "request",
+        prompt_tokens = Empty,
+        mode = Empty,
+        trace_id = Empty
+    );
+    if let Some(id) = span.in_scope(baton_telemetry::trace_id_of_current_span) {
+        span.record("trace_id", id);
+    }
+    let deadline = input.timeout.map(|t| tokio::time::Instant::now() + t);
+    crate::workers::DEADLINE
+        .scope(deadline, generate_in_span(inner, input))
+        .instrument(span)
+        .await
+}
+
+async fn generate_in_span(inner: Arc<Inner>, input: GenerateInput) -> Result<GenerateStream> {
+    let checked = tracing::info_span!("tokenize").in_scope(|| check(&inner, &input));
+    let (prompt, params) = match checked {
         Ok(checked) => checked,
         Err(e) => {
             inner.metrics.request_refused(e.class());
             return Err(e);
         }
     };
-    let permit = match inner.admission.clone().try_acquire_owned() {
+    tracing::Span::current().record("prompt_tokens", prompt.len());
+    let admitted =
+        tracing::info_span!("admit").in_scope(|| inner.admission.clone().try_acquire_owned());
+    let permit = match admitted {
         Ok(p) => p,
         Err(_) => {
             let e = Error::Overloaded {
@@ -209,7 +240,14 @@ async fn run(
 ) -> Result<GenerateStream> {
     let started = Instant::now();
     inner.metrics.request_started();
-    let result = start(&inner, &prompt, &params, input.pd_mode).await;
+    let deadline = crate::workers::DEADLINE.try_with(|d| *d).ok().flatten();
+    let starting = start(&inner, &prompt, &params, input.pd_mode);
+    let result = match (deadline, input.timeout) {
+        (Some(deadline), Some(timeout)) => tokio::time::timeout_at(deadline, starting)
+            .await
+            .unwrap_or(Err(Error::DeadlineExceeded { timeout })),
+        _ => starting.await,
+    };
     let started_run = match result {
         Ok(s) => s,
         Err(e) => {
@@ -230,10 +268,14 @@ async fn run(
         params,
         prompt_tokens,
         started,
+        deadline: deadline.zip(input.timeout),
         tx,
         _permit: permit,
     };
-    tokio::spawn(run.stream(started_run));
+    tokio::spawn(
+        run.stream(started_run)
+            .instrument(tracing::info_span!("stream")),
+    );
     Ok(GenerateStream { rx })
 }
 
@@ -253,17 +295,21 @@ async fn start(
     pd_mode: PdMode,
 ) -> Result<Started> {
     let registry = &inner.registry;
-    let prefill_idx = placement::choose_prefill(&registry.prefill_candidates());
-    let mode = placement::decide(
-        pd_mode,
-        prompt.len(),
-        inner.config.min_disaggregated_tokens,
-        prefill_idx.is_some(),
-    )
-    .map_err(|_| Error::NoWorker { role: "prefill" })?;
-    let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
-    let decode_idx = placement::choose_decode(&registry.decode_candidates(needed))
-        .ok_or(Error::NoWorker { role: "decode" })?;
+    let (mode, prefill_idx, decode_idx) = tracing::info_span!("place").in_scope(|| {
+        let prefill_idx = placement::choose_prefill(&registry.prefill_candidates());
+        let mode = placement::decide(
+            pd_mode,
+            prompt.len(),
+            inner.config.min_disaggregated_tokens,
+            prefill_idx.is_some(),
+        )
+        .map_err(|_| Error::NoWorker { role: "prefill" })?;
+        let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
+        let decode_idx = placement::choose_decode(&registry.decode_candidates(needed))
+            .ok_or(Error::NoWorker { role: "decode" })?;
+        Ok::<_, Error>((mode, prefill_idx, decode_idx))
+    })?;
+    tracing::Span::current().record("mode", mode.as_str());
     let decode = registry.decode[decode_idx].clone();
     let sampling = convert::sampling_to_proto(params);
     match (mode, prefill_idx) {
@@ -273,18 +319,22 @@ async fn start(
         }
         _ => {
             let placed = vec![decode.place()];
-            let stream = call(&decode, async {
-                decode
-                    .decode_client()
-                    .decode(DecodeRequest {
-                        request_id: String::new(),
-                        sampling: Some(sampling),
-                        source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
-                            prompt_token_ids: prompt.to_vec(),
-                        })),
-                    })
-                    .await
-            })
+            let stream = call(
+                &decode,
+                tracing::info_span!("decode", worker = Empty),
+                async {
+                    decode
+                        .decode_client()
+                        .decode(DecodeRequest {
+                            request_id: String::new(),
+                            sampling: Some(sampling),
+                            source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
+                                prompt_token_ids: prompt.to_vec(),
+                            })),
+                        })
+                        .await
+                },
+            )
             .await?;
             Ok(Started {
                 first: None,
@@ -304,9 +354,11 @@ async fn start(
 /// looks gone.
 async fn call<T>(
     worker: &Worker,
+    stage: tracing::Span,
     f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T> {
-    match f.await {
+    stage.record("worker", worker.address.as_str());
+    match f.instrument(stage).await {
         Ok(r) => Ok(r.into_inner()),
         Err(status) => {
             let e = Error::from_status(&worker.address, &status);
@@ -358,34 +410,42 @@ async fn disaggregated(
     match inner.config.handoff {
         HandoffShape::Push => {
             placement.shape = Some("push");
-            let reserved = call(decode, async {
-                decode
-                    .decode_client()
-                    .reserve(ReserveRequest {
-                        request_id: String::new(),
-                        handoff_id: handoff,
-                        prompt_token_ids: prompt.to_vec(),
-                        ttl_ms,
-                        transport: transport as i32,
-                    })
-                    .await
-            })
-            .await?;
-            let prefilled = call(prefill, async {
-                prefill
-                    .prefill_client()
-                    .prefill(PrefillRequest {
-                        request_id: String::new(),
-                        prompt_token_ids: prompt.to_vec(),
-                        sampling: Some(sampling.clone()),
-                        handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
+            let reserved = call(
+                decode,
+                tracing::info_span!("reserve", worker = Empty),
+                async {
+                    decode
+                        .decode_client()
+                        .reserve(ReserveRequest {
+                            request_id: String::new(),
                             handoff_id: handoff,
-                            endpoint: reserved.endpoint,
-                            destination: reserved.destination,
-                        })),
-                    })
-                    .await
-            })
+                            prompt_token_ids: prompt.to_vec(),
+                            ttl_ms,
+                            transport: transport as i32,
+                        })
+                        .await
+                },
+            )
+            .await?;
+            let prefilled = call(
+                prefill,
+                tracing::info_span!("prefill", worker = Empty),
+                async {
+                    prefill
+                        .prefill_client()
+                        .prefill(PrefillRequest {
+                            request_id: String::new(),
+                            prompt_token_ids: prompt.to_vec(),
+                            sampling: Some(sampling.clone()),
+                            handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
+                                handoff_id: handoff,
+                                endpoint: reserved.endpoint,
+                                destination: reserved.destination,
+                            })),
+                        })
+                        .await
+                },
+            )
             .await;
             let prefilled = match prefilled {
                 Ok(p) => p,
@@ -410,19 +470,23 @@ async fn disaggregated(
                     _placed: placed,
                 });
             }
-            let stream = call(decode, async {
-                decode
-                    .decode_client()
-                    .decode(DecodeRequest {
-                        request_id: String::new(),
-                        sampling: Some(sampling),
-                        source: Some(v1::decode_request::Source::Pushed(v1::PushedKv {
-                            handoff_id: handoff,
-                            first_token: Some(convert::token_to_proto(&first)),
-                        })),
-                    })
-                    .await
-            })
+            let stream = call(
+                decode,
+                tracing::info_span!("decode", worker = Empty),
+                async {
+                    decode
+                        .decode_client()
+                        .decode(DecodeRequest {
+                            request_id: String::new(),
+                            sampling: Some(sampling),
+                            source: Some(v1::decode_request::Source::Pushed(v1::PushedKv {
+                                handoff_id: handoff,
+                                first_token: Some(convert::token_to_proto(&first)),
+                            })),
+                        })
+                        .await
+                },
+            )
             .await;
             let stream = match stream {
                 Ok(s) => s,
@@ -440,20 +504,24 @@ async fn disaggregated(
         }
         HandoffShape::Pull => {
             placement.shape = Some("pull");
-            let prefilled = call(prefill, async {
-                prefill
-                    .prefill_client()
-                    .prefill(PrefillRequest {
-                        request_id: String::new(),
-                        prompt_token_ids: prompt.to_vec(),
-                        sampling: Some(sampling.clone()),
-                        handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
-                            handoff_id: handoff,
-                            ttl_ms,
-                        })),
-                    })
-                    .await
-            })
+            let prefilled = call(
+                prefill,
+                tracing::info_span!("prefill", worker = Empty),
+                async {
+                    prefill
+                        .prefill_client()
+                        .prefill(PrefillRequest {
+                            request_id: String::new(),
+                            prompt_token_ids: prompt.to_vec(),
+                            sampling: Some(sampling.clone()),
+                            handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
+                                handoff_id: handoff,
+                                ttl_ms,
+                            })),
+                        })
+                        .await
+                },
+            )
             .await?;
             let first = first_token(&prefilled.first_token)?;
             if finish_reason_after(first.id, 1, params, eos).is_some() {
@@ -465,21 +533,25 @@ async fn disaggregated(
                     _placed: placed,
                 });
             }
-            let stream = call(decode, async {
-                decode
-                    .decode_client()
-                    .decode(DecodeRequest {
-                        request_id: String::new(),
-                        sampling: Some(sampling),
-                        source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
-                            descriptor: prefilled.pull,
-                            first_token: Some(convert::token_to_proto(&first)),
-                            prompt_token_ids: prompt.to_vec(),
-                            transport: transport as i32,
-                        })),
-                    })
-                    .await
-            })
+            let stream = call(
+                decode,
+                tracing::info_span!("decode", worker = Empty),
+                async {
+                    decode
+                        .decode_client()
+                        .decode(DecodeRequest {
+                            request_id: String::new(),
+                            sampling: Some(sampling),
+                            source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
+                                descriptor: prefilled.pull,
+                                first_token: Some(convert::token_to_proto(&first)),
+                                prompt_token_ids: prompt.to_vec(),
+                                transport: transport as i32,
+                            })),
+                        })
+                        .await
+                },
+            )
             .await;
             let stream = match stream {
                 Ok(s) => s,
@@ -531,6 +603,8 @@ struct Run {
     params: SamplingParams,
     prompt_tokens: u32,
     started: Instant,
+    /// When the client's time runs out, and the timeout it gave.
+    deadline: Option<(tokio::time::Instant, Duration)>,
     tx: mpsc::Sender<Result<StreamEvent>>,
     _permit: OwnedSemaphorePermit,
 }
@@ -570,12 +644,25 @@ impl Run {
                 self.fail(Error::Internal("no decode stream".into())).await;
                 return;
             };
+            let deadline = self.deadline;
+            let expired = async move {
+                match deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(expired);
             loop {
                 let message = tokio::select! {
                     () = self.tx.closed() => {
                         // The client went away: dropping `decode` cancels the call and the
                         // decode worker frees the blocks.
                         self.inner.metrics.request_cancelled();
+                        return;
+                    }
+                    () = &mut expired => {
+                        let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                        self.fail(Error::DeadlineExceeded { timeout }).await;
                         return;
                     }
                     m = decode.message() => m,

@@ -49,6 +49,7 @@ pub async fn serve(
     let reflection = baton_proto::reflection_service(&["baton.v1.Inference"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
     tonic::transport::Server::builder()
+        .trace_fn(baton_telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::new(InferenceService { inner }))
@@ -137,6 +138,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let timeout = convert::grpc_timeout(request.metadata());
         let req = request.into_inner();
         let input = match req.input {
             Some(v1::generate_request::Input::Prompt(p)) => PromptInput::Text(p),
@@ -157,6 +159,7 @@ impl Inference for InferenceService {
             params: convert::sampling_from_proto(req.sampling.as_ref()),
             pd_mode: pd_mode(req.pd_mode)?,
             skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
+            timeout,
         };
         let mut stream = generate::generate(self.inner.clone(), input).await?;
         // The client's id is echoed; without one the coordinator assigns one.

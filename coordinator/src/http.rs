@@ -7,12 +7,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -165,6 +165,8 @@ struct CompletionRequest {
     echo: Option<bool>,
     /// baton extension: auto | force | off.
     pd_mode: Option<String>,
+    /// baton extension: seconds the client will wait (or header `X-Request-Timeout`).
+    timeout: Option<f64>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -200,8 +202,35 @@ struct ChatRequest {
     logprobs: bool,
     top_logprobs: Option<u32>,
     pd_mode: Option<String>,
+    /// baton extension: seconds the client will wait (or header `X-Request-Timeout`).
+    timeout: Option<f64>,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// The client's time limit: the body's `timeout` field, else the `X-Request-Timeout` header,
+/// in seconds.
+fn timeout(body: Option<f64>, headers: &HeaderMap) -> Result<Option<Duration>> {
+    let (field, seconds) = match body {
+        Some(s) => ("timeout", s),
+        None => match headers.get("x-request-timeout") {
+            None => return Ok(None),
+            Some(v) => (
+                "X-Request-Timeout",
+                v.to_str()
+                    .ok()
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .ok_or_else(|| invalid("X-Request-Timeout", "must be a number of seconds"))?,
+            ),
+        },
+    };
+    if !(seconds > 0.0 && seconds <= 86_400.0) {
+        return Err(invalid(
+            field,
+            "must be more than 0 and at most 86400 seconds",
+        ));
+    }
+    Ok(Some(Duration::from_secs_f64(seconds)))
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
@@ -285,7 +314,7 @@ struct Reply {
     tokenizer: baton_text::Tokenizer,
 }
 
-async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
     let req: CompletionRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),
@@ -311,6 +340,7 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
             params: req.sampling.params(req.logprobs)?,
             pd_mode: pd_mode(req.pd_mode.as_deref())?,
             skip_special_tokens: true,
+            timeout: timeout(req.timeout, &headers)?,
         })
     })();
     let input = match prepared {
@@ -329,7 +359,11 @@ async fn completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
     respond(inner, input, req.stream, reply).await
 }
 
-async fn chat_completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let req: ChatRequest = match parse(&body) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),
@@ -370,6 +404,7 @@ async fn chat_completions(State(inner): State<Arc<Inner>>, body: Bytes) -> Respo
             params: req.sampling.params(logprobs)?,
             pd_mode: pd_mode(req.pd_mode.as_deref())?,
             skip_special_tokens: true,
+            timeout: timeout(req.timeout, &headers)?,
         })
     })();
     let input = match prepared {

@@ -25,6 +25,8 @@ struct Outcome {
 
 pub struct Metrics {
     registry: Registry,
+    /// `process_*` (memory, CPU), read on each scrape.
+    process: Registry,
     requests: Family<Outcome, Counter>,
     running: Gauge,
     waiting: Gauge,
@@ -106,6 +108,7 @@ impl Metrics {
         );
         Self {
             registry,
+            process: baton_telemetry::ProcessCollector::registry(),
             requests,
             running,
             waiting,
@@ -175,13 +178,9 @@ impl Metrics {
         self.waiting.set(waiting);
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition: these metrics and the process's.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            tracing::error!("metrics encoding failed");
-        }
-        out
+        baton_telemetry::encode_metrics(&[&self.registry, &self.process])
     }
 }
 

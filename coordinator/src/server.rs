@@ -162,6 +162,14 @@ pub async fn serve(
         })
     };
 
+    let watches: Vec<_> = inner
+        .registry
+        .prefill
+        .iter()
+        .chain(&inner.registry.decode)
+        .map(|w| tokio::spawn(w.clone().watch_health(interval)))
+        .collect();
+
     tracing::info!(
         grpc = %grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         http = %http.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -177,6 +185,9 @@ pub async fn serve(
     let http_server = crate::http::serve(inner.clone(), http, stopped(stop_rx.clone()));
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();
+    for w in watches {
+        w.abort();
+    }
     g?;
     h
 }

@@ -4,6 +4,9 @@
 //! prefill worker is told to open its KV connection to the decode worker then, not on the first
 //! request.
 //!
+//! A worker that starts draining (SIGTERM) turns its grpc.health.v1 status to NOT_SERVING; a
+//! health watch per worker sees that at once and placement skips the worker from then on.
+//!
 //! Workers come from a static list here; discovery (mDNS, etcd) will feed the same registry.
 
 use std::collections::HashSet;
@@ -16,7 +19,11 @@ use baton_proto::v1::{
     self, ConnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_worker_client::DecodeWorkerClient, prefill_worker_client::PrefillWorkerClient,
 };
+use baton_telemetry::TraceContext;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::error::{Error, Result};
 use crate::placement::Candidate;
@@ -46,6 +53,31 @@ impl WorkerRole {
     }
 }
 
+tokio::task_local! {
+    /// The deadline of the request this task is serving, when its client set one.
+    pub static DEADLINE: Option<tokio::time::Instant>;
+}
+
+/// What every call to a worker carries: the current span's W3C trace context (so the worker's
+/// spans join the request's trace) and, inside a [`DEADLINE`] scope, the time left as
+/// `grpc-timeout` (so the worker stops working for a client that has given up).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outgoing;
+
+impl tonic::service::Interceptor for Outgoing {
+    fn call(
+        &mut self,
+        request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let mut request = TraceContext.call(request)?;
+        if let Ok(Some(deadline)) = DEADLINE.try_with(|d| *d) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            request.set_timeout(left.max(Duration::from_millis(1)));
+        }
+        Ok(request)
+    }
+}
+
 /// One worker as the coordinator sees it.
 pub struct Worker {
     pub role: WorkerRole,
@@ -54,6 +86,8 @@ pub struct Worker {
     info: Mutex<Option<WorkerInfo>>,
     load: Mutex<LoadReport>,
     healthy: AtomicBool,
+    /// The worker said it is draining (health NOT_SERVING, or its load report): no new work.
+    draining: AtomicBool,
     /// Requests placed here and not finished.
     placed: AtomicU32,
 }
@@ -78,6 +112,7 @@ impl Worker {
             info: Mutex::new(None),
             load: Mutex::new(LoadReport::default()),
             healthy: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             placed: AtomicU32::new(0),
         })
     }
@@ -102,12 +137,57 @@ impl Worker {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    pub fn prefill_client(&self) -> PrefillWorkerClient<Channel> {
-        PrefillWorkerClient::new(self.channel.clone())
+    /// Healthy and not draining: new requests may be placed here.
+    pub fn routable(&self) -> bool {
+        self.healthy() && !self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn decode_client(&self) -> DecodeWorkerClient<Channel> {
-        DecodeWorkerClient::new(self.channel.clone())
+    /// Calls carry the current span's trace context and the request's deadline (see
+    /// [`Outgoing`]).
+    pub fn prefill_client(&self) -> PrefillWorkerClient<InterceptedService<Channel, Outgoing>> {
+        PrefillWorkerClient::with_interceptor(self.channel.clone(), Outgoing)
+    }
+
+    pub fn decode_client(&self) -> DecodeWorkerClient<InterceptedService<Channel, Outgoing>> {
+        DecodeWorkerClient::with_interceptor(self.channel.clone(), Outgoing)
+    }
+
+    fn set_draining(&self, draining: bool) {
+        if self.draining.swap(draining, Ordering::Relaxed) != draining {
+            if draining {
+                tracing::info!(worker = %self.address, role = self.role.as_str(), "worker draining; no new work goes there");
+            } else {
+                tracing::info!(worker = %self.address, role = self.role.as_str(), "worker serving again");
+            }
+        }
+    }
+
+    /// Follows the worker's grpc.health.v1 status until `stop`: NOT_SERVING marks it draining
+    /// the moment the worker says so, without waiting for the next load poll. A broken watch is
+    /// opened again after `retry`.
+    pub async fn watch_health(self: Arc<Self>, retry: Duration) {
+        let service = match self.role {
+            WorkerRole::Prefill => "baton.v1.PrefillWorker",
+            WorkerRole::Decode => "baton.v1.DecodeWorker",
+        };
+        loop {
+            let watched = HealthClient::new(self.channel.clone())
+                .watch(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await;
+            if let Ok(stream) = watched {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(status)) = stream.message().await {
+                    match ServingStatus::try_from(status.status) {
+                        Ok(ServingStatus::NotServing) => self.set_draining(true),
+                        Ok(ServingStatus::Serving) => self.set_draining(false),
+                        _ => {}
+                    }
+                }
+            }
+            tokio::time::sleep(retry).await;
+        }
     }
 
     /// Marks a request placed here until the guard drops.
@@ -126,7 +206,7 @@ impl Worker {
     fn candidate(&self, needed_blocks: u32) -> Candidate {
         let load = self.load();
         Candidate {
-            healthy: self.healthy() && self.info.lock().is_ok_and(|i| i.is_some()),
+            healthy: self.routable() && self.info.lock().is_ok_and(|i| i.is_some()),
             queued: load.running + load.waiting,
             placed: self.placed.load(Ordering::Relaxed),
             free_blocks: load.free_blocks,
@@ -151,6 +231,7 @@ impl Worker {
                 WorkerRole::Decode => self.decode_client().load(LoadRequest {}).await,
             }?
             .into_inner();
+            self.set_draining(load.draining);
             *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
             Ok::<_, tonic::Status>(())
         }
@@ -223,7 +304,7 @@ impl Registry {
     /// Ready: at least one healthy decode worker, and a healthy prefill worker when any is
     /// configured.
     pub fn ready(&self) -> bool {
-        let any = |ws: &[Arc<Worker>]| ws.iter().any(|w| w.healthy());
+        let any = |ws: &[Arc<Worker>]| ws.iter().any(|w| w.routable());
         any(&self.decode) && (self.prefill.is_empty() || any(&self.prefill))
     }
 

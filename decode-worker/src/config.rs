@@ -69,6 +69,16 @@ pub struct DecodeConfig {
     /// What a stream whose KV transfer fails does: `fail` (UNAVAILABLE) or `recompute` (the
     /// decode worker prefills the prompt itself). Default `fail`.
     pub kv_failure_policy: KvFailurePolicy,
+    /// Serve Prometheus `/metrics` on `metrics_listen`. Default true.
+    pub metrics: bool,
+    /// The `/metrics` address; port 0 lets the OS choose. Default "127.0.0.1:9071".
+    pub metrics_listen: SocketAddr,
+    /// On SIGTERM, how long in-flight streams may run before they are cancelled with an error and their blocks freed (a duration, at most 1 h). Default 30s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub drain_timeout: Duration,
+    /// Logs and traces (`[decode.telemetry]`).
+    pub telemetry: baton_telemetry::TelemetryConfig,
 }
 
 impl DecodeConfig {
@@ -85,6 +95,10 @@ impl DecodeConfig {
             max_streams: 256,
             max_lease_ttl: Duration::from_secs(60),
             kv_failure_policy: KvFailurePolicy::Fail,
+            metrics: true,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9071)),
+            drain_timeout: Duration::from_secs(30),
+            telemetry: baton_telemetry::TelemetryConfig::default(),
         }
     }
 
@@ -100,6 +114,12 @@ impl DecodeConfig {
         }
         if self.max_lease_ttl < Duration::from_millis(10) {
             return Err(invalid("max_lease_ttl", "must be at least 10 ms"));
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(invalid("drain_timeout", "must be at most 1 h"));
+        }
+        if let Err(e) = self.telemetry.validate() {
+            return Err(invalid("telemetry", &e.to_string()));
         }
         Ok(())
     }

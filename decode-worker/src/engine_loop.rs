@@ -22,7 +22,7 @@ use baton_engine::batch::{Event, GenerateRequest};
 use baton_engine::{FinishReason, SampledToken, SamplingParams, SeqId};
 use baton_kv_transfer::{Delivery, Expectation, HandoffId, KvReceiver, LeaseKind, Leases};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::KvFailurePolicy;
 use crate::error::{Error, Result};
@@ -106,12 +106,28 @@ enum Command {
     Load {
         reply: oneshot::Sender<(Load, LoopStats)>,
     },
+    /// The server has stopped: end the engine thread even if handles remain (connection tasks
+    /// of a stopped server may outlive it).
+    Stop,
+    /// Drain deadline: fail every stream and reservation, free their blocks.
+    AbortAll,
 }
 
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
+}
+
+/// What the engine thread publishes after each turn of its loop: for metrics, and for a drain
+/// waiting until nothing is left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub load: Load,
+    pub stats: LoopStats,
+    /// No stream, reservation or lease is left.
+    pub idle: bool,
 }
 
 impl EngineHandle {
@@ -181,6 +197,36 @@ impl EngineHandle {
         rx.await.map_err(|_| Error::Stopped)
     }
 
+    /// Resolves when no stream, reservation or lease is left (at once if none is).
+    pub async fn wait_idle(&self) {
+        let mut snapshot = self.snapshot.clone();
+        // An error means the engine thread ended, which leaves nothing running either.
+        let _ = snapshot.wait_for(|s| s.idle).await;
+    }
+
+    /// The engine's load and counters as of its last turn.
+    pub fn snapshot(&self) -> Snapshot {
+        *self.snapshot.borrow()
+    }
+
+    /// Follows the snapshots (for a metrics collector).
+    pub fn snapshots(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// Ends the engine thread (after the server stopped), failing whatever is left.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Command::Stop).await;
+    }
+
+    /// Fails every stream with [`Error::DrainDeadline`] and frees every reservation.
+    pub async fn abort_all(&self) -> Result<()> {
+        self.tx
+            .send(Command::AbortAll)
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
     fn submit(&self, cmd: Command) -> Result<()> {
         self.tx.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded {
@@ -211,7 +257,10 @@ pub fn spawn(
     rt: Handle,
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(config.queue_capacity);
+    let (published, snapshot) = watch::channel(Snapshot::default());
     let mut state = Loop {
+        stopped: false,
+        published,
         leases: Leases::new(config.max_lease_ttl),
         batcher,
         receivers,
@@ -227,7 +276,7 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("decode-engine".into())
         .spawn(move || state.run())?;
-    Ok((EngineHandle { tx }, join))
+    Ok((EngineHandle { tx, snapshot }, join))
 }
 
 /// A decode job waiting for its KV to land.
@@ -250,6 +299,9 @@ struct Import {
 }
 
 struct Loop {
+    /// Set by `Stop`: the loop ends at its next turn.
+    stopped: bool,
+    published: watch::Sender<Snapshot>,
     batcher: Batcher,
     receivers: Vec<Arc<dyn KvReceiver>>,
     leases: Leases<()>,
@@ -273,6 +325,9 @@ enum Woken {
 impl Loop {
     fn run(&mut self) {
         loop {
+            if self.stopped {
+                return self.shutdown();
+            }
             loop {
                 match self.rx.try_recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -285,6 +340,9 @@ impl Loop {
             }
             self.expire(Instant::now());
             self.cancel_abandoned_streams();
+            let now = self.snapshot();
+            self.published
+                .send_if_modified(|was| std::mem::replace(was, now) != now);
             if self.batcher.is_idle() {
                 match self.wait() {
                     Woken::Command(c) => self.handle(c),
@@ -317,12 +375,20 @@ impl Loop {
     }
 
     fn shutdown(&mut self) {
+        self.abort_all(|| Error::Stopped);
+    }
+
+    /// Fails every stream with `error()` and forgets every reservation, freeing their blocks.
+    fn abort_all(&mut self, error: impl Fn() -> Error) {
         for (seq, events) in self.streams.drain() {
             self.batcher.cancel(seq);
-            let _ = events.try_send(DecodeEvent::Failed(Error::Stopped));
+            let _ = events.try_send(DecodeEvent::Failed(error()));
         }
         let handoffs: Vec<HandoffId> = self.imports.keys().copied().collect();
         for h in handoffs {
+            if let Some(parked) = self.imports.get_mut(&h).and_then(|i| i.parked.take()) {
+                let _ = parked.events.try_send(DecodeEvent::Failed(error()));
+            }
             self.drop_import(h);
         }
     }
@@ -353,18 +419,36 @@ impl Loop {
                 let _ = reply.send(live);
             }
             Command::Load { reply } => {
-                let engine = self.batcher.engine();
-                let load = Load {
-                    running: self.batcher.num_running() as u32,
-                    waiting: (self.batcher.num_waiting() + self.imports.len()) as u32,
-                    free_blocks: engine.free_blocks() as u32,
-                    total_blocks: engine.total_blocks() as u32,
-                    leases: self.leases.len() as u32,
-                };
-                let mut stats = self.stats;
-                stats.preemptions = self.batcher.stats().preemptions;
-                let _ = reply.send((load, stats));
+                let now = self.snapshot();
+                let _ = reply.send((now.load, now.stats));
             }
+            Command::Stop => self.stopped = true,
+            Command::AbortAll => {
+                let (streams, handoffs) = (self.streams.len(), self.imports.len());
+                self.abort_all(|| Error::DrainDeadline);
+                tracing::warn!(
+                    streams,
+                    handoffs,
+                    "drain deadline passed: streams failed, reservations freed"
+                );
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let engine = self.batcher.engine();
+        let mut stats = self.stats;
+        stats.preemptions = self.batcher.stats().preemptions;
+        Snapshot {
+            load: Load {
+                running: self.batcher.num_running() as u32,
+                waiting: (self.batcher.num_waiting() + self.imports.len()) as u32,
+                free_blocks: engine.free_blocks() as u32,
+                total_blocks: engine.total_blocks() as u32,
+                leases: self.leases.len() as u32,
+            },
+            stats,
+            idle: self.streams.is_empty() && self.imports.is_empty() && self.leases.is_empty(),
         }
     }
 

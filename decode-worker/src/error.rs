@@ -32,6 +32,10 @@ pub enum Error {
     Engine(#[from] baton_engine::Error),
     #[error("the engine thread has stopped")]
     Stopped,
+    #[error("the decode worker is draining and takes no new work; retry on another worker")]
+    Draining,
+    #[error("the decode worker's drain deadline passed before this stream finished")]
+    DrainDeadline,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -41,7 +45,11 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } | Error::UnknownHandoff(_) => ErrorClass::InvalidRequest,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
-            Error::Handoff(_) | Error::Transfer(_) | Error::Stopped => ErrorClass::Unavailable,
+            Error::Handoff(_)
+            | Error::Transfer(_)
+            | Error::Stopped
+            | Error::Draining
+            | Error::DrainDeadline => ErrorClass::Unavailable,
             Error::Cancelled => ErrorClass::Cancelled,
             Error::Transport(e) => match e.class() {
                 baton_kv_transfer::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,

@@ -11,8 +11,9 @@
 mod config;
 mod engine_loop;
 mod error;
+mod metrics;
 mod service;
 
 pub use config::{DecodeConfig, KvFailurePolicy, default_host_id};
 pub use error::{Error, ErrorClass, Result};
-pub use service::{run, serve};
+pub use service::{run, serve, serve_with_metrics};

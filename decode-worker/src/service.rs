@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use baton_engine::batch::Batcher;
@@ -22,15 +23,21 @@ use baton_proto::v1::{
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
     prefill_worker_client::PrefillWorkerClient,
 };
+use baton_telemetry::TraceContext;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::config::DecodeConfig;
 use crate::engine_loop::{self, DecodeEvent, DecodeSource, EngineHandle, LoopConfig};
 use crate::error::{Error, Result};
+
+/// After a drain, how long open calls (health watches) get before the server stops.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
 pub async fn run(config: DecodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -40,10 +47,32 @@ pub async fn run(config: DecodeConfig, shutdown: impl Future<Output = ()> + Send
     serve(config, listener, shutdown).await
 }
 
-/// Serves on an already bound listener (tests bind 127.0.0.1:0 and keep it).
+/// Serves on an already bound listener (tests bind 127.0.0.1:0 and keep it); binds
+/// `config.metrics_listen` itself when `config.metrics` is on.
 pub async fn serve(
     config: DecodeConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let metrics = if config.metrics {
+        let at = config.metrics_listen;
+        Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|e| Error::Internal(format!("bind metrics {at}: {e}")))?,
+        )
+    } else {
+        None
+    };
+    serve_with_metrics(config, listener, metrics, shutdown).await
+}
+
+/// Serves gRPC on `listener` and, when given, `/metrics` on `metrics` (both already bound, so
+/// a caller can announce ports the OS chose).
+pub async fn serve_with_metrics(
+    config: DecodeConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
@@ -93,6 +122,7 @@ pub async fn serve(
     let max_context = engine.max_context();
     let eos = engine.tokenizer().eos_token_ids().to_vec();
     tracing::info!(%worker_id, %addr, kv = ?endpoints.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>(), blocks = engine.total_blocks(), "decode worker serving");
+    let draining = Arc::new(AtomicBool::new(false));
     let (handle, join) = engine_loop::spawn(
         Batcher::new(engine, eos),
         receivers,
@@ -106,8 +136,18 @@ pub async fn serve(
         tokio::runtime::Handle::current(),
     )
     .map_err(|e| Error::Internal(format!("start engine thread: {e}")))?;
+    let metrics = metrics
+        .map(|listener| {
+            baton_telemetry::MetricsServer::start(
+                listener,
+                crate::metrics::render(handle.snapshots(), draining.clone()),
+            )
+        })
+        .transpose()
+        .map_err(|e| Error::Internal(format!("metrics endpoint: {e}")))?;
     let service = DecodeService {
-        engine: handle,
+        draining: draining.clone(),
+        engine: handle.clone(),
         endpoints,
         local,
         info,
@@ -122,17 +162,74 @@ pub async fn serve(
         .await;
     let reflection = baton_proto::reflection_service(&["baton.v1.DecodeWorker"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let result = tonic::transport::Server::builder()
+    let drain_timeout = config.drain_timeout;
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopper = handle.clone();
+    let drained = async move {
+        shutdown.await;
+        drain(&handle, &health, &draining, drain_timeout).await;
+        let _ = drained_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .trace_fn(baton_telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(DecodeWorkerServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
+            drained,
+        );
+    // Once drained, calls still open are watches (the coordinator's health Watch never ends
+    // by itself): they get a moment to see the server go, then the server stops regardless.
+    let result = tokio::select! {
+        r = server => r,
+        () = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } => Ok(()),
+    };
+    stopper.stop().await;
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    drop(metrics);
     result.map_err(|e| Error::Internal(format!("grpc server: {e}")))
+}
+
+/// SIGTERM's path: report NOT_SERVING (the coordinator stops routing here at once), refuse new
+/// work, let in-flight streams finish until `deadline`, then fail the rest and free every
+/// block. The server stops once this returns.
+async fn drain(
+    engine: &EngineHandle,
+    health: &tonic_health::server::HealthReporter,
+    draining: &AtomicBool,
+    deadline: Duration,
+) {
+    draining.store(true, Ordering::Relaxed);
+    health
+        .set_not_serving::<DecodeWorkerServer<DecodeService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let at_start = engine.snapshot().load;
+    tracing::info!(
+        streams = at_start.running + at_start.waiting,
+        deadline_s = deadline.as_secs_f64(),
+        "draining: new work refused, in-flight streams finishing"
+    );
+    if tokio::time::timeout(deadline, engine.wait_idle())
+        .await
+        .is_err()
+    {
+        let _ = engine.abort_all().await;
+        engine.wait_idle().await;
+    }
+    let end = engine.snapshot().load;
+    tracing::info!(
+        free_blocks = end.free_blocks,
+        total_blocks = end.total_blocks,
+        leases = end.leases,
+        "drained"
+    );
 }
 
 async fn forward(mut from: mpsc::Receiver<Delivery>, to: mpsc::Sender<Delivery>) {
@@ -143,7 +240,11 @@ async fn forward(mut from: mpsc::Receiver<Delivery>, to: mpsc::Sender<Delivery>)
     }
 }
 
+type PrefillClient = PrefillWorkerClient<InterceptedService<Channel, TraceContext>>;
+
 pub struct DecodeService {
+    /// Set when a drain starts: new work is refused from then on.
+    draining: Arc<AtomicBool>,
     engine: EngineHandle,
     /// Where this worker receives KV, by transport; the index is the engine's receiver index.
     endpoints: Vec<(v1::Transport, Endpoint)>,
@@ -152,7 +253,7 @@ pub struct DecodeService {
     host_id: String,
     max_context: usize,
     max_lease_ttl: Duration,
-    prefill_clients: Arc<Mutex<HashMap<String, PrefillWorkerClient<Channel>>>>,
+    prefill_clients: Arc<Mutex<HashMap<String, PrefillClient>>>,
 }
 
 impl DecodeService {
@@ -190,6 +291,15 @@ impl DecodeService {
         }
     }
 
+    /// New work (a reservation, a pull, an aggregated prompt) is refused while draining; a
+    /// decode of KV already reserved here is in-flight work and goes on.
+    fn admit_new_work(&self) -> Result<()> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Error::Draining);
+        }
+        Ok(())
+    }
+
     fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
         if prompt.is_empty() {
             return Err(Error::InvalidRequest {
@@ -202,9 +312,9 @@ impl DecodeService {
 }
 
 async fn prefill_client(
-    clients: &Mutex<HashMap<String, PrefillWorkerClient<Channel>>>,
+    clients: &Mutex<HashMap<String, PrefillClient>>,
     address: &str,
-) -> Result<PrefillWorkerClient<Channel>> {
+) -> Result<PrefillClient> {
     let mut clients = clients.lock().await;
     if let Some(c) = clients.get(address) {
         return Ok(c.clone());
@@ -216,7 +326,7 @@ async fn prefill_client(
         })?
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
-    let client = PrefillWorkerClient::new(channel);
+    let client = PrefillWorkerClient::with_interceptor(channel, TraceContext);
     clients.insert(address.to_string(), client.clone());
     Ok(client)
 }
@@ -246,7 +356,7 @@ impl DecodeWorker for DecodeService {
             free_blocks: load.free_blocks,
             total_blocks: load.total_blocks,
             leases: load.leases,
-            draining: false,
+            draining: self.draining.load(Ordering::Relaxed),
         }))
     }
 
@@ -254,6 +364,7 @@ impl DecodeWorker for DecodeService {
         &self,
         request: Request<ReserveRequest>,
     ) -> Result<Response<ReserveResponse>, Status> {
+        self.admit_new_work()?;
         let req = request.into_inner();
         self.validate_prompt(&req.prompt_token_ids)?;
         let (index, endpoint) = self.receiver(req.transport)?;
@@ -288,7 +399,12 @@ impl DecodeWorker for DecodeService {
         &self,
         request: Request<DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
+        let deadline =
+            convert::grpc_timeout(request.metadata()).map(|t| (tokio::time::Instant::now() + t, t));
         let req = request.into_inner();
+        if !matches!(req.source, Some(Source::Pushed(_))) {
+            self.admit_new_work()?;
+        }
         let params = convert::sampling_from_proto(req.sampling.as_ref());
         let (source, prompt_tokens, pull) = match req.source {
             Some(Source::Pushed(p)) => {
@@ -390,37 +506,44 @@ impl DecodeWorker for DecodeService {
                 // failure fails the handoff; the engine decides by policy what the stream sees.
                 let mut reader = client.clone();
                 let (report_tx, report_rx) = oneshot::channel();
-                tokio::spawn(async move {
-                    let result = reader
-                        .pull(v1::PullRequest {
-                            handoff_id: handoff.0,
-                            destination: Some(endpoint),
-                            destination_layout: Some(layout),
-                        })
-                        .await;
-                    match result {
-                        Ok(response) => {
-                            let _ = report_tx.send(response.into_inner().kv);
-                        }
-                        Err(status) => {
-                            let _ = engine
-                                .abandon(
-                                    handoff,
-                                    format!(
-                                        "pull from the prefill worker failed: {}",
-                                        status.message()
-                                    ),
-                                )
-                                .await;
+                let span = tracing::info_span!("transfer", shape = "pull", %handoff);
+                tokio::spawn(
+                    async move {
+                        let result = reader
+                            .pull(v1::PullRequest {
+                                handoff_id: handoff.0,
+                                destination: Some(endpoint),
+                                destination_layout: Some(layout),
+                            })
+                            .await;
+                        match result {
+                            Ok(response) => {
+                                let _ = report_tx.send(response.into_inner().kv);
+                            }
+                            Err(status) => {
+                                let _ = engine
+                                    .abandon(
+                                        handoff,
+                                        format!(
+                                            "pull from the prefill worker failed: {}",
+                                            status.message()
+                                        ),
+                                    )
+                                    .await;
+                            }
                         }
                     }
-                });
+                    .instrument(span),
+                );
                 Some((handoff, client, report_rx))
             }
             None => None,
         };
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream_events(events, tx, imported, prompt_tokens, pull));
+        tokio::spawn(
+            stream_events(events, tx, imported, prompt_tokens, pull, deadline)
+                .instrument(tracing::info_span!("decode_stream", imported)),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -434,9 +557,10 @@ async fn stream_events(
     prompt_tokens: Option<usize>,
     pull: Option<(
         HandoffId,
-        PrefillWorkerClient<Channel>,
+        PrefillClient,
         oneshot::Receiver<Option<v1::KvTransferStats>>,
     )>,
+    deadline: Option<(tokio::time::Instant, Duration)>,
 ) {
     let (mut pull, mut source_report) = match pull {
         Some((h, c, r)) => (Some((h, c)), Some(r)),
@@ -445,11 +569,35 @@ async fn stream_events(
     // The prefill worker sampled the first token of an imported sequence.
     let mut completion = u32::from(imported);
     let mut kv = v1::KvTransferStats::default();
-    while let Some(event) = events.recv().await {
+    let expired = async move {
+        match deadline {
+            Some((at, _)) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+            () = &mut expired => {
+                // Returning drops `events`: the engine cancels the stream and frees its blocks.
+                let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                let _ = tx
+                    .send(Err(Status::deadline_exceeded(format!(
+                        "the call's deadline passed ({timeout:?} after it arrived)"
+                    ))))
+                    .await;
+                return;
+            }
+        };
         let message = match event {
             DecodeEvent::KvLanded { bytes, transfer } => {
                 kv.bytes = bytes;
                 kv.transfer_seconds = transfer.as_secs_f64();
+                tracing::info!(bytes, transfer_s = transfer.as_secs_f64(), "kv landed");
                 if let Some((handoff, mut client)) = pull.take() {
                     // Verified and imported: the prefill worker may free its copy.
                     tokio::spawn(async move {

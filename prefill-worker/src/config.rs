@@ -39,6 +39,16 @@ pub struct PrefillConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub max_lease_ttl: Duration,
+    /// Serve Prometheus `/metrics` on `metrics_listen`. Default true.
+    pub metrics: bool,
+    /// The `/metrics` address; port 0 lets the OS choose. Default "127.0.0.1:9061".
+    pub metrics_listen: SocketAddr,
+    /// On SIGTERM, how long queued prefills and leased pull sources may take to finish before they are failed and their blocks freed (a duration, at most 1 h). Default 30s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub drain_timeout: Duration,
+    /// Logs and traces (`[prefill.telemetry]`).
+    pub telemetry: baton_telemetry::TelemetryConfig,
 }
 
 impl PrefillConfig {
@@ -52,6 +62,10 @@ impl PrefillConfig {
             max_pending: 64,
             segment_queue: 64,
             max_lease_ttl: Duration::from_secs(60),
+            metrics: true,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9061)),
+            drain_timeout: Duration::from_secs(30),
+            telemetry: baton_telemetry::TelemetryConfig::default(),
         }
     }
 
@@ -70,6 +84,12 @@ impl PrefillConfig {
         }
         if self.max_lease_ttl < Duration::from_millis(10) {
             return Err(invalid("max_lease_ttl", "must be at least 10 ms"));
+        }
+        if self.drain_timeout > Duration::from_secs(3600) {
+            return Err(invalid("drain_timeout", "must be at most 1 h"));
+        }
+        if let Err(e) = self.telemetry.validate() {
+            return Err(invalid("telemetry", &e.to_string()));
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use baton_engine::{Engine, KvChunk, SampledToken, Sampler, SamplingParams, SeqId};
 use baton_kv_transfer::{HandoffId, KvSegment, LeaseKind, Leases, max_blocks_per_segment};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::queue::{self, Limits, Progress};
@@ -91,6 +91,21 @@ enum Command {
     Load {
         reply: oneshot::Sender<(Load, LoopStats)>,
     },
+    /// The server has stopped: end the engine thread even if handles remain (connection tasks
+    /// of a stopped server may outlive it).
+    Stop,
+    /// Drain deadline: fail every queued prompt, free every pull source.
+    AbortAll,
+}
+
+/// What the engine thread publishes after each turn of its loop: for metrics, and for a drain
+/// waiting until nothing is left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub load: Load,
+    pub stats: LoopStats,
+    /// No prompt queued or computing, no pull source leased.
+    pub idle: bool,
 }
 
 /// A cloneable handle to the engine thread. Commands go through a bounded channel: when it is
@@ -98,6 +113,7 @@ enum Command {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Snapshot>,
 }
 
 impl EngineHandle {
@@ -139,6 +155,36 @@ impl EngineHandle {
         rx.await.map_err(|_| Error::Stopped)
     }
 
+    /// Resolves when nothing is queued, computing or leased (at once if nothing is).
+    pub async fn wait_idle(&self) {
+        let mut snapshot = self.snapshot.clone();
+        // An error means the engine thread ended, which leaves nothing pinned either.
+        let _ = snapshot.wait_for(|s| s.idle).await;
+    }
+
+    /// Ends the engine thread (after the server stopped), failing whatever is left.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Command::Stop).await;
+    }
+
+    /// Fails every queued prompt with [`Error::DrainDeadline`] and frees every pull source.
+    pub async fn abort_all(&self) -> Result<()> {
+        self.tx
+            .send(Command::AbortAll)
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    /// The engine's load and counters as of its last turn.
+    pub fn snapshot(&self) -> Snapshot {
+        *self.snapshot.borrow()
+    }
+
+    /// Follows the snapshots (for a metrics collector).
+    pub fn snapshots(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
     fn submit(&self, cmd: Command) -> Result<()> {
         self.tx.try_send(cmd).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Overloaded {
@@ -173,7 +219,10 @@ pub fn spawn(
         max_batch_tokens: cfg.max_batch_tokens,
         block_size: cfg.block_size,
     };
+    let (published, snapshot) = watch::channel(Snapshot::default());
     let mut state = Loop {
+        stopped: false,
+        published,
         leases: Leases::new(config.max_lease_ttl),
         engine,
         pending: Vec::new(),
@@ -187,7 +236,7 @@ pub fn spawn(
     let join = std::thread::Builder::new()
         .name("prefill-engine".into())
         .spawn(move || state.run())?;
-    Ok((EngineHandle { tx }, join))
+    Ok((EngineHandle { tx, snapshot }, join))
 }
 
 struct Active {
@@ -201,6 +250,9 @@ struct Active {
 }
 
 struct Loop {
+    /// Set by `Stop`: the loop ends at its next turn.
+    stopped: bool,
+    published: watch::Sender<Snapshot>,
     engine: Engine,
     pending: Vec<Active>,
     leases: Leases<SeqId>,
@@ -215,6 +267,9 @@ struct Loop {
 impl Loop {
     fn run(&mut self) {
         loop {
+            if self.stopped {
+                return self.shutdown();
+            }
             loop {
                 match self.rx.try_recv() {
                     Ok(cmd) => self.handle(cmd),
@@ -223,6 +278,10 @@ impl Loop {
                 }
             }
             self.expire(Instant::now());
+            self.cancel_abandoned();
+            let now = self.snapshot();
+            self.published
+                .send_if_modified(|was| std::mem::replace(was, now) != now);
             let stepped = !self.pending.is_empty() && self.step();
             if !stepped && !self.wait() {
                 return self.shutdown();
@@ -252,12 +311,45 @@ impl Loop {
     }
 
     fn shutdown(&mut self) {
+        self.abort_all(|| Error::Stopped);
+    }
+
+    /// Fails every queued prompt with `error()` and frees every pull source.
+    fn abort_all(&mut self, error: impl Fn() -> Error) {
         for a in self.pending.drain(..) {
             self.engine.release(a.seq);
-            let _ = a.reply.send(Err(Error::Stopped));
+            let _ = a.reply.send(Err(error()));
         }
         for (_, seq) in self.leases.drain() {
             self.engine.release(seq);
+        }
+    }
+
+    /// Drops prompts whose caller stopped waiting (its deadline passed, or it went away): no
+    /// step is spent on them and their blocks return to the pool.
+    fn cancel_abandoned(&mut self) {
+        let engine = &mut self.engine;
+        self.pending.retain(|a| {
+            if a.reply.is_closed() {
+                tracing::debug!(handoff = %a.job.handoff, "caller gone; prefill cancelled");
+                engine.release(a.seq);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            load: Load {
+                pending: self.pending.len() as u32,
+                free_blocks: self.engine.free_blocks() as u32,
+                total_blocks: self.engine.total_blocks() as u32,
+                leases: self.leases.len() as u32,
+            },
+            stats: self.stats,
+            idle: self.pending.is_empty() && self.leases.is_empty(),
         }
     }
 
@@ -280,13 +372,18 @@ impl Loop {
                 let _ = reply.send(released.is_some());
             }
             Command::Load { reply } => {
-                let load = Load {
-                    pending: self.pending.len() as u32,
-                    free_blocks: self.engine.free_blocks() as u32,
-                    total_blocks: self.engine.total_blocks() as u32,
-                    leases: self.leases.len() as u32,
-                };
-                let _ = reply.send((load, self.stats));
+                let now = self.snapshot();
+                let _ = reply.send((now.load, now.stats));
+            }
+            Command::Stop => self.stopped = true,
+            Command::AbortAll => {
+                let (prompts, leases) = (self.pending.len(), self.leases.len());
+                self.abort_all(|| Error::DrainDeadline);
+                tracing::warn!(
+                    prompts,
+                    leases,
+                    "drain deadline passed: prompts failed, pull sources freed"
+                );
             }
         }
     }

@@ -27,6 +27,10 @@ pub enum Error {
     Engine(#[from] baton_engine::Error),
     #[error("the engine thread has stopped")]
     Stopped,
+    #[error("the prefill worker is draining and takes no new work; retry on another worker")]
+    Draining,
+    #[error("the prefill worker's drain deadline passed before this prefill finished")]
+    DrainDeadline,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -36,7 +40,9 @@ impl Error {
         match self {
             Error::InvalidRequest { .. } | Error::UnknownHandoff(_) => ErrorClass::InvalidRequest,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
-            Error::Transfer(_) | Error::Stopped => ErrorClass::Unavailable,
+            Error::Transfer(_) | Error::Stopped | Error::Draining | Error::DrainDeadline => {
+                ErrorClass::Unavailable
+            }
             Error::Transport(e) => match e.class() {
                 baton_kv_transfer::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
                 baton_kv_transfer::ErrorClass::Internal => ErrorClass::Internal,

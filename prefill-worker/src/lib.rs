@@ -10,9 +10,10 @@
 mod config;
 mod engine_loop;
 mod error;
+mod metrics;
 mod queue;
 mod service;
 
 pub use config::PrefillConfig;
 pub use error::{Error, ErrorClass, Result};
-pub use service::{run, serve};
+pub use service::{run, serve, serve_with_metrics};

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_engine::{Engine, LayoutDescriptor, SamplingLimits};
@@ -21,10 +22,15 @@ use baton_proto::v1::{
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::config::PrefillConfig;
 use crate::engine_loop::{self, EngineHandle, JobShape, LoopConfig, PrefillJob};
 use crate::error::{Error, Result};
+use crate::metrics::KvCounters;
+
+/// After a drain, how long open calls (health watches) get before the server stops.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
 pub async fn run(config: PrefillConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -34,10 +40,32 @@ pub async fn run(config: PrefillConfig, shutdown: impl Future<Output = ()> + Sen
     serve(config, listener, shutdown).await
 }
 
-/// Serves on an already bound listener (tests bind 127.0.0.1:0 and keep it).
+/// Serves on an already bound listener (tests bind 127.0.0.1:0 and keep it); binds
+/// `config.metrics_listen` itself when `config.metrics` is on.
 pub async fn serve(
     config: PrefillConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let metrics = if config.metrics {
+        let at = config.metrics_listen;
+        Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|e| Error::Internal(format!("bind metrics {at}: {e}")))?,
+        )
+    } else {
+        None
+    };
+    serve_with_metrics(config, listener, metrics, shutdown).await
+}
+
+/// Serves gRPC on `listener` and, when given, `/metrics` on `metrics` (both already bound, so
+/// a caller can announce ports the OS chose).
+pub async fn serve_with_metrics(
+    config: PrefillConfig,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
@@ -88,8 +116,21 @@ pub async fn serve(
         tokio::runtime::Handle::current(),
     )
     .map_err(|e| Error::Internal(format!("start engine thread: {e}")))?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let kv_counters = Arc::new(KvCounters::default());
+    let metrics = metrics
+        .map(|listener| {
+            baton_telemetry::MetricsServer::start(
+                listener,
+                crate::metrics::render(handle.snapshots(), kv_counters.clone(), draining.clone()),
+            )
+        })
+        .transpose()
+        .map_err(|e| Error::Internal(format!("metrics endpoint: {e}")))?;
     let service = PrefillService {
-        engine: handle,
+        draining: draining.clone(),
+        kv_counters,
+        engine: handle.clone(),
         links: Arc::new(Links::new(local.clone(), config.link.clone())),
         local,
         info,
@@ -103,21 +144,82 @@ pub async fn serve(
         .await;
     let reflection = baton_proto::reflection_service(&["baton.v1.PrefillWorker"])
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let result = tonic::transport::Server::builder()
+    let drain_timeout = config.drain_timeout;
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopper = handle.clone();
+    let drained = async move {
+        shutdown.await;
+        drain(&handle, &health, &draining, drain_timeout).await;
+        let _ = drained_tx.send(());
+    };
+    let server = tonic::transport::Server::builder()
+        .trace_fn(baton_telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(PrefillWorkerServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await;
+            drained,
+        );
+    // Once drained, calls still open are watches (the coordinator's health Watch never ends
+    // by itself): they get a moment to see the server go, then the server stops regardless.
+    let result = tokio::select! {
+        r = server => r,
+        () = async {
+            let _ = drained_rx.await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        } => Ok(()),
+    };
+    stopper.stop().await;
     // The service (and every engine handle) is dropped by now: the engine thread ends.
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
+    drop(metrics);
     result.map_err(|e| Error::Internal(format!("grpc server: {e}")))
 }
 
+/// SIGTERM's path: report NOT_SERVING (the coordinator stops routing here at once), refuse new
+/// prompts, let queued prefills finish and decode workers read their pull sources until
+/// `deadline`, then fail the rest and free every block. The server stops once this returns.
+async fn drain(
+    engine: &EngineHandle,
+    health: &tonic_health::server::HealthReporter,
+    draining: &AtomicBool,
+    deadline: Duration,
+) {
+    draining.store(true, Ordering::Relaxed);
+    health
+        .set_not_serving::<PrefillWorkerServer<PrefillService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let at_start = engine.snapshot().load;
+    tracing::info!(
+        prompts = at_start.pending,
+        leases = at_start.leases,
+        deadline_s = deadline.as_secs_f64(),
+        "draining: new prompts refused, in-flight prefills and pull sources finishing"
+    );
+    if tokio::time::timeout(deadline, engine.wait_idle())
+        .await
+        .is_err()
+    {
+        let _ = engine.abort_all().await;
+        engine.wait_idle().await;
+    }
+    let end = engine.snapshot().load;
+    tracing::info!(
+        free_blocks = end.free_blocks,
+        total_blocks = end.total_blocks,
+        leases = end.leases,
+        "drained"
+    );
+}
+
 pub struct PrefillService {
+    /// Set when a drain starts: new prompts are refused from then on.
+    draining: Arc<AtomicBool>,
+    kv_counters: Arc<KvCounters>,
     engine: EngineHandle,
     links: Arc<Links>,
     local: LayoutDescriptor,
@@ -163,12 +265,16 @@ impl PrefillService {
         rx: mpsc::Receiver<baton_kv_transfer::KvSegment>,
     ) -> Result<(T, SendReport)> {
         let sender_link = link.clone();
-        let send = tokio::spawn(async move { send_all(&sender_link, rx).await });
+        let send = tokio::spawn(
+            async move { send_all(&sender_link, rx).await }
+                .instrument(tracing::info_span!("transfer", shape = "send", %endpoint)),
+        );
         let produced = produce.await;
         let sent = send
             .await
             .map_err(|e| Error::Internal(format!("send task: {e}")))?;
         if let Err(e) = &sent {
+            self.kv_counters.failed();
             self.links.drop_link(endpoint, &link).await;
             tracing::warn!(%endpoint, error = %e, "kv transfer failed");
         }
@@ -188,7 +294,9 @@ fn invalid(e: convert::ConvertError) -> Error {
     }
 }
 
+/// The transfer's report for the coordinator; also counted in this worker's metrics.
 fn kv_stats(
+    counters: &KvCounters,
     report: &SendReport,
     compute_done: Option<Instant>,
     endpoint: &Endpoint,
@@ -198,6 +306,7 @@ fn kv_stats(
         .first
         .map_or(Duration::ZERO, |f| report.done.saturating_duration_since(f));
     let exposed = compute_done.map_or(transfer, |c| report.done.saturating_duration_since(c));
+    counters.sent(report.bytes, transfer, exposed);
     v1::KvTransferStats {
         bytes: report.bytes,
         segments: report.segments,
@@ -222,7 +331,7 @@ impl PrefillWorker for PrefillService {
             free_blocks: load.free_blocks,
             total_blocks: load.total_blocks,
             leases: load.leases,
-            draining: false,
+            draining: self.draining.load(Ordering::Relaxed),
         }))
     }
 
@@ -243,6 +352,9 @@ impl PrefillWorker for PrefillService {
         &self,
         request: Request<PrefillRequest>,
     ) -> Result<Response<PrefillResponse>, Status> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Error::Draining.into());
+        }
         let req = request.into_inner();
         let prompt = req.prompt_token_ids;
         if prompt.is_empty() {
@@ -271,13 +383,16 @@ impl PrefillWorker for PrefillService {
                     params,
                     shape: JobShape::Push { segments: tx },
                 };
-                let (done, report) = self
-                    .transfer(&endpoint, link, self.engine.prefill(job), rx)
-                    .await?;
+                let compute = self
+                    .engine
+                    .prefill(job)
+                    .instrument(tracing::info_span!("prefill", %handoff, shape = "push"));
+                let (done, report) = self.transfer(&endpoint, link, compute, rx).await?;
                 tracing::debug!(%handoff, queued = ?done.queued, compute = ?done.compute, total = ?started.elapsed(), "prefilled and pushed");
                 Ok(Response::new(PrefillResponse {
                     first_token: Some(convert::token_to_proto(&done.first_token)),
                     kv: Some(kv_stats(
+                        &self.kv_counters,
                         &report,
                         Some(done.compute_done),
                         &endpoint,
@@ -297,7 +412,11 @@ impl PrefillWorker for PrefillService {
                     params,
                     shape: JobShape::Pull { ttl },
                 };
-                let done = self.engine.prefill(job).await?;
+                let done = self
+                    .engine
+                    .prefill(job)
+                    .instrument(tracing::info_span!("prefill", %handoff, shape = "pull"))
+                    .await?;
                 tracing::debug!(%handoff, queued = ?done.queued, compute = ?done.compute, "prefilled for pull");
                 Ok(Response::new(PrefillResponse {
                     first_token: Some(convert::token_to_proto(&done.first_token)),
@@ -331,7 +450,13 @@ impl PrefillWorker for PrefillService {
             .transfer(&endpoint, link, self.engine.pull(handoff, tx), rx)
             .await?;
         Ok(Response::new(PullResponse {
-            kv: Some(kv_stats(&report, None, &endpoint, v1::HandoffShape::Pull)),
+            kv: Some(kv_stats(
+                &self.kv_counters,
+                &report,
+                None,
+                &endpoint,
+                v1::HandoffShape::Pull,
+            )),
         }))
     }
 

@@ -19,6 +19,27 @@ pub struct ConvertError {
 
 /// Unset fields take [`SamplingParams::default`]'s values (greedy, 16 tokens); validation
 /// happens after, against the server's limits.
+/// A call's `grpc-timeout` (gRPC over HTTP/2: 1 to 8 digits and a unit H, M, S, m, u or n),
+/// when it carries a valid one.
+pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 pub fn sampling_from_proto(p: Option<&v1::SamplingParams>) -> SamplingParams {
     let d = SamplingParams::default();
     let Some(p) = p else { return d };
@@ -216,3 +237,28 @@ mod workers {
 
 #[cfg(feature = "workers")]
 pub use workers::*;
+
+#[cfg(test)]
+mod timeout_tests {
+    use super::grpc_timeout;
+    use std::time::Duration;
+    use tonic::metadata::MetadataMap;
+
+    fn parse(v: &str) -> Option<Duration> {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", v.parse().expect("ascii"));
+        grpc_timeout(&m)
+    }
+
+    #[test]
+    fn grpc_timeout_units_parse_and_garbage_is_ignored() {
+        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse("S"), None);
+        assert_eq!(parse("12x"), None);
+        assert_eq!(parse("123456789m"), None, "at most 8 digits");
+        assert_eq!(grpc_timeout(&MetadataMap::new()), None);
+    }
+}

@@ -126,7 +126,8 @@ impl Workers {
         let mut stops = Vec::new();
 
         let (pl, prefill) = listener().await;
-        let config = PrefillConfig::new(engine_config(Role::Prefill, kv_mib));
+        let mut config = PrefillConfig::new(engine_config(Role::Prefill, kv_mib));
+        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);
         tokio::spawn(async move {
@@ -142,6 +143,7 @@ impl Workers {
         let (dl, decode) = listener().await;
         let mut config = DecodeConfig::new(engine_config(Role::Decode, kv_mib));
         config.kv_shm_socket = Some(shm_dir.join("decode.sock"));
+        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);
         tokio::spawn(async move {

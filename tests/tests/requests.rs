@@ -265,3 +265,80 @@ async fn overload_is_refused_at_once_with_retry_after() {
     drop(running);
     workers.await_pools_full(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deadlines_end_requests_and_reach_the_workers() {
+    let workers = Workers::start(64).await;
+    let coordinator =
+        Coordinator::start(&workers, HandoffShape::Push, TransportChoice::Tcp, |_| {}).await;
+
+    // gRPC: the client's grpc-timeout ends a stream that would run far longer.
+    let mut request = tonic::Request::new(long_request(&prompt_of(100, 3)));
+    request.set_timeout(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(LIMIT, async {
+        let mut stream = coordinator.client().generate(request).await?.into_inner();
+        loop {
+            if stream.message().await?.is_none() {
+                return Ok::<_, tonic::Status>(());
+            }
+        }
+    })
+    .await
+    .expect("the deadline ends the stream");
+    let status = ended.expect_err("a 500-token stream does not fit in 1.5 s");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    workers.await_pools_full(Duration::from_secs(1)).await;
+
+    // The workers take the deadline from the call itself: a decode stream called directly
+    // with a grpc-timeout ends on the worker's side.
+    let mut direct = tonic::Request::new(v1::DecodeRequest {
+        sampling: long_request(&[]).sampling,
+        source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
+            prompt_token_ids: prompt_of(40, 4),
+        })),
+        ..Default::default()
+    });
+    direct.set_timeout(Duration::from_millis(800));
+    let mut stream =
+        v1::decode_worker_client::DecodeWorkerClient::new(baton_e2e::channel(workers.decode))
+            .decode(direct)
+            .await
+            .expect("decode starts")
+            .into_inner();
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream finished inside its deadline"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    workers.await_pools_full(Duration::from_secs(1)).await;
+
+    // HTTP: the body's `timeout` field; the reply is 504 with the OpenAI error type.
+    let body = serde_json::json!({
+        "prompt": prompt_of(100, 5),
+        "max_tokens": 500,
+        "ignore_eos": true,
+        "timeout": 1.0,
+    })
+    .to_string();
+    let (status, reply) = http_post(coordinator.http, "/v1/completions", &body).await;
+    assert_eq!(status, 504, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).expect("json");
+    assert_eq!(reply["error"]["type"], "timeout", "{reply}");
+    workers.await_pools_full(Duration::from_secs(1)).await;
+
+    // A timeout that is not a positive number of seconds is refused, naming the field.
+    let body = serde_json::json!({"prompt": "hi", "max_tokens": 2, "timeout": -1}).to_string();
+    let (status, reply) = http_post(coordinator.http, "/v1/completions", &body).await;
+    assert_eq!(status, 400, "{reply}");
+    let reply: serde_json::Value = serde_json::from_str(&reply).expect("json");
+    assert_eq!(reply["error"]["param"], "timeout", "{reply}");
+}

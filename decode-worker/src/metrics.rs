@@ -1,0 +1,129 @@
+//! The decode worker's Prometheus metrics, read on each scrape from the engine thread's last
+//! published snapshot (the engine thread owns every number; nothing here can skew it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::engine_loop::Snapshot;
+
+#[derive(Debug)]
+struct DecodeCollector {
+    snapshot: watch::Receiver<Snapshot>,
+    draining: Arc<AtomicBool>,
+}
+
+/// The page `/metrics` serves: `baton_*` worker metrics and `process_*`.
+pub fn render(
+    snapshot: watch::Receiver<Snapshot>,
+    draining: Arc<AtomicBool>,
+) -> impl Fn() -> String {
+    let mut registry = Registry::with_prefix("baton");
+    registry.register_collector(Box::new(DecodeCollector { snapshot, draining }));
+    let process = baton_telemetry::ProcessCollector::registry();
+    move || baton_telemetry::encode_metrics(&[&registry, &process])
+}
+
+use baton_telemetry::{encode_counter as counter, encode_gauge as gauge};
+
+impl Collector for DecodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let s = *self.snapshot.borrow();
+        let (load, stats) = (s.load, s.stats);
+        let e = &mut encoder;
+        gauge(
+            e,
+            "num_requests_running",
+            "Streams decoding now",
+            i64::from(load.running),
+        )?;
+        gauge(
+            e,
+            "num_requests_waiting",
+            "Streams waiting for a batch slot or for their KV to land",
+            i64::from(load.waiting),
+        )?;
+        let usage = if load.total_blocks == 0 {
+            0.0
+        } else {
+            1.0 - f64::from(load.free_blocks) / f64::from(load.total_blocks)
+        };
+        gauge(
+            e,
+            "kv_cache_usage_ratio",
+            "Share of KV blocks in use, 0 to 1",
+            usage,
+        )?;
+        gauge(
+            e,
+            "kv_blocks_free",
+            "KV blocks free in the pool",
+            i64::from(load.free_blocks),
+        )?;
+        gauge(
+            e,
+            "kv_blocks_total",
+            "KV blocks in the pool",
+            i64::from(load.total_blocks),
+        )?;
+        gauge(
+            e,
+            "kv_leases",
+            "Reservations pinned under a lease",
+            i64::from(load.leases),
+        )?;
+        gauge(
+            e,
+            "draining",
+            "1 while the worker drains (takes no new work), else 0",
+            i64::from(self.draining.load(Ordering::Relaxed)),
+        )?;
+        counter(
+            e,
+            "kv_handoffs_ok",
+            "Handoffs whose KV landed and verified",
+            stats.handoffs_ok,
+        )?;
+        counter(
+            e,
+            "kv_handoffs_failed",
+            "Handoffs that failed (transfer error, checksum, abandoned pull)",
+            stats.handoffs_failed,
+        )?;
+        counter(
+            e,
+            "kv_handoffs_expired",
+            "Reservations whose lease expired before their KV landed",
+            stats.handoffs_expired,
+        )?;
+        counter(
+            e,
+            "kv_handoffs_recomputed",
+            "Failed handoffs whose prompt this worker recomputed (kv_failure_policy = recompute)",
+            stats.handoffs_recomputed,
+        )?;
+        counter(
+            e,
+            "kv_transfer_bytes_received",
+            "KV payload bytes received, verified and imported",
+            stats.kv_bytes_imported,
+        )?;
+        counter(
+            e,
+            "preemptions",
+            "Sequences preempted for lack of KV blocks",
+            stats.preemptions,
+        )?;
+        counter(
+            e,
+            "streams_cancelled",
+            "Streams whose client went away",
+            stats.cancelled,
+        )?;
+        Ok(())
+    }
+}

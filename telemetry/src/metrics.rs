@@ -1,0 +1,229 @@
+//! Prometheus pieces every role shares: process metrics read from `/proc` on each scrape, the
+//! text encoding of several registries into one page, and the workers' `/metrics` endpoint.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::error::Result;
+
+/// `process_*` metrics, named as Prometheus' client libraries name them: resident and virtual
+/// memory, CPU seconds, open file descriptors, start time. Linux only; elsewhere it reports
+/// nothing rather than wrong numbers.
+#[derive(Debug, Default)]
+pub struct ProcessCollector;
+
+impl ProcessCollector {
+    /// A registry holding only the process metrics (no prefix).
+    pub fn registry() -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ProcessCollector));
+        registry
+    }
+}
+
+struct Sample {
+    cpu_seconds: f64,
+    resident_bytes: i64,
+    virtual_bytes: i64,
+    start_time_seconds: f64,
+    open_fds: i64,
+}
+
+fn sample() -> Option<Sample> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // proc(5): utime is field 14, stime 15, starttime 22, vsize 23, rss 24 (1-based, counting
+    // pid and comm), so 11, 12, 19, 20, 21 here.
+    let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if ticks <= 0 || page <= 0 {
+        return None;
+    }
+    let ticks = ticks as f64;
+    let boot = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())?;
+    let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as i64);
+    Some(Sample {
+        cpu_seconds: (num(11)? + num(12)?) as f64 / ticks,
+        resident_bytes: num(21)? as i64 * page as i64,
+        virtual_bytes: num(20)? as i64,
+        start_time_seconds: boot as f64 + num(19)? as f64 / ticks,
+        open_fds,
+    })
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(s) = sample() else { return Ok(()) };
+        let cpu = ConstCounter::new(s.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time spent, in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size, in bytes",
+                s.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size, in bytes",
+                s.virtual_bytes,
+            ),
+            ("process_open_fds", "Open file descriptors", s.open_fds),
+        ] {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let start = ConstGauge::new(s.start_time_seconds);
+        start.encode(encoder.encode_descriptor(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds",
+            None,
+            start.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Writes one gauge with its descriptor, for collectors that read their numbers on scrape.
+pub fn encode_gauge<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result
+where
+    ConstGauge<N>: EncodeMetric,
+{
+    let g = ConstGauge::new(value);
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+/// Writes one counter (`name` gets its `_total` suffix from the encoder).
+pub fn encode_counter<N>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result
+where
+    ConstCounter<N>: EncodeMetric,
+{
+    let c = ConstCounter::new(value);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+/// Several registries as one text-format page (one `# EOF`).
+pub fn encode(registries: &[&Registry]) -> String {
+    let mut out = String::new();
+    for r in registries {
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, r);
+    }
+    let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+    out
+}
+
+/// A running `/metrics` endpoint; dropping it stops the endpoint.
+pub struct MetricsServer {
+    local_addr: SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl MetricsServer {
+    /// Serves the page `render` returns at `GET /metrics` on `listener`.
+    pub fn start(
+        listener: TcpListener,
+        render: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve_metrics(listener, Arc::new(render), async move {
+            let _ = stopped.await;
+        }));
+        tracing::info!(%local_addr, "metrics at /metrics");
+        Ok(Self {
+            local_addr,
+            _stop: stop,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+/// Serves `GET /metrics` (the page `render` returns) on `listener` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let page = encode(&[&ProcessCollector::registry()]);
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                page.contains(&format!("\n{name} ")),
+                "{name} missing:\n{page}"
+            );
+        }
+        let rss: f64 = page
+            .lines()
+            .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))
+            .and_then(|v| v.parse().ok())
+            .expect("rss value");
+        assert!(rss > 1e6, "a test process holds more than 1 MB: {rss}");
+        assert!(page.ends_with("# EOF\n"));
+    }
+}
