@@ -39,6 +39,8 @@ pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
         rpc.method = method,
     );
     // Without a span layer (no OTLP endpoint) there is nothing to parent, and that is fine.
+    // (Tests of this run every check under one subscriber: tracing caches a callsite's
+    // interest globally, so a test without a subscriber could disable it for the others.)
     let _ = span.set_parent(parent);
     span
 }
@@ -86,7 +88,7 @@ mod tests {
     use tracing_subscriber::layer::SubscriberExt as _;
 
     #[test]
-    fn server_span_continues_the_callers_trace() {
+    fn server_span_continues_the_callers_trace_and_a_bare_call_starts_its_own() {
         opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
@@ -121,17 +123,15 @@ mod tests {
             assert!(client_trace.is_some());
             assert_eq!(client_trace, server_trace);
             assert!(traceparent.contains(client_trace.as_deref().unwrap_or("none")));
-        });
-    }
 
-    #[test]
-    fn server_span_without_context_starts_a_trace() {
-        let incoming = http::Request::builder()
-            .uri("/baton.v1.PrefillWorker/Prefill")
-            .body(())
-            .expect("request");
-        // No subscriber: the span is disabled and has no trace id, and nothing panics.
-        let span = grpc_server_span(&incoming);
-        assert_eq!(span.in_scope(trace_id_of_current_span), None);
+            // A call without a trace context starts a trace of its own.
+            let bare = http::Request::builder()
+                .uri("/baton.v1.PrefillWorker/Prefill")
+                .body(())
+                .expect("request");
+            let fresh = grpc_server_span(&bare).in_scope(trace_id_of_current_span);
+            assert!(fresh.is_some());
+            assert_ne!(fresh, client_trace);
+        });
     }
 }
