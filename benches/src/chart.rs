@@ -1,0 +1,305 @@
+//! SVG charts through plotters (SVG backend only; text is left to the SVG viewer's fonts, so
+//! nothing here needs fonts installed):
+//!
+//! - `latency_cdf.svg`: the CDFs of TTFT, TPOT and E2E, one line per run.
+//! - `sweep.svg` (a sweep of two or more loads): request throughput and goodput, output-token
+//!   throughput, and p99 TTFT / TPOT / E2E against the offered load (request rate, or
+//!   concurrency for a closed-loop sweep).
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::arrivals::Arrivals;
+use crate::error::{Error, Result};
+use crate::run::RunResult;
+
+const SIZE: (u32, u32) = (1500, 450);
+
+fn chart_err(path: &Path) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error::Chart {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn color(i: usize) -> RGBColor {
+    // Colour-blind-safe (Okabe-Ito) order, then plotters' palette.
+    const OKABE_ITO: [RGBColor; 7] = [
+        RGBColor(0, 114, 178),
+        RGBColor(213, 94, 0),
+        RGBColor(0, 158, 115),
+        RGBColor(204, 121, 167),
+        RGBColor(230, 159, 0),
+        RGBColor(86, 180, 233),
+        RGBColor(0, 0, 0),
+    ];
+    OKABE_ITO.get(i).copied().unwrap_or_else(|| {
+        let (r, g, b) = Palette99::pick(i).rgb();
+        RGBColor(r, g, b)
+    })
+}
+
+/// Empirical CDF points `(value_ms, fraction <= value)` of values in seconds.
+fn cdf(values_s: impl Iterator<Item = f64>) -> Vec<(f64, f64)> {
+    let mut v: Vec<f64> = values_s.map(|s| s * 1e3).collect();
+    v.sort_by(f64::total_cmp);
+    let n = v.len() as f64;
+    v.iter()
+        .enumerate()
+        .map(|(i, x)| (*x, (i + 1) as f64 / n))
+        .collect()
+}
+
+/// Per-request TTFT, TPOT and E2E in seconds of a run's completed requests.
+fn latencies(run: &RunResult) -> [Vec<f64>; 3] {
+    let mut out = [Vec::new(), Vec::new(), Vec::new()];
+    for s in run.samples.iter().filter(|s| s.ok()) {
+        let m = &s.measured;
+        if let Some(t) = m.ttft_s {
+            out[0].push(t);
+            if m.output_tokens > 1 {
+                out[1].push((m.e2e_s - t) / f64::from(m.output_tokens - 1));
+            }
+        }
+        out[2].push(m.e2e_s);
+    }
+    out
+}
+
+/// Writes the TTFT, TPOT and E2E latency CDFs of `runs` to `path`.
+pub fn latency_cdfs(runs: &[RunResult], path: &Path) -> Result<()> {
+    let err = chart_err(path);
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let per_run: Vec<[Vec<(f64, f64)>; 3]> = runs
+        .iter()
+        .map(|r| latencies(r).map(|v| cdf(v.into_iter())))
+        .collect();
+    let areas = root.split_evenly((1, 3));
+    for (m, (area, title)) in areas
+        .iter()
+        .zip(["TTFT", "TPOT", "E2E latency"])
+        .enumerate()
+    {
+        let max = per_run
+            .iter()
+            .flat_map(|r| r[m].last().map(|p| p.0))
+            .fold(0.0f64, f64::max);
+        let lines: Vec<(String, Vec<(f64, f64)>)> = runs
+            .iter()
+            .zip(&per_run)
+            .map(|(r, c)| (r.label.clone(), c[m].clone()))
+            .collect();
+        draw_panel(
+            area,
+            &format!("{title} CDF"),
+            (0.0, nice_max(max)),
+            (0.0, 1.0),
+            "ms",
+            "fraction of requests",
+            &lines,
+            SeriesLabelPosition::LowerRight,
+        )
+        .map_err(&err)?;
+    }
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+/// The x axis of a sweep: the request rate when the runs differ in rate, else the concurrency
+/// when they differ in that; `None` when the runs do not form a sweep.
+pub fn sweep_axis(runs: &[RunResult]) -> Option<(&'static str, Vec<f64>)> {
+    if runs.len() < 2 {
+        return None;
+    }
+    let rates: Vec<f64> = runs.iter().map(|r| r.load.arrivals.rate()).collect();
+    let distinct = |v: &[f64]| v.windows(2).any(|w| w[0] != w[1]);
+    if rates.iter().all(|r| r.is_finite()) && distinct(&rates) {
+        return Some(("request rate (req/s)", rates));
+    }
+    let conc: Option<Vec<f64>> = runs
+        .iter()
+        .map(|r| r.load.max_concurrency.map(|c| c.get() as f64))
+        .collect();
+    match conc {
+        Some(c) if distinct(&c) && runs.iter().all(|r| r.load.arrivals == Arrivals::Immediate) => {
+            Some(("concurrency", c))
+        }
+        _ => None,
+    }
+}
+
+/// Writes throughput, goodput and p99 latencies against the offered load to `path`; returns
+/// false (writing nothing) when the runs are not a sweep.
+pub fn sweep(runs: &[RunResult], path: &Path) -> Result<bool> {
+    let Some((x_label, xs)) = sweep_axis(runs) else {
+        return Ok(false);
+    };
+    let err = chart_err(path);
+    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let areas = root.split_evenly((1, 3));
+    let x_range = (0.0, nice_max(xs.iter().copied().fold(0.0, f64::max)));
+    let series = |f: &dyn Fn(&RunResult) -> Option<f64>| -> Vec<(f64, f64)> {
+        xs.iter()
+            .zip(runs)
+            .filter_map(|(x, r)| f(r).map(|y| (*x, y)))
+            .collect()
+    };
+
+    let mut requests = vec![(
+        "completed".to_string(),
+        series(&|r| Some(r.summary.request_throughput)),
+    )];
+    if runs.iter().any(|r| r.summary.goodput.is_some()) {
+        requests.push(("goodput".into(), series(&|r| r.summary.goodput)));
+    }
+    let max_req = requests
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|p| p.1))
+        .fold(0.0, f64::max);
+    draw_panel(
+        &areas[0],
+        "request throughput",
+        x_range,
+        (0.0, nice_max(max_req)),
+        x_label,
+        "req/s",
+        &requests,
+        SeriesLabelPosition::UpperLeft,
+    )
+    .map_err(&err)?;
+
+    let tokens = vec![(
+        "output tokens".to_string(),
+        series(&|r| Some(r.summary.output_throughput)),
+    )];
+    let max_tok = tokens[0].1.iter().map(|p| p.1).fold(0.0, f64::max);
+    draw_panel(
+        &areas[1],
+        "output-token throughput",
+        x_range,
+        (0.0, nice_max(max_tok)),
+        x_label,
+        "tok/s",
+        &tokens,
+        SeriesLabelPosition::UpperLeft,
+    )
+    .map_err(&err)?;
+
+    let has = |d: &crate::metrics::Distribution| (d.count > 0).then_some(d.p99_ms);
+    let p99 = vec![
+        ("TTFT p99".to_string(), series(&|r| has(&r.summary.ttft))),
+        ("TPOT p99".to_string(), series(&|r| has(&r.summary.tpot))),
+        ("E2E p99".to_string(), series(&|r| has(&r.summary.e2e))),
+    ];
+    let max_ms = p99
+        .iter()
+        .flat_map(|(_, s)| s.iter().map(|p| p.1))
+        .fold(0.0, f64::max);
+    draw_panel(
+        &areas[2],
+        "p99 latency",
+        x_range,
+        (0.0, nice_max(max_ms)),
+        x_label,
+        "ms",
+        &p99,
+        SeriesLabelPosition::UpperLeft,
+    )
+    .map_err(&err)?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(true)
+}
+
+/// A round upper bound a little above `x` (1, 2 or 5 times a power of ten).
+fn nice_max(x: f64) -> f64 {
+    if !(x.is_finite() && x > 0.0) {
+        return 1.0;
+    }
+    let x = x * 1.05;
+    let p = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|v| *v >= x)
+        .unwrap_or(10.0 * p)
+}
+
+#[allow(clippy::too_many_arguments)] // one panel's geometry and text; a struct would only rename them
+fn draw_panel(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    title: &str,
+    x: (f64, f64),
+    y: (f64, f64),
+    x_desc: &str,
+    y_desc: &str,
+    lines: &[(String, Vec<(f64, f64)>)],
+    legend: SeriesLabelPosition,
+) -> std::result::Result<(), String> {
+    let s = |e: &dyn std::fmt::Display| e.to_string();
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x.0..x.1, y.0..y.1)
+        .map_err(|e| s(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|e| s(&e))?;
+    for (i, (name, points)) in lines.iter().enumerate() {
+        if points.is_empty() {
+            continue;
+        }
+        let c = color(i);
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), c.stroke_width(2)))
+            .map_err(|e| s(&e))?
+            .label(name.as_str())
+            .legend(move |(lx, ly)| {
+                PathElement::new(vec![(lx, ly), (lx + 18, ly)], c.stroke_width(2))
+            });
+        if points.len() <= 32 {
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 3, c.filled())))
+                .map_err(|e| s(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(|e| s(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nice_maxima_are_round_and_above_the_data() {
+        assert_eq!(nice_max(0.0), 1.0);
+        assert_eq!(nice_max(0.9), 1.0);
+        assert_eq!(nice_max(1.0), 2.0);
+        assert_eq!(nice_max(37.0), 50.0);
+        assert_eq!(nice_max(480.0), 1000.0);
+    }
+
+    #[test]
+    fn cdf_steps_to_one() {
+        let c = cdf([0.5, 0.125, 0.25].into_iter());
+        assert_eq!(
+            c,
+            vec![(125.0, 1.0 / 3.0), (250.0, 2.0 / 3.0), (500.0, 1.0)]
+        );
+    }
+}
