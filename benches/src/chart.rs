@@ -3,8 +3,8 @@
 //!
 //! - `latency_cdf.svg`: the CDFs of TTFT, TPOT and E2E, one line per run.
 //! - `sweep.svg` (a sweep of two or more loads): request throughput and goodput, output-token
-//!   throughput, and p99 TTFT / TPOT / E2E against the offered load (request rate, or
-//!   concurrency for a closed-loop sweep).
+//!   throughput, p99 TTFT and E2E, and p99 TPOT and ITL against the offered load (request rate,
+//!   or concurrency for a closed-loop sweep).
 
 use std::path::Path;
 
@@ -15,7 +15,11 @@ use crate::arrivals::Arrivals;
 use crate::error::{Error, Result};
 use crate::run::RunResult;
 
-const SIZE: (u32, u32) = (1500, 450);
+/// Named lines of `(x, y)` points, one panel's data.
+type Lines = Vec<(String, Vec<(f64, f64)>)>;
+
+const CDF_SIZE: (u32, u32) = (1500, 450);
+const SWEEP_SIZE: (u32, u32) = (1200, 800);
 
 fn chart_err(path: &Path) -> impl Fn(String) -> Error + '_ {
     move |reason| Error::Chart {
@@ -41,14 +45,15 @@ fn color(i: usize) -> RGBColor {
     })
 }
 
-/// Empirical CDF points `(value_ms, fraction <= value)` of values in seconds.
+/// The empirical CDF of values in seconds as a staircase of `(ms, fraction <= ms)` points: each
+/// value rises from the fraction below it to the fraction at it.
 fn cdf(values_s: impl Iterator<Item = f64>) -> Vec<(f64, f64)> {
     let mut v: Vec<f64> = values_s.map(|s| s * 1e3).collect();
     v.sort_by(f64::total_cmp);
     let n = v.len() as f64;
     v.iter()
         .enumerate()
-        .map(|(i, x)| (*x, (i + 1) as f64 / n))
+        .flat_map(|(i, x)| [(*x, i as f64 / n), (*x, (i + 1) as f64 / n)])
         .collect()
 }
 
@@ -71,7 +76,7 @@ fn latencies(run: &RunResult) -> [Vec<f64>; 3] {
 /// Writes the TTFT, TPOT and E2E latency CDFs of `runs` to `path`.
 pub fn latency_cdfs(runs: &[RunResult], path: &Path) -> Result<()> {
     let err = chart_err(path);
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let root = SVGBackend::new(path, CDF_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let per_run: Vec<[Vec<(f64, f64)>; 3]> = runs
         .iter()
@@ -87,7 +92,7 @@ pub fn latency_cdfs(runs: &[RunResult], path: &Path) -> Result<()> {
             .iter()
             .flat_map(|r| r[m].last().map(|p| p.0))
             .fold(0.0f64, f64::max);
-        let lines: Vec<(String, Vec<(f64, f64)>)> = runs
+        let lines: Lines = runs
             .iter()
             .zip(&per_run)
             .map(|(r, c)| (r.label.clone(), c[m].clone()))
@@ -137,9 +142,9 @@ pub fn sweep(runs: &[RunResult], path: &Path) -> Result<bool> {
         return Ok(false);
     };
     let err = chart_err(path);
-    let root = SVGBackend::new(path, SIZE).into_drawing_area();
+    let root = SVGBackend::new(path, SWEEP_SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let areas = root.split_evenly((1, 3));
+    let areas = root.split_evenly((2, 2));
     let x_range = (0.0, nice_max(xs.iter().copied().fold(0.0, f64::max)));
     let series = |f: &dyn Fn(&RunResult) -> Option<f64>| -> Vec<(f64, f64)> {
         xs.iter()
@@ -147,6 +152,7 @@ pub fn sweep(runs: &[RunResult], path: &Path) -> Result<bool> {
             .filter_map(|(x, r)| f(r).map(|y| (*x, y)))
             .collect()
     };
+    let p99 = |d: &crate::metrics::Distribution| (d.count > 0).then_some(d.p99_ms);
 
     let mut requests = vec![(
         "completed".to_string(),
@@ -155,60 +161,51 @@ pub fn sweep(runs: &[RunResult], path: &Path) -> Result<bool> {
     if runs.iter().any(|r| r.summary.goodput.is_some()) {
         requests.push(("goodput".into(), series(&|r| r.summary.goodput)));
     }
-    let max_req = requests
-        .iter()
-        .flat_map(|(_, s)| s.iter().map(|p| p.1))
-        .fold(0.0, f64::max);
-    draw_panel(
-        &areas[0],
-        "request throughput",
-        x_range,
-        (0.0, nice_max(max_req)),
-        x_label,
-        "req/s",
-        &requests,
-        SeriesLabelPosition::UpperLeft,
-    )
-    .map_err(&err)?;
-
-    let tokens = vec![(
-        "output tokens".to_string(),
-        series(&|r| Some(r.summary.output_throughput)),
-    )];
-    let max_tok = tokens[0].1.iter().map(|p| p.1).fold(0.0, f64::max);
-    draw_panel(
-        &areas[1],
-        "output-token throughput",
-        x_range,
-        (0.0, nice_max(max_tok)),
-        x_label,
-        "tok/s",
-        &tokens,
-        SeriesLabelPosition::UpperLeft,
-    )
-    .map_err(&err)?;
-
-    let has = |d: &crate::metrics::Distribution| (d.count > 0).then_some(d.p99_ms);
-    let p99 = vec![
-        ("TTFT p99".to_string(), series(&|r| has(&r.summary.ttft))),
-        ("TPOT p99".to_string(), series(&|r| has(&r.summary.tpot))),
-        ("E2E p99".to_string(), series(&|r| has(&r.summary.e2e))),
+    // TPOT and ITL are one to three orders of magnitude below TTFT and E2E: their own panel.
+    let panels: [(&str, &str, Lines); 4] = [
+        ("request throughput", "req/s", requests),
+        (
+            "output-token throughput",
+            "tok/s",
+            vec![(
+                "output tokens".to_string(),
+                series(&|r| Some(r.summary.output_throughput)),
+            )],
+        ),
+        (
+            "p99 TTFT and E2E latency",
+            "ms",
+            vec![
+                ("TTFT p99".to_string(), series(&|r| p99(&r.summary.ttft))),
+                ("E2E p99".to_string(), series(&|r| p99(&r.summary.e2e))),
+            ],
+        ),
+        (
+            "p99 TPOT and ITL",
+            "ms",
+            vec![
+                ("TPOT p99".to_string(), series(&|r| p99(&r.summary.tpot))),
+                ("ITL p99".to_string(), series(&|r| p99(&r.summary.itl))),
+            ],
+        ),
     ];
-    let max_ms = p99
-        .iter()
-        .flat_map(|(_, s)| s.iter().map(|p| p.1))
-        .fold(0.0, f64::max);
-    draw_panel(
-        &areas[2],
-        "p99 latency",
-        x_range,
-        (0.0, nice_max(max_ms)),
-        x_label,
-        "ms",
-        &p99,
-        SeriesLabelPosition::UpperLeft,
-    )
-    .map_err(&err)?;
+    for (area, (title, unit, lines)) in areas.iter().zip(panels) {
+        let max = lines
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(|p| p.1))
+            .fold(0.0, f64::max);
+        draw_panel(
+            area,
+            title,
+            x_range,
+            (0.0, nice_max(max)),
+            x_label,
+            unit,
+            &lines,
+            SeriesLabelPosition::UpperLeft,
+        )
+        .map_err(&err)?;
+    }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(true)
 }
@@ -227,6 +224,12 @@ fn nice_max(x: f64) -> f64 {
         .unwrap_or(10.0 * p)
 }
 
+/// A tick label without float noise: `0.3`, `1500`, `2.25`.
+fn tick(v: f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 #[allow(clippy::too_many_arguments)] // one panel's geometry and text; a struct would only rename them
 fn draw_panel(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
@@ -235,7 +238,7 @@ fn draw_panel(
     y: (f64, f64),
     x_desc: &str,
     y_desc: &str,
-    lines: &[(String, Vec<(f64, f64)>)],
+    lines: &Lines,
     legend: SeriesLabelPosition,
 ) -> std::result::Result<(), String> {
     let s = |e: &dyn std::fmt::Display| e.to_string();
@@ -246,11 +249,16 @@ fn draw_panel(
         .y_label_area_size(60)
         .build_cartesian_2d(x.0..x.1, y.0..y.1)
         .map_err(|e| s(&e))?;
+    let label = |v: &f64| tick(*v);
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
         .label_style(("sans-serif", 13))
+        // One light line between bold ones keeps the grid readable and the file small.
+        .max_light_lines(1)
+        .x_label_formatter(&label)
+        .y_label_formatter(&label)
         .draw()
         .map_err(|e| s(&e))?;
     for (i, (name, points)) in lines.iter().enumerate() {
@@ -295,11 +303,27 @@ mod tests {
     }
 
     #[test]
+    fn ticks_have_no_float_noise() {
+        assert_eq!(tick(0.1 + 0.2), "0.3");
+        assert_eq!(tick(1500.0), "1500");
+        assert_eq!(tick(2.25), "2.25");
+        assert_eq!(tick(0.0), "0");
+    }
+
+    #[test]
     fn cdf_steps_to_one() {
         let c = cdf([0.5, 0.125, 0.25].into_iter());
+        let third = 1.0 / 3.0;
         assert_eq!(
             c,
-            vec![(125.0, 1.0 / 3.0), (250.0, 2.0 / 3.0), (500.0, 1.0)]
+            vec![
+                (125.0, 0.0),
+                (125.0, third),
+                (250.0, third),
+                (250.0, 2.0 / 3.0),
+                (500.0, 2.0 / 3.0),
+                (500.0, 1.0),
+            ]
         );
     }
 }

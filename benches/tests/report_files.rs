@@ -71,7 +71,7 @@ fn results_json_and_charts_are_written() {
     for text in [
         "request throughput",
         "goodput",
-        "p99 latency",
+        "p99 TPOT and ITL",
         "request rate (req/s)",
     ] {
         assert!(svg.contains(text), "{text} missing from the sweep chart");

@@ -3,6 +3,7 @@
 //! `kv-demo` (the KV transfer between two processes, without a cluster).
 
 mod bench;
+mod bench_serve;
 mod bench_transfer;
 mod generate;
 mod kv_demo;
