@@ -97,17 +97,16 @@ pub fn latency_cdfs(runs: &[RunResult], path: &Path) -> Result<()> {
             .zip(&per_run)
             .map(|(r, c)| (r.label.clone(), c[m].clone()))
             .collect();
-        draw_panel(
-            area,
-            &format!("{title} CDF"),
-            (0.0, nice_max(max)),
-            (0.0, 1.0),
-            "ms",
-            "fraction of requests",
-            &lines,
-            SeriesLabelPosition::LowerRight,
-        )
-        .map_err(&err)?;
+        let panel = Panel {
+            title: &format!("{title} CDF"),
+            x: (0.0, nice_max(max)),
+            y: (0.0, 1.0),
+            x_desc: "ms",
+            y_desc: "fraction of requests",
+            legend: SeriesLabelPosition::LowerRight,
+            markers: false,
+        };
+        draw_panel(area, &panel, &lines).map_err(&err)?;
     }
     root.present().map_err(|e| err(e.to_string()))
 }
@@ -194,30 +193,30 @@ pub fn sweep(runs: &[RunResult], path: &Path) -> Result<bool> {
             .iter()
             .flat_map(|(_, s)| s.iter().map(|p| p.1))
             .fold(0.0, f64::max);
-        draw_panel(
-            area,
+        let panel = Panel {
             title,
-            x_range,
-            (0.0, nice_max(max)),
-            x_label,
-            unit,
-            &lines,
-            SeriesLabelPosition::UpperLeft,
-        )
-        .map_err(&err)?;
+            x: x_range,
+            y: (0.0, nice_max(max)),
+            x_desc: x_label,
+            y_desc: unit,
+            legend: SeriesLabelPosition::UpperLeft,
+            markers: true,
+        };
+        draw_panel(area, &panel, &lines).map_err(&err)?;
     }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(true)
 }
 
-/// A round upper bound a little above `x` (1, 2 or 5 times a power of ten).
+/// A round upper bound a little above `x` (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of
+/// ten), so the data fills most of the panel.
 fn nice_max(x: f64) -> f64 {
     if !(x.is_finite() && x > 0.0) {
         return 1.0;
     }
     let x = x * 1.05;
     let p = 10f64.powf(x.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .iter()
         .map(|m| m * p)
         .find(|v| *v >= x)
@@ -230,17 +229,31 @@ fn tick(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
-#[allow(clippy::too_many_arguments)] // one panel's geometry and text; a struct would only rename them
-fn draw_panel(
-    area: &DrawingArea<SVGBackend<'_>, Shift>,
-    title: &str,
+/// One panel's frame and text.
+struct Panel<'a> {
+    title: &'a str,
     x: (f64, f64),
     y: (f64, f64),
-    x_desc: &str,
-    y_desc: &str,
-    lines: &Lines,
+    x_desc: &'a str,
+    y_desc: &'a str,
     legend: SeriesLabelPosition,
+    /// Mark each point (sweeps); a CDF's staircase has no points worth marking.
+    markers: bool,
+}
+
+fn draw_panel(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    panel: &Panel<'_>,
+    lines: &Lines,
 ) -> std::result::Result<(), String> {
+    let Panel {
+        title,
+        x,
+        y,
+        x_desc,
+        y_desc,
+        ..
+    } = *panel;
     let s = |e: &dyn std::fmt::Display| e.to_string();
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
@@ -273,7 +286,7 @@ fn draw_panel(
             .legend(move |(lx, ly)| {
                 PathElement::new(vec![(lx, ly), (lx + 18, ly)], c.stroke_width(2))
             });
-        if points.len() <= 32 {
+        if panel.markers {
             chart
                 .draw_series(points.iter().map(|p| Circle::new(*p, 3, c.filled())))
                 .map_err(|e| s(&e))?;
@@ -281,7 +294,7 @@ fn draw_panel(
     }
     chart
         .configure_series_labels()
-        .position(legend)
+        .position(panel.legend.clone())
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
@@ -297,9 +310,10 @@ mod tests {
     fn nice_maxima_are_round_and_above_the_data() {
         assert_eq!(nice_max(0.0), 1.0);
         assert_eq!(nice_max(0.9), 1.0);
-        assert_eq!(nice_max(1.0), 2.0);
-        assert_eq!(nice_max(37.0), 50.0);
-        assert_eq!(nice_max(480.0), 1000.0);
+        assert_eq!(nice_max(1.0), 1.2);
+        assert_eq!(nice_max(37.0), 40.0);
+        assert_eq!(nice_max(480.0), 600.0);
+        assert_eq!(nice_max(3000.0), 4000.0);
     }
 
     #[test]
