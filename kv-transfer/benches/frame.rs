@@ -5,7 +5,8 @@
 //!
 //! Sizes: 4 KiB (a few tokens), 768 KiB (one layer of one 512-token push segment of
 //! SmolLM2-135M: 3 kv heads x 64 x f32, K and V), 4 MiB (the largest pull run). Throughput is
-//! payload bytes per second; the header alone is timed too.
+//! payload bytes per second; the header alone is timed too. Baseline in the same run: copying the
+//! payload once (`copy_baseline`), the least any transport does with those bytes.
 
 use std::hint::black_box;
 
@@ -41,6 +42,13 @@ fn frames(c: &mut Criterion) {
                 })
             },
         );
+        let mut copy = vec![0u8; len];
+        group.bench_with_input(BenchmarkId::new("copy_baseline", name), &data, |b, data| {
+            b.iter(|| {
+                copy.copy_from_slice(black_box(data));
+                black_box(copy.as_ptr())
+            })
+        });
         let header = FrameHeader::new(FrameKind::KvData, &data).expect("fits");
         let wire = encode_frame(&header, &data);
         group.bench_with_input(

@@ -7,7 +7,8 @@
 //! (`scripts/fetch-model.sh`); without it the benchmark says so and measures nothing. Cases:
 //! English prose (one token is usually whole characters) and text with CJK and emoji (byte-level
 //! tokens split characters, so the detokenizer holds bytes back); throughput is tokens per second
-//! including the stream's setup and final flush.
+//! including the stream's setup and final flush. Baseline in the same run: one `decode` of all
+//! 256 ids at once (`decode_all_at_once_baseline`), what a non-streaming answer costs.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ fn detokenize(c: &mut Criterion) {
             .collect();
         let prompt_tail = tokenizer.encode("Answer: ", false).expect("encode");
         group.throughput(Throughput::Elements(ids.len() as u64));
+        group.bench_with_input(
+            BenchmarkId::new("decode_all_at_once_baseline", name),
+            &ids,
+            |b, ids| b.iter(|| black_box(tokenizer.decode(black_box(ids), true).expect("decode"))),
+        );
         group.bench_with_input(
             BenchmarkId::new("stream_256_tokens", name),
             &ids,
