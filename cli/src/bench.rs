@@ -1,6 +1,7 @@
 //! `baton bench engine`: prefill, decode and batched-decode throughput of the engine on one
 //! model, with llama.cpp measured in the same invocation as the baseline. `baton bench
-//! transfer` (KV transports against raw TCP and memcpy) lives in [`crate::bench_transfer`].
+//! transfer` (KV transports against raw TCP and memcpy) lives in [`crate::bench_transfer`], and
+//! `baton bench serve` (the load generator against a running server) in [`crate::bench_serve`].
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,6 +17,10 @@ pub enum BenchCommand {
     /// KV transfer: baton's TCP and shared-memory transports against raw loopback TCP and memcpy
     /// on a real prompt's KV, and how much of a push transfer the prefill compute hides.
     Transfer(crate::bench_transfer::TransferArgs),
+    /// Load generator: TTFT, TPOT, ITL, end-to-end latency, throughput and goodput of a running
+    /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
+    /// concurrency, as vLLM's benchmark_serving measures them.
+    Serve(Box<crate::bench_serve::ServeArgs>),
 }
 
 #[derive(clap::Args)]
@@ -49,6 +54,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Transfer(args) => crate::bench_transfer::run(args),
+        BenchCommand::Serve(args) => crate::bench_serve::run(*args),
     }
 }
 

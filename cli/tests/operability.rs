@@ -396,6 +396,10 @@ async fn one_request_is_one_trace_across_three_processes_and_every_documented_me
     let placement = placement.expect("finish with placement");
     assert_eq!(placement.mode, "disaggregated");
 
+    for worker in [prefill.addrs[1], decode.addrs[1]] {
+        assert_eq!(get(worker, "/health").expect("health").0, 200);
+        assert_eq!(get(worker, "/ready").expect("ready").0, 200);
+    }
     check_metrics("coordinator", http);
     let p = check_metrics("prefill", prefill.addrs[1]);
     let d = check_metrics("decode", decode.addrs[1]);

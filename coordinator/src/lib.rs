@@ -24,3 +24,12 @@ pub use error::{Error, ErrorClass, Result};
 pub use generate::{GenerateInput, Placement, PromptInput, StreamEvent, Usage};
 pub use placement::PdMode;
 pub use server::{run, serve};
+
+/// The routing decisions, public only for the criterion benchmark `benches/routing.rs`; not part
+/// of the crate's API.
+#[doc(hidden)]
+pub mod routing {
+    pub use crate::placement::{
+        Candidate, Mode, NoPlacement, choose_decode, choose_prefill, decide,
+    };
+}

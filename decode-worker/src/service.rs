@@ -138,9 +138,11 @@ pub async fn serve_with_metrics(
     .map_err(|e| Error::Internal(format!("start engine thread: {e}")))?;
     let metrics = metrics
         .map(|listener| {
+            let draining = draining.clone();
             baton_telemetry::MetricsServer::start(
                 listener,
                 crate::metrics::render(handle.snapshots(), draining.clone()),
+                move || !draining.load(Ordering::Relaxed),
             )
         })
         .transpose()

@@ -120,9 +120,11 @@ pub async fn serve_with_metrics(
     let kv_counters = Arc::new(KvCounters::default());
     let metrics = metrics
         .map(|listener| {
+            let draining = draining.clone();
             baton_telemetry::MetricsServer::start(
                 listener,
                 crate::metrics::render(handle.snapshots(), kv_counters.clone(), draining.clone()),
+                move || !draining.load(Ordering::Relaxed),
             )
         })
         .transpose()

@@ -150,16 +150,24 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Serves the page `render` returns at `GET /metrics` on `listener`.
+    /// Serves the page `render` returns at `GET /metrics` on `listener`, with `GET /health`
+    /// (liveness: 200 while the process serves) and `GET /ready` (200 while `ready()`, else
+    /// 503) beside it.
     pub fn start(
         listener: TcpListener,
         render: impl Fn() -> String + Send + Sync + 'static,
+        ready: impl Fn() -> bool + Send + Sync + 'static,
     ) -> Result<Self> {
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(serve_metrics(listener, Arc::new(render), async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(serve_metrics(
+            listener,
+            Arc::new(render),
+            Arc::new(ready),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         tracing::info!(%local_addr, "metrics at /metrics");
         Ok(Self {
             local_addr,
@@ -172,27 +180,44 @@ impl MetricsServer {
     }
 }
 
-/// Serves `GET /metrics` (the page `render` returns) on `listener` until `shutdown` resolves.
+/// Serves `GET /metrics` (the page `render` returns), `/health` and `/ready` on `listener`
+/// until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: TcpListener,
     render: Arc<dyn Fn() -> String + Send + Sync>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let render = render.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render(),
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let ready = ready();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "draining")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let render = render.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        render(),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;
