@@ -1,7 +1,9 @@
 //! `baton bench engine`: prefill, decode and batched-decode throughput of the engine on one
 //! model, with llama.cpp measured in the same invocation as the baseline. `baton bench
 //! transfer` (KV transports against raw TCP and memcpy) lives in [`crate::bench_transfer`], and
-//! `baton bench serve` (the load generator against a running server) in [`crate::bench_serve`].
+//! `baton bench serve` (the load generator against a running server) in [`crate::bench_serve`],
+//! `baton bench handoff` (disaggregated against colocated TTFT) and `baton bench overhead`
+//! (the coordinator against calling a decode worker directly) in [`crate::bench_cluster`].
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,6 +23,13 @@ pub enum BenchCommand {
     /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
     /// concurrency, as vLLM's benchmark_serving measures them.
     Serve(Box<crate::bench_serve::ServeArgs>),
+    /// What a KV handoff costs a request: TTFT disaggregated (tcp, shm x push, pull) against
+    /// aggregated on the same two worker processes, per prompt length, with the transfer's
+    /// time and its exposed (not overlapped) part.
+    Handoff(crate::bench_cluster::HandoffArgs),
+    /// What the coordinator adds to a request: pairs of the same request through the
+    /// coordinator and straight to the decode worker, alternated; TTFT and end-to-end p50/p99.
+    Overhead(crate::bench_cluster::OverheadArgs),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +64,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Transfer(args) => crate::bench_transfer::run(args),
         BenchCommand::Serve(args) => crate::bench_serve::run(*args),
+        BenchCommand::Handoff(args) => crate::bench_cluster::handoff(args),
+        BenchCommand::Overhead(args) => crate::bench_cluster::overhead(args),
     }
 }
 

@@ -4,6 +4,7 @@
 //! effective configuration of a role, and its JSON Schema).
 
 mod bench;
+mod bench_cluster;
 mod bench_serve;
 mod bench_transfer;
 mod config;

@@ -3,6 +3,13 @@
 //! coordinator on the configured HTTP and gRPC ports. Prints the endpoints, and stops every
 //! child on Ctrl-C, on SIGTERM, or as soon as any child dies.
 //!
+//! `baton up --colocated` is the aggregated baseline every disaggregation figure is compared
+//! with: no prefill workers, and M decode workers that each prefill their own prompts (chunked
+//! prefill in the same continuous batch, on the same engine and the same per-phase weights a
+//! prefill worker would use), so the coordinator places every request aggregated. A colocated
+//! worker is a `baton decode` process: that role already serves `DecodeRequest.prompt`, so the
+//! baseline runs exactly the code an aggregated request runs in a disaggregated cluster.
+//!
 //! Configuration: `--config FILE` and `--set KEY=VALUE` go to the children whose table they
 //! name, the environment is inherited, and `up`'s own flags become the children's flags. Every
 //! role's configuration is loaded and validated here first, so a bad key stops `up` before any
@@ -29,12 +36,18 @@ pub struct UpArgs {
     /// scripts/fetch-model.sh when missing).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Prefill workers.
-    #[arg(long, default_value_t = 1)]
-    prefill: usize,
-    /// Decode workers.
+    /// Prefill workers (default 1; 0 with --colocated).
+    #[arg(long)]
+    prefill: Option<usize>,
+    /// Decode workers (with --colocated: colocated workers).
     #[arg(long, default_value_t = 1)]
     decode: usize,
+    /// Aggregated serving, the baseline for disaggregation: no prefill workers; each decode
+    /// worker prefills its own prompts (chunked prefill in its continuous batch, f32 prefill
+    /// weights and quantized decode weights under `weights = auto`) and every request is placed
+    /// aggregated. Workers are named colocated-N. Conflicts with --prefill N > 0.
+    #[arg(long)]
+    colocated: bool,
     /// OpenAI-compatible HTTP address (coordinator.http_listen; default 127.0.0.1:8080).
     #[arg(long)]
     http: Option<String>,
@@ -122,16 +135,17 @@ impl UpArgs {
     }
 }
 
-struct Children {
-    procs: Vec<(String, Child)>,
+/// The processes a command started; every one is stopped when this drops.
+pub(crate) struct Children {
+    pub(crate) procs: Vec<(String, Child)>,
     /// How long children may take to stop after SIGTERM: the workers' drain deadline and a
     /// margin.
-    grace: Duration,
+    pub(crate) grace: Duration,
 }
 
 impl Children {
     /// SIGTERM to everyone, then wait up to the grace period; SIGKILL whoever is still there.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         for (_, c) in &self.procs {
             signal(c.id(), libc::SIGTERM);
         }
@@ -180,7 +194,7 @@ fn signal(pid: u32, sig: i32) {
 
 /// Starts `baton <args>` and returns it with the addresses of its first `announced`
 /// `listening` lines.
-fn spawn(
+pub(crate) fn spawn(
     name: &str,
     args: &[String],
     announced: usize,
@@ -233,7 +247,25 @@ fn spawn(
     }
 }
 
+impl UpArgs {
+    /// Prefill workers to start: none when colocated.
+    fn prefill_workers(&self) -> anyhow::Result<usize> {
+        match (self.colocated, self.prefill) {
+            (true, Some(n)) if n > 0 => bail!(
+                "--colocated runs no prefill workers (each worker prefills its own prompts); \
+                 drop --prefill {n}, or drop --colocated for a disaggregated cluster"
+            ),
+            (true, _) => Ok(0),
+            (false, n) => Ok(n.unwrap_or(1)),
+        }
+    }
+}
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
+    let n_prefill = args.prefill_workers()?;
+    if args.decode == 0 {
+        bail!("--decode must be at least 1: every request ends on a decode worker");
+    }
     let sources = args
         .config
         .sources(None, |flags| args.flags_as_keys(flags))?;
@@ -243,7 +275,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     // Fetched once here rather than by every child at once.
     crate::config::resolve_model(&loaded.config.coordinator.model)?;
-    if args.prefill > 0 {
+    if n_prefill > 0 {
         crate::config::resolve_model(&loaded.config.prefill.engine.model)?;
     }
     crate::config::resolve_model(&loaded.config.decode.engine.model)?;
@@ -262,9 +294,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut decode_addrs = Vec::new();
     let workers = (0..args.decode)
         .map(|i| (RoleName::Decode, i))
-        .chain((0..args.prefill).map(|i| (RoleName::Prefill, i)));
+        .chain((0..n_prefill).map(|i| (RoleName::Prefill, i)));
     for (role, i) in workers {
-        let name = format!("{}-{i}", role.key());
+        let name = match role {
+            RoleName::Decode if args.colocated => format!("colocated-{i}"),
+            _ => format!("{}-{i}", role.key()),
+        };
         let mut role_args: Vec<String> = vec![role.key().into()];
         for (flag, value) in args.child_flags(role) {
             role_args.extend([flag.into(), value]);
@@ -277,7 +312,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
         ]);
-        if role == RoleName::Decode {
+        if role == RoleName::Decode && n_prefill > 0 {
             // Shared memory for prefill workers on this host.
             let socket =
                 std::env::temp_dir().join(format!("baton-{}-{name}.sock", std::process::id()));
@@ -310,10 +345,17 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let (child, addrs) = spawn("coordinator", &coord_args, 2)?;
     children.procs.push(("coordinator".into(), child));
     let (grpc, http) = (addrs[0], addrs[1]);
-    println!(
-        "baton is up: {} prefill + {} decode workers",
-        args.prefill, args.decode
-    );
+    if args.colocated {
+        println!(
+            "baton is up (colocated): {} colocated workers, each prefilling and decoding its own requests",
+            args.decode
+        );
+    } else {
+        println!(
+            "baton is up: {n_prefill} prefill + {} decode workers",
+            args.decode
+        );
+    }
     println!(
         "  OpenAI HTTP  http://{http}/v1   (health /health, readiness /ready, metrics /metrics)"
     );

@@ -1,13 +1,15 @@
 //! What the process-level tests share: `baton` child processes that announce their listeners,
-//! the development model's path, gRPC channels and a one-shot HTTP GET.
+//! a whole `baton up` cluster and its printed endpoints, the development model's path, gRPC
+//! channels and a one-shot HTTP GET.
 
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 
@@ -159,3 +161,193 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// Starting three processes that each load the model (`baton up` allows 120 s per process).
+pub const START_BOUND: Duration = Duration::from_secs(400);
+/// From the endpoints being printed to `/ready` answering 200.
+pub const READY_BOUND: Duration = Duration::from_secs(60);
+/// SIGTERM to exit: `baton up` gives its children 10 s before it kills them.
+pub const STOP_BOUND: Duration = Duration::from_secs(30);
+/// Longest wait for the cluster's next log line between two `/ready` calls.
+pub const READY_PACE: Duration = Duration::from_millis(200);
+
+/// `baton up` and everything it printed (its children's logs included), line by line.
+pub struct Cluster {
+    up: Option<Child>,
+    pid: i32,
+    lines: Receiver<String>,
+    log: Vec<String>,
+}
+
+impl Cluster {
+    /// `baton up --http 127.0.0.1:0 --grpc 127.0.0.1:0 --kv-cache-mib 128 <extra>`.
+    pub fn start(extra: &[&str]) -> Self {
+        let mut up = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args([
+                "up",
+                "--http",
+                "127.0.0.1:0",
+                "--grpc",
+                "127.0.0.1:0",
+                "--kv-cache-mib",
+                "128",
+            ])
+            .args(extra)
+            // Plain logs for the failure messages that quote them.
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start baton up");
+        let pid = i32::try_from(up.id()).expect("pid fits i32");
+        let (tx, lines) = mpsc::channel();
+        let stdout = up.stdout.take().expect("piped stdout");
+        let stderr = up.stderr.take().expect("piped stderr");
+        forward_lines(stdout, tx.clone());
+        forward_lines(stderr, tx);
+        Cluster {
+            up: Some(up),
+            pid,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The next line within `timeout`; `None` on timeout, panics when `baton up` closed its
+    /// output (it exited).
+    pub fn next_line(&mut self, timeout: Duration) -> Option<String> {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => {
+                self.log.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("baton up exited early; its output:\n{}", self.log_text())
+            }
+        }
+    }
+
+    /// Reads until `baton up` has printed both endpoints: (HTTP, gRPC).
+    pub fn endpoints(&mut self) -> (SocketAddr, SocketAddr) {
+        let deadline = Instant::now() + START_BOUND;
+        let (mut http, mut grpc) = (None, None);
+        while http.is_none() || grpc.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(line) = self.next_line(left) else {
+                panic!(
+                    "baton up printed no endpoints within {START_BOUND:?}; its output:\n{}",
+                    self.log_text()
+                );
+            };
+            let line = line.trim_start();
+            // "OpenAI HTTP  http://127.0.0.1:PORT/v1   (health ...)"
+            if let Some(rest) = line.strip_prefix("OpenAI HTTP") {
+                let url = rest.split_whitespace().next().unwrap_or_default();
+                let addr = url
+                    .strip_prefix("http://")
+                    .and_then(|a| a.strip_suffix("/v1"))
+                    .unwrap_or_default();
+                http = Some(parse_addr(addr, line));
+            }
+            // "gRPC         127.0.0.1:PORT   (baton.v1.Inference, reflection on)"
+            if let Some(rest) = line.strip_prefix("gRPC") {
+                grpc = Some(parse_addr(
+                    rest.split_whitespace().next().unwrap_or_default(),
+                    line,
+                ));
+            }
+        }
+        (http.expect("set"), grpc.expect("set"))
+    }
+
+    /// Calls `GET /ready` until it answers 200. Between calls it waits for the cluster's next
+    /// log line (readiness follows a worker poll), at most [`READY_PACE`].
+    pub fn wait_ready(&mut self, http: SocketAddr) {
+        let deadline = Instant::now() + READY_BOUND;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match get(http, "/ready") {
+                Ok((200, _)) => return,
+                Ok((status, body)) => last = format!("{status} {body}"),
+                Err(e) => last = e.to_string(),
+            }
+            self.next_line(READY_PACE);
+        }
+        panic!(
+            "GET /ready did not answer 200 within {READY_BOUND:?} (last: {last}); output:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Pids of the processes `baton up` started.
+    pub fn children(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).expect("read /proc");
+        for task in tasks {
+            let path = task.expect("task entry").path().join("children");
+            let children = std::fs::read_to_string(&path).expect("read children");
+            pids.extend(
+                children
+                    .split_whitespace()
+                    .map(|p| p.parse::<i32>().expect("pid")),
+            );
+        }
+        pids
+    }
+
+    /// SIGTERM, then `baton up`'s exit status if it exits within `bound`.
+    pub fn terminate(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let mut up = self.up.take()?;
+        signal_pid(self.pid, libc::SIGTERM);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(up.wait());
+        });
+        match rx.recv_timeout(bound) {
+            Ok(status) => Some(status.expect("wait for baton up")),
+            Err(_) => {
+                signal_pid(self.pid, libc::SIGKILL);
+                let _ = rx.recv_timeout(bound);
+                None
+            }
+        }
+    }
+
+    pub fn log_text(&mut self) -> String {
+        self.log.extend(self.lines.try_iter());
+        self.log.join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // A failed assertion still stops the cluster; the workers die with `baton up`.
+        self.terminate(STOP_BOUND);
+    }
+}
+
+fn forward_lines(pipe: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn parse_addr(addr: &str, line: &str) -> SocketAddr {
+    addr.parse()
+        .unwrap_or_else(|e| panic!("no address in {line:?}: {addr:?}: {e}"))
+}
+
+pub fn signal_pid(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a pid this test spawned; no memory is touched.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+

@@ -1,0 +1,120 @@
+//! `baton up --colocated`, the aggregated baseline: one process prefills and decodes every
+//! request (no prefill worker), the coordinator says so in the placement, and the greedy output
+//! equals `baton generate --local`, the single-process reference.
+
+mod common;
+
+use std::process::Command;
+
+use baton_proto::v1::{self, inference_client::InferenceClient};
+use common::{Cluster, STOP_BOUND, channel};
+
+const PROMPT: &str = "The capital of France is";
+const MAX_TOKENS: u32 = 12;
+
+/// Token ids `baton generate --local --verbose` printed on stderr ("ids [1, 2, ...]").
+fn local_reference_ids() -> Vec<u32> {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "generate",
+            "--local",
+            "--verbose",
+            "--max-tokens",
+            &MAX_TOKENS.to_string(),
+            PROMPT,
+        ])
+        .output()
+        .expect("run baton generate --local");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "baton generate --local: {stderr}");
+    let list = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("ids "))
+        .unwrap_or_else(|| panic!("no ids line in: {stderr}"));
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|t| t.trim().parse().expect("token id"))
+        .collect()
+}
+
+#[test]
+fn up_colocated_serves_aggregated_and_matches_one_process() {
+    let mut cluster = Cluster::start(&["--colocated"]);
+    let (http, grpc) = cluster.endpoints();
+    cluster.wait_ready(http);
+    assert_eq!(
+        cluster.children().len(),
+        2,
+        "--colocated runs one worker and the coordinator"
+    );
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (ids, placement) = rt.block_on(async {
+        let mut client = InferenceClient::new(channel(grpc));
+        let mut stream = client
+            .generate(v1::GenerateRequest {
+                input: Some(v1::generate_request::Input::Prompt(PROMPT.into())),
+                sampling: Some(v1::SamplingParams {
+                    temperature: Some(0.0),
+                    max_tokens: Some(MAX_TOKENS),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("generate")
+            .into_inner();
+        let mut ids = Vec::new();
+        let mut placement = None;
+        while let Some(msg) = stream.message().await.expect("stream") {
+            ids.extend(msg.token_ids);
+            if let Some(finish) = msg.finish {
+                placement = finish.placement;
+            }
+        }
+        (ids, placement.expect("the last message carries the placement"))
+    });
+    assert_eq!(placement.mode, "aggregated");
+    assert_eq!(placement.decode_worker, "colocated-0");
+    assert!(placement.prefill_worker.is_empty(), "{placement:?}");
+    assert_eq!(placement.kv_bytes_received, 0, "no KV moved");
+
+    // Forcing disaggregation has nowhere to go.
+    let forced = rt.block_on(async {
+        InferenceClient::new(channel(grpc))
+            .generate(v1::GenerateRequest {
+                input: Some(v1::generate_request::Input::Prompt(PROMPT.into())),
+                pd_mode: v1::PdMode::Force as i32,
+                ..Default::default()
+            })
+            .await
+    });
+    assert_eq!(
+        forced.expect_err("no prefill worker").code(),
+        tonic::Code::Unavailable
+    );
+    // Closes the client's connections (a current-thread runtime polls them only inside
+    // block_on): the coordinator's graceful shutdown waits for open connections.
+    drop(rt);
+
+    assert_eq!(ids, local_reference_ids(), "colocated output == one process");
+    let status = cluster.terminate(STOP_BOUND).expect("baton up stops");
+    assert!(status.success(), "baton up exited with {status}");
+}
+
+#[test]
+fn up_colocated_refuses_prefill_workers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["up", "--colocated", "--prefill", "1"])
+        .output()
+        .expect("run baton up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--colocated runs no prefill workers"),
+        "{stderr}"
+    );
+}
