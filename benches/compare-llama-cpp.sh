@@ -34,9 +34,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_http() {
+wait_http() { # base-url path: until the path answers 200
   for _ in $(seq 1 600); do
-    curl -sf "$1/v1/models" >/dev/null && return 0
+    curl -sf "$1$2" >/dev/null && return 0
     sleep 0.2
   done
   echo "no answer from $1" >&2
@@ -61,12 +61,12 @@ bench() { # name endpoint extra-args...
   "$baton" --version
 } | tee "$out/machine.txt"
 
-# llama.cpp: its server serves one request at a time (llama-cpp-python has no batching across
-# requests); n_ctx covers 8 streams of 256 tokens should it ever batch them.
+# llama.cpp: llama-cpp-python's server runs one request at a time (no batching across requests)
+# and by default a new request interrupts the running one; --interrupt_requests False queues them.
 python3 -m llama_cpp.server --model "$model" --n_threads 2 --n_threads_batch 2 --n_ctx 4096 \
-  --host 127.0.0.1 --port $llama_port >"$out/llama-server.log" 2>&1 &
+  --interrupt_requests False --host 127.0.0.1 --port $llama_port >"$out/llama-server.log" 2>&1 &
 children+=($!)
-wait_http "http://127.0.0.1:$llama_port"
+wait_http "http://127.0.0.1:$llama_port" /v1/models
 bench llama-cpp "http://127.0.0.1:$llama_port" --extra-body '{"logit_bias":{"0":-100,"2":-100}}'
 kill "${children[-1]}"
 wait "${children[-1]}" 2>/dev/null || true
@@ -77,7 +77,7 @@ run_baton() { # name up-args...
   "$baton" up --model "$model" --http 127.0.0.1:$http_port --grpc 127.0.0.1:$grpc_port "$@" \
     >"$out/$name-up.log" 2>&1 &
   children+=($!)
-  wait_http "http://127.0.0.1:$http_port"
+  wait_http "http://127.0.0.1:$http_port" /ready
   bench "$name" "http://127.0.0.1:$http_port" --ignore-eos
   kill -TERM "${children[-1]}"
   wait "${children[-1]}" 2>/dev/null || true
