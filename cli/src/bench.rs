@@ -21,6 +21,9 @@ pub enum BenchCommand {
     /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
     /// concurrency, as vLLM's benchmark_serving measures them.
     Serve(Box<crate::bench_serve::ServeArgs>),
+    /// The disaggregation experiment: pinned prefill and decode workers against a colocated
+    /// worker under a mix of steady short-prompt streams and long prompts at a sweep of rates.
+    Disagg(Box<crate::bench_disagg::DisaggArgs>),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +58,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Engine(args) => engine(args),
         BenchCommand::Transfer(args) => crate::bench_transfer::run(args),
         BenchCommand::Serve(args) => crate::bench_serve::run(*args),
+        BenchCommand::Disagg(args) => crate::bench_disagg::run(*args),
     }
 }
 

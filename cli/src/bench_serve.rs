@@ -103,7 +103,7 @@ fn json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, St
 }
 
 /// A time limit: `600s`, `1500ms`, `10min`, or a bare number of seconds.
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let secs = if let Ok(x) = t.parse::<f64>() {
         x
@@ -152,7 +152,7 @@ fn loads(args: &ServeArgs) -> anyhow::Result<Vec<Load>> {
     Ok(out)
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

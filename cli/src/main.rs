@@ -4,6 +4,7 @@
 //! effective configuration of a role, and its JSON Schema).
 
 mod bench;
+mod bench_disagg;
 mod bench_serve;
 mod bench_transfer;
 mod config;
