@@ -5,6 +5,8 @@
 //! - `sweep.svg` (a sweep of two or more loads): request throughput and goodput, output-token
 //!   throughput, p99 TTFT and E2E, and p99 TPOT and ITL against the offered load (request rate,
 //!   or concurrency for a closed-loop sweep).
+//! - [`line_panels`]: any grid of line panels over one x axis, for experiments that compare
+//!   setups (one line per setup) rather than loads (`baton bench disagg`).
 
 use std::path::Path;
 
@@ -16,7 +18,15 @@ use crate::error::{Error, Result};
 use crate::run::RunResult;
 
 /// Named lines of `(x, y)` points, one panel's data.
-type Lines = Vec<(String, Vec<(f64, f64)>)>;
+pub type Lines = Vec<(String, Vec<(f64, f64)>)>;
+
+/// One panel of [`line_panels`]: a title, the y axis's unit, and its lines.
+#[derive(Debug, Clone)]
+pub struct LinePanel {
+    pub title: String,
+    pub unit: String,
+    pub lines: Lines,
+}
 
 const CDF_SIZE: (u32, u32) = (1500, 450);
 const SWEEP_SIZE: (u32, u32) = (1200, 800);
@@ -206,6 +216,44 @@ pub fn sweep(runs: &[RunResult], path: &Path) -> Result<bool> {
     }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(true)
+}
+
+/// Writes `panels` in a grid two wide, all over the same x axis (`x_desc`), to `path`. Each
+/// panel's y axis starts at 0 and ends a little above its largest point.
+pub fn line_panels(panels: &[LinePanel], x_desc: &str, path: &Path) -> Result<()> {
+    let err = chart_err(path);
+    if panels.is_empty() {
+        return Err(err("no panels to draw".into()));
+    }
+    let rows = panels.len().div_ceil(2);
+    let size = (SWEEP_SIZE.0, SWEEP_SIZE.1 / 2 * rows as u32);
+    let root = SVGBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let areas = root.split_evenly((rows, 2));
+    let points = || {
+        panels
+            .iter()
+            .flat_map(|p| p.lines.iter().flat_map(|l| l.1.iter()))
+    };
+    let x_max = nice_max(points().map(|p| p.0).fold(0.0, f64::max));
+    for (area, panel) in areas.iter().zip(panels) {
+        let y_max = panel
+            .lines
+            .iter()
+            .flat_map(|(_, s)| s.iter().map(|p| p.1))
+            .fold(0.0, f64::max);
+        let frame = Panel {
+            title: &panel.title,
+            x: (0.0, x_max),
+            y: (0.0, nice_max(y_max)),
+            x_desc,
+            y_desc: &panel.unit,
+            legend: SeriesLabelPosition::UpperLeft,
+            markers: true,
+        };
+        draw_panel(area, &frame, &panel.lines).map_err(&err)?;
+    }
+    root.present().map_err(|e| err(e.to_string()))
 }
 
 /// A round upper bound a little above `x` (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of

@@ -50,6 +50,9 @@ pub struct BenchConfig {
     pub seed: u64,
     pub slo: Slo,
     pub ignore_eos: bool,
+    /// Keys added to every OpenAI request body (`--extra-body`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_body: Option<serde_json::Value>,
     /// The loads run, in order.
     pub loads: Vec<Load>,
     /// CPU model and core count of the machine that ran the load generator.
@@ -272,6 +275,7 @@ mod tests {
                 seed: 0,
                 slo: "ttft=500ms".parse().expect("slo"),
                 ignore_eos: true,
+                extra_body: None,
                 loads: vec![run().load],
                 machine: "test".into(),
                 started_unix_s: 0,

@@ -114,6 +114,7 @@ fn results_json_and_charts_are_written() {
             seed: 0,
             slo: "ttft=200ms".parse().expect("slo"),
             ignore_eos: true,
+            extra_body: None,
             loads: runs.iter().map(|r| r.load).collect(),
             machine: "test".into(),
             started_unix_s: 0,
@@ -132,4 +133,40 @@ fn results_json_and_charts_are_written() {
         "ttft 50..240 ms, 16 within 200 ms"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn line_panels_draw_every_panel_and_line_and_refuse_nothing_to_draw() {
+    let dir = std::env::temp_dir().join(format!("baton-bench-panels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let line = |name: &str, k: f64| {
+        (
+            name.to_string(),
+            vec![(0.1, k), (0.2, 2.0 * k), (0.4, 5.0 * k)],
+        )
+    };
+    let panels: Vec<chart::LinePanel> = ["TPOT p99", "TTFT p99", "goodput"]
+        .iter()
+        .map(|title| chart::LinePanel {
+            title: (*title).to_string(),
+            unit: "ms".into(),
+            lines: vec![line("pinned", 1.0), line("colocated", 3.0)],
+        })
+        .collect();
+    let path = dir.join("panels.svg");
+    chart::line_panels(&panels, "long prompts (req/s)", &path).expect("draw");
+    let svg = std::fs::read_to_string(&path).expect("read");
+    assert!(svg.starts_with("<svg"));
+    for text in [
+        "TPOT p99",
+        "TTFT p99",
+        "goodput",
+        "pinned",
+        "colocated",
+        "long prompts (req/s)",
+    ] {
+        assert!(svg.contains(text), "{text} missing from the chart");
+    }
+    assert!(chart::line_panels(&[], "x", &dir.join("empty.svg")).is_err());
+    std::fs::remove_dir_all(&dir).ok();
 }

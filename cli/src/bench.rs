@@ -30,6 +30,9 @@ pub enum BenchCommand {
     /// What the coordinator adds to a request: pairs of the same request through the
     /// coordinator and straight to the decode worker, alternated; TTFT and end-to-end p50/p99.
     Overhead(crate::bench_cluster::OverheadArgs),
+    /// The disaggregation experiment: pinned prefill and decode workers against a colocated
+    /// worker under a mix of steady short-prompt streams and long prompts at a sweep of rates.
+    Disagg(Box<crate::bench_disagg::DisaggArgs>),
 }
 
 #[derive(clap::Args)]
@@ -66,6 +69,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Serve(args) => crate::bench_serve::run(*args),
         BenchCommand::Handoff(args) => crate::bench_cluster::handoff(args),
         BenchCommand::Overhead(args) => crate::bench_cluster::overhead(args),
+        BenchCommand::Disagg(args) => crate::bench_disagg::run(*args),
     }
 }
 

@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// Ask for exactly max_tokens tokens (ignore end-of-sequence).
     #[arg(long)]
     ignore_eos: bool,
+    /// A JSON object whose keys are added to every OpenAI request body (and override the
+    /// generator's own), e.g. '{"logit_bias":{"2":-100}}' for a server without ignore_eos.
+    #[arg(long, value_parser = json_object)]
+    extra_body: Option<serde_json::Map<String, serde_json::Value>>,
     /// Write results.json and the charts (latency_cdf.svg, sweep.svg) into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -89,8 +93,17 @@ pub struct ServeArgs {
     no_progress: bool,
 }
 
+/// `--extra-body`: a JSON object, nothing else.
+fn json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("must be a JSON object, not {other}")),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
 /// A time limit: `600s`, `1500ms`, `10min`, or a bare number of seconds.
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let secs = if let Ok(x) = t.parse::<f64>() {
         x
@@ -139,7 +152,7 @@ fn loads(args: &ServeArgs) -> anyhow::Result<Vec<Load>> {
     Ok(out)
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -217,6 +230,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if args.num_requests == 0 {
         bail!("--num-requests must be at least 1");
     }
+    if args.extra_body.is_some() && matches!(args.api, Api::Grpc) {
+        bail!("--extra-body is for --api openai (the gRPC request has no free-form body)");
+    }
     let (requests, prompt_source) = requests(&args)?;
     let options = RunOptions {
         bounds: Bounds {
@@ -241,7 +257,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Some(m) => m.clone(),
                     None => OpenAiTarget::served_model(&args.endpoint).await?,
                 };
-                let target = OpenAiTarget::new(&args.endpoint, model.clone(), args.ignore_eos)?;
+                let target = OpenAiTarget::new(&args.endpoint, model.clone(), args.ignore_eos)?
+                    .with_extra_body(args.extra_body.clone().unwrap_or_default());
                 let runs = sweep(target, &requests, &loads, &options).await;
                 anyhow::Ok((model, runs))
             }
@@ -281,6 +298,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         seed: args.seed,
         slo: options.slo,
         ignore_eos: args.ignore_eos,
+        extra_body: args.extra_body.clone().map(serde_json::Value::Object),
         loads,
         machine: machine(),
         started_unix_s,
@@ -293,6 +311,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         "{}",
         prompts_line(&config.prompts, args.ignore_eos, args.seed)
     );
+    if let Some(extra) = &config.extra_body {
+        println!("extra request body: {extra}");
+    }
     if !options.slo.is_empty() {
         println!("SLO: {}", slo_line(&options.slo));
     }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_cluster;
+mod bench_disagg;
 mod bench_serve;
 mod bench_transfer;
 mod config;

@@ -75,7 +75,10 @@ fn up_colocated_serves_aggregated_and_matches_one_process() {
                 placement = finish.placement;
             }
         }
-        (ids, placement.expect("the last message carries the placement"))
+        (
+            ids,
+            placement.expect("the last message carries the placement"),
+        )
     });
     assert_eq!(placement.mode, "aggregated");
     assert_eq!(placement.decode_worker, "colocated-0");
@@ -100,7 +103,11 @@ fn up_colocated_serves_aggregated_and_matches_one_process() {
     // block_on): the coordinator's graceful shutdown waits for open connections.
     drop(rt);
 
-    assert_eq!(ids, local_reference_ids(), "colocated output == one process");
+    assert_eq!(
+        ids,
+        local_reference_ids(),
+        "colocated output == one process"
+    );
     let status = cluster.terminate(STOP_BOUND).expect("baton up stops");
     assert!(status.success(), "baton up exited with {status}");
 }

@@ -3,7 +3,10 @@
 //!
 //! Request body: `model`, `prompt`, `max_tokens`, `temperature: 0`, `stream: true`,
 //! `stream_options: {include_usage: true}`, and `ignore_eos: true` only when asked (a vLLM
-//! extension that baton and llama.cpp's server accept; OpenAI's own API would refuse it).
+//! extension that baton and llama.cpp's C++ server accept; OpenAI's own API would refuse it).
+//! Keys of an extra body (`--extra-body`) are added last and win: a server without `ignore_eos`
+//! (llama-cpp-python's) can be asked for full-length answers with a `logit_bias` on its
+//! end-of-sequence tokens instead.
 //! Each `data:` event is one JSON chunk: `choices[0].text` (or a chat `delta.content`) is text,
 //! `choices[0].finish_reason` ends the answer, `usage.completion_tokens` counts the output, an
 //! `error` object is a server error, and `[DONE]` ends the stream.
@@ -42,6 +45,7 @@ pub struct OpenAiTarget {
     completions: Uri,
     model: String,
     ignore_eos: bool,
+    extra_body: serde_json::Map<String, Value>,
 }
 
 /// `{base}/v1/{path}` for an endpoint given as `http://host:port` or `http://host:port/v1`.
@@ -89,7 +93,14 @@ impl OpenAiTarget {
             completions: api_uri(endpoint, "completions")?,
             model,
             ignore_eos,
+            extra_body: serde_json::Map::new(),
         })
+    }
+
+    /// Adds `extra` to every request body, over the keys the target sets itself.
+    pub fn with_extra_body(mut self, extra: serde_json::Map<String, Value>) -> Self {
+        self.extra_body = extra;
+        self
     }
 
     /// The first model `GET {base}/v1/models` lists.
@@ -139,6 +150,9 @@ impl OpenAiTarget {
         });
         if self.ignore_eos {
             body["ignore_eos"] = json!(true);
+        }
+        for (key, value) in &self.extra_body {
+            body[key] = value.clone();
         }
         body
     }
@@ -354,6 +368,7 @@ mod tests {
             completions: api_uri("http://h:1", "completions").expect("uri"),
             model: "m".into(),
             ignore_eos: false,
+            extra_body: serde_json::Map::new(),
         };
         let b = t.body(&r);
         assert_eq!(
@@ -366,5 +381,11 @@ mod tests {
             ..t
         };
         assert_eq!(t.body(&r)["ignore_eos"], json!(true));
+        let extra = json!({"logit_bias": {"2": -100}, "temperature": 0.5});
+        let t = t.with_extra_body(extra.as_object().expect("object").clone());
+        let b = t.body(&r);
+        assert_eq!(b["logit_bias"], json!({"2": -100}));
+        assert_eq!(b["temperature"], json!(0.5), "extra keys win");
+        assert_eq!(b["max_tokens"], json!(7));
     }
 }

@@ -350,4 +350,3 @@ pub fn signal_pid(pid: i32, sig: libc::c_int) {
         libc::kill(pid, sig);
     }
 }
-
