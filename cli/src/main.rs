@@ -30,7 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local cluster: coordinator, prefill and decode workers as separate processes.
+    /// Start a local cluster: coordinator, prefill and decode workers as separate processes
+    /// (with --colocated: the coordinator and workers that prefill and decode their own requests).
     Up(up::UpArgs),
     /// Run the coordinator (gRPC and OpenAI HTTP frontends).
     Coordinator(roles::CoordinatorArgs),

@@ -45,7 +45,8 @@ pub struct UpArgs {
     /// Aggregated serving, the baseline for disaggregation: no prefill workers; each decode
     /// worker prefills its own prompts (chunked prefill in its continuous batch, f32 prefill
     /// weights and quantized decode weights under `weights = auto`) and every request is placed
-    /// aggregated. Workers are named colocated-N. Conflicts with --prefill N > 0.
+    /// aggregated. A colocated worker is a `baton decode` process named colocated-N (the
+    /// decode role serves prompts it prefills itself). Conflicts with --prefill N > 0.
     #[arg(long)]
     colocated: bool,
     /// OpenAI-compatible HTTP address (coordinator.http_listen; default 127.0.0.1:8080).
