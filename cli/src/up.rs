@@ -64,6 +64,14 @@ pub struct UpArgs {
     /// KV pool per worker, MiB (engine.kv_cache_mib of both worker roles; default 512).
     #[arg(long)]
     kv_cache_mib: Option<String>,
+    /// Pin every prefill worker to these CPUs (comma list of CPU numbers, as `taskset -c`
+    /// takes them without ranges); the worker's thread pools size themselves to the set.
+    /// Default: unpinned.
+    #[arg(long, value_delimiter = ',', value_parser = cpu_number)]
+    prefill_cpus: Vec<usize>,
+    /// Pin every decode (or colocated) worker to these CPUs. Default: unpinned.
+    #[arg(long, value_delimiter = ',', value_parser = cpu_number)]
+    decode_cpus: Vec<usize>,
     #[command(flatten)]
     config: ConfigArgs,
     #[command(flatten)]
@@ -193,6 +201,22 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
+/// `--prefill-cpus` / `--decode-cpus`: one CPU number.
+fn cpu_number(s: &str) -> Result<usize, String> {
+    let cpu: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a CPU number"))?;
+    // cpu_set_t holds CPU_SETSIZE bits.
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(format!(
+            "CPU {cpu} is past the largest CPU number sched_setaffinity takes ({})",
+            libc::CPU_SETSIZE - 1
+        ));
+    }
+    Ok(cpu)
+}
+
 /// Starts `baton <args>` and returns it with the addresses of its first `announced`
 /// `listening` lines.
 pub(crate) fn spawn(
@@ -200,21 +224,52 @@ pub(crate) fn spawn(
     args: &[String],
     announced: usize,
 ) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+    spawn_pinned(name, args, announced, &[])
+}
+
+/// [`spawn`], with the child's CPU affinity set to `cpus` (unless empty) before it executes,
+/// so every thread it ever starts inherits the set and its pools (which size themselves from
+/// the CPUs the process may use) match it.
+pub(crate) fn spawn_pinned(
+    name: &str,
+    args: &[String],
+    announced: usize,
+    cpus: &[usize],
+) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
     let exe = std::env::current_exe().context("find the baton executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: prctl in the child between fork and exec only sets a flag of that process.
+    // Built before the fork: the child may only make async-signal-safe calls.
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: cpu_number bounded every CPU below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    let pin = !cpus.is_empty();
+    // SAFETY: prctl and sched_setaffinity in the child between fork and exec are system calls
+    // on that process alone.
     unsafe {
         use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             // The child dies with `baton up`, even if `up` is killed without cleaning up.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if pin && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("start {name}"))?;
+    let mut child = cmd.spawn().with_context(|| {
+        if pin {
+            format!("start {name} on CPUs {cpus:?}")
+        } else {
+            format!("start {name}")
+        }
+    })?;
     let stdout = child.stdout.take().context("child stdout")?;
     let (tx, rx) = mpsc::channel();
     let label = name.to_string();
@@ -260,6 +315,42 @@ impl UpArgs {
             (false, n) => Ok(n.unwrap_or(1)),
         }
     }
+}
+
+/// Longest `up` waits for the coordinator's /ready after it listens.
+const READY_WAIT: Duration = Duration::from_secs(60);
+
+/// Polls `GET http://{http}/ready` until it answers 200, for at most `limit`.
+fn wait_ready(http: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let last = match probe_ready(http) {
+            Ok(true) => return Ok(()),
+            Ok(false) => "503 not ready".to_string(),
+            Err(e) => e.to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the coordinator at {http} did not report ready within {limit:?} (last: {last}); \
+                 see the workers' logs above"
+            );
+        }
+        // A poll interval, not a synchronisation: readiness comes from the workers' health
+        // checks, which the coordinator runs on its own schedule.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One `GET /ready` over a fresh loopback connection: whether it answered 200.
+fn probe_ready(http: SocketAddr) -> std::io::Result<bool> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&http, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(b"GET /ready HTTP/1.1\r\nHost: baton\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    // "HTTP/1.1 200"
+    Ok(&head[9..12] == b"200")
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -323,7 +414,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             RoleName::Decode => loaded.config.decode.metrics,
             _ => loaded.config.prefill.metrics,
         };
-        let (child, addrs) = spawn(&name, &role_args, 1 + usize::from(serves_metrics))?;
+        let cpus = match role {
+            RoleName::Decode => &args.decode_cpus,
+            _ => &args.prefill_cpus,
+        };
+        let (child, addrs) =
+            spawn_pinned(&name, &role_args, 1 + usize::from(serves_metrics), cpus)?;
         if let Some(at) = addrs.get(1) {
             metrics.push((name.clone(), *at));
         }
@@ -346,6 +442,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let (child, addrs) = spawn("coordinator", &coord_args, 2)?;
     children.procs.push(("coordinator".into(), child));
     let (grpc, http) = (addrs[0], addrs[1]);
+    // Listening is not serving: the coordinator answers 503 until it has seen a healthy worker
+    // of each kind it needs, so "up" waits for its /ready before saying so.
+    wait_ready(http, READY_WAIT)?;
     if args.colocated {
         println!(
             "baton is up (colocated): {} colocated workers, each prefilling and decoding its own requests",
@@ -414,4 +513,50 @@ fn wait_for_signal() -> bool {
             _ = term.recv() => true,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_numbers_are_plain_and_within_the_set_size() {
+        assert_eq!(cpu_number("3"), Ok(3));
+        assert_eq!(cpu_number(" 0 "), Ok(0));
+        assert!(cpu_number("0-3").unwrap_err().contains("not a CPU number"));
+        assert!(
+            cpu_number("1024")
+                .unwrap_err()
+                .contains("largest CPU number")
+        );
+    }
+
+    #[test]
+    fn readiness_is_a_200_on_ready() {
+        use std::io::{Read, Write};
+        // A server that answers 503 to its first two connections and 200 after.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().take(4).enumerate() {
+                let mut stream = stream.expect("accept");
+                let mut request = [0u8; 256];
+                let _ = stream.read(&mut request);
+                let status = if n < 2 {
+                    "503 Service Unavailable"
+                } else {
+                    "200 OK"
+                };
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+                );
+            }
+        });
+        assert!(!probe_ready(addr).expect("probe"), "503 is not ready");
+        let err = wait_ready(addr, Duration::ZERO).expect_err("not ready in no time");
+        assert!(err.to_string().contains("503 not ready"), "{err}");
+        wait_ready(addr, Duration::from_secs(30)).expect("ready");
+        assert!(probe_ready(addr).expect("probe"));
+        server.join().expect("server");
+    }
 }

@@ -1,6 +1,7 @@
 //! `baton up --colocated`, the aggregated baseline: one process prefills and decodes every
 //! request (no prefill worker), the coordinator says so in the placement, and the greedy output
-//! equals `baton generate --local`, the single-process reference.
+//! equals `baton generate --local`, the single-process reference. The worker runs pinned
+//! (`--decode-cpus 0`), as the disaggregation experiment runs its workers.
 
 mod common;
 
@@ -39,14 +40,39 @@ fn local_reference_ids() -> Vec<u32> {
 
 #[test]
 fn up_colocated_serves_aggregated_and_matches_one_process() {
-    let mut cluster = Cluster::start(&["--colocated"]);
+    let mut cluster = Cluster::start(&["--colocated", "--decode-cpus", "0"]);
     let (http, grpc) = cluster.endpoints();
     cluster.wait_ready(http);
+    let children = cluster.children();
     assert_eq!(
-        cluster.children().len(),
+        children.len(),
         2,
         "--colocated runs one worker and the coordinator"
     );
+    let allowed_cpus = |pid: &str| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim()
+            .to_string()
+    };
+    let ours = allowed_cpus("self");
+    for pid in children {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+        let role = String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let allowed = allowed_cpus(&pid.to_string());
+        match role.as_str() {
+            "decode" => assert_eq!(allowed, "0", "the worker runs on CPU 0 alone"),
+            // The coordinator was not pinned: it keeps the set `up` (and this test) had.
+            _ => assert_eq!(allowed, ours, "{role} should not be pinned"),
+        }
+    }
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
