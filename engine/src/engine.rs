@@ -321,13 +321,25 @@ impl Engine {
             })
             .collect::<Result<_>>()?;
         let cache = &self.cache;
-        let mut on_layer = |l: usize| -> Result<()> {
-            for (id, table, len, blocks) in &exported {
-                sink(*id, cache.export(l, table, *len, blocks.clone())?)?;
-            }
-            Ok(())
+        let logits = if exported.is_empty() {
+            // A step is a few hundred small kernel and tensor calls, each split over rayon's
+            // workers. Run from the caller's thread, every call hands work to a worker and waits
+            // for it (and the caller competes with both workers for the cores); run on a worker,
+            // the step's calls split by work stealing, and the caller is woken once per step.
+            let model = &self.model;
+            let inputs = &inputs;
+            rayon::scope(|_| model.forward(cache, inputs, &mut |_| Ok(())))?
+        } else {
+            // The sink belongs to the caller's thread (it need not be `Send`): steps that export
+            // KV run there.
+            let mut on_layer = |l: usize| -> Result<()> {
+                for (id, table, len, blocks) in &exported {
+                    sink(*id, cache.export(l, table, *len, blocks.clone())?)?;
+                }
+                Ok(())
+            };
+            self.model.forward(cache, &inputs, &mut on_layer)?
         };
-        let logits = self.model.forward(&self.cache, &inputs, &mut on_layer)?;
         drop(inputs);
         let mut out = Vec::with_capacity(items.len());
         for (it, logits) in items.iter().zip(logits) {

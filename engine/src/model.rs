@@ -124,8 +124,17 @@ impl Model {
                 let attn = self.attention(layer, l, x, g, seqs, &slots, &cos_sin[gi], cache)?;
                 let x = (x + layer.o.forward(&attn, g.phase)?)?;
                 let h = rms_norm(&x, &layer.ffn_norm, self.config().rms_norm_eps)?;
-                let gate = candle_nn::ops::silu(&layer.gate.forward(&h, g.phase)?)?;
-                let up = layer.up.forward(&h, g.phase)?;
+                let (gate, up) = match &layer.gate_up {
+                    Some(s) if s.serves(g.phase) => {
+                        let [gate, up] = s.forward(&h, [&layer.gate, &layer.up])?;
+                        (gate, up)
+                    }
+                    _ => (
+                        layer.gate.forward(&h, g.phase)?,
+                        layer.up.forward(&h, g.phase)?,
+                    ),
+                };
+                let gate = candle_nn::ops::silu(&gate)?;
                 let x = (&x + layer.down.forward(&(gate * up)?, g.phase)?)?;
                 xs[gi] = x;
             }
@@ -195,9 +204,20 @@ impl Model {
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
         let group = nh / nkv;
         let h = rms_norm(x, &layer.attn_norm, c.rms_norm_eps)?;
-        let q = layer.q.forward(&h, g.phase)?.reshape((n, nh, hd))?;
-        let k = layer.k.forward(&h, g.phase)?.reshape((n, nkv, hd))?;
-        let v = layer.v.forward(&h, g.phase)?.reshape((n, nkv, hd))?;
+        let (q, k, v) = match &layer.qkv {
+            Some(s) if s.serves(g.phase) => {
+                let [q, k, v] = s.forward(&h, [&layer.q, &layer.k, &layer.v])?;
+                (q, k, v)
+            }
+            _ => (
+                layer.q.forward(&h, g.phase)?,
+                layer.k.forward(&h, g.phase)?,
+                layer.v.forward(&h, g.phase)?,
+            ),
+        };
+        let q = q.reshape((n, nh, hd))?;
+        let k = k.reshape((n, nkv, hd))?;
+        let v = v.reshape((n, nkv, hd))?;
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
             (Some(qn), Some(kn)) => (
                 rms_norm(&q, qn, c.rms_norm_eps)?,

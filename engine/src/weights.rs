@@ -30,6 +30,13 @@ pub enum Phase {
 enum Matmul {
     Candle(QMatMul),
     Kernel(QuantLinear),
+    /// Output columns `cols` of a stacked kernel ([`Stacked`]): the matrix's blocks are held
+    /// once, in the stack. The forward pass calls the stack itself; this view serves any other
+    /// caller, at the cost of computing the whole stack.
+    Columns {
+        whole: Arc<QuantLinear>,
+        cols: std::ops::Range<usize>,
+    },
 }
 
 impl Matmul {
@@ -37,7 +44,52 @@ impl Matmul {
         match self {
             Matmul::Candle(m) => m.forward(x),
             Matmul::Kernel(k) => k.forward(x),
+            Matmul::Columns { whole, cols } => {
+                let y = whole.forward(x)?;
+                y.narrow(y.rank() - 1, cols.start, cols.len())
+            }
         }
+    }
+}
+
+/// Matrices sharing their input (q, k, v; gate, up) stacked along the output into one kernel
+/// call, so a step quantizes the input and splits the work over the threads once instead of once
+/// per matrix. Each output row is the same dot product as in the separate matrices, so results
+/// are bit-identical.
+#[derive(Debug, Clone)]
+pub(crate) struct Stacked {
+    whole: Arc<QuantLinear>,
+    /// Output width of each part, in order.
+    widths: Vec<usize>,
+    /// Whether prefill runs these quantized weights too (otherwise only decode does).
+    prefill: bool,
+}
+
+impl Stacked {
+    /// Whether `phase` multiplies through this stack.
+    pub(crate) fn serves(&self, phase: Phase) -> bool {
+        phase == Phase::Decode || self.prefill
+    }
+
+    /// `x` (rows, k) to one tensor per part, `(rows, width)`, with each part's bias added.
+    pub(crate) fn forward<const N: usize>(
+        &self,
+        x: &Tensor,
+        parts: [&Linear; N],
+    ) -> candle_core::Result<[Tensor; N]> {
+        if self.widths.len() != N {
+            candle_core::bail!("stack of {} matrices used as {N}", self.widths.len());
+        }
+        let y = self.whole.forward(x)?;
+        let last = y.rank() - 1;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(N);
+        for (part, &w) in parts.iter().zip(&self.widths) {
+            out.push(part.add_bias(y.narrow(last, start, w)?)?);
+            start += w;
+        }
+        out.try_into()
+            .map_err(|_| candle_core::Error::Msg("stack outputs".into()))
     }
 }
 
@@ -55,7 +107,10 @@ impl Linear {
             Phase::Prefill => &self.prefill,
             Phase::Decode => &self.decode,
         };
-        let y = w.forward(x)?;
+        self.add_bias(w.forward(x)?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -77,6 +132,10 @@ pub(crate) struct LayerWeights {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// q, k and v in one kernel, where the kernels cover their type.
+    pub qkv: Option<Stacked>,
+    /// gate and up in one kernel, where the kernels cover their type.
+    pub gate_up: Option<Stacked>,
 }
 
 /// The token embedding table, kept in the file's format and expanded row by row on lookup.
@@ -128,6 +187,47 @@ impl Source {
                 path: self.path.clone(),
                 tensor: name.to_string(),
             })
+    }
+
+    /// The GGUF blocks of a tensor not yet taken, if it is stored quantized.
+    fn qtensor(&self, name: &str) -> Option<Arc<QTensor>> {
+        match self.tensors.get(name)? {
+            Raw::Q(q) => Some(q.clone()),
+            Raw::F(_) => None,
+        }
+    }
+
+    /// Stacks `parts` (built from the GGUF blocks `raws`) into one kernel when quantized weights
+    /// run on the CPU and the kernels cover every part; each part's quantized matmul then becomes
+    /// a view of its columns of the stack, so the blocks are held once.
+    fn stack(&self, raws: &[Option<Arc<QTensor>>], parts: &mut [&mut Linear]) -> Option<Stacked> {
+        if self.plan.decode != WeightFormat::Quantized || !self.device.is_cpu() {
+            return None;
+        }
+        let qs: Vec<&QTensor> = raws.iter().map(|r| r.as_deref()).collect::<Option<_>>()?;
+        let widths = qs
+            .iter()
+            .map(|q| q.shape().dims2().ok().map(|(n, _)| n))
+            .collect::<Option<Vec<_>>>()?;
+        let whole = Arc::new(QuantLinear::from_qtensors(&qs)?);
+        let prefill = self.plan.prefill == WeightFormat::Quantized;
+        let mut start = 0;
+        for (part, &w) in parts.iter_mut().zip(&widths) {
+            let view = Arc::new(Matmul::Columns {
+                whole: whole.clone(),
+                cols: start..start + w,
+            });
+            if prefill {
+                part.prefill = view.clone();
+            }
+            part.decode = view;
+            start += w;
+        }
+        Some(Stacked {
+            whole,
+            widths,
+            prefill,
+        })
     }
 
     fn has(&self, name: &str) -> bool {
@@ -333,6 +433,14 @@ fn build(
     for i in 0..c.num_layers {
         let n = names(i);
         let w = n.weight_suffix;
+        let qkv_raw: Vec<_> = [&n.q, &n.k, &n.v]
+            .iter()
+            .map(|b| src.qtensor(&format!("{b}{w}")))
+            .collect();
+        let gate_up_raw: Vec<_> = [&n.gate, &n.up]
+            .iter()
+            .map(|b| src.qtensor(&format!("{b}{w}")))
+            .collect();
         let mut proj = |base: &str, rows: usize, cols: usize| -> Result<Linear> {
             let bias_name = format!("{base}{}", n.bias_suffix);
             let bias = if c.qkv_bias && src.has(&bias_name) {
@@ -350,9 +458,9 @@ fn build(
             src.check_shape(&name, &raw, &[rows, cols])?;
             src.linear_from(&name, raw, bias)
         };
-        let q = proj(&n.q, q_out, c.hidden_size)?;
-        let k = proj(&n.k, kv_out, c.hidden_size)?;
-        let v = proj(&n.v, kv_out, c.hidden_size)?;
+        let mut q = proj(&n.q, q_out, c.hidden_size)?;
+        let mut k = proj(&n.k, kv_out, c.hidden_size)?;
+        let mut v = proj(&n.v, kv_out, c.hidden_size)?;
         let o = proj(&n.o, c.hidden_size, q_out)?;
         let (q_norm, k_norm) = if c.qk_norm {
             (
@@ -362,6 +470,14 @@ fn build(
         } else {
             (None, None)
         };
+        let mut gate = src.matrix(
+            &format!("{}{w}", n.gate),
+            c.intermediate_size,
+            c.hidden_size,
+        )?;
+        let mut up = src.matrix(&format!("{}{w}", n.up), c.intermediate_size, c.hidden_size)?;
+        let qkv = src.stack(&qkv_raw, &mut [&mut q, &mut k, &mut v]);
+        let gate_up = src.stack(&gate_up_raw, &mut [&mut gate, &mut up]);
         layers.push(LayerWeights {
             attn_norm: src.vector(&format!("{}{w}", n.attn_norm), c.hidden_size)?,
             q,
@@ -371,17 +487,15 @@ fn build(
             q_norm,
             k_norm,
             ffn_norm: src.vector(&format!("{}{w}", n.ffn_norm), c.hidden_size)?,
-            gate: src.matrix(
-                &format!("{}{w}", n.gate),
-                c.intermediate_size,
-                c.hidden_size,
-            )?,
-            up: src.matrix(&format!("{}{w}", n.up), c.intermediate_size, c.hidden_size)?,
+            gate,
+            up,
             down: src.matrix(
                 &format!("{}{w}", n.down),
                 c.hidden_size,
                 c.intermediate_size,
             )?,
+            qkv,
+            gate_up,
         });
     }
     let final_norm = src.vector(top.final_norm, c.hidden_size)?;
