@@ -590,7 +590,7 @@ struct PushTiming {
 /// process.
 struct BatonPair {
     link: Arc<Link>,
-    receiver: Box<dyn KvReceiver>,
+    receiver: Arc<dyn KvReceiver>,
     deliveries: Option<mpsc::Receiver<Delivery>>,
 }
 
@@ -610,9 +610,11 @@ struct Consumed {
     done: Instant,
 }
 
-/// Reads `handoff`'s deliveries, dropping the data, until it completes; hands the channel back.
+/// Reads `handoff`'s deliveries until it completes, handing each segment's data back to
+/// `receiver` as the decode worker does once it has imported it; hands the channel back.
 async fn consume(
     mut rx: mpsc::Receiver<Delivery>,
+    receiver: Arc<dyn KvReceiver>,
     handoff: HandoffId,
 ) -> (mpsc::Receiver<Delivery>, anyhow::Result<Consumed>) {
     let mut bytes = 0;
@@ -620,6 +622,7 @@ async fn consume(
         match rx.recv().await {
             Some(Delivery::Segment(s)) if s.handoff == handoff => {
                 bytes += s.chunk.data.len() as u64;
+                receiver.recycle(s.chunk.data);
             }
             Some(Delivery::Complete(h)) if h == handoff => {
                 break Ok(Consumed {
@@ -666,12 +669,12 @@ impl Links {
                 baton: [
                     BatonPair {
                         link: Arc::new(tcp_link),
-                        receiver: Box::new(tcp),
+                        receiver: Arc::new(tcp),
                         deliveries: Some(tcp_rx),
                     },
                     BatonPair {
                         link: Arc::new(shm_link),
-                        receiver: Box::new(shm),
+                        receiver: Arc::new(shm),
                         deliveries: Some(shm_rx),
                     },
                 ],
@@ -743,7 +746,7 @@ impl Links {
         let rx = pair.deliveries.take().context("deliveries in use")?;
         let link = pair.link.clone();
         let (rx, took) = rt.block_on(async {
-            let consumer = tokio::spawn(consume(rx, handoff));
+            let consumer = tokio::spawn(consume(rx, pair.receiver.clone(), handoff));
             let started = Instant::now();
             for s in segments.iter() {
                 if let Err(e) = link.send(s).await {
@@ -782,7 +785,7 @@ impl Links {
             Expectation::whole_sequence(&self.descriptor, prompt.len() as u32),
         )?;
         let rx = pair.deliveries.take().context("deliveries in use")?;
-        let consumer = rt.spawn(consume(rx, handoff));
+        let consumer = rt.spawn(consume(rx, pair.receiver.clone(), handoff));
         let (tx, segments) = mpsc::channel::<KvSegment>(segment_queue);
         let link = pair.link.clone();
         let send = rt.spawn(async move { send_all(&link, segments).await });

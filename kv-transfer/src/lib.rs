@@ -18,6 +18,7 @@
 //! handoff are verified; every buffer between the sender and the consumer is bounded, so a slow
 //! decode worker slows the prefill worker's sends instead of growing memory.
 
+mod copy;
 mod error;
 pub mod frame;
 pub mod lease;

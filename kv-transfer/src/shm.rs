@@ -18,6 +18,11 @@
 //! notices and the sender waits for a slot: the bytes between sender and consumer are bounded by
 //! the slots, the one frame the receiver holds and the channel capacity.
 //!
+//! Each side touches a payload once: the sender computes its crc32c while copying it into the
+//! slot, the receiver while copying it out ([`crate::copy`]), into a buffer the consumer handed
+//! back ([`KvReceiver::recycle`]) when there is one, so that a frame does not cost a fresh
+//! allocation whose pages the kernel faults in and zeroes.
+//!
 //! A frame (56-byte header and payload) must fit one slot: a larger segment is refused at send
 //! with [`Error::SegmentTooLarge`], and the prefill worker splits block runs to stay under
 //! [`ShmSender::max_payload`], as it does for [`FrameLimits`].
@@ -65,6 +70,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, TryAcquireError, mpsc};
 use tokio::task::JoinSet;
 
+use crate::copy::copy_crc32c;
 use crate::error::{Error, FailureReason, Result};
 use crate::frame::{
     CloseCode, DESCRIPTOR_LEN, FrameHeader, FrameKind, FrameLimits, HEADER_LEN, HandoffId,
@@ -73,8 +79,8 @@ use crate::frame::{
 };
 use crate::stream::{io_err, read_control, read_full, read_hello_reply, send_close};
 use crate::transport::{
-    Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore, Stats,
-    kv_data_header,
+    BufferPool, Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore,
+    Stats, kv_data_header_summed,
 };
 
 /// Bytes of every notice on the control socket.
@@ -106,6 +112,9 @@ pub struct ShmConfig {
     /// Deliveries the receiver's channel holds before its links stop copying frames out.
     /// Default 64.
     pub delivery_capacity: usize,
+    /// Payload buffers the consumer hands back ([`KvReceiver::recycle`]) that the receiver keeps
+    /// to copy later frames into; each is as large as the frame it last held. Default 8.
+    pub recycled_buffers: usize,
     /// Longest a connection may take to exchange hellos (a duration: "5s", "500ms").
     /// Default 5s.
     #[serde(with = "humantime_serde")]
@@ -123,6 +132,7 @@ impl Default for ShmConfig {
             segment_dir: PathBuf::from("/dev/shm"),
             limits: FrameLimits::default(),
             delivery_capacity: 64,
+            recycled_buffers: 8,
             handshake_timeout: Duration::from_secs(5),
         }
     }
@@ -405,24 +415,36 @@ impl SenderSegment {
         ))
     }
 
-    /// Writes a frame into `slot`, which the caller has taken from the pool.
-    fn write(&self, slot: u32, header: &[u8; HEADER_LEN], payload: &[u8]) {
+    /// Writes a frame's payload into `slot`, which the caller has taken from the pool, after
+    /// the room for its header; returns the payload's crc32c, computed in the same pass.
+    fn write_payload(&self, slot: u32, payload: &[u8]) -> u32 {
+        let dst = self.frame_start(slot, payload.len());
+        // SAFETY: `frame_start` checked that the frame lies inside the mapping, which lives as
+        // long as `self`. The slot pool hands each slot to one send at a time, so no other
+        // thread of this process writes these bytes now, and the receiver reads them only after
+        // the ready notice that follows this write. The source is a local buffer, not the
+        // mapping.
+        unsafe { copy_crc32c(payload.as_ptr(), dst.add(HEADER_LEN), payload.len()) }
+    }
+
+    /// Writes the header of the frame whose payload [`SenderSegment::write_payload`] wrote.
+    fn write_header(&self, slot: u32, header: &[u8; HEADER_LEN]) {
+        let dst = self.frame_start(slot, 0);
+        // SAFETY: as in `write_payload`.
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN) }
+    }
+
+    /// Where the frame in `slot` starts; asserts that a frame of `payload` bytes fits the slot.
+    fn frame_start(&self, slot: u32, payload: usize) -> *mut u8 {
         let g = self.geometry;
         assert!(
-            slot < g.slots && HEADER_LEN + payload.len() <= g.slot_bytes as usize,
+            slot < g.slots && HEADER_LEN + payload <= g.slot_bytes as usize,
             "frame outside its slot"
         );
-        let start = slot as usize * g.slot_bytes as usize;
-        // SAFETY: `start .. start + HEADER_LEN + payload.len()` lies inside the mapping (the
-        // assert above, and the mapping is `geometry.len()` bytes), which lives as long as
-        // `self`. The slot pool hands each slot to one send at a time, so no other thread of
-        // this process writes these bytes now, and the receiver reads them only after the ready
-        // notice that follows this write. The sources are local buffers, not the mapping.
-        unsafe {
-            let dst = self.map.as_mut_ptr().add(start);
-            std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(HEADER_LEN), payload.len());
-        }
+        // In bounds: slot < slots, and the mapping is `geometry.len()` bytes.
+        self.map
+            .as_mut_ptr()
+            .wrapping_add(slot as usize * g.slot_bytes as usize)
     }
 }
 
@@ -490,6 +512,30 @@ impl MappedSegment {
             .map_raw_read_only(&file)
             .map_err(io_err("map shared-memory segment"))?;
         Ok(Self { map, geometry })
+    }
+
+    /// Copies `len` bytes at offset `at` out of the mapping into `dst` (empty, with room for
+    /// them) and returns their crc32c, computed in the same pass from the bytes written to
+    /// `dst`.
+    fn copy_out_summed(&self, at: usize, len: usize, dst: &mut Vec<u8>) -> u32 {
+        assert!(
+            at.checked_add(len).is_some_and(|end| end <= self.map.len()),
+            "copy outside the mapping"
+        );
+        assert!(
+            dst.is_empty() && dst.capacity() >= len,
+            "no room to copy into"
+        );
+        // SAFETY: `at .. at + len` lies inside the mapping (asserted above), which lives as long
+        // as `self`, and the file was at least that long when mapped (`open`). It is read
+        // through raw pointers only: the sender may be writing these bytes right now, which can
+        // change what is copied but not make the copy unsound, and the checksum returned is of
+        // the bytes as written to `dst`. `dst` has room for `len` bytes (asserted above) and is
+        // our own allocation, so the two do not overlap.
+        let crc = unsafe { copy_crc32c(self.map.as_ptr().add(at), dst.as_mut_ptr(), len) };
+        // SAFETY: the copy initialised the first `len` bytes, within the capacity.
+        unsafe { dst.set_len(len) };
+        crc
     }
 
     /// Copies `dst.len()` bytes at offset `at` out of the mapping.
@@ -670,6 +716,7 @@ impl Drop for TakenSlot<'_> {
 struct ReceiverShared {
     config: ShmConfig,
     core: ReceiverCore,
+    buffers: BufferPool,
 }
 
 /// The decode worker's end: listens on a Unix-domain socket, maps each sender's segment and
@@ -696,7 +743,12 @@ impl ShmReceiver {
         std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err("restrict control socket"))?;
         let (core, rx) = ReceiverCore::new(local, config.delivery_capacity);
-        let shared = Arc::new(ReceiverShared { config, core });
+        let buffers = BufferPool::new(config.recycled_buffers);
+        let shared = Arc::new(ReceiverShared {
+            config,
+            core,
+            buffers,
+        });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok((
             Self {
@@ -736,6 +788,10 @@ impl KvReceiver for ShmReceiver {
 
     fn stats(&self) -> &Stats {
         &self.shared.core.stats
+    }
+
+    fn recycle(&self, data: Vec<u8>) {
+        self.shared.buffers.put(data);
     }
 }
 
@@ -923,13 +979,16 @@ impl ReceivingLink<'_> {
                 .await
                 .map_err(|e| self.inbound.counted(e));
         }
-        let mut payload = vec![0u8; header.payload_len as usize];
-        self.segment.copy_out(at.start + HEADER_LEN, &mut payload);
-        stats.add_received(payload.len());
+        let len = header.payload_len as usize;
+        let mut payload = self.shared.buffers.take(len);
+        let crc = self
+            .segment
+            .copy_out_summed(at.start + HEADER_LEN, len, &mut payload);
+        stats.add_received(len);
         stats.frame_received();
-        // The copy is ours: the sender may reuse the slot while we verify and deliver it.
+        // The copy is ours: the sender may reuse the slot while we deliver it.
         free_slot(wr, slot).await;
-        self.inbound.deliver_segment(header, payload).await
+        self.inbound.deliver_summed(header, payload, crc).await
     }
 
     /// Decodes a frame header copied out of a slot holding `len` frame bytes.
@@ -1147,7 +1206,8 @@ impl KvSender for ShmSender {
     }
 
     async fn send(&self, segment: &KvSegment) -> Result<()> {
-        let head = kv_data_header(&self.local, self.shard, segment)?.encode();
+        // Checked before a slot is taken; the checksum is filled in once the copy computed it.
+        let mut header = kv_data_header_summed(&self.local, self.shard, segment, 0)?;
         let payload = &segment.chunk.data;
         let frame_bytes = HEADER_LEN + payload.len();
         let slot_bytes = self.segment.geometry.slot_bytes;
@@ -1163,7 +1223,8 @@ impl KvSender for ShmSender {
             self.stats.failure(e.reason());
             return Err(e);
         };
-        self.segment.write(slot.slot, &head, payload);
+        header.payload_crc = self.segment.write_payload(slot.slot, payload);
+        self.segment.write_header(slot.slot, &header.encode());
         // `frame_bytes` fits a slot, whose size fits u32.
         if !slot.notice(&self.notices, frame_bytes as u32) {
             let e = self.gone(segment.handoff);
@@ -1541,6 +1602,40 @@ mod tests {
             Delivery::Complete(HandoffId(1))
         ));
         assert_eq!(receiver.stats().snapshot().handoffs_failed, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_are_copied_into_recycled_buffers_intact() {
+        let (receiver, mut rx, sender) = pair().await;
+        receiver
+            .expect(HandoffId(1), Expectation::whole_sequence(&model(), 4))
+            .expect("expect");
+        let mut recycled = None;
+        for layer in 0..2 {
+            let mut s = segment(1, layer, 4);
+            s.chunk
+                .data
+                .iter_mut()
+                .for_each(|b| *b ^= 0x5a * layer as u8);
+            sender.send(&s).await.expect("send");
+            let Delivery::Segment(got) = next(&mut rx).await else {
+                panic!("expected a segment");
+            };
+            assert_eq!(got.chunk.data, s.chunk.data, "layer {layer}");
+            if let Some(at) = recycled {
+                assert_eq!(
+                    got.chunk.data.as_ptr(),
+                    at,
+                    "the recycled buffer was not reused"
+                );
+            }
+            recycled = Some(got.chunk.data.as_ptr());
+            receiver.recycle(got.chunk.data);
+        }
+        assert!(matches!(
+            next(&mut rx).await,
+            Delivery::Complete(HandoffId(1))
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
