@@ -10,7 +10,9 @@
 //!   receiver's handoff bookkeeping shared by all of them.
 //! - [`tcp`]: the TCP transport (tokio), a pool of streams per worker pair.
 //! - [`shm`]: the shared-memory transport for two workers on one host: frames in slots of a
-//!   segment both map, a Unix-domain socket for the handshake and slot notices.
+//!   segment both map, published through a ring in the segment; a Unix-domain socket for the
+//!   handshake and for waking a side that sleeps.
+//! - `copy`: the copy that computes a payload's crc32c in the same pass, once on each side.
 //! - [`link`]: the run-time choice of transport: endpoints, connections, sending a handoff.
 //! - [`lease`]: time-to-live bookkeeping for pinned block sets (push reservations, pull sources).
 //!
