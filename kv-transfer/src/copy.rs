@@ -14,6 +14,18 @@ use std::sync::OnceLock;
 /// Bytes in each of the three lanes of one block of the fused loop.
 const LANE: usize = 8 << 10;
 
+/// Copies `src` into `dst`, which must be as long, and returns the crc32c of the bytes copied,
+/// reading each byte once: what each side of the shared-memory transport does with a payload.
+pub fn checksummed_copy(src: &[u8], dst: &mut [u8]) -> u32 {
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "checksummed copy between unequal lengths"
+    );
+    // SAFETY: a shared and a mutable borrow never overlap, and both are `src.len()` bytes.
+    unsafe { copy_crc32c(src.as_ptr(), dst.as_mut_ptr(), src.len()) }
+}
+
 /// Copies `len` bytes from `src` to `dst` and returns the crc32c of the bytes copied (as
 /// [`crc32c::crc32c`] computes it), reading each source byte once.
 ///

@@ -31,6 +31,7 @@ mod stream;
 pub mod tcp;
 pub mod transport;
 
+pub use copy::checksummed_copy;
 pub use error::{Error, ErrorClass, FailureReason, Result, Side};
 pub use frame::{FrameLimits, HandoffId, Shard};
 pub use lease::{LeaseError, LeaseKind, Leases};

@@ -30,7 +30,7 @@
 //! none does.
 //!
 //! Each side touches a payload once: the sender computes its crc32c while copying it into the
-//! slot, the receiver while copying it out ([`crate::copy`]), into a buffer the consumer handed
+//! slot, the receiver while copying it out ([`crate::checksummed_copy`]), into a buffer the consumer handed
 //! back ([`KvReceiver::recycle`]) when there is one, so that a frame does not cost a fresh
 //! allocation whose pages the kernel faults in and zeroes.
 //!
