@@ -30,9 +30,9 @@
 //! none does.
 //!
 //! Each side touches a payload once: the sender computes its crc32c while copying it into the
-//! slot, the receiver while copying it out ([`crate::checksummed_copy`]), into a buffer the consumer handed
-//! back ([`KvReceiver::recycle`]) when there is one, so that a frame does not cost a fresh
-//! allocation whose pages the kernel faults in and zeroes.
+//! slot, the receiver while copying it out ([`crate::checksummed_copy`]), into a buffer the
+//! consumer handed back ([`KvReceiver::recycle`]) when there is one, so that a frame does not
+//! cost a fresh allocation whose pages the kernel faults in and zeroes.
 //!
 //! A frame (56-byte header and payload) must fit one slot: a larger segment is refused at send
 //! with [`Error::SegmentTooLarge`], and the prefill worker splits block runs to stay under
