@@ -25,14 +25,15 @@
 //! more, and sleeps on the socket; the other side, after publishing or releasing, looks at that
 //! flag and, if it is raised, sends a wake-up. (Both sides order the flag and the count with
 //! sequentially consistent fences, so either the sleeper sees the new count or the waker sees
-//! the flag.) The receiver is one task, and the sender clears its flag when it wakes it; a
+//! the flag.) The receiver is one task, whose flag the sender clears when it wakes it; the
 //! sender's flag stays raised while any of its sends waits, so every release is announced until
 //! none does.
 //!
 //! Each side touches a payload once: the sender computes its crc32c while copying it into the
 //! slot, the receiver while copying it out ([`crate::checksummed_copy`]), into a buffer the
 //! consumer handed back ([`KvReceiver::recycle`]) when there is one, so that a frame does not
-//! cost a fresh allocation whose pages the kernel faults in and zeroes.
+//! cost a fresh allocation whose pages the kernel faults in and zeroes. The receiver keeps at
+//! most [`ShmConfig::recycled_buffers`] of them.
 //!
 //! A frame (56-byte header and payload) must fit one slot: a larger segment is refused at send
 //! with [`Error::SegmentTooLarge`], and the prefill worker splits block runs to stay under
