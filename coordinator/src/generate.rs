@@ -410,6 +410,10 @@ async fn disaggregated(
     match inner.config.handoff {
         HandoffShape::Push => {
             placement.shape = Some("push");
+            // From here until the decode stream takes the reservation over, any way out (an
+            // error, a first token that ends the request, the deadline dropping this future)
+            // frees it.
+            let reservation = Pinned::on(decode, handoff);
             let reserved = call(
                 decode,
                 tracing::info_span!("reserve", worker = Empty),
@@ -447,13 +451,7 @@ async fn disaggregated(
                 },
             )
             .await;
-            let prefilled = match prefilled {
-                Ok(p) => p,
-                Err(e) => {
-                    release(decode, handoff);
-                    return Err(e);
-                }
-            };
+            let prefilled = prefilled?;
             if let Some(kv) = &prefilled.kv {
                 placement.kv_bytes = kv.bytes;
                 placement.transfer_seconds = kv.transfer_seconds;
@@ -462,7 +460,6 @@ async fn disaggregated(
             }
             let first = first_token(&prefilled.first_token)?;
             if finish_reason_after(first.id, 1, params, eos).is_some() {
-                release(decode, handoff);
                 return Ok(Started {
                     first: Some(first),
                     decode: None,
@@ -488,13 +485,8 @@ async fn disaggregated(
                 },
             )
             .await;
-            let stream = match stream {
-                Ok(s) => s,
-                Err(e) => {
-                    release(decode, handoff);
-                    return Err(e);
-                }
-            };
+            let stream = stream?;
+            reservation.taken_over();
             Ok(Started {
                 first: Some(first),
                 decode: Some(stream),
@@ -504,6 +496,9 @@ async fn disaggregated(
         }
         HandoffShape::Pull => {
             placement.shape = Some("pull");
+            // The pull source stays pinned on the prefill worker until the decode stream takes
+            // it over; any other way out frees it (see the push case).
+            let source = Pinned::on(prefill, handoff);
             let prefilled = call(
                 prefill,
                 tracing::info_span!("prefill", worker = Empty),
@@ -525,7 +520,6 @@ async fn disaggregated(
             .await?;
             let first = first_token(&prefilled.first_token)?;
             if finish_reason_after(first.id, 1, params, eos).is_some() {
-                release(prefill, handoff);
                 return Ok(Started {
                     first: Some(first),
                     decode: None,
@@ -553,13 +547,8 @@ async fn disaggregated(
                 },
             )
             .await;
-            let stream = match stream {
-                Ok(s) => s,
-                Err(e) => {
-                    release(prefill, handoff);
-                    return Err(e);
-                }
-            };
+            let stream = stream?;
+            source.taken_over();
             Ok(Started {
                 first: Some(first),
                 decode: Some(stream),
@@ -577,11 +566,46 @@ fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
         .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))
 }
 
-/// Frees what a handoff pinned on `worker` (a decode worker's reservation, a prefill worker's
-/// pull source) in the background; its lease frees it anyway if this call is lost.
+/// What a handoff pins on a worker (a decode worker's reservation, a prefill worker's pull
+/// source) while the coordinator sets the request up. Dropped before [`Pinned::taken_over`],
+/// it frees the blocks at once rather than at the lease's expiry.
+struct Pinned {
+    worker: Arc<Worker>,
+    handoff: u64,
+    armed: bool,
+}
+
+impl Pinned {
+    fn on(worker: &Arc<Worker>, handoff: u64) -> Self {
+        Self {
+            worker: worker.clone(),
+            handoff,
+            armed: true,
+        }
+    }
+
+    /// The decode stream owns the blocks now.
+    fn taken_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if self.armed {
+            release(&self.worker, self.handoff);
+        }
+    }
+}
+
+/// Frees what a handoff pinned on `worker` in the background; its lease frees it anyway if
+/// this call is lost.
 fn release(worker: &Arc<Worker>, handoff: u64) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let worker = worker.clone();
-    tokio::spawn(async move {
+    runtime.spawn(async move {
         let request = v1::ReleaseRequest {
             handoff_id: handoff,
         };

@@ -170,7 +170,10 @@ impl Worker {
             WorkerRole::Prefill => "baton.v1.PrefillWorker",
             WorkerRole::Decode => "baton.v1.DecodeWorker",
         };
+        let mut attempts = tokio::time::interval(retry);
+        attempts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            attempts.tick().await;
             let watched = HealthClient::new(self.channel.clone())
                 .watch(HealthCheckRequest {
                     service: service.into(),
@@ -186,7 +189,6 @@ impl Worker {
                     }
                 }
             }
-            tokio::time::sleep(retry).await;
         }
     }
 

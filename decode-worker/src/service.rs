@@ -183,12 +183,12 @@ pub async fn serve_with_metrics(
         );
     // Once drained, calls still open are watches (the coordinator's health Watch never ends
     // by itself): they get a moment to see the server go, then the server stops regardless.
+    tokio::pin!(server);
     let result = tokio::select! {
-        r = server => r,
-        () = async {
-            let _ = drained_rx.await;
-            tokio::time::sleep(CLOSE_GRACE).await;
-        } => Ok(()),
+        r = &mut server => r,
+        _ = drained_rx => tokio::time::timeout(CLOSE_GRACE, server)
+            .await
+            .unwrap_or(Ok(())),
     };
     stopper.stop().await;
     let _ = tokio::task::spawn_blocking(move || join.join()).await;

@@ -72,40 +72,15 @@ impl Collector for PrefillCollector {
             "Prompts queued or being prefilled",
             i64::from(load.pending),
         )?;
-        let usage = if load.total_blocks == 0 {
-            0.0
-        } else {
-            1.0 - f64::from(load.free_blocks) / f64::from(load.total_blocks)
-        };
-        gauge(
+        baton_telemetry::encode_pool(
             e,
-            "kv_cache_usage_ratio",
-            "Share of KV blocks in use, 0 to 1",
-            usage,
-        )?;
-        gauge(
-            e,
-            "kv_blocks_free",
-            "KV blocks free in the pool",
-            i64::from(load.free_blocks),
-        )?;
-        gauge(
-            e,
-            "kv_blocks_total",
-            "KV blocks in the pool",
-            i64::from(load.total_blocks),
-        )?;
-        gauge(
-            e,
-            "kv_leases",
-            "Pull sources pinned under a lease",
-            i64::from(load.leases),
-        )?;
-        gauge(
-            e,
-            "draining",
-            "1 while the worker drains (takes no new work), else 0",
-            i64::from(self.draining.load(Ordering::Relaxed)),
+            baton_telemetry::PoolGauges {
+                free_blocks: load.free_blocks,
+                total_blocks: load.total_blocks,
+                leases: load.leases,
+                leases_help: "Pull sources pinned under a lease",
+                draining: self.draining.load(Ordering::Relaxed),
+            },
         )?;
         counter(e, "prefill_steps", "Engine steps run", stats.steps)?;
         counter(

@@ -132,6 +132,57 @@ where
     c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
+/// A worker's KV pool and drain state, as both worker roles report them.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolGauges<'a> {
+    pub free_blocks: u32,
+    pub total_blocks: u32,
+    pub leases: u32,
+    /// What a lease pins on this role (pull sources, reservations).
+    pub leases_help: &'a str,
+    pub draining: bool,
+}
+
+/// Writes `kv_cache_usage_ratio`, `kv_blocks_free`, `kv_blocks_total`, `kv_leases` and
+/// `draining`.
+pub fn encode_pool(encoder: &mut DescriptorEncoder, pool: PoolGauges<'_>) -> std::fmt::Result {
+    let usage = if pool.total_blocks == 0 {
+        0.0
+    } else {
+        1.0 - f64::from(pool.free_blocks) / f64::from(pool.total_blocks)
+    };
+    encode_gauge(
+        encoder,
+        "kv_cache_usage_ratio",
+        "Share of KV blocks in use, 0 to 1",
+        usage,
+    )?;
+    encode_gauge(
+        encoder,
+        "kv_blocks_free",
+        "KV blocks free in the pool",
+        i64::from(pool.free_blocks),
+    )?;
+    encode_gauge(
+        encoder,
+        "kv_blocks_total",
+        "KV blocks in the pool",
+        i64::from(pool.total_blocks),
+    )?;
+    encode_gauge(
+        encoder,
+        "kv_leases",
+        pool.leases_help,
+        i64::from(pool.leases),
+    )?;
+    encode_gauge(
+        encoder,
+        "draining",
+        "1 while the worker drains (takes no new work), else 0",
+        i64::from(pool.draining),
+    )
+}
+
 /// Several registries as one text-format page (one `# EOF`).
 pub fn encode(registries: &[&Registry]) -> String {
     let mut out = String::new();

@@ -293,7 +293,7 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
         "{:?}",
         started.elapsed()
     );
-    workers.await_pools_full(Duration::from_secs(1)).await;
+    workers.await_pools_full(Duration::from_secs(2)).await;
 
     // The workers take the deadline from the call itself: a decode stream called directly
     // with a grpc-timeout ends on the worker's side.
@@ -319,7 +319,7 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
         }
     };
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
-    workers.await_pools_full(Duration::from_secs(1)).await;
+    workers.await_pools_full(Duration::from_secs(2)).await;
 
     // HTTP: the body's `timeout` field; the reply is 504 with the OpenAI error type.
     let body = serde_json::json!({
@@ -333,7 +333,7 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
     assert_eq!(status, 504, "{reply}");
     let reply: serde_json::Value = serde_json::from_str(&reply).expect("json");
     assert_eq!(reply["error"]["type"], "timeout", "{reply}");
-    workers.await_pools_full(Duration::from_secs(1)).await;
+    workers.await_pools_full(Duration::from_secs(2)).await;
 
     // A timeout that is not a positive number of seconds is refused, naming the field.
     let body = serde_json::json!({"prompt": "hi", "max_tokens": 2, "timeout": -1}).to_string();

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::transport::Channel;
 
@@ -81,21 +81,25 @@ impl Proc {
         }
     }
 
-    /// Waits for the process to exit, at most `limit`.
+    /// Waits for the process to exit; a watchdog kills it after `limit`, which fails the test.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        let (done, exited) = mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let overdue = exited.recv_timeout(limit).is_err();
+            if overdue {
+                // SAFETY: kill(2) on a pid this test spawned; no memory is touched.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
             }
-            assert!(
-                started.elapsed() < limit,
-                "process {} still running after {limit:?}",
-                self.child.id()
-            );
-            // Polling a child's exit status; there is no readiness signal to wait on instead.
-            std::thread::park_timeout(Duration::from_millis(20));
-        }
+            overdue
+        });
+        let status = self.child.wait().expect("wait");
+        let _ = done.send(());
+        let overdue = watchdog.join().expect("watchdog");
+        assert!(!overdue, "process {pid} still running after {limit:?}");
+        status
     }
 
     /// Its stderr lines so far.
