@@ -13,6 +13,9 @@
 //! - baton shm: `ShmSender` -> `ShmReceiver` (default config: 8 slots of 8 MiB), deliveries
 //!   consumed.
 //!
+//! The consumer hands each segment's data back to its receiver (`KvReceiver::recycle`), as the
+//! decode worker does once it has imported it.
+//!
 //! Throughput is payload bytes over the time from the first byte handed to the transport to the
 //! last delivery consumed. The writer runs on the calling thread and the reader on a runtime
 //! worker, for every transport alike.
@@ -25,9 +28,9 @@
 //! slows the compute itself is printed beside it.
 //!
 //! Beside them, the shm transport's per-byte work measured stage by stage on one thread (the
-//! sender's checksum and copy into a slot; the receiver's zeroed buffer, copy out and checksum):
-//! the slower chain bounds what the transport can reach even with both sides perfectly
-//! overlapped on two cores.
+//! sender's copy into a slot and the receiver's copy out of it into a recycled buffer, each
+//! computing the crc32c as it copies): the slower stage bounds what the transport can reach with
+//! both sides overlapped on two cores, and the two in sequence what it reaches on one core.
 //!
 //! Throughput figures are medians of `--repeats` runs after one untimed warm-up; overlap figures
 //! medians of `--overlap-repeats`.
@@ -40,7 +43,7 @@ use anyhow::{Context, bail, ensure};
 use baton_engine::{Engine, EngineConfig, KvChunk, Phase, Role, SeqId, StepItem};
 use baton_kv_transfer::{
     Delivery, Endpoint, Expectation, HandoffId, KvReceiver, KvSegment, Link, LinkConfig, ShmConfig,
-    ShmReceiver, TcpConfig, TcpReceiver, max_blocks_per_segment, send_all,
+    ShmReceiver, TcpConfig, TcpReceiver, checksummed_copy, max_blocks_per_segment, send_all,
 };
 use baton_prefill_worker::PrefillConfig;
 use serde_json::json;
@@ -230,6 +233,7 @@ fn measure_prompt(
         let mut stages: [Vec<Duration>; 3] = Default::default();
         let mut dst = vec![0u8; bytes as usize];
         let mut slot = vec![0u8; ShmConfig::default().slot_bytes];
+        let mut recycled = vec![0u8; ShmConfig::default().slot_bytes];
         for r in 0..=repeats.transfer {
             let times = [
                 links.raw_tcp(rt, &segments)?,
@@ -237,11 +241,8 @@ fn measure_prompt(
                 links.baton(rt, 0, n, &mut segments)?,
                 links.baton(rt, 1, n, &mut segments)?,
             ];
-            let stage_times = [
-                checksum(&segments),
-                shm_sender_stages(&segments, &mut slot),
-                shm_receiver_stages(&segments),
-            ];
+            let (sender, receiver) = shm_stages(&segments, &mut slot, &mut recycled);
+            let stage_times = [checksum(&segments), sender, receiver];
             // Run 0 warms sockets, slots and page tables; it is not counted.
             if r > 0 {
                 for (s, t) in samples.iter_mut().zip(times) {
@@ -252,7 +253,7 @@ fn measure_prompt(
                 }
             }
         }
-        drop((dst, slot));
+        drop((dst, slot, recycled));
         progress(&format!(
             "prompt {n}: {shape} segments moved by every method"
         ));
@@ -283,8 +284,9 @@ fn measure_prompt(
             )
         };
         // With the sender and the receiver each on its own core and perfectly overlapped, the
-        // slower of the two chains bounds the transport.
+        // slower of the two stages bounds the transport; on one core, the two add up.
         let shm_bound = stage(1).min(stage(2));
+        let shm_one_core = 1.0 / (1.0 / stage(1) + 1.0 / stage(2));
         shapes.insert(
             shape.into(),
             json!({
@@ -306,6 +308,8 @@ fn measure_prompt(
                     "shm_receiver": stage(2),
                     "shm_bound": shm_bound,
                     "shm_bound_over_memcpy": shm_bound / med(1),
+                    "shm_one_core": shm_one_core,
+                    "shm_one_core_over_memcpy": shm_one_core / med(1),
                 },
             }),
         );
@@ -418,12 +422,14 @@ fn print_prompt(r: &serde_json::Value, asked: usize) {
         }
         let st = &s["stages_one_thread_gbps"];
         println!(
-            "      stages on one thread (GB/s): crc32c {:.2}; shm sender (crc32c, copy into a slot) {:.2}; shm receiver (zeroed buffer, copy out, crc32c) {:.2}; shm bound {:.2} = {:.2} of memcpy",
+            "      stages on one thread (GB/s): crc32c {:.2}; shm sender (copy into a slot, crc32c in the copy) {:.2}; shm receiver (copy out into a recycled buffer, crc32c in the copy) {:.2}; shm bound on two cores {:.2} = {:.2} of memcpy, on one core {:.2} = {:.2}",
             f(&st["crc32c"]),
             f(&st["shm_sender"]),
             f(&st["shm_receiver"]),
             f(&st["shm_bound"]),
             f(&st["shm_bound_over_memcpy"]),
+            f(&st["shm_one_core"]),
+            f(&st["shm_one_core_over_memcpy"]),
         );
     }
     let o = &r["push_overlap"];
@@ -527,35 +533,29 @@ fn checksum(segments: &[KvSegment]) -> Duration {
     started.elapsed()
 }
 
-/// The shm sender's work per segment, on one thread: the payload's crc32c for the frame header,
-/// then the copy into a slot.
-fn shm_sender_stages(segments: &[KvSegment], slot: &mut [u8]) -> Duration {
-    let started = Instant::now();
+/// The shm transport's per-byte work per segment, on one thread: the sender's copy into a slot
+/// and the receiver's copy out of it into a recycled buffer, each computing the payload's
+/// crc32c as it copies. Returns the time of each stage.
+fn shm_stages(
+    segments: &[KvSegment],
+    slot: &mut [u8],
+    recycled: &mut [u8],
+) -> (Duration, Duration) {
+    let (mut sender, mut receiver) = (Duration::ZERO, Duration::ZERO);
     let mut crc = 0;
     for s in segments {
         let src = &s.chunk.data;
-        crc ^= crc32c::crc32c(src);
-        slot[..src.len()].copy_from_slice(src);
-        std::hint::black_box(&slot);
+        let n = src.len();
+        let started = Instant::now();
+        crc ^= checksummed_copy(src, &mut slot[..n]);
+        let copied_in = Instant::now();
+        crc ^= checksummed_copy(&slot[..n], &mut recycled[..n]);
+        receiver += copied_in.elapsed();
+        sender += copied_in - started;
+        std::hint::black_box(&recycled);
     }
     std::hint::black_box(crc);
-    started.elapsed()
-}
-
-/// The shm receiver's work per segment, on one thread: a zeroed buffer, the copy out of the
-/// slot, the payload's crc32c verified; the consumer then drops the buffer.
-fn shm_receiver_stages(segments: &[KvSegment]) -> Duration {
-    let started = Instant::now();
-    let mut crc = 0;
-    for s in segments {
-        let src = &s.chunk.data;
-        let mut copy = vec![0u8; src.len()];
-        copy.copy_from_slice(src);
-        crc ^= crc32c::crc32c(&copy);
-        drop(std::hint::black_box(copy));
-    }
-    std::hint::black_box(crc);
-    started.elapsed()
+    (sender, receiver)
 }
 
 fn prefill_alone(engine: &mut Engine, prompt: &[u32]) -> anyhow::Result<Duration> {
@@ -590,7 +590,7 @@ struct PushTiming {
 /// process.
 struct BatonPair {
     link: Arc<Link>,
-    receiver: Box<dyn KvReceiver>,
+    receiver: Arc<dyn KvReceiver>,
     deliveries: Option<mpsc::Receiver<Delivery>>,
 }
 
@@ -610,9 +610,11 @@ struct Consumed {
     done: Instant,
 }
 
-/// Reads `handoff`'s deliveries, dropping the data, until it completes; hands the channel back.
+/// Reads `handoff`'s deliveries until it completes, handing each segment's data back to
+/// `receiver` as the decode worker does once it has imported it; hands the channel back.
 async fn consume(
     mut rx: mpsc::Receiver<Delivery>,
+    receiver: Arc<dyn KvReceiver>,
     handoff: HandoffId,
 ) -> (mpsc::Receiver<Delivery>, anyhow::Result<Consumed>) {
     let mut bytes = 0;
@@ -620,6 +622,7 @@ async fn consume(
         match rx.recv().await {
             Some(Delivery::Segment(s)) if s.handoff == handoff => {
                 bytes += s.chunk.data.len() as u64;
+                receiver.recycle(s.chunk.data);
             }
             Some(Delivery::Complete(h)) if h == handoff => {
                 break Ok(Consumed {
@@ -666,12 +669,12 @@ impl Links {
                 baton: [
                     BatonPair {
                         link: Arc::new(tcp_link),
-                        receiver: Box::new(tcp),
+                        receiver: Arc::new(tcp),
                         deliveries: Some(tcp_rx),
                     },
                     BatonPair {
                         link: Arc::new(shm_link),
-                        receiver: Box::new(shm),
+                        receiver: Arc::new(shm),
                         deliveries: Some(shm_rx),
                     },
                 ],
@@ -743,7 +746,7 @@ impl Links {
         let rx = pair.deliveries.take().context("deliveries in use")?;
         let link = pair.link.clone();
         let (rx, took) = rt.block_on(async {
-            let consumer = tokio::spawn(consume(rx, handoff));
+            let consumer = tokio::spawn(consume(rx, pair.receiver.clone(), handoff));
             let started = Instant::now();
             for s in segments.iter() {
                 if let Err(e) = link.send(s).await {
@@ -782,7 +785,7 @@ impl Links {
             Expectation::whole_sequence(&self.descriptor, prompt.len() as u32),
         )?;
         let rx = pair.deliveries.take().context("deliveries in use")?;
-        let consumer = rt.spawn(consume(rx, handoff));
+        let consumer = rt.spawn(consume(rx, pair.receiver.clone(), handoff));
         let (tx, segments) = mpsc::channel::<KvSegment>(segment_queue);
         let link = pair.link.clone();
         let send = rt.spawn(async move { send_all(&link, segments).await });

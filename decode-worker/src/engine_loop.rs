@@ -658,9 +658,15 @@ impl Loop {
                 if import.failed.is_some() {
                     return;
                 }
-                let seq = import.seq;
+                let (seq, receiver) = (import.seq, import.receiver);
                 let len = seg.chunk.data.len() as u64;
-                match self.batcher.engine_mut().import(seq, &seg.chunk) {
+                let imported = self.batcher.engine_mut().import(seq, &seg.chunk);
+                // The bytes now live in the block pool; the receiver copies a later frame into
+                // the buffer instead of faulting in a fresh one.
+                if let Some(rx) = self.receivers.get(receiver) {
+                    rx.recycle(seg.chunk.data);
+                }
+                match imported {
                     Ok(()) => {
                         if let Some(import) = self.imports.get_mut(&seg.handoff) {
                             import.bytes += len;

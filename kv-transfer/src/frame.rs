@@ -192,8 +192,13 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// A header of `kind` for `payload`, every other field zero.
     pub fn new(kind: FrameKind, payload: &[u8]) -> Result<Self> {
-        let payload_len = u32::try_from(payload.len()).map_err(|_| Error::PayloadTooLarge {
-            len: payload.len() as u64,
+        Self::summed(kind, payload.len(), crc32c::crc32c(payload))
+    }
+
+    /// A header of `kind` for a payload of `len` bytes whose crc32c is already known.
+    pub fn summed(kind: FrameKind, len: usize, payload_crc: u32) -> Result<Self> {
+        let payload_len = u32::try_from(len).map_err(|_| Error::PayloadTooLarge {
+            len: len as u64,
             max: u32::MAX,
         })?;
         Ok(Self {
@@ -206,7 +211,7 @@ impl FrameHeader {
             kv_heads: 0..0,
             shard: Shard::default(),
             payload_len,
-            payload_crc: crc32c::crc32c(payload),
+            payload_crc,
         })
     }
 
@@ -296,17 +301,18 @@ impl FrameHeader {
 
     /// Checks a payload read for this header against its length and checksum.
     pub fn verify_payload(&self, payload: &[u8]) -> Result<()> {
-        if payload.len() != self.payload_len as usize {
+        self.verify_summed(payload.len(), crc32c::crc32c(payload))
+    }
+
+    /// Checks the length and crc32c of a payload, computed while it was read, against this
+    /// header.
+    pub fn verify_summed(&self, len: usize, computed: u32) -> Result<()> {
+        if len != self.payload_len as usize {
             return Err(Error::MalformedFrame {
                 kind: self.kind,
-                reason: format!(
-                    "payload of {} bytes, header says {}",
-                    payload.len(),
-                    self.payload_len
-                ),
+                reason: format!("payload of {len} bytes, header says {}", self.payload_len),
             });
         }
-        let computed = crc32c::crc32c(payload);
         if computed != self.payload_crc {
             return Err(Error::PayloadCorrupt {
                 handoff: self.handoff,

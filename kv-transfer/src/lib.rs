@@ -10,7 +10,9 @@
 //!   receiver's handoff bookkeeping shared by all of them.
 //! - [`tcp`]: the TCP transport (tokio), a pool of streams per worker pair.
 //! - [`shm`]: the shared-memory transport for two workers on one host: frames in slots of a
-//!   segment both map, a Unix-domain socket for the handshake and slot notices.
+//!   segment both map, published through a ring in the segment; a Unix-domain socket for the
+//!   handshake and for waking a side that sleeps.
+//! - `copy`: the copy that computes a payload's crc32c in the same pass, once on each side.
 //! - [`link`]: the run-time choice of transport: endpoints, connections, sending a handoff.
 //! - [`lease`]: time-to-live bookkeeping for pinned block sets (push reservations, pull sources).
 //!
@@ -18,6 +20,7 @@
 //! handoff are verified; every buffer between the sender and the consumer is bounded, so a slow
 //! decode worker slows the prefill worker's sends instead of growing memory.
 
+mod copy;
 mod error;
 pub mod frame;
 pub mod lease;
@@ -28,6 +31,7 @@ mod stream;
 pub mod tcp;
 pub mod transport;
 
+pub use copy::checksummed_copy;
 pub use error::{Error, ErrorClass, FailureReason, Result, Side};
 pub use frame::{FrameLimits, HandoffId, Shard};
 pub use lease::{LeaseError, LeaseKind, Leases};

@@ -1,59 +1,93 @@
 //! The shared-memory transport, for a prefill worker and a decode worker on one host: the prefill
 //! worker's frames live in a segment both processes map, a handoff is a copy out of that segment,
-//! and a Unix-domain socket carries only the handshake and small notices.
+//! and a Unix-domain socket carries only the handshake and wake-ups.
 //!
 //! ```text
-//! prefill ShmSender --frames in segment slots--> ShmReceiver --bounded channel--> decode consumer
-//!           <== control socket: hello; "frame in slot i, n bytes"; "slot i free" ==>
+//! prefill ShmSender --frames in slots, descriptors in a ring--> ShmReceiver --bounded channel--> decode consumer
+//!           <== control socket: hello; wake-ups, only for a side that sleeps ==>
 //! ```
 //!
-//! The sender creates the segment, a file of `slots x slot_bytes` bytes in
-//! [`ShmConfig::segment_dir`] (`/dev/shm`, mode 0600), names it in its hello, and unlinks it once
-//! the receiver has mapped it and answered: both keep their mappings and nothing is left in
-//! `/dev/shm` if either process dies later. A send waits for a free slot, writes the frame into
-//! it (the same header and payload bytes a TCP stream carries, see [`crate::frame`]) and sends a
-//! ready notice. The receiver checks the notice against its mapping, copies the frame out, hands
-//! the slot back with a free notice, verifies the copy and waits for room in the consumer's
-//! bounded channel before reading the next notice. A stalled consumer therefore stops the free
-//! notices and the sender waits for a slot: the bytes between sender and consumer are bounded by
-//! the slots, the one frame the receiver holds and the channel capacity.
+//! The sender creates the segment, a file in [`ShmConfig::segment_dir`] (`/dev/shm`, mode 0600)
+//! holding a control area and then `slots x slot_bytes` bytes of slots, names it in its hello,
+//! and unlinks it once the receiver has mapped it and answered: both keep their mappings and
+//! nothing is left in `/dev/shm` if either process dies later. A send takes a free slot, writes
+//! the frame into it (the same header and payload bytes a TCP stream carries, see
+//! [`crate::frame`]), and publishes it: the slot and the frame's length go into the next entry of
+//! a ring in the control area and the published count goes up. The receiver reads the ring in
+//! order, checks each entry against its mapping, copies the frame out, hands the slot back by
+//! raising the released count, verifies the copy and waits for room in the consumer's bounded
+//! channel before it reads the next entry. A stalled consumer therefore stops the releases and
+//! the sender waits for a slot: the bytes between sender and consumer are bounded by the slots,
+//! the one frame the receiver holds and the channel capacity.
+//!
+//! Neither side makes a system call per frame while the other is busy. A side with nothing to do
+//! (a receiver with an empty ring, a send with no free slot) raises its idle flag, looks once
+//! more, and sleeps on the socket; the other side, after publishing or releasing, looks at that
+//! flag and, if it is raised, sends a wake-up. (Both sides order the flag and the count with
+//! sequentially consistent fences, so either the sleeper sees the new count or the waker sees
+//! the flag.) The receiver is one task, whose flag the sender clears when it wakes it; the
+//! sender's flag stays raised while any of its sends waits, so every release is announced until
+//! none does.
+//!
+//! Each side touches a payload once: the sender computes its crc32c while copying it into the
+//! slot, the receiver while copying it out ([`crate::checksummed_copy`]), into a buffer the
+//! consumer handed back ([`KvReceiver::recycle`]) when there is one, so that a frame does not
+//! cost a fresh allocation whose pages the kernel faults in and zeroes. The receiver keeps at
+//! most [`ShmConfig::recycled_buffers`] of them.
 //!
 //! A frame (56-byte header and payload) must fit one slot: a larger segment is refused at send
 //! with [`Error::SegmentTooLarge`], and the prefill worker splits block runs to stay under
 //! [`ShmSender::max_payload`], as it does for [`FrameLimits`].
 //!
+//! Control area, at the start of the segment, [`CONTROL_ALIGN`]-aligned so that the slots can be
+//! mapped on their own (little-endian; the counters never wrap):
+//!
+//! ```text
+//! offset size field
+//!      0    8 published: frames the sender has put in the ring (the sender writes it)
+//!     64    8 released: frames the receiver has copied out; their slots are free again
+//!               (the receiver writes it)
+//!    128    4 receiver idle: nonzero while the receiver sleeps on the socket (the receiver
+//!               raises it, the sender clears it when it wakes the receiver)
+//!    192    4 sender idle: nonzero while a send waits for a slot (the sender raises and clears it)
+//!    256 8 x slots ring: frame n's entry at n mod slots: slot (low 32 bits), frame bytes (high 32)
+//! ```
+//!
 //! Control socket, after the hello frames (the sender's hello payload is its layout descriptor
 //! followed by a [`SegmentOffer`]; the receiver answers with a hello of its descriptor, or a
-//! close frame saying why it refuses), carries [`Notice`]s of [`NOTICE_LEN`] bytes:
+//! close frame saying why it refuses): the sender sends single [`WAKE`] bytes; the receiver
+//! sends [`Notice`]s of [`NOTICE_LEN`] bytes:
 //!
 //! ```text
 //! offset size field
 //!      0    4 magic "BTSH"
-//!      4    1 kind: 1 ready (sender to receiver), 2 free (receiver to sender),
-//!               3 close (receiver to sender; a close payload of `length` bytes follows)
-//!      5    3 zero
-//!      8    4 slot
-//!     12    4 length: frame bytes in the slot (ready), 0 (free), close payload bytes (close)
+//!      4    1 kind: 1 released (frames were released), 2 close (a close payload of `length`
+//!               bytes follows)
+//!      5    7 zero
+//!     12    4 length: 0 (released), close payload bytes (close)
 //! ```
 //!
-//! Invariants: a slot belongs to the sender from the moment a send takes it until its ready
-//! notice, then to the receiver until its free notice. The receiver trusts nothing a peer sends:
-//! slot indices and lengths are checked against the mapping before any byte is read, headers are
-//! decoded and bounded as on TCP, and it never holds a reference into the mapping: it copies the
-//! bytes out and verifies the copy, so a peer that writes while it reads can only cause a
-//! checksum failure. When a link ends, every live handoff it carried fails: the segment was that
+//! Invariants: a slot belongs to the sender from the moment a send takes it until it is
+//! published, then to the receiver until the released count passes it. The receiver trusts
+//! nothing a peer sends or writes: the published count must stay within a ring of the released
+//! one, slot indices and lengths are checked against the mapping before any byte is read, headers
+//! are decoded and bounded as on TCP, and it never holds a reference into the slots: it copies
+//! the bytes out and verifies the copy, so a peer that writes while it reads can only cause a
+//! checksum failure. The sender likewise refuses a released count that goes backwards or past
+//! what it published. When a link ends, every live handoff it carried fails: the segment was that
 //! sender's only path. (A process of the same user that kept a descriptor to the segment could
 //! shrink it and make a reader fault; such a process can write our memory anyway.)
 
+use std::collections::VecDeque;
 use std::ffi::OsStr;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -65,27 +99,49 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, TryAcquireError, mpsc};
 use tokio::task::JoinSet;
 
+use crate::copy::copy_crc32c;
 use crate::error::{Error, FailureReason, Result};
 use crate::frame::{
     CloseCode, DESCRIPTOR_LEN, FrameHeader, FrameKind, FrameLimits, HEADER_LEN, HandoffId,
     MAX_CLOSE_MESSAGE, Shard, decode_close, decode_descriptor, encode_close, encode_descriptor,
     encode_frame,
 };
-use crate::stream::{io_err, read_control, read_full, read_hello_reply, send_close};
+use crate::stream::{io_err, read_control, read_hello_reply, send_close};
 use crate::transport::{
-    Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore, Stats,
-    kv_data_header,
+    BufferPool, Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore,
+    Stats, kv_data_header_summed,
 };
 
-/// Bytes of every notice on the control socket.
+/// Bytes of every notice the receiver sends.
 pub const NOTICE_LEN: usize = 16;
 const NOTICE_MAGIC: [u8; 4] = *b"BTSH";
+/// The byte a sender sends to wake a sleeping receiver; any other byte ends the link.
+pub const WAKE: u8 = b'W';
 /// Longest segment path a hello may name.
 pub const MAX_SEGMENT_PATH: usize = 1024;
+/// The segment layout this build creates and maps: a control area with the ring, then the
+/// slots. A receiver refuses an offer of another.
+pub const SEGMENT_LAYOUT: u16 = 2;
 /// Bytes of a [`SegmentOffer`] before its path.
-const OFFER_FIXED_LEN: usize = 4 + 4 + 2;
+const OFFER_FIXED_LEN: usize = 2 + 4 + 4 + 2;
 /// Largest hello payload a receiver reads: descriptor, offer, longest path.
 const MAX_HELLO: usize = DESCRIPTOR_LEN + OFFER_FIXED_LEN + MAX_SEGMENT_PATH;
+/// Most slots a segment may have.
+pub const MAX_SLOTS: usize = 4096;
+/// The control area's size is a multiple of this, a multiple of every page size Linux uses, so
+/// that the slots can be mapped apart from it.
+pub const CONTROL_ALIGN: usize = 64 << 10;
+
+/// Offset of the published count in the control area (see the module docs).
+pub const PUBLISHED_AT: usize = 0;
+/// Offset of the released count.
+pub const RELEASED_AT: usize = 64;
+/// Offset of the receiver's idle flag.
+pub const RECEIVER_IDLE_AT: usize = 128;
+/// Offset of the sender's idle flag.
+pub const SENDER_IDLE_AT: usize = 192;
+/// Offset of the ring.
+pub const RING_AT: usize = 256;
 
 /// Settings of both ends of the shared-memory transport (`[decode.shm]`, `[prefill.link.shm]` in
 /// a config file; a missing key keeps its default).
@@ -93,7 +149,7 @@ const MAX_HELLO: usize = DESCRIPTOR_LEN + OFFER_FIXED_LEN + MAX_SEGMENT_PATH;
 #[serde(deny_unknown_fields, default)]
 pub struct ShmConfig {
     /// Slots in a sender's segment: frames written and not yet copied out by the receiver. For a
-    /// receiver, the most slots it maps of one sender. Default 8.
+    /// receiver, the most slots it maps of one sender. At most 4096 ([`MAX_SLOTS`]); default 8.
     pub slots: usize,
     /// Bytes of one slot; a frame (56-byte header and payload) must fit one. For a receiver, the
     /// largest slot it maps. Default 8388608 (8 MiB).
@@ -104,8 +160,12 @@ pub struct ShmConfig {
     /// Bounds on what a peer may send.
     pub limits: FrameLimits,
     /// Deliveries the receiver's channel holds before its links stop copying frames out.
-    /// Default 64.
+    /// Default 16.
     pub delivery_capacity: usize,
+    /// Payload buffers the consumer hands back ([`KvReceiver::recycle`]) that the receiver keeps
+    /// to copy later frames into; each is as large as the frame it last held. Default 18: one
+    /// for every frame the channel, the receiver and the consumer can hold at once.
+    pub recycled_buffers: usize,
     /// Longest a connection may take to exchange hellos (a duration: "5s", "500ms").
     /// Default 5s.
     #[serde(with = "humantime_serde")]
@@ -116,13 +176,15 @@ pub struct ShmConfig {
 impl Default for ShmConfig {
     fn default() -> Self {
         // 64 MiB per sender: eight frames of up to 8 MiB less the header, each one layer of
-        // 127 16-token blocks of an 8-kv-head, 128-dim f16 model.
+        // 127 16-token blocks of an 8-kv-head, 128-dim f16 model. Enough buffers to recycle for
+        // every frame the channel, the receiver and the consumer can hold at once.
         Self {
             slots: 8,
             slot_bytes: 8 << 20,
             segment_dir: PathBuf::from("/dev/shm"),
             limits: FrameLimits::default(),
-            delivery_capacity: 64,
+            delivery_capacity: 16,
+            recycled_buffers: 18,
             handshake_timeout: Duration::from_secs(5),
         }
     }
@@ -136,8 +198,8 @@ impl ShmConfig {
                 reason: reason.into(),
             })
         };
-        if self.slots == 0 || u32::try_from(self.slots).is_err() {
-            return invalid("slots", "must be between 1 and 2^32 - 1");
+        if self.slots == 0 || self.slots > MAX_SLOTS {
+            return invalid("slots", "must be between 1 and 4096");
         }
         if self.slot_bytes < HEADER_LEN {
             return invalid("slot_bytes", "must hold a frame header (56 bytes)");
@@ -145,12 +207,13 @@ impl ShmConfig {
         if u32::try_from(self.slot_bytes).is_err() {
             return invalid(
                 "slot_bytes",
-                "must be below 4 GiB (notices carry 32-bit lengths)",
+                "must be below 4 GiB (ring entries carry 32-bit lengths)",
             );
         }
         if self
             .slots
             .checked_mul(self.slot_bytes)
+            .and_then(|n| n.checked_add(control_len(self.slots)))
             .is_none_or(|n| n > isize::MAX as usize)
         {
             return invalid("slots", "slots x slot_bytes overflows");
@@ -173,20 +236,35 @@ impl ShmConfig {
     }
 }
 
-/// The shape of a segment: `slots` slots of `slot_bytes` bytes, back to back.
+/// The shape of a segment: the control area, then `slots` slots of `slot_bytes` bytes, back to
+/// back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Geometry {
     slots: u32,
     slot_bytes: u32,
 }
 
+/// Bytes of the control area of a segment of `slots` slots; the slots follow it.
+pub fn control_len(slots: usize) -> usize {
+    (RING_AT + 8 * slots).next_multiple_of(CONTROL_ALIGN)
+}
+
 impl Geometry {
-    fn len(&self) -> usize {
+    fn control_len(&self) -> usize {
+        control_len(self.slots as usize)
+    }
+
+    fn slots_len(&self) -> usize {
         self.slots as usize * self.slot_bytes as usize
     }
 
-    /// Where the frame a ready notice names lies in the segment; refuses a slot outside it and a
-    /// length that is shorter than a header or runs past the slot.
+    /// Bytes of the whole segment file.
+    fn file_len(&self) -> usize {
+        self.control_len() + self.slots_len()
+    }
+
+    /// Where the frame a ring entry names lies among the slots; refuses a slot outside them and
+    /// a length that is shorter than a header or runs past the slot.
     fn locate(&self, slot: u32, len: u32) -> Result<Range<usize>> {
         let malformed = |reason: String| Error::MalformedNotice { reason };
         if slot >= self.slots {
@@ -206,29 +284,97 @@ impl Geometry {
     }
 }
 
-/// A message on the control socket after the hellos.
+/// A ring entry: the slot a frame is in and the frame's bytes.
+pub fn ring_entry(slot: u32, len: u32) -> u64 {
+    u64::from(len) << 32 | u64::from(slot)
+}
+
+fn split_ring_entry(entry: u64) -> (u32, u32) {
+    (entry as u32, (entry >> 32) as u32)
+}
+
+/// One side's mapping of a segment's control area. Every field is accessed atomically, by both
+/// processes.
+struct ControlArea {
+    map: MmapRaw,
+    slots: u32,
+}
+
+impl ControlArea {
+    /// Maps the control area of `file`, laid out for `geometry`, read-write.
+    fn map(file: &File, geometry: Geometry) -> Result<Self> {
+        let map = MmapOptions::new()
+            .len(geometry.control_len())
+            .map_raw(file)
+            .map_err(io_err("map shared-memory control area"))?;
+        Ok(Self {
+            map,
+            slots: geometry.slots,
+        })
+    }
+
+    fn u64_at(&self, at: usize) -> &AtomicU64 {
+        assert!(
+            at.is_multiple_of(8) && at + 8 <= self.map.len(),
+            "field outside the area"
+        );
+        // SAFETY: the mapping is page-aligned, so `at` (a multiple of 8, asserted in bounds)
+        // is 8-aligned and inside it, and the mapping lives as long as `self`, which the
+        // reference borrows. Any bit pattern is a valid `AtomicU64`. The other process reaches
+        // this memory only through atomic accesses of its own (or, misbehaving, through writes
+        // that can change the value we read, which every reader checks, but nothing else).
+        unsafe { &*self.map.as_ptr().add(at).cast::<AtomicU64>() }
+    }
+
+    fn u32_at(&self, at: usize) -> &AtomicU32 {
+        assert!(
+            at.is_multiple_of(4) && at + 4 <= self.map.len(),
+            "field outside the area"
+        );
+        // SAFETY: as in `u64_at`, with 4-byte alignment.
+        unsafe { &*self.map.as_ptr().add(at).cast::<AtomicU32>() }
+    }
+
+    fn published(&self) -> &AtomicU64 {
+        self.u64_at(PUBLISHED_AT)
+    }
+
+    fn released(&self) -> &AtomicU64 {
+        self.u64_at(RELEASED_AT)
+    }
+
+    fn receiver_idle(&self) -> &AtomicU32 {
+        self.u32_at(RECEIVER_IDLE_AT)
+    }
+
+    fn sender_idle(&self) -> &AtomicU32 {
+        self.u32_at(SENDER_IDLE_AT)
+    }
+
+    /// The ring entry of frame `n`.
+    fn entry(&self, n: u64) -> &AtomicU64 {
+        self.u64_at(RING_AT + 8 * (n % u64::from(self.slots)) as usize)
+    }
+}
+
+/// A message from the receiver on the control socket after the hellos.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notice {
-    /// Sender to receiver: slot `slot` holds a whole frame of `len` bytes.
-    Ready { slot: u32, len: u32 },
-    /// Receiver to sender: slot `slot` has been copied out and may be written again.
-    Free { slot: u32 },
-    /// Receiver to sender: the link ends; a close payload ([`encode_close`]) of `len` bytes
-    /// follows.
+    /// Frames were released while a send waited for a slot (one notice per release).
+    Released,
+    /// The link ends; a close payload ([`encode_close`]) of `len` bytes follows.
     Close { len: u32 },
 }
 
 impl Notice {
     pub fn encode(&self) -> [u8; NOTICE_LEN] {
-        let (kind, slot, len) = match *self {
-            Notice::Ready { slot, len } => (1u8, slot, len),
-            Notice::Free { slot } => (2, slot, 0),
-            Notice::Close { len } => (3, 0, len),
+        let (kind, len) = match *self {
+            Notice::Released => (1u8, 0),
+            Notice::Close { len } => (2, len),
         };
         let mut b = [0u8; NOTICE_LEN];
         b[0..4].copy_from_slice(&NOTICE_MAGIC);
         b[4] = kind;
-        b[8..12].copy_from_slice(&slot.to_le_bytes());
         b[12..16].copy_from_slice(&len.to_le_bytes());
         b
     }
@@ -239,19 +385,14 @@ impl Notice {
         if b[0..4] != NOTICE_MAGIC {
             return Err(malformed(format!("magic {:02x?}", &b[0..4])));
         }
-        if b[5..8] != [0, 0, 0] {
-            return Err(malformed(format!("reserved bytes {:02x?}", &b[5..8])));
+        if b[5..12].iter().any(|&x| x != 0) {
+            return Err(malformed(format!("reserved bytes {:02x?}", &b[5..12])));
         }
-        let slot = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         let len = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
         match b[4] {
-            1 => Ok(Notice::Ready { slot, len }),
-            2 if len == 0 => Ok(Notice::Free { slot }),
-            3 if slot == 0 => Ok(Notice::Close { len }),
-            2 | 3 => Err(malformed(format!(
-                "kind {} with slot {slot} and length {len}",
-                b[4]
-            ))),
+            1 if len == 0 => Ok(Notice::Released),
+            2 => Ok(Notice::Close { len }),
+            1 => Err(malformed(format!("released notice with length {len}"))),
             kind => Err(malformed(format!("unknown kind {kind}"))),
         }
     }
@@ -261,13 +402,15 @@ impl Notice {
 ///
 /// ```text
 /// offset size field
-///      0    4 slots
-///      4    4 slot bytes
-///      8    2 path length
-///     10    n path (bytes of an absolute path, no terminator)
+///      0    2 segment layout (SEGMENT_LAYOUT)
+///      2    4 slots
+///      6    4 slot bytes
+///     10    2 path length
+///     12    n path (bytes of an absolute path, no terminator)
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentOffer {
+    pub layout: u16,
     pub path: PathBuf,
     pub slots: u32,
     pub slot_bytes: u32,
@@ -286,6 +429,7 @@ impl SegmentOffer {
             });
         }
         let mut b = Vec::with_capacity(OFFER_FIXED_LEN + path.len());
+        b.extend_from_slice(&self.layout.to_le_bytes());
         b.extend_from_slice(&self.slots.to_le_bytes());
         b.extend_from_slice(&self.slot_bytes.to_le_bytes());
         b.extend_from_slice(&(path.len() as u16).to_le_bytes());
@@ -301,7 +445,10 @@ impl SegmentOffer {
         let Some((fixed, path)) = b.split_first_chunk::<OFFER_FIXED_LEN>() else {
             return Err(malformed(format!("segment offer of {} bytes", b.len())));
         };
-        let path_len = u16::from_le_bytes([fixed[8], fixed[9]]) as usize;
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([fixed[at], fixed[at + 1], fixed[at + 2], fixed[at + 3]])
+        };
+        let path_len = u16::from_le_bytes([fixed[10], fixed[11]]) as usize;
         if path.len() != path_len || path_len > MAX_SEGMENT_PATH {
             return Err(malformed(format!(
                 "segment path of {} bytes, offer says {path_len}",
@@ -309,9 +456,10 @@ impl SegmentOffer {
             )));
         }
         Ok(Self {
+            layout: u16::from_le_bytes([fixed[0], fixed[1]]),
             path: PathBuf::from(OsStr::from_bytes(path)),
-            slots: u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]),
-            slot_bytes: u32::from_le_bytes([fixed[4], fixed[5], fixed[6], fixed[7]]),
+            slots: u32_at(2),
+            slot_bytes: u32_at(6),
         })
     }
 }
@@ -346,9 +494,10 @@ impl Drop for SegmentFile {
     }
 }
 
-/// The sender's mapping of its own segment.
+/// The sender's mappings of its own segment.
 struct SenderSegment {
-    map: MmapRaw,
+    control: ControlArea,
+    slots: MmapRaw,
     geometry: Geometry,
     // Where the file was created; unlinked once the receiver has mapped it.
     path: PathBuf,
@@ -380,24 +529,29 @@ impl SenderSegment {
             }
         };
         let guard = SegmentFile(path.clone());
-        let len = geometry.len();
         // Reserve the pages now: on a full tmpfs this fails here, with an error, instead of
-        // faulting (SIGBUS) on a later write into the mapping.
+        // faulting (SIGBUS) on a later write into the mapping. The file starts zeroed: nothing
+        // published, nothing released, nobody idle.
         // SAFETY: `file` is an open, writable descriptor for the duration of the call; the
         // call takes plain integers and touches no Rust memory.
-        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        let rc = unsafe {
+            libc::posix_fallocate(file.as_raw_fd(), 0, geometry.file_len() as libc::off_t)
+        };
         if rc != 0 {
             return Err(io_err("reserve shared-memory segment")(
                 io::Error::from_raw_os_error(rc),
             ));
         }
-        let map = MmapOptions::new()
-            .len(len)
+        let control = ControlArea::map(&file, geometry)?;
+        let slots = MmapOptions::new()
+            .offset(geometry.control_len() as u64)
+            .len(geometry.slots_len())
             .map_raw(&file)
             .map_err(io_err("map shared-memory segment"))?;
         Ok((
             Self {
-                map,
+                control,
+                slots,
                 geometry,
                 path,
             },
@@ -405,38 +559,59 @@ impl SenderSegment {
         ))
     }
 
-    /// Writes a frame into `slot`, which the caller has taken from the pool.
-    fn write(&self, slot: u32, header: &[u8; HEADER_LEN], payload: &[u8]) {
+    /// Writes a frame's payload into `slot`, which the caller has taken from the pool, after
+    /// the room for its header; returns the payload's crc32c, computed in the same pass.
+    fn write_payload(&self, slot: u32, payload: &[u8]) -> u32 {
+        let dst = self.frame_start(slot, payload.len());
+        // SAFETY: `frame_start` checked that the frame lies inside the mapping, which lives as
+        // long as `self`. The slot pool hands each slot to one send at a time, so no other
+        // thread of this process writes these bytes now, and the receiver reads them only after
+        // the frame is published, which follows this write. The source is a local buffer, not
+        // the mapping.
+        unsafe { copy_crc32c(payload.as_ptr(), dst.add(HEADER_LEN), payload.len()) }
+    }
+
+    /// Writes the header of the frame whose payload [`SenderSegment::write_payload`] wrote.
+    fn write_header(&self, slot: u32, header: &[u8; HEADER_LEN]) {
+        let dst = self.frame_start(slot, 0);
+        // SAFETY: as in `write_payload`.
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN) }
+    }
+
+    /// Where the frame in `slot` starts; asserts that a frame of `payload` bytes fits the slot.
+    fn frame_start(&self, slot: u32, payload: usize) -> *mut u8 {
         let g = self.geometry;
         assert!(
-            slot < g.slots && HEADER_LEN + payload.len() <= g.slot_bytes as usize,
+            slot < g.slots && HEADER_LEN + payload <= g.slot_bytes as usize,
             "frame outside its slot"
         );
-        let start = slot as usize * g.slot_bytes as usize;
-        // SAFETY: `start .. start + HEADER_LEN + payload.len()` lies inside the mapping (the
-        // assert above, and the mapping is `geometry.len()` bytes), which lives as long as
-        // `self`. The slot pool hands each slot to one send at a time, so no other thread of
-        // this process writes these bytes now, and the receiver reads them only after the ready
-        // notice that follows this write. The sources are local buffers, not the mapping.
-        unsafe {
-            let dst = self.map.as_mut_ptr().add(start);
-            std::ptr::copy_nonoverlapping(header.as_ptr(), dst, HEADER_LEN);
-            std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(HEADER_LEN), payload.len());
-        }
+        // In bounds: slot < slots, and the mapping is `slots_len()` bytes.
+        self.slots
+            .as_mut_ptr()
+            .wrapping_add(slot as usize * g.slot_bytes as usize)
     }
 }
 
-/// The receiver's read-only mapping of a sender's segment.
+/// The receiver's mappings of a sender's segment: the control area read-write, the slots
+/// read-only.
 struct MappedSegment {
-    map: MmapRaw,
+    control: ControlArea,
+    slots: MmapRaw,
     geometry: Geometry,
 }
 
 impl MappedSegment {
-    /// Maps the segment a hello offers, if it lies in `config.segment_dir`, is a regular file
-    /// at least as long as its geometry, and that geometry is within `config`.
+    /// Maps the segment a hello offers, if it has this build's layout, lies in
+    /// `config.segment_dir`, is a regular file at least as long as its geometry, and that
+    /// geometry is within `config`.
     fn open(offer: &SegmentOffer, config: &ShmConfig) -> Result<Self> {
         let refused = |reason: String| Error::SegmentRefused { reason };
+        if offer.layout != SEGMENT_LAYOUT {
+            return Err(refused(format!(
+                "segment layout {} (this receiver maps {SEGMENT_LAYOUT})",
+                offer.layout
+            )));
+        }
         if offer.path.parent() != Some(config.segment_dir.as_path()) {
             return Err(refused(format!(
                 "{} is not in {}",
@@ -461,9 +636,11 @@ impl MappedSegment {
             slots: offer.slots,
             slot_bytes: offer.slot_bytes,
         };
-        // No symlinks, and no blocking on a FIFO a peer might name.
+        // No symlinks, and no blocking on a FIFO a peer might name. Writable for the control
+        // area; the slots are mapped read-only.
         let file = OpenOptions::new()
             .read(true)
+            .write(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&offer.path)
             .map_err(io_err("open shared-memory segment"))?;
@@ -476,27 +653,57 @@ impl MappedSegment {
                 offer.path.display()
             )));
         }
-        if meta.len() < geometry.len() as u64 {
+        if meta.len() < geometry.file_len() as u64 {
             return Err(refused(format!(
                 "{} bytes, {} slots of {} need {}",
                 meta.len(),
                 geometry.slots,
                 geometry.slot_bytes,
-                geometry.len()
+                geometry.file_len()
             )));
         }
-        let map = MmapOptions::new()
-            .len(geometry.len())
+        let control = ControlArea::map(&file, geometry)?;
+        let slots = MmapOptions::new()
+            .offset(geometry.control_len() as u64)
+            .len(geometry.slots_len())
             .map_raw_read_only(&file)
             .map_err(io_err("map shared-memory segment"))?;
-        Ok(Self { map, geometry })
+        Ok(Self {
+            control,
+            slots,
+            geometry,
+        })
     }
 
-    /// Copies `dst.len()` bytes at offset `at` out of the mapping.
+    /// Copies `len` bytes at offset `at` of the slots into `dst` (empty, with room for them)
+    /// and returns their crc32c, computed in the same pass from the bytes written to `dst`.
+    fn copy_out_summed(&self, at: usize, len: usize, dst: &mut Vec<u8>) -> u32 {
+        assert!(
+            at.checked_add(len)
+                .is_some_and(|end| end <= self.slots.len()),
+            "copy outside the mapping"
+        );
+        assert!(
+            dst.is_empty() && dst.capacity() >= len,
+            "no room to copy into"
+        );
+        // SAFETY: `at .. at + len` lies inside the mapping (asserted above), which lives as long
+        // as `self`, and the file was at least that long when mapped (`open`). It is read
+        // through raw pointers only: the sender may be writing these bytes right now, which can
+        // change what is copied but not make the copy unsound, and the checksum returned is of
+        // the bytes as written to `dst`. `dst` has room for `len` bytes (asserted above) and is
+        // our own allocation, so the two do not overlap.
+        let crc = unsafe { copy_crc32c(self.slots.as_ptr().add(at), dst.as_mut_ptr(), len) };
+        // SAFETY: the copy initialised the first `len` bytes, within the capacity.
+        unsafe { dst.set_len(len) };
+        crc
+    }
+
+    /// Copies `dst.len()` bytes at offset `at` of the slots out of the mapping.
     fn copy_out(&self, at: usize, dst: &mut [u8]) {
         assert!(
             at.checked_add(dst.len())
-                .is_some_and(|end| end <= self.map.len()),
+                .is_some_and(|end| end <= self.slots.len()),
             "copy outside the mapping"
         );
         // SAFETY: `at .. at + dst.len()` lies inside the mapping (asserted above), which lives
@@ -506,7 +713,7 @@ impl MappedSegment {
         // `u8`), and callers verify the copy before using it. `dst` is our own buffer, so the
         // two do not overlap.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at), dst.as_mut_ptr(), dst.len());
+            std::ptr::copy_nonoverlapping(self.slots.as_ptr().add(at), dst.as_mut_ptr(), dst.len());
         }
     }
 }
@@ -514,17 +721,23 @@ impl MappedSegment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SlotState {
     Free,
-    /// Taken by a send that has not yet sent its ready notice.
+    /// Taken by a send that has not yet published it.
     Writing,
-    /// Ready notice sent; the receiver owns it until its free notice.
-    Noticed,
+    /// Published; the receiver owns it until the released count passes it.
+    Published,
 }
 
-/// Which of a sender's slots are free, being written, or waiting for the receiver. Pure
-/// bookkeeping; [`Slots`] adds the waiting.
+/// Which of a sender's slots are free, being written, or in the ring, and the ring's counts.
+/// Pure bookkeeping; [`SenderShared`] adds the shared memory and the waiting.
 struct SlotPool {
     state: Vec<SlotState>,
     free: Vec<u32>,
+    // Published slots not yet released, in ring order.
+    in_ring: VecDeque<u32>,
+    published: u64,
+    released: u64,
+    // Sends waiting for a slot.
+    waiting: usize,
 }
 
 impl SlotPool {
@@ -532,6 +745,10 @@ impl SlotPool {
         Self {
             state: vec![SlotState::Free; slots as usize],
             free: (0..slots).rev().collect(),
+            in_ring: VecDeque::with_capacity(slots as usize),
+            published: 0,
+            released: 0,
+            waiting: 0,
         }
     }
 
@@ -541,42 +758,48 @@ impl SlotPool {
         Some(slot)
     }
 
-    /// A taken slot's ready notice has gone out.
-    fn noticed(&mut self, slot: u32) {
+    /// A taken slot goes into the ring; returns its frame number.
+    fn publish(&mut self, slot: u32) -> u64 {
         debug_assert_eq!(self.state[slot as usize], SlotState::Writing);
-        self.state[slot as usize] = SlotState::Noticed;
+        self.state[slot as usize] = SlotState::Published;
+        self.in_ring.push_back(slot);
+        let n = self.published;
+        self.published += 1;
+        n
     }
 
-    /// A taken slot goes back unsent (the send was cancelled or failed before its notice).
+    /// A taken slot goes back unsent (the send was cancelled or failed before publishing it).
     fn unwritten(&mut self, slot: u32) {
         debug_assert_eq!(self.state[slot as usize], SlotState::Writing);
         self.state[slot as usize] = SlotState::Free;
         self.free.push(slot);
     }
 
-    /// The receiver's free notice for `slot`; refused unless the slot is waiting for it.
-    fn credit(&mut self, slot: u32) -> Result<()> {
-        match self.state.get(slot as usize) {
-            Some(SlotState::Noticed) => {
-                self.state[slot as usize] = SlotState::Free;
-                self.free.push(slot);
-                Ok(())
-            }
-            Some(state) => Err(Error::MalformedNotice {
-                reason: format!("free notice for slot {slot}, which is {state:?}"),
-            }),
-            None => Err(Error::MalformedNotice {
+    /// The receiver's released count: the slots of the frames it passes become free. Returns
+    /// how many did; refuses a count that goes backwards or past what was published.
+    fn release_up_to(&mut self, released: u64) -> Result<usize> {
+        if released < self.released || released > self.published {
+            return Err(Error::MalformedNotice {
                 reason: format!(
-                    "free notice for slot {slot} outside the segment's {} slots",
-                    self.state.len()
+                    "released count {released}, after {} of {} published frames",
+                    self.released, self.published
                 ),
-            }),
+            });
         }
+        let n = (released - self.released) as usize;
+        for slot in self.in_ring.drain(..n) {
+            debug_assert_eq!(self.state[slot as usize], SlotState::Published);
+            self.state[slot as usize] = SlotState::Free;
+            self.free.push(slot);
+        }
+        self.released = released;
+        Ok(n)
     }
 }
 
-/// A sender's slots, shared by its sends and the task reading free notices.
-struct Slots {
+/// What a sender's sends and its notice-reading task share: the segment and its slots.
+struct SenderShared {
+    segment: SenderSegment,
     pool: Mutex<SlotPool>,
     // One permit per free slot; closed when the link ends, which wakes every waiting send.
     free: Semaphore,
@@ -584,9 +807,11 @@ struct Slots {
     closed: OnceLock<(CloseCode, String)>,
 }
 
-impl Slots {
-    fn new(slots: u32) -> Self {
+impl SenderShared {
+    fn new(segment: SenderSegment) -> Self {
+        let slots = segment.geometry.slots;
         Self {
+            segment,
             pool: Mutex::new(SlotPool::new(slots)),
             free: Semaphore::new(slots as usize),
             closed: OnceLock::new(),
@@ -598,15 +823,48 @@ impl Slots {
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Frees the slots of the frames the receiver has released since the last look; returns
+    /// how many. A count that breaks the protocol ends the link.
+    fn reclaim(&self, stats: &Stats) -> usize {
+        let released = self.segment.control.released().load(Ordering::Acquire);
+        match self.pool().release_up_to(released) {
+            Ok(n) => {
+                self.free.add_permits(n);
+                n
+            }
+            Err(e) => {
+                self.broken(&e, stats);
+                0
+            }
+        }
+    }
+
+    /// The receiver broke the protocol: the link ends for every send.
+    fn broken(&self, e: &Error, stats: &Stats) {
+        tracing::warn!(error = %e, "kv sender: receiver broke the shared-memory protocol");
+        stats.failure(e.reason());
+        self.free.close();
+    }
+
     /// Waits for a free slot; `None` once the link has ended.
     async fn take(&self, stats: &Stats) -> Option<TakenSlot<'_>> {
-        let permit = match self.free.try_acquire() {
-            Ok(permit) => permit,
-            Err(TryAcquireError::Closed) => return None,
-            Err(TryAcquireError::NoPermits) => {
-                let _waiting = stats.write_waiting();
-                self.free.acquire().await.ok()?
+        // Looking first keeps the most recently released slot, still in cache, in use.
+        self.reclaim(stats);
+        let permit = loop {
+            match self.free.try_acquire() {
+                Ok(permit) => break permit,
+                Err(TryAcquireError::Closed) => return None,
+                Err(TryAcquireError::NoPermits) => {}
             }
+            // Sleep until the receiver releases a frame: raise the flag, then look once more
+            // (the receiver raises the count, then looks at the flag).
+            let _waiting = Waiting::start(self);
+            fence(Ordering::SeqCst);
+            if self.reclaim(stats) > 0 {
+                continue;
+            }
+            let _gauge = stats.write_waiting();
+            break self.free.acquire().await.ok()?;
         };
         permit.forget();
         let slot = self
@@ -614,55 +872,78 @@ impl Slots {
             .take()
             .expect("a semaphore permit stands for a free slot");
         Some(TakenSlot {
-            slots: self,
+            shared: self,
             slot,
-            noticed: false,
+            published: false,
         })
-    }
-
-    fn credit(&self, slot: u32) -> Result<()> {
-        self.pool().credit(slot)?;
-        self.free.add_permits(1);
-        Ok(())
     }
 }
 
-/// A slot a send holds; goes back to the pool on drop unless its ready notice went out.
+/// A send waiting for a slot: the sender's idle flag stays raised while there is one, so that
+/// the receiver says so after every release until each has a slot.
+struct Waiting<'a>(&'a SenderShared);
+
+impl<'a> Waiting<'a> {
+    fn start(shared: &'a SenderShared) -> Self {
+        let mut pool = shared.pool();
+        pool.waiting += 1;
+        shared
+            .segment
+            .control
+            .sender_idle()
+            .store(1, Ordering::SeqCst);
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.0.pool();
+        pool.waiting -= 1;
+        if pool.waiting == 0 {
+            self.0
+                .segment
+                .control
+                .sender_idle()
+                .store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A slot a send holds; goes back to the pool on drop unless it was published.
 struct TakenSlot<'a> {
-    slots: &'a Slots,
+    shared: &'a SenderShared,
     slot: u32,
-    noticed: bool,
+    published: bool,
 }
 
 impl TakenSlot<'_> {
-    /// Queues the ready notice for the frame written into this slot.
-    fn notice(mut self, notices: &mpsc::Sender<Notice>, len: u32) -> bool {
-        // Held across the send so that the free notice, however fast it comes back, finds the
-        // slot marked noticed.
-        let mut pool = self.slots.pool();
-        // The queue holds at most one notice per slot, so it is never full; a closed queue
-        // means the link is gone.
-        let sent = notices
-            .try_send(Notice::Ready {
-                slot: self.slot,
-                len,
-            })
-            .is_ok();
-        if sent {
-            pool.noticed(self.slot);
-            self.noticed = true;
+    /// Puts the frame of `len` bytes written into this slot in the ring. Returns whether the
+    /// receiver was asleep and needs waking.
+    fn publish(mut self, len: u32) -> bool {
+        let control = &self.shared.segment.control;
+        {
+            // Entry and count under the lock, so that concurrent sends publish in turn.
+            let mut pool = self.shared.pool();
+            let n = pool.publish(self.slot);
+            control
+                .entry(n)
+                .store(ring_entry(self.slot, len), Ordering::Relaxed);
+            control.published().store(n + 1, Ordering::Release);
+            self.published = true;
         }
-        // Before `self` drops, which takes the lock to return an unsent slot.
-        drop(pool);
-        sent
+        // The receiver raises its flag, then looks at the count; we raise the count, then look
+        // at the flag.
+        fence(Ordering::SeqCst);
+        control.receiver_idle().swap(0, Ordering::SeqCst) != 0
     }
 }
 
 impl Drop for TakenSlot<'_> {
     fn drop(&mut self) {
-        if !self.noticed {
-            self.slots.pool().unwritten(self.slot);
-            self.slots.free.add_permits(1);
+        if !self.published {
+            self.shared.pool().unwritten(self.slot);
+            self.shared.free.add_permits(1);
         }
     }
 }
@@ -670,6 +951,7 @@ impl Drop for TakenSlot<'_> {
 struct ReceiverShared {
     config: ShmConfig,
     core: ReceiverCore,
+    buffers: BufferPool,
 }
 
 /// The decode worker's end: listens on a Unix-domain socket, maps each sender's segment and
@@ -696,7 +978,12 @@ impl ShmReceiver {
         std::fs::set_permissions(socket_path, std::fs::Permissions::from_mode(0o600))
             .map_err(io_err("restrict control socket"))?;
         let (core, rx) = ReceiverCore::new(local, config.delivery_capacity);
-        let shared = Arc::new(ReceiverShared { config, core });
+        let buffers = BufferPool::new(config.recycled_buffers);
+        let shared = Arc::new(ReceiverShared {
+            config,
+            core,
+            buffers,
+        });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok((
             Self {
@@ -736,6 +1023,10 @@ impl KvReceiver for ShmReceiver {
 
     fn stats(&self) -> &Stats {
         &self.shared.core.stats
+    }
+
+    fn recycle(&self, data: Vec<u8>) {
+        self.shared.buffers.put(data);
     }
 }
 
@@ -795,6 +1086,7 @@ async fn serve_link(stream: UnixStream, shared: Arc<ReceiverShared>) {
         shared: &shared,
         inbound: Inbound::new(&shared.core, shard),
         segment,
+        consumed: 0,
     };
     let ended = link.run(&mut rd, &mut wr).await;
     // The segment was this sender's only path: whatever it still owed will not come.
@@ -863,44 +1155,89 @@ struct ReceivingLink<'a> {
     shared: &'a ReceiverShared,
     inbound: Inbound<'a>,
     segment: MappedSegment,
+    // Frames taken from the ring; each is released once copied out, so this is also the
+    // released count.
+    consumed: u64,
 }
 
 impl ReceivingLink<'_> {
-    /// Reads notices until the sender goes away (Ok) or an error that ends the link. Every
-    /// error returned has been counted.
+    /// Copies out every frame the ring holds, and sleeps on the socket when it is empty, until
+    /// the sender goes away (Ok) or an error that ends the link. Every error returned has been
+    /// counted.
     async fn run(
         &mut self,
         rd: &mut BufReader<OwnedReadHalf>,
         wr: &mut OwnedWriteHalf,
     ) -> Result<()> {
+        let mut wakes = [0u8; 64];
         loop {
-            let mut b = [0u8; NOTICE_LEN];
-            match read_full(rd, &mut b).await {
-                Ok(0) => return Ok(()),
-                Ok(NOTICE_LEN) => {}
-                Ok(_) => {
-                    return Err(self.inbound.counted(Error::PeerClosed {
-                        during: "inside a notice",
-                        handoff: None,
-                    }));
-                }
-                Err(e) => return Err(self.inbound.counted(io_err("read notice")(e))),
+            if self.drain(wr).await? {
+                continue;
             }
-            let (slot, len) = match Notice::decode(&b) {
-                Ok(Notice::Ready { slot, len }) => (slot, len),
-                Ok(other) => {
-                    let e = Error::MalformedNotice {
-                        reason: format!("{other:?} from a sender"),
-                    };
-                    return Err(self.inbound.unreadable(e).await);
+            // Raise the flag, then look once more (the sender raises the count, then looks at
+            // the flag): a frame published meanwhile is either seen here or wakes us.
+            let idle = self.segment.control.receiver_idle();
+            idle.store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if self.published().await? > self.consumed {
+                idle.store(0, Ordering::Relaxed);
+                continue;
+            }
+            let n = match rd.read(&mut wakes).await {
+                Ok(0) => {
+                    // Whatever the sender published before it went still counts.
+                    self.drain(wr).await?;
+                    return Ok(());
                 }
-                Err(e) => return Err(self.inbound.unreadable(e).await),
+                Ok(n) => n,
+                Err(e) => return Err(self.inbound.counted(io_err("read wake-up")(e))),
             };
-            self.frame(slot, len, wr).await?;
+            idle.store(0, Ordering::Relaxed);
+            if let Some(&b) = wakes[..n].iter().find(|&&b| b != WAKE) {
+                let e = Error::MalformedNotice {
+                    reason: format!("byte {b:#04x} from a sender, which sends only wake-ups"),
+                };
+                return Err(self.inbound.unreadable(e).await);
+            }
         }
     }
 
-    /// Copies out, admits, verifies and delivers the frame a ready notice names.
+    /// The sender's published count, checked: it may not go backwards, nor run more than a
+    /// ring ahead of what was released.
+    async fn published(&self) -> Result<u64> {
+        let published = self.segment.control.published().load(Ordering::Acquire);
+        let ring = u64::from(self.segment.geometry.slots);
+        if published < self.consumed || published - self.consumed > ring {
+            let e = Error::MalformedNotice {
+                reason: format!(
+                    "published count {published} with {} frames released of a {ring}-slot ring",
+                    self.consumed
+                ),
+            };
+            return Err(self.inbound.unreadable(e).await);
+        }
+        Ok(published)
+    }
+
+    /// Copies out and delivers every frame published so far; returns whether there was any.
+    async fn drain(&mut self, wr: &mut OwnedWriteHalf) -> Result<bool> {
+        let published = self.published().await?;
+        let any = published > self.consumed;
+        while self.consumed < published {
+            let entry = self
+                .segment
+                .control
+                .entry(self.consumed)
+                .load(Ordering::Relaxed);
+            self.consumed += 1;
+            let (slot, len) = split_ring_entry(entry);
+            self.frame(slot, len, wr).await?;
+        }
+        Ok(any)
+    }
+
+    /// Copies out, admits, verifies and delivers the frame a ring entry names, releasing its
+    /// slot as soon as it is copied out.
     async fn frame(&mut self, slot: u32, len: u32, wr: &mut OwnedWriteHalf) -> Result<()> {
         let stats = &self.shared.core.stats;
         let at = match self.segment.geometry.locate(slot, len) {
@@ -916,20 +1253,38 @@ impl ReceivingLink<'_> {
         };
         let id = header.handoff;
         if let Err(e) = self.inbound.admit(&header) {
-            free_slot(wr, slot).await;
+            self.release(wr).await;
             return self
                 .inbound
                 .reject(Some(id), e)
                 .await
                 .map_err(|e| self.inbound.counted(e));
         }
-        let mut payload = vec![0u8; header.payload_len as usize];
-        self.segment.copy_out(at.start + HEADER_LEN, &mut payload);
-        stats.add_received(payload.len());
+        let len = header.payload_len as usize;
+        let mut payload = self.shared.buffers.take(len);
+        let crc = self
+            .segment
+            .copy_out_summed(at.start + HEADER_LEN, len, &mut payload);
+        stats.add_received(len);
         stats.frame_received();
-        // The copy is ours: the sender may reuse the slot while we verify and deliver it.
-        free_slot(wr, slot).await;
-        self.inbound.deliver_segment(header, payload).await
+        // The copy is ours: the sender may reuse the slot while we deliver it.
+        self.release(wr).await;
+        self.inbound.deliver_summed(header, payload, crc).await
+    }
+
+    /// Releases every frame taken from the ring so far, and wakes the sender if a send is
+    /// waiting for a slot. A failed write means the sender is gone, which the next read sees.
+    async fn release(&self, wr: &mut OwnedWriteHalf) {
+        let control = &self.segment.control;
+        control.released().store(self.consumed, Ordering::Release);
+        // The sender raises its flag, then looks at the count; we raise the count, then look at
+        // the flag, which stays raised while any send waits.
+        fence(Ordering::SeqCst);
+        if control.sender_idle().load(Ordering::SeqCst) != 0
+            && let Err(e) = wr.write_all(&Notice::Released.encode()).await
+        {
+            tracing::debug!(error = %e, "kv receiver: released notice not sent");
+        }
     }
 
     /// Decodes a frame header copied out of a slot holding `len` frame bytes.
@@ -945,20 +1300,12 @@ impl ReceivingLink<'_> {
             return Err(Error::MalformedFrame {
                 kind: FrameKind::KvData,
                 reason: format!(
-                    "notice says {len} bytes, header says {} of payload",
+                    "ring entry says {len} bytes, header says {} of payload",
                     header.payload_len
                 ),
             });
         }
         Ok(header)
-    }
-}
-
-/// Hands `slot` back to the sender. A failed write means the sender is gone, which the next
-/// read sees; what was copied out is still delivered.
-async fn free_slot(wr: &mut OwnedWriteHalf, slot: u32) {
-    if let Err(e) = wr.write_all(&Notice::Free { slot }.encode()).await {
-        tracing::debug!(error = %e, slot, "kv receiver: free notice not sent");
     }
 }
 
@@ -968,13 +1315,12 @@ pub struct ShmSender {
     local: LayoutDescriptor,
     peer: LayoutDescriptor,
     shard: Shard,
-    segment: SenderSegment,
-    slots: Arc<Slots>,
-    // Ready notices for the task that writes them to the socket; it drains them after this
-    // sender drops, so a frame whose send returned is always noticed.
-    notices: mpsc::Sender<Notice>,
+    shared: Arc<SenderShared>,
+    // Wake-ups for a sleeping receiver; dropping it shuts the socket's writing side, which the
+    // receiver reads as the end of the link once it has copied out what was published.
+    wr: OwnedWriteHalf,
     stats: Arc<Stats>,
-    free_notices: tokio::task::JoinHandle<()>,
+    notices: tokio::task::JoinHandle<()>,
 }
 
 impl ShmSender {
@@ -999,36 +1345,33 @@ impl ShmSender {
                     limit,
                 })?
                 .inspect_err(|e| stats.failure(e.reason()))?;
-        let slots = Arc::new(Slots::new(segment.geometry.slots));
+        let shared = Arc::new(SenderShared::new(segment));
         let (rd, wr) = stream.into_split();
-        let (notices, queued) = mpsc::channel(config.slots);
-        tokio::spawn(write_notices(wr, queued));
-        let free_notices = tokio::spawn(read_free_notices(rd, slots.clone(), stats.clone()));
+        let notices = tokio::spawn(read_notices(rd, shared.clone(), stats.clone()));
         Ok(Self {
             local,
             peer,
             shard,
-            segment,
-            slots,
-            notices,
+            shared,
+            wr,
             stats,
-            free_notices,
+            notices,
         })
     }
 
     /// Largest kv data payload one send takes: a slot less the frame header.
     pub fn max_payload(&self) -> usize {
-        self.segment.geometry.slot_bytes as usize - HEADER_LEN
+        self.shared.segment.geometry.slot_bytes as usize - HEADER_LEN
     }
 
     /// Slots in the segment.
     pub fn slots(&self) -> usize {
-        self.segment.geometry.slots as usize
+        self.shared.segment.geometry.slots as usize
     }
 
     /// The error a send fails with once the link has ended.
     fn gone(&self, handoff: HandoffId) -> Error {
-        match self.slots.closed.get() {
+        match self.shared.closed.get() {
             Some((code, message)) => Error::PeerRefused {
                 code: *code,
                 message: message.clone(),
@@ -1039,11 +1382,22 @@ impl ShmSender {
             },
         }
     }
+
+    /// Wakes the receiver, which raised its idle flag and sleeps on the socket. A full socket
+    /// buffer means wake-ups it has not read yet, any of which wakes it, so the byte is not
+    /// needed; a failed write means the link is gone.
+    fn wake(&self) -> io::Result<()> {
+        match self.wr.try_write(&[WAKE]) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 impl Drop for ShmSender {
     fn drop(&mut self) {
-        self.free_notices.abort();
+        self.notices.abort();
     }
 }
 
@@ -1065,6 +1419,7 @@ async fn handshake(
         source: io::Error::other(e),
     })??;
     let offer = SegmentOffer {
+        layout: SEGMENT_LAYOUT,
         path: segment.path.clone(),
         slots: segment.geometry.slots,
         slot_bytes: segment.geometry.slot_bytes,
@@ -1082,29 +1437,18 @@ async fn handshake(
     Ok((stream, remote, segment))
 }
 
-async fn write_notices(mut wr: OwnedWriteHalf, mut queued: mpsc::Receiver<Notice>) {
-    while let Some(notice) = queued.recv().await {
-        if let Err(e) = wr.write_all(&notice.encode()).await {
-            tracing::info!(error = %e, "kv sender: control socket closed");
-            return;
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-/// Returns freed slots to the pool until the receiver goes away, closes the link, or sends
-/// something that breaks the protocol; then ends the link for every send.
-async fn read_free_notices(mut rd: OwnedReadHalf, slots: Arc<Slots>, stats: Arc<Stats>) {
+/// Frees released slots when the receiver says a waiting send may go on, until the receiver
+/// goes away, closes the link, or sends something that breaks the protocol; then ends the link
+/// for every send.
+async fn read_notices(mut rd: OwnedReadHalf, shared: Arc<SenderShared>, stats: Arc<Stats>) {
     let broken = loop {
         let mut b = [0u8; NOTICE_LEN];
         if rd.read_exact(&mut b).await.is_err() {
             break None;
         }
         match Notice::decode(&b) {
-            Ok(Notice::Free { slot }) => {
-                if let Err(e) = slots.credit(slot) {
-                    break Some(e);
-                }
+            Ok(Notice::Released) => {
+                shared.reclaim(&stats);
             }
             Ok(Notice::Close { len }) => {
                 if len as usize > 2 + MAX_CLOSE_MESSAGE {
@@ -1120,25 +1464,19 @@ async fn read_free_notices(mut rd: OwnedReadHalf, slots: Arc<Slots>, stats: Arc<
                     Ok((code, message)) => {
                         tracing::info!(?code, %message, "kv sender: receiver closed the link");
                         stats.failure(FailureReason::Refused);
-                        let _ = slots.closed.set((code, message));
+                        let _ = shared.closed.set((code, message));
                         break None;
                     }
                     Err(e) => break Some(e),
                 }
             }
-            Ok(other) => {
-                break Some(Error::MalformedNotice {
-                    reason: format!("{other:?} from a receiver"),
-                });
-            }
             Err(e) => break Some(e),
         }
     };
     if let Some(e) = broken {
-        tracing::warn!(error = %e, "kv sender: receiver broke the control protocol");
-        stats.failure(e.reason());
+        shared.broken(&e, &stats);
     }
-    slots.free.close();
+    shared.free.close();
 }
 
 impl KvSender for ShmSender {
@@ -1147,10 +1485,11 @@ impl KvSender for ShmSender {
     }
 
     async fn send(&self, segment: &KvSegment) -> Result<()> {
-        let head = kv_data_header(&self.local, self.shard, segment)?.encode();
+        // Checked before a slot is taken; the checksum is filled in once the copy computed it.
+        let mut header = kv_data_header_summed(&self.local, self.shard, segment, 0)?;
         let payload = &segment.chunk.data;
         let frame_bytes = HEADER_LEN + payload.len();
-        let slot_bytes = self.segment.geometry.slot_bytes;
+        let slot_bytes = self.shared.segment.geometry.slot_bytes;
         if frame_bytes > slot_bytes as usize {
             return Err(Error::SegmentTooLarge {
                 handoff: segment.handoff,
@@ -1158,14 +1497,19 @@ impl KvSender for ShmSender {
                 slot_bytes: u64::from(slot_bytes),
             });
         }
-        let Some(slot) = self.slots.take(&self.stats).await else {
+        let Some(slot) = self.shared.take(&self.stats).await else {
             let e = self.gone(segment.handoff);
             self.stats.failure(e.reason());
             return Err(e);
         };
-        self.segment.write(slot.slot, &head, payload);
+        let segment_map = &self.shared.segment;
+        header.payload_crc = segment_map.write_payload(slot.slot, payload);
+        segment_map.write_header(slot.slot, &header.encode());
         // `frame_bytes` fits a slot, whose size fits u32.
-        if !slot.notice(&self.notices, frame_bytes as u32) {
+        if slot.publish(frame_bytes as u32)
+            && let Err(e) = self.wake()
+        {
+            tracing::info!(error = %e, "kv sender: control socket closed");
             let e = self.gone(segment.handoff);
             self.stats.failure(e.reason());
             return Err(e);
@@ -1290,11 +1634,36 @@ mod tests {
         .await
     }
 
-    /// Injects `notice` on a handshaken sender's socket, then checks the receiver ends the link:
-    /// rejects the frame, counts it malformed, and the sender's sends fail with its close.
-    async fn bad_notice_ends_the_link(notice: Notice) {
+    impl ShmSender {
+        /// Publishes a ring entry of the test's choosing, as a misbehaving sender would, and
+        /// wakes the receiver.
+        fn publish_raw(&self, slot: u32, len: u32) {
+            let control = &self.shared.segment.control;
+            let mut pool = self.shared.pool();
+            let n = pool.published;
+            pool.published += 1;
+            control
+                .entry(n)
+                .store(ring_entry(slot, len), Ordering::Relaxed);
+            control.published().store(n + 1, Ordering::SeqCst);
+            drop(pool);
+            self.wake().expect("wake");
+        }
+
+        /// Sets the published count, as a misbehaving sender would, and wakes the receiver.
+        fn publish_count_raw(&self, count: u64) {
+            let control = &self.shared.segment.control;
+            control.published().store(count, Ordering::SeqCst);
+            self.wake().expect("wake");
+        }
+    }
+
+    /// Lets `misbehave` break the protocol on a handshaken sender's side, then checks the
+    /// receiver ends the link: rejects the frame, counts it malformed, and the sender's sends
+    /// fail with its close.
+    async fn misbehaving_sender_ends_the_link(misbehave: impl FnOnce(&ShmSender)) {
         let (receiver, mut rx, sender) = pair().await;
-        sender.notices.try_send(notice).expect("queue notice");
+        misbehave(&sender);
         match next(&mut rx).await {
             Delivery::Rejected {
                 handoff: None,
@@ -1310,7 +1679,7 @@ mod tests {
             1
         );
         wait_until("the sender sees the close", || {
-            sender.slots.free.is_closed()
+            sender.shared.free.is_closed()
         })
         .await;
         let err = sender
@@ -1330,31 +1699,38 @@ mod tests {
     }
 
     #[test]
-    fn slot_pool_hands_out_each_slot_once() {
+    fn slot_pool_hands_out_each_slot_once_and_frees_them_in_ring_order() {
         let mut pool = SlotPool::new(3);
         let taken: Vec<u32> = (0..3).map(|_| pool.take().expect("free slot")).collect();
         assert_eq!(taken, [0, 1, 2]);
         assert_eq!(pool.take(), None);
-        for &slot in &taken {
-            pool.noticed(slot);
+        for &slot in [2, 0, 1].iter() {
+            pool.publish(slot);
         }
-        pool.credit(1).expect("noticed slot");
-        assert_eq!(pool.take(), Some(1));
+        assert_eq!(pool.release_up_to(1).expect("published frame"), 1);
+        assert_eq!(
+            pool.take(),
+            Some(2),
+            "the first frame published was in slot 2"
+        );
         assert_eq!(pool.take(), None);
+        assert_eq!(pool.release_up_to(3).expect("published frames"), 2);
+        assert_eq!(pool.take(), Some(1));
+        assert_eq!(pool.take(), Some(0));
     }
 
     #[test]
-    fn slot_pool_refuses_credits_for_slots_not_noticed() {
+    fn slot_pool_refuses_release_counts_it_has_not_published() {
         let mut pool = SlotPool::new(2);
-        let refused = |r: Result<()>| matches!(r, Err(Error::MalformedNotice { .. }));
-        assert!(refused(pool.credit(0)), "free slot credited");
-        assert!(refused(pool.credit(2)), "slot outside the segment credited");
-        assert!(refused(pool.credit(u32::MAX)));
+        let refused = |r: Result<usize>| matches!(r, Err(Error::MalformedNotice { .. }));
+        assert!(refused(pool.release_up_to(1)), "nothing was published");
+        assert!(refused(pool.release_up_to(u64::MAX)));
         let slot = pool.take().expect("free slot");
-        assert!(refused(pool.credit(slot)), "slot being written credited");
-        pool.noticed(slot);
-        pool.credit(slot).expect("noticed slot");
-        assert!(refused(pool.credit(slot)), "slot credited twice");
+        pool.publish(slot);
+        assert!(refused(pool.release_up_to(2)), "past what was published");
+        assert_eq!(pool.release_up_to(1).expect("published frame"), 1);
+        assert_eq!(pool.release_up_to(1).expect("no change"), 0);
+        assert!(refused(pool.release_up_to(0)), "the count went backwards");
     }
 
     #[test]
@@ -1366,7 +1742,7 @@ mod tests {
     }
 
     #[test]
-    fn notices_locate_frames_only_inside_their_slot() {
+    fn ring_entries_locate_frames_only_inside_their_slot() {
         let g = Geometry {
             slots: 2,
             slot_bytes: 100,
@@ -1383,23 +1759,23 @@ mod tests {
 
     #[test]
     fn notices_round_trip_and_bad_ones_are_typed_errors() {
-        for n in [
-            Notice::Ready { slot: 3, len: 77 },
-            Notice::Free { slot: 9 },
-            Notice::Close { len: 12 },
-        ] {
+        for n in [Notice::Released, Notice::Close { len: 12 }] {
             assert_eq!(Notice::decode(&n.encode()).expect("valid"), n);
         }
+        for (slot, len) in [(0, 0), (7, 4096), (u32::MAX, u32::MAX)] {
+            assert_eq!(split_ring_entry(ring_entry(slot, len)), (slot, len));
+        }
         let bad = |edit: fn(&mut [u8; NOTICE_LEN])| {
-            let mut b = Notice::Free { slot: 1 }.encode();
+            let mut b = Notice::Released.encode();
             edit(&mut b);
             matches!(Notice::decode(&b), Err(Error::MalformedNotice { .. }))
         };
         assert!(bad(|b| b[0] = b'X'), "foreign magic");
         assert!(bad(|b| b[4] = 9), "unknown kind");
+        assert!(bad(|b| b[4] = 0), "kind zero");
         assert!(bad(|b| b[6] = 1), "reserved byte set");
-        assert!(bad(|b| b[12] = 1), "free notice with a length");
-        assert!(bad(|b| b[4] = 3), "close notice with a slot");
+        assert!(bad(|b| b[11] = 1), "reserved byte set");
+        assert!(bad(|b| b[12] = 1), "released notice with a length");
     }
 
     proptest! {
@@ -1410,7 +1786,7 @@ mod tests {
             }
             let g = Geometry { slots: 8, slot_bytes: 4096 };
             if let Ok(at) = g.locate(slot, len) {
-                prop_assert!(at.end <= g.len() && at.len() >= HEADER_LEN);
+                prop_assert!(at.end <= g.slots_len() && at.len() >= HEADER_LEN);
             }
         }
     }
@@ -1418,6 +1794,7 @@ mod tests {
     #[test]
     fn segment_offer_round_trips_and_refuses_bad_lengths() {
         let offer = SegmentOffer {
+            layout: SEGMENT_LAYOUT,
             path: PathBuf::from("/dev/shm/baton-kv-1"),
             slots: 8,
             slot_bytes: 8 << 20,
@@ -1487,9 +1864,9 @@ mod tests {
     async fn segment_file_is_unlinked_after_the_handshake() {
         let (_receiver, mut rx, sender) = pair().await;
         assert!(
-            !sender.segment.path.exists(),
+            !sender.shared.segment.path.exists(),
             "{} left behind",
-            sender.segment.path.display()
+            sender.shared.segment.path.display()
         );
         // Both mappings outlive the name.
         sender.send(&segment(1, 0, 4)).await.expect("send");
@@ -1544,17 +1921,48 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn notice_before_hello_is_refused() {
+    async fn frames_are_copied_into_recycled_buffers_intact() {
+        let (receiver, mut rx, sender) = pair().await;
+        receiver
+            .expect(HandoffId(1), Expectation::whole_sequence(&model(), 4))
+            .expect("expect");
+        let mut recycled = None;
+        for layer in 0..2 {
+            let mut s = segment(1, layer, 4);
+            s.chunk
+                .data
+                .iter_mut()
+                .for_each(|b| *b ^= 0x5a * layer as u8);
+            sender.send(&s).await.expect("send");
+            let Delivery::Segment(got) = next(&mut rx).await else {
+                panic!("expected a segment");
+            };
+            assert_eq!(got.chunk.data, s.chunk.data, "layer {layer}");
+            if let Some(at) = recycled {
+                assert_eq!(
+                    got.chunk.data.as_ptr(),
+                    at,
+                    "the recycled buffer was not reused"
+                );
+            }
+            recycled = Some(got.chunk.data.as_ptr());
+            receiver.recycle(got.chunk.data);
+        }
+        assert!(matches!(
+            next(&mut rx).await,
+            Delivery::Complete(HandoffId(1))
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wake_ups_before_hello_are_refused() {
         let (receiver, _rx) = ShmReceiver::bind(&socket_path(), model(), config())
             .await
             .expect("bind");
         let mut stream = UnixStream::connect(receiver.socket_path())
             .await
             .expect("connect");
-        for slot in 0..4 {
-            let notice = Notice::Ready { slot, len: 100 };
-            stream.write_all(&notice.encode()).await.expect("write");
-        }
+        stream.write_all(&[WAKE; 64]).await.expect("write");
         let reply = within(
             "the refusal",
             read_hello_reply(&mut stream, &model(), &FrameLimits::default()),
@@ -1580,22 +1988,31 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn notice_for_a_slot_out_of_range_ends_the_link() {
-        bad_notice_ends_the_link(Notice::Ready { slot: 2, len: 100 }).await;
+    async fn ring_entry_for_a_slot_out_of_range_ends_the_link() {
+        misbehaving_sender_ends_the_link(|s| s.publish_raw(2, 100)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn notice_length_past_the_slot_ends_the_link() {
-        bad_notice_ends_the_link(Notice::Ready { slot: 0, len: 4097 }).await;
+    async fn ring_entry_length_past_the_slot_ends_the_link() {
+        misbehaving_sender_ends_the_link(|s| s.publish_raw(0, 4097)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn free_notice_from_a_sender_ends_the_link() {
-        bad_notice_ends_the_link(Notice::Free { slot: 0 }).await;
+    async fn published_count_past_the_ring_ends_the_link() {
+        // Two slots: three frames cannot be published before the receiver released any.
+        misbehaving_sender_ends_the_link(|s| s.publish_count_raw(3)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn notice_disagreeing_with_its_header_fails_the_live_handoff() {
+    async fn byte_other_than_a_wake_up_from_a_sender_ends_the_link() {
+        misbehaving_sender_ends_the_link(|s| {
+            s.wr.try_write(&Notice::Released.encode()).expect("write");
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ring_entry_disagreeing_with_its_header_fails_the_live_handoff() {
         let (receiver, mut rx, sender) = pair().await;
         let id = HandoffId(1);
         receiver
@@ -1604,12 +2021,9 @@ mod tests {
         let s = segment(1, 0, 4);
         sender.send(&s).await.expect("send");
         assert!(matches!(next(&mut rx).await, Delivery::Segment(_)));
-        // Slot 0 still holds that frame; a notice claiming a longer one is refused.
+        // Slot 0 still holds that frame; an entry claiming a longer one is refused.
         let len = (HEADER_LEN + s.chunk.data.len() + 8) as u32;
-        sender
-            .notices
-            .try_send(Notice::Ready { slot: 0, len })
-            .expect("queue notice");
+        sender.publish_raw(0, len);
         match next(&mut rx).await {
             Delivery::Failed { handoff, error } => {
                 assert_eq!(handoff, id);
@@ -1630,6 +2044,7 @@ mod tests {
             .await
             .expect("bind");
         let offer = SegmentOffer {
+            layout: SEGMENT_LAYOUT,
             path: std::env::temp_dir().join("baton-kv-elsewhere"),
             slots: 2,
             slot_bytes: 4096,
@@ -1664,8 +2079,16 @@ mod tests {
             ..config()
         })
         .expect("segment");
-        for (slots, slot_bytes) in [(2, 4096), (3, 4096), (1, 8192), (0, 4096), (1, 10)] {
+        for (layout, slots, slot_bytes) in [
+            (SEGMENT_LAYOUT, 2, 4096),
+            (SEGMENT_LAYOUT, 3, 4096),
+            (SEGMENT_LAYOUT, 1, 8192),
+            (SEGMENT_LAYOUT, 0, 4096),
+            (SEGMENT_LAYOUT, 1, 10),
+            (1, 1, 4096),
+        ] {
             let offer = SegmentOffer {
+                layout,
                 path: segment.path.clone(),
                 slots,
                 slot_bytes,
@@ -1679,10 +2102,11 @@ mod tests {
                         ..
                     })
                 ),
-                "{slots} x {slot_bytes}: {reply:?}"
+                "layout {layout}, {slots} x {slot_bytes}: {reply:?}"
             );
         }
         let offer = SegmentOffer {
+            layout: SEGMENT_LAYOUT,
             path: segment.path.clone(),
             slots: 1,
             slot_bytes: 4096,

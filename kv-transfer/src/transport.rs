@@ -102,6 +102,53 @@ pub trait KvReceiver: Send + Sync {
     fn cancel(&self, handoff: HandoffId) -> bool;
 
     fn stats(&self) -> &Stats;
+
+    /// Hands back the data of a delivered segment the consumer is done with (imported), so that
+    /// a later frame can be copied into it instead of into a fresh allocation, whose pages the
+    /// kernel would have to fault in and zero again. Optional; by default the data is dropped.
+    fn recycle(&self, data: Vec<u8>) {
+        drop(data);
+    }
+}
+
+/// Payload buffers consumers handed back ([`KvReceiver::recycle`]), kept for later frames: at
+/// most `max` of them, so recycling never holds more than that many frames' worth of memory.
+pub(crate) struct BufferPool {
+    max: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            max,
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        // Pushes and pops only; nothing can be left half-done.
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An empty buffer with room for `len` bytes: a recycled one when there is one.
+    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.lock().pop().unwrap_or_default();
+        buf.clear();
+        buf.reserve_exact(len);
+        buf
+    }
+
+    /// Keeps `buf` for a later [`BufferPool::take`], unless the pool is full.
+    pub(crate) fn put(&self, buf: Vec<u8>) {
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut free = self.lock();
+        if free.len() < self.max {
+            free.push(buf);
+        }
+    }
 }
 
 /// Transfer counters, shared by a transport's tasks. Plain atomics; read with
@@ -233,6 +280,17 @@ pub(crate) fn kv_data_header(
     shard: Shard,
     segment: &KvSegment,
 ) -> Result<FrameHeader> {
+    kv_data_header_summed(local, shard, segment, crc32c::crc32c(&segment.chunk.data))
+}
+
+/// [`kv_data_header`] with the payload's crc32c given, for a sender that computes it while it
+/// copies the payload (and may fill it in after this check).
+pub(crate) fn kv_data_header_summed(
+    local: &LayoutDescriptor,
+    shard: Shard,
+    segment: &KvSegment,
+    payload_crc: u32,
+) -> Result<FrameHeader> {
     let c = &segment.chunk;
     let heads = &segment.kv_heads;
     let reject = |reason: String| Error::SegmentRejected {
@@ -252,7 +310,7 @@ pub(crate) fn kv_data_header(
             c.data.len()
         )));
     }
-    let mut header = FrameHeader::new(FrameKind::KvData, &c.data)?;
+    let mut header = FrameHeader::summed(FrameKind::KvData, c.data.len(), payload_crc)?;
     header.handoff = segment.handoff;
     header.layer = c.layer;
     header.first_block = c.first_block;
@@ -520,8 +578,20 @@ impl<'a> Inbound<'a> {
         header: FrameHeader,
         payload: Vec<u8>,
     ) -> Result<()> {
+        let crc = crc32c::crc32c(&payload);
+        self.deliver_summed(header, payload, crc).await
+    }
+
+    /// [`Inbound::deliver_segment`] for a payload whose crc32c `computed` was taken while it
+    /// was copied in.
+    pub(crate) async fn deliver_summed(
+        &self,
+        header: FrameHeader,
+        payload: Vec<u8>,
+        computed: u32,
+    ) -> Result<()> {
         let id = header.handoff;
-        if let Err(e) = header.verify_payload(&payload) {
+        if let Err(e) = header.verify_summed(payload.len(), computed) {
             return self.fail(id, e).await;
         }
         let segment = KvSegment {
@@ -656,5 +726,31 @@ impl UnreadableCopy {
                 reason,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pool_reuses_buffers_and_keeps_at_most_its_bound() {
+        let pool = BufferPool::new(2);
+        let fresh = pool.take(100);
+        assert!(fresh.is_empty() && fresh.capacity() >= 100);
+        let mut used = fresh;
+        used.extend_from_slice(&[7; 100]);
+        let at = used.as_ptr();
+        pool.put(used);
+        let again = pool.take(64);
+        assert!(again.is_empty(), "a recycled buffer comes back empty");
+        assert_eq!(again.as_ptr(), at, "the recycled buffer is reused");
+        let grown = pool.take(1000);
+        assert!(grown.capacity() >= 1000);
+        for _ in 0..3 {
+            pool.put(vec![1; 10]);
+        }
+        pool.put(Vec::new());
+        assert_eq!(pool.lock().len(), 2);
     }
 }

@@ -6,11 +6,14 @@ mod conformance;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use baton_engine::LayoutDescriptor;
 use baton_kv_transfer::frame::{DESCRIPTOR_LEN, FrameHeader, FrameKind, HEADER_LEN, encode_frame};
-use baton_kv_transfer::shm::{Notice, SegmentOffer, encode_hello};
+use baton_kv_transfer::shm::{
+    PUBLISHED_AT, RING_AT, SEGMENT_LAYOUT, SegmentOffer, WAKE, control_len, encode_hello,
+    ring_entry,
+};
 use baton_kv_transfer::{Delivery, Result, Shard, ShmConfig, ShmReceiver, ShmSender};
 use conformance::{Backend, PairOptions, RawLink};
 use memmap2::MmapMut;
@@ -45,7 +48,7 @@ fn socket_path() -> PathBuf {
 }
 
 /// A handshaken link whose segment the test writes directly: a frame goes into the next unused
-/// slot, then its ready notice.
+/// slot, then its ring entry, the published count and a wake-up.
 struct RawShm {
     stream: UnixStream,
     map: MmapMut,
@@ -56,27 +59,35 @@ impl RawShm {
     fn write_slot(&mut self, bytes: &[u8]) -> u32 {
         assert!(self.next_slot < SLOTS, "raw link out of slots");
         assert!(bytes.len() <= SLOT_BYTES, "frame larger than a slot");
-        let start = self.next_slot * SLOT_BYTES;
+        let start = control_len(SLOTS) + self.next_slot * SLOT_BYTES;
         self.map[start..start + bytes.len()].copy_from_slice(bytes);
         self.next_slot += 1;
         (self.next_slot - 1) as u32
+    }
+
+    /// The control area's 8-byte field at `at`, which the receiver reads concurrently.
+    fn field(&self, at: usize) -> &AtomicU64 {
+        assert!(at.is_multiple_of(8) && at + 8 <= control_len(SLOTS));
+        // SAFETY: the mapping is page-aligned and longer than the control area, so the field is
+        // aligned and in bounds, and it lives as long as `self`, which the reference borrows.
+        // The receiver accesses it only atomically.
+        unsafe { &*self.map.as_ptr().add(at).cast::<AtomicU64>() }
     }
 }
 
 impl RawLink for RawShm {
     async fn send_frame(&mut self, frame: &[u8]) {
         let slot = self.write_slot(frame);
-        let notice = Notice::Ready {
-            slot,
-            len: frame.len() as u32,
-        };
-        self.stream
-            .write_all(&notice.encode())
-            .await
-            .expect("raw notice");
+        // One frame per slot, never reused: frame n is in slot n.
+        let n = u64::from(slot);
+        self.field(RING_AT + 8 * slot as usize)
+            .store(ring_entry(slot, frame.len() as u32), Ordering::Relaxed);
+        self.field(PUBLISHED_AT).store(n + 1, Ordering::SeqCst);
+        self.stream.write_all(&[WAKE]).await.expect("raw wake-up");
     }
 
-    /// A frame half written into its slot, and no notice: all a crashed sender leaves behind.
+    /// A frame half written into its slot, and not published: all a crashed sender leaves
+    /// behind.
     async fn die_mid_frame(mut self, frame: &[u8], cut: usize) {
         self.write_slot(&frame[..cut]);
         drop(self.stream);
@@ -116,12 +127,13 @@ impl Backend for Shm {
             .mode(0o600)
             .open(&path)
             .expect("create segment");
-        file.set_len((SLOTS * SLOT_BYTES) as u64)
+        file.set_len((control_len(SLOTS) + SLOTS * SLOT_BYTES) as u64)
             .expect("size segment");
         // SAFETY: the file was created above with a fixed size, and only this process maps it:
         // this link writes it, the receiver under test reads its own mapping of it.
         let map = unsafe { MmapMut::map_mut(&file) }.expect("map segment");
         let offer = SegmentOffer {
+            layout: SEGMENT_LAYOUT,
             path: path.clone(),
             slots: SLOTS as u32,
             slot_bytes: SLOT_BYTES as u32,
