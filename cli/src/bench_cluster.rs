@@ -84,6 +84,12 @@ pub struct OverheadArgs {
     /// Tokens generated per request (greedy, EOS ignored).
     #[arg(long, default_value_t = 4)]
     max_tokens: u32,
+    /// Pin the worker to these CPUs (comma list). With the benchmark itself started on the
+    /// other CPUs (`taskset -c 1 baton bench overhead --worker-cpus 0`), the coordinator (which
+    /// inherits the benchmark's CPUs) and the client never wait for a core the engine's threads
+    /// are spinning on. Default: unpinned.
+    #[arg(long, value_delimiter = ',', value_parser = crate::up::cpu_number)]
+    worker_cpus: Vec<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
@@ -736,10 +742,11 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
     let model = crate::model_path::resolve(args.model.clone())?;
     let base = base_tokens(&model)?;
     let mut procs = children();
-    let (child, decode) = spawn(
+    let (child, decode) = crate::up::spawn_pinned(
         "colocated-0",
         &worker_args("decode", "colocated-0", &model, 128),
         1,
+        &args.worker_cpus,
     )?;
     procs.procs.push(("colocated-0".into(), child));
     let (child, coord) = spawn(
@@ -817,6 +824,7 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
                 "model": model.display().to_string(),
                 "prompt_tokens": args.prompt_tokens,
                 "max_tokens": args.max_tokens,
+                "worker_cpus": args.worker_cpus,
                 "summary": o,
                 "pairs": raw,
             })
@@ -833,6 +841,19 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
         args.prompt_tokens,
         args.max_tokens
     );
+    if !args.worker_cpus.is_empty() {
+        println!(
+            "worker pinned to CPUs {:?}; coordinator and client on {}",
+            args.worker_cpus,
+            std::fs::read_to_string("/proc/self/status")
+                .ok()
+                .and_then(|s| s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                    .map(|v| format!("CPUs {}", v.trim())))
+                .unwrap_or_else(|| "the CPUs this process may use".into())
+        );
+    }
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "ms", "mean", "p50", "p90", "p99", "max"

@@ -202,7 +202,7 @@ fn signal(pid: u32, sig: i32) {
 }
 
 /// `--prefill-cpus` / `--decode-cpus`: one CPU number.
-fn cpu_number(s: &str) -> Result<usize, String> {
+pub(crate) fn cpu_number(s: &str) -> Result<usize, String> {
     let cpu: usize = s
         .trim()
         .parse()
