@@ -449,8 +449,9 @@ async fn disaggregated(
                         })
                         .await
                 },
-            )
-            .await;
+            );
+            let prefilled =
+                renewing(decode, handoff, inner.config.lease_ttl, prefilled).await;
             let prefilled = prefilled?;
             if let Some(kv) = &prefilled.kv {
                 placement.kv_bytes = kv.bytes;
@@ -569,6 +570,49 @@ fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
 /// What a handoff pins on a worker (a decode worker's reservation, a prefill worker's pull
 /// source) while the coordinator sets the request up. Dropped before [`Pinned::taken_over`],
 /// it frees the blocks at once rather than at the lease's expiry.
+/// Runs `work` (a push prefill) while renewing `handoff`'s reservation on `decode` every third
+/// of the lease TTL. The decode worker renews the lease itself on every segment that lands, but
+/// nothing lands while the prompt waits in the prefill worker's queue, which under load can take
+/// longer than any TTL; without this the reservation would expire and the request fail. Renewal
+/// stops when the decode worker says the lease is gone (the stream took it over, or it ended).
+async fn renewing<T>(
+    decode: &Arc<Worker>,
+    handoff: u64,
+    ttl: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let renew = async {
+        let period = ttl / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let renewed = decode
+                .decode_client()
+                .renew(v1::RenewRequest {
+                    handoff_id: handoff,
+                })
+                .await;
+            match renewed {
+                Ok(r) if r.get_ref().renewed => {}
+                Ok(_) => return,
+                // A lost renewal is retried at the next tick; the lease has two more in hand.
+                Err(status) => tracing::warn!(
+                    worker = %decode.id().0,
+                    handoff,
+                    %status,
+                    "renewing a reservation failed"
+                ),
+            }
+        }
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => out,
+        () = renew => work.await,
+    }
+}
+
 struct Pinned {
     worker: Arc<Worker>,
     handoff: u64,

@@ -103,6 +103,10 @@ enum Command {
         handoff: HandoffId,
         reply: oneshot::Sender<bool>,
     },
+    Renew {
+        handoff: HandoffId,
+        reply: oneshot::Sender<bool>,
+    },
     Load {
         reply: oneshot::Sender<(Load, LoopStats)>,
     },
@@ -183,6 +187,16 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Release { handoff, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        rx.await.map_err(|_| Error::Stopped)
+    }
+
+    /// Extends a reservation's lease by its TTL. Returns whether it was live.
+    pub async fn renew(&self, handoff: HandoffId) -> Result<bool> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Renew { handoff, reply })
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)
@@ -417,6 +431,9 @@ impl Loop {
                 let live = self.imports.contains_key(&handoff);
                 self.drop_import(handoff);
                 let _ = reply.send(live);
+            }
+            Command::Renew { handoff, reply } => {
+                let _ = reply.send(self.leases.renew(handoff, Instant::now()));
             }
             Command::Load { reply } => {
                 let now = self.snapshot();

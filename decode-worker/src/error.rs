@@ -43,9 +43,12 @@ pub enum Error {
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::InvalidRequest { .. } | Error::UnknownHandoff(_) => ErrorClass::InvalidRequest,
+            Error::InvalidRequest { .. } => ErrorClass::InvalidRequest,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
-            Error::Handoff(_)
+            // Only the coordinator names handoffs, so a reservation that is gone (expired while
+            // its prefill waited, or released) is this cluster's failure, not its client's.
+            Error::UnknownHandoff(_)
+            | Error::Handoff(_)
             | Error::Transfer(_)
             | Error::Stopped
             | Error::Draining

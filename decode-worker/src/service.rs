@@ -18,7 +18,8 @@ use baton_kv_transfer::{Delivery, Endpoint, HandoffId, KvReceiver, ShmReceiver, 
 use baton_proto::convert;
 use baton_proto::v1::{
     self, DecodeFinish, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest,
-    ReleaseRequest, ReleaseResponse, ReserveRequest, ReserveResponse, WorkerInfo,
+    ReleaseRequest, ReleaseResponse, RenewRequest, RenewResponse, ReserveRequest, ReserveResponse,
+    WorkerInfo,
     decode_request::Source,
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
     prefill_worker_client::PrefillWorkerClient,
@@ -395,6 +396,17 @@ impl DecodeWorker for DecodeService {
             .release(HandoffId(request.into_inner().handoff_id))
             .await?;
         Ok(Response::new(ReleaseResponse { released }))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let renewed = self
+            .engine
+            .renew(HandoffId(request.into_inner().handoff_id))
+            .await?;
+        Ok(Response::new(RenewResponse { renewed }))
     }
 
     async fn decode(

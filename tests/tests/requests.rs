@@ -342,3 +342,41 @@ async fn client_deadlines_end_requests_and_reach_the_workers() {
     let reply: serde_json::Value = serde_json::from_str(&reply).expect("json");
     assert_eq!(reply["error"]["param"], "timeout", "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_reservations_outlive_a_wait_in_the_prefill_queue() {
+    // Three long prompts at once on one prefill worker: the last waits seconds for the first
+    // two, far past a 150 ms lease. The coordinator renews each reservation while its prefill
+    // waits, so every request completes, with the tokens it has alone.
+    let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt_of(600, 40 + i)).collect();
+    let expected = {
+        let prompts = prompts.clone();
+        tokio::task::spawn_blocking(move || reference(&prompts, 4))
+            .await
+            .expect("reference")
+    };
+    let workers = Workers::start(128).await;
+    let coordinator = Coordinator::start(&workers, HandoffShape::Push, TransportChoice::Tcp, |c| {
+        c.lease_ttl = Duration::from_millis(150);
+    })
+    .await;
+    let runs = prompts.iter().map(|p| async {
+        tokio::time::timeout(LIMIT, coordinator.generate(p, 4, v1::PdMode::Force))
+            .await
+            .expect("within the limit")
+    });
+    for (i, r) in futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let (tokens, finish) = r.unwrap_or_else(|s| panic!("request {i}: {s}"));
+        assert_eq!(
+            tokens, expected[i],
+            "request {i} differs from running alone"
+        );
+        let placement = finish.placement.expect("placement");
+        assert_eq!(placement.mode, "disaggregated", "request {i}");
+    }
+    workers.await_pools_full(Duration::from_secs(2)).await;
+}
