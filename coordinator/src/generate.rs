@@ -450,8 +450,7 @@ async fn disaggregated(
                         .await
                 },
             );
-            let prefilled =
-                renewing(decode, handoff, inner.config.lease_ttl, prefilled).await;
+            let prefilled = renewing(decode, handoff, inner.config.lease_ttl, prefilled).await;
             let prefilled = prefilled?;
             if let Some(kv) = &prefilled.kv {
                 placement.kv_bytes = kv.bytes;
