@@ -352,7 +352,7 @@ impl DecodeWorker for DecodeService {
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
-        let (load, _) = self.engine.load().await?;
+        let (load, _) = self.engine.load()?;
         Ok(Response::new(LoadReport {
             running: load.running,
             waiting: load.waiting,

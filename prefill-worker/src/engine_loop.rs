@@ -88,9 +88,6 @@ enum Command {
         handoff: HandoffId,
         reply: oneshot::Sender<bool>,
     },
-    Load {
-        reply: oneshot::Sender<(Load, LoopStats)>,
-    },
     /// The server has stopped: end the engine thread even if handles remain (connection tasks
     /// of a stopped server may outlive it).
     Stop,
@@ -146,13 +143,15 @@ impl EngineHandle {
         rx.await.map_err(|_| Error::Stopped)
     }
 
-    pub async fn load(&self) -> Result<(Load, LoopStats)> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Load { reply })
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)
+    /// The load as of the engine thread's last turn, from its published snapshot: a load report
+    /// never queues behind an engine step (a long prefill chunk on a busy core would otherwise
+    /// hold it for seconds and make the worker look dead to the coordinator's poll).
+    pub fn load(&self) -> Result<(Load, LoopStats)> {
+        if self.snapshot.has_changed().is_err() {
+            return Err(Error::Stopped);
+        }
+        let now = *self.snapshot.borrow();
+        Ok((now.load, now.stats))
     }
 
     /// Resolves when nothing is queued, computing or leased (at once if nothing is).
@@ -370,10 +369,6 @@ impl Loop {
                     self.stats.leases_released += 1;
                 }
                 let _ = reply.send(released.is_some());
-            }
-            Command::Load { reply } => {
-                let now = self.snapshot();
-                let _ = reply.send((now.load, now.stats));
             }
             Command::Stop => self.stopped = true,
             Command::AbortAll => {

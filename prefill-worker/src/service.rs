@@ -326,7 +326,7 @@ impl PrefillWorker for PrefillService {
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
-        let (load, _) = self.engine.load().await?;
+        let (load, _) = self.engine.load()?;
         Ok(Response::new(LoadReport {
             running: load.pending,
             waiting: 0,
