@@ -7,7 +7,8 @@
 #
 # Needs a release build (`cargo build --release -p baton`; $BATON overrides the binary) and
 # `pip install 'llama-cpp-python[server]'`. Writes OUT_DIR/<server>-c<N>/{results.json,*.svg},
-# OUT_DIR/<server>-c<N>.txt, and prints one table of all runs at the end (OUT_DIR/summary.md).
+# OUT_DIR/<server>-c<N>.txt, and prints one table of all runs at the end (OUT_DIR/summary.md);
+# the servers' own logs go to $TMPDIR (default /tmp).
 #
 # Fairness: the same seeded prompts (128 tokens) and 128 output tokens for every server. baton is
 # asked with ignore_eos; llama-cpp-python's server has no ignore_eos, so it gets a logit bias of
@@ -64,7 +65,7 @@ bench() { # name endpoint extra-args...
 # llama.cpp: llama-cpp-python's server runs one request at a time (no batching across requests)
 # and by default a new request interrupts the running one; --interrupt_requests False queues them.
 python3 -m llama_cpp.server --model "$model" --n_threads 2 --n_threads_batch 2 --n_ctx 4096 \
-  --interrupt_requests False --host 127.0.0.1 --port $llama_port >"$out/llama-server.log" 2>&1 &
+  --interrupt_requests False --host 127.0.0.1 --port $llama_port >"${TMPDIR:-/tmp}/llama-server.log" 2>&1 &
 children+=($!)
 wait_http "http://127.0.0.1:$llama_port" /v1/models
 bench llama-cpp "http://127.0.0.1:$llama_port" --extra-body '{"logit_bias":{"0":-100,"2":-100}}'
@@ -75,7 +76,7 @@ run_baton() { # name up-args...
   local name=$1
   shift
   "$baton" up --model "$model" --http 127.0.0.1:$http_port --grpc 127.0.0.1:$grpc_port "$@" \
-    >"$out/$name-up.log" 2>&1 &
+    >"${TMPDIR:-/tmp}/$name-up.log" 2>&1 &
   children+=($!)
   wait_http "http://127.0.0.1:$http_port" /ready
   bench "$name" "http://127.0.0.1:$http_port" --ignore-eos

@@ -167,7 +167,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Starts `baton up` with `flags` and waits for its "baton is up" line, which it prints once
+    /// Starts `baton up` for `setup` and waits for its "baton is up" line, which it prints once
     /// the coordinator reports ready.
     fn start(setup: Setup, model: &std::path::Path, port: u16) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("find the baton executable")?;
@@ -203,10 +203,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
+        crate::up::signal(self.child.id(), libc::SIGTERM);
         let _ = self.child.wait();
     }
 }

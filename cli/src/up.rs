@@ -191,7 +191,7 @@ impl Drop for Children {
     }
 }
 
-fn signal(pid: u32, sig: i32) {
+pub(crate) fn signal(pid: u32, sig: i32) {
     let Ok(pid) = i32::try_from(pid) else {
         return;
     };
@@ -317,40 +317,43 @@ impl UpArgs {
     }
 }
 
-/// Longest `up` waits for the coordinator's /ready after it listens.
+/// Longest `up` waits for the coordinator to report ready after it listens.
 const READY_WAIT: Duration = Duration::from_secs(60);
 
-/// Polls `GET http://{http}/ready` until it answers 200, for at most `limit`.
-fn wait_ready(http: SocketAddr, limit: Duration) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        let last = match probe_ready(http) {
-            Ok(true) => return Ok(()),
-            Ok(false) => "503 not ready".to_string(),
-            Err(e) => e.to_string(),
-        };
-        if std::time::Instant::now() >= deadline {
-            bail!(
-                "the coordinator at {http} did not report ready within {limit:?} (last: {last}); \
-                 see the workers' logs above"
-            );
+/// Waits until the coordinator's grpc.health.v1 status (the same condition as its `/ready`)
+/// is SERVING, for at most `limit`. A Watch stream pushes each change, so nothing polls.
+fn wait_ready(grpc: SocketAddr, limit: Duration) -> anyhow::Result<()> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let watch = async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
+            .connect()
+            .await?;
+        let mut stream = HealthClient::new(channel)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?
+            .into_inner();
+        while let Some(status) = stream.message().await? {
+            if status.status == ServingStatus::Serving as i32 {
+                return anyhow::Ok(());
+            }
         }
-        // A poll interval, not a synchronisation: readiness comes from the workers' health
-        // checks, which the coordinator runs on its own schedule.
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// One `GET /ready` over a fresh loopback connection: whether it answered 200.
-fn probe_ready(http: SocketAddr) -> std::io::Result<bool> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&http, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.write_all(b"GET /ready HTTP/1.1\r\nHost: baton\r\nConnection: close\r\n\r\n")?;
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head)?;
-    // "HTTP/1.1 200"
-    Ok(&head[9..12] == b"200")
+        bail!("the coordinator ended its health stream before it was serving")
+    };
+    rt.block_on(async { tokio::time::timeout(limit, watch).await })
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the coordinator at {grpc} did not report ready within {limit:?} (no healthy \
+                 workers yet); see the workers' logs above"
+            )
+        })?
+        .with_context(|| format!("watching the coordinator's health at {grpc}"))
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -443,8 +446,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     children.procs.push(("coordinator".into(), child));
     let (grpc, http) = (addrs[0], addrs[1]);
     // Listening is not serving: the coordinator answers 503 until it has seen a healthy worker
-    // of each kind it needs, so "up" waits for its /ready before saying so.
-    wait_ready(http, READY_WAIT)?;
+    // of each kind it needs, so "up" waits for it to report ready before saying so.
+    wait_ready(grpc, READY_WAIT)?;
     if args.colocated {
         println!(
             "baton is up (colocated): {} colocated workers, each prefilling and decoding its own requests",
@@ -532,31 +535,37 @@ mod tests {
     }
 
     #[test]
-    fn readiness_is_a_200_on_ready() {
-        use std::io::{Read, Write};
-        // A server that answers 503 to its first two connections and 200 after.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let server = std::thread::spawn(move || {
-            for (n, stream) in listener.incoming().take(4).enumerate() {
-                let mut stream = stream.expect("accept");
-                let mut request = [0u8; 256];
-                let _ = stream.read(&mut request);
-                let status = if n < 2 {
-                    "503 Service Unavailable"
-                } else {
-                    "200 OK"
-                };
-                let _ = stream.write_all(
-                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes(),
-                );
-            }
+    fn readiness_is_the_health_status_turning_serving() {
+        use tonic_health::ServingStatus;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (health, addr) = rt.block_on(async {
+            let (health, service) = tonic_health::server::health_reporter();
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            (health, addr)
         });
-        assert!(!probe_ready(addr).expect("probe"), "503 is not ready");
-        let err = wait_ready(addr, Duration::ZERO).expect_err("not ready in no time");
-        assert!(err.to_string().contains("503 not ready"), "{err}");
+        let err = wait_ready(addr, Duration::from_millis(300)).expect_err("not serving yet");
+        assert!(err.to_string().contains("did not report ready"), "{err}");
+        // Turned SERVING (before or while `up` watches: either way the watch sees it).
+        let turn = std::thread::spawn({
+            let rt = rt.handle().clone();
+            move || rt.block_on(health.set_service_status("", ServingStatus::Serving))
+        });
         wait_ready(addr, Duration::from_secs(30)).expect("ready");
-        assert!(probe_ready(addr).expect("probe"));
-        server.join().expect("server");
+        turn.join().expect("turn serving");
     }
 }

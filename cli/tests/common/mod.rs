@@ -164,12 +164,8 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
 
 /// Starting three processes that each load the model (`baton up` allows 120 s per process).
 pub const START_BOUND: Duration = Duration::from_secs(400);
-/// From the endpoints being printed to `/ready` answering 200.
-pub const READY_BOUND: Duration = Duration::from_secs(60);
 /// SIGTERM to exit: `baton up` gives its children 10 s before it kills them.
 pub const STOP_BOUND: Duration = Duration::from_secs(30);
-/// Longest wait for the cluster's next log line between two `/ready` calls.
-pub const READY_PACE: Duration = Duration::from_millis(200);
 
 /// `baton up` and everything it printed (its children's logs included), line by line.
 pub struct Cluster {
@@ -262,23 +258,17 @@ impl Cluster {
         (http.expect("set"), grpc.expect("set"))
     }
 
-    /// Calls `GET /ready` until it answers 200. Between calls it waits for the cluster's next
-    /// log line (readiness follows a worker poll), at most [`READY_PACE`].
+    /// Asserts that `GET /ready` answers 200: `baton up` prints its endpoints only once the
+    /// coordinator reports ready, so there is nothing to wait for.
     pub fn wait_ready(&mut self, http: SocketAddr) {
-        let deadline = Instant::now() + READY_BOUND;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            match get(http, "/ready") {
-                Ok((200, _)) => return,
-                Ok((status, body)) => last = format!("{status} {body}"),
-                Err(e) => last = e.to_string(),
-            }
-            self.next_line(READY_PACE);
+        match get(http, "/ready") {
+            Ok((200, _)) => {}
+            other => panic!(
+                "baton up printed its endpoints before GET /ready answered 200 ({other:?}); \
+                 output:\n{}",
+                self.log_text()
+            ),
         }
-        panic!(
-            "GET /ready did not answer 200 within {READY_BOUND:?} (last: {last}); output:\n{}",
-            self.log_text()
-        );
     }
 
     /// Pids of the processes `baton up` started.
