@@ -105,7 +105,7 @@ async fn serve() -> SocketAddr {
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(InferenceServer::new(FakeInference))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(baton_proto::incoming(listener))
             .await
             .expect("fake server");
     });

@@ -90,9 +90,22 @@ pub struct OverheadArgs {
     /// are spinning on. Default: unpinned.
     #[arg(long, value_delimiter = ',', value_parser = crate::up::cpu_number)]
     worker_cpus: Vec<usize>,
+    /// The decode worker both paths call: `engine`, a real `baton decode` process; or
+    /// `constant`, a stand-in in this process that answers every request at once with the
+    /// prompt's tokens replayed, so the paired difference is the coordinator's own cost without
+    /// the engine's request-to-request variation (see `standin.rs`).
+    #[arg(long, value_enum, default_value_t = OverheadWorker::Engine)]
+    worker: OverheadWorker,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverheadWorker {
+    Engine,
+    Constant,
 }
 
 /// One timed request, client side.
@@ -741,26 +754,48 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
     }
     let model = crate::model_path::resolve(args.model.clone())?;
     let base = base_tokens(&model)?;
+    let rt = runtime()?;
     let mut procs = children();
-    let (child, decode) = crate::up::spawn_pinned(
-        "colocated-0",
-        &worker_args("decode", "colocated-0", &model, 128),
-        1,
-        &args.worker_cpus,
-    )?;
-    procs.procs.push(("colocated-0".into(), child));
+    let decode = match args.worker {
+        OverheadWorker::Engine => {
+            let (child, decode) = crate::up::spawn_pinned(
+                "colocated-0",
+                &worker_args("decode", "colocated-0", &model, 128),
+                1,
+                &args.worker_cpus,
+            )?;
+            procs.procs.push(("colocated-0".into(), child));
+            decode[0]
+        }
+        OverheadWorker::Constant => {
+            if !args.worker_cpus.is_empty() {
+                bail!(
+                    "--worker-cpus pins a worker process; the constant stand-in runs in this one"
+                );
+            }
+            let tokenizer = baton_text::Tokenizer::load(&model)
+                .with_context(|| format!("load the tokenizer of {}", model.display()))?;
+            rt.block_on(
+                crate::standin::StandIn {
+                    max_context: 2048,
+                    block_size: 16,
+                    eos_token_ids: tokenizer.eos_token_ids().to_vec(),
+                }
+                .serve(),
+            )?
+        }
+    };
     let (child, coord) = spawn(
         "coordinator",
-        &coordinator_args(&model, None, decode[0], "push", "auto"),
+        &coordinator_args(&model, None, decode, "push", "auto"),
         2,
     )?;
     procs.procs.push(("coordinator".into(), child));
 
-    let rt = runtime()?;
     let pairs = rt.block_on(async {
         let mut coordinator = InferenceClient::new(channel(coord[0])?);
         wait_ready(&mut coordinator, 1).await?;
-        let mut direct = DecodeWorkerClient::new(channel(decode[0])?);
+        let mut direct = DecodeWorkerClient::new(channel(decode)?);
         let sampling = greedy(args.max_tokens);
         let mut pairs = Vec::with_capacity(args.requests);
         for i in 0..args.warmup + args.requests {
@@ -825,6 +860,7 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
                 "prompt_tokens": args.prompt_tokens,
                 "max_tokens": args.max_tokens,
                 "worker_cpus": args.worker_cpus,
+                "worker": args.worker,
                 "summary": o,
                 "pairs": raw,
             })
@@ -841,6 +877,11 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
         args.prompt_tokens,
         args.max_tokens
     );
+    if args.worker == OverheadWorker::Constant {
+        println!(
+            "decode worker: the constant-time stand-in (answers at once; the difference is the coordinator's own cost)"
+        );
+    }
     if !args.worker_cpus.is_empty() {
         println!(
             "worker pinned to CPUs {:?}; coordinator and client on {}",

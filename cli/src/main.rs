@@ -13,6 +13,7 @@ mod generate;
 mod kv_demo;
 mod model_path;
 mod roles;
+mod standin;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -526,10 +526,14 @@ mod tests {
     fn cpu_numbers_are_plain_and_within_the_set_size() {
         assert_eq!(cpu_number("3"), Ok(3));
         assert_eq!(cpu_number(" 0 "), Ok(0));
-        assert!(cpu_number("0-3").unwrap_err().contains("not a CPU number"));
+        assert!(
+            cpu_number("0-3")
+                .expect_err("a range")
+                .contains("not a CPU number")
+        );
         assert!(
             cpu_number("1024")
-                .unwrap_err()
+                .expect_err("past the limit")
                 .contains("largest CPU number")
         );
     }
@@ -554,7 +558,7 @@ mod tests {
             tokio::spawn(
                 tonic::transport::Server::builder()
                     .add_service(service)
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                    .serve_with_incoming(baton_proto::incoming(listener)),
             );
             (health, addr)
         });

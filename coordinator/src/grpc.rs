@@ -12,8 +12,6 @@ use baton_proto::v1::{
 };
 use baton_text::{ChatMessage, chat::Role};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Error, Result};
@@ -53,10 +51,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(InferenceServer::new(InferenceService { inner }))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(baton_proto::incoming(listener), shutdown)
         .await
         .map_err(|e| Error::Internal(format!("grpc server: {e}")))
 }
@@ -161,19 +156,23 @@ impl Inference for InferenceService {
             skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
             timeout,
         };
-        let mut stream = generate::generate(self.inner.clone(), input).await?;
+        let generation = generate::generate(self.inner.clone(), input).await?;
         // The client's id is echoed; without one the coordinator assigns one.
         let request_id = if req.request_id.is_empty() {
             format!("req-{:016x}", rand::random::<u64>())
         } else {
             req.request_id
         };
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            while let Some(event) = stream.next().await {
+        // Polled by the server as it writes the response, so a token crosses no extra task
+        // here; dropping the body (the client gone) drops `generation`, which cancels the
+        // request.
+        let responses = futures::stream::unfold(generation, move |mut generation| {
+            let request_id = request_id.clone();
+            async move {
+                let event = generation.next().await?;
                 let message = match event {
                     Ok(StreamEvent::Delta { text, tokens }) => Ok(GenerateResponse {
-                        request_id: request_id.clone(),
+                        request_id,
                         text,
                         token_ids: tokens.iter().map(|t| t.id).collect(),
                         logprobs: if want_logprobs {
@@ -188,7 +187,7 @@ impl Inference for InferenceService {
                         usage,
                         placement,
                     }) => Ok(GenerateResponse {
-                        request_id: request_id.clone(),
+                        request_id,
                         text: String::new(),
                         token_ids: Vec::new(),
                         logprobs: Vec::new(),
@@ -196,13 +195,10 @@ impl Inference for InferenceService {
                     }),
                     Err(e) => Err(Status::from(e)),
                 };
-                if tx.send(message).await.is_err() {
-                    // The client went away; dropping `stream` cancels the request.
-                    return;
-                }
+                Some((message, generation))
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn tokenize(

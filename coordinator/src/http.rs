@@ -31,6 +31,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    use axum::serve::ListenerExt as _;
+    // Each SSE chunk is a small write; without TCP_NODELAY Nagle's algorithm can hold it until
+    // the client's delayed ACK (see `baton_proto::incoming`).
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY on an HTTP connection");
+        }
+    });
     axum::serve(listener, router(inner))
         .with_graceful_shutdown(shutdown)
         .await

@@ -178,10 +178,7 @@ pub async fn serve_with_metrics(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(DecodeWorkerServer::new(service))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            drained,
-        );
+        .serve_with_incoming_shutdown(baton_proto::incoming(listener), drained);
     // Once drained, calls still open are watches (the coordinator's health Watch never ends
     // by itself): they get a moment to see the server go, then the server stops regardless.
     tokio::pin!(server);

@@ -2,16 +2,31 @@
 
 use std::collections::BTreeSet;
 
-use baton_proto::reflection_service;
+use baton_proto::{incoming, reflection_service};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::{Endpoint, Server, server::TcpIncoming};
+use tokio_stream::StreamExt as _;
+use tonic::transport::{Endpoint, Server};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
+
+/// Streamed tokens are small writes; a server socket without TCP_NODELAY can hold one for the
+/// client's delayed ACK (40 ms), which `baton bench overhead --worker constant` once measured on
+/// every second request through the coordinator.
+#[tokio::test]
+async fn accepted_connections_have_nodelay() -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut accepted = incoming(listener);
+    let _client = tokio::net::TcpStream::connect(addr).await?;
+    let server_side = accepted.next().await.expect("a connection")?;
+    assert!(server_side.nodelay()?);
+    Ok(())
+}
 
 #[tokio::test]
 async fn reflection_lists_baton_and_health_services() -> anyhow::Result<()> {
@@ -28,7 +43,7 @@ async fn reflection_lists_baton_and_health_services() -> anyhow::Result<()> {
                 "baton.v1.PrefillWorker",
                 "baton.v1.DecodeWorker",
             ])?)
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
+            .serve_with_incoming_shutdown(incoming(listener), async {
                 stopped.await.ok();
             }),
     );
