@@ -8,7 +8,8 @@
 //!   sweep (the prefill-bound work that, colocated, stalls the streams' decode steps).
 //!
 //! Setups: `pinned` (1 prefill worker on the first CPU, 1 decode worker on the second, the
-//! coordinator unpinned), `unpinned` (the same processes, free to use every core) and
+//! coordinator unpinned), `pinned-threshold` (the same, with prompts under 512 tokens prefilled
+//! by the decode worker), `unpinned` (the same processes, free to use every core) and
 //! `colocated` (one worker doing both phases on every core). Output: a table, `disagg.json`
 //! with every sample, and `disagg.svg` (TPOT p99 of the streams, TTFT p99 of the long prompts,
 //! goodput and output throughput against the long-prompt rate, one line per setup).
@@ -36,6 +37,10 @@ use serde::Serialize;
 pub enum Setup {
     /// 1 prefill worker pinned to CPU 0, 1 decode worker pinned to CPU 1.
     Pinned,
+    /// `pinned`, with prompts under 512 tokens prefilled by the decode worker itself
+    /// (`coordinator.min_disaggregated_tokens = 512`): only long prompts go to the prefill
+    /// worker, so a short prompt never waits behind a long one there.
+    PinnedThreshold,
     /// 1 prefill and 1 decode worker, both free to use every core.
     Unpinned,
     /// One colocated worker (prefill and decode in one engine) on every core.
@@ -46,6 +51,7 @@ impl Setup {
     fn name(self) -> &'static str {
         match self {
             Setup::Pinned => "pinned",
+            Setup::PinnedThreshold => "pinned-threshold",
             Setup::Unpinned => "unpinned",
             Setup::Colocated => "colocated",
         }
@@ -64,6 +70,11 @@ impl Setup {
                 "--decode-cpus",
                 "1",
             ],
+            Setup::PinnedThreshold => {
+                let mut flags = Setup::Pinned.up_flags();
+                flags.extend(["--set", "coordinator.min_disaggregated_tokens=512"]);
+                flags
+            }
             Setup::Unpinned => vec!["--prefill", "1", "--decode", "1"],
             Setup::Colocated => vec!["--colocated"],
         }
@@ -353,7 +364,7 @@ fn slo_text(slo: &Slo) -> String {
 
 fn header() -> String {
     format!(
-        "{:<10} {:>6} | {:>5} {:>9} {:>9} {:>9} | {:>5} {:>9} {:>9} | {:>8} {:>8} {:>6}",
+        "{:<16} {:>6} | {:>5} {:>9} {:>9} {:>9} | {:>5} {:>9} {:>9} | {:>8} {:>8} {:>6}",
         "setup",
         "rate",
         "n",
@@ -368,7 +379,7 @@ fn header() -> String {
         "errors"
     ) + "\n"
         + &format!(
-            "{:<10} {:>6} | {:^35} | {:^25} |",
+            "{:<16} {:>6} | {:^35} | {:^25} |",
             "", "req/s", "streams (ms)", "long prompts (ms)"
         )
 }
@@ -376,7 +387,7 @@ fn header() -> String {
 fn row(p: &Point) -> String {
     let (s, l) = (&p.streams.summary, &p.long.summary);
     format!(
-        "{:<10} {:>6} | {:>5} {:>9.1} {:>9.1} {:>9.0} | {:>5} {:>9.0} {:>9.0} | {:>8.3} {:>8.1} {:>6}",
+        "{:<16} {:>6} | {:>5} {:>9.1} {:>9.1} {:>9.0} | {:>5} {:>9.0} {:>9.0} | {:>8.3} {:>8.1} {:>6}",
         p.setup.name(),
         p.long_rate,
         s.completed,
