@@ -200,8 +200,7 @@ impl Source {
     /// Stacks the GGUF blocks `raws` into one kernel when quantized weights run on the CPU and
     /// the kernels cover every part, and returns it with one view per part (its columns of the
     /// stack). The parts are then built from their views ([`Source::linear_from`]), so each
-    /// matrix's blocks are repacked and held once, in the stack: building per-part kernels
-    /// first and dropping them cost 30-55 MiB of resident memory the allocator kept.
+    /// matrix's blocks are repacked once, into the stack, and held there only.
     fn stack(&self, raws: &[Option<Arc<QTensor>>]) -> Option<(Stacked, Vec<Arc<Matmul>>)> {
         if self.plan.decode != WeightFormat::Quantized || !self.device.is_cpu() {
             return None;
