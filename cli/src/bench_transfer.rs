@@ -32,14 +32,19 @@
 //! computing the crc32c as it copies): the slower stage bounds what the transport can reach with
 //! both sides overlapped on two cores, and the two in sequence what it reaches on one core.
 //!
-//! Throughput figures are medians of `--repeats` runs after one untimed warm-up; overlap figures
-//! medians of `--overlap-repeats`.
+//! Measurements are paired: each of `--repeats` repeats (after one untimed warm-up) moves both
+//! segmentations, and each transport right after or right before its baseline (which goes
+//! first alternates between repeats). On a shared machine the baseline itself swings several
+//! times over between runs, so a ratio is taken within each repeat and the figure is the median
+//! of those ratios, printed with their quartiles and extremes; throughputs are the medians of
+//! the repeats. Overlap figures are medians of `--overlap-repeats`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use baton_bench::metrics::percentile;
 use baton_engine::{Engine, EngineConfig, KvChunk, Phase, Role, SeqId, StepItem};
 use baton_kv_transfer::{
     Delivery, Endpoint, Expectation, HandoffId, KvReceiver, KvSegment, Link, LinkConfig, ShmConfig,
@@ -59,8 +64,11 @@ pub struct TransferArgs {
     /// Print one JSON object instead of the tables.
     #[arg(long)]
     json: bool,
-    /// Timed runs per figure (after one warm-up); each figure is their median.
-    #[arg(long, default_value_t = 5)]
+    /// Timed repeats (after one warm-up). Each repeat moves both segmentations, each transport
+    /// back to back with its baseline (raw TCP with baton TCP, memcpy with baton shm; which goes
+    /// first alternates); a ratio is the median of the per-repeat ratios, a throughput the
+    /// median of the repeats.
+    #[arg(long, default_value_t = 21)]
     repeats: usize,
     /// Timed push-overlap runs per prompt length; each prefills the prompt three times (alone,
     /// pushing over TCP, pushing over shm). The prefill that captures the KV is their warm-up.
@@ -79,6 +87,10 @@ const TARGET_SHM_OVER_MEMCPY: f64 = 0.50;
 const TARGET_EXPOSED_SHARE: f64 = 0.10;
 
 const METHODS: [&str; 4] = ["raw_tcp", "memcpy", "baton_tcp", "baton_shm"];
+const RAW_TCP: usize = 0;
+const MEMCPY: usize = 1;
+const BATON_TCP: usize = 2;
+const BATON_SHM: usize = 3;
 
 pub fn run(args: TransferArgs) -> anyhow::Result<()> {
     ensure!(args.repeats > 0, "--repeats must be at least 1");
@@ -111,7 +123,7 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
         "cpu": cpu,
         "repeats": args.repeats,
         "overlap_repeats": args.overlap_repeats,
-        "statistic": "median",
+        "statistic": "GB/s: median of the repeats; ratios: median (and spread) of the per-repeat ratios of a transport to the baseline it ran beside",
         "targets": {
             "tcp_over_raw_tcp": TARGET_TCP_OVER_RAW,
             "shm_over_memcpy": TARGET_SHM_OVER_MEMCPY,
@@ -130,7 +142,7 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
             engine.config().prefill_chunk_tokens
         );
         println!(
-            "{threads} threads, {cpu}; medians of {} transfer runs after a warm-up, {} push-overlap runs",
+            "{threads} threads, {cpu}; medians of {} transfer repeats after a warm-up (each transport beside its baseline; ratios are medians of the per-repeat ratios), {} push-overlap runs",
             args.repeats, args.overlap_repeats
         );
     }
@@ -195,6 +207,53 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e9
 }
 
+/// A transport's throughput over its baseline's, one ratio per repeat: in each repeat both
+/// moved the same bytes back to back, so the ratio is the baseline's time over the transport's.
+fn paired_ratios(baseline: &[Duration], transport: &[Duration]) -> Vec<f64> {
+    baseline
+        .iter()
+        .zip(transport)
+        .map(|(b, t)| b.as_secs_f64() / t.as_secs_f64())
+        .collect()
+}
+
+/// The median of a sample and how far it spreads: quartiles (linear interpolation, as numpy)
+/// and extremes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    median: f64,
+    p25: f64,
+    p75: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    /// `NaN` everywhere for no values.
+    fn of(v: &[f64]) -> Self {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |p| percentile(&v, p);
+        Self {
+            median: at(50.0),
+            p25: at(25.0),
+            p75: at(75.0),
+            min: at(0.0),
+            max: at(100.0),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "median": self.median,
+            "p25": self.p25,
+            "p75": self.p75,
+            "min": self.min,
+            "max": self.max,
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Repeats {
     transfer: usize,
@@ -219,45 +278,68 @@ fn measure_prompt(
         "prompt {n}: kv captured by a {:.1} s prefill",
         first_compute.as_secs_f64()
     ));
-    let mut shapes = serde_json::Map::new();
-    // The push segments' median time on baton tcp and shm, sent after the compute.
-    let mut serial = [0.0; 2];
-    for (shape, mut segments) in [("push", push), ("pull", pull)] {
+    let mut shapes = [("push", push), ("pull", pull)];
+    for (shape, segments) in &shapes {
         let bytes: u64 = segments.iter().map(|s| s.chunk.data.len() as u64).sum();
         ensure!(
             bytes == kv_bytes,
             "{shape} segments hold {bytes} B, expected {layers} layers x {} B",
             engine.kv_layer_bytes(n)
         );
-        let mut samples: [Vec<Duration>; 4] = Default::default();
-        let mut stages: [Vec<Duration>; 3] = Default::default();
-        let mut dst = vec![0u8; bytes as usize];
-        let mut slot = vec![0u8; ShmConfig::default().slot_bytes];
-        let mut recycled = vec![0u8; ShmConfig::default().slot_bytes];
-        for r in 0..=repeats.transfer {
-            let times = [
-                links.raw_tcp(rt, &segments)?,
-                memcpy(&segments, &mut dst),
-                links.baton(rt, 0, n, &mut segments)?,
-                links.baton(rt, 1, n, &mut segments)?,
-            ];
-            let (sender, receiver) = shm_stages(&segments, &mut slot, &mut recycled);
-            let stage_times = [checksum(&segments), sender, receiver];
+    }
+    // samples[shape][method], stages[shape][stage]
+    let mut samples: [[Vec<Duration>; 4]; 2] = Default::default();
+    let mut stages: [[Vec<Duration>; 3]; 2] = Default::default();
+    let mut dst = vec![0u8; kv_bytes as usize];
+    let mut slot = vec![0u8; ShmConfig::default().slot_bytes];
+    let mut recycled = vec![0u8; ShmConfig::default().slot_bytes];
+    // Each repeat moves both shapes, and each transport right beside its baseline, the two in
+    // alternating order, so that a neighbour's burst of load falls on a pair rather than
+    // between the blocks of runs its ratio is taken from.
+    for r in 0..=repeats.transfer {
+        let baseline_first = r % 2 == 0;
+        for (k, (_, segments)) in shapes.iter_mut().enumerate() {
+            let (raw, tcp) = if baseline_first {
+                let raw = links.raw_tcp(rt, segments)?;
+                (raw, links.baton(rt, 0, n, segments)?)
+            } else {
+                let tcp = links.baton(rt, 0, n, segments)?;
+                (links.raw_tcp(rt, segments)?, tcp)
+            };
+            let (copied, shm) = if baseline_first {
+                let copied = memcpy(segments, &mut dst);
+                (copied, links.baton(rt, 1, n, segments)?)
+            } else {
+                let shm = links.baton(rt, 1, n, segments)?;
+                (memcpy(segments, &mut dst), shm)
+            };
+            let (sender, receiver) = shm_stages(segments, &mut slot, &mut recycled);
             // Run 0 warms sockets, slots and page tables; it is not counted.
             if r > 0 {
-                for (s, t) in samples.iter_mut().zip(times) {
+                for (s, t) in samples[k].iter_mut().zip([raw, copied, tcp, shm]) {
                     s.push(t);
                 }
-                for (s, t) in stages.iter_mut().zip(stage_times) {
+                for (s, t) in stages[k]
+                    .iter_mut()
+                    .zip([checksum(segments), sender, receiver])
+                {
                     s.push(t);
                 }
             }
         }
-        drop((dst, slot, recycled));
-        progress(&format!(
-            "prompt {n}: {shape} segments moved by every method"
-        ));
-        let rate = |i: usize| -> Vec<f64> { samples[i].iter().map(|t| gbps(bytes, *t)).collect() };
+    }
+    drop((dst, slot, recycled));
+    progress(&format!(
+        "prompt {n}: push and pull segments moved by every method"
+    ));
+
+    let mut shapes_json = serde_json::Map::new();
+    // The push segments' median time on baton tcp and shm, sent after the compute.
+    let mut serial = [0.0; 2];
+    for (k, (shape, segments)) in shapes.iter().enumerate() {
+        let samples = &samples[k];
+        let rate =
+            |i: usize| -> Vec<f64> { samples[i].iter().map(|t| gbps(kv_bytes, *t)).collect() };
         let med = |i: usize| median(&rate(i));
         let secs = |i: usize| {
             median(
@@ -267,9 +349,13 @@ fn measure_prompt(
                     .collect::<Vec<_>>(),
             )
         };
-        if shape == "push" {
-            serial = [secs(2), secs(3)];
+        if *shape == "push" {
+            serial = [secs(BATON_TCP), secs(BATON_SHM)];
         }
+        let tcp_ratios = paired_ratios(&samples[RAW_TCP], &samples[BATON_TCP]);
+        let shm_ratios = paired_ratios(&samples[MEMCPY], &samples[BATON_SHM]);
+        let tcp = Spread::of(&tcp_ratios);
+        let shm = Spread::of(&shm_ratios);
         let sizes = segments.iter().map(|s| s.chunk.data.len());
         let mut gbps_samples = serde_json::Map::new();
         for (i, m) in METHODS.iter().enumerate() {
@@ -277,9 +363,9 @@ fn measure_prompt(
         }
         let stage = |i: usize| {
             median(
-                &stages[i]
+                &stages[k][i]
                     .iter()
-                    .map(|t| gbps(bytes, *t))
+                    .map(|t| gbps(kv_bytes, *t))
                     .collect::<Vec<_>>(),
             )
         };
@@ -287,33 +373,40 @@ fn measure_prompt(
         // slower of the two stages bounds the transport; on one core, the two add up.
         let shm_bound = stage(1).min(stage(2));
         let shm_one_core = 1.0 / (1.0 / stage(1) + 1.0 / stage(2));
-        shapes.insert(
-            shape.into(),
+        shapes_json.insert(
+            (*shape).into(),
             json!({
                 "segments": segments.len(),
                 "segment_bytes_min": sizes.clone().min().unwrap_or(0),
                 "segment_bytes_max": sizes.max().unwrap_or(0),
-                "raw_tcp_gbps": med(0),
-                "memcpy_gbps": med(1),
-                "baton_tcp_gbps": med(2),
-                "baton_shm_gbps": med(3),
-                "baton_tcp_over_raw_tcp": med(2) / med(0),
-                "baton_shm_over_memcpy": med(3) / med(1),
-                "baton_tcp_seconds": secs(2),
-                "baton_shm_seconds": secs(3),
+                "raw_tcp_gbps": med(RAW_TCP),
+                "memcpy_gbps": med(MEMCPY),
+                "baton_tcp_gbps": med(BATON_TCP),
+                "baton_shm_gbps": med(BATON_SHM),
+                "baton_tcp_over_raw_tcp": tcp.median,
+                "baton_tcp_over_raw_tcp_spread": tcp.json(),
+                "baton_tcp_over_raw_tcp_samples": tcp_ratios,
+                "baton_tcp_over_raw_tcp_of_medians": med(BATON_TCP) / med(RAW_TCP),
+                "baton_shm_over_memcpy": shm.median,
+                "baton_shm_over_memcpy_spread": shm.json(),
+                "baton_shm_over_memcpy_samples": shm_ratios,
+                "baton_shm_over_memcpy_of_medians": med(BATON_SHM) / med(MEMCPY),
+                "baton_tcp_seconds": secs(BATON_TCP),
+                "baton_shm_seconds": secs(BATON_SHM),
                 "gbps_samples": gbps_samples,
                 "stages_one_thread_gbps": {
                     "crc32c": stage(0),
                     "shm_sender": stage(1),
                     "shm_receiver": stage(2),
                     "shm_bound": shm_bound,
-                    "shm_bound_over_memcpy": shm_bound / med(1),
+                    "shm_bound_over_memcpy": shm_bound / med(MEMCPY),
                     "shm_one_core": shm_one_core,
-                    "shm_one_core_over_memcpy": shm_one_core / med(1),
+                    "shm_one_core_over_memcpy": shm_one_core / med(MEMCPY),
                 },
             }),
         );
     }
+    let shapes = shapes_json;
 
     let mut result = json!({
         "prompt_tokens": n,
@@ -391,8 +484,16 @@ fn print_prompt(r: &serde_json::Value, asked: usize) {
         r["kv_bytes"], r["layers"], r["layer_bytes"]
     );
     println!(
-        "  {:<26} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8}",
-        "segments (GB/s)", "raw tcp", "baton tcp", "tcp/raw", "memcpy", "baton shm", "shm/mem"
+        "  {:<26} {:>9} {:>9} {:>8} {:>11} {:>9} {:>9} {:>8} {:>11}",
+        "segments (GB/s)",
+        "raw tcp",
+        "baton tcp",
+        "tcp/raw",
+        "p25-p75",
+        "memcpy",
+        "baton shm",
+        "shm/mem",
+        "p25-p75"
     );
     for shape in ["push", "pull"] {
         let s = &r["shapes"][shape];
@@ -405,19 +506,38 @@ fn print_prompt(r: &serde_json::Value, asked: usize) {
                 format!("{}-{} B", s["segment_bytes_min"], s["segment_bytes_max"])
             }
         );
+        let quartiles = |key: &str| {
+            let q = &s[key];
+            format!("{:.2}-{:.2}", f(&q["p25"]), f(&q["p75"]))
+        };
         println!(
-            "  {label:<26} {:>9.2} {:>9.2} {:>8.2} {:>9.2} {:>9.2} {:>8.2}",
+            "  {label:<26} {:>9.2} {:>9.2} {:>8.2} {:>11} {:>9.2} {:>9.2} {:>8.2} {:>11}",
             f(&s["raw_tcp_gbps"]),
             f(&s["baton_tcp_gbps"]),
             f(&s["baton_tcp_over_raw_tcp"]),
+            quartiles("baton_tcp_over_raw_tcp_spread"),
             f(&s["memcpy_gbps"]),
             f(&s["baton_shm_gbps"]),
             f(&s["baton_shm_over_memcpy"]),
+            quartiles("baton_shm_over_memcpy_spread"),
         );
         for m in METHODS {
             println!(
                 "      {m:<10} runs (GB/s): {}",
                 list(&s["gbps_samples"][m], 1.0)
+            );
+        }
+        for (name, key) in [
+            ("tcp/raw", "baton_tcp_over_raw_tcp"),
+            ("shm/memcpy", "baton_shm_over_memcpy"),
+        ] {
+            let spread = &s[format!("{key}_spread")];
+            println!(
+                "      {name:<10} per repeat: {} (min {:.2}, max {:.2}; ratio of the medians {:.2})",
+                list(&s[format!("{key}_samples")], 1.0),
+                f(&spread["min"]),
+                f(&spread["max"]),
+                f(&s[format!("{key}_of_medians")]),
             );
         }
         let st = &s["stages_one_thread_gbps"];
@@ -851,5 +971,46 @@ impl Links {
             compute: compute_end.duration_since(started).as_secs_f64(),
             last_delivery_after_compute: signed(consumed.done, compute_end),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(v: &[f64]) -> Vec<Duration> {
+        v.iter().copied().map(Duration::from_secs_f64).collect()
+    }
+
+    #[test]
+    fn paired_ratio_is_baseline_time_over_transport_time_per_repeat() {
+        // Repeat 2's baseline ran during a burst (4 s): its pair carries that, not the others.
+        let baseline = secs(&[1.0, 2.0, 4.0, 3.0]);
+        let transport = secs(&[2.0, 2.0, 2.0, 6.0]);
+        assert_eq!(
+            paired_ratios(&baseline, &transport),
+            vec![0.5, 1.0, 2.0, 0.5]
+        );
+    }
+
+    #[test]
+    fn spread_interpolates_quartiles_like_numpy() {
+        // Sorted: 0.5 0.5 1.0 2.0. Median (1.0 + 0.5) / 2; p25 at rank 0.75 between 0.5 and 0.5;
+        // p75 at rank 2.25: 1.0 + 0.25 x (2.0 - 1.0).
+        let s = Spread::of(&[0.5, 1.0, 2.0, 0.5]);
+        assert_eq!(
+            s,
+            Spread {
+                median: 0.75,
+                p25: 0.5,
+                p75: 1.25,
+                min: 0.5,
+                max: 2.0,
+            }
+        );
+        // Odd count: the middle value; p25 at rank 1.0, p75 at rank 3.0 exactly.
+        let s = Spread::of(&[0.9, 0.7, 1.1, 0.8, 1.0]);
+        assert_eq!((s.median, s.p25, s.p75), (0.9, 0.8, 1.0));
+        assert_eq!((s.min, s.max), (0.7, 1.1));
     }
 }

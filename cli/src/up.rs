@@ -526,16 +526,8 @@ mod tests {
     fn cpu_numbers_are_plain_and_within_the_set_size() {
         assert_eq!(cpu_number("3"), Ok(3));
         assert_eq!(cpu_number(" 0 "), Ok(0));
-        assert!(
-            cpu_number("0-3")
-                .expect_err("a range")
-                .contains("not a CPU number")
-        );
-        assert!(
-            cpu_number("1024")
-                .expect_err("past the limit")
-                .contains("largest CPU number")
-        );
+        assert!(matches!(cpu_number("0-3"), Err(e) if e.contains("not a CPU number")));
+        assert!(matches!(cpu_number("1024"), Err(e) if e.contains("largest CPU number")));
     }
 
     #[test]

@@ -10,6 +10,12 @@
 //! bounded by the channel capacity, one frame per stream and the socket buffers.
 //!
 //! Frames of one handoff may travel on any stream; the receiver does not depend on their order.
+//!
+//! The receiver touches a payload once after the kernel's copy: it reads it a piece at a time
+//! into a buffer the consumer handed back ([`KvReceiver::recycle`]) when there is one, and
+//! computes the crc32c of each piece while it is still in cache. A fresh buffer would cost
+//! zeroing or faulting in its pages, and a checksum after the whole payload a second pass over
+//! memory; each was as large a cost here as the copy out of the socket.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -31,8 +37,8 @@ use crate::frame::{
 };
 use crate::stream::{io_err, read_control, read_full, read_hello_reply, read_payload, send_close};
 use crate::transport::{
-    Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore, Stats,
-    kv_data_header,
+    BufferPool, Delivery, Expectation, Inbound, KvReceiver, KvSegment, KvSender, ReceiverCore,
+    Stats, kv_data_header,
 };
 
 /// Settings of both ends of the TCP transport (`[decode.tcp]`, `[prefill.link.tcp]` in a config
@@ -62,6 +68,9 @@ pub struct TcpConfig {
     #[serde(rename = "read_buffer_bytes")]
     #[schemars(rename = "read_buffer_bytes")]
     pub read_buffer: usize,
+    /// Payload buffers the consumer hands back ([`KvReceiver::recycle`]) that the receiver keeps
+    /// to read later frames into; each is as large as the frame it last held. Default 16.
+    pub recycled_buffers: usize,
 }
 
 impl Default for TcpConfig {
@@ -73,6 +82,7 @@ impl Default for TcpConfig {
             socket_buffer: None,
             handshake_timeout: Duration::from_secs(5),
             read_buffer: 64 << 10,
+            recycled_buffers: 16,
         }
     }
 }
@@ -102,6 +112,7 @@ impl TcpConfig {
 struct ReceiverShared {
     config: TcpConfig,
     core: ReceiverCore,
+    buffers: BufferPool,
 }
 
 /// The decode worker's end: accepts streams from prefill workers and delivers verified segments
@@ -142,7 +153,12 @@ impl TcpReceiver {
         let listener = socket.listen(1024).map_err(io_err("listen"))?;
         let local_addr = listener.local_addr().map_err(io_err("local address"))?;
         let (core, rx) = ReceiverCore::new(local, config.delivery_capacity);
-        let shared = Arc::new(ReceiverShared { config, core });
+        let buffers = BufferPool::new(config.recycled_buffers);
+        let shared = Arc::new(ReceiverShared {
+            config,
+            core,
+            buffers,
+        });
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok((
             Self {
@@ -181,6 +197,10 @@ impl KvReceiver for TcpReceiver {
 
     fn stats(&self) -> &Stats {
         &self.shared.core.stats
+    }
+
+    fn recycle(&self, data: Vec<u8>) {
+        self.shared.buffers.put(data);
     }
 }
 
@@ -342,8 +362,9 @@ impl ReceivingStream<'_> {
                 .await
                 .map_err(|e| self.inbound.counted(e));
         }
-        let payload = match read_payload(rd, &header).await {
-            Ok(p) => p,
+        let buf = self.shared.buffers.take(header.payload_len as usize);
+        let (payload, crc) = match read_payload_summed(rd, &header, buf).await {
+            Ok(read) => read,
             Err(e) => {
                 // Counted once, as the handoff's failure.
                 self.inbound.fail(id, e).await?;
@@ -355,8 +376,44 @@ impl ReceivingStream<'_> {
         };
         stats.add_received(payload.len());
         stats.frame_received();
-        self.inbound.deliver_segment(header, payload).await
+        self.inbound.deliver_summed(header, payload, crc).await
     }
+}
+
+/// Bytes of a payload read (and checksummed) at a time: small enough that a piece is still in
+/// the core's cache when its crc32c is computed.
+const SUM_PIECE: usize = 128 << 10;
+
+/// Reads a frame's payload, whose length the verified header bounds, into `buf` (empty; a
+/// recycled buffer or a fresh one), computing its crc32c a piece at a time as it arrives.
+/// Returns the payload and its crc32c.
+async fn read_payload_summed<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    header: &FrameHeader,
+    mut buf: Vec<u8>,
+) -> Result<(Vec<u8>, u32)> {
+    let len = header.payload_len as usize;
+    buf.clear();
+    buf.reserve_exact(len);
+    let mut crc = 0;
+    while buf.len() < len {
+        let at = buf.len();
+        let piece = (len - at).min(SUM_PIECE) as u64;
+        // Reads into the buffer's spare capacity: nothing is zeroed first.
+        let n = (&mut *rd)
+            .take(piece)
+            .read_buf(&mut buf)
+            .await
+            .map_err(io_err("read frame payload"))?;
+        if n == 0 {
+            return Err(Error::PeerClosed {
+                during: "inside a frame payload",
+                handoff: Some(header.handoff),
+            });
+        }
+        crc = crc32c::crc32c_append(crc, &buf[at..]);
+    }
+    Ok((buf, crc))
 }
 
 /// Reads and drops `len` bytes; returns how many there were before the stream ended.

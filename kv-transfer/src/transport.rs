@@ -570,20 +570,9 @@ impl<'a> Inbound<'a> {
         Ok(())
     }
 
-    /// Verifies the payload of an admitted frame and hands the segment to the consumer, then
-    /// `Complete` if it was the handoff's last; a payload that fails its checksum fails the
-    /// handoff instead.
-    pub(crate) async fn deliver_segment(
-        &self,
-        header: FrameHeader,
-        payload: Vec<u8>,
-    ) -> Result<()> {
-        let crc = crc32c::crc32c(&payload);
-        self.deliver_summed(header, payload, crc).await
-    }
-
-    /// [`Inbound::deliver_segment`] for a payload whose crc32c `computed` was taken while it
-    /// was copied in.
+    /// Verifies the payload of an admitted frame against `computed`, the crc32c taken while it
+    /// was read or copied in, and hands the segment to the consumer, then `Complete` if it was
+    /// the handoff's last; a payload that fails its checksum fails the handoff instead.
     pub(crate) async fn deliver_summed(
         &self,
         header: FrameHeader,

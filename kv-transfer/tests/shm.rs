@@ -173,6 +173,11 @@ async fn shm_round_trips_random_block_sets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shm_recycled_buffers_carry_later_frames_intact() {
+    conformance::recycled_buffers_carry_later_frames_intact(&Shm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shm_concurrent_handoffs_complete_independently() {
     conformance::concurrent_handoffs_complete_independently(&Shm).await;
 }

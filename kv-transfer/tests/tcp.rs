@@ -99,6 +99,11 @@ async fn tcp_round_trips_random_block_sets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_recycled_buffers_carry_later_frames_intact() {
+    conformance::recycled_buffers_carry_later_frames_intact(&Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_concurrent_handoffs_complete_independently() {
     conformance::concurrent_handoffs_complete_independently(&Tcp).await;
 }

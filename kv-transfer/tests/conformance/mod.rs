@@ -264,6 +264,52 @@ pub async fn round_trip_random_block_sets<B: Backend>(backend: &B, seed: u64) {
     assert_eq!(r.failures, [0; FailureReason::ALL.len()]);
 }
 
+/// Payload buffers the consumer hands back ([`KvReceiver::recycle`]) carry later frames intact,
+/// whatever a buffer held before and whatever its size, and are reused rather than replaced.
+pub async fn recycled_buffers_carry_later_frames_intact<B: Backend>(backend: &B) {
+    let d = big_model();
+    let (receiver, mut rx, sender) = backend
+        .pair(d.clone(), d.clone(), PairOptions::default())
+        .await;
+    let sender = sender.expect("connect");
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let handoff = HandoffId(1);
+    // 4 blocks of 16 tokens: 256 KiB per layer, sent whole on even layers and as 64 KiB and
+    // 192 KiB on odd ones, so a buffer holds a smaller frame, then a larger one again.
+    let tokens = 64;
+    receiver
+        .expect(handoff, Expectation::whole_sequence(&d, tokens))
+        .expect("expect");
+    let mut last_buffer = None;
+    for layer in d.layers.clone() {
+        let cuts: &[u32] = if layer % 2 == 0 { &[0, 4] } else { &[0, 1, 4] };
+        for run in cuts.windows(2) {
+            let blocks = run[0]..run[1];
+            let s = segment(&d, handoff, layer, blocks, tokens, &mut rng);
+            sender.send(&s).await.expect("send");
+            let Delivery::Segment(got) = next(&mut rx).await else {
+                panic!("expected a segment of layer {layer}");
+            };
+            assert!(
+                got.chunk.data == s.chunk.data,
+                "layer {layer}: bytes differ"
+            );
+            if let Some(at) = last_buffer {
+                assert_eq!(
+                    got.chunk.data.as_ptr(),
+                    at,
+                    "layer {layer}: the recycled buffer was not reused"
+                );
+            }
+            last_buffer = Some(got.chunk.data.as_ptr());
+            receiver.recycle(got.chunk.data);
+        }
+    }
+    assert!(matches!(next(&mut rx).await, Delivery::Complete(h) if h == handoff));
+    let r = receiver.stats().snapshot();
+    assert_eq!(r.failures, [0; FailureReason::ALL.len()]);
+}
+
 /// Several handoffs sent at once from several tasks interleave on the streams; each completes
 /// on its own, after all of its own segments.
 pub async fn concurrent_handoffs_complete_independently<B: Backend>(backend: &B) {
