@@ -33,7 +33,7 @@ use serde::Serialize;
 
 /// A cluster shape the experiment compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Setup {
     /// 1 prefill worker pinned to CPU 0, 1 decode worker pinned to CPU 1.
     Pinned,

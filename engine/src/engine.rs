@@ -321,24 +321,57 @@ impl Engine {
             })
             .collect::<Result<_>>()?;
         let cache = &self.cache;
+        let model = &self.model;
+        let seq_inputs = &inputs;
+        // A step is a few hundred small kernel and tensor calls, each split over rayon's
+        // workers. Run from the caller's thread, every call hands work to a worker and waits for
+        // it (and the caller competes with both workers for the cores); run on a worker, the
+        // step's calls split by work stealing, and the caller is woken once per step.
         let logits = if exported.is_empty() {
-            // A step is a few hundred small kernel and tensor calls, each split over rayon's
-            // workers. Run from the caller's thread, every call hands work to a worker and waits
-            // for it (and the caller competes with both workers for the cores); run on a worker,
-            // the step's calls split by work stealing, and the caller is woken once per step.
-            let model = &self.model;
-            let inputs = &inputs;
-            rayon::scope(|_| model.forward(cache, inputs, &mut |_| Ok(())))?
+            rayon::scope(|_| model.forward(cache, seq_inputs, &mut |_| Ok(())))?
         } else {
-            // The sink belongs to the caller's thread (it need not be `Send`): steps that export
-            // KV run there.
-            let mut on_layer = |l: usize| -> Result<()> {
-                for (id, table, len, blocks) in &exported {
-                    sink(*id, cache.export(l, table, *len, blocks.clone())?)?;
+            // The forward pass runs on a worker as above, and sends each layer's chunks here:
+            // the sink belongs to the caller's thread (it need not be `Send`). Running the whole
+            // step on the caller's thread instead made a 2048-token prefill that exports 40%
+            // slower than one that does not (`baton bench transfer`, 2026-11-24). A slow sink
+            // no longer holds the pass back; at most this step's chunks wait in the channel.
+            let (chunks, landed) = std::sync::mpsc::channel::<(SeqId, KvChunk)>();
+            let mut forward = None;
+            let mut sunk = Ok(());
+            rayon::in_place_scope(|scope| {
+                let forward = &mut forward;
+                let exported = &exported;
+                scope.spawn(move |_| {
+                    *forward = Some(model.forward(cache, seq_inputs, &mut |l| {
+                        for (id, table, len, blocks) in exported {
+                            let chunk = cache.export(l, table, *len, blocks.clone())?;
+                            // The caller stopped taking chunks: its sink failed, and that
+                            // error, not this one, is the step's.
+                            if chunks.send((*id, chunk)).is_err() {
+                                return Err(Error::Backend(candle_core::Error::Msg(
+                                    "the export sink stopped".into(),
+                                )));
+                            }
+                        }
+                        Ok(())
+                    }));
+                });
+                // Ends when the forward pass drops its sender, finished or failed.
+                for (id, chunk) in landed.iter() {
+                    if let Err(e) = sink(id, chunk) {
+                        sunk = Err(e);
+                        break;
+                    }
                 }
-                Ok(())
-            };
-            self.model.forward(cache, &inputs, &mut on_layer)?
+                drop(landed);
+            });
+            sunk?;
+            // The scope ends only after the spawned pass has run (a panic there resumes here).
+            forward.ok_or_else(|| {
+                Error::Backend(candle_core::Error::Msg(
+                    "the forward pass did not run".into(),
+                ))
+            })??
         };
         drop(inputs);
         let mut out = Vec::with_capacity(items.len());
