@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_engine::{Fingerprint, KvChunk, KvDType, LayoutDescriptor};
 use baton_kv_transfer::{
     Delivery, Expectation, HandoffId, KvReceiver, KvSegment, KvSender, Shard, TcpConfig,
     TcpReceiver, TcpSender,
@@ -24,58 +23,8 @@ use baton_kv_transfer::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-fn layout() -> LayoutDescriptor {
-    LayoutDescriptor {
-        fingerprint: Fingerprint([7; 32]),
-        dtype: KvDType::F32,
-        block_size: 16,
-        num_layers: 30,
-        layers: 0..30,
-        num_kv_heads: 3,
-        kv_heads: 0..3,
-        head_dim: 64,
-    }
-}
-
-fn segments(d: &LayoutDescriptor, tokens: u32, run_tokens: u32) -> Vec<KvSegment> {
-    let per_token = 2 * (d.kv_heads.len() as u32 * d.head_dim) as usize * d.dtype.size();
-    let mut out = Vec::new();
-    let mut fill = 0u8;
-    for layer in d.layers.clone() {
-        let mut first = 0;
-        while first < tokens {
-            let n = run_tokens.min(tokens - first);
-            let data = (0..n as usize * per_token)
-                .map(|i| {
-                    fill = fill.wrapping_add(1);
-                    (i as u8) ^ fill
-                })
-                .collect();
-            out.push(KvSegment {
-                handoff: HandoffId(0),
-                kv_heads: d.kv_heads.clone(),
-                chunk: KvChunk {
-                    layer,
-                    first_block: first / d.block_size,
-                    num_blocks: n.div_ceil(d.block_size),
-                    tokens: n,
-                    data,
-                },
-            });
-            first += n;
-        }
-    }
-    out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn gbps(bytes: usize, t: Duration) -> f64 {
-    bytes as f64 / t.as_secs_f64() / 1e9
-}
+mod common;
+use common::{gbps, layout, median, segments};
 
 async fn raw(
     writer: &mut TcpStream,
