@@ -15,12 +15,12 @@
 use std::time::Instant;
 
 use baton_kv_transfer::{
-    Delivery, Expectation, HandoffId, KvReceiver, KvSender, Shard, ShmConfig, ShmReceiver,
-    ShmSender, max_blocks_per_segment,
+    Expectation, HandoffId, KvReceiver, Shard, ShmConfig, ShmReceiver, ShmSender,
+    max_blocks_per_segment,
 };
 
 mod common;
-use common::{gbps, layout, median, segments};
+use common::{gbps, layout, median, segments, send_and_consume};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -66,30 +66,8 @@ fn main() -> anyhow::Result<()> {
                 s.handoff = id;
             }
             receiver.expect(id, Expectation::whole_sequence(&d, tokens))?;
-            let (rx_back, t_shm) = rt.block_on(async {
-                let receiver = receiver.clone();
-                let consumer = tokio::spawn(async move {
-                    let mut got = 0;
-                    loop {
-                        match rx.recv().await {
-                            Some(Delivery::Segment(s)) => {
-                                got += s.chunk.data.len();
-                                receiver.recycle(s.chunk.data);
-                            }
-                            Some(Delivery::Complete(_)) => break,
-                            other => panic!("unexpected {other:?}"),
-                        }
-                    }
-                    (rx, got, Instant::now())
-                });
-                let started = Instant::now();
-                for s in &segs {
-                    sender.send(s).await?;
-                }
-                let (rx, got, done) = consumer.await?;
-                anyhow::ensure!(got == bytes, "{got} of {bytes} bytes delivered");
-                anyhow::Ok((rx, done - started))
-            })?;
+            let (rx_back, t_shm) =
+                rt.block_on(send_and_consume(&receiver, rx, &sender, &segs, bytes))?;
             rx = rx_back;
             if r > 0 {
                 copy.push(gbps(bytes, t_copy));

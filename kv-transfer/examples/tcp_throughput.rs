@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_kv_transfer::{
-    Delivery, Expectation, HandoffId, KvReceiver, KvSegment, KvSender, Shard, TcpConfig,
-    TcpReceiver, TcpSender,
+    Expectation, HandoffId, KvReceiver, KvSegment, Shard, TcpConfig, TcpReceiver, TcpSender,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 mod common;
-use common::{gbps, layout, median, segments};
+use common::{gbps, layout, median, segments, send_and_consume};
 
 async fn raw(
     writer: &mut TcpStream,
@@ -104,30 +103,8 @@ fn main() -> anyhow::Result<()> {
                     s.handoff = id;
                 }
                 receiver.expect(id, Expectation::whole_sequence(&d, tokens))?;
-                let (rx_back, t) = rt.block_on(async {
-                    let receiver = receiver.clone();
-                    let consumer = tokio::spawn(async move {
-                        let mut got = 0;
-                        loop {
-                            match rx.recv().await {
-                                Some(Delivery::Segment(s)) => {
-                                    got += s.chunk.data.len();
-                                    receiver.recycle(s.chunk.data);
-                                }
-                                Some(Delivery::Complete(_)) => break,
-                                other => panic!("unexpected {other:?}"),
-                            }
-                        }
-                        (rx, got, Instant::now())
-                    });
-                    let started = Instant::now();
-                    for s in &segs {
-                        sender.send(s).await?;
-                    }
-                    let (rx, got, done) = consumer.await?;
-                    anyhow::ensure!(got == bytes, "{got} of {bytes} bytes delivered");
-                    anyhow::Ok((rx, done - started))
-                })?;
+                let (rx_back, t) =
+                    rt.block_on(send_and_consume(&receiver, rx, &sender, &segs, bytes))?;
                 rx = rx_back;
                 t_baton = t;
             }

@@ -1,10 +1,12 @@
 //! What the throughput examples share: synthetic KV shaped like SmolLM2-135M's and the
 //! arithmetic of their reports.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use baton_engine::{Fingerprint, KvChunk, KvDType, LayoutDescriptor};
-use baton_kv_transfer::{HandoffId, KvSegment};
+use baton_kv_transfer::{Delivery, HandoffId, KvReceiver, KvSegment, KvSender};
+use tokio::sync::mpsc;
 
 pub fn layout() -> LayoutDescriptor {
     LayoutDescriptor {
@@ -57,4 +59,38 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn gbps(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
+}
+
+/// Sends `segs` (one handoff `receiver` already expects) and consumes the deliveries as the
+/// decode worker does, recycling each payload. Returns the delivery channel and the time from
+/// the first send to the last delivery consumed.
+pub async fn send_and_consume<R: KvReceiver + 'static>(
+    receiver: &Arc<R>,
+    mut rx: mpsc::Receiver<Delivery>,
+    sender: &impl KvSender,
+    segs: &[KvSegment],
+    bytes: usize,
+) -> anyhow::Result<(mpsc::Receiver<Delivery>, Duration)> {
+    let receiver = receiver.clone();
+    let consumer = tokio::spawn(async move {
+        let mut got = 0;
+        loop {
+            match rx.recv().await {
+                Some(Delivery::Segment(s)) => {
+                    got += s.chunk.data.len();
+                    receiver.recycle(s.chunk.data);
+                }
+                Some(Delivery::Complete(_)) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (rx, got, Instant::now())
+    });
+    let started = Instant::now();
+    for s in segs {
+        sender.send(s).await?;
+    }
+    let (rx, got, done) = consumer.await?;
+    anyhow::ensure!(got == bytes, "{got} of {bytes} bytes delivered");
+    Ok((rx, done - started))
 }
