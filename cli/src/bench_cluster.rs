@@ -211,9 +211,12 @@ pub fn repeats_for(len: usize, repeats: usize, long_repeats: usize) -> usize {
     if len >= 4096 { long_repeats } else { repeats }.max(1)
 }
 
-fn base_tokens(model: &Path) -> anyhow::Result<Vec<u32>> {
-    let tokenizer = baton_text::Tokenizer::load(model)
-        .with_context(|| format!("load the tokenizer of {}", model.display()))?;
+fn tokenizer(model: &Path) -> anyhow::Result<baton_text::Tokenizer> {
+    baton_text::Tokenizer::load(model)
+        .with_context(|| format!("load the tokenizer of {}", model.display()))
+}
+
+fn base_tokens(tokenizer: &baton_text::Tokenizer) -> anyhow::Result<Vec<u32>> {
     let text = "The quick brown fox jumps over the lazy dog while the river runs past an old \
                 mill, and the miller counts the sacks of grain that the farmers brought in. ";
     let ids = tokenizer.encode(&text.repeat(8), false)?;
@@ -513,7 +516,7 @@ pub fn handoff(args: HandoffArgs) -> anyhow::Result<()> {
         bail!("--max-tokens must be at least 2 (a pull handoff moves the KV for the second token)");
     }
     let model = crate::model_path::resolve(args.model.clone())?;
-    let base = base_tokens(&model)?;
+    let base = base_tokens(&tokenizer(&model)?)?;
     let mut configs = vec![Config {
         name: "aggregated".into(),
         transport: None,
@@ -753,7 +756,8 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
         bail!("--requests, --prompt-tokens and --max-tokens must be positive");
     }
     let model = crate::model_path::resolve(args.model.clone())?;
-    let base = base_tokens(&model)?;
+    let tokenizer = tokenizer(&model)?;
+    let base = base_tokens(&tokenizer)?;
     let rt = runtime()?;
     let mut procs = children();
     let decode = match args.worker {
@@ -773,8 +777,6 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
                     "--worker-cpus pins a worker process; the constant stand-in runs in this one"
                 );
             }
-            let tokenizer = baton_text::Tokenizer::load(&model)
-                .with_context(|| format!("load the tokenizer of {}", model.display()))?;
             rt.block_on(
                 crate::standin::StandIn {
                     max_context: 2048,

@@ -566,9 +566,6 @@ fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
         .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))
 }
 
-/// What a handoff pins on a worker (a decode worker's reservation, a prefill worker's pull
-/// source) while the coordinator sets the request up. Dropped before [`Pinned::taken_over`],
-/// it frees the blocks at once rather than at the lease's expiry.
 /// Runs `work` (a push prefill) while renewing `handoff`'s reservation on `decode` every third
 /// of the lease TTL. The decode worker renews the lease itself on every segment that lands, but
 /// nothing lands while the prompt waits in the prefill worker's queue, which under load can take
@@ -612,6 +609,9 @@ async fn renewing<T>(
     }
 }
 
+/// What a handoff pins on a worker (a decode worker's reservation, a prefill worker's pull
+/// source) while the coordinator sets the request up. Dropped before [`Pinned::taken_over`],
+/// it frees the blocks at once rather than at the lease's expiry.
 struct Pinned {
     worker: Arc<Worker>,
     handoff: u64,
