@@ -13,7 +13,8 @@
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{KvDType, ModelConfig};
@@ -233,6 +234,96 @@ impl Drop for BlockTable {
     }
 }
 
+/// `len` consecutive rows of a step's new K and V, from `row`, go to cache slots from `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowRun {
+    pub slot: usize,
+    pub row: usize,
+    pub len: usize,
+}
+
+/// The in-place copy behind [`KvCache::write_rows`] on the CPU: `(kv_heads, rows, head_dim)`
+/// source rows into a `(kv_heads, slots, head_dim)` cache tensor of the same dtype.
+struct WriteRows<'a>(&'a [RowRun]);
+
+impl InplaceOp2 for WriteRows<'_> {
+    fn name(&self) -> &'static str {
+        "baton-kv-write"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (heads, slots, d) = dst_l.shape().dims3()?;
+        let (src_heads, rows, src_d) = src_l.shape().dims3()?;
+        if (src_heads, src_d) != (heads, d) {
+            candle_core::bail!("kv write: rows {src_l:?} do not fit cache {dst_l:?}");
+        }
+        let (Some((d0, d1)), Some((s0, s1))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            candle_core::bail!("kv write: cache {dst_l:?} or rows {src_l:?} not contiguous");
+        };
+        let shape = CopyShape {
+            heads,
+            slots,
+            rows,
+            d,
+        };
+        match (dst, src) {
+            (CpuStorage::F32(dst), CpuStorage::F32(src)) => {
+                copy_rows(&mut dst[d0..d1], &src[s0..s1], shape, self.0)
+            }
+            (CpuStorage::F16(dst), CpuStorage::F16(src)) => {
+                copy_rows(&mut dst[d0..d1], &src[s0..s1], shape, self.0)
+            }
+            (CpuStorage::BF16(dst), CpuStorage::BF16(src)) => {
+                copy_rows(&mut dst[d0..d1], &src[s0..s1], shape, self.0)
+            }
+            (dst, src) => candle_core::bail!(
+                "kv write: rows of {:?} into a {:?} cache",
+                src.dtype(),
+                dst.dtype()
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CopyShape {
+    heads: usize,
+    slots: usize,
+    rows: usize,
+    d: usize,
+}
+
+fn copy_rows<T: Copy>(
+    dst: &mut [T],
+    src: &[T],
+    CopyShape {
+        heads,
+        slots,
+        rows,
+        d,
+    }: CopyShape,
+    runs: &[RowRun],
+) -> candle_core::Result<()> {
+    for run in runs {
+        if run.slot + run.len > slots || run.row + run.len > rows {
+            candle_core::bail!("kv write: {run:?} outside {rows} rows or {slots} slots");
+        }
+        for h in 0..heads {
+            dst[(h * slots + run.slot) * d..][..run.len * d]
+                .copy_from_slice(&src[(h * rows + run.row) * d..][..run.len * d]);
+        }
+    }
+    Ok(())
+}
+
 /// The KV tensors of every layer, and the pool that hands out their blocks.
 #[derive(Debug)]
 pub struct KvCache {
@@ -332,6 +423,27 @@ impl KvCache {
         Ok(runs)
     }
 
+    /// Where rows `row..row + (positions.end - positions.start)` of a step's new K and V go:
+    /// the runs of [`KvCache::runs`] for those positions, with each run's first row in place of
+    /// its first position, appended to `out`.
+    pub(crate) fn row_runs(
+        &self,
+        table: &BlockTable,
+        positions: Range<usize>,
+        row: usize,
+        out: &mut Vec<RowRun>,
+    ) -> Result<()> {
+        let start = positions.start;
+        for (slot, pos, len) in self.runs(table, positions)? {
+            out.push(RowRun {
+                slot,
+                row: row + pos - start,
+                len,
+            });
+        }
+        Ok(())
+    }
+
     /// Writes K and V, each `(kv_heads, n, head_dim)`, for positions `start..start + n`.
     pub(crate) fn write(
         &self,
@@ -341,35 +453,49 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<()> {
-        let n = k.dim(1)?;
+        let mut runs = Vec::new();
+        self.row_runs(table, start..start + k.dim(1)?, 0, &mut runs)?;
+        self.write_rows(layer, &runs, k, v)
+    }
+
+    /// Writes rows of K and V, each `(kv_heads, rows, head_dim)`, into the slots `runs` name:
+    /// one in-place copy per tensor on the CPU, whatever the number of sequences and blocks.
+    pub(crate) fn write_rows(
+        &self,
+        layer: usize,
+        runs: &[RowRun],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
         let (k, v) = (
-            k.to_dtype(self.dtype.candle())?,
-            v.to_dtype(self.dtype.candle())?,
+            k.to_dtype(self.dtype.candle())?.contiguous()?,
+            v.to_dtype(self.dtype.candle())?.contiguous()?,
         );
-        for (slot, pos, len) in self.runs(table, start..start + n)? {
-            let at = pos - start;
-            self.k[layer].slice_set(&k.narrow(1, at, len)?.contiguous()?, 1, slot)?;
-            self.v[layer].slice_set(&v.narrow(1, at, len)?.contiguous()?, 1, slot)?;
+        for (store, rows) in [(&self.k[layer], &k), (&self.v[layer], &v)] {
+            if store.device().is_cpu() {
+                store.inplace_op2(rows, &WriteRows(runs))?;
+            } else {
+                for run in runs {
+                    store.slice_set(&rows.narrow(1, run.row, run.len)?, 1, run.slot)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Slot index of every position `0..len` of a table.
-    pub(crate) fn slots(&self, table: &BlockTable, len: usize) -> Vec<u32> {
+    pub(crate) fn slots(&self, table: &BlockTable, len: usize) -> Result<Vec<u32>> {
         let bs = self.block_size;
-        (0..len)
-            .map(|p| table.blocks()[p / bs].0 * bs as u32 + (p % bs) as u32)
-            .collect()
-    }
-
-    /// [`KvCache::slots`] as a tensor, for [`KvCache::gather`].
-    pub(crate) fn slot_ids(
-        &self,
-        table: &BlockTable,
-        len: usize,
-        device: &Device,
-    ) -> Result<Tensor> {
-        Ok(Tensor::from_vec(self.slots(table, len), len, device)?)
+        let blocks = table.blocks();
+        if len.div_ceil(bs) > blocks.len() {
+            return Err(Error::KvImport(format!(
+                "positions up to {len} exceed the {} blocks reserved",
+                blocks.len()
+            )));
+        }
+        Ok((0..len)
+            .map(|p| blocks[p / bs].0 * bs as u32 + (p % bs) as u32)
+            .collect())
     }
 
     /// Runs `f` on layer `layer`'s K and V storage as f32 slices, each `(kv_heads, slots,
@@ -538,6 +664,47 @@ mod tests {
         assert!(matches!(err, Error::KvCacheFull { needed: 2, free: 1 }));
         assert_eq!(b.len(), 0);
         assert_eq!(pool.free_blocks(), 1);
+    }
+
+    #[test]
+    fn rows_land_in_their_slots_head_by_head() {
+        // 2 heads, 6 slots, d = 2; 3 new rows: rows 0..2 to slots 4..6 (the end of one block),
+        // row 2 to slot 0 (another sequence, or the next block).
+        let (heads, slots, rows, d) = (2, 6, 3, 2);
+        let src: Vec<u32> = (0..(heads * rows * d) as u32).collect();
+        let mut dst = vec![u32::MAX; heads * slots * d];
+        let runs = [
+            RowRun {
+                slot: 4,
+                row: 0,
+                len: 2,
+            },
+            RowRun {
+                slot: 0,
+                row: 2,
+                len: 1,
+            },
+        ];
+        let shape = CopyShape {
+            heads,
+            slots,
+            rows,
+            d,
+        };
+        copy_rows(&mut dst, &src, shape, &runs).expect("runs fit");
+        let m = u32::MAX;
+        #[rustfmt::skip]
+        let want = vec![
+            4, 5, m, m, m, m, m, m, 0, 1, 2, 3, // head 0: src rows 2 | -, -, - | 0, 1
+            10, 11, m, m, m, m, m, m, 6, 7, 8, 9, // head 1
+        ];
+        assert_eq!(dst, want);
+        let outside = [RowRun {
+            slot: 5,
+            row: 0,
+            len: 2,
+        }];
+        assert!(copy_rows(&mut dst, &src, shape, &outside).is_err());
     }
 
     #[derive(Debug, Clone)]

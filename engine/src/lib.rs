@@ -14,6 +14,7 @@ mod error;
 pub mod kernels;
 pub mod kv;
 mod model;
+mod swiglu;
 mod weights;
 
 // The text layer lives in its own crate so the coordinator can tokenize without the engine; the

@@ -14,7 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use crate::Result;
 use crate::attention::{DecodeShape, decode_attention};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
-use crate::kv::{BlockTable, KvCache};
+use crate::kv::{BlockTable, KvCache, RowRun};
+use crate::swiglu::swiglu;
 use crate::weights::{LayerWeights, ModelWeights, Phase};
 
 /// One sequence's share of a step.
@@ -33,6 +34,17 @@ pub(crate) struct Model {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+}
+
+/// What one group's attention needs of the step beyond the layer, computed once per step: its
+/// rows, their rotary rows, and the cache slots they write and read.
+struct GroupStep<'a> {
+    group: &'a Group,
+    seqs: &'a [SeqInput<'a>],
+    cos_sin: &'a (Tensor, Tensor),
+    new_slots: &'a [RowRun],
+    /// Each member's context slots in position order, its new tokens' included.
+    context: &'a [Vec<u32>],
 }
 
 /// Rows of one matrix-multiply group: sequence indices and their row offsets.
@@ -94,34 +106,41 @@ impl Model {
         let groups = Self::groups(seqs);
         let mut xs = Vec::with_capacity(groups.len());
         let mut cos_sin = Vec::with_capacity(groups.len());
+        // Cache slots each group writes and reads, the same for every layer.
+        let mut new_slots = Vec::with_capacity(groups.len());
+        let mut context = Vec::with_capacity(groups.len());
         for g in &groups {
             let mut ids = Vec::with_capacity(g.rows);
             let mut pos = Vec::with_capacity(g.rows);
-            for &(i, _) in &g.members {
+            let mut runs = Vec::with_capacity(g.members.len());
+            for &(i, row) in &g.members {
                 let s = &seqs[i];
                 ids.extend_from_slice(s.tokens);
                 pos.extend((s.start..s.start + s.tokens.len()).map(|p| p as u32));
+                cache.row_runs(s.table, s.start..s.start + s.tokens.len(), row, &mut runs)?;
             }
+            new_slots.push(runs);
+            context.push(
+                g.members
+                    .iter()
+                    .map(|&(i, _)| cache.slots(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
+                    .collect::<Result<Vec<_>>>()?,
+            );
             let ids = Tensor::from_vec(ids, g.rows, &self.device)?;
             xs.push(self.weights.embedding.forward(&ids)?);
             cos_sin.push(self.rope_rows(&pos)?);
         }
-        // Slot ids of each prefill sequence's whole context, shared by every layer (decode rows
-        // read the cache in place through `paged_decode_attention` and build their own lists).
-        let slots = seqs
-            .iter()
-            .map(|s| match s.phase {
-                Phase::Prefill => cache
-                    .slot_ids(s.table, s.start + s.tokens.len(), &self.device)
-                    .map(Some),
-                Phase::Decode => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
-
         for (l, layer) in self.weights.layers.iter().enumerate() {
             for (gi, g) in groups.iter().enumerate() {
                 let x = &xs[gi];
-                let attn = self.attention(layer, l, x, g, seqs, &slots, &cos_sin[gi], cache)?;
+                let step = GroupStep {
+                    group: g,
+                    seqs,
+                    cos_sin: &cos_sin[gi],
+                    new_slots: &new_slots[gi],
+                    context: &context[gi],
+                };
+                let attn = self.attention(layer, l, x, &step, cache)?;
                 let x = (x + layer.o.forward(&attn, g.phase)?)?;
                 let h = rms_norm(&x, &layer.ffn_norm, self.config().rms_norm_eps)?;
                 let (gate, up) = match &layer.gate_up {
@@ -134,8 +153,7 @@ impl Model {
                         layer.up.forward(&h, g.phase)?,
                     ),
                 };
-                let gate = candle_nn::ops::silu(&gate)?;
-                let x = (&x + layer.down.forward(&(gate * up)?, g.phase)?)?;
+                let x = (&x + layer.down.forward(&swiglu(&gate, &up)?, g.phase)?)?;
                 xs[gi] = x;
             }
             on_layer(l)?;
@@ -187,18 +205,21 @@ impl Model {
         ))
     }
 
-    #[allow(clippy::too_many_arguments)] // one layer's view of the step; a struct would only rename it
     fn attention(
         &self,
         layer: &LayerWeights,
         l: usize,
         x: &Tensor,
-        g: &Group,
-        seqs: &[SeqInput],
-        slots: &[Option<Tensor>],
-        (cos, sin): &(Tensor, Tensor),
+        step: &GroupStep,
         cache: &KvCache,
     ) -> Result<Tensor> {
+        let GroupStep {
+            group: g,
+            seqs,
+            cos_sin: (cos, sin),
+            new_slots,
+            context,
+        } = *step;
         let c = self.config();
         let (n, hd) = (g.rows, c.head_dim);
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
@@ -234,32 +255,18 @@ impl Model {
         let q = q.squeeze(0)?;
 
         let scale = (hd as f64).sqrt();
-        for &(i, row) in &g.members {
-            let s = &seqs[i];
-            let m = s.tokens.len();
-            cache.write(
-                l,
-                s.table,
-                s.start,
-                &k.narrow(1, row, m)?,
-                &v.narrow(1, row, m)?,
-            )?;
-        }
+        cache.write_rows(l, new_slots, &k, &v)?;
         if g.phase == Phase::Decode
-            && let Some(out) = self.paged_decode_attention(l, &q, g, seqs, cache)?
+            && let Some(out) = self.paged_decode_attention(l, &q, g, seqs, context, cache)?
         {
             return Ok(out);
         }
         let mut outs = Vec::with_capacity(g.members.len());
-        for &(i, row) in &g.members {
+        for (&(i, row), context) in g.members.iter().zip(context) {
             let s = &seqs[i];
             let m = s.tokens.len();
             let ctx = s.start + m;
-            let slot_ids = match &slots[i] {
-                Some(t) => t.clone(),
-                None => cache.slot_ids(s.table, ctx, &self.device)?,
-            };
-            let (kc, vc) = cache.gather(l, &slot_ids)?;
+            let (kc, vc) = cache.gather(l, &Tensor::from_slice(context, ctx, &self.device)?)?;
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
             let qs = q
                 .narrow(1, row, m)?
@@ -294,6 +301,7 @@ impl Model {
         q: &Tensor,
         g: &Group,
         seqs: &[SeqInput],
+        context: &[Vec<u32>],
         cache: &KvCache,
     ) -> Result<Option<Tensor>> {
         let c = self.config();
@@ -306,14 +314,9 @@ impl Model {
         if !self.device.is_cpu() || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1) {
             return Ok(None);
         }
-        let slots: Vec<Vec<u32>> = g
-            .members
-            .iter()
-            .map(|&(i, _)| cache.slots(seqs[i].table, seqs[i].start + 1))
-            .collect();
         // q: (heads, rows, head_dim), one row per sequence in member order.
         let qv = q.flatten_all()?.to_vec1::<f32>()?;
-        let Some(out) = cache.with_cpu_f32(l, |k, v| decode_attention(&shape, &qv, k, v, &slots))
+        let Some(out) = cache.with_cpu_f32(l, |k, v| decode_attention(&shape, &qv, k, v, context))
         else {
             return Ok(None);
         };

@@ -30,6 +30,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
+pub(crate) use parallel::for_each_range;
+
 use pack::{Packed, ROWS};
 use quant::{QuantizedRows, Row};
 
@@ -258,7 +260,12 @@ impl QuantLinear {
                 // the caller handed over for this group's exclusive use.
                 unsafe {
                     let at = dst.0.add((i + r) * self.n + g * ROWS);
-                    std::ptr::copy_nonoverlapping(out.as_ptr(), at, cols);
+                    if cols == ROWS {
+                        // A fixed-size store, not a `memmove` call for 32 bytes.
+                        at.cast::<[f32; ROWS]>().write_unaligned(*out);
+                    } else {
+                        std::ptr::copy_nonoverlapping(out.as_ptr(), at, cols);
+                    }
                 }
             }
             i += rows;

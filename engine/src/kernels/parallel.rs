@@ -1,4 +1,5 @@
-//! Splits one kernel call over the calling thread and rayon's workers.
+//! Splits one kernel call (or one fused element-wise pass, [`crate::swiglu`]) over the calling
+//! thread and rayon's workers.
 //!
 //! `rayon::join` or a parallel iterator called from outside the pool hands the whole job to a
 //! worker and blocks the caller on a condition variable: two thread handoffs per call, and a decode
