@@ -12,6 +12,8 @@ use anyhow::{Context, bail};
 use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting};
 use serde_json::json;
 
+use crate::bench_transfer::Spread;
+
 #[derive(clap::Subcommand)]
 pub enum BenchCommand {
     /// Engine throughput: prefill, single-stream and batched decode, load time, memory.
@@ -54,6 +56,10 @@ pub struct EngineArgs {
     /// Decode batch sizes to measure (the first is the single-stream figure when it is 1).
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
     batch_sizes: Vec<usize>,
+    /// Rounds of the paired batch-8 / single-stream measurement (0 skips it): each round times a
+    /// single stream and batch 8 back to back, so the ratio does not ride on machine drift.
+    #[arg(long, default_value_t = 9)]
+    paired_rounds: usize,
     /// Skip the prefill measurements (for profiling decode alone).
     #[arg(long)]
     decode_only: bool,
@@ -160,6 +166,25 @@ fn time_decode(e: &mut Engine, batch: usize, steps: usize) -> anyhow::Result<Dur
     Ok(dt)
 }
 
+/// Batch 8 over a single stream, one ratio per round: each round times `steps` decode steps of
+/// one sequence and of eight back to back, the order alternating between rounds, so a machine
+/// that speeds up or slows down between rounds moves both sides of a ratio. The ratio of
+/// aggregate tokens/s is `8 t1 / t8`.
+fn paired_batch_ratios(e: &mut Engine, rounds: usize, steps: usize) -> anyhow::Result<Vec<f64>> {
+    let mut ratios = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let (t1, t8) = if round % 2 == 0 {
+            let t1 = time_decode(e, 1, steps)?;
+            (t1, time_decode(e, 8, steps)?)
+        } else {
+            let t8 = time_decode(e, 8, steps)?;
+            (time_decode(e, 1, steps)?, t8)
+        };
+        ratios.push(8.0 * t1.as_secs_f64() / t8.as_secs_f64());
+    }
+    Ok(ratios)
+}
+
 fn rss_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
@@ -226,6 +251,12 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         let dt = best(args.repeats, || time_decode(&mut e, b, args.decode_tokens))?;
         decode.push((b, (b * args.decode_tokens) as f64 / dt.as_secs_f64()));
     }
+    let paired = if args.batch_sizes.contains(&1) && args.batch_sizes.contains(&8) {
+        paired_batch_ratios(&mut e, args.paired_rounds, args.decode_tokens)?
+    } else {
+        Vec::new()
+    };
+    let paired = (!paired.is_empty()).then(|| Spread::of(&paired));
     let prefill_at = |n: usize| prefill.iter().find(|(l, _)| *l == n).map(|(_, v)| *v);
     let decode_at = |b: usize| decode.iter().find(|(l, _)| *l == b).map(|(_, v)| *v);
     let single = decode_at(1);
@@ -240,6 +271,8 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "decode_tok_s": single,
         "aggregate_decode_tok_s": decode.iter().map(|(b, v)| (b.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "batch8_over_single": batch8_over_single,
+        "batch8_over_single_paired": paired.map(|p| p.json()),
+        "paired_rounds": args.paired_rounds,
         "rss_mib": rss_kib("VmRSS:").map(|k| k as f64 / 1024.0),
         "peak_rss_mib": rss_kib("VmHWM:").map(|k| k as f64 / 1024.0),
     });
@@ -291,7 +324,16 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         println!("{:<28} {v:>12.1}", format!("decode, batch {b} (tok/s)"));
     }
     if let Some(r) = batch8_over_single {
-        println!("{:<28} {r:>12.2}x", "batch 8 / single stream");
+        println!(
+            "{:<28} {r:>12.2}x   (of the figures above)",
+            "batch 8 / single stream"
+        );
+    }
+    if let Some(p) = paired {
+        println!(
+            "{:<28} {:>12.2}x   (median of {} paired rounds; quartiles {:.2}-{:.2}, range {:.2}-{:.2})",
+            "  paired", p.median, args.paired_rounds, p.p25, p.p75, p.min, p.max
+        );
     }
     match base("load_s") {
         Some(v) => println!(

@@ -220,17 +220,17 @@ fn paired_ratios(baseline: &[Duration], transport: &[Duration]) -> Vec<f64> {
 /// The median of a sample and how far it spreads: quartiles (linear interpolation, as numpy)
 /// and extremes.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Spread {
-    median: f64,
-    p25: f64,
-    p75: f64,
-    min: f64,
-    max: f64,
+pub(crate) struct Spread {
+    pub(crate) median: f64,
+    pub(crate) p25: f64,
+    pub(crate) p75: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
 }
 
 impl Spread {
     /// `NaN` everywhere for no values.
-    fn of(v: &[f64]) -> Self {
+    pub(crate) fn of(v: &[f64]) -> Self {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         let at = |p| percentile(&v, p);
@@ -243,7 +243,7 @@ impl Spread {
         }
     }
 
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({
             "median": self.median,
             "p25": self.p25,

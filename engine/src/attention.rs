@@ -104,12 +104,22 @@ pub(crate) fn decode_attention(
                 }
                 *inv = 1.0 / sum;
             }
-            for (t, &s) in slots.iter().enumerate() {
-                let vr = &v[(base + s as usize) * d..][..d];
-                for (j, o) in o.chunks_mut(d).enumerate() {
-                    let w = scores[j * n + t] * inv[j];
-                    for (acc, x) in o.iter_mut().zip(vr) {
-                        *acc += w * x;
+            let values = Values { v, base, d, slots };
+            match () {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` holds only when AVX is available; d is checked by the callee.
+                () if simd && d.is_multiple_of(V_CHUNK) => unsafe {
+                    weighted_values_avx(&values, scores, inv, o)
+                },
+                () => {
+                    for (t, &s) in slots.iter().enumerate() {
+                        let vr = values.row(s);
+                        for (j, o) in o.chunks_mut(d).enumerate() {
+                            let w = scores[j * n + t] * inv[j];
+                            for (acc, x) in o.iter_mut().zip(vr) {
+                                *acc += w * x;
+                            }
+                        }
                     }
                 }
             }
@@ -136,6 +146,70 @@ impl Keys<'_> {
     }
 }
 
+/// V rows of one kv head, addressed by cache slot.
+struct Values<'a> {
+    v: &'a [f32],
+    /// First slot of the kv head in `v`.
+    base: usize,
+    d: usize,
+    slots: &'a [u32],
+}
+
+impl Values<'_> {
+    fn row(&self, slot: u32) -> &[f32] {
+        &self.v[(self.base + slot as usize) * self.d..][..self.d]
+    }
+}
+
+/// How many keys ahead the weighted sum asks for a V row (the rows sit in scattered blocks).
+const PREFETCH_AHEAD: usize = 4;
+
+/// Values of a head's output the AVX weighted sum keeps in registers at once (8 registers).
+const V_CHUNK: usize = 64;
+
+/// `o[j] += (scores[j][t] * inv[j]) * V[t]` over the context, for each query head j of the
+/// group: the scalar loop's operations in its order per value (t ascending; multiply, then add),
+/// with 64 values of `o[j]` held in registers across the whole context instead of loaded and
+/// stored once per key.
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn weighted_values_avx(values: &Values<'_>, scores: &[f32], inv: &[f32], o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (d, n) = (values.d, values.slots.len());
+    assert!(d.is_multiple_of(V_CHUNK) && o.len() == inv.len() * d && scores.len() >= inv.len() * n);
+    for (j, o) in o.chunks_exact_mut(d).enumerate() {
+        for c0 in (0..d).step_by(V_CHUNK) {
+            let o = &mut o[c0..c0 + V_CHUNK];
+            // SAFETY: `o` holds V_CHUNK = 64 values: 8 unaligned 256-bit loads.
+            let mut acc: [__m256; 8] =
+                std::array::from_fn(|r| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * r)) });
+            for (t, &s) in values.slots.iter().enumerate() {
+                if let Some(&ahead) = values.slots.get(t + PREFETCH_AHEAD) {
+                    let ahead = values.row(ahead)[c0..].as_ptr();
+                    for at in (0..V_CHUNK).step_by(16) {
+                        // SAFETY: `at < 64`, inside the chunk; a prefetch never faults anyway.
+                        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.add(at).cast()) };
+                    }
+                }
+                let w = _mm256_set1_ps(scores[j * n + t] * inv[j]);
+                let row = &values.row(s)[c0..c0 + V_CHUNK];
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `row` holds 64 values; 8 * r + 8 <= 64.
+                    let x = unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * r)) };
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, x));
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                // SAFETY: as the loads above.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * r), *acc) };
+            }
+        }
+    }
+}
+
 /// The scalar dot product whose exact operation order the AVX path reproduces per lane.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(a, b)| a * b).sum::<f32>()
@@ -152,8 +226,12 @@ fn simd_available() -> bool {
     }
 }
 
-/// Scores of `MH` query heads against every key of `keys`, 8 keys per pass with one key per lane:
+/// Scores of `MH` query heads against every key of `keys`, with one key per lane:
 /// `dst[j * n + t] = dot(q[j], key t) * scale`, bit-identical to the scalar [`dot`].
+///
+/// Each lane's sum is a chain of `d` dependent additions, so one set of 8 keys leaves the
+/// adders waiting on latency; two sets of 8 keys go through the loop side by side (16 chains per
+/// head in flight), and a last set of up to 8 keys goes alone.
 ///
 /// # Safety
 /// The CPU must support AVX, and `keys.d` must be a multiple of 8.
@@ -168,59 +246,121 @@ unsafe fn scores_avx<const MH: usize>(
     use std::arch::x86_64::*;
     let (d, n) = (keys.d, keys.slots.len());
     assert!(d.is_multiple_of(8) && dst.len() == MH * n && q.iter().all(|q| q.len() == d));
-    let mut t0 = 0;
-    while t0 < n {
-        let lanes = (n - t0).min(8);
-        // Lanes past the last key repeat it; their results are dropped.
-        let rows: [*const f32; 8] =
-            std::array::from_fn(|l| keys.row(keys.slots[t0 + l.min(lanes - 1)]).as_ptr());
-        // -0.0 is the identity of f32 addition, as in `Iterator::sum`.
-        let mut acc = [_mm256_set1_ps(-0.0); MH];
-        for c in (0..d).step_by(8) {
-            // SAFETY: each row holds d values (`Keys::row` slices them) and c + 8 <= d.
-            let r: [__m256; 8] =
-                std::array::from_fn(|l| unsafe { _mm256_loadu_ps(rows[l].add(c)) });
-            // 8x8 transpose: col[i] lane l = key l's value c + i.
-            let t0_ = _mm256_unpacklo_ps(r[0], r[1]);
-            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-            let u0 = _mm256_shuffle_ps::<0x44>(t0_, t2);
-            let u1 = _mm256_shuffle_ps::<0xEE>(t0_, t2);
-            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-            let col = [
-                _mm256_permute2f128_ps::<0x20>(u0, u4),
-                _mm256_permute2f128_ps::<0x20>(u1, u5),
-                _mm256_permute2f128_ps::<0x20>(u2, u6),
-                _mm256_permute2f128_ps::<0x20>(u3, u7),
-                _mm256_permute2f128_ps::<0x31>(u0, u4),
-                _mm256_permute2f128_ps::<0x31>(u1, u5),
-                _mm256_permute2f128_ps::<0x31>(u2, u6),
-                _mm256_permute2f128_ps::<0x31>(u3, u7),
-            ];
-            for (acc, q) in acc.iter_mut().zip(&q) {
-                for (i, col) in col.iter().enumerate() {
-                    // Separate multiply and add, rounded as the scalar `a * b` then `+`.
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_set1_ps(q[c + i]), *col));
-                }
-            }
-        }
+    // Rows of keys t0..t0 + lanes; lanes past the last key repeat it, their results dropped.
+    let rows = |t0: usize, lanes: usize| -> [*const f32; 8] {
+        std::array::from_fn(|l| keys.row(keys.slots[t0 + l.min(lanes - 1)]).as_ptr())
+    };
+    let store = |dst: &mut [f32], acc: &[__m256; MH], t0: usize, lanes: usize| {
         for (j, acc) in acc.iter().enumerate() {
             let mut s = [0f32; 8];
             // SAFETY: `s` holds 8 f32, one unaligned 256-bit store.
             unsafe { _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(*acc, _mm256_set1_ps(scale))) };
             dst[j * n + t0..][..lanes].copy_from_slice(&s[..lanes]);
         }
+    };
+    // The K rows of a sequence's context are scattered over blocks (pages) that the hardware
+    // prefetcher does not cross: ask for the next keys' rows while these compute.
+    let prefetch = |from: usize, count: usize| {
+        for &slot in keys.slots.iter().skip(from).take(count) {
+            let row = keys.row(slot).as_ptr();
+            for at in (0..d).step_by(16) {
+                // SAFETY: `at < d`, inside the row; a prefetch never faults anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(at).cast()) };
+            }
+        }
+    };
+    prefetch(0, 16);
+    let mut t0 = 0;
+    while n - t0 >= 16 {
+        prefetch(t0 + 16, 16);
+        let (ra, rb) = (rows(t0, 8), rows(t0 + 8, 8));
+        // -0.0 is the identity of f32 addition, as in `Iterator::sum`.
+        let mut acc_a = [_mm256_set1_ps(-0.0); MH];
+        let mut acc_b = [_mm256_set1_ps(-0.0); MH];
+        for c in (0..d).step_by(8) {
+            // SAFETY: every row holds d values and c + 8 <= d.
+            unsafe {
+                accumulate(&mut acc_a, &q, c, transpose8(&ra, c));
+                accumulate(&mut acc_b, &q, c, transpose8(&rb, c));
+            }
+        }
+        store(dst, &acc_a, t0, 8);
+        store(dst, &acc_b, t0 + 8, 8);
+        t0 += 16;
+    }
+    while t0 < n {
+        let lanes = (n - t0).min(8);
+        let r = rows(t0, lanes);
+        let mut acc = [_mm256_set1_ps(-0.0); MH];
+        for c in (0..d).step_by(8) {
+            // SAFETY: as above.
+            unsafe { accumulate(&mut acc, &q, c, transpose8(&r, c)) };
+        }
+        store(dst, &acc, t0, lanes);
         t0 += lanes;
+    }
+}
+
+/// Values `c..c + 8` of 8 rows, transposed: lane l of register i is row l's value `c + i`.
+///
+/// # Safety
+/// The CPU must support AVX, and each row must hold at least `c + 8` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn transpose8(rows: &[*const f32; 8], c: usize) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees c + 8 values per row.
+    let r: [__m256; 8] = std::array::from_fn(|l| unsafe { _mm256_loadu_ps(rows[l].add(c)) });
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+/// `acc[j] += q[j][c + i] * col[i]` for i in 0..8, in that order, each a separate multiply and
+/// add (rounded as the scalar `a * b` then `+`).
+///
+/// # Safety
+/// The CPU must support AVX, and each `q[j]` must hold at least `c + 8` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn accumulate<const MH: usize>(
+    acc: &mut [std::arch::x86_64::__m256; MH],
+    q: &[&[f32]; MH],
+    c: usize,
+    col: [std::arch::x86_64::__m256; 8],
+) {
+    use std::arch::x86_64::*;
+    for (acc, q) in acc.iter_mut().zip(q) {
+        for (i, col) in col.iter().enumerate() {
+            // SAFETY: the caller guarantees c + 8 values per query row.
+            let qi = unsafe { *q.get_unchecked(c + i) };
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(_mm256_set1_ps(qi), *col));
+        }
     }
 }
 

@@ -49,56 +49,42 @@ pub(crate) unsafe fn q4_group<const MR: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); MR];
     for (b, tile) in tiles.iter().enumerate() {
-        // SAFETY: `Q4Tile` is 32-byte aligned with `qs` at offset 0 and `d`, `m` at 16-byte
-        // aligned offsets 128 and 144, so the aligned loads are in bounds and aligned.
-        let (w, dw, mw) = unsafe {
-            let q = tile.qs.as_ptr().cast::<__m256i>();
+        let q = tile.qs.as_ptr().cast::<__m256i>();
+        // Each maddubs lane is at most 2 * 15 * 127 = 3810 in magnitude; eight of them sum to at
+        // most 30480, so the i16 accumulation cannot saturate.
+        let mut s = [_mm256_setzero_si256(); MR];
+        // Register p: low nibbles are values 4p..4p+4, high nibbles 16+4p..16+4p+4 (per row).
+        for p in 0..4 {
+            // SAFETY: `Q4Tile` is 32-byte aligned with `qs` (128 bytes) at offset 0.
+            let w = unsafe { _mm256_load_si256(q.add(p)) };
+            let lo = _mm256_and_si256(w, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask);
+            for (s, row) in s.iter_mut().zip(x) {
+                // SAFETY: the assert above guarantees `qs` holds `blocks * 32` values, so the
+                // block's 32 bytes at `b * 32` are readable; p and p + 4 address 4 of them each.
+                let (xl, xh) = unsafe {
+                    let xq = row.qs.as_ptr().add(b * BLOCK);
+                    (bcast4(xq, p), bcast4(xq, p + 4))
+                };
+                let t =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                *s = _mm256_add_epi16(*s, t);
+            }
+        }
+        // SAFETY: `d`, `m` sit at 16-byte aligned offsets 128 and 144 of the tile.
+        let (dw, mw) = unsafe {
             (
-                [
-                    _mm256_load_si256(q),
-                    _mm256_load_si256(q.add(1)),
-                    _mm256_load_si256(q.add(2)),
-                    _mm256_load_si256(q.add(3)),
-                ],
                 _mm256_cvtph_ps(_mm_load_si128(tile.d.as_ptr().cast())),
                 _mm256_cvtph_ps(_mm_load_si128(tile.m.as_ptr().cast())),
             )
         };
-        // Register p: low nibbles are values 4p..4p+4, high nibbles 16+4p..16+4p+4 (per row).
-        let mut lo = [_mm256_setzero_si256(); 4];
-        let mut hi = [_mm256_setzero_si256(); 4];
-        for p in 0..4 {
-            lo[p] = _mm256_and_si256(w[p], mask);
-            hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(w[p]), mask);
-        }
-        for i in 0..MR {
-            let row = &x[i];
-            // SAFETY: the assert above guarantees `qs` holds `blocks * 32` values, so the block's
-            // 32 bytes at `b * 32` are readable, and `d`, `s` hold `blocks` values.
-            let (xq, dx, sx) = unsafe {
-                (
-                    row.qs.as_ptr().add(b * BLOCK),
-                    *row.d.get_unchecked(b),
-                    *row.s.get_unchecked(b),
-                )
-            };
-            // Each maddubs lane is at most 2 * 15 * 127 = 3810 in magnitude; eight of them sum
-            // to at most 30480, so the i16 accumulation cannot saturate.
-            // SAFETY: indices 0..8 address the block's 32 readable bytes (see above).
-            let s = unsafe {
-                let mut s = _mm256_maddubs_epi16(lo[0], bcast4(xq, 0));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast4(xq, 4)));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[1], bcast4(xq, 1)));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[1], bcast4(xq, 5)));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[2], bcast4(xq, 2)));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[2], bcast4(xq, 6)));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[3], bcast4(xq, 3)));
-                _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[3], bcast4(xq, 7)))
-            };
-            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+        for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
+            // SAFETY: the assert above guarantees `d` and `s` hold `blocks` values.
+            let (dx, sx) = unsafe { (*row.d.get_unchecked(b), *row.s.get_unchecked(b)) };
+            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(*s, ones));
             let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-            acc[i] = _mm256_fmadd_ps(s, scale, acc[i]);
-            acc[i] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), acc[i]);
+            *acc = _mm256_fmadd_ps(s, scale, *acc);
+            *acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), *acc);
         }
     }
     for (acc, out) in acc.iter().zip(out.iter_mut()) {
@@ -126,37 +112,31 @@ pub(crate) unsafe fn q8_group<const MR: usize>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); MR];
     for (b, tile) in tiles.iter().enumerate() {
-        // SAFETY: `Q8Tile` is 32-byte aligned and 256 bytes long, so the 8 aligned loads are in
-        // bounds; `d[b]` exists (assert above) and is 16 bytes, read unaligned.
-        let (w, dw) = unsafe {
-            let q = tile.qs.as_ptr().cast::<__m256i>();
-            let mut w = [_mm256_setzero_si256(); 8];
-            for (p, w) in w.iter_mut().enumerate() {
-                *w = _mm256_load_si256(q.add(p));
-            }
-            (
-                w,
-                _mm256_cvtph_ps(_mm_loadu_si128(d.get_unchecked(b).as_ptr().cast())),
-            )
-        };
-        // maddubs wants an unsigned operand: use |w| and move w's sign onto x.
-        let mut aw = [_mm256_setzero_si256(); 8];
+        let q = tile.qs.as_ptr().cast::<__m256i>();
+        let mut s = [_mm256_setzero_si256(); MR];
+        // One weight register (and its absolute value) live at a time, reused for every row:
+        // keeping all 8 and their 8 absolute values live across the rows spilled to the stack.
         for p in 0..8 {
-            aw[p] = _mm256_abs_epi8(w[p]);
-        }
-        for i in 0..MR {
-            let row = &x[i];
-            // SAFETY: the assert above guarantees the block's 32 bytes and `d[b]` are readable.
-            let (xq, dx) = unsafe { (row.qs.as_ptr().add(b * BLOCK), *row.d.get_unchecked(b)) };
-            let mut s = _mm256_setzero_si256();
-            for p in 0..8 {
-                // SAFETY: p < 8 addresses the block's 32 readable bytes.
-                let xp = _mm256_sign_epi8(unsafe { bcast4(xq, p) }, w[p]);
+            // SAFETY: `Q8Tile` is 32-byte aligned and 256 bytes long, so the aligned load of
+            // register p < 8 is in bounds.
+            let w = unsafe { _mm256_load_si256(q.add(p)) };
+            // maddubs wants an unsigned operand: use |w| and move w's sign onto x.
+            let aw = _mm256_abs_epi8(w);
+            for (s, row) in s.iter_mut().zip(x) {
+                // SAFETY: the assert above guarantees the block's 32 bytes are readable, and
+                // p < 8 addresses 4 of them.
+                let xp = _mm256_sign_epi8(unsafe { bcast4(row.qs.as_ptr().add(b * BLOCK), p) }, w);
                 // |w| <= 128 and |x| <= 127: a maddubs lane is at most 32512, no saturation.
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[p], xp), ones));
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xp), ones));
             }
+        }
+        // SAFETY: `d[b]` exists (assert above) and is 16 bytes, read unaligned.
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.get_unchecked(b).as_ptr().cast()) });
+        for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
+            // SAFETY: the assert above guarantees `d` holds a scale for block b.
+            let dx = unsafe { *row.d.get_unchecked(b) };
             let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[i]);
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *acc);
         }
     }
     for (acc, out) in acc.iter().zip(out.iter_mut()) {
