@@ -9,7 +9,9 @@
 //!
 //! The AVX path computes 8 keys' scores at once with one key per lane: each lane multiplies and
 //! adds in the same order as the scalar dot product (no FMA, sequential over `head_dim`), so both
-//! paths give bit-identical scores.
+//! paths give bit-identical scores. Its weighted sum of V keeps each head's output in registers
+//! across the context, adding in the scalar loop's order. A sequence's K and V rows are scattered
+//! over pool blocks, so both loops prefetch the rows they read next.
 
 use rayon::prelude::*;
 
@@ -59,7 +61,12 @@ pub(crate) fn decode_attention(
             let mut j = 0;
             while j < group {
                 let hs = if simd { (group - j).min(4) } else { 1 };
-                let keys = Keys { k, base, d, slots };
+                let keys = HeadRows {
+                    data: k,
+                    base,
+                    d,
+                    slots,
+                };
                 let dst = &mut scores[j * n..(j + hs) * n];
                 match hs {
                     #[cfg(target_arch = "x86_64")]
@@ -104,7 +111,12 @@ pub(crate) fn decode_attention(
                 }
                 *inv = 1.0 / sum;
             }
-            let values = Values { v, base, d, slots };
+            let values = HeadRows {
+                data: v,
+                base,
+                d,
+                slots,
+            };
             match () {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `simd` holds only when AVX is available; d is checked by the callee.
@@ -131,33 +143,20 @@ pub(crate) fn decode_attention(
 /// Query heads per kv head handled without a heap allocation for their sums.
 const MAX_GROUP: usize = 16;
 
-/// K rows of one kv head, addressed by cache slot.
-struct Keys<'a> {
-    k: &'a [f32],
-    /// First slot of the kv head in `k`.
+/// K or V rows of one kv head, addressed by cache slot, for one sequence's context.
+struct HeadRows<'a> {
+    /// The layer's K or V storage, `(kv_heads, cache_slots, d)`.
+    data: &'a [f32],
+    /// First slot of the kv head in `data`.
     base: usize,
     d: usize,
+    /// The context's slots in position order.
     slots: &'a [u32],
 }
 
-impl Keys<'_> {
+impl HeadRows<'_> {
     fn row(&self, slot: u32) -> &[f32] {
-        &self.k[(self.base + slot as usize) * self.d..][..self.d]
-    }
-}
-
-/// V rows of one kv head, addressed by cache slot.
-struct Values<'a> {
-    v: &'a [f32],
-    /// First slot of the kv head in `v`.
-    base: usize,
-    d: usize,
-    slots: &'a [u32],
-}
-
-impl Values<'_> {
-    fn row(&self, slot: u32) -> &[f32] {
-        &self.v[(self.base + slot as usize) * self.d..][..self.d]
+        &self.data[(self.base + slot as usize) * self.d..][..self.d]
     }
 }
 
@@ -176,7 +175,7 @@ const V_CHUNK: usize = 64;
 /// The CPU must support AVX.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
-unsafe fn weighted_values_avx(values: &Values<'_>, scores: &[f32], inv: &[f32], o: &mut [f32]) {
+unsafe fn weighted_values_avx(values: &HeadRows<'_>, scores: &[f32], inv: &[f32], o: &mut [f32]) {
     use std::arch::x86_64::*;
     let (d, n) = (values.d, values.slots.len());
     assert!(d.is_multiple_of(V_CHUNK) && o.len() == inv.len() * d && scores.len() >= inv.len() * n);
@@ -239,7 +238,7 @@ fn simd_available() -> bool {
 #[target_feature(enable = "avx")]
 unsafe fn scores_avx<const MH: usize>(
     q: [&[f32]; MH],
-    keys: &Keys<'_>,
+    keys: &HeadRows<'_>,
     scale: f32,
     dst: &mut [f32],
 ) {
