@@ -293,6 +293,8 @@ impl InplaceOp2 for WriteRows<'_> {
     }
 }
 
+/// Dimensions of one [`copy_rows`]: the cache tensor is `(heads, slots, d)`, the new rows
+/// `(heads, rows, d)`.
 #[derive(Clone, Copy)]
 struct CopyShape {
     heads: usize,
@@ -301,6 +303,8 @@ struct CopyShape {
     d: usize,
 }
 
+/// Copies each run's rows, head by head, from `src` into the cache storage `dst`; a run outside
+/// either tensor is an error, checked before it is copied.
 fn copy_rows<T: Copy>(
     dst: &mut [T],
     src: &[T],
