@@ -251,12 +251,11 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         let dt = best(args.repeats, || time_decode(&mut e, b, args.decode_tokens))?;
         decode.push((b, (b * args.decode_tokens) as f64 / dt.as_secs_f64()));
     }
-    let paired = if args.batch_sizes.contains(&1) && args.batch_sizes.contains(&8) {
-        paired_batch_ratios(&mut e, args.paired_rounds, args.decode_tokens)?
-    } else {
-        Vec::new()
-    };
-    let paired = (!paired.is_empty()).then(|| Spread::of(&paired));
+    let paired =
+        (args.paired_rounds > 0 && args.batch_sizes.contains(&1) && args.batch_sizes.contains(&8))
+            .then(|| paired_batch_ratios(&mut e, args.paired_rounds, args.decode_tokens))
+            .transpose()?
+            .map(|ratios| Spread::of(&ratios));
     let prefill_at = |n: usize| prefill.iter().find(|(l, _)| *l == n).map(|(_, v)| *v);
     let decode_at = |b: usize| decode.iter().find(|(l, _)| *l == b).map(|(_, v)| *v);
     let single = decode_at(1);

@@ -117,21 +117,18 @@ pub(crate) fn decode_attention(
                 d,
                 slots,
             };
-            match () {
-                #[cfg(target_arch = "x86_64")]
+            #[cfg(target_arch = "x86_64")]
+            if simd && d.is_multiple_of(V_CHUNK) {
                 // SAFETY: `simd` holds only when AVX is available; d is checked by the callee.
-                () if simd && d.is_multiple_of(V_CHUNK) => unsafe {
-                    weighted_values_avx(&values, scores, inv, o)
-                },
-                () => {
-                    for (t, &s) in slots.iter().enumerate() {
-                        let vr = values.row(s);
-                        for (j, o) in o.chunks_mut(d).enumerate() {
-                            let w = scores[j * n + t] * inv[j];
-                            for (acc, x) in o.iter_mut().zip(vr) {
-                                *acc += w * x;
-                            }
-                        }
+                unsafe { weighted_values_avx(&values, scores, inv, o) };
+                return;
+            }
+            for (t, &s) in slots.iter().enumerate() {
+                let vr = values.row(s);
+                for (j, o) in o.chunks_mut(d).enumerate() {
+                    let w = scores[j * n + t] * inv[j];
+                    for (acc, x) in o.iter_mut().zip(vr) {
+                        *acc += w * x;
                     }
                 }
             }
@@ -186,7 +183,8 @@ unsafe fn weighted_values_avx(values: &HeadRows<'_>, scores: &[f32], inv: &[f32]
             let mut acc: [__m256; 8] =
                 std::array::from_fn(|r| unsafe { _mm256_loadu_ps(o.as_ptr().add(8 * r)) });
             for (t, &s) in values.slots.iter().enumerate() {
-                if let Some(&ahead) = values.slots.get(t + PREFETCH_AHEAD) {
+                // The first head's pass brings the rows in; the others find them cached.
+                if let Some(&ahead) = values.slots.get(t + PREFETCH_AHEAD).filter(|_| j == 0) {
                     let ahead = values.row(ahead)[c0..].as_ptr();
                     for at in (0..V_CHUNK).step_by(16) {
                         // SAFETY: `at < 64`, inside the chunk; a prefetch never faults anyway.
@@ -225,12 +223,8 @@ fn simd_available() -> bool {
     }
 }
 
-/// Scores of `MH` query heads against every key of `keys`, with one key per lane:
+/// Scores of `MH` query heads against every key of `keys`, 8 keys per pass with one key per lane:
 /// `dst[j * n + t] = dot(q[j], key t) * scale`, bit-identical to the scalar [`dot`].
-///
-/// Each lane's sum is a chain of `d` dependent additions, so one set of 8 keys leaves the
-/// adders waiting on latency; two sets of 8 keys go through the loop side by side (16 chains per
-/// head in flight), and a last set of up to 8 keys goes alone.
 ///
 /// # Safety
 /// The CPU must support AVX, and `keys.d` must be a multiple of 8.
@@ -245,20 +239,8 @@ unsafe fn scores_avx<const MH: usize>(
     use std::arch::x86_64::*;
     let (d, n) = (keys.d, keys.slots.len());
     assert!(d.is_multiple_of(8) && dst.len() == MH * n && q.iter().all(|q| q.len() == d));
-    // Rows of keys t0..t0 + lanes; lanes past the last key repeat it, their results dropped.
-    let rows = |t0: usize, lanes: usize| -> [*const f32; 8] {
-        std::array::from_fn(|l| keys.row(keys.slots[t0 + l.min(lanes - 1)]).as_ptr())
-    };
-    let store = |dst: &mut [f32], acc: &[__m256; MH], t0: usize, lanes: usize| {
-        for (j, acc) in acc.iter().enumerate() {
-            let mut s = [0f32; 8];
-            // SAFETY: `s` holds 8 f32, one unaligned 256-bit store.
-            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(*acc, _mm256_set1_ps(scale))) };
-            dst[j * n + t0..][..lanes].copy_from_slice(&s[..lanes]);
-        }
-    };
     // The K rows of a sequence's context are scattered over blocks (pages) that the hardware
-    // prefetcher does not cross: ask for the next keys' rows while these compute.
+    // prefetcher does not cross: ask for the rows two passes ahead while this one computes.
     let prefetch = |from: usize, count: usize| {
         for &slot in keys.slots.iter().skip(from).take(count) {
             let row = keys.row(slot).as_ptr();
@@ -270,32 +252,24 @@ unsafe fn scores_avx<const MH: usize>(
     };
     prefetch(0, 16);
     let mut t0 = 0;
-    while n - t0 >= 16 {
-        prefetch(t0 + 16, 16);
-        let (ra, rb) = (rows(t0, 8), rows(t0 + 8, 8));
-        // -0.0 is the identity of f32 addition, as in `Iterator::sum`.
-        let mut acc_a = [_mm256_set1_ps(-0.0); MH];
-        let mut acc_b = [_mm256_set1_ps(-0.0); MH];
-        for c in (0..d).step_by(8) {
-            // SAFETY: every row holds d values and c + 8 <= d.
-            unsafe {
-                accumulate(&mut acc_a, &q, c, transpose8(&ra, c));
-                accumulate(&mut acc_b, &q, c, transpose8(&rb, c));
-            }
-        }
-        store(dst, &acc_a, t0, 8);
-        store(dst, &acc_b, t0 + 8, 8);
-        t0 += 16;
-    }
     while t0 < n {
+        prefetch(t0 + 16, 8);
         let lanes = (n - t0).min(8);
-        let r = rows(t0, lanes);
+        // Lanes past the last key repeat it; their results are dropped.
+        let rows: [*const f32; 8] =
+            std::array::from_fn(|l| keys.row(keys.slots[t0 + l.min(lanes - 1)]).as_ptr());
+        // -0.0 is the identity of f32 addition, as in `Iterator::sum`.
         let mut acc = [_mm256_set1_ps(-0.0); MH];
         for c in (0..d).step_by(8) {
-            // SAFETY: as above.
-            unsafe { accumulate(&mut acc, &q, c, transpose8(&r, c)) };
+            // SAFETY: each row holds d values (`HeadRows::row` slices them) and c + 8 <= d.
+            unsafe { accumulate(&mut acc, &q, c, transpose8(&rows, c)) };
         }
-        store(dst, &acc, t0, lanes);
+        for (j, acc) in acc.iter().enumerate() {
+            let mut s = [0f32; 8];
+            // SAFETY: `s` holds 8 f32, one unaligned 256-bit store.
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), _mm256_mul_ps(*acc, _mm256_set1_ps(scale))) };
+            dst[j * n + t0..][..lanes].copy_from_slice(&s[..lanes]);
+        }
         t0 += lanes;
     }
 }

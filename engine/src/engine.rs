@@ -348,9 +348,7 @@ impl Engine {
                             // The caller stopped taking chunks: its sink failed, and that
                             // error, not this one, is the step's.
                             if chunks.send((*id, chunk)).is_err() {
-                                return Err(Error::Backend(candle_core::Error::Msg(
-                                    "the export sink stopped".into(),
-                                )));
+                                return Err(Error::Internal("the export sink stopped"));
                             }
                         }
                         Ok(())
@@ -367,11 +365,7 @@ impl Engine {
             });
             sunk?;
             // The scope ends only after the spawned pass has run (a panic there resumes here).
-            forward.ok_or_else(|| {
-                Error::Backend(candle_core::Error::Msg(
-                    "the forward pass did not run".into(),
-                ))
-            })??
+            forward.ok_or(Error::Internal("the forward pass did not run"))??
         };
         drop(inputs);
         let mut out = Vec::with_capacity(items.len());

@@ -76,6 +76,10 @@ pub enum Error {
     KvImport(String),
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),
+    /// The engine's own invariant broke (a format its plan names was not built, a thread a step
+    /// hands work to went away), not its input.
+    #[error("engine internal: {0}")]
+    Internal(&'static str),
 }
 
 impl Error {
@@ -99,7 +103,9 @@ impl Error {
             | Error::MissingMetadata { .. }
             | Error::InvalidMetadata { .. }
             | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
-            Error::UnknownSequence(_) | Error::Backend(_) => ErrorClass::Internal,
+            Error::UnknownSequence(_) | Error::Backend(_) | Error::Internal(_) => {
+                ErrorClass::Internal
+            }
         }
     }
 

@@ -489,16 +489,10 @@ impl KvCache {
 
     /// Slot index of every position `0..len` of a table.
     pub(crate) fn slots(&self, table: &BlockTable, len: usize) -> Result<Vec<u32>> {
-        let bs = self.block_size;
-        let blocks = table.blocks();
-        if len.div_ceil(bs) > blocks.len() {
-            return Err(Error::KvImport(format!(
-                "positions up to {len} exceed the {} blocks reserved",
-                blocks.len()
-            )));
-        }
-        Ok((0..len)
-            .map(|p| blocks[p / bs].0 * bs as u32 + (p % bs) as u32)
+        Ok(self
+            .runs(table, 0..len)?
+            .into_iter()
+            .flat_map(|(slot, _, n)| (slot..slot + n).map(|s| s as u32))
             .collect())
     }
 

@@ -43,8 +43,11 @@ struct GroupStep<'a> {
     seqs: &'a [SeqInput<'a>],
     cos_sin: &'a (Tensor, Tensor),
     new_slots: &'a [RowRun],
-    /// Each member's context slots in position order, its new tokens' included.
+    /// Each member's context slots in position order, its new tokens' included: read in place
+    /// by the paged decode kernel ...
     context: &'a [Vec<u32>],
+    /// ... and as tensors by the per-sequence path's gather.
+    context_ids: &'a [Tensor],
 }
 
 /// Rows of one matrix-multiply group: sequence indices and their row offsets.
@@ -109,6 +112,7 @@ impl Model {
         // Cache slots each group writes and reads, the same for every layer.
         let mut new_slots = Vec::with_capacity(groups.len());
         let mut context = Vec::with_capacity(groups.len());
+        let mut context_ids = Vec::with_capacity(groups.len());
         for g in &groups {
             let mut ids = Vec::with_capacity(g.rows);
             let mut pos = Vec::with_capacity(g.rows);
@@ -120,12 +124,18 @@ impl Model {
                 cache.row_runs(s.table, s.start..s.start + s.tokens.len(), row, &mut runs)?;
             }
             new_slots.push(runs);
-            context.push(
-                g.members
+            let slots = g
+                .members
+                .iter()
+                .map(|&(i, _)| cache.slots(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
+                .collect::<Result<Vec<_>>>()?;
+            context_ids.push(
+                slots
                     .iter()
-                    .map(|&(i, _)| cache.slots(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
-                    .collect::<Result<Vec<_>>>()?,
+                    .map(|c| Tensor::from_slice(c, c.len(), &self.device))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
             );
+            context.push(slots);
             let ids = Tensor::from_vec(ids, g.rows, &self.device)?;
             xs.push(self.weights.embedding.forward(&ids)?);
             cos_sin.push(self.rope_rows(&pos)?);
@@ -139,6 +149,7 @@ impl Model {
                     cos_sin: &cos_sin[gi],
                     new_slots: &new_slots[gi],
                     context: &context[gi],
+                    context_ids: &context_ids[gi],
                 };
                 let attn = self.attention(layer, l, x, &step, cache)?;
                 let x = (x + layer.o.forward(&attn, g.phase)?)?;
@@ -219,6 +230,7 @@ impl Model {
             cos_sin: (cos, sin),
             new_slots,
             context,
+            context_ids,
         } = *step;
         let c = self.config();
         let (n, hd) = (g.rows, c.head_dim);
@@ -262,11 +274,11 @@ impl Model {
             return Ok(out);
         }
         let mut outs = Vec::with_capacity(g.members.len());
-        for (&(i, row), context) in g.members.iter().zip(context) {
+        for (&(i, row), ids) in g.members.iter().zip(context_ids) {
             let s = &seqs[i];
             let m = s.tokens.len();
             let ctx = s.start + m;
-            let (kc, vc) = cache.gather(l, &Tensor::from_slice(context, ctx, &self.device)?)?;
+            let (kc, vc) = cache.gather(l, ids)?;
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
             let qs = q
                 .narrow(1, row, m)?

@@ -12,37 +12,29 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use crate::kernels::for_each_range;
+use crate::kernels::{OutPtr, split_over_pool};
 
 /// Below this many values one thread does the whole pass: waking a helper costs more.
 const SERIAL_VALUES: usize = 4096;
 
-/// Values per chunk handed to a thread.
-const CHUNK: usize = 1024;
-
 /// `silu(gate) * up` for two `(rows, width)` tensors; the fused pass on the CPU, candle's ops
 /// elsewhere (the CUDA build) or for layouts the pass does not read.
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
-    if rows_of(gate).is_some() && rows_of(up).is_some() && gate.dims() == up.dims() {
+    let fused = |t: &Tensor| {
+        t.device().is_cpu() && t.dtype() == DType::F32 && row_stride(t.layout()).is_some()
+    };
+    if fused(gate) && fused(up) && gate.dims() == up.dims() {
         gate.apply_op2_no_bwd(up, &SwiGlu)
     } else {
         candle_nn::ops::silu(gate)? * up
     }
 }
 
-/// `(rows, width, row stride)` of a 2-D f32 CPU tensor whose rows are each contiguous (the
-/// views `narrow` cuts out of the stacked gate|up output); None otherwise.
-fn rows_of(t: &Tensor) -> Option<(usize, usize, usize)> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
-        return None;
-    }
-    let (rows, width) = t.dims2().ok()?;
-    layout_rows(t.layout(), rows, width)
-}
-
-fn layout_rows(l: &Layout, rows: usize, width: usize) -> Option<(usize, usize, usize)> {
+/// The row stride of a 2-D layout whose rows are each contiguous (the views `narrow` cuts out of
+/// the stacked gate|up output, or a contiguous matrix); None otherwise.
+fn row_stride(l: &Layout) -> Option<usize> {
     match l.stride() {
-        [row_stride, 1] => Some((rows, width, *row_stride)),
+        [row_stride, 1] => Some(*row_stride),
         _ => None,
     }
 }
@@ -62,15 +54,12 @@ impl CustomOp2 for SwiGlu {
         up_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, width) = gate_l.shape().dims2()?;
-        let (Some((_, _, gate_stride)), Some((_, _, up_stride))) = (
-            layout_rows(gate_l, rows, width),
-            layout_rows(up_l, rows, width),
-        ) else {
-            candle_core::bail!("swiglu: rows of {gate_l:?} and {up_l:?} are not contiguous")
-        };
         if up_l.shape().dims2()? != (rows, width) {
             candle_core::bail!("swiglu: gate {gate_l:?} and up {up_l:?} differ in shape")
         }
+        let (Some(gate_stride), Some(up_stride)) = (row_stride(gate_l), row_stride(up_l)) else {
+            candle_core::bail!("swiglu: rows of {gate_l:?} and {up_l:?} are not contiguous")
+        };
         let (CpuStorage::F32(g), CpuStorage::F32(u)) = (gate, up) else {
             candle_core::bail!(
                 "swiglu: f32 inputs expected, got {:?} and {:?}",
@@ -88,56 +77,30 @@ impl CustomOp2 for SwiGlu {
         }
         let total = rows * width;
         let mut out = vec![0f32; total];
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = OutPtr::new(&mut out);
+        // Values `range` of the output, row-major, row by row.
         let run = |range: std::ops::Range<usize>| {
-            for c in range {
-                let (first, last) = (c * CHUNK, ((c + 1) * CHUNK).min(total));
-                let mut i = first;
-                while i < last {
-                    let (r, col) = (i / width, i % width);
-                    let n = (width - col).min(last - i);
-                    let gs = &g[gate_l.start_offset() + r * gate_stride + col..][..n];
-                    let us = &u[up_l.start_offset() + r * up_stride + col..][..n];
-                    // SAFETY: chunks partition 0..total, so elements i..i + n are written by
-                    // this call alone, and `out` holds `total` values while `for_each_range`
-                    // runs.
-                    let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i), n) };
-                    for ((o, &g), &u) in o.iter_mut().zip(gs).zip(us) {
-                        // candle's `silu`, then its `mul`: the same roundings in the same order.
-                        let silu = g / (1.0 + (-g).exp());
-                        *o = silu * u;
-                    }
-                    i += n;
+            let mut i = range.start;
+            while i < range.end {
+                let (r, col) = (i / width, i % width);
+                let n = (width - col).min(range.end - i);
+                let gs = &g[gate_l.start_offset() + r * gate_stride + col..][..n];
+                let us = &u[up_l.start_offset() + r * up_stride + col..][..n];
+                // SAFETY: the ranges partition 0..total, so values i..i + n are written by this
+                // call alone, and `out` holds `total` values while the split call runs.
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(i), n) };
+                for ((o, &g), &u) in o.iter_mut().zip(gs).zip(us) {
+                    // candle's `silu`, then its `mul`: the same roundings in the same order.
+                    let silu = g / (1.0 + (-g).exp());
+                    *o = silu * u;
                 }
+                i += n;
             }
         };
-        let chunks = total.div_ceil(CHUNK);
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || total < SERIAL_VALUES {
-            run(0..chunks);
-        } else {
-            for_each_range(chunks, threads * 2, threads - 1, &run);
-        }
+        split_over_pool(total, 2, total >= SERIAL_VALUES, &run);
         Ok((CpuStorage::F32(out), Shape::from((rows, width))))
     }
 }
-
-/// Base of the output, shared by the threads of one pass; each writes disjoint chunks.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: dereferenced only inside `SwiGlu::cpu_fwd`, whose threads write disjoint chunks while
-// it owns the output vector.
-unsafe impl Send for OutPtr {}
-
-impl OutPtr {
-    /// Element `i` (a method, so closures capture the whole `Sync` wrapper, not its field).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 #[cfg(test)]
 mod tests {

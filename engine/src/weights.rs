@@ -336,7 +336,7 @@ impl Source {
                 .iter()
                 .find(|(g, _)| *g == f)
                 .map(|(_, m)| m.clone())
-                .ok_or_else(|| Error::Backend(candle_core::Error::Msg("weight format".into())))
+                .ok_or(Error::Internal("a weight format of the plan was not built"))
         };
         Ok(Linear {
             prefill: pick(self.plan.prefill)?,

@@ -30,7 +30,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-pub(crate) use parallel::for_each_range;
+pub(crate) use parallel::{OutPtr, split_over_pool};
 
 use pack::{Packed, ROWS};
 use quant::{QuantizedRows, Row};
@@ -200,7 +200,7 @@ impl QuantLinear {
         };
         let groups = n.div_ceil(ROWS);
         let blocks = k / pack::BLOCK;
-        let dst = OutPtr(out.as_mut_ptr());
+        let dst = OutPtr::new(out);
         let run = |range: Range<usize>| {
             for g in range {
                 // SAFETY: each group index is handled by exactly one call of `run` (the ranges
@@ -209,12 +209,12 @@ impl QuantLinear {
                 unsafe { self.group(g, blocks, &acts, m, dst) };
             }
         };
-        let threads = rayon::current_num_threads();
-        if threads <= 1 || groups * blocks * m < SERIAL_WORK {
-            run(0..groups);
-        } else {
-            parallel::for_each_range(groups, threads * CHUNKS_PER_THREAD, threads - 1, &run);
-        }
+        split_over_pool(
+            groups,
+            CHUNKS_PER_THREAD,
+            groups * blocks * m >= SERIAL_WORK,
+            &run,
+        );
         Ok(())
     }
 
@@ -259,13 +259,8 @@ impl QuantLinear {
                 // SAFETY: row i + r < m and columns 8g..8g+cols < n lie inside the m * n values
                 // the caller handed over for this group's exclusive use.
                 unsafe {
-                    let at = dst.0.add((i + r) * self.n + g * ROWS);
-                    if cols == ROWS {
-                        // A fixed-size store, not a `memmove` call for 32 bytes.
-                        at.cast::<[f32; ROWS]>().write_unaligned(*out);
-                    } else {
-                        std::ptr::copy_nonoverlapping(out.as_ptr(), at, cols);
-                    }
+                    let at = dst.at((i + r) * self.n + g * ROWS);
+                    std::ptr::copy_nonoverlapping(out.as_ptr(), at, cols);
                 }
             }
             i += rows;
@@ -299,16 +294,6 @@ impl QuantLinear {
         }
     }
 }
-
-/// Base of the output matrix, shared by the threads of one call; each writes disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: `OutPtr` is only dereferenced inside `QuantLinear::matmul`, whose threads write
-// disjoint columns while `matmul` holds the `&mut` borrow of the output slice.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
 
 impl CustomOp1 for QuantLinear {
     fn name(&self) -> &'static str {

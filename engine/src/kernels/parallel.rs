@@ -75,14 +75,48 @@ impl Drop for Finish<'_> {
     }
 }
 
-/// Runs `f` over `0..items` in `chunks` contiguous ranges of equal size, on the calling thread
-/// and up to `helpers` rayon workers. Returns when every range has been processed.
-pub(crate) fn for_each_range(
+/// Runs `f` over `0..items`: on the calling thread alone when the call is not `worth_splitting`
+/// (posting helper jobs would cost more than they save) or the pool has one thread, otherwise in
+/// `chunks_per_thread` ranges per pool thread, with every other thread as a helper.
+pub(crate) fn split_over_pool(
     items: usize,
-    chunks: usize,
-    helpers: usize,
+    chunks_per_thread: usize,
+    worth_splitting: bool,
     f: &(dyn Fn(Range<usize>) + Sync),
 ) {
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || !worth_splitting {
+        f(0..items);
+    } else {
+        for_each_range(items, threads * chunks_per_thread, threads - 1, f);
+    }
+}
+
+/// Base of an output buffer shared by the threads of one split call, each writing its own
+/// disjoint part.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(*mut f32);
+
+// SAFETY: an `OutPtr` is made from a `&mut` output slice that its owner holds for the whole
+// split call, and the threads of that call write disjoint elements through it.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// Element `i` (a method, so closures capture the whole `Sync` wrapper, not its field).
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Runs `f` over `0..items` in `chunks` contiguous ranges of equal size, on the calling thread
+/// and up to `helpers` rayon workers. Returns when every range has been processed.
+fn for_each_range(items: usize, chunks: usize, helpers: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
     let chunk = items.div_ceil(chunks.max(1)).max(1);
     let chunks = items.div_ceil(chunk);
     if helpers == 0 || chunks <= 1 {
