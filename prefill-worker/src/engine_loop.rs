@@ -232,6 +232,10 @@ pub fn spawn(
         rx,
         rt,
     };
+    // The real state before anyone can read it: a load report taken before the thread's first
+    // turn would otherwise say no block is free, and the coordinator, which sees the worker
+    // healthy, would place nothing on it until its next poll.
+    state.published.send_replace(state.snapshot());
     let join = std::thread::Builder::new()
         .name("prefill-engine".into())
         .spawn(move || state.run())?;
