@@ -375,6 +375,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     crate::config::resolve_model(&loaded.config.decode.engine.model)?;
 
+    // Before any child exists, so no signal ever meets the default action (a SIGTERM right
+    // after the endpoints were printed once beat a handler installed later, and `up` died
+    // without stopping its children).
+    let stop = StopSignal::install()?;
     let drain = loaded
         .config
         .prefill
@@ -448,6 +452,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     // Listening is not serving: the coordinator answers 503 until it has seen a healthy worker
     // of each kind it needs, so "up" waits for it to report ready before saying so.
     wait_ready(grpc, READY_WAIT)?;
+    // Before the endpoints are printed: whoever reads them may signal at once.
+    stop.serving();
     if args.colocated {
         println!(
             "baton is up (colocated): {} colocated workers, each prefilling and decoding its own requests",
@@ -468,15 +474,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!("Ctrl-C stops the cluster.");
 
-    let (stop_tx, stop_rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        if wait_for_signal() {
-            let _ = stop_tx.send("signal".into());
-        }
-    });
     // Watch for a child that dies on its own.
     loop {
-        if let Ok(why) = stop_rx.recv_timeout(Duration::from_millis(200)) {
+        if let Ok(why) = stop.rx.recv_timeout(Duration::from_millis(200)) {
             println!("baton up: stopping ({why})");
             break;
         }
@@ -497,25 +497,56 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Blocks this thread until SIGINT or SIGTERM arrives (a tiny runtime owns the handlers).
-fn wait_for_signal() -> bool {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return false;
-    };
-    rt.block_on(async {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            return false;
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => true,
-            _ = term.recv() => true,
-        }
-    })
+/// What a SIGINT or SIGTERM does to `up`. Its handlers are installed (tokio keeps them for the
+/// life of the process) before the first child starts and owned by a small runtime on its own
+/// thread. Until [`StopSignal::serving`] a signal ends `up` at once, and the children, whose
+/// parent-death signal is SIGTERM, drain and exit on their own; from then on it is a reason on
+/// [`StopSignal::rx`] and `up` stops every child itself.
+struct StopSignal {
+    rx: mpsc::Receiver<String>,
+    serving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StopSignal {
+    fn install() -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        use tokio::signal::unix::{SignalKind, signal};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start the signal runtime")?;
+        let (mut int, mut term) = rt
+            .block_on(async {
+                Ok::<_, std::io::Error>((
+                    signal(SignalKind::interrupt())?,
+                    signal(SignalKind::terminate())?,
+                ))
+            })
+            .context("install the SIGINT and SIGTERM handlers")?;
+        let serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let started = serving.clone();
+        std::thread::spawn(move || {
+            let (why, signo) = rt.block_on(async {
+                tokio::select! {
+                    _ = int.recv() => ("SIGINT", libc::SIGINT),
+                    _ = term.recv() => ("SIGTERM", libc::SIGTERM),
+                }
+            });
+            if !started.load(Ordering::Acquire) {
+                eprintln!("baton up: {why} while starting; the started children stop on their own");
+                std::process::exit(128 + signo);
+            }
+            let _ = tx.send(why.to_string());
+        });
+        Ok(Self { rx, serving })
+    }
+
+    /// From now on a signal is handled by whoever reads [`StopSignal::rx`].
+    fn serving(&self) {
+        self.serving
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 #[cfg(test)]
