@@ -379,21 +379,20 @@ pub fn configure(sources: &Sources, role: RoleName, print: bool) -> anyhow::Resu
     Ok(Some(loaded))
 }
 
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that resolves on either.
+/// Called before the role announces itself: whoever reads the `listening` line may signal at
+/// once, and that must be a clean shutdown, not the default action.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -436,10 +435,11 @@ pub fn prefill(args: PrefillArgs) -> anyhow::Result<()> {
     let _telemetry = telemetry(&config.telemetry, "prefill", config.worker_id.as_deref())?;
     config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
+        let stop = shutdown_signal()?;
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
         let metrics = bind_metrics(config.metrics.then_some(config.metrics_listen)).await?;
-        baton_prefill_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
+        baton_prefill_worker::serve_with_metrics(config, listener, metrics, stop)
             .await
             .context("prefill worker")
     })
@@ -453,10 +453,11 @@ pub fn decode(args: DecodeArgs) -> anyhow::Result<()> {
     let _telemetry = telemetry(&config.telemetry, "decode", config.worker_id.as_deref())?;
     config.engine.model = crate::config::resolve_model(&config.engine.model)?;
     runtime()?.block_on(async {
+        let stop = shutdown_signal()?;
         let listener = bind(config.listen).await?;
         announce("grpc", listener.local_addr()?);
         let metrics = bind_metrics(config.metrics.then_some(config.metrics_listen)).await?;
-        baton_decode_worker::serve_with_metrics(config, listener, metrics, shutdown_signal())
+        baton_decode_worker::serve_with_metrics(config, listener, metrics, stop)
             .await
             .context("decode worker")
     })
@@ -471,11 +472,12 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let _telemetry = telemetry(&config.telemetry, "coordinator", None)?;
     config.model = crate::config::resolve_model(&config.model)?;
     runtime()?.block_on(async {
+        let stop = shutdown_signal()?;
         let grpc = bind(config.grpc_listen).await?;
         let http = bind(config.http_listen).await?;
         announce("grpc", grpc.local_addr()?);
         announce("http", http.local_addr()?);
-        baton_coordinator::serve(config, grpc, http, shutdown_signal())
+        baton_coordinator::serve(config, grpc, http, stop)
             .await
             .context("coordinator")
     })
