@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting};
+use baton_engine::{Engine, EngineConfig, KvDType, Phase, Role, SeqId, StepItem, WeightsSetting};
 use serde_json::json;
 
 use crate::bench_transfer::Spread;
@@ -66,6 +66,9 @@ pub struct EngineArgs {
     /// Weights setting for the engine (auto: f32 prefill, quantized decode).
     #[arg(long, default_value = "auto")]
     weights: WeightsSetting,
+    /// Element type of the KV cache (f32 or f16; default: the engine's default).
+    #[arg(long)]
+    kv_dtype: Option<KvDType>,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -229,6 +232,9 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         .unwrap_or(2);
     let mut cfg = EngineConfig::new(&model, Role::Colocated);
     cfg.weights = args.weights;
+    if let Some(dtype) = args.kv_dtype {
+        cfg.kv_dtype = dtype;
+    }
     cfg.prefill_chunk_tokens = 512;
     cfg.kv_cache_bytes = 256 << 20;
     let t = Instant::now();
@@ -264,6 +270,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "model": model.display().to_string(),
         "threads": threads,
         "weights": format!("{:?}", e.weight_plan()),
+        "kv_dtype": e.kv_dtype().name(),
         "load_s": load.as_secs_f64(),
         "prefill_128_tok_s": prefill_at(128),
         "prefill_512_tok_s": prefill_at(512),
@@ -304,7 +311,11 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "baton bench engine — {} ({threads} threads)",
         model.display()
     );
-    println!("weights: {}", report["weights"].as_str().unwrap_or(""));
+    println!(
+        "weights: {}, KV cache: {}",
+        report["weights"].as_str().unwrap_or(""),
+        report["kv_dtype"].as_str().unwrap_or("")
+    );
     println!(
         "{:<28} {:>12} {:>12} {:>8}",
         "measure (higher is better)", "baton", "llama.cpp", "ratio"

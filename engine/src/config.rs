@@ -252,6 +252,17 @@ impl KvDType {
     }
 }
 
+impl std::str::FromStr for KvDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!("unknown KV dtype {other:?} (expected f32 or f16)")),
+        }
+    }
+}
+
 /// Where the engine keeps its weights and KV pool. Written `cpu`, `cuda` (ordinal 0) or `cuda:N`
 /// in configuration and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -354,8 +365,11 @@ pub struct EngineConfig {
     #[serde(rename = "kv_cache_mib", with = "mib")]
     #[schemars(rename = "kv_cache_mib", with = "u64")]
     pub kv_cache_bytes: usize,
-    /// Element type of KV blocks: `f32` or `f16`. Default `f32` (f32 keeps a disaggregated
-    /// run's numbers identical to one process on CPU).
+    /// Element type of KV blocks: `f32` or `f16`. Default `f32`: the numbers the reference
+    /// tests check. `f16` halves the pool's bytes per token, the bytes a handoff moves and
+    /// decode attention's reads, at the cost of rounding K and V (on SmolLM2, logits then drift
+    /// up to about 2 from candle's f32 reference within 64 greedy steps). Attention reads K and
+    /// V from the cache in prefill too, so a disaggregated run matches one process with either.
     pub kv_dtype: KvDType,
     /// Longest prompt slice computed in one step, in tokens; longer prompts are prefilled in
     /// chunks so they share steps with running decodes. A positive multiple of `block_size`, so

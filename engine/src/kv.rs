@@ -244,6 +244,12 @@ pub(crate) struct RowRun {
 
 /// The in-place copy behind [`KvCache::write_rows`] on the CPU: `(kv_heads, rows, head_dim)`
 /// source rows into a `(kv_heads, slots, head_dim)` cache tensor of the same dtype.
+/// One layer's K and V storage in CPU memory, read in place by decode attention.
+pub(crate) enum CpuKv<'a> {
+    F32(&'a [f32], &'a [f32]),
+    F16(&'a [half::f16], &'a [half::f16]),
+}
+
 struct WriteRows<'a>(&'a [RowRun]);
 
 impl InplaceOp2 for WriteRows<'_> {
@@ -496,25 +502,20 @@ impl KvCache {
             .collect())
     }
 
-    /// Runs `f` on layer `layer`'s K and V storage as f32 slices, each `(kv_heads, slots,
-    /// head_dim)`, when the cache lives in CPU memory as f32; `None` otherwise.
-    pub(crate) fn with_cpu_f32<R>(
-        &self,
-        layer: usize,
-        f: impl FnOnce(&[f32], &[f32]) -> R,
-    ) -> Option<R> {
+    /// Runs `f` on layer `layer`'s K and V storage, each `(kv_heads, slots, head_dim)`, when the
+    /// cache lives in CPU memory as f32 or f16; `None` otherwise.
+    pub(crate) fn with_cpu<R>(&self, layer: usize, f: impl FnOnce(CpuKv<'_>) -> R) -> Option<R> {
         use candle_core::Storage;
         let (ks, kl) = self.k[layer].storage_and_layout();
         let (vs, vl) = self.v[layer].storage_and_layout();
+        let n = kl.shape().elem_count();
+        let (k0, v0) = (kl.start_offset(), vl.start_offset());
         match (&*ks, &*vs) {
-            (Storage::Cpu(k), Storage::Cpu(v)) => {
-                let k = k.as_slice::<f32>().ok()?;
-                let v = v.as_slice::<f32>().ok()?;
-                let n = kl.shape().elem_count();
-                Some(f(
-                    &k[kl.start_offset()..kl.start_offset() + n],
-                    &v[vl.start_offset()..vl.start_offset() + n],
-                ))
+            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
+                Some(f(CpuKv::F32(&k[k0..k0 + n], &v[v0..v0 + n])))
+            }
+            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
+                Some(f(CpuKv::F16(&k[k0..k0 + n], &v[v0..v0 + n])))
             }
             _ => None,
         }

@@ -13,8 +13,9 @@ mod engine;
 mod error;
 pub mod kernels;
 pub mod kv;
-mod model;
+pub mod model;
 mod swiglu;
+mod vmath;
 mod weights;
 
 // The text layer lives in its own crate so the coordinator can tokenize without the engine; the

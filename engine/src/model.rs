@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::Result;
 use crate::attention::{DecodeShape, decode_attention};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
-use crate::kv::{BlockTable, KvCache, RowRun};
+use crate::kv::{BlockTable, CpuKv, KvCache, RowRun};
 use crate::swiglu::swiglu;
 use crate::weights::{LayerWeights, ModelWeights, Phase};
 
@@ -306,7 +306,7 @@ impl Model {
 
     /// Decode rows through the paged CPU kernel ([`crate::attention`]): K and V are read in place,
     /// and each (sequence, head) is computed alone, so batching never changes a result. `None`
-    /// when the cache is not f32 in CPU memory (the per-sequence path then runs).
+    /// when the cache is not f32 or f16 in CPU memory (the per-sequence path then runs).
     fn paged_decode_attention(
         &self,
         l: usize,
@@ -328,8 +328,10 @@ impl Model {
         }
         // q: (heads, rows, head_dim), one row per sequence in member order.
         let qv = q.flatten_all()?.to_vec1::<f32>()?;
-        let Some(out) = cache.with_cpu_f32(l, |k, v| decode_attention(&shape, &qv, k, v, context))
-        else {
+        let Some(out) = cache.with_cpu(l, |kv| match kv {
+            CpuKv::F32(k, v) => decode_attention(&shape, &qv, k, v, context),
+            CpuKv::F16(k, v) => decode_attention(&shape, &qv, k, v, context),
+        }) else {
             return Ok(None);
         };
         let b = g.members.len();

@@ -7,13 +7,14 @@ use std::collections::HashMap;
 
 use baton_engine::batch::{Batcher, Event, GenerateRequest};
 use baton_engine::sampling::SamplingParams;
-use baton_engine::{Engine, EngineConfig, Role, SeqId};
+use baton_engine::{Engine, EngineConfig, KvDType, Role, SeqId};
 use common::{PROMPTS, dev_model_path};
 
 const NEW_TOKENS: u32 = 20;
 
-fn batcher() -> Batcher {
+fn batcher(kv_dtype: KvDType) -> Batcher {
     let mut cfg = EngineConfig::new(dev_model_path(), Role::Colocated);
+    cfg.kv_dtype = kv_dtype;
     // Small chunks so the long prompts are prefilled over several steps beside running decodes.
     cfg.prefill_chunk_tokens = 32;
     cfg.max_batch_tokens = 128;
@@ -58,8 +59,18 @@ fn collect(events: Vec<Event>, out: &mut HashMap<SeqId, Vec<u32>>) {
 
 #[test]
 fn sequences_joining_a_running_batch_match_running_alone() {
+    joining_matches_alone(KvDType::F32);
+}
+
+/// The f16 cache takes the same paged decode kernel, widening K and V as it reads them.
+#[test]
+fn with_an_f16_cache_too() {
+    joining_matches_alone(KvDType::F16);
+}
+
+fn joining_matches_alone(kv_dtype: KvDType) {
     let prompts = prompts();
-    let mut b = batcher();
+    let mut b = batcher(kv_dtype);
     let mut alone = HashMap::new();
     for (i, p) in prompts.iter().enumerate() {
         b.submit(request(i, p)).expect("submit");
@@ -92,7 +103,7 @@ fn sequences_joining_a_running_batch_match_running_alone() {
         assert_eq!(together[&id].len(), NEW_TOKENS as usize);
         assert_eq!(
             together[&id], alone[&id],
-            "sequence {i} changed when batched"
+            "{kv_dtype:?} cache: sequence {i} changed when batched"
         );
     }
     assert_eq!(b.engine().free_blocks(), b.engine().total_blocks());
@@ -101,7 +112,7 @@ fn sequences_joining_a_running_batch_match_running_alone() {
 
 #[test]
 fn cancelled_and_failed_sequences_return_every_block() {
-    let mut b = batcher();
+    let mut b = batcher(KvDType::F32);
     let prompts = prompts();
     for (i, p) in prompts.iter().enumerate() {
         b.submit(request(i, p)).expect("submit");
