@@ -15,6 +15,7 @@ use crate::Result;
 use crate::attention::{DecodeShape, decode_attention};
 use crate::config::{ModelConfig, RopeScaling, RopeStyle};
 use crate::kv::{BlockTable, CpuKv, KvCache, RowRun};
+use crate::rope::{Rotation, heads_major};
 use crate::swiglu::swiglu;
 use crate::weights::{LayerWeights, ModelWeights, Phase};
 
@@ -42,6 +43,8 @@ struct GroupStep<'a> {
     group: &'a Group,
     seqs: &'a [SeqInput<'a>],
     cos_sin: &'a (Tensor, Tensor),
+    /// The same rotary rows as plain slices, for the fused CPU pass; `None` off the CPU.
+    rotation: Option<Rotation<'a>>,
     new_slots: &'a [RowRun],
     /// Each member's context slots in position order, its new tokens' included: read in place
     /// by the paged decode kernel ...
@@ -140,6 +143,19 @@ impl Model {
             xs.push(self.weights.embedding.forward(&ids)?);
             cos_sin.push(self.rope_rows(&pos)?);
         }
+        // Read by the fused rope pass, which runs on f32 CPU tensors only.
+        let rotation_rows = cos_sin
+            .iter()
+            .map(|(cos, sin)| {
+                if !self.device.is_cpu() || cos.dtype() != DType::F32 {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    cos.flatten_all()?.to_vec1::<f32>()?,
+                    sin.flatten_all()?.to_vec1::<f32>()?,
+                )))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         for (l, layer) in self.weights.layers.iter().enumerate() {
             for (gi, g) in groups.iter().enumerate() {
                 let x = &xs[gi];
@@ -147,6 +163,11 @@ impl Model {
                     group: g,
                     seqs,
                     cos_sin: &cos_sin[gi],
+                    rotation: rotation_rows[gi].as_ref().map(|(cos, sin)| Rotation {
+                        cos,
+                        sin,
+                        style: self.config().rope_style,
+                    }),
                     new_slots: &new_slots[gi],
                     context: &context[gi],
                     context_ids: &context_ids[gi],
@@ -228,6 +249,7 @@ impl Model {
             group: g,
             seqs,
             cos_sin: (cos, sin),
+            ref rotation,
             new_slots,
             context,
             context_ids,
@@ -248,23 +270,37 @@ impl Model {
                 layer.v.forward(&h, g.phase)?,
             ),
         };
-        let q = q.reshape((n, nh, hd))?;
-        let k = k.reshape((n, nkv, hd))?;
-        let v = v.reshape((n, nkv, hd))?;
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
             (Some(qn), Some(kn)) => (
-                rms_norm(&q, qn, c.rms_norm_eps)?,
-                rms_norm(&k, kn, c.rms_norm_eps)?,
+                rms_norm(&q.reshape((n, nh, hd))?, qn, c.rms_norm_eps)?.reshape((n, nh * hd))?,
+                rms_norm(&k.reshape((n, nkv, hd))?, kn, c.rms_norm_eps)?.reshape((n, nkv * hd))?,
             ),
             _ => (q, k),
         };
-        // q: (1, heads, rows, head_dim); k, v: (kv_heads, rows, head_dim)
-        let q = self.rope(&q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, cos, sin)?;
-        let k = self
-            .rope(&k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?, cos, sin)?
-            .squeeze(0)?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let q = q.squeeze(0)?;
+        // q: (heads, rows, head_dim); k, v: (kv_heads, rows, head_dim). One fused pass per tensor
+        // on the CPU, candle's transposes and rope elsewhere.
+        let fused = match rotation {
+            Some(rot) => match (
+                heads_major(&q, nh, hd, Some(rot))?,
+                heads_major(&k, nkv, hd, Some(rot))?,
+                heads_major(&v, nkv, hd, None)?,
+            ) {
+                (Some(q), Some(k), Some(v)) => Some((q, k, v)),
+                _ => None,
+            },
+            None => None,
+        };
+        let (q, k, v) = match fused {
+            Some(qkv) => qkv,
+            None => {
+                let heads_first = |x: Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                    x.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()
+                };
+                let q = self.rope(&heads_first(q, nh)?.unsqueeze(0)?, cos, sin)?;
+                let k = self.rope(&heads_first(k, nkv)?.unsqueeze(0)?, cos, sin)?;
+                (q.squeeze(0)?, k.squeeze(0)?, heads_first(v, nkv)?)
+            }
+        };
 
         let scale = (hd as f64).sqrt();
         cache.write_rows(l, new_slots, &k, &v)?;
