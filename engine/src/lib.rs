@@ -14,6 +14,7 @@ mod error;
 pub mod kernels;
 pub mod kv;
 mod model;
+mod norm;
 mod rope;
 mod swiglu;
 mod vmath;

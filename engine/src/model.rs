@@ -387,7 +387,7 @@ impl Model {
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
+    crate::norm::rms_norm(x, w, eps as f32)
 }
 
 /// `(m, start + m)`: query `i` (position `start + i`) sees keys up to its own position.
