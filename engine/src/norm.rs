@@ -85,20 +85,38 @@ impl CustomOp2 for RmsNorm {
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
     let n = w.len();
     let count = x.len() / n;
-    // -0.0: the start `Iterator::sum` uses, so an all-zero row sums to what candle's does.
-    let mut sums = [-0.0f32; ROWS];
-    for i in 0..n {
+    let sums = if count == ROWS {
+        sums_side_by_side::<ROWS>(x, n)
+    } else {
+        let mut sums = [-0.0f32; ROWS];
         for (r, sum) in sums.iter_mut().enumerate().take(count) {
-            let v = x[r * n + i];
-            *sum += v * v;
+            *sum = sums_side_by_side::<1>(&x[r * n..][..n], n)[0];
         }
-    }
+        sums
+    };
     for (r, sum) in sums.iter().enumerate().take(count) {
         let m = (sum / n as f32 + eps).sqrt();
         for ((o, x), w) in o[r * n..][..n].iter_mut().zip(&x[r * n..][..n]).zip(w) {
             *o = *x / m * *w;
         }
     }
+}
+
+/// Sums of squares of `R` rows of `n` values, each in its row's order from -0.0 (the start
+/// `Iterator::sum` uses, so an all-zero row sums as candle's does); the `R` chains advance
+/// together, one value of each row per turn.
+fn sums_side_by_side<const R: usize>(x: &[f32], n: usize) -> [f32; ROWS] {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &x[r * n..][..n]);
+    let mut sums = [-0.0f32; R];
+    for i in 0..n {
+        for (sum, row) in sums.iter_mut().zip(&rows) {
+            let v = row[i];
+            *sum += v * v;
+        }
+    }
+    let mut out = [-0.0f32; ROWS];
+    out[..R].copy_from_slice(&sums);
+    out
 }
 
 #[cfg(test)]
