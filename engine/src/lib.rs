@@ -17,6 +17,8 @@ mod model;
 mod norm;
 mod rope;
 mod swiglu;
+#[cfg(test)]
+mod testing;
 mod vmath;
 mod weights;
 

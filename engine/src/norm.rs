@@ -122,6 +122,7 @@ fn sums_side_by_side<const R: usize>(x: &[f32], n: usize) -> [f32; ROWS] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use candle_core::{Device, Result};
 
     fn data(rows: usize, n: usize) -> Result<(Tensor, Tensor)> {
@@ -133,14 +134,6 @@ mod tests {
             Tensor::from_vec(x, (rows, n), &Device::Cpu)?,
             Tensor::from_vec(w, n, &Device::Cpu)?,
         ))
-    }
-
-    fn bits(t: &Tensor) -> Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits())
-            .collect())
     }
 
     #[test]

@@ -126,15 +126,8 @@ impl CustomOp1 for HeadsMajor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::bits;
     use candle_core::{Device, Result};
-
-    fn bits(t: &Tensor) -> Result<Vec<u32>> {
-        Ok(t.flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|x| x.to_bits())
-            .collect())
-    }
 
     #[test]
     fn bit_identical_to_transpose_then_candle_rope_on_a_stacked_view() -> Result<()> {
