@@ -62,13 +62,13 @@ pub(crate) struct DecodeShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// Slots per kv head in the cache tensors (their middle dimension).
-    pub cache_slots: usize,
+    /// Rows between kv head `h`'s row of a position and head `h + 1`'s (the cache's block size).
+    pub head_stride: usize,
 }
 
-/// `q`: `(heads, seqs, head_dim)`; `k`, `v`: `(kv_heads, cache_slots, head_dim)`; `slots[b]`:
-/// the cache slots of sequence `b`'s context, in position order. Returns `(seqs, heads *
-/// head_dim)`.
+/// `q`: `(heads, seqs, head_dim)`; `k`, `v`: a layer's storage as rows of `head_dim` values;
+/// `slots[b]`: the rows of kv head 0 for sequence `b`'s context, in position order (kv head `h`
+/// is `h * head_stride` rows further). Returns `(seqs, heads * head_dim)`.
 pub(crate) fn decode_attention<T: KvElem>(
     shape: &DecodeShape,
     q: &[f32],
@@ -107,7 +107,7 @@ fn attend<T: KvElem>(
         heads,
         kv_heads,
         head_dim: d,
-        cache_slots,
+        head_stride,
     } = *shape;
     let seqs = slots.len();
     let group = heads / kv_heads;
@@ -120,7 +120,7 @@ fn attend<T: KvElem>(
             let (b, kvh) = (idx / kv_heads, idx % kv_heads);
             let slots = &slots[b];
             let n = slots.len();
-            let base = kvh * cache_slots;
+            let base = kvh * head_stride;
             let keys = HeadRows {
                 data: k,
                 base,
@@ -198,20 +198,20 @@ const V_CHUNK: usize = 32;
 /// How many keys ahead the loops ask for K and V rows (the rows sit in scattered blocks).
 const PREFETCH_AHEAD: usize = 8;
 
-/// K or V rows of one kv head, addressed by cache slot, for one sequence's context.
+/// K or V rows of one kv head for one sequence's context.
 struct HeadRows<'a, T> {
-    /// The layer's K or V storage, `(kv_heads, cache_slots, d)`.
+    /// The layer's K or V storage as rows of `d` values.
     data: &'a [T],
-    /// First slot of the kv head in `data`.
+    /// Offset, in rows, of this kv head from head 0.
     base: usize,
     d: usize,
-    /// The context's slots in position order.
+    /// The context's head-0 rows in position order.
     slots: &'a [u32],
 }
 
 impl<T> HeadRows<'_, T> {
-    fn row(&self, slot: u32) -> &[T] {
-        &self.data[(self.base + slot as usize) * self.d..][..self.d]
+    fn row(&self, head0_row: u32) -> &[T] {
+        &self.data[(self.base + head0_row as usize) * self.d..][..self.d]
     }
 
     /// The row of context position `t`.
@@ -467,8 +467,9 @@ mod tests {
             .collect()
     }
 
-    /// A cache of `cache_slots` slots filled with a fixed pattern, sequences of the given context
-    /// lengths on scattered slots, and their queries.
+    /// A cache of 64 rows per kv head (heads outermost, a valid `head_stride` layout) filled with
+    /// a fixed pattern, sequences of the given context lengths on scattered rows, and their
+    /// queries.
     struct Case {
         shape: DecodeShape,
         k: Vec<f32>,
@@ -482,9 +483,9 @@ mod tests {
             heads,
             kv_heads,
             head_dim,
-            cache_slots: 64,
+            head_stride: 64,
         };
-        let n = kv_heads * shape.cache_slots * head_dim;
+        let n = kv_heads * shape.head_stride * head_dim;
         let k = (0..n)
             .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
             .collect();
@@ -536,7 +537,7 @@ mod tests {
             for h in 0..heads {
                 let kvh = h / (heads / kv_heads);
                 let row = |t: &'_ [f32], s: u32| -> Vec<f32> {
-                    t[(kvh * c.shape.cache_slots + s as usize) * d..][..d].to_vec()
+                    t[(kvh * c.shape.head_stride + s as usize) * d..][..d].to_vec()
                 };
                 let ks: Vec<Vec<f32>> = slots.iter().map(|&s| row(k, s)).collect();
                 let vs: Vec<Vec<f32>> = slots.iter().map(|&s| row(v, s)).collect();

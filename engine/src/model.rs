@@ -46,8 +46,8 @@ struct GroupStep<'a> {
     /// The same rotary rows as plain slices, for the fused CPU pass; `None` off the CPU.
     rotation: Option<Rotation<'a>>,
     new_slots: &'a [RowRun],
-    /// Each member's context slots in position order, its new tokens' included: read in place
-    /// by the paged decode kernel ...
+    /// Each member's context as cache rows of kv head 0 ([`KvCache::head_rows`]) in position
+    /// order, its new tokens' included: read in place by the paged decode kernel ...
     context: &'a [Vec<u32>],
     /// ... and as tensors by the per-sequence path's gather.
     context_ids: &'a [Tensor],
@@ -127,18 +127,17 @@ impl Model {
                 cache.row_runs(s.table, s.start..s.start + s.tokens.len(), row, &mut runs)?;
             }
             new_slots.push(runs);
-            let slots = g
+            let rows = g
                 .members
                 .iter()
-                .map(|&(i, _)| cache.slots(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
+                .map(|&(i, _)| cache.head_rows(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
                 .collect::<Result<Vec<_>>>()?;
             context_ids.push(
-                slots
-                    .iter()
-                    .map(|c| Tensor::from_slice(c, c.len(), &self.device))
-                    .collect::<candle_core::Result<Vec<_>>>()?,
+                rows.iter()
+                    .map(|r| cache.gather_index(r, &self.device))
+                    .collect::<Result<Vec<_>>>()?,
             );
-            context.push(slots);
+            context.push(rows);
             let ids = Tensor::from_vec(ids, g.rows, &self.device)?;
             xs.push(self.weights.embedding.forward(&ids)?);
             cos_sin.push(self.rope_rows(&pos)?);
@@ -357,7 +356,7 @@ impl Model {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            cache_slots: cache.total_slots(),
+            head_stride: cache.head_stride(),
         };
         if !self.device.is_cpu() || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1) {
             return Ok(None);
