@@ -271,6 +271,9 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "threads": threads,
         "weights": format!("{:?}", e.weight_plan()),
         "kv_dtype": e.kv_dtype().name(),
+        // Which quantized-matmul kernel this CPU runs, so figures from different machines are
+        // not compared blind.
+        "matmul_kernel": format!("{:?}", baton_engine::kernels::Kernel::detect()),
         "load_s": load.as_secs_f64(),
         "prefill_128_tok_s": prefill_at(128),
         "prefill_512_tok_s": prefill_at(512),
@@ -312,9 +315,10 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         model.display()
     );
     println!(
-        "weights: {}, KV cache: {}",
+        "weights: {}, KV cache: {}, matmul kernel: {}",
         report["weights"].as_str().unwrap_or(""),
-        report["kv_dtype"].as_str().unwrap_or("")
+        report["kv_dtype"].as_str().unwrap_or(""),
+        report["matmul_kernel"].as_str().unwrap_or("")
     );
     println!(
         "{:<28} {:>12} {:>12} {:>8}",

@@ -8,6 +8,8 @@
 //! median time per call (candle and baton, alternated so machine noise hits both) with the spread
 //! of the repetitions, and the ratio. Then the decode floor: all 30 layers' 7 matmuls and the head
 //! in sequence, as one decode step does, so weights stream from DRAM rather than sit in cache.
+//! Last, that floor once per SIMD kernel this CPU has (AVX2, and VNNI where AVX-512 VNNI is
+//! present), alternated, at m = 1 and 8.
 
 use std::fs::File;
 use std::hint::black_box;
@@ -15,7 +17,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use baton_engine::kernels::QuantLinear;
+use baton_engine::kernels::{Kernel, QuantLinear};
 use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{Device, Module, Tensor};
 use rand::{Rng, SeedableRng};
@@ -141,6 +143,12 @@ fn main() -> Result<()> {
     let mut layers = Vec::new();
     // Per layer: [q|k|v, o, gate|up, down].
     let mut stacked = Vec::new();
+    let kernels: Vec<Kernel> = [Kernel::Avx2, Kernel::Vnni]
+        .into_iter()
+        .filter(|k| k.is_available())
+        .collect();
+    // The same stacked layers per SIMD kernel, for the last section.
+    let mut per_kernel: Vec<Vec<QuantLinear>> = kernels.iter().map(|_| Vec::new()).collect();
     for l in 0..LAYERS {
         let mut qs = Vec::new();
         for name in LAYER_MATRICES {
@@ -153,9 +161,24 @@ fn main() -> Result<()> {
             stack(&[&qs[4], &qs[5]])?,
             stack(&[&qs[6]])?,
         ]);
+        for (kernel, lins) in kernels.iter().zip(&mut per_kernel) {
+            for parts in [
+                &[&qs[0], &qs[1], &qs[2]][..],
+                &[&qs[3]],
+                &[&qs[4], &qs[5]],
+                &[&qs[6]],
+            ] {
+                lins.push(stack(parts)?.with_kernel(*kernel).context("available")?);
+            }
+        }
         layers.push(qs.into_iter().map(&mut pair).collect::<Result<Vec<_>>>()?);
     }
-    let head = pair(load("token_embd.weight")?)?;
+    let head_q = load("token_embd.weight")?;
+    for (kernel, lins) in kernels.iter().zip(&mut per_kernel) {
+        let head = QuantLinear::from_qtensor(&head_q).context("head")?;
+        lins.push(head.with_kernel(*kernel).context("available")?);
+    }
+    let head = pair(head_q)?;
     println!(
         "model {} | threads: rayon {} | repack of all {} matrices: {:.0} ms",
         path.display(),
@@ -303,6 +326,61 @@ fn main() -> Result<()> {
                 tps(b) / m1_tps.0,
                 tps(st) / m1_tps.1
             );
+        }
+    }
+
+    println!();
+    println!("decode floor (stacked) per SIMD kernel, alternated; outputs are bit-identical");
+    print!("{:>3}", "m");
+    for kernel in &kernels {
+        print!(
+            " {:>10} {:>6} {:>7}",
+            format!("{kernel:?} ms"),
+            "spread",
+            "tok/s"
+        );
+    }
+    println!();
+    let mut m1_ms = vec![0.0; kernels.len()];
+    for m in [1usize, 8] {
+        let x576 = random_input(m, 576, 2)?;
+        let x1536 = random_input(m, 1536, 3)?;
+        let input = |k: usize| if k == 576 { &x576 } else { &x1536 };
+        let mut steps: Vec<Box<dyn FnMut() -> Result<()> + '_>> = per_kernel
+            .iter()
+            .map(|lins| {
+                Box::new(move || {
+                    for lin in lins {
+                        black_box(lin.forward(input(lin.in_features()))?);
+                    }
+                    Ok(())
+                }) as Box<dyn FnMut() -> Result<()>>
+            })
+            .collect();
+        let mut refs: Vec<&mut dyn FnMut() -> Result<()>> =
+            steps.iter_mut().map(|f| &mut **f as _).collect();
+        let stats = compare(&mut refs)?;
+        print!("{m:>3}");
+        for (i, s) in stats.iter().enumerate() {
+            let ms = s.median.as_secs_f64() * 1e3;
+            print!(
+                " {ms:>10.2} {:>5.0}% {:>7.0}",
+                s.spread(),
+                m as f64 / ms * 1e3
+            );
+            if m == 1 {
+                m1_ms[i] = ms;
+            }
+        }
+        println!();
+        if m > 1 {
+            for (kernel, (s, one)) in kernels.iter().zip(stats.iter().zip(&m1_ms)) {
+                let ms = s.median.as_secs_f64() * 1e3;
+                println!(
+                    "aggregate tok/s at m={m} over m=1, {kernel:?}: {:.2}x",
+                    m as f64 * one / ms
+                );
+            }
         }
     }
     Ok(())

@@ -1,10 +1,10 @@
-//! `QuantLinear` on SmolLM2-135M's real weights: every matrix of the model is handled, the AVX2
-//! kernel agrees with the scalar kernel, and both agree with candle's dequantize-then-matmul
-//! within the bound that Q8 activation quantization allows.
+//! `QuantLinear` on SmolLM2-135M's real weights: every matrix of the model is handled, the
+//! fastest kernel this CPU has (AVX2 or VNNI) agrees with the scalar kernel, and both agree with
+//! candle's dequantize-then-matmul within the bound that Q8 activation quantization allows.
 //!
 //! Tolerance for output (i, j), dequantized weights w, `S = sum_c |w_jc| |x_ic|`:
 //! against candle, `sum_b (amax_b(x_i) / 254) * sum_{c in b} |w_jc| + 2 k eps S` (each activation
-//! is off by at most half its block's step, plus f32 rounding); AVX2 against scalar,
+//! is off by at most half its block's step, plus f32 rounding); SIMD against scalar,
 //! `4 (k / 32 + 1) eps S` (FMA versus separate multiply and add, per block).
 
 use std::fs::File;

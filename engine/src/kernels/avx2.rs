@@ -1,9 +1,16 @@
-//! AVX2 + FMA + F16C kernels over the packed tiles.
+//! x86-64 SIMD kernels over the packed tiles: AVX2 + FMA + F16C, and the same with AVX-512 VNNI's
+//! 256-bit `vpdpbusd` for the integer dot products.
 //!
 //! One call computes `MR` activation rows against the 8 weight rows of one tile group. Each tile's
 //! weights are loaded (and, for Q4, unpacked) once and reused for all `MR` rows; lane `r` of every
 //! vector belongs to weight row `r`, so a block's integer sums land in their rows' lanes and are
 //! scaled with one FMA per block and activation row.
+//!
+//! The two variants compute the same exact integer block sums (no intermediate can saturate, see
+//! the comments at each step) and share the float epilogue, so their outputs are bit-identical.
+//! VNNI does in one instruction what AVX2 spends three on (`maddubs`, a 16-bit add and, per block,
+//! a widening `madd`), which is what bounds a batched decode step's matmuls once the weights are
+//! shared by several rows; with AVX-512VL's 32 vector registers it also keeps 8 rows in flight.
 
 use std::arch::x86_64::*;
 
@@ -12,11 +19,16 @@ use half::f16;
 use super::pack::{BLOCK, Q4Tile, Q8Tile, ROWS};
 use super::quant::Row;
 
-/// True when the CPU has every feature these kernels are compiled for.
+/// True when the CPU has every feature the AVX2 variant is compiled for.
 pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
         && is_x86_feature_detected!("f16c")
+}
+
+/// True when the CPU can also run the VNNI variant (256-bit `vpdpbusd` needs AVX-512 VNNI and VL).
+pub(crate) fn vnni_available() -> bool {
+    available() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
 }
 
 /// Reads the 4 activation bytes `4 * idx .. 4 * idx + 4` of the current block and broadcasts
@@ -41,55 +53,91 @@ pub(crate) unsafe fn q4_group<const MR: usize>(
     x: &[Row<'_>; MR],
     out: &mut [[f32; ROWS]; MR],
 ) {
+    // SAFETY: the caller guarantees the features this variant uses.
+    unsafe { q4_body::<false, MR>(tiles, x, out) }
+}
+
+/// [`q4_group`] with VNNI dot products; bit-identical results.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX-512 VNNI and VL (see [`vnni_available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn q4_group_vnni<const MR: usize>(
+    tiles: &[Q4Tile],
+    x: &[Row<'_>; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    // SAFETY: the caller guarantees the features either variant uses.
+    unsafe { q4_body::<true, MR>(tiles, x, out) }
+}
+
+/// The Q4 kernel, inlined into each variant's entry so it compiles with that entry's features.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI and VL when `VNNI`.
+#[inline(always)]
+unsafe fn q4_body<const VNNI: bool, const MR: usize>(
+    tiles: &[Q4Tile],
+    x: &[Row<'_>; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
     let blocks = tiles.len();
     for row in x {
         assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks && row.s.len() >= blocks);
     }
-    let mask = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); MR];
-    for (b, tile) in tiles.iter().enumerate() {
-        let q = tile.qs.as_ptr().cast::<__m256i>();
-        // Each maddubs lane is at most 2 * 15 * 127 = 3810 in magnitude; eight of them sum to at
-        // most 30480, so the i16 accumulation cannot saturate.
-        let mut s = [_mm256_setzero_si256(); MR];
-        // Register p: low nibbles are values 4p..4p+4, high nibbles 16+4p..16+4p+4 (per row).
-        for p in 0..4 {
-            // SAFETY: `Q4Tile` is 32-byte aligned with `qs` (128 bytes) at offset 0.
-            let w = unsafe { _mm256_load_si256(q.add(p)) };
-            let lo = _mm256_and_si256(w, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask);
-            for (s, row) in s.iter_mut().zip(x) {
-                // SAFETY: the assert above guarantees `qs` holds `blocks * 32` values, so the
-                // block's 32 bytes at `b * 32` are readable; p and p + 4 address 4 of them each.
-                let (xl, xh) = unsafe {
+    // SAFETY (all intrinsics below): the caller guarantees the CPU features.
+    unsafe {
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for (b, tile) in tiles.iter().enumerate() {
+            let q = tile.qs.as_ptr().cast::<__m256i>();
+            // AVX2: 16-bit partial sums. Each maddubs lane is at most 2 * 15 * 127 = 3810 in
+            // magnitude; eight of them sum to at most 30480, so the i16 accumulation cannot
+            // saturate. VNNI: 32-bit sums straight away.
+            let mut s = [_mm256_setzero_si256(); MR];
+            // Register p: low nibbles are values 4p..4p+4, high nibbles 16+4p..16+4p+4 (per row).
+            for p in 0..4 {
+                // `Q4Tile` is 32-byte aligned with `qs` (128 bytes) at offset 0.
+                let w = _mm256_load_si256(q.add(p));
+                let lo = _mm256_and_si256(w, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), mask);
+                for (s, row) in s.iter_mut().zip(x) {
+                    // The assert above guarantees `qs` holds `blocks * 32` values, so the block's
+                    // 32 bytes at `b * 32` are readable; p and p + 4 address 4 of them each.
                     let xq = row.qs.as_ptr().add(b * BLOCK);
-                    (bcast4(xq, p), bcast4(xq, p + 4))
+                    let (xl, xh) = (bcast4(xq, p), bcast4(xq, p + 4));
+                    *s = if VNNI {
+                        _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(*s, lo, xl), hi, xh)
+                    } else {
+                        let t = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, xl),
+                            _mm256_maddubs_epi16(hi, xh),
+                        );
+                        _mm256_add_epi16(*s, t)
+                    };
+                }
+            }
+            // `d`, `m` sit at 16-byte aligned offsets 128 and 144 of the tile.
+            let dw = _mm256_cvtph_ps(_mm_load_si128(tile.d.as_ptr().cast()));
+            let mw = _mm256_cvtph_ps(_mm_load_si128(tile.m.as_ptr().cast()));
+            for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
+                // The assert above guarantees `d` and `s` hold `blocks` values.
+                let (dx, sx) = (*row.d.get_unchecked(b), *row.s.get_unchecked(b));
+                let s = if VNNI {
+                    *s
+                } else {
+                    _mm256_madd_epi16(*s, ones)
                 };
-                let t =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-                *s = _mm256_add_epi16(*s, t);
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, *acc);
+                *acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), *acc);
             }
         }
-        // SAFETY: `d`, `m` sit at 16-byte aligned offsets 128 and 144 of the tile.
-        let (dw, mw) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_load_si128(tile.d.as_ptr().cast())),
-                _mm256_cvtph_ps(_mm_load_si128(tile.m.as_ptr().cast())),
-            )
-        };
-        for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
-            // SAFETY: the assert above guarantees `d` and `s` hold `blocks` values.
-            let (dx, sx) = unsafe { (*row.d.get_unchecked(b), *row.s.get_unchecked(b)) };
-            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(*s, ones));
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-            *acc = _mm256_fmadd_ps(s, scale, *acc);
-            *acc = _mm256_fmadd_ps(mw, _mm256_set1_ps(sx), *acc);
+        for (acc, out) in acc.iter().zip(out.iter_mut()) {
+            // `out` is 8 f32s, exactly one unaligned 256-bit store.
+            _mm256_storeu_ps(out.as_mut_ptr(), *acc);
         }
-    }
-    for (acc, out) in acc.iter().zip(out.iter_mut()) {
-        // SAFETY: `out` is 8 f32s, exactly one unaligned 256-bit store.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
     }
 }
 
@@ -104,43 +152,80 @@ pub(crate) unsafe fn q8_group<const MR: usize>(
     x: &[Row<'_>; MR],
     out: &mut [[f32; ROWS]; MR],
 ) {
+    // SAFETY: the caller guarantees the features this variant uses.
+    unsafe { q8_body::<false, MR>(tiles, d, x, out) }
+}
+
+/// [`q8_group`] with VNNI dot products; bit-identical results.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX-512 VNNI and VL (see [`vnni_available`]).
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+pub(crate) unsafe fn q8_group_vnni<const MR: usize>(
+    tiles: &[Q8Tile],
+    d: &[[f16; ROWS]],
+    x: &[Row<'_>; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
+    // SAFETY: the caller guarantees the features either variant uses.
+    unsafe { q8_body::<true, MR>(tiles, d, x, out) }
+}
+
+/// The Q8 kernel, inlined into each variant's entry so it compiles with that entry's features.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI and VL when `VNNI`.
+#[inline(always)]
+unsafe fn q8_body<const VNNI: bool, const MR: usize>(
+    tiles: &[Q8Tile],
+    d: &[[f16; ROWS]],
+    x: &[Row<'_>; MR],
+    out: &mut [[f32; ROWS]; MR],
+) {
     let blocks = tiles.len();
     assert!(d.len() >= blocks);
     for row in x {
         assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks);
     }
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); MR];
-    for (b, tile) in tiles.iter().enumerate() {
-        let q = tile.qs.as_ptr().cast::<__m256i>();
-        let mut s = [_mm256_setzero_si256(); MR];
-        // One weight register (and its absolute value) live at a time, reused for every row:
-        // keeping all 8 and their 8 absolute values live across the rows spilled to the stack.
-        for p in 0..8 {
-            // SAFETY: `Q8Tile` is 32-byte aligned and 256 bytes long, so the aligned load of
-            // register p < 8 is in bounds.
-            let w = unsafe { _mm256_load_si256(q.add(p)) };
-            // maddubs wants an unsigned operand: use |w| and move w's sign onto x.
-            let aw = _mm256_abs_epi8(w);
-            for (s, row) in s.iter_mut().zip(x) {
-                // SAFETY: the assert above guarantees the block's 32 bytes are readable, and
-                // p < 8 addresses 4 of them.
-                let xp = _mm256_sign_epi8(unsafe { bcast4(row.qs.as_ptr().add(b * BLOCK), p) }, w);
-                // |w| <= 128 and |x| <= 127: a maddubs lane is at most 32512, no saturation.
-                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xp), ones));
+    // SAFETY (all intrinsics below): the caller guarantees the CPU features.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); MR];
+        for (b, tile) in tiles.iter().enumerate() {
+            let q = tile.qs.as_ptr().cast::<__m256i>();
+            let mut s = [_mm256_setzero_si256(); MR];
+            // One weight register (and its absolute value) live at a time, reused for every row:
+            // keeping all 8 and their 8 absolute values live across the rows spilled to the stack.
+            for p in 0..8 {
+                // `Q8Tile` is 32-byte aligned and 256 bytes long, so the aligned load of register
+                // p < 8 is in bounds.
+                let w = _mm256_load_si256(q.add(p));
+                // Both dot products want an unsigned operand: use |w| and move w's sign onto x.
+                let aw = _mm256_abs_epi8(w);
+                for (s, row) in s.iter_mut().zip(x) {
+                    // The assert above guarantees the block's 32 bytes are readable, and p < 8
+                    // addresses 4 of them.
+                    let xp = _mm256_sign_epi8(bcast4(row.qs.as_ptr().add(b * BLOCK), p), w);
+                    // |w| <= 128 and |x| <= 127: a maddubs lane is at most 32512, no saturation.
+                    *s = if VNNI {
+                        _mm256_dpbusd_epi32(*s, aw, xp)
+                    } else {
+                        _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xp), ones))
+                    };
+                }
+            }
+            // `d[b]` exists (assert above) and is 16 bytes, read unaligned.
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.get_unchecked(b).as_ptr().cast()));
+            for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
+                // The assert above guarantees `d` holds a scale for block b.
+                let dx = *row.d.get_unchecked(b);
+                let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *acc);
             }
         }
-        // SAFETY: `d[b]` exists (assert above) and is 16 bytes, read unaligned.
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.get_unchecked(b).as_ptr().cast()) });
-        for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
-            // SAFETY: the assert above guarantees `d` holds a scale for block b.
-            let dx = unsafe { *row.d.get_unchecked(b) };
-            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
-            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *acc);
+        for (acc, out) in acc.iter().zip(out.iter_mut()) {
+            // `out` is 8 f32s, exactly one unaligned 256-bit store.
+            _mm256_storeu_ps(out.as_mut_ptr(), *acc);
         }
-    }
-    for (acc, out) in acc.iter().zip(out.iter_mut()) {
-        // SAFETY: `out` is 8 f32s, exactly one unaligned 256-bit store.
-        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *acc) };
     }
 }

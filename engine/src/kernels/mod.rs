@@ -7,15 +7,16 @@
 //! row groups split over the calling thread and rayon's workers] --> y (m, n) f32
 //!
 //! Weights are repacked at load into tiles holding one 32-value block of 8 output rows; each tile
-//! is read once per call and multiplied with up to 4 activation rows while in registers, so a
-//! decode step for a batch of m sequences costs far less than m single-sequence steps. Matrices
-//! that share their input (q, k, v; gate, up) can be stacked into one layer
+//! is read once per call and multiplied with up to 4 activation rows (8 with VNNI) while in
+//! registers, so a decode step for a batch of m sequences costs far less than m single-sequence
+//! steps. Matrices that share their input (q, k, v; gate, up) can be stacked into one layer
 //! ([`QuantLinear::from_qtensors`]) to quantize the input and wake the threads once.
 //!
-//! Invariants: the AVX2 kernels and the scalar kernels compute the same integer block sums from
-//! the same quantized activations; results differ only by f32 rounding (FMA vs separate
-//! multiply-add). Against an f32 matmul with the dequantized weights, the only approximation is
-//! the activation quantization: `|y - y_f32| <= sum over blocks of (amax_x / 254) * sum |w|`.
+//! Invariants: the AVX2, VNNI and scalar kernels compute the same integer block sums from the
+//! same quantized activations; results differ only by f32 rounding (FMA vs separate
+//! multiply-add), and not at all between AVX2 and VNNI. Against an f32 matmul with the
+//! dequantized weights, the only approximation is the activation quantization:
+//! `|y - y_f32| <= sum over blocks of (amax_x / 254) * sum |w|`.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -35,9 +36,10 @@ pub(crate) use parallel::{OutPtr, split_over_pool};
 use pack::{Packed, ROWS};
 use quant::{QuantizedRows, Row};
 
-/// Most activation rows multiplied with a weight tile while it sits in registers; larger batches
-/// take several passes over each (L1-resident) row group.
-const MAX_ROWS_PER_PASS: usize = 4;
+/// Most activation rows multiplied with a weight tile while it sits in registers, over all
+/// kernels (see [`Kernel::rows_per_pass`]); larger batches take several passes over each
+/// (L1-resident) row group.
+const MAX_ROWS_PER_PASS: usize = 8;
 
 /// Below this much work (tiles x activation rows, about 5 ns each on one Zen 3 core), a call runs
 /// on the calling thread: posting helper jobs costs more than it saves.
@@ -54,16 +56,18 @@ pub enum Kernel {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C intrinsics.
     Avx2,
+    /// The AVX2 kernel with AVX-512 VNNI dot products (256-bit, so AVX-512VL too); its results
+    /// are bit-identical to [`Kernel::Avx2`]'s.
+    Vnni,
 }
 
 impl Kernel {
     /// The fastest kernel this CPU supports.
     pub fn detect() -> Kernel {
-        if Kernel::Avx2.is_available() {
-            Kernel::Avx2
-        } else {
-            Kernel::Scalar
-        }
+        [Kernel::Vnni, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.is_available())
+            .unwrap_or(Kernel::Scalar)
     }
 
     /// Whether this CPU can run the kernel.
@@ -72,8 +76,20 @@ impl Kernel {
             Kernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => avx2::available(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => avx2::vnni_available(),
             #[cfg(not(target_arch = "x86_64"))]
-            Kernel::Avx2 => false,
+            Kernel::Avx2 | Kernel::Vnni => false,
+        }
+    }
+
+    /// Activation rows one pass multiplies with a tile in registers: AVX2 has 16 vector
+    /// registers, which hold 4 rows' accumulators and partial sums beside the weights; the VNNI
+    /// kernel has AVX-512VL's 32, enough for 8 (a whole batch-8 decode step in one pass).
+    fn rows_per_pass(self) -> usize {
+        match self {
+            Kernel::Vnni => 8,
+            Kernel::Avx2 | Kernel::Scalar => 4,
         }
     }
 }
@@ -192,10 +208,10 @@ impl QuantLinear {
             return Ok(());
         }
         let acts = match self.kernel {
-            // SAFETY: the Avx2 kernel is only selected when AVX2 is available (detect,
-            // with_kernel).
+            // SAFETY: the Avx2 and Vnni kernels are only selected when AVX2 is available
+            // (detect, with_kernel).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { QuantizedRows::quantize_avx2(x, k) },
+            Kernel::Avx2 | Kernel::Vnni => unsafe { QuantizedRows::quantize_avx2(x, k) },
             _ => QuantizedRows::quantize_scalar(x, k),
         };
         let groups = n.div_ceil(ROWS);
@@ -227,17 +243,31 @@ impl QuantLinear {
         let cols = ROWS.min(self.n - g * ROWS);
         let mut i = 0;
         while i < m {
-            let rows = MAX_ROWS_PER_PASS.min(m - i);
+            let rows = self.kernel.rows_per_pass().min(m - i);
             let mut out = [[0f32; ROWS]; MAX_ROWS_PER_PASS];
             match self.kernel {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the Avx2 kernel is only selected when the CPU supports it.
                 Kernel::Avx2 => unsafe {
                     match rows {
-                        1 => self.group_avx2::<1>(tiles.clone(), acts, i, &mut out),
-                        2 => self.group_avx2::<2>(tiles.clone(), acts, i, &mut out),
-                        3 => self.group_avx2::<3>(tiles.clone(), acts, i, &mut out),
-                        _ => self.group_avx2::<4>(tiles.clone(), acts, i, &mut out),
+                        1 => self.group_simd::<false, 1>(tiles.clone(), acts, i, &mut out),
+                        2 => self.group_simd::<false, 2>(tiles.clone(), acts, i, &mut out),
+                        3 => self.group_simd::<false, 3>(tiles.clone(), acts, i, &mut out),
+                        _ => self.group_simd::<false, 4>(tiles.clone(), acts, i, &mut out),
+                    }
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the Vnni kernel is only selected when the CPU supports it.
+                Kernel::Vnni => unsafe {
+                    match rows {
+                        1 => self.group_simd::<true, 1>(tiles.clone(), acts, i, &mut out),
+                        2 => self.group_simd::<true, 2>(tiles.clone(), acts, i, &mut out),
+                        3 => self.group_simd::<true, 3>(tiles.clone(), acts, i, &mut out),
+                        4 => self.group_simd::<true, 4>(tiles.clone(), acts, i, &mut out),
+                        5 => self.group_simd::<true, 5>(tiles.clone(), acts, i, &mut out),
+                        6 => self.group_simd::<true, 6>(tiles.clone(), acts, i, &mut out),
+                        7 => self.group_simd::<true, 7>(tiles.clone(), acts, i, &mut out),
+                        _ => self.group_simd::<true, 8>(tiles.clone(), acts, i, &mut out),
                     }
                 },
                 _ => {
@@ -267,12 +297,13 @@ impl QuantLinear {
         }
     }
 
-    /// Runs the AVX2 kernel for activation rows `i..i + MR` over `tiles`.
+    /// Runs the AVX2 kernel (the VNNI one when `VNNI`) for activation rows `i..i + MR` over
+    /// `tiles`.
     ///
     /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
+    /// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI and VL when `VNNI`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn group_avx2<const MR: usize>(
+    unsafe fn group_simd<const VNNI: bool, const MR: usize>(
         &self,
         tiles: Range<usize>,
         acts: &QuantizedRows,
@@ -285,10 +316,14 @@ impl QuantLinear {
         };
         // SAFETY: the caller guarantees CPU support; the kernels check slice lengths.
         unsafe {
-            match &self.packed {
-                Packed::Q4(t) => avx2::q4_group::<MR>(&t[tiles], &x, out),
-                Packed::Q8(w) => {
+            match (&self.packed, VNNI) {
+                (Packed::Q4(t), false) => avx2::q4_group::<MR>(&t[tiles], &x, out),
+                (Packed::Q4(t), true) => avx2::q4_group_vnni::<MR>(&t[tiles], &x, out),
+                (Packed::Q8(w), false) => {
                     avx2::q8_group::<MR>(&w.tiles[tiles.clone()], &w.d[tiles], &x, out)
+                }
+                (Packed::Q8(w), true) => {
+                    avx2::q8_group_vnni::<MR>(&w.tiles[tiles.clone()], &w.d[tiles], &x, out)
                 }
             }
         }

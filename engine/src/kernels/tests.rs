@@ -4,7 +4,8 @@
 //! - against candle on x: `sum_b (amax_b(x_i) / 254) * sum_{c in b} |w_jc|` (activation
 //!   quantization error, at most half a step per value) plus `2 k eps S` for f32 rounding;
 //! - against candle on the dequantized Q8 activations x̂: `2 k eps S` (rounding only);
-//! - AVX2 against scalar: `4 (k / 32 + 1) eps S` (FMA vs multiply-add per block).
+//! - AVX2 and VNNI against scalar: `4 (k / 32 + 1) eps S` (FMA vs multiply-add per block);
+//! - VNNI against AVX2: bit for bit.
 
 use std::borrow::Cow;
 
@@ -154,27 +155,70 @@ fn equals_candle_on_quantized_activations_up_to_rounding() {
 }
 
 #[test]
-fn avx2_matches_scalar_kernel() {
-    if !Kernel::Avx2.is_available() {
-        return;
-    }
+fn simd_kernels_match_scalar_kernel() {
     let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let simd: Vec<Kernel> = [Kernel::Avx2, Kernel::Vnni]
+        .into_iter()
+        .filter(|k| k.is_available())
+        .collect();
     for (dtype, k, n) in cases() {
         let w = random_qtensor(dtype, n, k, &mut rng);
-        let simd = QuantLinear::from_qtensor(&w).and_then(|l| l.with_kernel(Kernel::Avx2));
-        let scalar = QuantLinear::from_qtensor(&w).and_then(|l| l.with_kernel(Kernel::Scalar));
-        let (Some(simd), Some(scalar)) = (simd, scalar) else {
+        let Some(scalar) =
+            QuantLinear::from_qtensor(&w).and_then(|l| l.with_kernel(Kernel::Scalar))
+        else {
             panic!("{dtype:?} must pack");
         };
         for m in BATCH_SIZES {
             let x = random_activations(m, k, &mut rng);
             let r = reference(&w, &x, m).expect("reference");
+            let want = run(&scalar, &x);
             let eps = 4.0 * (k / 32 + 1) as f32 * f32::EPSILON;
-            assert_close(
-                &format!("{dtype:?} {k}->{n} m={m}"),
-                &run(&simd, &x),
-                &run(&scalar, &x),
-                |i| eps * r.magnitude[i] * 1.01,
+            for &kernel in &simd {
+                let lin = QuantLinear::from_qtensor(&w)
+                    .and_then(|l| l.with_kernel(kernel))
+                    .expect("available kernel");
+                assert_close(
+                    &format!("{kernel:?} {dtype:?} {k}->{n} m={m}"),
+                    &run(&lin, &x),
+                    &want,
+                    |i| eps * r.magnitude[i] * 1.01,
+                );
+            }
+        }
+    }
+}
+
+/// The VNNI kernel computes the AVX2 kernel's integer sums with other instructions and shares
+/// its float epilogue, so switching kernels never changes a token. Batch sizes cover one full
+/// 8-row VNNI pass, a pass of 8 and one of 1, and the partial passes in between.
+#[test]
+fn vnni_kernel_is_bit_identical_to_avx2() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let kernels = [Kernel::Avx2, Kernel::Vnni];
+    let available = kernels.iter().all(|k| k.is_available());
+    // Without VNNI on this CPU, `with_kernel` must refuse it rather than run something else.
+    if !available {
+        let w = random_qtensor(GgmlDType::Q4_1, 8, 32, &mut rng);
+        for kernel in kernels {
+            let lin = QuantLinear::from_qtensor(&w).and_then(|l| l.with_kernel(kernel));
+            assert_eq!(lin.is_some(), kernel.is_available(), "{kernel:?}");
+        }
+        return;
+    }
+    for (dtype, k, n) in cases() {
+        let w = random_qtensor(dtype, n, k, &mut rng);
+        let [avx2, vnni] = kernels.map(|kernel| {
+            QuantLinear::from_qtensor(&w)
+                .and_then(|l| l.with_kernel(kernel))
+                .expect("available kernel")
+        });
+        for m in [1, 4, 5, 7, 8, 9, 16, 17] {
+            let x = random_activations(m, k, &mut rng);
+            let (a, v) = (run(&avx2, &x), run(&vnni, &x));
+            let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&a) == bits(&v),
+                "{dtype:?} {k}->{n} m={m}: outputs differ"
             );
         }
     }
@@ -186,7 +230,7 @@ fn row_count_not_multiple_of_tile_is_clipped() {
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
         let (k, n) = (64, 13);
         let w = random_qtensor(dtype, n, k, &mut rng);
-        for kernel in [Kernel::Scalar, Kernel::Avx2] {
+        for kernel in [Kernel::Scalar, Kernel::Avx2, Kernel::Vnni] {
             let Some(lin) = QuantLinear::from_qtensor(&w).and_then(|l| l.with_kernel(kernel))
             else {
                 continue;
