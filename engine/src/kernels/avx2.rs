@@ -11,6 +11,9 @@
 //! VNNI does in one instruction what AVX2 spends three on (`maddubs`, a 16-bit add and, per block,
 //! a widening `madd`), which is what bounds a batched decode step's matmuls once the weights are
 //! shared by several rows; with AVX-512VL's 32 vector registers it also keeps 8 rows in flight.
+//! For Q8 weights the VNNI variant multiplies the activations plus 128 (unsigned bytes, made once
+//! per call) by the signed weights and subtracts 128 times the weights' sum once per block,
+//! rather than moving every weight's sign onto the activations as the AVX2 variant does.
 
 use std::arch::x86_64::*;
 
@@ -186,32 +189,53 @@ unsafe fn q8_body<const VNNI: bool, const MR: usize>(
     assert!(d.len() >= blocks);
     for row in x {
         assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks);
+        assert!(
+            !VNNI || row.qu.len() >= blocks * BLOCK,
+            "VNNI needs the unsigned bytes"
+        );
     }
     // SAFETY (all intrinsics below): the caller guarantees the CPU features.
     unsafe {
         let ones = _mm256_set1_epi16(1);
+        let bias = _mm256_set1_epi8(0x80u8 as i8);
         let mut acc = [_mm256_setzero_ps(); MR];
         for (b, tile) in tiles.iter().enumerate() {
             let q = tile.qs.as_ptr().cast::<__m256i>();
             let mut s = [_mm256_setzero_si256(); MR];
-            // One weight register (and its absolute value) live at a time, reused for every row:
-            // keeping all 8 and their 8 absolute values live across the rows spilled to the stack.
+            // VNNI: 128 * sum(w) per row lane, subtracted from every row's sum of (x + 128) * w.
+            // Each lane's sums stay below 32 * 255 * 128 in magnitude: no overflow, exact.
+            let mut shift = _mm256_setzero_si256();
+            // One weight register live at a time, reused for every row: keeping all 8 (and, for
+            // AVX2, their absolute values) live across the rows spilled to the stack.
             for p in 0..8 {
                 // `Q8Tile` is 32-byte aligned and 256 bytes long, so the aligned load of register
                 // p < 8 is in bounds.
                 let w = _mm256_load_si256(q.add(p));
-                // Both dot products want an unsigned operand: use |w| and move w's sign onto x.
-                let aw = _mm256_abs_epi8(w);
-                for (s, row) in s.iter_mut().zip(x) {
-                    // The assert above guarantees the block's 32 bytes are readable, and p < 8
-                    // addresses 4 of them.
-                    let xp = _mm256_sign_epi8(bcast4(row.qs.as_ptr().add(b * BLOCK), p), w);
-                    // |w| <= 128 and |x| <= 127: a maddubs lane is at most 32512, no saturation.
-                    *s = if VNNI {
-                        _mm256_dpbusd_epi32(*s, aw, xp)
-                    } else {
-                        _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xp), ones))
-                    };
+                if VNNI {
+                    shift = _mm256_dpbusd_epi32(shift, bias, w);
+                    for (s, row) in s.iter_mut().zip(x) {
+                        // The assert above guarantees the block's 32 unsigned bytes are
+                        // readable, and p < 8 addresses 4 of them.
+                        let xu = bcast4(row.qu.as_ptr().add(b * BLOCK).cast(), p);
+                        *s = _mm256_dpbusd_epi32(*s, xu, w);
+                    }
+                } else {
+                    // maddubs wants an unsigned operand: use |w| and move w's sign onto x.
+                    let aw = _mm256_abs_epi8(w);
+                    for (s, row) in s.iter_mut().zip(x) {
+                        // The assert above guarantees the block's 32 bytes are readable, and
+                        // p < 8 addresses 4 of them.
+                        let xp = _mm256_sign_epi8(bcast4(row.qs.as_ptr().add(b * BLOCK), p), w);
+                        // |w| <= 128 and |x| <= 127: a maddubs lane is at most 32512, no
+                        // saturation.
+                        let t = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, xp), ones);
+                        *s = _mm256_add_epi32(*s, t);
+                    }
+                }
+            }
+            if VNNI {
+                for s in &mut s {
+                    *s = _mm256_sub_epi32(*s, shift);
                 }
             }
             // `d[b]` exists (assert above) and is 16 bytes, read unaligned.

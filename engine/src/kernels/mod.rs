@@ -207,13 +207,16 @@ impl QuantLinear {
         if m == 0 {
             return Ok(());
         }
-        let acts = match self.kernel {
+        let mut acts = match self.kernel {
             // SAFETY: the Avx2 and Vnni kernels are only selected when AVX2 is available
             // (detect, with_kernel).
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 | Kernel::Vnni => unsafe { QuantizedRows::quantize_avx2(x, k) },
             _ => QuantizedRows::quantize_scalar(x, k),
         };
+        if self.kernel == Kernel::Vnni && matches!(self.packed, Packed::Q8(_)) {
+            acts.add_unsigned();
+        }
         let groups = n.div_ceil(ROWS);
         let blocks = k / pack::BLOCK;
         let dst = OutPtr::new(out);

@@ -16,6 +16,9 @@ pub(crate) struct QuantizedRows {
     pub(crate) d: Vec<f32>,
     /// `s[i * blocks + b]`: `d * sum(q)` of block `b` of row `i`.
     pub(crate) s: Vec<f32>,
+    /// `qs` plus 128 as unsigned bytes, for the VNNI Q8 kernel; empty until
+    /// [`QuantizedRows::add_unsigned`].
+    pub(crate) qu: Vec<u8>,
 }
 
 /// One quantized row, borrowed from [`QuantizedRows`].
@@ -24,6 +27,8 @@ pub(crate) struct Row<'a> {
     pub(crate) qs: &'a [i8],
     pub(crate) d: &'a [f32],
     pub(crate) s: &'a [f32],
+    /// The row's `qu` (empty when the rows have none).
+    pub(crate) qu: &'a [u8],
 }
 
 impl QuantizedRows {
@@ -34,6 +39,7 @@ impl QuantizedRows {
             qs: vec![0; m * k],
             d: vec![0.0; m * blocks],
             s: vec![0.0; m * blocks],
+            qu: Vec::new(),
         }
     }
 
@@ -44,7 +50,18 @@ impl QuantizedRows {
             qs: &self.qs[i * self.k..(i + 1) * self.k],
             d: &self.d[i * blocks..(i + 1) * blocks],
             s: &self.s[i * blocks..(i + 1) * blocks],
+            qu: self
+                .qu
+                .get(i * self.k..(i + 1) * self.k)
+                .unwrap_or_default(),
         }
+    }
+
+    /// Fills [`QuantizedRows::qu`]: VNNI multiplies unsigned bytes by signed ones, so the Q8
+    /// kernel multiplies `q + 128` by the weights and subtracts `128 * sum(w)` per block, which
+    /// is cheaper than moving each weight's sign onto the activation.
+    pub(crate) fn add_unsigned(&mut self) {
+        self.qu = self.qs.iter().map(|&q| (q as u8) ^ 0x80).collect();
     }
 
     /// Quantizes `x` (rows of `k` values, `k` a multiple of 32) with the portable code.
@@ -179,6 +196,20 @@ mod tests {
                     .sum();
                 assert_eq!(row.s[b], row.d[b] * sum as f32);
             }
+        }
+    }
+
+    #[test]
+    fn unsigned_bytes_are_values_plus_128() {
+        let mut q = QuantizedRows::quantize_scalar(&random_rows(2, 64, 5), 64);
+        assert!(q.row(1).qu.is_empty());
+        q.add_unsigned();
+        for i in 0..2 {
+            let row = q.row(i);
+            for (&v, &u) in row.qs.iter().zip(row.qu) {
+                assert_eq!(u as i32, v as i32 + 128);
+            }
+            assert_eq!(row.qu.len(), 64);
         }
     }
 
