@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::pack::{BLOCK, Q4Tile, Q8Tile, ROWS};
-use super::quant::Row;
+use super::quant::{BlockScales, Row};
 
 /// True when the CPU has every feature the AVX2 variant is compiled for.
 pub(crate) fn available() -> bool {
@@ -54,10 +54,11 @@ unsafe fn bcast4(xq: *const i8, idx: usize) -> __m256i {
 pub(crate) unsafe fn q4_group<const MR: usize>(
     tiles: &[Q4Tile],
     x: &[Row<'_>; MR],
+    scales: BlockScales<'_>,
     out: &mut [[f32; ROWS]; MR],
 ) {
     // SAFETY: the caller guarantees the features this variant uses.
-    unsafe { q4_body::<false, MR>(tiles, x, out) }
+    unsafe { q4_body::<false, MR>(tiles, x, scales, out) }
 }
 
 /// [`q4_group`] with VNNI dot products; bit-identical results.
@@ -68,10 +69,11 @@ pub(crate) unsafe fn q4_group<const MR: usize>(
 pub(crate) unsafe fn q4_group_vnni<const MR: usize>(
     tiles: &[Q4Tile],
     x: &[Row<'_>; MR],
+    scales: BlockScales<'_>,
     out: &mut [[f32; ROWS]; MR],
 ) {
     // SAFETY: the caller guarantees the features either variant uses.
-    unsafe { q4_body::<true, MR>(tiles, x, out) }
+    unsafe { q4_body::<true, MR>(tiles, x, scales, out) }
 }
 
 /// The Q4 kernel, inlined into each variant's entry so it compiles with that entry's features.
@@ -82,12 +84,16 @@ pub(crate) unsafe fn q4_group_vnni<const MR: usize>(
 unsafe fn q4_body<const VNNI: bool, const MR: usize>(
     tiles: &[Q4Tile],
     x: &[Row<'_>; MR],
+    scales: BlockScales<'_>,
     out: &mut [[f32; ROWS]; MR],
 ) {
     let blocks = tiles.len();
     for row in x {
-        assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks && row.s.len() >= blocks);
+        assert!(row.qs.len() >= blocks * BLOCK);
     }
+    let (d, sums, stride) = (scales.d, scales.s, scales.stride);
+    let last = blocks.saturating_sub(1) * stride + MR;
+    assert!(MR <= stride && d.len() >= last && sums.len() >= last);
     // SAFETY (all intrinsics below): the caller guarantees the CPU features.
     unsafe {
         let mask = _mm256_set1_epi8(0x0F);
@@ -124,9 +130,12 @@ unsafe fn q4_body<const VNNI: bool, const MR: usize>(
             // `d`, `m` sit at 16-byte aligned offsets 128 and 144 of the tile.
             let dw = _mm256_cvtph_ps(_mm_load_si128(tile.d.as_ptr().cast()));
             let mw = _mm256_cvtph_ps(_mm_load_si128(tile.m.as_ptr().cast()));
-            for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
-                // The assert above guarantees `d` and `s` hold `blocks` values.
-                let (dx, sx) = (*row.d.get_unchecked(b), *row.s.get_unchecked(b));
+            for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+                // The assert above guarantees block b's scales of rows r < MR are in bounds.
+                let (dx, sx) = (
+                    *d.get_unchecked(b * stride + r),
+                    *sums.get_unchecked(b * stride + r),
+                );
                 let s = if VNNI {
                     *s
                 } else {
@@ -153,10 +162,11 @@ pub(crate) unsafe fn q8_group<const MR: usize>(
     tiles: &[Q8Tile],
     d: &[[f16; ROWS]],
     x: &[Row<'_>; MR],
+    scales: BlockScales<'_>,
     out: &mut [[f32; ROWS]; MR],
 ) {
     // SAFETY: the caller guarantees the features this variant uses.
-    unsafe { q8_body::<false, MR>(tiles, d, x, out) }
+    unsafe { q8_body::<false, MR>(tiles, d, x, scales, out) }
 }
 
 /// [`q8_group`] with VNNI dot products; bit-identical results.
@@ -168,10 +178,11 @@ pub(crate) unsafe fn q8_group_vnni<const MR: usize>(
     tiles: &[Q8Tile],
     d: &[[f16; ROWS]],
     x: &[Row<'_>; MR],
+    scales: BlockScales<'_>,
     out: &mut [[f32; ROWS]; MR],
 ) {
     // SAFETY: the caller guarantees the features either variant uses.
-    unsafe { q8_body::<true, MR>(tiles, d, x, out) }
+    unsafe { q8_body::<true, MR>(tiles, d, x, scales, out) }
 }
 
 /// The Q8 kernel, inlined into each variant's entry so it compiles with that entry's features.
@@ -183,12 +194,15 @@ unsafe fn q8_body<const VNNI: bool, const MR: usize>(
     tiles: &[Q8Tile],
     d: &[[f16; ROWS]],
     x: &[Row<'_>; MR],
+    scales: BlockScales<'_>,
     out: &mut [[f32; ROWS]; MR],
 ) {
     let blocks = tiles.len();
     assert!(d.len() >= blocks);
+    let (xd, stride) = (scales.d, scales.stride);
+    assert!(MR <= stride && xd.len() >= blocks.saturating_sub(1) * stride + MR);
     for row in x {
-        assert!(row.qs.len() >= blocks * BLOCK && row.d.len() >= blocks);
+        assert!(row.qs.len() >= blocks * BLOCK);
         assert!(
             !VNNI || row.qu.len() >= blocks * BLOCK,
             "VNNI needs the unsigned bytes"
@@ -240,9 +254,9 @@ unsafe fn q8_body<const VNNI: bool, const MR: usize>(
             }
             // `d[b]` exists (assert above) and is 16 bytes, read unaligned.
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(d.get_unchecked(b).as_ptr().cast()));
-            for ((acc, s), row) in acc.iter_mut().zip(&s).zip(x) {
-                // The assert above guarantees `d` holds a scale for block b.
-                let dx = *row.d.get_unchecked(b);
+            for (r, (acc, s)) in acc.iter_mut().zip(&s).enumerate() {
+                // The assert above guarantees block b's scale of row r < MR is in bounds.
+                let dx = *xd.get_unchecked(b * stride + r);
                 let scale = _mm256_mul_ps(dw, _mm256_set1_ps(dx));
                 *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(*s), scale, *acc);
             }

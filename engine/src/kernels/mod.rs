@@ -217,6 +217,9 @@ impl QuantLinear {
         if self.kernel == Kernel::Vnni && matches!(self.packed, Packed::Q8(_)) {
             acts.add_unsigned();
         }
+        if matches!(self.kernel, Kernel::Avx2 | Kernel::Vnni) {
+            acts.add_block_major_scales();
+        }
         let groups = n.div_ceil(ROWS);
         let blocks = k / pack::BLOCK;
         let dst = OutPtr::new(out);
@@ -314,19 +317,22 @@ impl QuantLinear {
         out: &mut [[f32; ROWS]; MAX_ROWS_PER_PASS],
     ) {
         let x: [Row<'_>; MR] = std::array::from_fn(|r| acts.row(i + r));
+        let Some(scales) = acts.block_scales(i) else {
+            unreachable!("matmul adds the block-major scales for the SIMD kernels");
+        };
         let Some(out) = out.first_chunk_mut::<MR>() else {
             unreachable!("MR <= MAX_ROWS_PER_PASS");
         };
         // SAFETY: the caller guarantees CPU support; the kernels check slice lengths.
         unsafe {
             match (&self.packed, VNNI) {
-                (Packed::Q4(t), false) => avx2::q4_group::<MR>(&t[tiles], &x, out),
-                (Packed::Q4(t), true) => avx2::q4_group_vnni::<MR>(&t[tiles], &x, out),
+                (Packed::Q4(t), false) => avx2::q4_group::<MR>(&t[tiles], &x, scales, out),
+                (Packed::Q4(t), true) => avx2::q4_group_vnni::<MR>(&t[tiles], &x, scales, out),
                 (Packed::Q8(w), false) => {
-                    avx2::q8_group::<MR>(&w.tiles[tiles.clone()], &w.d[tiles], &x, out)
+                    avx2::q8_group::<MR>(&w.tiles[tiles.clone()], &w.d[tiles], &x, scales, out)
                 }
                 (Packed::Q8(w), true) => {
-                    avx2::q8_group_vnni::<MR>(&w.tiles[tiles.clone()], &w.d[tiles], &x, out)
+                    avx2::q8_group_vnni::<MR>(&w.tiles[tiles.clone()], &w.d[tiles], &x, scales, out)
                 }
             }
         }

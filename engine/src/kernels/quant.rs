@@ -19,6 +19,21 @@ pub(crate) struct QuantizedRows {
     /// `qs` plus 128 as unsigned bytes, for the VNNI Q8 kernel; empty until
     /// [`QuantizedRows::add_unsigned`].
     pub(crate) qu: Vec<u8>,
+    /// `d` and `s` again, block-major (`[b * m + i]`); empty until
+    /// [`QuantizedRows::add_block_major_scales`].
+    d_by_block: Vec<f32>,
+    s_by_block: Vec<f32>,
+}
+
+/// The scales of rows `i..` in block-major order: row `i + r`'s block `b` is at
+/// `b * stride + r`. A SIMD pass over several rows reads them through one pointer instead of two
+/// per row, which kept 8 rows' pointers from fitting in the general registers (they were
+/// reloaded from the stack every block).
+#[derive(Clone, Copy)]
+pub(crate) struct BlockScales<'a> {
+    pub(crate) d: &'a [f32],
+    pub(crate) s: &'a [f32],
+    pub(crate) stride: usize,
 }
 
 /// One quantized row, borrowed from [`QuantizedRows`].
@@ -40,6 +55,8 @@ impl QuantizedRows {
             d: vec![0.0; m * blocks],
             s: vec![0.0; m * blocks],
             qu: Vec::new(),
+            d_by_block: Vec::new(),
+            s_by_block: Vec::new(),
         }
     }
 
@@ -55,6 +72,34 @@ impl QuantizedRows {
                 .get(i * self.k..(i + 1) * self.k)
                 .unwrap_or_default(),
         }
+    }
+
+    /// Fills the block-major copies of `d` and `s` that [`QuantizedRows::block_scales`] reads.
+    pub(crate) fn add_block_major_scales(&mut self) {
+        let blocks = self.k / BLOCK;
+        let m = self.d.len() / blocks.max(1);
+        let transpose = |v: &[f32]| -> Vec<f32> {
+            (0..blocks * m)
+                .map(|j| v[(j % m) * blocks + j / m])
+                .collect()
+        };
+        self.d_by_block = transpose(&self.d);
+        self.s_by_block = transpose(&self.s);
+    }
+
+    /// The block-major scales of rows `i..`; None before
+    /// [`QuantizedRows::add_block_major_scales`].
+    pub(crate) fn block_scales(&self, i: usize) -> Option<BlockScales<'_>> {
+        let blocks = self.k / BLOCK;
+        let m = self.d.len() / blocks.max(1);
+        if self.d_by_block.len() != self.d.len() || i >= m.max(1) {
+            return None;
+        }
+        Some(BlockScales {
+            d: &self.d_by_block[i..],
+            s: &self.s_by_block[i..],
+            stride: m,
+        })
     }
 
     /// Fills [`QuantizedRows::qu`]: VNNI multiplies unsigned bytes by signed ones, so the Q8
@@ -211,6 +256,24 @@ mod tests {
             }
             assert_eq!(row.qu.len(), 64);
         }
+    }
+
+    #[test]
+    fn block_major_scales_address_each_rows_blocks() {
+        let mut q = QuantizedRows::quantize_scalar(&random_rows(3, 96, 6), 96);
+        assert!(q.block_scales(0).is_none());
+        q.add_block_major_scales();
+        for i in 0..3 {
+            let bs = q.block_scales(i).expect("added");
+            assert_eq!(bs.stride, 3);
+            for r in 0..3 - i {
+                for b in 0..3 {
+                    assert_eq!(bs.d[b * bs.stride + r], q.row(i + r).d[b]);
+                    assert_eq!(bs.s[b * bs.stride + r], q.row(i + r).s[b]);
+                }
+            }
+        }
+        assert!(q.block_scales(3).is_none());
     }
 
     #[test]
