@@ -246,15 +246,21 @@ pub(crate) struct RowRun {
     pub len: usize,
 }
 
-/// The in-place copy behind [`KvCache::write_rows`] on the CPU: `(kv_heads, rows, head_dim)`
-/// source rows into a `(num_blocks, kv_heads, block_size, head_dim)` cache tensor of the same
-/// dtype.
 /// One layer's K and V storage in CPU memory, read in place by decode attention.
 pub(crate) enum CpuKv<'a> {
     F32(&'a [f32], &'a [f32]),
     F16(&'a [half::f16], &'a [half::f16]),
 }
 
+/// Row of a layer's storage, seen as `(rows, head_dim)`, that holds kv head `head` of cache slot
+/// `slot`: storage is `(blocks, heads, block_size, head_dim)`.
+fn storage_row(slot: usize, head: usize, heads: usize, block_size: usize) -> usize {
+    (slot / block_size * heads + head) * block_size + slot % block_size
+}
+
+/// The in-place copy behind [`KvCache::write_rows`] on the CPU: `(kv_heads, rows, head_dim)`
+/// source rows into a `(num_blocks, kv_heads, block_size, head_dim)` cache tensor of the same
+/// dtype.
 struct WriteRows<'a>(&'a [RowRun]);
 
 impl InplaceOp2 for WriteRows<'_> {
@@ -338,7 +344,7 @@ fn copy_rows<T: Copy>(
             );
         }
         for h in 0..heads {
-            dst[((block * heads + h) * bs + off) * d..][..run.len * d]
+            dst[storage_row(run.slot, h, heads, bs) * d..][..run.len * d]
                 .copy_from_slice(&src[(h * rows + run.row) * d..][..run.len * d]);
         }
     }
@@ -357,7 +363,7 @@ fn write_rows_by_slices(store: &Tensor, rows: &Tensor, runs: &[RowRun]) -> Resul
             return Err(Error::Internal("kv write: a run crosses a block's end"));
         }
         for h in 0..heads {
-            let at = (run.slot / bs * heads + h) * bs + run.slot % bs;
+            let at = storage_row(run.slot, h, heads, bs);
             flat.slice_set(&rows.get(h)?.narrow(0, run.row, run.len)?, 0, at)?;
         }
     }
@@ -536,7 +542,7 @@ impl KvCache {
             .runs(table, 0..len)?
             .into_iter()
             .flat_map(|(slot, _, n)| {
-                let first = slot / bs * heads * bs + slot % bs;
+                let first = storage_row(slot, 0, heads, bs);
                 (first..first + n).map(|r| r as u32)
             })
             .collect())

@@ -60,6 +60,11 @@ impl QuantizedRows {
         }
     }
 
+    /// Number of rows m.
+    fn rows(&self) -> usize {
+        self.qs.len().checked_div(self.k).unwrap_or(0)
+    }
+
     /// Row `i`.
     pub(crate) fn row(&self, i: usize) -> Row<'_> {
         let blocks = self.k / BLOCK;
@@ -76,8 +81,7 @@ impl QuantizedRows {
 
     /// Fills the block-major copies of `d` and `s` that [`QuantizedRows::block_scales`] reads.
     pub(crate) fn add_block_major_scales(&mut self) {
-        let blocks = self.k / BLOCK;
-        let m = self.d.len() / blocks.max(1);
+        let (blocks, m) = (self.k / BLOCK, self.rows());
         let transpose = |v: &[f32]| -> Vec<f32> {
             (0..blocks * m)
                 .map(|j| v[(j % m) * blocks + j / m])
@@ -90,9 +94,8 @@ impl QuantizedRows {
     /// The block-major scales of rows `i..`; None before
     /// [`QuantizedRows::add_block_major_scales`].
     pub(crate) fn block_scales(&self, i: usize) -> Option<BlockScales<'_>> {
-        let blocks = self.k / BLOCK;
-        let m = self.d.len() / blocks.max(1);
-        if self.d_by_block.len() != self.d.len() || i >= m.max(1) {
+        let m = self.rows();
+        if self.d_by_block.len() != self.d.len() || i >= m {
             return None;
         }
         Some(BlockScales {
