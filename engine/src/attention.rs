@@ -195,8 +195,15 @@ const MAX_HEADS: usize = 3;
 /// Output values per head the AVX2 weighted sum keeps in registers at once (4 registers).
 const V_CHUNK: usize = 32;
 
-/// How many keys ahead the loops ask for K and V rows (the rows sit in scattered blocks).
+/// How many keys ahead the loops ask for K and V rows into L1 (the rows sit in scattered blocks).
 const PREFETCH_AHEAD: usize = 8;
+
+/// How many keys ahead the loops ask for K and V rows into L2 (16 KiB of f32 rows at head_dim
+/// 64). A decode step's KV comes from DRAM (the step streams ~100 MB of weights between one
+/// layer's attention and the next step's), and 8 rows ahead kept too few reads in flight: a
+/// task now asks for the first window of both K and V when it starts and rolls the window along.
+/// With it, the batch-8 step took 4-7% less time (alternated runs).
+const L2_AHEAD: usize = 64;
 
 /// K or V rows of one kv head for one sequence's context.
 struct HeadRows<'a, T> {
@@ -282,6 +289,11 @@ unsafe fn head_set_avx<T: KvElem, const MH: usize>(
         o.fill(0.0);
         return;
     }
+    use std::arch::x86_64::_MM_HINT_T1;
+    for t in 0..L2_AHEAD.min(n) {
+        prefetch_row::<T, _MM_HINT_T1>(keys, t);
+        prefetch_row::<T, _MM_HINT_T1>(values, t);
+    }
     // SAFETY (all three): the features are enabled here, and the shapes were checked above.
     unsafe { scores_avx(q, keys, scale, e) };
     let mut inv = [0f32; MH];
@@ -291,16 +303,17 @@ unsafe fn head_set_avx<T: KvElem, const MH: usize>(
     unsafe { weighted_values_avx(values, e, inv, o) };
 }
 
-/// Asks for row `t`'s cache lines, if the context has a row `t`.
+/// Asks for row `t`'s cache lines, if the context has a row `t`: into L1 (`_MM_HINT_T0`) for the
+/// rows the next passes read, into L2 (`_MM_HINT_T1`) for the window [`L2_AHEAD`] further on.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn prefetch_row<T>(rows: &HeadRows<'_, T>, t: usize) {
+fn prefetch_row<T, const HINT: i32>(rows: &HeadRows<'_, T>, t: usize) {
     use std::arch::x86_64::*;
     if let Some(&slot) = rows.slots.get(t) {
         let row = rows.row(slot).as_ptr().cast::<u8>();
         for at in (0..std::mem::size_of_val(rows.row(slot))).step_by(64) {
             // SAFETY: `at` is inside the row; a prefetch never faults anyway.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(at).cast()) };
+            unsafe { _mm_prefetch::<HINT>(row.add(at).cast()) };
         }
     }
 }
@@ -323,12 +336,15 @@ unsafe fn scores_avx<T: KvElem, const MH: usize>(
     use std::arch::x86_64::*;
     let (d, n) = (keys.d, keys.slots.len());
     for t in 0..PREFETCH_AHEAD {
-        prefetch_row(keys, t);
+        prefetch_row::<T, _MM_HINT_T0>(keys, t);
     }
     let mut t0 = 0;
     while t0 < n {
         for t in t0 + PREFETCH_AHEAD..t0 + PREFETCH_AHEAD + 4 {
-            prefetch_row(keys, t);
+            prefetch_row::<T, _MM_HINT_T0>(keys, t);
+        }
+        for t in t0 + L2_AHEAD..t0 + L2_AHEAD + 4 {
+            prefetch_row::<T, _MM_HINT_T1>(keys, t);
         }
         let lanes = (n - t0).min(4);
         // Lanes past the last key repeat it; their results are dropped.
@@ -413,13 +429,14 @@ unsafe fn weighted_values_avx<T: KvElem, const MH: usize>(
         let mut acc = [[_mm256_setzero_ps(); 4]; MH];
         if c0 == 0 {
             for t in 0..PREFETCH_AHEAD {
-                prefetch_row(values, t);
+                prefetch_row::<T, _MM_HINT_T0>(values, t);
             }
         }
         for t in 0..n {
             // The first chunk's pass brings every row in; later passes find them cached.
             if c0 == 0 {
-                prefetch_row(values, t + PREFETCH_AHEAD);
+                prefetch_row::<T, _MM_HINT_T0>(values, t + PREFETCH_AHEAD);
+                prefetch_row::<T, _MM_HINT_T1>(values, t + L2_AHEAD);
             }
             // SAFETY: the row holds d values and c0 + 32 <= d.
             let row = unsafe { values.at(t).as_ptr().add(c0) };

@@ -22,6 +22,23 @@ use half::f16;
 use super::pack::{BLOCK, Q4Tile, Q8Tile, ROWS};
 use super::quant::{BlockScales, Row};
 
+/// How many tiles ahead of the one being multiplied the kernels ask for weights: 2.5 KiB (Q4)
+/// or 4 KiB (Q8) further along the stream. A batched decode step's matmuls are compute-bound
+/// enough that the hardware prefetcher alone let DRAM reads and the multiply-adds take turns;
+/// asking this far ahead cut the batch-8 step's matmuls by 12-15% (4 to 24 tiles measured, 12
+/// and up alike) and left the memory-bound single stream unchanged.
+const PREFETCH_TILES: usize = 16;
+
+/// Asks for the `lines` cache lines from `at` (a tile [`PREFETCH_TILES`] ahead; past the end of
+/// the weights the request is dropped, a prefetch never faults).
+#[inline(always)]
+fn prefetch_lines(at: *const u8, lines: usize) {
+    for l in 0..lines {
+        // SAFETY: prefetching has no architectural effect and accepts any address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64 * l).cast()) };
+    }
+}
+
 /// True when the CPU has every feature the AVX2 variant is compiled for.
 pub(crate) fn available() -> bool {
     is_x86_feature_detected!("avx2")
@@ -100,6 +117,12 @@ unsafe fn q4_body<const VNNI: bool, const MR: usize>(
         let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); MR];
         for (b, tile) in tiles.iter().enumerate() {
+            // Tiles are 160 bytes and contiguous (the next group's follow this one's), so 3 lines
+            // per tile cover the stream.
+            prefetch_lines(
+                std::ptr::from_ref(tile).wrapping_add(PREFETCH_TILES).cast(),
+                3,
+            );
             let q = tile.qs.as_ptr().cast::<__m256i>();
             // AVX2: 16-bit partial sums. Each maddubs lane is at most 2 * 15 * 127 = 3810 in
             // magnitude; eight of them sum to at most 30480, so the i16 accumulation cannot
@@ -214,6 +237,10 @@ unsafe fn q8_body<const VNNI: bool, const MR: usize>(
         let bias = _mm256_set1_epi8(0x80u8 as i8);
         let mut acc = [_mm256_setzero_ps(); MR];
         for (b, tile) in tiles.iter().enumerate() {
+            prefetch_lines(
+                std::ptr::from_ref(tile).wrapping_add(PREFETCH_TILES).cast(),
+                4,
+            );
             let q = tile.qs.as_ptr().cast::<__m256i>();
             let mut s = [_mm256_setzero_si256(); MR];
             // VNNI: 128 * sum(w) per row lane, subtracted from every row's sum of (x + 128) * w.
