@@ -9,6 +9,8 @@
 //! K and V are written into their blocks first. After every layer a callback runs, so a caller
 //! can export that layer's KV while the next layer computes.
 
+use std::cell::OnceCell;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
@@ -49,8 +51,10 @@ struct GroupStep<'a> {
     /// Each member's context as cache rows of kv head 0 ([`KvCache::head_rows`]) in position
     /// order, its new tokens' included: read in place by the paged decode kernel ...
     context: &'a [Vec<u32>],
-    /// ... and as tensors by the per-sequence path's gather.
-    context_ids: &'a [Tensor],
+    /// ... and as tensors by the per-sequence path's gather, made the first time a layer takes
+    /// that path: CPU decode groups never do, and at batch 8 their index tensors (kv heads x
+    /// context rows each) were rebuilt every step for nothing.
+    context_ids: &'a OnceCell<Vec<Tensor>>,
 }
 
 /// Rows of one matrix-multiply group: sequence indices and their row offsets.
@@ -115,7 +119,8 @@ impl Model {
         // Cache slots each group writes and reads, the same for every layer.
         let mut new_slots = Vec::with_capacity(groups.len());
         let mut context = Vec::with_capacity(groups.len());
-        let mut context_ids = Vec::with_capacity(groups.len());
+        let context_ids: Vec<OnceCell<Vec<Tensor>>> =
+            groups.iter().map(|_| OnceCell::new()).collect();
         for g in &groups {
             let mut ids = Vec::with_capacity(g.rows);
             let mut pos = Vec::with_capacity(g.rows);
@@ -132,11 +137,6 @@ impl Model {
                 .iter()
                 .map(|&(i, _)| cache.head_rows(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
                 .collect::<Result<Vec<_>>>()?;
-            context_ids.push(
-                rows.iter()
-                    .map(|r| cache.gather_index(r, &self.device))
-                    .collect::<Result<Vec<_>>>()?,
-            );
             context.push(rows);
             let ids = Tensor::from_vec(ids, g.rows, &self.device)?;
             xs.push(self.weights.embedding.forward(&ids)?);
@@ -308,6 +308,16 @@ impl Model {
         {
             return Ok(out);
         }
+        let context_ids = match context_ids.get() {
+            Some(ids) => ids,
+            None => {
+                let ids = context
+                    .iter()
+                    .map(|rows| cache.gather_index(rows, &self.device))
+                    .collect::<Result<Vec<_>>>()?;
+                context_ids.get_or_init(|| ids)
+            }
+        };
         let mut outs = Vec::with_capacity(g.members.len());
         for (&(i, row), ids) in g.members.iter().zip(context_ids) {
             let s = &seqs[i];

@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use half::f16;
 
 use super::pack::{BLOCK, Q4Tile, Q8Tile, ROWS};
-use super::quant::{BlockScales, Row};
+use super::quant::{BlockScales, Bytes, Row};
 
 /// How many tiles ahead of the one being multiplied the kernels ask for weights: 2.5 KiB (Q4)
 /// or 4 KiB (Q8) further along the stream. A batched decode step's matmuls are compute-bound
@@ -106,7 +106,7 @@ unsafe fn q4_body<const VNNI: bool, const MR: usize>(
 ) {
     let blocks = tiles.len();
     for row in x {
-        assert!(row.qs.len() >= blocks * BLOCK);
+        assert!(row.qs.len() >= blocks * BLOCK && row.bytes == Bytes::Signed);
     }
     let (d, sums, stride) = (scales.d, scales.s, scales.stride);
     let last = blocks.saturating_sub(1) * stride + MR;
@@ -224,12 +224,10 @@ unsafe fn q8_body<const VNNI: bool, const MR: usize>(
     assert!(d.len() >= blocks);
     let (xd, stride) = (scales.d, scales.stride);
     assert!(MR <= stride && xd.len() >= blocks.saturating_sub(1) * stride + MR);
+    // VNNI multiplies unsigned activation bytes by the signed weights; AVX2 wants them signed.
+    let bytes = if VNNI { Bytes::Unsigned } else { Bytes::Signed };
     for row in x {
-        assert!(row.qs.len() >= blocks * BLOCK);
-        assert!(
-            !VNNI || row.qu.len() >= blocks * BLOCK,
-            "VNNI needs the unsigned bytes"
-        );
+        assert!(row.qs.len() >= blocks * BLOCK && row.bytes == bytes);
     }
     // SAFETY (all intrinsics below): the caller guarantees the CPU features.
     unsafe {
@@ -257,7 +255,7 @@ unsafe fn q8_body<const VNNI: bool, const MR: usize>(
                     for (s, row) in s.iter_mut().zip(x) {
                         // The assert above guarantees the block's 32 unsigned bytes are
                         // readable, and p < 8 addresses 4 of them.
-                        let xu = bcast4(row.qu.as_ptr().add(b * BLOCK).cast(), p);
+                        let xu = bcast4(row.qs.as_ptr().add(b * BLOCK), p);
                         *s = _mm256_dpbusd_epi32(*s, xu, w);
                     }
                 } else {

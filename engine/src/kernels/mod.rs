@@ -34,7 +34,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 pub(crate) use parallel::{OutPtr, split_over_pool};
 
 use pack::{Packed, ROWS};
-use quant::{QuantizedRows, Row};
+use quant::{Bytes, QuantizedRows, Row};
 
 /// Most activation rows multiplied with a weight tile while it sits in registers, over all
 /// kernels (see [`Kernel::rows_per_pass`]); larger batches take several passes over each
@@ -207,19 +207,19 @@ impl QuantLinear {
         if m == 0 {
             return Ok(());
         }
-        let mut acts = match self.kernel {
+        // The VNNI Q8 kernel takes the activations as unsigned bytes (see `Bytes`).
+        let bytes = if self.kernel == Kernel::Vnni && matches!(self.packed, Packed::Q8(_)) {
+            Bytes::Unsigned
+        } else {
+            Bytes::Signed
+        };
+        let acts = match self.kernel {
             // SAFETY: the Avx2 and Vnni kernels are only selected when AVX2 is available
             // (detect, with_kernel).
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 | Kernel::Vnni => unsafe { QuantizedRows::quantize_avx2(x, k) },
-            _ => QuantizedRows::quantize_scalar(x, k),
+            Kernel::Avx2 | Kernel::Vnni => unsafe { QuantizedRows::quantize_avx2(x, k, bytes) },
+            _ => QuantizedRows::quantize_scalar(x, k, bytes),
         };
-        if self.kernel == Kernel::Vnni && matches!(self.packed, Packed::Q8(_)) {
-            acts.add_unsigned();
-        }
-        if matches!(self.kernel, Kernel::Avx2 | Kernel::Vnni) {
-            acts.add_block_major_scales();
-        }
         let groups = n.div_ceil(ROWS);
         let blocks = k / pack::BLOCK;
         let dst = OutPtr::new(out);
@@ -292,12 +292,16 @@ impl QuantLinear {
                 _ => {
                     for (r, out) in out.iter_mut().take(pass).enumerate() {
                         let x = rows[i + r];
+                        let Some(scales) = acts.block_scales(i + r) else {
+                            unreachable!("row i + r < m");
+                        };
                         match &self.packed {
-                            Packed::Q4(t) => scalar::q4_group(&t[tiles.clone()], x, out),
+                            Packed::Q4(t) => scalar::q4_group(&t[tiles.clone()], x, scales, out),
                             Packed::Q8(w) => scalar::q8_group(
                                 &w.tiles[tiles.clone()],
                                 &w.d[tiles.clone()],
                                 x,
+                                scales,
                                 out,
                             ),
                         }
@@ -340,7 +344,7 @@ impl QuantLinear {
             unreachable!("a pass takes at most the rows left");
         };
         let Some(scales) = acts.block_scales(i) else {
-            unreachable!("matmul adds the block-major scales for the SIMD kernels");
+            unreachable!("row i < m");
         };
         let Some(out) = out.first_chunk_mut::<MR>() else {
             unreachable!("MR <= MAX_ROWS_PER_PASS");

@@ -6,23 +6,37 @@
 
 use super::pack::BLOCK;
 
+/// Position in [`QuantizedRows`]' `d` and `s` of block `j` of its `m` rows of `blocks` blocks,
+/// the rows taken as one sequence (`j = i * blocks + b`).
+fn scale_index(j: usize, blocks: usize, m: usize) -> usize {
+    j % blocks * m + j / blocks
+}
+
+/// How a [`QuantizedRows`] stores its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bytes {
+    /// `q` as signed bytes.
+    Signed,
+    /// `q + 128` as unsigned bytes, for the VNNI Q8 kernel: VNNI multiplies unsigned bytes by
+    /// signed ones, and subtracting `128 * sum(w)` per block is cheaper than moving each
+    /// weight's sign onto the activation.
+    Unsigned,
+}
+
 /// `m` activation rows of `k` values, quantized per 32-value block.
 pub(crate) struct QuantizedRows {
     /// Values per row.
-    pub(crate) k: usize,
-    /// `qs[i * k + c]`: quantized value `c` of row `i`.
-    pub(crate) qs: Vec<i8>,
-    /// `d[i * blocks + b]`: scale of block `b` of row `i`.
-    pub(crate) d: Vec<f32>,
-    /// `s[i * blocks + b]`: `d * sum(q)` of block `b` of row `i`.
-    pub(crate) s: Vec<f32>,
-    /// `qs` plus 128 as unsigned bytes, for the VNNI Q8 kernel; empty until
-    /// [`QuantizedRows::add_unsigned`].
-    pub(crate) qu: Vec<u8>,
-    /// `d` and `s` again, block-major (`[b * m + i]`); empty until
-    /// [`QuantizedRows::add_block_major_scales`].
-    d_by_block: Vec<f32>,
-    s_by_block: Vec<f32>,
+    k: usize,
+    /// Rows.
+    m: usize,
+    bytes: Bytes,
+    /// `qs[i * k + c]`: quantized value `c` of row `i`, in the form `bytes` names.
+    qs: Vec<i8>,
+    /// `d[b * m + i]`: scale of block `b` of row `i`. Block-major, so a SIMD pass over several
+    /// rows reads them through one pointer (see [`BlockScales`]).
+    d: Vec<f32>,
+    /// `s[b * m + i]`: `d * sum(q)` of block `b` of row `i`.
+    s: Vec<f32>,
 }
 
 /// The scales of rows `i..` in block-major order: row `i + r`'s block `b` is at
@@ -36,103 +50,98 @@ pub(crate) struct BlockScales<'a> {
     pub(crate) stride: usize,
 }
 
-/// One quantized row, borrowed from [`QuantizedRows`].
+/// One quantized row's values, borrowed from [`QuantizedRows`].
 #[derive(Clone, Copy)]
 pub(crate) struct Row<'a> {
     pub(crate) qs: &'a [i8],
-    pub(crate) d: &'a [f32],
-    pub(crate) s: &'a [f32],
-    /// The row's `qu` (empty when the rows have none).
-    pub(crate) qu: &'a [u8],
+    pub(crate) bytes: Bytes,
 }
 
 impl QuantizedRows {
-    fn zeroed(m: usize, k: usize) -> Self {
+    fn zeroed(m: usize, k: usize, bytes: Bytes) -> Self {
         let blocks = k / BLOCK;
         Self {
             k,
+            m,
+            bytes,
             qs: vec![0; m * k],
             d: vec![0.0; m * blocks],
             s: vec![0.0; m * blocks],
-            qu: Vec::new(),
-            d_by_block: Vec::new(),
-            s_by_block: Vec::new(),
         }
     }
 
-    /// Number of rows m.
-    fn rows(&self) -> usize {
-        self.qs.len().checked_div(self.k).unwrap_or(0)
-    }
-
-    /// Row `i`.
+    /// Row `i`'s values.
     pub(crate) fn row(&self, i: usize) -> Row<'_> {
-        let blocks = self.k / BLOCK;
         Row {
             qs: &self.qs[i * self.k..(i + 1) * self.k],
-            d: &self.d[i * blocks..(i + 1) * blocks],
-            s: &self.s[i * blocks..(i + 1) * blocks],
-            qu: self
-                .qu
-                .get(i * self.k..(i + 1) * self.k)
-                .unwrap_or_default(),
+            bytes: self.bytes,
         }
     }
 
-    /// Fills the block-major copies of `d` and `s` that [`QuantizedRows::block_scales`] reads.
-    pub(crate) fn add_block_major_scales(&mut self) {
-        let (blocks, m) = (self.k / BLOCK, self.rows());
-        let transpose = |v: &[f32]| -> Vec<f32> {
-            (0..blocks * m)
-                .map(|j| v[(j % m) * blocks + j / m])
-                .collect()
-        };
-        self.d_by_block = transpose(&self.d);
-        self.s_by_block = transpose(&self.s);
-    }
-
-    /// The block-major scales of rows `i..`; None before
-    /// [`QuantizedRows::add_block_major_scales`].
+    /// The scales of rows `i..`; None when there is no row `i`.
     pub(crate) fn block_scales(&self, i: usize) -> Option<BlockScales<'_>> {
-        let m = self.rows();
-        if self.d_by_block.len() != self.d.len() || i >= m {
-            return None;
-        }
-        Some(BlockScales {
-            d: &self.d_by_block[i..],
-            s: &self.s_by_block[i..],
-            stride: m,
+        (i < self.m).then(|| BlockScales {
+            d: &self.d[i..],
+            s: &self.s[i..],
+            stride: self.m,
         })
     }
 
-    /// Fills [`QuantizedRows::qu`]: VNNI multiplies unsigned bytes by signed ones, so the Q8
-    /// kernel multiplies `q + 128` by the weights and subtracts `128 * sum(w)` per block, which
-    /// is cheaper than moving each weight's sign onto the activation.
-    pub(crate) fn add_unsigned(&mut self) {
-        self.qu = self.qs.iter().map(|&q| (q as u8) ^ 0x80).collect();
+    /// The values the quantized rows stand for, `d * q`, row-major.
+    #[cfg(test)]
+    pub(crate) fn dequantize(&self) -> Vec<f32> {
+        let shift = match self.bytes {
+            Bytes::Signed => 0.0,
+            Bytes::Unsigned => 128.0,
+        };
+        self.qs
+            .iter()
+            .enumerate()
+            .map(|(c, &q)| {
+                let q = if shift == 0.0 {
+                    q as f32
+                } else {
+                    q as u8 as f32 - shift
+                };
+                q * self.d[scale_index(c / BLOCK, self.k / BLOCK, self.m)]
+            })
+            .collect()
     }
 
     /// Quantizes `x` (rows of `k` values, `k` a multiple of 32) with the portable code.
-    pub(crate) fn quantize_scalar(x: &[f32], k: usize) -> Self {
-        let mut out = Self::zeroed(x.len() / k, k);
-        for (((x, q), d), s) in x
+    pub(crate) fn quantize_scalar(x: &[f32], k: usize, bytes: Bytes) -> Self {
+        let mut out = Self::zeroed(x.len() / k, k, bytes);
+        let flip = Self::flip(bytes) as i8;
+        let (blocks, m) = (k / BLOCK, out.m);
+        let Self { qs, d, s, .. } = &mut out;
+        for (j, (x, q)) in x
             .chunks_exact(BLOCK)
-            .zip(out.qs.chunks_exact_mut(BLOCK))
-            .zip(out.d.iter_mut())
-            .zip(out.s.iter_mut())
+            .zip(qs.chunks_exact_mut(BLOCK))
+            .enumerate()
         {
             let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             let mut sum = 0i32;
             for (q, &v) in q.iter_mut().zip(x) {
                 // |v * id| <= 127 up to rounding of the product, so the clamp never binds.
-                *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
-                sum += *q as i32;
+                let v = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+                sum += v as i32;
+                *q = v ^ flip;
             }
-            *d = amax / 127.0;
-            *s = *d * sum as f32;
+            let at = scale_index(j, blocks, m);
+            d[at] = amax / 127.0;
+            s[at] = d[at] * sum as f32;
         }
         out
+    }
+
+    /// The byte every signed value is XORed with to store it as `bytes`: flipping the sign bit
+    /// of a two's-complement byte adds 128 to it, read as unsigned.
+    fn flip(bytes: Bytes) -> u8 {
+        match bytes {
+            Bytes::Signed => 0,
+            Bytes::Unsigned => 0x80,
+        }
     }
 
     /// Quantizes `x` with AVX2; the result equals [`Self::quantize_scalar`]'s.
@@ -141,20 +150,23 @@ impl QuantizedRows {
     /// The CPU must support AVX2.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn quantize_avx2(x: &[f32], k: usize) -> Self {
+    pub(crate) unsafe fn quantize_avx2(x: &[f32], k: usize, bytes: Bytes) -> Self {
         use std::arch::x86_64::*;
-        let mut out = Self::zeroed(x.len() / k, k);
+        let mut out = Self::zeroed(x.len() / k, k, bytes);
+        let flip = _mm256_set1_epi8(Self::flip(bytes) as i8);
         let abs_mask = _mm256_set1_ps(f32::from_bits(0x7fff_ffff));
         let lo127 = _mm256_set1_ps(-127.0);
         let hi127 = _mm256_set1_ps(127.0);
         // packs interleaves the two 128-bit lanes; this restores value order.
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for (((x, q), d), s) in x
+        let (blocks, m) = (k / BLOCK, out.m);
+        let Self { qs, d, s, .. } = &mut out;
+        for (j, (x, q)) in x
             .chunks_exact(BLOCK)
-            .zip(out.qs.chunks_exact_mut(BLOCK))
-            .zip(out.d.iter_mut())
-            .zip(out.s.iter_mut())
+            .zip(qs.chunks_exact_mut(BLOCK))
+            .enumerate()
         {
+            let at = scale_index(j, blocks, m);
             // SAFETY: `x` and `q` hold exactly 32 elements each (chunks_exact), so the four
             // 8-float loads and the one 32-byte store stay inside them; unaligned access is used.
             unsafe {
@@ -195,9 +207,9 @@ impl QuantizedRows {
                 let q16a = _mm256_packs_epi32(qi[0], qi[1]);
                 let q16b = _mm256_packs_epi32(qi[2], qi[3]);
                 let q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16a, q16b), order);
-                _mm256_storeu_si256(q.as_mut_ptr().cast(), q8);
-                *d = amax / 127.0;
-                *s = *d * sum as f32;
+                _mm256_storeu_si256(q.as_mut_ptr().cast(), _mm256_xor_si256(q8, flip));
+                d[at] = amax / 127.0;
+                s[at] = d[at] * sum as f32;
             }
         }
         out
@@ -226,12 +238,14 @@ mod tests {
     #[test]
     fn scalar_quantization_error_is_at_most_half_a_step() {
         let x = random_rows(3, 96, 1);
-        let q = QuantizedRows::quantize_scalar(&x, 96);
+        let q = QuantizedRows::quantize_scalar(&x, 96, Bytes::Signed);
+        let x_hat = q.dequantize();
         for i in 0..3 {
-            let row = q.row(i);
+            let (row, scales) = (q.row(i), q.block_scales(i).expect("row i"));
             for c in 0..96 {
-                let d = row.d[c / BLOCK];
-                let err = (x[i * 96 + c] - d * row.qs[c] as f32).abs();
+                let d = scales.d[c / BLOCK * scales.stride];
+                let err = (x[i * 96 + c] - x_hat[i * 96 + c]).abs();
+                assert_eq!(x_hat[i * 96 + c], d * row.qs[c] as f32);
                 assert!(
                     err <= d * 0.5 * (1.0 + 1e-5),
                     "row {i} col {c}: err {err} d {d}"
@@ -242,37 +256,45 @@ mod tests {
                     .iter()
                     .map(|&q| q as i32)
                     .sum();
-                assert_eq!(row.s[b], row.d[b] * sum as f32);
+                let at = b * scales.stride;
+                assert_eq!(scales.s[at], scales.d[at] * sum as f32);
             }
         }
     }
 
     #[test]
-    fn unsigned_bytes_are_values_plus_128() {
-        let mut q = QuantizedRows::quantize_scalar(&random_rows(2, 64, 5), 64);
-        assert!(q.row(1).qu.is_empty());
-        q.add_unsigned();
+    fn unsigned_bytes_are_values_plus_128_with_the_same_scales() {
+        let x = random_rows(2, 64, 5);
+        let signed = QuantizedRows::quantize_scalar(&x, 64, Bytes::Signed);
+        let unsigned = QuantizedRows::quantize_scalar(&x, 64, Bytes::Unsigned);
         for i in 0..2 {
-            let row = q.row(i);
-            for (&v, &u) in row.qs.iter().zip(row.qu) {
-                assert_eq!(u as i32, v as i32 + 128);
+            let (v, u) = (signed.row(i), unsigned.row(i));
+            assert_eq!((v.bytes, u.bytes), (Bytes::Signed, Bytes::Unsigned));
+            for (&v, &u) in v.qs.iter().zip(u.qs) {
+                assert_eq!(u as u8 as i32, v as i32 + 128);
             }
-            assert_eq!(row.qu.len(), 64);
         }
+        assert_eq!(
+            (signed.d.clone(), signed.s.clone()),
+            (unsigned.d.clone(), unsigned.s.clone())
+        );
+        assert_eq!(signed.dequantize(), unsigned.dequantize());
     }
 
     #[test]
-    fn block_major_scales_address_each_rows_blocks() {
-        let mut q = QuantizedRows::quantize_scalar(&random_rows(3, 96, 6), 96);
-        assert!(q.block_scales(0).is_none());
-        q.add_block_major_scales();
+    fn block_scales_address_each_rows_blocks() {
+        let x = random_rows(3, 96, 6);
+        let q = QuantizedRows::quantize_scalar(&x, 96, Bytes::Signed);
         for i in 0..3 {
-            let bs = q.block_scales(i).expect("added");
+            let bs = q.block_scales(i).expect("row i");
             assert_eq!(bs.stride, 3);
             for r in 0..3 - i {
                 for b in 0..3 {
-                    assert_eq!(bs.d[b * bs.stride + r], q.row(i + r).d[b]);
-                    assert_eq!(bs.s[b * bs.stride + r], q.row(i + r).s[b]);
+                    // Each row's blocks quantized alone give the same scales.
+                    let row = &x[(i + r) * 96 + b * BLOCK..][..BLOCK];
+                    let alone = QuantizedRows::quantize_scalar(row, BLOCK, Bytes::Signed);
+                    assert_eq!(bs.d[b * bs.stride + r], alone.d[0]);
+                    assert_eq!(bs.s[b * bs.stride + r], alone.s[0]);
                 }
             }
         }
@@ -281,7 +303,7 @@ mod tests {
 
     #[test]
     fn zero_block_quantizes_to_zero() {
-        let q = QuantizedRows::quantize_scalar(&[0.0; 32], 32);
+        let q = QuantizedRows::quantize_scalar(&[0.0; 32], 32, Bytes::Signed);
         assert_eq!(q.qs, vec![0; 32]);
         assert_eq!((q.d[0], q.s[0]), (0.0, 0.0));
     }
@@ -292,14 +314,16 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        for (m, k, seed) in [(1, 32, 2), (3, 576, 3), (5, 1536, 4)] {
-            let x = random_rows(m, k, seed);
-            let a = QuantizedRows::quantize_scalar(&x, k);
-            // SAFETY: AVX2 support was checked above.
-            let b = unsafe { QuantizedRows::quantize_avx2(&x, k) };
-            assert_eq!(a.qs, b.qs);
-            assert_eq!(a.d, b.d);
-            assert_eq!(a.s, b.s);
+        for bytes in [Bytes::Signed, Bytes::Unsigned] {
+            for (m, k, seed) in [(1, 32, 2), (3, 576, 3), (5, 1536, 4)] {
+                let x = random_rows(m, k, seed);
+                let a = QuantizedRows::quantize_scalar(&x, k, bytes);
+                // SAFETY: AVX2 support was checked above.
+                let b = unsafe { QuantizedRows::quantize_avx2(&x, k, bytes) };
+                assert_eq!(a.qs, b.qs);
+                assert_eq!(a.d, b.d);
+                assert_eq!(a.s, b.s);
+            }
         }
     }
 }

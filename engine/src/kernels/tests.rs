@@ -15,7 +15,7 @@ use half::f16;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::quant::QuantizedRows;
+use super::quant::{Bytes, QuantizedRows};
 use super::{Kernel, QuantLinear};
 
 /// (k, n) of SmolLM2-135M's linear layers: q/o, k/v, gate/up, down.
@@ -136,12 +136,7 @@ fn equals_candle_on_quantized_activations_up_to_rounding() {
         let lin = QuantLinear::from_qtensor(&w).expect("supported type");
         for m in [1, 3, 17] {
             let x = random_activations(m, k, &mut rng);
-            let q = QuantizedRows::quantize_scalar(&x, k);
-            let x_hat: Vec<f32> =
-                q.qs.iter()
-                    .enumerate()
-                    .map(|(c, &v)| v as f32 * q.d[c / 32])
-                    .collect();
+            let x_hat = QuantizedRows::quantize_scalar(&x, k, Bytes::Signed).dequantize();
             let r = reference(&w, &x_hat, m).expect("reference");
             let eps = 2.0 * k as f32 * f32::EPSILON;
             assert_close(
