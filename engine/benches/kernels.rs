@@ -9,7 +9,8 @@
 //! of the repetitions, and the ratio. Then the decode floor: all 30 layers' 7 matmuls and the head
 //! in sequence, as one decode step does, so weights stream from DRAM rather than sit in cache.
 //! Last, that floor once per SIMD kernel this CPU has (AVX2, and VNNI where AVX-512 VNNI is
-//! present), alternated, at m = 1 and 8.
+//! present), alternated, at m = 1 and 8. Everything runs on a rayon worker, as the engine's
+//! steps do.
 
 use std::fs::File;
 use std::hint::black_box;
@@ -117,6 +118,13 @@ struct Pair {
 }
 
 fn main() -> Result<()> {
+    // On a pool worker, as the engine runs a step (`Engine::step`): called from outside the
+    // pool, every split call would hand its chunks to workers and wait, with the caller
+    // competing with both workers for the cores.
+    rayon::scope(|_| run())
+}
+
+fn run() -> Result<()> {
     let path = model_path();
     let mut file = File::open(&path).with_context(|| {
         format!(
