@@ -133,6 +133,16 @@ fn attend<T: KvElem>(
                 d,
                 slots,
             };
+            // The task's first window of K and V, once for all its query heads; the loops
+            // roll it along.
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                use std::arch::x86_64::_MM_HINT_T1;
+                for t in 0..L2_AHEAD.min(n) {
+                    prefetch_row::<T, _MM_HINT_T1>(&keys, t);
+                    prefetch_row::<T, _MM_HINT_T1>(&values, t);
+                }
+            }
             // Query head kvh * group + j of sequence b.
             let qv = |j: usize| &q[((kvh * group + j) * seqs + b) * d..][..d];
             // scores[j * n + t]: query head j of the group against context position t, then
@@ -202,7 +212,8 @@ const PREFETCH_AHEAD: usize = 8;
 /// 64). A decode step's KV comes from DRAM (the step streams ~100 MB of weights between one
 /// layer's attention and the next step's), and 8 rows ahead kept too few reads in flight: a
 /// task now asks for the first window of both K and V when it starts and rolls the window along.
-/// With it, the batch-8 step took 4-7% less time (alternated runs).
+/// With it, the batch-8 step took 7% less time (10.04 -> 9.34 ms, medians of 10 alternated
+/// rounds; BENCHMARKS.md, session 10).
 const L2_AHEAD: usize = 64;
 
 /// K or V rows of one kv head for one sequence's context.
@@ -288,11 +299,6 @@ unsafe fn head_set_avx<T: KvElem, const MH: usize>(
     if n == 0 {
         o.fill(0.0);
         return;
-    }
-    use std::arch::x86_64::_MM_HINT_T1;
-    for t in 0..L2_AHEAD.min(n) {
-        prefetch_row::<T, _MM_HINT_T1>(keys, t);
-        prefetch_row::<T, _MM_HINT_T1>(values, t);
     }
     // SAFETY (all three): the features are enabled here, and the shapes were checked above.
     unsafe { scores_avx(q, keys, scale, e) };

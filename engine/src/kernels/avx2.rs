@@ -11,8 +11,8 @@
 //! VNNI does in one instruction what AVX2 spends three on (`maddubs`, a 16-bit add and, per block,
 //! a widening `madd`), which is what bounds a batched decode step's matmuls once the weights are
 //! shared by several rows; with AVX-512VL's 32 vector registers it also keeps 8 rows in flight.
-//! For Q8 weights the VNNI variant multiplies the activations plus 128 (unsigned bytes, made once
-//! per call) by the signed weights and subtracts 128 times the weights' sum once per block,
+//! For Q8 weights the VNNI variant multiplies the activations plus 128 (unsigned bytes, which the
+//! quantizer writes in place of the signed ones) by the signed weights and subtracts 128 times the weights' sum once per block,
 //! rather than moving every weight's sign onto the activations as the AVX2 variant does.
 
 use std::arch::x86_64::*;
@@ -25,8 +25,9 @@ use super::quant::{BlockScales, Bytes, Row};
 /// How many tiles ahead of the one being multiplied the kernels ask for weights: 2.5 KiB (Q4)
 /// or 4 KiB (Q8) further along the stream. A batched decode step's matmuls are compute-bound
 /// enough that the hardware prefetcher alone let DRAM reads and the multiply-adds take turns;
-/// asking this far ahead cut the batch-8 step's matmuls by 12-15% (4 to 24 tiles measured, 12
-/// and up alike) and left the memory-bound single stream unchanged.
+/// asking ahead cut the batch-8 matmuls by 11-16% at every distance measured (4 to 24 tiles,
+/// 16 the best median) and left the memory-bound single stream unchanged (BENCHMARKS.md,
+/// session 10).
 const PREFETCH_TILES: usize = 16;
 
 /// Asks for the `lines` cache lines from `at` (a tile [`PREFETCH_TILES`] ahead; past the end of

@@ -90,20 +90,12 @@ impl QuantizedRows {
     /// The values the quantized rows stand for, `d * q`, row-major.
     #[cfg(test)]
     pub(crate) fn dequantize(&self) -> Vec<f32> {
-        let shift = match self.bytes {
-            Bytes::Signed => 0.0,
-            Bytes::Unsigned => 128.0,
-        };
+        let flip = Self::flip(self.bytes) as i8;
         self.qs
             .iter()
             .enumerate()
             .map(|(c, &q)| {
-                let q = if shift == 0.0 {
-                    q as f32
-                } else {
-                    q as u8 as f32 - shift
-                };
-                q * self.d[scale_index(c / BLOCK, self.k / BLOCK, self.m)]
+                (q ^ flip) as f32 * self.d[scale_index(c / BLOCK, self.k / BLOCK, self.m)]
             })
             .collect()
     }
