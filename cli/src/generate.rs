@@ -46,6 +46,9 @@ pub struct GenerateArgs {
     /// cpu, or cuda:N with a build that has the `cuda` feature.
     #[arg(long, default_value = "cpu")]
     device: baton_engine::DeviceSetting,
+    /// On the CPU: baton (fast) or candle (candle's ops, the path a CUDA device takes).
+    #[arg(long, default_value = "baton")]
+    cpu_kernels: baton_engine::CpuKernels,
     /// Print token ids and timing to stderr after the text.
     #[arg(long)]
     verbose: bool,
@@ -60,6 +63,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut cfg = EngineConfig::new(&model, Role::Colocated);
     cfg.weights = args.weights;
     cfg.device = args.device;
+    cfg.cpu_kernels = args.cpu_kernels;
     let engine = Engine::load(cfg).with_context(|| format!("loading {}", model.display()))?;
     let tokenizer = engine.tokenizer().clone();
     let text = if args.chat {

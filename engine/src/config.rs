@@ -263,6 +263,43 @@ impl std::str::FromStr for KvDType {
     }
 }
 
+/// Which code runs the engine's hot operations when its device is the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuKernels {
+    /// baton's: repacked quantized matmuls (Q4_0, Q4_1, Q8_0), paged decode attention, fused
+    /// RMSNorm, rope and SwiGLU passes, in-place KV writes.
+    #[default]
+    Baton,
+    /// candle's tensor ops throughout: the code a CUDA device runs, on the CPU. Several times
+    /// slower; it exists so the GPU's path through the engine (everything but candle's CUDA
+    /// kernels themselves) is tested on machines without a GPU, and as a reference when a
+    /// result of baton's kernels is in doubt.
+    Candle,
+}
+
+impl CpuKernels {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Baton => "baton",
+            Self::Candle => "candle",
+        }
+    }
+}
+
+impl std::str::FromStr for CpuKernels {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "baton" => Ok(Self::Baton),
+            "candle" => Ok(Self::Candle),
+            other => Err(format!(
+                "unknown CPU kernels {other:?} (expected baton or candle)"
+            )),
+        }
+    }
+}
+
 /// Where the engine keeps its weights and KV pool. Written `cpu`, `cuda` (ordinal 0) or `cuda:N`
 /// in configuration and flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -327,6 +364,15 @@ impl JsonSchema for DeviceSetting {
 }
 
 impl DeviceSetting {
+    /// Whose kernels an engine on this device runs: candle's on CUDA, whatever `cpu` asks for
+    /// on the CPU.
+    pub fn kernels(self, cpu: CpuKernels) -> CpuKernels {
+        match self {
+            Self::Cpu => cpu,
+            Self::Cuda(_) => CpuKernels::Candle,
+        }
+    }
+
     /// Opens the device; a CUDA setting in a build without the `cuda` feature is a clear error.
     pub fn open(self) -> crate::Result<candle_core::Device> {
         match self {
@@ -359,6 +405,10 @@ pub struct EngineConfig {
     pub role: Role,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature). Default `cpu`.
     pub device: DeviceSetting,
+    /// On a `cpu` device, whose kernels run: `baton` (fast) or `candle` (candle's tensor ops,
+    /// the path a CUDA device takes). Ignored on CUDA, which always runs candle's. Default
+    /// `baton`.
+    pub cpu_kernels: CpuKernels,
     /// Tokens per KV block, 1 to 1024. Default 16.
     pub block_size: usize,
     /// Size of the KV block pool, in MiB (in code: bytes). Default 512.
@@ -410,6 +460,7 @@ impl EngineConfig {
             weights: WeightsSetting::Auto,
             role,
             device: DeviceSetting::Cpu,
+            cpu_kernels: CpuKernels::Baton,
             block_size: 16,
             kv_cache_bytes: 512 << 20,
             kv_dtype: KvDType::F32,
@@ -509,6 +560,24 @@ mod tests {
         let err = serde_json::from_str::<EngineConfig>(r#"{"kv_cache_mb": 64}"#)
             .expect_err("unknown key");
         assert!(err.to_string().contains("kv_cache_mb"), "{err}");
+    }
+
+    #[test]
+    fn cuda_always_runs_candle_kernels_and_the_cpu_runs_the_ones_asked_for() {
+        for asked in [CpuKernels::Baton, CpuKernels::Candle] {
+            assert_eq!(DeviceSetting::Cuda(0).kernels(asked), CpuKernels::Candle);
+            assert_eq!(DeviceSetting::Cpu.kernels(asked), asked);
+        }
+        let cfg: EngineConfig =
+            serde_json::from_str(r#"{"cpu_kernels": "candle"}"#).expect("a valid engine table");
+        assert_eq!(cfg.cpu_kernels, CpuKernels::Candle);
+        assert_eq!(EngineConfig::unset().cpu_kernels, CpuKernels::Baton);
+        let err = serde_json::from_str::<EngineConfig>(r#"{"cpu_kernels": "avx"}"#)
+            .expect_err("unknown kernels");
+        assert!(err.to_string().contains("avx"), "{err}");
+        assert_eq!("candle".parse(), Ok(CpuKernels::Candle));
+        let err = "avx".parse::<CpuKernels>().expect_err("unknown kernels");
+        assert!(err.contains("baton or candle"), "{err}");
     }
 
     #[test]

@@ -70,23 +70,25 @@ impl Engine {
         let started = Instant::now();
         let device = config.device.open()?;
         let plan = WeightPlan::resolve(config.weights, config.role);
+        let kernels = config.device.kernels(config.cpu_kernels);
         let (weights, tokenizer) = if is_gguf(&config.model) {
-            let (weights, content) = weights::load_gguf(&config.model, plan, &device)?;
+            let (weights, content) = weights::load_gguf(&config.model, plan, kernels, &device)?;
             let tokenizer = Tokenizer::from_gguf(&config.model, &content.metadata)?;
             (weights, tokenizer)
         } else {
-            let weights = weights::load_safetensors(&config.model, plan, &device)?;
+            let weights = weights::load_safetensors(&config.model, plan, kernels, &device)?;
             (weights, Tokenizer::from_hf_dir(&config.model)?)
         };
         let model_max = weights.config.max_position;
         let max_context = config.max_context.unwrap_or(model_max).min(model_max);
         let fingerprint = fingerprint(&weights.config, &weights.weights_digest, &tokenizer);
-        let model = Model::new(weights, max_context, &device)?;
+        let model = Model::new(weights, max_context, kernels, &device)?;
         let cache = KvCache::new(
             model.config(),
             config.block_size,
             config.kv_dtype,
             config.kv_cache_bytes,
+            kernels,
             &device,
         )?;
         let mc = model.config();
@@ -108,6 +110,7 @@ impl Engine {
             architecture = mc.architecture.name(),
             prefill_weights = ?plan.prefill,
             decode_weights = ?plan.decode,
+            kernels = kernels.name(),
             kv_blocks = cache.allocator().total_blocks(),
             fingerprint = %fingerprint,
             load_ms = load_stats.elapsed.as_millis() as u64,

@@ -21,7 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{KvDType, ModelConfig};
+use crate::config::{CpuKernels, KvDType, ModelConfig};
 use crate::{Error, Result};
 
 /// Hash of a model's architecture, weights and tokenizer: two engines whose fingerprints are
@@ -380,6 +380,8 @@ pub struct KvCache {
     num_kv_heads: usize,
     head_dim: usize,
     dtype: KvDType,
+    /// Whether new rows are written by baton's in-place CPU copy or by candle's slice ops.
+    kernels: CpuKernels,
 }
 
 impl KvCache {
@@ -389,6 +391,7 @@ impl KvCache {
         block_size: usize,
         dtype: KvDType,
         budget_bytes: usize,
+        kernels: CpuKernels,
         device: &Device,
     ) -> Result<Self> {
         let block_bytes = config.num_layers * block_size * config.kv_bytes_per_token_layer(dtype);
@@ -424,6 +427,7 @@ impl KvCache {
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
             dtype,
+            kernels,
         })
     }
 
@@ -524,7 +528,7 @@ impl KvCache {
             v.to_dtype(self.dtype.candle())?.contiguous()?,
         );
         for (store, rows) in [(&self.k[layer], &k), (&self.v[layer], &v)] {
-            if store.device().is_cpu() {
+            if store.device().is_cpu() && self.kernels == CpuKernels::Baton {
                 store.inplace_op2(rows, &WriteRows(runs))?;
             } else {
                 write_rows_by_slices(store, rows, runs)?;

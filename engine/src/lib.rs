@@ -30,7 +30,7 @@ pub use baton_text::{
     chat, detokenize, finish_reason_after, model_name, sampling, stop, tokenizer,
 };
 pub use config::{
-    DeviceSetting, EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
+    CpuKernels, DeviceSetting, EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
     WeightsSetting,
 };
 pub use engine::{Engine, LoadStats, StepItem, StepOutput};

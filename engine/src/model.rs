@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
 use crate::attention::{DecodeShape, decode_attention};
-use crate::config::{ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{CpuKernels, ModelConfig, RopeScaling, RopeStyle};
 use crate::kv::{BlockTable, CpuKv, KvCache, RowRun};
 use crate::rope::{Rotation, heads_major};
 use crate::swiglu::swiglu;
@@ -37,6 +37,9 @@ pub(crate) struct Model {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Whether baton's CPU passes run (fused norm, rope and SwiGLU, paged decode attention) or
+    /// candle's ops, as on a GPU.
+    kernels: CpuKernels,
 }
 
 /// What one group's attention needs of the step beyond the layer, computed once per step: its
@@ -45,7 +48,8 @@ struct GroupStep<'a> {
     group: &'a Group,
     seqs: &'a [SeqInput<'a>],
     cos_sin: &'a (Tensor, Tensor),
-    /// The same rotary rows as plain slices, for the fused CPU pass; `None` off the CPU.
+    /// The same rotary rows as plain slices, for the fused CPU pass; `None` where candle's ops
+    /// run (a GPU, or `cpu_kernels = candle`).
     rotation: Option<Rotation<'a>>,
     new_slots: &'a [RowRun],
     /// Each member's context as cache rows of kv head 0 ([`KvCache::head_rows`]) in position
@@ -65,14 +69,37 @@ struct Group {
 }
 
 impl Model {
-    pub fn new(weights: ModelWeights, max_position: usize, device: &Device) -> Result<Self> {
+    pub fn new(
+        weights: ModelWeights,
+        max_position: usize,
+        kernels: CpuKernels,
+        device: &Device,
+    ) -> Result<Self> {
         let (cos, sin) = rope_tables(&weights.config, max_position, device)?;
         Ok(Self {
             weights,
             cos,
             sin,
             device: device.clone(),
+            kernels,
         })
+    }
+
+    /// RMSNorm of `x`'s rows with weight `w` and the model's epsilon.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+        let eps = self.config().rms_norm_eps;
+        match self.kernels {
+            CpuKernels::Baton => crate::norm::rms_norm(x, w, eps as f32),
+            CpuKernels::Candle => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32),
+        }
+    }
+
+    /// `silu(gate) * up`.
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        match self.kernels {
+            CpuKernels::Baton => swiglu(gate, up),
+            CpuKernels::Candle => candle_nn::ops::silu(gate)? * up,
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -146,7 +173,7 @@ impl Model {
         let rotation_rows = cos_sin
             .iter()
             .map(|(cos, sin)| {
-                if !self.device.is_cpu() || cos.dtype() != DType::F32 {
+                if self.kernels != CpuKernels::Baton || cos.dtype() != DType::F32 {
                     return Ok(None);
                 }
                 Ok(Some((
@@ -173,7 +200,7 @@ impl Model {
                 };
                 let attn = self.attention(layer, l, x, &step, cache)?;
                 let x = (x + layer.o.forward(&attn, g.phase)?)?;
-                let h = rms_norm(&x, &layer.ffn_norm, self.config().rms_norm_eps)?;
+                let h = self.rms_norm(&x, &layer.ffn_norm)?;
                 let (gate, up) = match &layer.gate_up {
                     Some(s) if s.serves(g.phase) => {
                         let [gate, up] = s.forward(&h, [&layer.gate, &layer.up])?;
@@ -184,7 +211,7 @@ impl Model {
                         layer.up.forward(&h, g.phase)?,
                     ),
                 };
-                let x = (&x + layer.down.forward(&swiglu(&gate, &up)?, g.phase)?)?;
+                let x = (&x + layer.down.forward(&self.swiglu(&gate, &up)?, g.phase)?)?;
                 xs[gi] = x;
             }
             on_layer(l)?;
@@ -205,11 +232,7 @@ impl Model {
                 .iter()
                 .map(|&(_, r)| xs[gi].narrow(0, r, 1))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let h = rms_norm(
-                &Tensor::cat(&rows, 0)?,
-                &self.weights.final_norm,
-                self.config().rms_norm_eps,
-            )?;
+            let h = self.rms_norm(&Tensor::cat(&rows, 0)?, &self.weights.final_norm)?;
             let logits = self.weights.lm_head.forward(&h, g.phase)?;
             let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for ((i, _), l) in wanted.into_iter().zip(logits) {
@@ -257,7 +280,7 @@ impl Model {
         let (n, hd) = (g.rows, c.head_dim);
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
         let group = nh / nkv;
-        let h = rms_norm(x, &layer.attn_norm, c.rms_norm_eps)?;
+        let h = self.rms_norm(x, &layer.attn_norm)?;
         let (q, k, v) = match &layer.qkv {
             Some(s) if s.serves(g.phase) => {
                 let [q, k, v] = s.forward(&h, [&layer.q, &layer.k, &layer.v])?;
@@ -271,13 +294,15 @@ impl Model {
         };
         let (q, k) = match (&layer.q_norm, &layer.k_norm) {
             (Some(qn), Some(kn)) => (
-                rms_norm(&q.reshape((n, nh, hd))?, qn, c.rms_norm_eps)?.reshape((n, nh * hd))?,
-                rms_norm(&k.reshape((n, nkv, hd))?, kn, c.rms_norm_eps)?.reshape((n, nkv * hd))?,
+                self.rms_norm(&q.reshape((n, nh, hd))?, qn)?
+                    .reshape((n, nh * hd))?,
+                self.rms_norm(&k.reshape((n, nkv, hd))?, kn)?
+                    .reshape((n, nkv * hd))?,
             ),
             _ => (q, k),
         };
         // q: (heads, rows, head_dim); k, v: (kv_heads, rows, head_dim). One fused pass per tensor
-        // on the CPU, candle's transposes and rope elsewhere.
+        // with baton's CPU kernels, candle's transposes and rope otherwise.
         let fused = match rotation {
             Some(rot) => match (
                 heads_major(&q, nh, hd, Some(rot))?,
@@ -351,7 +376,8 @@ impl Model {
 
     /// Decode rows through the paged CPU kernel ([`crate::attention`]): K and V are read in place,
     /// and each (sequence, head) is computed alone, so batching never changes a result. `None`
-    /// when the cache is not f32 or f16 in CPU memory (the per-sequence path then runs).
+    /// when candle's ops run or the cache is not f32 or f16 in CPU memory (the per-sequence path
+    /// then runs).
     fn paged_decode_attention(
         &self,
         l: usize,
@@ -368,7 +394,9 @@ impl Model {
             head_dim: c.head_dim,
             head_stride: cache.head_stride(),
         };
-        if !self.device.is_cpu() || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1) {
+        if self.kernels != CpuKernels::Baton
+            || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1)
+        {
             return Ok(None);
         }
         // q: (heads, rows, head_dim), one row per sequence in member order.
@@ -393,10 +421,6 @@ impl Model {
             RopeStyle::Halves => candle_nn::rotary_emb::rope(x, cos, sin)?,
         })
     }
-}
-
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    crate::norm::rms_norm(x, w, eps as f32)
 }
 
 /// `(m, start + m)`: query `i` (position `start + i`) sees keys up to its own position.

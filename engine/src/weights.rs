@@ -12,7 +12,9 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::config::{Architecture, ModelConfig, RopeScaling, RopeStyle, WeightFormat, WeightPlan};
+use crate::config::{
+    Architecture, CpuKernels, ModelConfig, RopeScaling, RopeStyle, WeightFormat, WeightPlan,
+};
 use crate::kernels::QuantLinear;
 use crate::{Error, Result};
 
@@ -25,7 +27,7 @@ pub enum Phase {
 
 /// How one weight matrix is multiplied: our AVX2 kernels for the quantized types they cover
 /// (Q4_0, Q4_1, Q8_0 on CPU), candle's `QMatMul` for everything else (dense floats, K-quants,
-/// CUDA).
+/// CUDA, `cpu_kernels = candle`).
 #[derive(Debug)]
 enum Matmul {
     Candle(QMatMul),
@@ -175,6 +177,8 @@ struct Source {
     path: PathBuf,
     device: Device,
     plan: WeightPlan,
+    /// Whether quantized matrices are repacked for baton's kernels or left to candle's `QMatMul`.
+    kernels: CpuKernels,
     /// Converted once per format, shared between phases that use the same format.
     tensors: HashMap<String, Raw>,
 }
@@ -197,12 +201,12 @@ impl Source {
         }
     }
 
-    /// Stacks the GGUF blocks `raws` into one kernel when quantized weights run on the CPU and
-    /// the kernels cover every part, and returns it with one view per part (its columns of the
-    /// stack). The parts are then built from their views ([`Source::linear_from`]), so each
+    /// Stacks the GGUF blocks `raws` into one kernel when quantized weights run on baton's CPU
+    /// kernels and they cover every part, and returns it with one view per part (its columns of
+    /// the stack). The parts are then built from their views ([`Source::linear_from`]), so each
     /// matrix's blocks are repacked once, into the stack, and held there only.
     fn stack(&self, raws: &[Option<Arc<QTensor>>]) -> Option<(Stacked, Vec<Arc<Matmul>>)> {
-        if self.plan.decode != WeightFormat::Quantized || !self.device.is_cpu() {
+        if self.plan.decode != WeightFormat::Quantized || self.kernels != CpuKernels::Baton {
             return None;
         }
         let qs: Vec<&QTensor> = raws.iter().map(|r| r.as_deref()).collect::<Option<_>>()?;
@@ -305,9 +309,7 @@ impl Source {
                             dtype: format!("{:?}", q.dtype()),
                         });
                     }
-                    let kernel = self
-                        .device
-                        .is_cpu()
+                    let kernel = (self.kernels == CpuKernels::Baton)
                         .then(|| QuantLinear::from_qtensor(q))
                         .flatten();
                     match kernel {
@@ -561,6 +563,7 @@ fn build(
 pub(crate) fn load_gguf(
     path: &Path,
     plan: WeightPlan,
+    kernels: CpuKernels,
     device: &Device,
 ) -> Result<(ModelWeights, gguf_file::Content)> {
     let corrupt = |reason: String| Error::CorruptFile {
@@ -635,6 +638,7 @@ pub(crate) fn load_gguf(
         path: path.to_path_buf(),
         device: device.clone(),
         plan,
+        kernels,
         tensors,
     };
     let weights = build(
@@ -825,6 +829,7 @@ fn default_max_position() -> usize {
 pub(crate) fn load_safetensors(
     dir: &Path,
     plan: WeightPlan,
+    kernels: CpuKernels,
     device: &Device,
 ) -> Result<ModelWeights> {
     let config_path = dir.join("config.json");
@@ -936,6 +941,7 @@ pub(crate) fn load_safetensors(
         path: dir.to_path_buf(),
         device: device.clone(),
         plan,
+        kernels,
         tensors,
     };
     build(

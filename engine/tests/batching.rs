@@ -7,14 +7,15 @@ use std::collections::HashMap;
 
 use baton_engine::batch::{Batcher, Event, GenerateRequest};
 use baton_engine::sampling::SamplingParams;
-use baton_engine::{Engine, EngineConfig, KvDType, Role, SeqId};
+use baton_engine::{CpuKernels, Engine, EngineConfig, KvDType, Role, SeqId};
 use common::{PROMPTS, dev_model_path};
 
 const NEW_TOKENS: u32 = 20;
 
-fn batcher(kv_dtype: KvDType) -> Batcher {
+fn batcher(kv_dtype: KvDType, kernels: CpuKernels) -> Batcher {
     let mut cfg = EngineConfig::new(dev_model_path(), Role::Colocated);
     cfg.kv_dtype = kv_dtype;
+    cfg.cpu_kernels = kernels;
     // Small chunks so the long prompts are prefilled over several steps beside running decodes.
     cfg.prefill_chunk_tokens = 32;
     cfg.max_batch_tokens = 128;
@@ -59,18 +60,25 @@ fn collect(events: Vec<Event>, out: &mut HashMap<SeqId, Vec<u32>>) {
 
 #[test]
 fn sequences_joining_a_running_batch_match_running_alone() {
-    joining_matches_alone(KvDType::F32);
+    joining_matches_alone(KvDType::F32, CpuKernels::Baton);
 }
 
 /// The f16 cache takes the same paged decode kernel, widening K and V as it reads them.
 #[test]
 fn with_an_f16_cache_too() {
-    joining_matches_alone(KvDType::F16);
+    joining_matches_alone(KvDType::F16, CpuKernels::Baton);
 }
 
-fn joining_matches_alone(kv_dtype: KvDType) {
+/// candle's kernels, the path a GPU takes: decode rows share candle's matmuls, and attention
+/// runs per sequence on K and V gathered from the blocks (f16 here, widened as it is gathered).
+#[test]
+fn with_candle_kernels_too() {
+    joining_matches_alone(KvDType::F16, CpuKernels::Candle);
+}
+
+fn joining_matches_alone(kv_dtype: KvDType, kernels: CpuKernels) {
     let prompts = prompts();
-    let mut b = batcher(kv_dtype);
+    let mut b = batcher(kv_dtype, kernels);
     let mut alone = HashMap::new();
     for (i, p) in prompts.iter().enumerate() {
         b.submit(request(i, p)).expect("submit");
@@ -103,7 +111,7 @@ fn joining_matches_alone(kv_dtype: KvDType) {
         assert_eq!(together[&id].len(), NEW_TOKENS as usize);
         assert_eq!(
             together[&id], alone[&id],
-            "{kv_dtype:?} cache: sequence {i} changed when batched"
+            "{kv_dtype:?} cache, {kernels:?} kernels: sequence {i} changed when batched"
         );
     }
     assert_eq!(b.engine().free_blocks(), b.engine().total_blocks());
@@ -112,7 +120,7 @@ fn joining_matches_alone(kv_dtype: KvDType) {
 
 #[test]
 fn cancelled_and_failed_sequences_return_every_block() {
-    let mut b = batcher(KvDType::F32);
+    let mut b = batcher(KvDType::F32, CpuKernels::Baton);
     let prompts = prompts();
     for (i, p) in prompts.iter().enumerate() {
         b.submit(request(i, p)).expect("submit");

@@ -10,7 +10,8 @@ use std::io::{Read, Write};
 use baton_engine::batch::{Batcher, Event, GenerateRequest};
 use baton_engine::sampling::{Sampler, SamplingParams};
 use baton_engine::{
-    Engine, EngineConfig, Error, KvChunk, KvDType, Phase, Role, SeqId, StepItem, WeightsSetting,
+    CpuKernels, Engine, EngineConfig, Error, KvChunk, KvDType, Phase, Role, SeqId, StepItem,
+    WeightsSetting,
 };
 use common::{PROMPTS, dev_model_path};
 
@@ -18,7 +19,12 @@ const NEW_TOKENS: u32 = 24;
 const CHILD_ENV: &str = "BATON_DISAGG_CHILD";
 
 fn config(role: Role) -> EngineConfig {
+    kernels_config(role, CpuKernels::Baton)
+}
+
+fn kernels_config(role: Role, kernels: CpuKernels) -> EngineConfig {
     let mut cfg = EngineConfig::new(dev_model_path(), role);
+    cfg.cpu_kernels = kernels;
     cfg.prefill_chunk_tokens = 64;
     cfg.kv_cache_bytes = 64 << 20;
     cfg
@@ -99,9 +105,9 @@ fn import_and_decode(
     out
 }
 
-fn colocated(prompts: &[Vec<u32>]) -> HashMap<usize, Vec<u32>> {
+fn colocated(prompts: &[Vec<u32>], kernels: CpuKernels) -> HashMap<usize, Vec<u32>> {
     let mut b = Batcher::new(
-        Engine::load(config(Role::Colocated)).expect("load"),
+        Engine::load(kernels_config(Role::Colocated, kernels)).expect("load"),
         vec![2],
     );
     let mut out: HashMap<usize, Vec<u32>> = HashMap::new();
@@ -206,7 +212,7 @@ fn decode_process_child() {
 #[test]
 fn kv_moved_to_another_process_decodes_identically() {
     let prompts = test_prompts();
-    let expected = colocated(&prompts);
+    let expected = colocated(&prompts, CpuKernels::Baton);
     let mut prefill = Engine::load(config(Role::Prefill)).expect("load");
     let layers = prefill.model_config().num_layers;
     let mut payload = Vec::new();
@@ -276,10 +282,24 @@ fn kv_moved_to_another_process_decodes_identically() {
 
 #[test]
 fn kv_moved_between_engines_in_one_process_decodes_identically() {
+    moved_in_one_process(CpuKernels::Baton);
+}
+
+/// The same on candle's kernels, the path a GPU takes: export reads K and V out of candle
+/// tensors and import writes them back through candle's slice ops.
+#[test]
+fn with_candle_kernels_too() {
+    moved_in_one_process(CpuKernels::Candle);
+}
+
+fn moved_in_one_process(kernels: CpuKernels) {
     let prompts = test_prompts();
-    let expected = colocated(&prompts);
-    let mut prefill = Engine::load(config(Role::Prefill)).expect("load");
-    let mut decode = Batcher::new(Engine::load(config(Role::Decode)).expect("load"), vec![2]);
+    let expected = colocated(&prompts, kernels);
+    let mut prefill = Engine::load(kernels_config(Role::Prefill, kernels)).expect("load");
+    let mut decode = Batcher::new(
+        Engine::load(kernels_config(Role::Decode, kernels)).expect("load"),
+        vec![2],
+    );
     decode
         .engine()
         .descriptor()
@@ -290,7 +310,7 @@ fn kv_moved_between_engines_in_one_process_decodes_identically() {
         let (chunks, first) = prefill_and_export(&mut prefill, id, p);
         let mut tokens = vec![first];
         tokens.extend(import_and_decode(&mut decode, id, p, &chunks, first));
-        assert_eq!(tokens, expected[&i], "prompt {i}");
+        assert_eq!(tokens, expected[&i], "{kernels:?} kernels, prompt {i}");
     }
     assert_eq!(
         decode.engine().free_blocks(),
