@@ -18,8 +18,9 @@ use crate::kernels::{OutPtr, split_over_pool};
 /// Below this many values one thread does the whole pass: waking a helper costs more.
 const SERIAL_VALUES: usize = 4096;
 
-/// `silu(gate) * up` for two `(rows, width)` tensors; the fused pass on the CPU, candle's ops
-/// elsewhere (the CUDA build) or for layouts the pass does not read.
+/// `silu(gate) * up` for two `(rows, width)` tensors; the fused pass for f32 CPU tensors,
+/// candle's ops for any other tensor or a layout the pass does not read. (With
+/// `cpu_kernels = candle`, and on a GPU, the model calls candle's ops directly.)
 pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     let fused = |t: &Tensor| {
         t.device().is_cpu() && t.dtype() == DType::F32 && row_stride(t.layout()).is_some()

@@ -6,14 +6,21 @@ mod tiny;
 
 use std::path::Path;
 
-use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting};
+use baton_engine::{
+    CpuKernels, Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting,
+};
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use tiny::{DECODE_STEPS, PROMPT, ScratchDir, TinyModel};
 
 fn engine(path: &Path, weights: WeightsSetting) -> Engine {
+    kernels_engine(path, weights, CpuKernels::Baton)
+}
+
+fn kernels_engine(path: &Path, weights: WeightsSetting, kernels: CpuKernels) -> Engine {
     let mut cfg = EngineConfig::new(path, Role::Colocated);
     cfg.weights = weights;
+    cfg.cpu_kernels = kernels;
     cfg.kv_cache_bytes = 4 << 20;
     Engine::load(cfg).expect("engine loads")
 }
@@ -155,11 +162,11 @@ fn assert_tracks(what: &str, steps: &[Step], prefill_tol: Tol, decode_tol: Tol) 
     );
 }
 
-fn compare_with_reference(model: TinyModel, test: &str) -> Vec<Step> {
+fn compare_with_reference(model: TinyModel, test: &str, kernels: CpuKernels) -> Vec<Step> {
     let dir = ScratchDir::new(test);
     let path = dir.join("model.gguf");
     model.write(&path);
-    let mut ours = engine(&path, WeightsSetting::Quantized);
+    let mut ours = kernels_engine(&path, WeightsSetting::Quantized, kernels);
     let mut reference = Reference::load(&path, model.arch);
     run_engine_and_reference(&mut ours, &mut reference, SeqId(1))
 }
@@ -248,10 +255,14 @@ fn tolerances(matrices: GgmlDType) -> (Tol, Tol) {
 }
 
 fn tracks_reference(model: TinyModel, test: &str) {
-    let steps = compare_with_reference(model, test);
+    tracks_reference_on(model, test, CpuKernels::Baton);
+}
+
+fn tracks_reference_on(model: TinyModel, test: &str, kernels: CpuKernels) {
+    let steps = compare_with_reference(model, test, kernels);
     let (prefill_tol, decode_tol) = tolerances(model.matrices);
     let what = format!(
-        "{} {:?}{}",
+        "{} {:?}{}, {kernels:?} kernels",
         model.arch,
         model.matrices,
         if model.tied { " tied" } else { "" }
@@ -292,6 +303,27 @@ fn llama_q4k_gguf_matches_candle_quantized_llama() {
 #[test]
 fn llama_q5k_gguf_matches_candle_quantized_llama() {
     tracks_reference(TinyModel::llama(GgmlDType::Q5K), "llama-q5k");
+}
+
+/// candle's kernels, the path a GPU takes, on the types baton's kernels otherwise take (Q4_0,
+/// Q4_1, Q8_0) and the architectures with extra branches: q/k/v bias (qwen2), q/k norms
+/// (qwen3), a tied head.
+#[test]
+fn candle_kernels_match_the_references_too() {
+    for (model, test) in [
+        (TinyModel::llama(GgmlDType::Q4_0), "candle-llama-q4-0"),
+        (TinyModel::llama(GgmlDType::Q4_1), "candle-llama-q4-1"),
+        (
+            TinyModel::llama(GgmlDType::Q8_0).with_arch("qwen2").tied(),
+            "candle-qwen2-q8-0",
+        ),
+        (
+            TinyModel::llama(GgmlDType::Q4K).with_arch("qwen3"),
+            "candle-qwen3-q4k",
+        ),
+    ] {
+        tracks_reference_on(model, test, CpuKernels::Candle);
+    }
 }
 
 #[test]
