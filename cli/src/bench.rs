@@ -69,6 +69,10 @@ pub struct EngineArgs {
     /// Element type of the KV cache (f32 or f16; default: the engine's default).
     #[arg(long)]
     kv_dtype: Option<KvDType>,
+    /// baton (its own CPU kernels) or candle (candle's ops as they come: the baseline those
+    /// kernels were written to beat, and the code a GPU runs).
+    #[arg(long, default_value = "baton")]
+    cpu_kernels: baton_engine::CpuKernels,
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -232,6 +236,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         .unwrap_or(2);
     let mut cfg = EngineConfig::new(&model, Role::Colocated);
     cfg.weights = args.weights;
+    cfg.cpu_kernels = args.cpu_kernels;
     if let Some(dtype) = args.kv_dtype {
         cfg.kv_dtype = dtype;
     }
@@ -273,7 +278,11 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "kv_dtype": e.kv_dtype().name(),
         // Which quantized-matmul kernel this CPU runs, so figures from different machines are
         // not compared blind.
-        "matmul_kernel": format!("{:?}", baton_engine::kernels::Kernel::detect()),
+        "cpu_kernels": args.cpu_kernels.name(),
+        "matmul_kernel": match args.cpu_kernels {
+            baton_engine::CpuKernels::Baton => format!("{:?}", baton_engine::kernels::Kernel::detect()),
+            baton_engine::CpuKernels::Candle => "candle QMatMul".to_string(),
+        },
         "load_s": load.as_secs_f64(),
         "prefill_128_tok_s": prefill_at(128),
         "prefill_512_tok_s": prefill_at(512),
@@ -315,9 +324,10 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         model.display()
     );
     println!(
-        "weights: {}, KV cache: {}, matmul kernel: {}",
+        "weights: {}, KV cache: {}, CPU kernels: {}, matmul kernel: {}",
         report["weights"].as_str().unwrap_or(""),
         report["kv_dtype"].as_str().unwrap_or(""),
+        report["cpu_kernels"].as_str().unwrap_or(""),
         report["matmul_kernel"].as_str().unwrap_or("")
     );
     println!(
