@@ -45,13 +45,13 @@ pub struct EngineArgs {
     #[arg(long)]
     json: bool,
     /// Baseline measured in the same run: llama-cpp (needs `pip install llama-cpp-python`) or none.
-    #[arg(long, default_value = "llama-cpp")]
-    baseline: String,
+    #[arg(long, value_enum, default_value_t = Baseline::LlamaCpp)]
+    baseline: Baseline,
     /// Decode steps timed per measurement.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive())]
     decode_tokens: usize,
     /// Each figure is the best of this many runs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive())]
     repeats: usize,
     /// Decode batch sizes to measure (the first is the single-stream figure when it is 1).
     #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
@@ -73,6 +73,19 @@ pub struct EngineArgs {
     /// kernels were written to beat, and the code a GPU runs).
     #[arg(long, default_value = "baton")]
     cpu_kernels: baton_engine::CpuKernels,
+}
+
+/// What `bench engine` measures beside baton in the same invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// llama.cpp through llama-cpp-python, on the same file and thread count.
+    LlamaCpp,
+    None,
+}
+
+/// A flag's parser for counts that must be at least 1.
+fn positive() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -203,12 +216,40 @@ fn rss_kib(field: &str) -> Option<u64> {
         .ok()
 }
 
+/// The script that measures llama.cpp, beside this crate in the repository.
+fn llama_cpp_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_llama_cpp.py")
+}
+
+/// Refuses `--baseline llama-cpp` up front when the script or llama-cpp-python is missing.
+fn llama_cpp_available() -> anyhow::Result<()> {
+    let script = llama_cpp_script();
+    if !script.is_file() {
+        bail!(
+            "--baseline llama-cpp: {} is missing (run from a checkout, or pass --baseline none)",
+            script.display()
+        );
+    }
+    let import = std::process::Command::new("python3")
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .context("--baseline llama-cpp: running python3")?;
+    if !import.status.success() {
+        bail!(
+            "--baseline llama-cpp needs llama-cpp-python (`pip install llama-cpp-python`, about 10 \
+             minutes to build), or pass --baseline none: {}",
+            String::from_utf8_lossy(&import.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 fn llama_cpp(
     model: &std::path::Path,
     decode_tokens: usize,
     repeats: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_llama_cpp.py");
+    let script = llama_cpp_script();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -230,6 +271,13 @@ fn llama_cpp(
 }
 
 fn engine(args: EngineArgs) -> anyhow::Result<()> {
+    // Everything that can refuse the run does so before minutes of measuring.
+    if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
+        bail!("--batch-sizes must list positive batch sizes");
+    }
+    if args.baseline == Baseline::LlamaCpp {
+        llama_cpp_available()?;
+    }
     let model = crate::model_path::resolve(args.model)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -254,9 +302,6 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         prefill.push((n, n as f64 / dt.as_secs_f64()));
     }
     let mut decode = Vec::new();
-    if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
-        bail!("--batch-sizes must list positive batch sizes");
-    }
     for &b in &args.batch_sizes {
         time_decode(&mut e, b, 4)?; // warm-up
         let dt = best(args.repeats, || time_decode(&mut e, b, args.decode_tokens))?;
@@ -295,10 +340,9 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         "peak_rss_mib": rss_kib("VmHWM:").map(|k| k as f64 / 1024.0),
     });
     drop(e);
-    let baseline = match args.baseline.as_str() {
-        "none" => None,
-        "llama-cpp" => Some(llama_cpp(&model, args.decode_tokens, args.repeats)?),
-        other => bail!("unknown --baseline {other:?} (llama-cpp or none)"),
+    let baseline = match args.baseline {
+        Baseline::None => None,
+        Baseline::LlamaCpp => Some(llama_cpp(&model, args.decode_tokens, args.repeats)?),
     };
     let base = |key: &str| {
         baseline
