@@ -72,7 +72,7 @@ pub struct EngineArgs {
     /// baton (its own CPU kernels) or candle (candle's ops as they come: the baseline those
     /// kernels were written to beat, and the code a GPU runs).
     #[arg(long, default_value = "baton")]
-    cpu_kernels: baton_engine::CpuKernels,
+    cpu_kernels: baton_engine::Kernels,
 }
 
 /// What `bench engine` measures beside baton in the same invocation.
@@ -80,6 +80,7 @@ pub struct EngineArgs {
 pub enum Baseline {
     /// llama.cpp through llama-cpp-python, on the same file and thread count.
     LlamaCpp,
+    /// baton alone: the ratios are left out.
     None,
 }
 
@@ -316,6 +317,10 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     let decode_at = |b: usize| decode.iter().find(|(l, _)| *l == b).map(|(_, v)| *v);
     let single = decode_at(1);
     let batch8_over_single = decode_at(8).zip(single).map(|(b8, s)| b8 / s);
+    let matmul_kernel = match args.cpu_kernels {
+        baton_engine::Kernels::Baton => format!("{:?}", baton_engine::kernels::Kernel::detect()),
+        baton_engine::Kernels::Candle => "candle QMatMul".to_string(),
+    };
     let mut report = json!({
         "model": model.display().to_string(),
         "threads": threads,
@@ -324,10 +329,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         // Which quantized-matmul kernel this CPU runs, so figures from different machines are
         // not compared blind.
         "cpu_kernels": args.cpu_kernels.name(),
-        "matmul_kernel": match args.cpu_kernels {
-            baton_engine::CpuKernels::Baton => format!("{:?}", baton_engine::kernels::Kernel::detect()),
-            baton_engine::CpuKernels::Candle => "candle QMatMul".to_string(),
-        },
+        "matmul_kernel": matmul_kernel,
         "load_s": load.as_secs_f64(),
         "prefill_128_tok_s": prefill_at(128),
         "prefill_512_tok_s": prefill_at(512),

@@ -48,7 +48,7 @@ pub struct GenerateArgs {
     device: baton_engine::DeviceSetting,
     /// On the CPU: baton (fast) or candle (candle's ops, the path a CUDA device takes).
     #[arg(long, default_value = "baton")]
-    cpu_kernels: baton_engine::CpuKernels,
+    cpu_kernels: baton_engine::Kernels,
     /// Print token ids and timing to stderr after the text.
     #[arg(long)]
     verbose: bool,

@@ -9,12 +9,25 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn bench(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["bench", "engine"])
-        .args(args)
-        .output()
-        .expect("run baton bench engine")
+    bench_with_path(args, None)
 }
+
+/// With `path` first on `PATH` when given (to put a stand-in `python3` there).
+fn bench_with_path(args: &[&str], path: Option<&std::path::Path>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.args(["bench", "engine"]).args(args);
+    if let Some(dir) = path {
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![dir.to_path_buf()];
+        dirs.extend(std::env::split_paths(&old));
+        cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+    }
+    cmd.output().expect("run baton bench engine")
+}
+
+/// A model path that cannot load: a refusal that names a flag instead of this file came
+/// before the engine was loaded, so before anything was measured.
+const NO_MODEL: &str = "/nonexistent/baton-bench-test.gguf";
 
 fn positive(report: &Value, key: &str) -> f64 {
     let v = report[key]
@@ -72,7 +85,14 @@ fn json_report_has_every_figure() {
 }
 
 #[test]
-fn bad_flags_are_refused_before_measuring() {
+fn bad_flags_are_refused_before_loading() {
+    // The control: with good flags the run gets to the model and fails naming it.
+    let out = bench(&["--model", NO_MODEL, "--baseline", "none"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(NO_MODEL),
+        "{stderr}"
+    );
     for (args, named) in [
         (&["--batch-sizes", "1,0"][..], "--batch-sizes"),
         (&["--repeats", "0"][..], "--repeats"),
@@ -80,10 +100,42 @@ fn bad_flags_are_refused_before_measuring() {
         (&["--baseline", "vllm"][..], "--baseline"),
         (&["--cpu-kernels", "avx"][..], "--cpu-kernels"),
     ] {
-        let out = bench(args);
+        let out = bench(&[&["--model", NO_MODEL, "--baseline", "none"][..], args].concat());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(named), "{args:?}: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?} measured something");
+        assert!(
+            !stderr.contains(NO_MODEL),
+            "{args:?} got as far as the model: {stderr}"
+        );
     }
+}
+
+/// Without llama-cpp-python the default baseline is refused up front, with what to install,
+/// instead of after minutes of measuring baton.
+#[test]
+fn a_missing_llama_cpp_is_refused_before_loading() {
+    let dir = std::env::temp_dir().join(format!("baton-bench-nopy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let python = dir.join("python3");
+    std::fs::write(
+        &python,
+        "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'llama_cpp'\" >&2\nexit 1\n",
+    )
+    .expect("stand-in python3");
+    let mut perms = std::fs::metadata(&python).expect("meta").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&python, perms).expect("chmod");
+    let out = bench_with_path(&["--model", NO_MODEL], Some(&dir));
+    std::fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ran without llama.cpp");
+    assert!(
+        stderr.contains("pip install llama-cpp-python") && stderr.contains("--baseline none"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(NO_MODEL),
+        "got as far as the model: {stderr}"
+    );
 }

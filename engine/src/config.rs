@@ -263,10 +263,11 @@ impl std::str::FromStr for KvDType {
     }
 }
 
-/// Which code runs the engine's hot operations when its device is the CPU.
+/// Whose code runs the engine's hot operations: baton's CPU kernels, or candle's ops (always on
+/// a GPU; on the CPU when `cpu_kernels = candle`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum CpuKernels {
+pub enum Kernels {
     /// baton's: repacked quantized matmuls (Q4_0, Q4_1, Q8_0), paged decode attention, fused
     /// RMSNorm, rope and SwiGLU passes, in-place KV writes.
     #[default]
@@ -278,7 +279,8 @@ pub enum CpuKernels {
     Candle,
 }
 
-impl CpuKernels {
+impl Kernels {
+    /// As written in configuration and flags.
     pub fn name(self) -> &'static str {
         match self {
             Self::Baton => "baton",
@@ -287,7 +289,7 @@ impl CpuKernels {
     }
 }
 
-impl std::str::FromStr for CpuKernels {
+impl std::str::FromStr for Kernels {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
@@ -366,10 +368,10 @@ impl JsonSchema for DeviceSetting {
 impl DeviceSetting {
     /// Whose kernels an engine on this device runs: candle's on CUDA, whatever `cpu` asks for
     /// on the CPU.
-    pub fn kernels(self, cpu: CpuKernels) -> CpuKernels {
+    pub fn kernels(self, cpu: Kernels) -> Kernels {
         match self {
             Self::Cpu => cpu,
-            Self::Cuda(_) => CpuKernels::Candle,
+            Self::Cuda(_) => Kernels::Candle,
         }
     }
 
@@ -408,7 +410,7 @@ pub struct EngineConfig {
     /// On a `cpu` device, whose kernels run: `baton` (fast) or `candle` (candle's tensor ops,
     /// the path a CUDA device takes). Ignored on CUDA, which always runs candle's. Default
     /// `baton`.
-    pub cpu_kernels: CpuKernels,
+    pub cpu_kernels: Kernels,
     /// Tokens per KV block, 1 to 1024. Default 16.
     pub block_size: usize,
     /// Size of the KV block pool, in MiB (in code: bytes). Default 512.
@@ -460,7 +462,7 @@ impl EngineConfig {
             weights: WeightsSetting::Auto,
             role,
             device: DeviceSetting::Cpu,
-            cpu_kernels: CpuKernels::Baton,
+            cpu_kernels: Kernels::Baton,
             block_size: 16,
             kv_cache_bytes: 512 << 20,
             kv_dtype: KvDType::F32,
@@ -564,19 +566,19 @@ mod tests {
 
     #[test]
     fn cuda_always_runs_candle_kernels_and_the_cpu_runs_the_ones_asked_for() {
-        for asked in [CpuKernels::Baton, CpuKernels::Candle] {
-            assert_eq!(DeviceSetting::Cuda(0).kernels(asked), CpuKernels::Candle);
+        for asked in [Kernels::Baton, Kernels::Candle] {
+            assert_eq!(DeviceSetting::Cuda(0).kernels(asked), Kernels::Candle);
             assert_eq!(DeviceSetting::Cpu.kernels(asked), asked);
         }
         let cfg: EngineConfig =
             serde_json::from_str(r#"{"cpu_kernels": "candle"}"#).expect("a valid engine table");
-        assert_eq!(cfg.cpu_kernels, CpuKernels::Candle);
-        assert_eq!(EngineConfig::unset().cpu_kernels, CpuKernels::Baton);
+        assert_eq!(cfg.cpu_kernels, Kernels::Candle);
+        assert_eq!(EngineConfig::unset().cpu_kernels, Kernels::Baton);
         let err = serde_json::from_str::<EngineConfig>(r#"{"cpu_kernels": "avx"}"#)
             .expect_err("unknown kernels");
         assert!(err.to_string().contains("avx"), "{err}");
-        assert_eq!("candle".parse(), Ok(CpuKernels::Candle));
-        let err = "avx".parse::<CpuKernels>().expect_err("unknown kernels");
+        assert_eq!("candle".parse(), Ok(Kernels::Candle));
+        let err = "avx".parse::<Kernels>().expect_err("unknown kernels");
         assert!(err.contains("baton or candle"), "{err}");
     }
 

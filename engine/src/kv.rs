@@ -21,7 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{CpuKernels, KvDType, ModelConfig};
+use crate::config::{Kernels, KvDType, ModelConfig};
 use crate::{Error, Result};
 
 /// Hash of a model's architecture, weights and tokenizer: two engines whose fingerprints are
@@ -258,9 +258,9 @@ fn storage_row(slot: usize, head: usize, heads: usize, block_size: usize) -> usi
     (slot / block_size * heads + head) * block_size + slot % block_size
 }
 
-/// The in-place copy behind [`KvCache::write_rows`] on the CPU: `(kv_heads, rows, head_dim)`
-/// source rows into a `(num_blocks, kv_heads, block_size, head_dim)` cache tensor of the same
-/// dtype.
+/// The in-place copy behind [`KvCache::write_rows`] with baton's kernels: `(kv_heads, rows,
+/// head_dim)` source rows into a `(num_blocks, kv_heads, block_size, head_dim)` cache tensor of
+/// the same dtype.
 struct WriteRows<'a>(&'a [RowRun]);
 
 impl InplaceOp2 for WriteRows<'_> {
@@ -381,7 +381,7 @@ pub struct KvCache {
     head_dim: usize,
     dtype: KvDType,
     /// Whether new rows are written by baton's in-place CPU copy or by candle's slice ops.
-    kernels: CpuKernels,
+    kernels: Kernels,
 }
 
 impl KvCache {
@@ -391,7 +391,7 @@ impl KvCache {
         block_size: usize,
         dtype: KvDType,
         budget_bytes: usize,
-        kernels: CpuKernels,
+        kernels: Kernels,
         device: &Device,
     ) -> Result<Self> {
         let block_bytes = config.num_layers * block_size * config.kv_bytes_per_token_layer(dtype);
@@ -515,7 +515,8 @@ impl KvCache {
     }
 
     /// Writes rows of K and V, each `(kv_heads, rows, head_dim)`, into the slots `runs` name:
-    /// one in-place copy per tensor on the CPU, whatever the number of sequences and blocks.
+    /// one in-place copy per tensor with baton's kernels, whatever the number of sequences and
+    /// blocks; candle's slice ops, one per run, otherwise.
     pub(crate) fn write_rows(
         &self,
         layer: usize,
@@ -528,7 +529,9 @@ impl KvCache {
             v.to_dtype(self.dtype.candle())?.contiguous()?,
         );
         for (store, rows) in [(&self.k[layer], &k), (&self.v[layer], &v)] {
-            if store.device().is_cpu() && self.kernels == CpuKernels::Baton {
+            // The copy has no GPU form, so a CPU store is checked too: `KvCache::new` is public
+            // and takes the kernels and the device separately.
+            if store.device().is_cpu() && self.kernels == Kernels::Baton {
                 store.inplace_op2(rows, &WriteRows(runs))?;
             } else {
                 write_rows_by_slices(store, rows, runs)?;

@@ -30,7 +30,7 @@ pub use baton_text::{
     chat, detokenize, finish_reason_after, model_name, sampling, stop, tokenizer,
 };
 pub use config::{
-    CpuKernels, DeviceSetting, EngineConfig, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
+    DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
     WeightsSetting,
 };
 pub use engine::{Engine, LoadStats, StepItem, StepOutput};

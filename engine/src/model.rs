@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
 use crate::attention::{DecodeShape, decode_attention};
-use crate::config::{CpuKernels, ModelConfig, RopeScaling, RopeStyle};
+use crate::config::{Kernels, ModelConfig, RopeScaling, RopeStyle};
 use crate::kv::{BlockTable, CpuKv, KvCache, RowRun};
 use crate::rope::{Rotation, heads_major};
 use crate::swiglu::swiglu;
@@ -39,7 +39,7 @@ pub(crate) struct Model {
     device: Device,
     /// Whether baton's CPU passes run (fused norm, rope and SwiGLU, paged decode attention) or
     /// candle's ops, as on a GPU.
-    kernels: CpuKernels,
+    kernels: Kernels,
 }
 
 /// What one group's attention needs of the step beyond the layer, computed once per step: its
@@ -72,7 +72,7 @@ impl Model {
     pub fn new(
         weights: ModelWeights,
         max_position: usize,
-        kernels: CpuKernels,
+        kernels: Kernels,
         device: &Device,
     ) -> Result<Self> {
         let (cos, sin) = rope_tables(&weights.config, max_position, device)?;
@@ -89,16 +89,16 @@ impl Model {
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         let eps = self.config().rms_norm_eps;
         match self.kernels {
-            CpuKernels::Baton => crate::norm::rms_norm(x, w, eps as f32),
-            CpuKernels::Candle => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32),
+            Kernels::Baton => crate::norm::rms_norm(x, w, eps as f32),
+            Kernels::Candle => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32),
         }
     }
 
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
         match self.kernels {
-            CpuKernels::Baton => swiglu(gate, up),
-            CpuKernels::Candle => candle_nn::ops::silu(gate)? * up,
+            Kernels::Baton => swiglu(gate, up),
+            Kernels::Candle => candle_nn::ops::silu(gate)? * up,
         }
     }
 
@@ -173,7 +173,7 @@ impl Model {
         let rotation_rows = cos_sin
             .iter()
             .map(|(cos, sin)| {
-                if self.kernels != CpuKernels::Baton || cos.dtype() != DType::F32 {
+                if self.kernels != Kernels::Baton || cos.dtype() != DType::F32 {
                     return Ok(None);
                 }
                 Ok(Some((
@@ -394,7 +394,7 @@ impl Model {
             head_dim: c.head_dim,
             head_stride: cache.head_stride(),
         };
-        if self.kernels != CpuKernels::Baton
+        if self.kernels != Kernels::Baton
             || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1)
         {
             return Ok(None);

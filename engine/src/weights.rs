@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{
-    Architecture, CpuKernels, ModelConfig, RopeScaling, RopeStyle, WeightFormat, WeightPlan,
+    Architecture, Kernels, ModelConfig, RopeScaling, RopeStyle, WeightFormat, WeightPlan,
 };
 use crate::kernels::QuantLinear;
 use crate::{Error, Result};
@@ -178,7 +178,7 @@ struct Source {
     device: Device,
     plan: WeightPlan,
     /// Whether quantized matrices are repacked for baton's kernels or left to candle's `QMatMul`.
-    kernels: CpuKernels,
+    kernels: Kernels,
     /// Converted once per format, shared between phases that use the same format.
     tensors: HashMap<String, Raw>,
 }
@@ -206,7 +206,7 @@ impl Source {
     /// the stack). The parts are then built from their views ([`Source::linear_from`]), so each
     /// matrix's blocks are repacked once, into the stack, and held there only.
     fn stack(&self, raws: &[Option<Arc<QTensor>>]) -> Option<(Stacked, Vec<Arc<Matmul>>)> {
-        if self.plan.decode != WeightFormat::Quantized || self.kernels != CpuKernels::Baton {
+        if self.plan.decode != WeightFormat::Quantized || self.kernels != Kernels::Baton {
             return None;
         }
         let qs: Vec<&QTensor> = raws.iter().map(|r| r.as_deref()).collect::<Option<_>>()?;
@@ -309,7 +309,7 @@ impl Source {
                             dtype: format!("{:?}", q.dtype()),
                         });
                     }
-                    let kernel = (self.kernels == CpuKernels::Baton)
+                    let kernel = (self.kernels == Kernels::Baton)
                         .then(|| QuantLinear::from_qtensor(q))
                         .flatten();
                     match kernel {
@@ -563,7 +563,7 @@ fn build(
 pub(crate) fn load_gguf(
     path: &Path,
     plan: WeightPlan,
-    kernels: CpuKernels,
+    kernels: Kernels,
     device: &Device,
 ) -> Result<(ModelWeights, gguf_file::Content)> {
     let corrupt = |reason: String| Error::CorruptFile {
@@ -829,7 +829,7 @@ fn default_max_position() -> usize {
 pub(crate) fn load_safetensors(
     dir: &Path,
     plan: WeightPlan,
-    kernels: CpuKernels,
+    kernels: Kernels,
     device: &Device,
 ) -> Result<ModelWeights> {
     let config_path = dir.join("config.json");

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 
 use baton_engine::batch::{Batcher, Event, GenerateRequest};
 use baton_engine::sampling::SamplingParams;
-use baton_engine::{CpuKernels, Engine, EngineConfig, KvDType, Role, SeqId};
+use baton_engine::{Engine, EngineConfig, Kernels, KvDType, Role, SeqId};
 use common::{PROMPTS, dev_model_path};
 
 const NEW_TOKENS: u32 = 20;
 
-fn batcher(kv_dtype: KvDType, kernels: CpuKernels) -> Batcher {
+fn batcher(kv_dtype: KvDType, kernels: Kernels) -> Batcher {
     let mut cfg = EngineConfig::new(dev_model_path(), Role::Colocated);
     cfg.kv_dtype = kv_dtype;
     cfg.cpu_kernels = kernels;
@@ -60,23 +60,23 @@ fn collect(events: Vec<Event>, out: &mut HashMap<SeqId, Vec<u32>>) {
 
 #[test]
 fn sequences_joining_a_running_batch_match_running_alone() {
-    joining_matches_alone(KvDType::F32, CpuKernels::Baton);
+    joining_matches_alone(KvDType::F32, Kernels::Baton);
 }
 
 /// The f16 cache takes the same paged decode kernel, widening K and V as it reads them.
 #[test]
 fn with_an_f16_cache_too() {
-    joining_matches_alone(KvDType::F16, CpuKernels::Baton);
+    joining_matches_alone(KvDType::F16, Kernels::Baton);
 }
 
 /// candle's kernels, the path a GPU takes: decode rows share candle's matmuls, and attention
 /// runs per sequence on K and V gathered from the blocks (f16 here, widened as it is gathered).
 #[test]
-fn with_candle_kernels_too() {
-    joining_matches_alone(KvDType::F16, CpuKernels::Candle);
+fn with_candle_kernels_batched_sequences_match_alone() {
+    joining_matches_alone(KvDType::F16, Kernels::Candle);
 }
 
-fn joining_matches_alone(kv_dtype: KvDType, kernels: CpuKernels) {
+fn joining_matches_alone(kv_dtype: KvDType, kernels: Kernels) {
     let prompts = prompts();
     let mut b = batcher(kv_dtype, kernels);
     let mut alone = HashMap::new();
@@ -120,7 +120,7 @@ fn joining_matches_alone(kv_dtype: KvDType, kernels: CpuKernels) {
 
 #[test]
 fn cancelled_and_failed_sequences_return_every_block() {
-    let mut b = batcher(KvDType::F32, CpuKernels::Baton);
+    let mut b = batcher(KvDType::F32, Kernels::Baton);
     let prompts = prompts();
     for (i, p) in prompts.iter().enumerate() {
         b.submit(request(i, p)).expect("submit");

@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use baton_engine::batch::{Batcher, Event, GenerateRequest};
 use baton_engine::sampling::{Sampler, SamplingParams};
 use baton_engine::{
-    CpuKernels, Engine, EngineConfig, Error, KvChunk, KvDType, Phase, Role, SeqId, StepItem,
+    Engine, EngineConfig, Error, Kernels, KvChunk, KvDType, Phase, Role, SeqId, StepItem,
     WeightsSetting,
 };
 use common::{PROMPTS, dev_model_path};
@@ -19,10 +19,10 @@ const NEW_TOKENS: u32 = 24;
 const CHILD_ENV: &str = "BATON_DISAGG_CHILD";
 
 fn config(role: Role) -> EngineConfig {
-    kernels_config(role, CpuKernels::Baton)
+    kernels_config(role, Kernels::Baton)
 }
 
-fn kernels_config(role: Role, kernels: CpuKernels) -> EngineConfig {
+fn kernels_config(role: Role, kernels: Kernels) -> EngineConfig {
     let mut cfg = EngineConfig::new(dev_model_path(), role);
     cfg.cpu_kernels = kernels;
     cfg.prefill_chunk_tokens = 64;
@@ -105,7 +105,7 @@ fn import_and_decode(
     out
 }
 
-fn colocated(prompts: &[Vec<u32>], kernels: CpuKernels) -> HashMap<usize, Vec<u32>> {
+fn colocated(prompts: &[Vec<u32>], kernels: Kernels) -> HashMap<usize, Vec<u32>> {
     let mut b = Batcher::new(
         Engine::load(kernels_config(Role::Colocated, kernels)).expect("load"),
         vec![2],
@@ -212,7 +212,7 @@ fn decode_process_child() {
 #[test]
 fn kv_moved_to_another_process_decodes_identically() {
     let prompts = test_prompts();
-    let expected = colocated(&prompts, CpuKernels::Baton);
+    let expected = colocated(&prompts, Kernels::Baton);
     let mut prefill = Engine::load(config(Role::Prefill)).expect("load");
     let layers = prefill.model_config().num_layers;
     let mut payload = Vec::new();
@@ -282,17 +282,17 @@ fn kv_moved_to_another_process_decodes_identically() {
 
 #[test]
 fn kv_moved_between_engines_in_one_process_decodes_identically() {
-    moved_in_one_process(CpuKernels::Baton);
+    moved_in_one_process(Kernels::Baton);
 }
 
 /// The same on candle's kernels, the path a GPU takes: export reads K and V out of candle
 /// tensors and import writes them back through candle's slice ops.
 #[test]
-fn with_candle_kernels_too() {
-    moved_in_one_process(CpuKernels::Candle);
+fn with_candle_kernels_moved_kv_decodes_identically() {
+    moved_in_one_process(Kernels::Candle);
 }
 
-fn moved_in_one_process(kernels: CpuKernels) {
+fn moved_in_one_process(kernels: Kernels) {
     let prompts = test_prompts();
     let expected = colocated(&prompts, kernels);
     let mut prefill = Engine::load(kernels_config(Role::Prefill, kernels)).expect("load");

@@ -6,18 +6,16 @@ mod tiny;
 
 use std::path::Path;
 
-use baton_engine::{
-    CpuKernels, Engine, EngineConfig, Phase, Role, SeqId, StepItem, WeightsSetting,
-};
+use baton_engine::{Engine, EngineConfig, Kernels, Phase, Role, SeqId, StepItem, WeightsSetting};
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use tiny::{DECODE_STEPS, PROMPT, ScratchDir, TinyModel};
 
 fn engine(path: &Path, weights: WeightsSetting) -> Engine {
-    kernels_engine(path, weights, CpuKernels::Baton)
+    kernels_engine(path, weights, Kernels::Baton)
 }
 
-fn kernels_engine(path: &Path, weights: WeightsSetting, kernels: CpuKernels) -> Engine {
+fn kernels_engine(path: &Path, weights: WeightsSetting, kernels: Kernels) -> Engine {
     let mut cfg = EngineConfig::new(path, Role::Colocated);
     cfg.weights = weights;
     cfg.cpu_kernels = kernels;
@@ -162,7 +160,7 @@ fn assert_tracks(what: &str, steps: &[Step], prefill_tol: Tol, decode_tol: Tol) 
     );
 }
 
-fn compare_with_reference(model: TinyModel, test: &str, kernels: CpuKernels) -> Vec<Step> {
+fn compare_with_reference(model: TinyModel, test: &str, kernels: Kernels) -> Vec<Step> {
     let dir = ScratchDir::new(test);
     let path = dir.join("model.gguf");
     model.write(&path);
@@ -255,10 +253,10 @@ fn tolerances(matrices: GgmlDType) -> (Tol, Tol) {
 }
 
 fn tracks_reference(model: TinyModel, test: &str) {
-    tracks_reference_on(model, test, CpuKernels::Baton);
+    tracks_reference_on(model, test, Kernels::Baton);
 }
 
-fn tracks_reference_on(model: TinyModel, test: &str, kernels: CpuKernels) {
+fn tracks_reference_on(model: TinyModel, test: &str, kernels: Kernels) {
     let steps = compare_with_reference(model, test, kernels);
     let (prefill_tol, decode_tol) = tolerances(model.matrices);
     let what = format!(
@@ -309,7 +307,7 @@ fn llama_q5k_gguf_matches_candle_quantized_llama() {
 /// Q4_1, Q8_0) and the architectures with extra branches: q/k/v bias (qwen2), q/k norms
 /// (qwen3), a tied head.
 #[test]
-fn candle_kernels_match_the_references_too() {
+fn candle_kernels_track_the_quantized_references() {
     for (model, test) in [
         (TinyModel::llama(GgmlDType::Q4_0), "candle-llama-q4-0"),
         (TinyModel::llama(GgmlDType::Q4_1), "candle-llama-q4-1"),
@@ -322,7 +320,7 @@ fn candle_kernels_match_the_references_too() {
             "candle-qwen3-q4k",
         ),
     ] {
-        tracks_reference_on(model, test, CpuKernels::Candle);
+        tracks_reference_on(model, test, Kernels::Candle);
     }
 }
 

@@ -2,13 +2,13 @@
 
 mod common;
 
-use baton_engine::{CpuKernels, Engine, EngineConfig, Phase, Role, SeqId, WeightsSetting};
+use baton_engine::{Engine, EngineConfig, Kernels, Phase, Role, SeqId, WeightsSetting};
 use candle_core::{Device, Tensor};
 use common::{PROMPTS, argmax, dev_model_path, max_abs_diff, step_logits};
 
 const GREEDY_TOKENS: usize = 64;
 
-fn engine(path: &std::path::Path, weights: WeightsSetting, kernels: CpuKernels) -> Engine {
+fn engine(path: &std::path::Path, weights: WeightsSetting, kernels: Kernels) -> Engine {
     let mut cfg = EngineConfig::new(path, Role::Colocated);
     cfg.weights = weights;
     cfg.cpu_kernels = kernels;
@@ -34,26 +34,28 @@ fn margin(v: &[f32]) -> f32 {
 /// With quantized weights every layer re-quantizes its input to Q8_1, so a one-ulp difference
 /// (the attention matmuls sum in another order once the context passes ~70 tokens) can flip a
 /// rounding step and move logits by a few tenths; once that has happened the two KV caches
-/// differ by the same rounding and the noise persists. Measured here on these prompts:
-/// bit-identical for contexts under ~90 tokens, at most 1.06 apart after (1.65 on the Zen 4
-/// machine of 2026-11-25, and 1.25 with candle's kernels: benches/results/
-/// engine-2026-11-25-session11/reference-tests.txt); the reference's own cached decode and its
-/// own full recompute of the same tokens differ by 0.6. So logits must
-/// stay within 2.0 (of logits spanning about 30), and a greedy token may differ only where the
-/// reference is within that noise of a tie. The exact check is `reference_f32.rs`, where no
+/// differ by the same rounding and the noise persists. Measured on these prompts: bit-identical
+/// for contexts under ~90 tokens, at most 1.06 apart after on a Zen 3 machine, 1.65 on the Zen 4
+/// one (1.25 with candle's kernels; benches/results/engine-2026-11-25-session11/
+/// reference-tests.txt); the reference's own cached decode and its own full recompute of the
+/// same tokens differ by 0.6, and baton's and candle's kernels, both correct, by up to 2.03
+/// (kernel-agreement.txt there). The noise depends on the CPU's summation orders, so the bound
+/// is 3.0 (of logits spanning about 30): far below what a wrong tensor or layout gives, clear
+/// of what two correct kernel sets were measured to give. A greedy token may differ only where
+/// the reference is within that noise of a tie. The exact check is `reference_f32.rs`, where no
 /// activation is quantized.
 #[test]
 fn gguf_quantized_logits_track_candle_quantized_llama() {
-    track_quantized_llama(CpuKernels::Baton);
+    track_quantized_llama(Kernels::Baton);
 }
 
 /// The same with candle's kernels, the path a GPU takes.
 #[test]
-fn with_candle_kernels_too() {
-    track_quantized_llama(CpuKernels::Candle);
+fn gguf_with_candle_kernels_tracks_candle_quantized_llama() {
+    track_quantized_llama(Kernels::Candle);
 }
 
-fn track_quantized_llama(kernels: CpuKernels) {
+fn track_quantized_llama(kernels: Kernels) {
     use candle_transformers::models::quantized_llama::ModelWeights;
     let path = dev_model_path();
     let mut ours = engine(&path, WeightsSetting::Quantized, kernels);
@@ -78,7 +80,7 @@ fn track_quantized_llama(kernels: CpuKernels) {
             let diff = max_abs_diff(&logits, &ref_logits);
             worst = worst.max(diff);
             assert!(
-                diff < 2.0,
+                diff < 3.0,
                 "prompt {i} step {step}: logits differ by {diff}"
             );
             let next = argmax(&ref_logits);
@@ -158,16 +160,16 @@ fn write_random_hf_model(dir: &std::path::Path) -> candle_transformers::models::
 
 #[test]
 fn safetensors_logits_match_candle_llama() {
-    match_candle_llama(CpuKernels::Baton);
+    match_candle_llama(Kernels::Baton);
 }
 
 /// The same with candle's kernels, the path a GPU takes.
 #[test]
-fn safetensors_with_candle_kernels_too() {
-    match_candle_llama(CpuKernels::Candle);
+fn safetensors_with_candle_kernels_matches_candle_llama() {
+    match_candle_llama(Kernels::Candle);
 }
 
-fn match_candle_llama(kernels: CpuKernels) {
+fn match_candle_llama(kernels: Kernels) {
     use candle_transformers::models::llama::{Cache, Llama};
     let dir = std::env::temp_dir().join(format!(
         "baton-tiny-llama-{}-{}",

@@ -8,7 +8,7 @@
 
 mod common;
 
-use baton_engine::{CpuKernels, Engine, EngineConfig, Phase, Role, SeqId, WeightsSetting};
+use baton_engine::{Engine, EngineConfig, Kernels, Phase, Role, SeqId, WeightsSetting};
 use candle_core::{Device, Tensor};
 use common::{PROMPTS, argmax, dev_model_path, max_abs_diff, step_logits};
 
@@ -22,7 +22,7 @@ fn gguf_dequantized_greedy_tokens_equal_candle_quantized_llama() {
     unsafe { std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1") };
     let path = dev_model_path();
     // Both kernel sets: baton's, and candle's (the path a GPU takes).
-    let mut engines = [CpuKernels::Baton, CpuKernels::Candle].map(|kernels| {
+    let mut engines = [Kernels::Baton, Kernels::Candle].map(|kernels| {
         let mut cfg = EngineConfig::new(&path, Role::Colocated);
         cfg.weights = WeightsSetting::F32;
         cfg.cpu_kernels = kernels;
