@@ -12,8 +12,9 @@
 //! a widening `madd`), which is what bounds a batched decode step's matmuls once the weights are
 //! shared by several rows; with AVX-512VL's 32 vector registers it also keeps 8 rows in flight.
 //! For Q8 weights the VNNI variant multiplies the activations plus 128 (unsigned bytes, which the
-//! quantizer writes in place of the signed ones) by the signed weights and subtracts 128 times the weights' sum once per block,
-//! rather than moving every weight's sign onto the activations as the AVX2 variant does.
+//! quantizer writes in place of the signed ones) by the signed weights and subtracts 128 times
+//! the weights' sum once per block, rather than moving every weight's sign onto the activations
+//! as the AVX2 variant does.
 
 use std::arch::x86_64::*;
 
