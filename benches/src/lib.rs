@@ -16,6 +16,7 @@
 //! failure is classified once, by the client, into an [`ErrorKind`].
 
 pub mod arrivals;
+#[cfg(feature = "charts")]
 pub mod chart;
 pub mod client;
 mod error;

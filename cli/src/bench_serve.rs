@@ -13,7 +13,7 @@ use baton_bench::report::{self, BenchConfig, PromptSource, Report};
 use baton_bench::run::{prompt_rng, run_sweep};
 use baton_bench::{
     Arrivals, Bounds, GrpcTarget, LengthDist, Load, OpenAiTarget, RequestSpec, RunOptions,
-    RunResult, Slo, Synthetic, Target, chart,
+    RunResult, Slo, Synthetic, Target,
 };
 
 /// Which API the benchmark drives.
@@ -85,7 +85,8 @@ pub struct ServeArgs {
     /// generator's own), e.g. '{"logit_bias":{"2":-100}}' for a server without ignore_eos.
     #[arg(long, value_parser = json_object)]
     extra_body: Option<serde_json::Map<String, serde_json::Value>>,
-    /// Write results.json and the charts (latency_cdf.svg, sweep.svg) into this directory.
+    /// Write results.json and, in a build with the `charts` feature, the charts
+    /// (latency_cdf.svg, sweep.svg) into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
@@ -103,7 +104,7 @@ fn json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, St
 }
 
 /// A time limit: `600s`, `1500ms`, `10min`, or a bare number of seconds.
-pub(crate) fn duration(s: &str) -> Result<Duration, String> {
+pub fn duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let secs = if let Ok(x) = t.parse::<f64>() {
         x
@@ -152,7 +153,7 @@ fn loads(args: &ServeArgs) -> anyhow::Result<Vec<Load>> {
     Ok(out)
 }
 
-pub(crate) fn machine() -> String {
+pub fn machine() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -356,17 +357,36 @@ fn slo_line(slo: &Slo) -> String {
         .join(", ")
 }
 
-fn write_outputs(report: &Report, dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let json = dir.join("results.json");
-    report.write_json(&json)?;
+/// latency_cdf.svg, and sweep.svg for a sweep.
+#[cfg(feature = "charts")]
+fn charts(report: &Report, dir: &Path, written: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    use baton_bench::chart;
     let cdf = dir.join("latency_cdf.svg");
     chart::latency_cdfs(&report.runs, &cdf)?;
-    let mut written = vec![json, cdf];
+    written.push(cdf);
     let sweep = dir.join("sweep.svg");
     if chart::sweep(&report.runs, &sweep)? {
         written.push(sweep);
     }
+    Ok(())
+}
+
+/// The serving binary links no plotting: it says so instead of writing the charts.
+#[cfg(not(feature = "charts"))]
+fn charts(_: &Report, _: &Path, _: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    eprintln!(
+        "charts (latency_cdf.svg, sweep.svg) left out: this build has no plotting; build with \
+         `--features charts` to write them"
+    );
+    Ok(())
+}
+
+fn write_outputs(report: &Report, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("results.json");
+    report.write_json(&json)?;
+    let mut written = vec![json];
+    charts(report, dir, &mut written)?;
     println!();
     for p in written {
         println!("wrote {}", p.display());

@@ -1,21 +1,10 @@
 //! `baton`: one binary for every role: `up` (a whole local cluster), `coordinator`, `prefill`,
-//! `decode`, `generate` (a client, or the engine in this process with `--local`), `bench`, and
-//! `kv-demo` (the KV transfer between two processes, without a cluster), and `config` (the
-//! effective configuration of a role, and its JSON Schema).
+//! `decode`, `generate` (a client, or the engine in this process with `--local`), `bench serve`
+//! (the load generator), `kv-demo` (the KV transfer between two processes, without a cluster),
+//! and `config` (the effective configuration of a role, and its JSON Schema). The experiments
+//! (engine, transfer, handoff, overhead, disaggregation) are `baton-lab`'s.
 
-mod bench;
-mod bench_cluster;
-mod bench_disagg;
-mod bench_serve;
-mod bench_transfer;
-mod config;
-mod generate;
-mod kv_demo;
-mod model_path;
-mod roles;
-mod standin;
-mod up;
-
+use baton::{bench_serve, config, generate, kv_demo, roles, up};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -42,15 +31,23 @@ enum Command {
     Decode(roles::DecodeArgs),
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
-    /// Measure baton against baselines.
+    /// Load-test a running server.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(BenchCommand),
     /// Move one prompt's KV from a prefill engine in this process to a decode engine in a child
     /// process over TCP and/or shared memory, and check the tokens against a single process.
     KvDemo(kv_demo::KvDemoArgs),
     /// Show a role's effective configuration, or the configuration's JSON Schema.
     #[command(subcommand)]
     Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Load generator: TTFT, TPOT, ITL, end-to-end latency, throughput and goodput of a running
+    /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
+    /// concurrency, as vLLM's benchmark_serving measures them.
+    Serve(Box<bench_serve::ServeArgs>),
 }
 
 #[derive(Subcommand)]
@@ -106,7 +103,7 @@ fn main() -> anyhow::Result<()> {
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
         Command::Generate(args) => generate::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(*args),
         Command::KvDemo(args) => kv_demo::run(args),
         Command::Config(cmd) => config_command(cmd),
     }

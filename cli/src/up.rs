@@ -145,16 +145,16 @@ impl UpArgs {
 }
 
 /// The processes a command started; every one is stopped when this drops.
-pub(crate) struct Children {
-    pub(crate) procs: Vec<(String, Child)>,
+pub struct Children {
+    pub procs: Vec<(String, Child)>,
     /// How long children may take to stop after SIGTERM: the workers' drain deadline and a
     /// margin.
-    pub(crate) grace: Duration,
+    pub grace: Duration,
 }
 
 impl Children {
     /// SIGTERM to everyone, then wait up to the grace period; SIGKILL whoever is still there.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         for (_, c) in &self.procs {
             signal(c.id(), libc::SIGTERM);
         }
@@ -191,7 +191,7 @@ impl Drop for Children {
     }
 }
 
-pub(crate) fn signal(pid: u32, sig: i32) {
+pub fn signal(pid: u32, sig: i32) {
     let Ok(pid) = i32::try_from(pid) else {
         return;
     };
@@ -202,7 +202,7 @@ pub(crate) fn signal(pid: u32, sig: i32) {
 }
 
 /// `--prefill-cpus` / `--decode-cpus`: one CPU number.
-pub(crate) fn cpu_number(s: &str) -> Result<usize, String> {
+pub fn cpu_number(s: &str) -> Result<usize, String> {
     let cpu: usize = s
         .trim()
         .parse()
@@ -217,9 +217,30 @@ pub(crate) fn cpu_number(s: &str) -> Result<usize, String> {
     Ok(cpu)
 }
 
+/// The `baton` executable: this process when it is `baton`; otherwise (`baton-lab`, a test)
+/// `$BATON_EXE`, or the `baton` binary beside this one.
+pub fn baton_exe() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(exe) = std::env::var_os("BATON_EXE") {
+        return Ok(exe.into());
+    }
+    let me = std::env::current_exe().context("find this executable")?;
+    if me.file_stem().is_some_and(|s| s == "baton") {
+        return Ok(me);
+    }
+    let beside = me.with_file_name("baton");
+    if !beside.is_file() {
+        bail!(
+            "no baton executable beside {} (build it: cargo build --release -p baton), and \
+             BATON_EXE is not set",
+            me.display()
+        );
+    }
+    Ok(beside)
+}
+
 /// Starts `baton <args>` and returns it with the addresses of its first `announced`
 /// `listening` lines.
-pub(crate) fn spawn(
+pub fn spawn(
     name: &str,
     args: &[String],
     announced: usize,
@@ -230,14 +251,13 @@ pub(crate) fn spawn(
 /// [`spawn`], with the child's CPU affinity set to `cpus` (unless empty) before it executes,
 /// so every thread it ever starts inherits the set and its pools (which size themselves from
 /// the CPUs the process may use) match it.
-pub(crate) fn spawn_pinned(
+pub fn spawn_pinned(
     name: &str,
     args: &[String],
     announced: usize,
     cpus: &[usize],
 ) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
-    let exe = std::env::current_exe().context("find the baton executable")?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(baton_exe()?);
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -1,19 +1,9 @@
-//! The coordinator's errors. Each has one class, and the class alone decides the gRPC status,
-//! the HTTP status and the OpenAI error type: the mapping is written here, once.
+//! The coordinator's errors. Each has one class, and the class alone decides the gRPC status
+//! (`baton_proto::status`) and the HTTP status with the OpenAI error type (`http.rs`).
 
 use std::time::Duration;
 
-/// What kind of failure an error is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    Unavailable,
-    Deadline,
-    Cancelled,
-    Internal,
-}
+pub use baton_core::ErrorClass;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -44,16 +34,6 @@ pub enum Error {
     Internal(String),
 }
 
-/// Whether a call failed because tonic's client-side timer for its `grpc-timeout` fired.
-fn timed_out(status: &tonic::Status) -> bool {
-    std::error::Error::source(status).is_some_and(|e| {
-        e.downcast_ref::<tonic::TimeoutExpired>().is_some()
-            || e.downcast_ref::<tonic::transport::Error>()
-                .and_then(std::error::Error::source)
-                .is_some_and(|e| e.downcast_ref::<tonic::TimeoutExpired>().is_some())
-    })
-}
-
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
@@ -64,7 +44,7 @@ impl Error {
             Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
             Error::Text(e) => match e.class() {
-                baton_text::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
+                ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
                 _ => ErrorClass::Internal,
             },
             Error::InvalidConfig { .. } | Error::Internal(_) => ErrorClass::Internal,
@@ -84,24 +64,9 @@ impl Error {
 
     /// A worker's gRPC status, classified by its code.
     pub fn from_status(worker: &str, status: &tonic::Status) -> Self {
-        use tonic::Code;
-        let class = match status.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
-                ErrorClass::InvalidRequest
-            }
-            Code::ResourceExhausted => ErrorClass::Overloaded,
-            Code::DeadlineExceeded => ErrorClass::Deadline,
-            // tonic's own timer for the call's grpc-timeout (the request's deadline) reports
-            // CANCELLED; it is the deadline that passed.
-            Code::Cancelled if timed_out(status) => ErrorClass::Deadline,
-            Code::Cancelled => ErrorClass::Cancelled,
-            Code::NotFound => ErrorClass::NotFound,
-            Code::Unavailable | Code::Aborted | Code::Unknown => ErrorClass::Unavailable,
-            _ => ErrorClass::Internal,
-        };
         Error::Worker {
             worker: worker.to_string(),
-            class,
+            class: baton_proto::status::class_of(status),
             message: status.message().to_string(),
         }
     }
@@ -114,42 +79,9 @@ impl Error {
     }
 }
 
-impl ErrorClass {
-    /// HTTP status and OpenAI error type.
-    pub fn http(self) -> (u16, &'static str) {
-        match self {
-            ErrorClass::InvalidRequest => (400, "invalid_request_error"),
-            ErrorClass::NotFound => (404, "not_found_error"),
-            ErrorClass::Overloaded => (429, "rate_limit_exceeded"),
-            ErrorClass::Unavailable => (503, "service_unavailable"),
-            ErrorClass::Deadline => (504, "timeout"),
-            ErrorClass::Cancelled => (499, "cancelled"),
-            ErrorClass::Internal => (500, "internal_error"),
-        }
-    }
-
-    pub fn grpc(self) -> tonic::Code {
-        match self {
-            ErrorClass::InvalidRequest => tonic::Code::InvalidArgument,
-            ErrorClass::NotFound => tonic::Code::NotFound,
-            ErrorClass::Overloaded => tonic::Code::ResourceExhausted,
-            ErrorClass::Unavailable => tonic::Code::Unavailable,
-            ErrorClass::Deadline => tonic::Code::DeadlineExceeded,
-            ErrorClass::Cancelled => tonic::Code::Cancelled,
-            ErrorClass::Internal => tonic::Code::Internal,
-        }
-    }
-}
-
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let mut status = tonic::Status::new(e.class().grpc(), e.to_string());
-        if let Some(after) = e.retry_after()
-            && let Ok(v) = after.as_secs().max(1).to_string().parse()
-        {
-            status.metadata_mut().insert("retry-after", v);
-        }
-        status
+        baton_proto::status::status(e.class(), e.to_string(), e.retry_after())
     }
 }
 

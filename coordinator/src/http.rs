@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorClass, Result};
 use crate::generate::{self, GenerateInput, GenerateStream, PromptInput, StreamEvent, Usage};
 use crate::placement::PdMode;
 use crate::server::Inner;
@@ -56,9 +56,23 @@ pub fn router(inner: Arc<Inner>) -> Router {
         .with_state(inner)
 }
 
+/// HTTP status and OpenAI error type of an error class: the HTTP edge's half of the mapping
+/// (`baton_proto::status` is the gRPC half).
+fn http_status(class: ErrorClass) -> (u16, &'static str) {
+    match class {
+        ErrorClass::InvalidRequest => (400, "invalid_request_error"),
+        ErrorClass::NotFound => (404, "not_found_error"),
+        ErrorClass::Overloaded => (429, "rate_limit_exceeded"),
+        ErrorClass::Unavailable => (503, "service_unavailable"),
+        ErrorClass::Deadline => (504, "timeout"),
+        ErrorClass::Cancelled => (499, "cancelled"),
+        ErrorClass::BadModel | ErrorClass::Internal => (500, "internal_error"),
+    }
+}
+
 /// The OpenAI error envelope for an error, with its status (and `Retry-After` on 429).
 fn error_response(e: &Error) -> Response {
-    let (status, kind) = e.class().http();
+    let (status, kind) = http_status(e.class());
     let body = json!({
         "error": {
             "message": e.to_string(),
@@ -608,7 +622,7 @@ fn sse(generation: GenerateStream, reply: Reply) -> Response {
                     st.done = true;
                 }
                 Some(Err(e)) => {
-                    let (_, kind) = e.class().http();
+                    let (_, kind) = http_status(e.class());
                     let body = json!({"error": {"message": e.to_string(), "type": kind, "param": e.param(), "code": Value::Null}});
                     st.pending
                         .push_back(Event::default().data(body.to_string()));

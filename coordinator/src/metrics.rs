@@ -183,17 +183,3 @@ impl Metrics {
         baton_telemetry::encode_metrics(&[&self.registry, &self.process])
     }
 }
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::InvalidRequest => "invalid_request",
-            ErrorClass::NotFound => "not_found",
-            ErrorClass::Overloaded => "overloaded",
-            ErrorClass::Unavailable => "unavailable",
-            ErrorClass::Deadline => "deadline",
-            ErrorClass::Cancelled => "cancelled",
-            ErrorClass::Internal => "internal",
-        }
-    }
-}

@@ -446,7 +446,7 @@ impl DecodeWorker for DecodeService {
                     let source = convert::descriptor_from_proto(source).map_err(invalid)?;
                     self.local
                         .check_compatible(&source)
-                        .map_err(Error::Engine)?;
+                        .map_err(|e| Error::Transport(e.into()))?;
                 }
                 let handoff = HandoffId(descriptor.handoff_id);
                 let (index, endpoint) = self.receiver(p.transport)?;

@@ -221,45 +221,13 @@ impl WeightPlan {
     }
 }
 
-/// Element type of the KV cache blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum KvDType {
-    F32,
-    F16,
-}
+pub use baton_core::KvDType;
 
-impl KvDType {
-    pub fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 => 2,
-        }
-    }
-
-    pub(crate) fn candle(self) -> candle_core::DType {
-        match self {
-            Self::F32 => candle_core::DType::F32,
-            Self::F16 => candle_core::DType::F16,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-        }
-    }
-}
-
-impl std::str::FromStr for KvDType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            other => Err(format!("unknown KV dtype {other:?} (expected f32 or f16)")),
-        }
+/// candle's element type for KV blocks of `dtype`.
+pub(crate) fn candle_dtype(dtype: KvDType) -> candle_core::DType {
+    match dtype {
+        KvDType::F32 => candle_core::DType::F32,
+        KvDType::F16 => candle_core::DType::F16,
     }
 }
 

@@ -3,20 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::kv::Fingerprint;
-
-/// What kind of failure an error is, for mapping to gRPC status and HTTP codes at the edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The caller sent something invalid (400 / INVALID_ARGUMENT).
-    InvalidRequest,
-    /// Capacity is exhausted right now; retrying later may work (429 / RESOURCE_EXHAUSTED).
-    Overloaded,
-    /// A model file or other input is unusable (500 / FAILED_PRECONDITION at load time).
-    BadModel,
-    /// A bug or an unexpected backend failure (500 / INTERNAL).
-    Internal,
-}
+pub use baton_core::ErrorClass;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -66,12 +53,8 @@ pub enum Error {
     KvCacheFull { needed: usize, free: usize },
     #[error("unknown sequence {0}")]
     UnknownSequence(crate::SeqId),
-    #[error("kv layout mismatch: {reason} (expected fingerprint {expected}, got {got})")]
-    KvLayoutMismatch {
-        expected: Fingerprint,
-        got: Fingerprint,
-        reason: String,
-    },
+    #[error(transparent)]
+    KvLayoutMismatch(#[from] baton_core::LayoutMismatch),
     #[error("kv import rejected: {0}")]
     KvImport(String),
     #[error("tensor backend: {0}")]
@@ -86,14 +69,10 @@ impl Error {
     /// The class of this error, for the mapping at the serving edge.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::InvalidRequest { .. } | Error::KvLayoutMismatch { .. } | Error::KvImport(_) => {
+            Error::InvalidRequest { .. } | Error::KvLayoutMismatch(_) | Error::KvImport(_) => {
                 ErrorClass::InvalidRequest
             }
-            Error::Text(e) => match e.class() {
-                baton_text::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
-                baton_text::ErrorClass::BadModel => ErrorClass::BadModel,
-                baton_text::ErrorClass::Internal => ErrorClass::Internal,
-            },
+            Error::Text(e) => e.class(),
             Error::KvCacheFull { .. } => ErrorClass::Overloaded,
             Error::Io { .. }
             | Error::CorruptFile { .. }

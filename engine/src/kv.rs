@@ -19,112 +19,11 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor};
-use serde::{Deserialize, Serialize};
 
-use crate::config::{Kernels, KvDType, ModelConfig};
+pub use baton_core::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
+
+use crate::config::{Kernels, KvDType, ModelConfig, candle_dtype};
 use crate::{Error, Result};
-
-/// Hash of a model's architecture, weights and tokenizer: two engines whose fingerprints are
-/// equal compute identical KV for identical tokens.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl std::fmt::Display for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in &self.0[..8] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::fmt::Debug for Fingerprint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Fingerprint({self})")
-    }
-}
-
-/// Index of a block in an engine's pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct BlockId(pub u32);
-
-/// What a receiver must know to map KV bytes onto its own cache, and to refuse bytes it cannot
-/// vouch for. `layers` and `kv_heads` are the ranges this engine holds (pipeline stage, tensor
-/// parallel rank); an unsharded engine holds all of them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayoutDescriptor {
-    pub fingerprint: Fingerprint,
-    pub dtype: KvDType,
-    pub block_size: u32,
-    pub num_layers: u32,
-    pub layers: Range<u32>,
-    pub num_kv_heads: u32,
-    pub kv_heads: Range<u32>,
-    pub head_dim: u32,
-}
-
-impl LayoutDescriptor {
-    /// Refuses a source layout whose bytes this one cannot take block for block: another model,
-    /// element type, block size or head shape.
-    pub fn check_compatible(&self, source: &LayoutDescriptor) -> Result<()> {
-        let mismatch = |reason: String| Error::KvLayoutMismatch {
-            expected: self.fingerprint,
-            got: source.fingerprint,
-            reason,
-        };
-        if self.fingerprint != source.fingerprint {
-            return Err(mismatch("model fingerprints differ".into()));
-        }
-        if self.dtype != source.dtype {
-            return Err(mismatch(format!(
-                "dtype {} against {}",
-                self.dtype.name(),
-                source.dtype.name()
-            )));
-        }
-        if self.block_size != source.block_size {
-            return Err(mismatch(format!(
-                "block size {} against {}",
-                self.block_size, source.block_size
-            )));
-        }
-        if self.num_layers != source.num_layers
-            || self.num_kv_heads != source.num_kv_heads
-            || self.head_dim != source.head_dim
-        {
-            return Err(mismatch(format!(
-                "shape {}x{}x{} against {}x{}x{} (layers x kv heads x head dim)",
-                self.num_layers,
-                self.num_kv_heads,
-                self.head_dim,
-                source.num_layers,
-                source.num_kv_heads,
-                source.head_dim
-            )));
-        }
-        Ok(())
-    }
-
-    /// Bytes of K (or of V) for one token, one layer, over this descriptor's head range.
-    pub fn bytes_per_token_half(&self) -> usize {
-        (self.kv_heads.end - self.kv_heads.start) as usize
-            * self.head_dim as usize
-            * self.dtype.size()
-    }
-}
-
-/// One layer's KV for a run of a sequence's blocks, in wire order: all K then all V, each
-/// `(kv_heads, tokens, head_dim)` row-major, little-endian. `tokens` counts only the filled
-/// slots: the last block of a sequence may be partly empty and its empty slots never travel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KvChunk {
-    pub layer: u32,
-    /// Index of the first block in the sequence's block table (not a pool block id).
-    pub first_block: u32,
-    pub num_blocks: u32,
-    pub tokens: u32,
-    pub data: Vec<u8>,
-}
 
 /// The free list. Shared (behind a mutex nobody holds for long) between the pool and the block
 /// tables, so that dropping a table returns its blocks without going through the engine.
@@ -416,8 +315,8 @@ impl KvCache {
         let mut k = Vec::with_capacity(config.num_layers);
         let mut v = Vec::with_capacity(config.num_layers);
         for _ in 0..config.num_layers {
-            k.push(Tensor::zeros(shape, dtype.candle(), device)?);
-            v.push(Tensor::zeros(shape, dtype.candle(), device)?);
+            k.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
+            v.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
         }
         Ok(Self {
             k,
@@ -525,8 +424,8 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<()> {
         let (k, v) = (
-            k.to_dtype(self.dtype.candle())?.contiguous()?,
-            v.to_dtype(self.dtype.candle())?.contiguous()?,
+            k.to_dtype(candle_dtype(self.dtype))?.contiguous()?,
+            v.to_dtype(candle_dtype(self.dtype))?.contiguous()?,
         );
         for (store, rows) in [(&self.k[layer], &k), (&self.v[layer], &v)] {
             // The copy has no GPU form, so a CPU store is checked too: `KvCache::new` is public
@@ -689,8 +588,18 @@ impl KvCache {
         let half = expected / 2;
         let shape = [self.num_kv_heads, positions.len(), self.head_dim];
         let device = self.k[layer].device();
-        let k = Tensor::from_raw_buffer(&chunk.data[..half], self.dtype.candle(), &shape, device)?;
-        let v = Tensor::from_raw_buffer(&chunk.data[half..], self.dtype.candle(), &shape, device)?;
+        let k = Tensor::from_raw_buffer(
+            &chunk.data[..half],
+            candle_dtype(self.dtype),
+            &shape,
+            device,
+        )?;
+        let v = Tensor::from_raw_buffer(
+            &chunk.data[half..],
+            candle_dtype(self.dtype),
+            &shape,
+            device,
+        )?;
         self.write(layer, table, positions.start, &k, &v)
     }
 }

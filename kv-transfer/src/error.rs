@@ -3,23 +3,9 @@
 
 use std::ops::Range;
 
-use baton_engine::Fingerprint;
-
 use crate::frame::{CloseCode, FrameKind, HandoffId};
 
-/// What kind of failure an error is, for mapping to gRPC status and HTTP codes at the edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The caller or peer sent something invalid (400 / INVALID_ARGUMENT).
-    InvalidRequest,
-    /// The peer is gone or sent bytes we cannot use; retrying elsewhere may work
-    /// (503 / UNAVAILABLE).
-    Unavailable,
-    /// A step took longer than its bound (504 / DEADLINE_EXCEEDED).
-    Deadline,
-    /// A bug or an unexpected local failure (500 / INTERNAL).
-    Internal,
-}
+pub use baton_core::ErrorClass;
 
 /// Which side of a transfer plan a shard set is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,12 +66,8 @@ impl FailureReason {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("kv layout mismatch: {reason} (expected fingerprint {expected}, got {got})")]
-    LayoutMismatch {
-        expected: Fingerprint,
-        got: Fingerprint,
-        reason: String,
-    },
+    #[error(transparent)]
+    LayoutMismatch(#[from] baton_core::LayoutMismatch),
     #[error("{side} shard set is empty")]
     NoShards { side: Side },
     #[error("{side} shard {shard} is invalid: {reason}")]
@@ -180,7 +162,7 @@ impl Error {
     /// The class of this error, for the mapping at the serving edge.
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::LayoutMismatch { .. }
+            Error::LayoutMismatch(_)
             | Error::NoShards { .. }
             | Error::InvalidShard { .. }
             | Error::ShardsOverlap { .. }
@@ -203,8 +185,10 @@ impl Error {
             | Error::SegmentRefused { .. }
             | Error::Io { .. }
             | Error::PeerClosed { .. }
-            | Error::PeerRefused { .. } => ErrorClass::Unavailable,
-            Error::Timeout { .. } => ErrorClass::Deadline,
+            | Error::PeerRefused { .. }
+            // A peer that does not answer in time is unavailable; the Deadline class is the
+            // caller's own deadline, which transports do not know.
+            | Error::Timeout { .. } => ErrorClass::Unavailable,
             Error::ConsumerGone => ErrorClass::Internal,
         }
     }
@@ -212,7 +196,7 @@ impl Error {
     /// The failure counter this error feeds.
     pub fn reason(&self) -> FailureReason {
         match self {
-            Error::LayoutMismatch { .. }
+            Error::LayoutMismatch(_)
             | Error::NoShards { .. }
             | Error::InvalidShard { .. }
             | Error::ShardsOverlap { .. }
@@ -237,25 +221,6 @@ impl Error {
             Error::Io { .. } | Error::InvalidConfig { .. } | Error::ConsumerGone => {
                 FailureReason::Io
             }
-        }
-    }
-
-    /// Maps the engine's layout refusal onto ours; any other engine error is a bug here.
-    pub(crate) fn from_layout(e: baton_engine::Error) -> Self {
-        match e {
-            baton_engine::Error::KvLayoutMismatch {
-                expected,
-                got,
-                reason,
-            } => Error::LayoutMismatch {
-                expected,
-                got,
-                reason,
-            },
-            other => Error::InvalidConfig {
-                field: "layout descriptor",
-                reason: other.to_string(),
-            },
         }
     }
 }

@@ -30,7 +30,7 @@
 
 use std::ops::Range;
 
-use baton_engine::{Fingerprint, KvDType, LayoutDescriptor};
+use baton_core::{Fingerprint, KvDType, LayoutDescriptor};
 
 use crate::error::{Error, Result};
 
@@ -46,15 +46,7 @@ pub const DESCRIPTOR_LEN: usize = 1 + 32 + 1 + 8 * 4;
 /// Longest message a close frame carries; longer ones are cut at a char boundary.
 pub const MAX_CLOSE_MESSAGE: usize = 1024;
 
-/// One transfer of one sequence's KV from a prefill worker to a decode worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct HandoffId(pub u64);
-
-impl std::fmt::Display for HandoffId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "handoff-{}", self.0)
-    }
-}
+pub use baton_core::HandoffId;
 
 /// Which engine of a sharded worker sent a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -14,6 +14,8 @@
 //!   handshake and for waking a side that sleeps.
 //! - `copy`: the copy that computes a payload's crc32c in the same pass, once on each side.
 //! - [`link`]: the run-time choice of transport: endpoints, connections, sending a handoff.
+//! - [`memory`]: registered memory (the KV pool as a region of bytes) and the geometry and byte
+//!   copies that address it.
 //! - [`lease`]: time-to-live bookkeeping for pinned block sets (push reservations, pull sources).
 //!
 //! Invariants: bytes reach the consumer only after their checksum and their place in an expected
@@ -25,6 +27,7 @@ mod error;
 pub mod frame;
 pub mod lease;
 pub mod link;
+pub mod memory;
 pub mod plan;
 pub mod shm;
 mod stream;

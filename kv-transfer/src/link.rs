@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::error::Result;

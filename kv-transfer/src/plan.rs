@@ -20,7 +20,7 @@
 
 use std::ops::Range;
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 
 use crate::error::{Error, Result, Side};
 
@@ -90,9 +90,7 @@ pub fn plan(
     }
     check_tiling(Side::Source, sources)?;
     check_tiling(Side::Destination, destinations)?;
-    destinations[0]
-        .check_compatible(&sources[0])
-        .map_err(Error::from_layout)?;
+    destinations[0].check_compatible(&sources[0])?;
 
     let mut copies = Vec::new();
     if blocks.is_empty() {
@@ -138,7 +136,7 @@ fn intersect(a: &Range<u32>, b: &Range<u32>) -> Range<u32> {
 fn check_tiling(side: Side, shards: &[LayoutDescriptor]) -> Result<()> {
     let first = shards.first().ok_or(Error::NoShards { side })?;
     for (i, shard) in shards.iter().enumerate() {
-        first.check_compatible(shard).map_err(Error::from_layout)?;
+        first.check_compatible(shard)?;
         let invalid = |reason: String| Error::InvalidShard {
             side,
             shard: i,
@@ -191,7 +189,7 @@ fn check_tiling(side: Side, shards: &[LayoutDescriptor]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use baton_engine::{Fingerprint, KvDType};
+    use baton_core::{Fingerprint, KvDType};
     use proptest::prelude::*;
 
     fn shard(

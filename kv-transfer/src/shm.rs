@@ -91,7 +91,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 use memmap2::{MmapOptions, MmapRaw};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -1126,9 +1126,7 @@ async fn accept_hello(
     }
     let (remote, offer) = decode_hello(&payload)?;
     let local = &shared.core.local;
-    local
-        .check_compatible(&remote)
-        .map_err(Error::from_layout)?;
+    local.check_compatible(&remote)?;
     let segment = MappedSegment::open(&offer, &shared.config)?;
     let hello = encode_descriptor(local);
     let reply = FrameHeader::new(FrameKind::Hello, &hello)?;
@@ -1528,7 +1526,7 @@ impl KvSender for ShmSender {
 mod tests {
     use std::future::Future;
 
-    use baton_engine::{Fingerprint, KvChunk, KvDType};
+    use baton_core::{Fingerprint, KvChunk, KvDType};
     use proptest::prelude::*;
 
     use super::*;

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::error::{Error, Result};
@@ -93,7 +93,7 @@ pub(crate) async fn read_hello_reply<R: AsyncRead + Unpin>(
             });
         }
     };
-    remote.check_compatible(local).map_err(Error::from_layout)?;
+    remote.check_compatible(local)?;
     Ok(remote)
 }
 

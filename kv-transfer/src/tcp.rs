@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -270,9 +270,7 @@ async fn accept_hello(
         }
     };
     let local = &shared.core.local;
-    local
-        .check_compatible(&remote)
-        .map_err(Error::from_layout)?;
+    local.check_compatible(&remote)?;
     let hello = encode_descriptor(local);
     let reply = FrameHeader::new(FrameKind::Hello, &hello)?;
     wr.write_all(&encode_frame(&reply, &hello))

@@ -21,7 +21,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use baton_engine::{KvChunk, LayoutDescriptor};
+use baton_core::{KvChunk, LayoutDescriptor};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, FailureReason, Result};

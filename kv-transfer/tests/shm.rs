@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 use baton_kv_transfer::frame::{DESCRIPTOR_LEN, FrameHeader, FrameKind, HEADER_LEN, encode_frame};
 use baton_kv_transfer::shm::{
     PUBLISHED_AT, RING_AT, SEGMENT_LAYOUT, SegmentOffer, WAKE, control_len, encode_hello,

@@ -4,7 +4,7 @@ mod conformance;
 
 use std::net::SocketAddr;
 
-use baton_engine::LayoutDescriptor;
+use baton_core::LayoutDescriptor;
 use baton_kv_transfer::frame::{
     DESCRIPTOR_LEN, FrameHeader, FrameKind, HEADER_LEN, encode_descriptor, encode_frame,
 };

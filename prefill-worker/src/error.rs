@@ -2,14 +2,7 @@
 
 use baton_kv_transfer::HandoffId;
 
-/// What kind of failure an error is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    InvalidRequest,
-    Overloaded,
-    Unavailable,
-    Internal,
-}
+pub use baton_core::ErrorClass;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,18 +36,8 @@ impl Error {
             Error::Transfer(_) | Error::Stopped | Error::Draining | Error::DrainDeadline => {
                 ErrorClass::Unavailable
             }
-            Error::Transport(e) => match e.class() {
-                baton_kv_transfer::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
-                baton_kv_transfer::ErrorClass::Internal => ErrorClass::Internal,
-                _ => ErrorClass::Unavailable,
-            },
-            Error::Engine(e) => match e.class() {
-                baton_engine::ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
-                baton_engine::ErrorClass::Overloaded => ErrorClass::Overloaded,
-                baton_engine::ErrorClass::BadModel | baton_engine::ErrorClass::Internal => {
-                    ErrorClass::Internal
-                }
-            },
+            Error::Transport(e) => e.class(),
+            Error::Engine(e) => e.class(),
             Error::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -62,13 +45,7 @@ impl Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        match e.class() {
-            ErrorClass::InvalidRequest => tonic::Status::invalid_argument(msg),
-            ErrorClass::Overloaded => tonic::Status::resource_exhausted(msg),
-            ErrorClass::Unavailable => tonic::Status::unavailable(msg),
-            ErrorClass::Internal => tonic::Status::internal(msg),
-        }
+        baton_proto::status::status(e.class(), e.to_string(), None)
     }
 }
 

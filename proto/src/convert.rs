@@ -1,9 +1,9 @@
 //! Conversions between wire messages and the domain types of the crates that use them.
 //!
 //! Always: sampling parameters, sampled tokens and finish reasons (`baton-text`, which the
-//! coordinator uses too). With the `workers` feature: layout descriptors (`baton-engine`) and KV
+//! coordinator uses too). With the `workers` feature: layout descriptors (`baton-core`) and KV
 //! endpoints (`baton-kv-transfer`), which only workers need; the coordinator passes those through
-//! as opaque messages and so never links the engine.
+//! as opaque messages and so never links the transports.
 
 use baton_text::{FinishReason, SampledToken, SamplingParams};
 
@@ -123,7 +123,7 @@ pub fn finish_from_proto(r: i32) -> Option<FinishReason> {
 mod workers {
     use std::net::SocketAddr;
 
-    use baton_engine::{Fingerprint, KvDType, LayoutDescriptor};
+    use baton_core::{Fingerprint, KvDType, LayoutDescriptor};
     use baton_kv_transfer::Endpoint;
 
     use super::ConvertError;

@@ -10,13 +10,15 @@
 //! The sources are `baton/v1/{common,inference,worker}.proto` in this crate. [`v1`] holds the
 //! generated messages, clients (`v1::inference_client::InferenceClient`, ...) and servers
 //! (`v1::inference_server::InferenceServer`, ...). [`convert`] maps messages to domain types:
-//! the text layer's always, the engine's and kv-transfer's only with the `workers` feature, so
-//! the coordinator never links the engine.
+//! the text layer's always, kv-transfer's only with the `workers` feature, so the coordinator
+//! never links the transports. [`status`] is the one mapping between an error's
+//! [`baton_core::ErrorClass`] and a gRPC status, both ways.
 //!
 //! Every server should also serve `grpc.health.v1` ([`tonic_health::server::health_reporter`])
 //! and reflection ([`reflection_service`]).
 
 pub mod convert;
+pub mod status;
 
 /// The generated `baton.v1` messages, clients and servers.
 pub mod v1 {

@@ -3,16 +3,7 @@
 
 use std::path::PathBuf;
 
-/// What kind of failure an error is, for mapping to gRPC status and HTTP codes at the edge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The caller sent something invalid (400 / INVALID_ARGUMENT).
-    InvalidRequest,
-    /// A model file's tokenizer or template is unusable (fails start-up).
-    BadModel,
-    /// A bug or an unexpected library failure (500 / INTERNAL).
-    Internal,
-}
+pub use baton_core::ErrorClass;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

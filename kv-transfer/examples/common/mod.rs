@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_engine::{Fingerprint, KvChunk, KvDType, LayoutDescriptor};
+use baton_core::{Fingerprint, KvChunk, KvDType, LayoutDescriptor};
 use baton_kv_transfer::{Delivery, HandoffId, KvReceiver, KvSegment, KvSender};
 use tokio::sync::mpsc;
 

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_engine::{Fingerprint, KvChunk, KvDType, LayoutDescriptor};
+use baton_core::{Fingerprint, KvChunk, KvDType, LayoutDescriptor};
 use baton_kv_transfer::frame::{FrameHeader, FrameKind, encode_frame};
 use baton_kv_transfer::{
     Delivery, Error, Expectation, FailureReason, HandoffId, KvReceiver, KvSegment, KvSender,

@@ -1,9 +1,5 @@
-//! `baton bench engine`: prefill, decode and batched-decode throughput of the engine on one
-//! model, with llama.cpp measured in the same invocation as the baseline. `baton bench
-//! transfer` (KV transports against raw TCP and memcpy) lives in [`crate::bench_transfer`], and
-//! `baton bench serve` (the load generator against a running server) in [`crate::bench_serve`],
-//! `baton bench handoff` (disaggregated against colocated TTFT) and `baton bench overhead`
-//! (the coordinator against calling a decode worker directly) in [`crate::bench_cluster`].
+//! `baton-lab engine`: prefill, decode and batched-decode throughput of the engine on one
+//! model, with llama.cpp measured in the same invocation as the baseline.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,30 +8,7 @@ use anyhow::{Context, bail};
 use baton_engine::{Engine, EngineConfig, KvDType, Phase, Role, SeqId, StepItem, WeightsSetting};
 use serde_json::json;
 
-use crate::bench_transfer::Spread;
-
-#[derive(clap::Subcommand)]
-pub enum BenchCommand {
-    /// Engine throughput: prefill, single-stream and batched decode, load time, memory.
-    Engine(EngineArgs),
-    /// KV transfer: baton's TCP and shared-memory transports against raw loopback TCP and memcpy
-    /// on a real prompt's KV, and how much of a push transfer the prefill compute hides.
-    Transfer(crate::bench_transfer::TransferArgs),
-    /// Load generator: TTFT, TPOT, ITL, end-to-end latency, throughput and goodput of a running
-    /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
-    /// concurrency, as vLLM's benchmark_serving measures them.
-    Serve(Box<crate::bench_serve::ServeArgs>),
-    /// What a KV handoff costs a request: TTFT disaggregated (tcp, shm x push, pull) against
-    /// aggregated on the same two worker processes, per prompt length, with the transfer's
-    /// time and its exposed (not overlapped) part.
-    Handoff(crate::bench_cluster::HandoffArgs),
-    /// What the coordinator adds to a request: pairs of the same request through the
-    /// coordinator and straight to the decode worker, alternated; TTFT and end-to-end p50/p99.
-    Overhead(crate::bench_cluster::OverheadArgs),
-    /// The disaggregation experiment: pinned prefill and decode workers against a colocated
-    /// worker under a mix of steady short-prompt streams and long prompts at a sweep of rates.
-    Disagg(Box<crate::bench_disagg::DisaggArgs>),
-}
+use crate::transfer::Spread;
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
@@ -87,17 +60,6 @@ pub enum Baseline {
 /// A flag's parser for counts that must be at least 1.
 fn positive() -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
-}
-
-pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Engine(args) => engine(args),
-        BenchCommand::Transfer(args) => crate::bench_transfer::run(args),
-        BenchCommand::Serve(args) => crate::bench_serve::run(*args),
-        BenchCommand::Handoff(args) => crate::bench_cluster::handoff(args),
-        BenchCommand::Overhead(args) => crate::bench_cluster::overhead(args),
-        BenchCommand::Disagg(args) => crate::bench_disagg::run(*args),
-    }
 }
 
 fn best<F: FnMut() -> anyhow::Result<Duration>>(
@@ -271,7 +233,7 @@ fn llama_cpp(
     serde_json::from_slice(&out.stdout).context("llama.cpp baseline output")
 }
 
-fn engine(args: EngineArgs) -> anyhow::Result<()> {
+pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     // Everything that can refuse the run does so before minutes of measuring.
     if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
         bail!("--batch-sizes must list positive batch sizes");
@@ -279,7 +241,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
     if args.baseline == Baseline::LlamaCpp {
         llama_cpp_available()?;
     }
-    let model = crate::model_path::resolve(args.model)?;
+    let model = baton::model_path::resolve(args.model)?;
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -365,10 +327,7 @@ fn engine(args: EngineArgs) -> anyhow::Result<()> {
         println!("{report}");
         return Ok(());
     }
-    println!(
-        "baton bench engine — {} ({threads} threads)",
-        model.display()
-    );
+    println!("baton-lab engine — {} ({threads} threads)", model.display());
     println!(
         "weights: {}, KV cache: {}, CPU kernels: {}, matmul kernel: {}",
         report["weights"].as_str().unwrap_or(""),

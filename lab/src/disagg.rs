@@ -1,4 +1,4 @@
-//! `baton bench disagg`: the disaggregation experiment. It starts one cluster per setup with
+//! `baton-lab disagg`: the disaggregation experiment. It starts one cluster per setup with
 //! `baton up` (a child process, stopped before the next setup starts), offers each the same
 //! mixed workload at a sweep of rates, and compares them:
 //!
@@ -98,7 +98,7 @@ pub struct DisaggArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.15,0.2")]
     rates: Vec<f64>,
     /// Length of each run: no request is sent after it (requests in flight finish).
-    #[arg(long, default_value = "60s", value_parser = crate::bench_serve::duration)]
+    #[arg(long, default_value = "60s", value_parser = baton::bench_serve::duration)]
     duration: Duration,
     /// Steady streams (closed loop) of short prompts.
     #[arg(long, default_value_t = NonZeroUsize::new(2).expect("nonzero"))]
@@ -181,8 +181,7 @@ impl Cluster {
     /// Starts `baton up` for `setup` and waits for its "baton is up" line, which it prints once
     /// the coordinator reports ready.
     fn start(setup: Setup, model: &std::path::Path, port: u16) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("find the baton executable")?;
-        let mut child = Command::new(exe)
+        let mut child = Command::new(baton::up::baton_exe()?)
             .arg("up")
             .args(setup.up_flags())
             .arg("--model")
@@ -214,7 +213,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        crate::up::signal(self.child.id(), libc::SIGTERM);
+        baton::up::signal(self.child.id(), libc::SIGTERM);
         let _ = self.child.wait();
     }
 }
@@ -226,7 +225,7 @@ pub fn run(args: DisaggArgs) -> anyhow::Result<()> {
     if args.setups.is_empty() {
         bail!("--setups names no setup");
     }
-    let model = crate::model_path::resolve(args.model.clone())?;
+    let model = baton::model_path::resolve(args.model.clone())?;
     let tokenizer = baton_text::Tokenizer::load(&model)
         .with_context(|| format!("tokenizer of {}", model.display()))?;
     // Enough requests that the time limit, not the count, ends every run.
@@ -311,8 +310,8 @@ pub fn run(args: DisaggArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "baton bench disagg: {}; {} streams of {} -> {} tokens, long prompts of {} -> {} tokens, {:?} per run; SLO {}",
-        crate::bench_serve::machine(),
+        "baton-lab disagg: {}; {} streams of {} -> {} tokens, long prompts of {} -> {} tokens, {:?} per run; SLO {}",
+        baton::bench_serve::machine(),
         args.streams,
         args.short_input,
         args.short_output,
@@ -329,7 +328,7 @@ pub fn run(args: DisaggArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let output = Output {
             command: std::env::args().collect::<Vec<_>>().join(" "),
-            machine: crate::bench_serve::machine(),
+            machine: baton::bench_serve::machine(),
             started_unix_s,
             slo: args.slo,
             streams: args.streams.get(),

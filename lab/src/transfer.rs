@@ -1,4 +1,4 @@
-//! `baton bench transfer`: the KV transports on a real prompt's KV, each beside its baseline
+//! `baton-lab transfer`: the KV transports on a real prompt's KV, each beside its baseline
 //! measured in the same process and the same run, and how much of a push transfer the prefill
 //! compute fails to hide.
 //!
@@ -98,7 +98,7 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
         !args.prompt_tokens.is_empty() && !args.prompt_tokens.contains(&0),
         "--prompt-tokens must list positive lengths"
     );
-    let model = crate::model_path::resolve(args.model.clone())?;
+    let model = baton::model_path::resolve(args.model.clone())?;
     // What `baton prefill` runs with: 512-token prefill chunks, 16-token blocks, f32 KV.
     let cfg = EngineConfig::new(&model, Role::Prefill);
     let segment_queue = PrefillConfig::new(cfg.clone()).segment_queue;
@@ -132,7 +132,7 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
     });
     if !args.json {
         println!(
-            "baton bench transfer — {} ({} layers, {} kv heads x {}, {} kv, {}-token blocks, {}-token prefill chunks)",
+            "baton-lab transfer — {} ({} layers, {} kv heads x {}, {} kv, {}-token blocks, {}-token prefill chunks)",
             model.display(),
             mc.num_layers,
             mc.num_kv_heads,
@@ -270,7 +270,7 @@ fn measure_prompt(
     repeats: Repeats,
     segment_queue: usize,
 ) -> anyhow::Result<serde_json::Value> {
-    let prompt = crate::bench::prompt(engine, n)?;
+    let prompt = crate::engine::prompt(engine, n)?;
     let layers = engine.model_config().num_layers;
     let kv_bytes = (layers * engine.kv_layer_bytes(n)) as u64;
     let (push, pull, first_compute) = capture(engine, &prompt)?;

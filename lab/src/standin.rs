@@ -1,4 +1,4 @@
-//! A constant-time decode worker for `baton bench overhead --worker constant`.
+//! A constant-time decode worker for `baton-lab overhead --worker constant`.
 //!
 //! ```text
 //! client --Generate--> coordinator --Decode--> stand-in     (measured path)

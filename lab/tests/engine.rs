@@ -1,8 +1,6 @@
-//! `baton bench engine`: the JSON report carries every figure the table prints, and bad flags
+//! `baton-lab engine`: the JSON report carries every figure the table prints, and bad flags
 //! are refused before any measuring. Short runs (4 decode steps, batch 1 and 8, no llama.cpp):
 //! this checks the command, not the speed, which BENCHMARKS.md records.
-
-mod common;
 
 use std::process::{Command, Output};
 
@@ -14,20 +12,34 @@ fn bench(args: &[&str]) -> Output {
 
 /// With `path` first on `PATH` when given (to put a stand-in `python3` there).
 fn bench_with_path(args: &[&str], path: Option<&std::path::Path>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton"));
-    cmd.args(["bench", "engine"]).args(args);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_baton-lab"));
+    cmd.arg("engine").args(args);
     if let Some(dir) = path {
         let old = std::env::var_os("PATH").unwrap_or_default();
         let mut dirs = vec![dir.to_path_buf()];
         dirs.extend(std::env::split_paths(&old));
         cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
     }
-    cmd.output().expect("run baton bench engine")
+    cmd.output().expect("run baton-lab engine")
 }
 
 /// A model path that cannot load: a refusal that names a flag instead of this file came
 /// before the engine was loaded, so before anything was measured.
 const NO_MODEL: &str = "/nonexistent/baton-bench-test.gguf";
+
+/// The development model (BATON_MODEL, else fetched by scripts/fetch-model.sh).
+fn model() -> String {
+    if let Some(p) = std::env::var_os("BATON_MODEL") {
+        return p.to_string_lossy().into_owned();
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/fetch-model.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("fetch model");
+    assert!(out.status.success(), "fetch-model.sh failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
 
 fn positive(report: &Value, key: &str) -> f64 {
     let v = report[key]
@@ -39,7 +51,7 @@ fn positive(report: &Value, key: &str) -> f64 {
 
 #[test]
 fn json_report_has_every_figure() {
-    let model = common::model();
+    let model = model();
     let out = bench(&[
         "--model",
         &model,

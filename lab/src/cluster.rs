@@ -1,4 +1,4 @@
-//! `baton bench handoff` and `baton bench overhead`: what disaggregation and the coordinator add
+//! `baton-lab handoff` and `baton-lab overhead`: what disaggregation and the coordinator add
 //! to a real request, each against its baseline measured in the same invocation.
 //!
 //! ```text
@@ -9,7 +9,7 @@
 //! ```
 //!
 //! The workers are real `baton prefill` / `baton decode` processes started with `baton up`'s
-//! spawning code ([`crate::up::spawn`]). The handoff benchmark runs one coordinator per
+//! spawning code ([`baton::up::spawn`]). The handoff benchmark runs one coordinator per
 //! (transport, shape) against the same two workers, so every configuration and the aggregated
 //! baseline share one pair of engines and are interleaved request by request: drift on a shared
 //! machine falls on all of them alike. Prompts are token ids (no tokenizer on the timed path) of
@@ -28,7 +28,7 @@ use baton_proto::v1::{
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::up::{Children, spawn};
+use baton::up::{Children, spawn};
 
 /// How long the coordinators may take to see their workers healthy.
 const READY_LIMIT: Duration = Duration::from_secs(120);
@@ -85,10 +85,10 @@ pub struct OverheadArgs {
     #[arg(long, default_value_t = 4)]
     max_tokens: u32,
     /// Pin the worker to these CPUs (comma list). With the benchmark itself started on the
-    /// other CPUs (`taskset -c 1 baton bench overhead --worker-cpus 0`), the coordinator (which
+    /// other CPUs (`taskset -c 1 baton-lab overhead --worker-cpus 0`), the coordinator (which
     /// inherits the benchmark's CPUs) and the client never wait for a core the engine's threads
     /// are spinning on. Default: unpinned.
-    #[arg(long, value_delimiter = ',', value_parser = crate::up::cpu_number)]
+    #[arg(long, value_delimiter = ',', value_parser = baton::up::cpu_number)]
     worker_cpus: Vec<usize>,
     /// The decode worker both paths call: `engine`, a real `baton decode` process; or
     /// `constant`, a stand-in in this process that answers every request at once with the
@@ -438,7 +438,7 @@ fn machine() -> serde_json::Value {
 }
 
 // ---------------------------------------------------------------------------------------------
-// baton bench handoff
+// baton-lab handoff
 
 /// One configuration of the handoff benchmark: the aggregated baseline, or a (transport, shape).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -515,7 +515,7 @@ pub fn handoff(args: HandoffArgs) -> anyhow::Result<()> {
     if args.max_tokens < 2 {
         bail!("--max-tokens must be at least 2 (a pull handoff moves the KV for the second token)");
     }
-    let model = crate::model_path::resolve(args.model.clone())?;
+    let model = baton::model_path::resolve(args.model.clone())?;
     let base = base_tokens(&tokenizer(&model)?)?;
     let mut configs = vec![Config {
         name: "aggregated".into(),
@@ -676,7 +676,7 @@ pub fn handoff(args: HandoffArgs) -> anyhow::Result<()> {
 fn print_handoff(model: &Path, args: &HandoffArgs, rows: &[HandoffRow]) {
     let m = machine();
     println!(
-        "baton bench handoff — {} ({} cores, {}), {} tokens generated per request",
+        "baton-lab handoff — {} ({} cores, {}), {} tokens generated per request",
         model.display(),
         m["cores"],
         m["cpu"].as_str().unwrap_or("?"),
@@ -723,7 +723,7 @@ fn print_handoff(model: &Path, args: &HandoffArgs, rows: &[HandoffRow]) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// baton bench overhead
+// baton-lab overhead
 
 /// The overhead benchmark's result.
 #[derive(Debug, Clone, Serialize)]
@@ -755,14 +755,14 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
     if args.requests == 0 || args.prompt_tokens == 0 || args.max_tokens == 0 {
         bail!("--requests, --prompt-tokens and --max-tokens must be positive");
     }
-    let model = crate::model_path::resolve(args.model.clone())?;
+    let model = baton::model_path::resolve(args.model.clone())?;
     let tokenizer = tokenizer(&model)?;
     let base = base_tokens(&tokenizer)?;
     let rt = runtime()?;
     let mut procs = children();
     let decode = match args.worker {
         OverheadWorker::Engine => {
-            let (child, decode) = crate::up::spawn_pinned(
+            let (child, decode) = baton::up::spawn_pinned(
                 "colocated-0",
                 &worker_args("decode", "colocated-0", &model, 128),
                 1,
@@ -871,7 +871,7 @@ pub fn overhead(args: OverheadArgs) -> anyhow::Result<()> {
     }
     let m = machine();
     println!(
-        "baton bench overhead — {} ({} cores, {}): {} pairs of {}-token prompts, {} tokens each, greedy",
+        "baton-lab overhead — {} ({} cores, {}): {} pairs of {}-token prompts, {} tokens each, greedy",
         model.display(),
         m["cores"],
         m["cpu"].as_str().unwrap_or("?"),

