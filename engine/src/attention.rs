@@ -17,6 +17,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use crate::kv::LayerRows;
+
 /// An element type of the cache's K/V storage the kernel reads in place: f32 as it is, f16
 /// widened on load (half the bytes per row, for decode steps bound by reading the context).
 pub(crate) trait KvElem: Copy + Send + Sync {
@@ -72,8 +74,8 @@ pub(crate) struct DecodeShape {
 pub(crate) fn decode_attention<T: KvElem>(
     shape: &DecodeShape,
     q: &[f32],
-    k: &[T],
-    v: &[T],
+    k: LayerRows<'_, T>,
+    v: LayerRows<'_, T>,
     slots: &[Vec<u32>],
 ) -> Vec<f32> {
     attend(shape, q, k, v, slots, simd_available(shape.head_dim))
@@ -98,8 +100,8 @@ fn simd_available(d: usize) -> bool {
 fn attend<T: KvElem>(
     shape: &DecodeShape,
     q: &[f32],
-    k: &[T],
-    v: &[T],
+    k: LayerRows<'_, T>,
+    v: LayerRows<'_, T>,
     slots: &[Vec<u32>],
     simd: bool,
 ) -> Vec<f32> {
@@ -219,7 +221,7 @@ const L2_AHEAD: usize = 64;
 /// K or V rows of one kv head for one sequence's context.
 struct HeadRows<'a, T> {
     /// The layer's K or V storage as rows of `d` values.
-    data: &'a [T],
+    data: LayerRows<'a, T>,
     /// Offset, in rows, of this kv head from head 0.
     base: usize,
     d: usize,
@@ -229,7 +231,7 @@ struct HeadRows<'a, T> {
 
 impl<T> HeadRows<'_, T> {
     fn row(&self, head0_row: u32) -> &[T] {
-        &self.data[(self.base + head0_row as usize) * self.d..][..self.d]
+        self.data.row(self.base + head0_row as usize)
     }
 
     /// The row of context position `t`.
@@ -586,9 +588,23 @@ mod tests {
             let c = case(heads, kv_heads, head_dim, &[1, 3, 4, 5, 8, 9, 17, 40]);
             let (k16, v16) = (halves(&c.k), halves(&c.v));
             for simd in paths() {
-                let out = attend(&c.shape, &c.q, &c.k, &c.v, &c.slots, simd);
+                let out = attend(
+                    &c.shape,
+                    &c.q,
+                    rows(&c.k, c.shape.head_dim),
+                    rows(&c.v, c.shape.head_dim),
+                    &c.slots,
+                    simd,
+                );
                 check(&c, &c.k, &c.v, &out, &format!("f32, simd {simd}"));
-                let out = attend(&c.shape, &c.q, &k16, &v16, &c.slots, simd);
+                let out = attend(
+                    &c.shape,
+                    &c.q,
+                    rows(&k16, c.shape.head_dim),
+                    rows(&v16, c.shape.head_dim),
+                    &c.slots,
+                    simd,
+                );
                 check(
                     &c,
                     &widened(&k16),
@@ -598,6 +614,10 @@ mod tests {
                 );
             }
         }
+    }
+
+    fn rows<T>(data: &[T], d: usize) -> LayerRows<'_, T> {
+        LayerRows::of_slice(data, d)
     }
 
     fn bits(x: &[f32]) -> Vec<u32> {
@@ -611,17 +631,45 @@ mod tests {
         let seqs = c.slots.len();
         let (k16, v16) = (halves(&c.k), halves(&c.v));
         for simd in paths() {
-            let batch = attend(&c.shape, &c.q, &c.k, &c.v, &c.slots, simd);
-            let batch16 = attend(&c.shape, &c.q, &k16, &v16, &c.slots, simd);
+            let batch = attend(
+                &c.shape,
+                &c.q,
+                rows(&c.k, c.shape.head_dim),
+                rows(&c.v, c.shape.head_dim),
+                &c.slots,
+                simd,
+            );
+            let batch16 = attend(
+                &c.shape,
+                &c.q,
+                rows(&k16, c.shape.head_dim),
+                rows(&v16, c.shape.head_dim),
+                &c.slots,
+                simd,
+            );
             for b in 0..seqs {
                 let q1: Vec<f32> = (0..heads)
                     .flat_map(|h| c.q[(h * seqs + b) * d..][..d].to_vec())
                     .collect();
                 let own = &c.slots[b..=b];
-                let alone = attend(&c.shape, &q1, &c.k, &c.v, own, simd);
+                let alone = attend(
+                    &c.shape,
+                    &q1,
+                    rows(&c.k, c.shape.head_dim),
+                    rows(&c.v, c.shape.head_dim),
+                    own,
+                    simd,
+                );
                 let mine = &batch[b * heads * d..][..heads * d];
                 assert_eq!(bits(&alone), bits(mine), "f32, simd {simd}, sequence {b}");
-                let alone = attend(&c.shape, &q1, &k16, &v16, own, simd);
+                let alone = attend(
+                    &c.shape,
+                    &q1,
+                    rows(&k16, c.shape.head_dim),
+                    rows(&v16, c.shape.head_dim),
+                    own,
+                    simd,
+                );
                 let mine = &batch16[b * heads * d..][..heads * d];
                 assert_eq!(bits(&alone), bits(mine), "f16, simd {simd}, sequence {b}");
             }

@@ -373,6 +373,10 @@ pub struct EngineConfig {
     /// What `weights = auto` means. Not configuration: the role running the engine sets it.
     #[serde(skip)]
     pub role: Role,
+    /// Whether the KV pool's memory may be mapped by another process on this host. Not
+    /// configuration: a decode worker that receives over shared memory sets it.
+    #[serde(skip)]
+    pub pool_memory: crate::kv::PoolMemory,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature). Default `cpu`.
     pub device: DeviceSetting,
     /// On a `cpu` device, whose kernels run: `baton` (fast) or `candle` (candle's tensor ops,
@@ -429,6 +433,7 @@ impl EngineConfig {
             model: model.into(),
             weights: WeightsSetting::Auto,
             role,
+            pool_memory: crate::kv::PoolMemory::Private,
             device: DeviceSetting::Cpu,
             cpu_kernels: Kernels::Baton,
             block_size: 16,

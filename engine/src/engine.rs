@@ -83,14 +83,6 @@ impl Engine {
         let max_context = config.max_context.unwrap_or(model_max).min(model_max);
         let fingerprint = fingerprint(&weights.config, &weights.weights_digest, &tokenizer);
         let model = Model::new(weights, max_context, kernels, &device)?;
-        let cache = KvCache::new(
-            model.config(),
-            config.block_size,
-            config.kv_dtype,
-            config.kv_cache_bytes,
-            kernels,
-            &device,
-        )?;
         let mc = model.config();
         let descriptor = LayoutDescriptor {
             fingerprint,
@@ -102,6 +94,14 @@ impl Engine {
             kv_heads: 0..mc.num_kv_heads as u32,
             head_dim: mc.head_dim as u32,
         };
+        let cache = KvCache::new(
+            mc,
+            descriptor.clone(),
+            config.kv_cache_bytes,
+            kernels,
+            config.pool_memory,
+            &device,
+        )?;
         let load_stats = LoadStats {
             elapsed: started.elapsed(),
         };

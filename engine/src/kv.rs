@@ -14,11 +14,12 @@
 //! Invariants: a block is owned by at most one [`BlockTable`]; a table returns its blocks to the
 //! pool exactly once, when it is dropped, whatever path (finish, cancel, failure) drops it.
 
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Device, InplaceOp2, Layout, Tensor};
+use baton_kv_transfer::memory::{Half, HostRegion, PoolLayout};
+use candle_core::{Device, Tensor};
 
 pub use baton_core::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
 
@@ -145,10 +146,58 @@ pub(crate) struct RowRun {
     pub len: usize,
 }
 
+/// Rows of one layer's K or V storage in baton-owned memory, `d` values each, handed out a row
+/// at a time: a reference never spans rows of blocks this engine does not hold at that moment
+/// (blocks reserved for a handoff that a transport is filling), which is the region's
+/// aliasing contract (`baton_kv_transfer::memory`).
+pub(crate) struct LayerRows<'a, T> {
+    ptr: *const T,
+    rows: usize,
+    d: usize,
+    _region: PhantomData<&'a T>,
+}
+
+impl<T> Clone for LayerRows<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for LayerRows<'_, T> {}
+
+// SAFETY: a view of plain values; reads from several threads are what decode attention does,
+// and nothing writes the rows it hands out while the view lives (the engine thread is inside
+// the step that made it).
+unsafe impl<T: Sync> Sync for LayerRows<'_, T> {}
+// SAFETY: as for Sync.
+unsafe impl<T: Sync> Send for LayerRows<'_, T> {}
+
+impl<'a, T> LayerRows<'a, T> {
+    /// Rows over a slice (tests, and references built outside a pool).
+    #[cfg(test)]
+    pub(crate) fn of_slice(data: &'a [T], d: usize) -> Self {
+        Self {
+            ptr: data.as_ptr(),
+            rows: data.len() / d,
+            d,
+            _region: PhantomData,
+        }
+    }
+
+    /// Row `i`; panics past the layer's end.
+    #[inline]
+    pub(crate) fn row(&self, i: usize) -> &'a [T] {
+        assert!(i < self.rows, "row {i} of {}", self.rows);
+        // SAFETY: inside the layer's storage (checked); the rows a step reads belong to its
+        // sequences' blocks, which nothing else writes while the step runs.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(i * self.d), self.d) }
+    }
+}
+
 /// One layer's K and V storage in CPU memory, read in place by decode attention.
 pub(crate) enum CpuKv<'a> {
-    F32(&'a [f32], &'a [f32]),
-    F16(&'a [half::f16], &'a [half::f16]),
+    F32(LayerRows<'a, f32>, LayerRows<'a, f32>),
+    F16(LayerRows<'a, half::f16>, LayerRows<'a, half::f16>),
 }
 
 /// Row of a layer's storage, seen as `(rows, head_dim)`, that holds kv head `head` of cache slot
@@ -157,102 +206,51 @@ fn storage_row(slot: usize, head: usize, heads: usize, block_size: usize) -> usi
     (slot / block_size * heads + head) * block_size + slot % block_size
 }
 
-/// The in-place copy behind [`KvCache::write_rows`] with baton's kernels: `(kv_heads, rows,
-/// head_dim)` source rows into a `(num_blocks, kv_heads, block_size, head_dim)` cache tensor of
-/// the same dtype.
-struct WriteRows<'a>(&'a [RowRun]);
+/// Where the KV lives.
+enum Storage {
+    /// baton-owned memory holding every layer's K and V in [`PoolLayout`] order: on the CPU with
+    /// baton's kernels. Transports read and write it in place (it is the registered region).
+    Host(Arc<HostRegion>),
+    /// One candle tensor per layer for K and one for V, each `(blocks, kv_heads, block_size,
+    /// head_dim)`: on a GPU, and on the CPU with `cpu_kernels = candle`, whose purpose is to run
+    /// the GPU's code path.
+    Tensors { k: Vec<Tensor>, v: Vec<Tensor> },
+}
 
-impl InplaceOp2 for WriteRows<'_> {
-    fn name(&self) -> &'static str {
-        "baton-kv-write"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        src: &CpuStorage,
-        src_l: &Layout,
-    ) -> candle_core::Result<()> {
-        let (blocks, heads, block_size, d) = dst_l.shape().dims4()?;
-        let (src_heads, rows, src_d) = src_l.shape().dims3()?;
-        if (src_heads, src_d) != (heads, d) {
-            candle_core::bail!("kv write: rows {src_l:?} do not fit cache {dst_l:?}");
-        }
-        let (Some((d0, d1)), Some((s0, s1))) =
-            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
-        else {
-            candle_core::bail!("kv write: cache {dst_l:?} or rows {src_l:?} not contiguous");
-        };
-        let shape = CopyShape {
-            blocks,
-            heads,
-            block_size,
-            rows,
-            d,
-        };
-        match (dst, src) {
-            (CpuStorage::F32(dst), CpuStorage::F32(src)) => {
-                copy_rows(&mut dst[d0..d1], &src[s0..s1], shape, self.0)
-            }
-            (CpuStorage::F16(dst), CpuStorage::F16(src)) => {
-                copy_rows(&mut dst[d0..d1], &src[s0..s1], shape, self.0)
-            }
-            (CpuStorage::BF16(dst), CpuStorage::BF16(src)) => {
-                copy_rows(&mut dst[d0..d1], &src[s0..s1], shape, self.0)
-            }
-            (dst, src) => candle_core::bail!(
-                "kv write: rows of {:?} into a {:?} cache",
-                src.dtype(),
-                dst.dtype()
-            ),
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Host(r) => write!(f, "Host({r:?})"),
+            Storage::Tensors { k, .. } => write!(f, "Tensors({} layers)", k.len()),
         }
     }
 }
 
-/// Dimensions of one [`copy_rows`]: the cache tensor is `(blocks, heads, block_size, d)`, the
-/// new rows `(heads, rows, d)`.
-#[derive(Clone, Copy)]
-struct CopyShape {
-    blocks: usize,
-    heads: usize,
-    block_size: usize,
-    rows: usize,
-    d: usize,
+/// Whether a CPU pool's memory can be mapped by another process on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolMemory {
+    /// Private memory (huge pages where the kernel grants them).
+    #[default]
+    Private,
+    /// A memfd another process maps: a decode worker's pool that prefill workers on this host
+    /// write into directly (the shared-memory transport's one copy).
+    Shared,
 }
 
-/// Copies each run's rows, head by head, from `src` into the cache storage `dst`; a run outside
-/// either tensor or across a block's end is an error, checked before it is copied.
-fn copy_rows<T: Copy>(
-    dst: &mut [T],
-    src: &[T],
-    CopyShape {
-        blocks,
-        heads,
-        block_size: bs,
-        rows,
-        d,
-    }: CopyShape,
-    runs: &[RowRun],
-) -> candle_core::Result<()> {
-    for run in runs {
-        let (block, off) = (run.slot / bs, run.slot % bs);
-        if block >= blocks || off + run.len > bs || run.row + run.len > rows {
-            candle_core::bail!(
-                "kv write: {run:?} outside {rows} rows or one of {blocks} blocks of {bs} slots"
-            );
-        }
-        for h in 0..heads {
-            dst[storage_row(run.slot, h, heads, bs) * d..][..run.len * d]
-                .copy_from_slice(&src[(h * rows + run.row) * d..][..run.len * d]);
-        }
-    }
-    Ok(())
+/// A tensor's contiguous CPU values, or `None` (another device, dtype or layout).
+fn cpu_values<T: candle_core::WithDType>(t: &Tensor, f: impl FnOnce(&[T])) -> Option<()> {
+    use candle_core::Storage as S;
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets()?;
+    let S::Cpu(cpu) = &*storage else { return None };
+    let values = T::cpu_storage_as_slice(cpu).ok()?;
+    f(&values[start..end]);
+    Some(())
 }
 
-/// [`WriteRows`] off the CPU: one `slice_set` per run and head into `store`, `(blocks, heads,
-/// block_size, d)`, from `rows`, `(heads, rows, d)`. Runs must lie inside one block each, as
-/// [`KvCache::row_runs`] makes them.
+/// [`KvCache::write_rows`] off the CPU: one `slice_set` per run and head into `store`,
+/// `(blocks, heads, block_size, d)`, from `rows`, `(heads, rows, d)`. Runs must lie inside one
+/// block each, as [`KvCache::row_runs`] makes them.
 fn write_rows_by_slices(store: &Tensor, rows: &Tensor, runs: &[RowRun]) -> Result<()> {
     let (_, heads, bs, d) = store.dims4()?;
     // A reshape of the contiguous store shares its storage: writes land in the cache.
@@ -269,30 +267,78 @@ fn write_rows_by_slices(store: &Tensor, rows: &Tensor, runs: &[RowRun]) -> Resul
     Ok(())
 }
 
-/// The KV tensors of every layer, and the pool that hands out their blocks.
+/// Copies each run's rows, head by head, from `src` (`(heads, rows, head_dim)` of the pool's
+/// element type) into layer `layer`'s K or V storage in `region`. A run outside the pool,
+/// across a block's end or past the source rows panics: runs come from the engine's own block
+/// tables.
+fn copy_rows<T: Copy>(
+    region: &HostRegion,
+    pool: &PoolLayout,
+    layer: u32,
+    half: Half,
+    src: &[T],
+    runs: &[RowRun],
+) {
+    let heads = pool.heads() as usize;
+    let bs = pool.layout.block_size as usize;
+    let d = pool.layout.head_dim as usize;
+    assert_eq!(
+        std::mem::size_of::<T>(),
+        pool.layout.dtype.size(),
+        "kv write: element type"
+    );
+    let rows = src.len() / (heads * d);
+    let base = pool.half_offset(layer, half);
+    let row_bytes = d * std::mem::size_of::<T>();
+    for run in runs {
+        let (block, off) = (run.slot / bs, run.slot % bs);
+        assert!(
+            block < pool.num_blocks as usize && off + run.len <= bs && run.row + run.len <= rows,
+            "kv write: {run:?} outside {rows} rows or one of {} blocks of {bs} slots",
+            pool.num_blocks
+        );
+        for h in 0..heads {
+            let at = base + (storage_row(run.slot, h, heads, bs) * row_bytes) as u64;
+            // SAFETY: the rows of a block one of the engine's sequences holds, written by the
+            // engine thread alone; `bytes_mut` checks they lie inside the region.
+            let dst = unsafe { region.bytes_mut(at, run.len * row_bytes) }
+                .expect("kv rows inside the pool");
+            // SAFETY: `dst` holds `run.len * d` values of T (its size was checked above), and
+            // T is f32 or f16: any bytes are a value.
+            let dst: &mut [T] =
+                unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast(), run.len * d) };
+            dst.copy_from_slice(&src[(h * rows + run.row) * d..][..run.len * d]);
+        }
+    }
+}
+
+/// The KV of every layer, and the pool that hands out its blocks.
 #[derive(Debug)]
 pub struct KvCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    storage: Storage,
+    pool: PoolLayout,
     allocator: BlockAllocator,
     block_size: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    num_layers: usize,
     dtype: KvDType,
-    /// Whether new rows are written by baton's in-place CPU copy or by candle's slice ops.
-    kernels: Kernels,
 }
 
 impl KvCache {
-    /// A pool of as many blocks as fit in `budget_bytes`.
+    /// A pool of as many blocks as fit in `budget_bytes`, holding the KV of `layout`'s layers
+    /// and kv heads: in baton-owned memory (`memory` says whether another process may map it)
+    /// on the CPU with baton's kernels, in candle tensors otherwise.
     pub fn new(
         config: &ModelConfig,
-        block_size: usize,
-        dtype: KvDType,
+        layout: LayoutDescriptor,
         budget_bytes: usize,
         kernels: Kernels,
+        memory: PoolMemory,
         device: &Device,
     ) -> Result<Self> {
+        let block_size = layout.block_size as usize;
+        let dtype = layout.dtype;
         let block_bytes = config.num_layers * block_size * config.kv_bytes_per_token_layer(dtype);
         let num_blocks = budget_bytes / block_bytes;
         if num_blocks == 0 {
@@ -311,22 +357,38 @@ impl KvCache {
                 format!("budget {budget_bytes} holds {num_blocks} blocks, more than 2^32 rows"),
             ));
         }
-        let shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim);
-        let mut k = Vec::with_capacity(config.num_layers);
-        let mut v = Vec::with_capacity(config.num_layers);
-        for _ in 0..config.num_layers {
-            k.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
-            v.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
-        }
+        let pool = PoolLayout {
+            layout,
+            num_blocks: num_blocks as u32,
+        };
+        let storage = if device.is_cpu() && kernels == Kernels::Baton {
+            let len = usize::try_from(pool.region_bytes())
+                .map_err(|_| Error::invalid("kv_cache_bytes", "larger than this address space"))?;
+            let region = match memory {
+                PoolMemory::Private => HostRegion::private(len),
+                PoolMemory::Shared => HostRegion::shared(len, "baton-kv-pool"),
+            }
+            .map_err(|e| Error::KvImport(format!("allocating the {len}-byte kv pool: {e}")))?;
+            Storage::Host(Arc::new(region))
+        } else {
+            let shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim);
+            let mut k = Vec::with_capacity(config.num_layers);
+            let mut v = Vec::with_capacity(config.num_layers);
+            for _ in 0..config.num_layers {
+                k.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
+                v.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
+            }
+            Storage::Tensors { k, v }
+        };
         Ok(Self {
-            k,
-            v,
+            storage,
+            pool,
             allocator: BlockAllocator::new(num_blocks),
             block_size,
             num_kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            num_layers: config.num_layers,
             dtype,
-            kernels,
         })
     }
 
@@ -339,11 +401,25 @@ impl KvCache {
     }
 
     pub fn num_layers(&self) -> usize {
-        self.k.len()
+        self.num_layers
     }
 
     pub fn dtype(&self) -> KvDType {
         self.dtype
+    }
+
+    /// Where every row lies in the pool's memory.
+    pub fn pool_layout(&self) -> &PoolLayout {
+        &self.pool
+    }
+
+    /// The pool's memory, when baton owns it (CPU with baton's kernels): transports read and
+    /// write its blocks in place.
+    pub fn region(&self) -> Option<&Arc<HostRegion>> {
+        match &self.storage {
+            Storage::Host(r) => Some(r),
+            Storage::Tensors { .. } => None,
+        }
     }
 
     /// Bytes of one layer's K plus V for `tokens` tokens.
@@ -414,8 +490,7 @@ impl KvCache {
     }
 
     /// Writes rows of K and V, each `(kv_heads, rows, head_dim)`, into the slots `runs` name:
-    /// one in-place copy per tensor with baton's kernels, whatever the number of sequences and
-    /// blocks; candle's slice ops, one per run, otherwise.
+    /// row by row into baton's memory, or one candle slice op per run.
     pub(crate) fn write_rows(
         &self,
         layer: usize,
@@ -427,16 +502,26 @@ impl KvCache {
             k.to_dtype(candle_dtype(self.dtype))?.contiguous()?,
             v.to_dtype(candle_dtype(self.dtype))?.contiguous()?,
         );
-        for (store, rows) in [(&self.k[layer], &k), (&self.v[layer], &v)] {
-            // The copy has no GPU form, so a CPU store is checked too: `KvCache::new` is public
-            // and takes the kernels and the device separately.
-            if store.device().is_cpu() && self.kernels == Kernels::Baton {
-                store.inplace_op2(rows, &WriteRows(runs))?;
-            } else {
-                write_rows_by_slices(store, rows, runs)?;
+        match &self.storage {
+            Storage::Host(region) => {
+                for (half, rows) in [(Half::K, &k), (Half::V, &v)] {
+                    let written = match self.dtype {
+                        KvDType::F32 => cpu_values::<f32>(rows, |src| {
+                            copy_rows(region, &self.pool, layer as u32, half, src, runs)
+                        }),
+                        KvDType::F16 => cpu_values::<half::f16>(rows, |src| {
+                            copy_rows(region, &self.pool, layer as u32, half, src, runs)
+                        }),
+                    };
+                    written.ok_or(Error::Internal("kv write: rows not in CPU memory"))?;
+                }
+                Ok(())
+            }
+            Storage::Tensors { k: ks, v: vs } => {
+                write_rows_by_slices(&ks[layer], &k, runs)?;
+                write_rows_by_slices(&vs[layer], &v, runs)
             }
         }
-        Ok(())
     }
 
     /// For every position `0..len` of a table, the row holding kv head 0 of that position in a
@@ -470,42 +555,107 @@ impl KvCache {
         Ok(Tensor::from_vec(index, n, device)?)
     }
 
-    /// Runs `f` on layer `layer`'s K and V storage, each `(num_blocks, kv_heads, block_size,
-    /// head_dim)` and addressed as rows by [`KvCache::head_rows`], when the cache lives in CPU
-    /// memory as f32 or f16; `None` otherwise.
+    /// Runs `f` on layer `layer`'s K and V storage, addressed as rows by [`KvCache::head_rows`],
+    /// when the cache lives in baton's memory; `None` otherwise.
     pub(crate) fn with_cpu<R>(&self, layer: usize, f: impl FnOnce(CpuKv<'_>) -> R) -> Option<R> {
-        use candle_core::Storage;
-        let (ks, kl) = self.k[layer].storage_and_layout();
-        let (vs, vl) = self.v[layer].storage_and_layout();
-        let n = kl.shape().elem_count();
-        let (k0, v0) = (kl.start_offset(), vl.start_offset());
-        match (&*ks, &*vs) {
-            (Storage::Cpu(CpuStorage::F32(k)), Storage::Cpu(CpuStorage::F32(v))) => {
-                Some(f(CpuKv::F32(&k[k0..k0 + n], &v[v0..v0 + n])))
+        let Storage::Host(region) = &self.storage else {
+            return None;
+        };
+        let rows = self.pool.num_blocks as usize * self.num_kv_heads * self.block_size;
+        let d = self.head_dim;
+        let at = |half| {
+            // SAFETY: the half's storage lies inside the region (the region is the pool's size).
+            unsafe {
+                region
+                    .as_ptr()
+                    .add(self.pool.half_offset(layer as u32, half) as usize)
             }
-            (Storage::Cpu(CpuStorage::F16(k)), Storage::Cpu(CpuStorage::F16(v))) => {
-                Some(f(CpuKv::F16(&k[k0..k0 + n], &v[v0..v0 + n])))
-            }
-            _ => None,
-        }
+        };
+        Some(match self.dtype {
+            KvDType::F32 => f(CpuKv::F32(
+                LayerRows {
+                    ptr: at(Half::K).cast(),
+                    rows,
+                    d,
+                    _region: PhantomData,
+                },
+                LayerRows {
+                    ptr: at(Half::V).cast(),
+                    rows,
+                    d,
+                    _region: PhantomData,
+                },
+            )),
+            KvDType::F16 => f(CpuKv::F16(
+                LayerRows {
+                    ptr: at(Half::K).cast(),
+                    rows,
+                    d,
+                    _region: PhantomData,
+                },
+                LayerRows {
+                    ptr: at(Half::V).cast(),
+                    rows,
+                    d,
+                    _region: PhantomData,
+                },
+            )),
+        })
     }
 
-    /// K and V of the rows `index` ([`KvCache::gather_index`]) names, each `(kv_heads, positions,
-    /// head_dim)` in f32.
-    pub(crate) fn gather(&self, layer: usize, index: &Tensor) -> Result<(Tensor, Tensor)> {
-        let shape = (
-            self.num_kv_heads,
-            index.dim(0)? / self.num_kv_heads,
-            self.head_dim,
-        );
-        let rows = |store: &Tensor| -> Result<Tensor> {
-            Ok(store
-                .reshape(((), self.head_dim))?
-                .index_select(index, 0)?
-                .reshape(shape)?
-                .to_dtype(candle_core::DType::F32)?)
-        };
-        Ok((rows(&self.k[layer])?, rows(&self.v[layer])?))
+    /// K and V of the positions whose head-0 rows are `head_rows`, each `(kv_heads, positions,
+    /// head_dim)` in f32. `index` is [`KvCache::gather_index`] of those rows, which only the
+    /// tensor storage reads; it is asked for only then.
+    pub(crate) fn gather(
+        &self,
+        layer: usize,
+        head_rows: &[u32],
+        index: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let shape = (self.num_kv_heads, head_rows.len(), self.head_dim);
+        match &self.storage {
+            Storage::Host(_) => {
+                let stride = self.head_stride();
+                let gathered = self
+                    .with_cpu(layer, |kv| {
+                        let take = |rows: &dyn Fn(usize) -> Vec<f32>| -> Vec<f32> {
+                            let mut out = Vec::with_capacity(shape.0 * shape.1 * shape.2);
+                            for h in 0..self.num_kv_heads {
+                                for &r in head_rows {
+                                    out.extend(rows(r as usize + h * stride));
+                                }
+                            }
+                            out
+                        };
+                        match kv {
+                            CpuKv::F32(k, v) => {
+                                (take(&|i| k.row(i).to_vec()), take(&|i| v.row(i).to_vec()))
+                            }
+                            CpuKv::F16(k, v) => (
+                                take(&|i| k.row(i).iter().map(|x| x.to_f32()).collect()),
+                                take(&|i| v.row(i).iter().map(|x| x.to_f32()).collect()),
+                            ),
+                        }
+                    })
+                    .ok_or(Error::Internal("host kv storage without its region"))?;
+                let device = Device::Cpu;
+                Ok((
+                    Tensor::from_vec(gathered.0, shape, &device)?,
+                    Tensor::from_vec(gathered.1, shape, &device)?,
+                ))
+            }
+            Storage::Tensors { k, v } => {
+                let index = index()?;
+                let rows = |store: &Tensor| -> Result<Tensor> {
+                    Ok(store
+                        .reshape(((), self.head_dim))?
+                        .index_select(&index, 0)?
+                        .reshape(shape)?
+                        .to_dtype(candle_core::DType::F32)?)
+                };
+                Ok((rows(&k[layer])?, rows(&v[layer])?))
+            }
+        }
     }
 
     /// Exports one layer of blocks `blocks` (indices into the table) of a sequence whose first
@@ -518,29 +668,52 @@ impl KvCache {
         blocks: Range<usize>,
     ) -> Result<KvChunk> {
         let bs = self.block_size;
-        if layer >= self.k.len() || blocks.start > blocks.end || blocks.end > table.len() {
+        if layer >= self.num_layers || blocks.start > blocks.end || blocks.end > table.len() {
             return Err(Error::KvImport(format!(
                 "export of layer {layer} blocks {blocks:?} outside {} layers x {} blocks",
-                self.k.len(),
+                self.num_layers,
                 table.len()
             )));
         }
         let positions = (blocks.start * bs).min(seq_len)..(blocks.end * bs).min(seq_len);
         let tokens = positions.len();
         let mut data = Vec::with_capacity(self.layer_bytes(tokens));
-        for store in [&self.k[layer], &self.v[layer]] {
-            let mut parts = Vec::new();
-            for (slot, _, len) in self.runs(table, positions.clone())? {
-                // (kv_heads, len, head_dim) of one block.
-                let block = store.get(slot / bs)?;
-                parts.push(block.narrow(1, slot % bs, len)?);
+        let runs = self.runs(table, positions.clone())?;
+        match &self.storage {
+            Storage::Host(region) => {
+                let row_bytes = self.pool.row_bytes() as usize;
+                for half in Half::BOTH {
+                    let base = self.pool.half_offset(layer as u32, half);
+                    // (kv_heads, tokens, head_dim): heads outermost, as the wire format says.
+                    for h in 0..self.num_kv_heads {
+                        for &(slot, _, len) in &runs {
+                            let at = base
+                                + (storage_row(slot, h, self.num_kv_heads, bs) * row_bytes) as u64;
+                            // SAFETY: rows of blocks this table holds; the engine thread does
+                            // not write them while it exports.
+                            let rows = unsafe { region.bytes(at, len * row_bytes) }
+                                .ok_or(Error::Internal("kv export outside the pool"))?;
+                            data.extend_from_slice(rows);
+                        }
+                    }
+                }
             }
-            if parts.is_empty() {
-                continue;
+            Storage::Tensors { k, v } => {
+                for store in [&k[layer], &v[layer]] {
+                    let mut parts = Vec::new();
+                    for &(slot, _, len) in &runs {
+                        // (kv_heads, len, head_dim) of one block.
+                        let block = store.get(slot / bs)?;
+                        parts.push(block.narrow(1, slot % bs, len)?);
+                    }
+                    if parts.is_empty() {
+                        continue;
+                    }
+                    // (kv_heads, tokens, head_dim): heads outermost, as the wire format says.
+                    let joined = Tensor::cat(&parts, 1)?;
+                    append_le_bytes(&joined, self.dtype, &mut data)?;
+                }
             }
-            // (kv_heads, tokens, head_dim): heads outermost, as the wire format says.
-            let joined = Tensor::cat(&parts, 1)?;
-            append_le_bytes(&joined, self.dtype, &mut data)?;
         }
         Ok(KvChunk {
             layer: layer as u32,
@@ -558,10 +731,10 @@ impl KvCache {
         let layer = chunk.layer as usize;
         let first = chunk.first_block as usize;
         let end = first + chunk.num_blocks as usize;
-        if layer >= self.k.len() {
+        if layer >= self.num_layers {
             return Err(Error::KvImport(format!(
                 "layer {layer} outside {} layers",
-                self.k.len()
+                self.num_layers
             )));
         }
         if end > table.len() || end > seq_len.div_ceil(bs) {
@@ -585,22 +758,53 @@ impl KvCache {
                 chunk.data.len()
             )));
         }
-        let half = expected / 2;
-        let shape = [self.num_kv_heads, positions.len(), self.head_dim];
-        let device = self.k[layer].device();
-        let k = Tensor::from_raw_buffer(
-            &chunk.data[..half],
-            candle_dtype(self.dtype),
-            &shape,
-            device,
-        )?;
-        let v = Tensor::from_raw_buffer(
-            &chunk.data[half..],
-            candle_dtype(self.dtype),
-            &shape,
-            device,
-        )?;
-        self.write(layer, table, positions.start, &k, &v)
+        let half_len = expected / 2;
+        match &self.storage {
+            Storage::Host(region) => {
+                let row_bytes = self.pool.row_bytes() as usize;
+                let runs = self.runs(table, positions)?;
+                for (half, data) in [
+                    (Half::K, &chunk.data[..half_len]),
+                    (Half::V, &chunk.data[half_len..]),
+                ] {
+                    let base = self.pool.half_offset(layer as u32, half);
+                    let mut from = data.chunks_exact(row_bytes);
+                    for h in 0..self.num_kv_heads {
+                        for &(slot, _, len) in &runs {
+                            let at = base
+                                + (storage_row(slot, h, self.num_kv_heads, bs) * row_bytes) as u64;
+                            // SAFETY: rows of blocks this table holds, written by the engine
+                            // thread alone.
+                            let rows = unsafe { region.bytes_mut(at, len * row_bytes) }
+                                .ok_or(Error::Internal("kv import outside the pool"))?;
+                            for row in rows.chunks_exact_mut(row_bytes) {
+                                row.copy_from_slice(
+                                    from.next().ok_or(Error::Internal("kv import rows"))?,
+                                );
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Storage::Tensors { k, .. } => {
+                let shape = [self.num_kv_heads, positions.len(), self.head_dim];
+                let device = k[layer].device();
+                let kt = Tensor::from_raw_buffer(
+                    &chunk.data[..half_len],
+                    candle_dtype(self.dtype),
+                    &shape,
+                    device,
+                )?;
+                let vt = Tensor::from_raw_buffer(
+                    &chunk.data[half_len..],
+                    candle_dtype(self.dtype),
+                    &shape,
+                    device,
+                )?;
+                self.write(layer, table, positions.start, &kt, &vt)
+            }
+        }
     }
 }
 
@@ -649,13 +853,39 @@ mod tests {
         assert_eq!(pool.free_blocks(), 1);
     }
 
+    fn pool(blocks: u32, heads: u32, bs: u32, d: u32) -> PoolLayout {
+        PoolLayout {
+            layout: LayoutDescriptor {
+                fingerprint: Fingerprint([0; 32]),
+                dtype: KvDType::F32,
+                block_size: bs,
+                num_layers: 2,
+                layers: 0..2,
+                num_kv_heads: heads,
+                kv_heads: 0..heads,
+                head_dim: d,
+            },
+            num_blocks: blocks,
+        }
+    }
+
+    fn values(region: &HostRegion, at: u64, n: usize) -> Vec<f32> {
+        // SAFETY: the test owns the region.
+        let bytes = unsafe { region.bytes(at, n * 4) }.expect("inside");
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    }
+
     #[test]
     fn rows_land_in_their_blocks_head_by_head() {
         // 2 blocks of 3 slots, 2 heads, d = 2; 3 new rows: rows 0..2 to slots 4..6 (the end of
-        // block 1), row 2 to slot 0 (another sequence, or the next block).
-        let (blocks, heads, bs, rows, d) = (2, 2, 3, 3, 2);
-        let src: Vec<u32> = (0..(heads * rows * d) as u32).collect();
-        let mut dst = vec![u32::MAX; blocks * heads * bs * d];
+        // block 1), row 2 to slot 0 (another sequence, or the next block). Layer 1's V.
+        let (heads, rows, d) = (2, 3, 2);
+        let p = pool(2, 2, 3, 2);
+        let region = HostRegion::private(p.region_bytes() as usize).expect("region");
+        let src: Vec<f32> = (1..=(heads * rows * d) as u32).map(|x| x as f32).collect();
         let runs = [
             RowRun {
                 slot: 4,
@@ -668,23 +898,28 @@ mod tests {
                 len: 1,
             },
         ];
-        let shape = CopyShape {
-            blocks,
-            heads,
-            block_size: bs,
-            rows,
-            d,
-        };
-        copy_rows(&mut dst, &src, shape, &runs).expect("runs fit");
-        let m = u32::MAX;
+        copy_rows(&region, &p, 1, Half::V, &src, &runs);
+        let m = 0.0;
         #[rustfmt::skip]
         let want = vec![
-            4, 5, m, m, m, m, // block 0, head 0: src row 2 | - | -
-            10, 11, m, m, m, m, // block 0, head 1
-            m, m, 0, 1, 2, 3, // block 1, head 0: - | src rows 0, 1
-            m, m, 6, 7, 8, 9, // block 1, head 1
+            5.0, 6.0, m, m, m, m, // block 0, head 0: src row 2 | - | -
+            11.0, 12.0, m, m, m, m, // block 0, head 1
+            m, m, 1.0, 2.0, 3.0, 4.0, // block 1, head 0: - | src rows 0, 1
+            m, m, 7.0, 8.0, 9.0, 10.0, // block 1, head 1
         ];
-        assert_eq!(dst, want);
+        let layer_half = p.layer_half_bytes() as usize / 4;
+        assert_eq!(values(&region, p.half_offset(1, Half::V), layer_half), want);
+        for other in [(0, Half::K), (0, Half::V), (1, Half::K)] {
+            let untouched = values(&region, p.half_offset(other.0, other.1), layer_half);
+            assert!(untouched.iter().all(|&x| x == 0.0), "{other:?} untouched");
+        }
+    }
+
+    #[test]
+    fn a_run_outside_the_pool_panics_before_writing() {
+        let p = pool(2, 2, 3, 2);
+        let region = HostRegion::private(p.region_bytes() as usize).expect("region");
+        let src = vec![1.0f32; 2 * 3 * 2];
         for outside in [
             // Across the end of block 1.
             RowRun {
@@ -705,16 +940,22 @@ mod tests {
                 len: 2,
             },
         ] {
-            assert!(copy_rows(&mut dst, &src, shape, &[outside]).is_err());
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                copy_rows(&region, &p, 0, Half::K, &src, &[outside])
+            }));
+            assert!(r.is_err(), "{outside:?}");
         }
-        assert_eq!(dst, want, "a refused run writes nothing");
+        let all = values(&region, 0, p.region_bytes() as usize / 4);
+        assert!(
+            all.iter().all(|&x| x == 0.0),
+            "a refused run writes nothing"
+        );
     }
 
     #[test]
-    fn the_slice_path_for_other_devices_writes_what_the_cpu_copy_writes() -> Result<()> {
+    fn the_slice_path_for_other_devices_writes_what_the_host_copy_writes() -> Result<()> {
         let (blocks, heads, bs, rows, d) = (3, 2, 4, 5, 3);
-        let src: Vec<f32> = (0..heads * rows * d).map(|x| x as f32).collect();
-        let src = Tensor::from_vec(src, (heads, rows, d), &Device::Cpu)?;
+        let src: Vec<f32> = (0..heads * rows * d).map(|x| x as f32 + 1.0).collect();
         let runs = [
             RowRun {
                 slot: 6,
@@ -727,24 +968,22 @@ mod tests {
                 len: 3,
             },
         ];
-        let by_copy = Tensor::zeros(
-            (blocks, heads, bs, d),
-            candle_core::DType::F32,
-            &Device::Cpu,
-        )?;
-        by_copy.inplace_op2(&src, &WriteRows(&runs))?;
+        let p = pool(blocks as u32, heads as u32, bs as u32, d as u32);
+        let region = HostRegion::private(p.region_bytes() as usize).expect("region");
+        copy_rows(&region, &p, 0, Half::K, &src, &runs);
+        let by_copy = values(&region, 0, p.layer_half_bytes() as usize / 4);
+        let src = Tensor::from_vec(src, (heads, rows, d), &Device::Cpu)?;
         let by_slices = Tensor::zeros(
             (blocks, heads, bs, d),
             candle_core::DType::F32,
             &Device::Cpu,
         )?;
         write_rows_by_slices(&by_slices, &src, &runs)?;
-        let (a, b) = (
-            by_copy.flatten_all()?.to_vec1::<f32>()?,
-            by_slices.flatten_all()?.to_vec1::<f32>()?,
+        assert_eq!(by_copy, by_slices.flatten_all()?.to_vec1::<f32>()?);
+        assert!(
+            by_copy.iter().any(|&x| x != 0.0),
+            "the runs wrote something"
         );
-        assert_eq!(a, b);
-        assert!(a.iter().any(|&x| x != 0.0), "the runs wrote something");
         Ok(())
     }
 

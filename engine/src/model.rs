@@ -333,22 +333,26 @@ impl Model {
         {
             return Ok(out);
         }
-        let context_ids = match context_ids.get() {
-            Some(ids) => ids,
-            None => {
-                let ids = context
-                    .iter()
-                    .map(|rows| cache.gather_index(rows, &self.device))
-                    .collect::<Result<Vec<_>>>()?;
-                context_ids.get_or_init(|| ids)
-            }
-        };
         let mut outs = Vec::with_capacity(g.members.len());
-        for (&(i, row), ids) in g.members.iter().zip(context_ids) {
+        for (k, &(i, row)) in g.members.iter().enumerate() {
             let s = &seqs[i];
             let m = s.tokens.len();
             let ctx = s.start + m;
-            let (kc, vc) = cache.gather(l, ids)?;
+            // The index tensors only the tensor storage reads: built once per step, on the
+            // first layer that asks.
+            let (kc, vc) = cache.gather(l, &context[k], || {
+                let ids = match context_ids.get() {
+                    Some(ids) => ids,
+                    None => {
+                        let ids = context
+                            .iter()
+                            .map(|rows| cache.gather_index(rows, &self.device))
+                            .collect::<Result<Vec<_>>>()?;
+                        context_ids.get_or_init(|| ids)
+                    }
+                };
+                Ok(ids[k].clone())
+            })?;
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
             let qs = q
                 .narrow(1, row, m)?
