@@ -22,6 +22,7 @@
 //! handoff are verified; every buffer between the sender and the consumer is bounded, so a slow
 //! decode worker slows the prefill worker's sends instead of growing memory.
 
+pub mod agent;
 mod copy;
 mod error;
 pub mod frame;
@@ -33,6 +34,7 @@ pub mod shm;
 mod stream;
 pub mod tcp;
 pub mod transport;
+pub mod wire;
 
 pub use copy::checksummed_copy;
 pub use error::{Error, ErrorClass, FailureReason, Result, Side};
