@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Flags: a role's named flags (`--kv-cache-mib 256`) and `--set KEY=VALUE` for any key
-//! (`--set decode.tcp.streams=8`); a flag the user did not give sets nothing, so it never hides
+//! (`--set decode.kv.tcp_streams=8`); a flag the user did not give sets nothing, so it never hides
 //! a lower layer.
 //!
 //! The whole file is read into [`ClusterConfig`] (every struct denies unknown keys), then the
@@ -153,7 +153,9 @@ impl Flags {
                 );
             }
             if key.is_empty() || key.split('.').any(str::is_empty) {
-                anyhow::bail!("--set {arg}: the key must be dotted names, e.g. decode.tcp.streams");
+                anyhow::bail!(
+                    "--set {arg}: the key must be dotted names, e.g. decode.kv.tcp_streams"
+                );
             }
             self.push(key, text_value(value), &format!("--set {key}"));
         }
@@ -519,14 +521,8 @@ fn validate_prefill(c: &PrefillConfig) -> Result<(), Invalid> {
     c.engine
         .validate()
         .map_err(|e| Invalid::engine("prefill.engine", e))?;
-    c.link
-        .tcp
-        .validate()
-        .map_err(|e| Invalid::transport("prefill.link.tcp", e))?;
-    c.link
-        .shm
-        .validate()
-        .map_err(|e| Invalid::transport("prefill.link.shm", e))?;
+    c.kv.validate()
+        .map_err(|e| Invalid::transport("prefill.kv", e))?;
     c.validate().map_err(|e| match &e {
         baton_prefill_worker::Error::InvalidRequest { field, reason } => {
             Invalid::at("prefill", field, reason)
@@ -539,12 +535,8 @@ fn validate_decode(c: &DecodeConfig) -> Result<(), Invalid> {
     c.engine
         .validate()
         .map_err(|e| Invalid::engine("decode.engine", e))?;
-    c.tcp
-        .validate()
-        .map_err(|e| Invalid::transport("decode.tcp", e))?;
-    c.shm
-        .validate()
-        .map_err(|e| Invalid::transport("decode.shm", e))?;
+    c.kv.validate()
+        .map_err(|e| Invalid::transport("decode.kv", e))?;
     c.validate().map_err(|e| match &e {
         baton_decode_worker::Error::InvalidRequest { field, reason } => {
             Invalid::at("decode", field, reason)
@@ -997,8 +989,8 @@ mod tests {
                 );
             }
         }
-        // worker_id twice, model_name, kv_shm_socket, max_context twice, socket_buffer_bytes
-        // twice.
+        // worker_id twice, model_name, shm_socket twice, max_context twice,
+        // socket_buffer_bytes twice.
         assert!(optional >= 8, "only {optional} optional keys found");
     }
 
@@ -1090,13 +1082,13 @@ mod tests {
         assert!(msg.contains("unknown key decoder"), "{msg}");
         assert!(msg.contains("did you mean decode?"), "{msg}");
 
-        let msg = error(&with_env(&[("BATON_DECODE__TCP__STREAMZ", "3")]));
-        assert!(msg.contains("unknown key decode.tcp.streamz"), "{msg}");
+        let msg = error(&with_env(&[("BATON_DECODE__KV__TCP_STREAMZ", "3")]));
+        assert!(msg.contains("unknown key decode.kv.tcp_streamz"), "{msg}");
         assert!(
-            msg.contains("from env var BATON_DECODE__TCP__STREAMZ"),
+            msg.contains("from env var BATON_DECODE__KV__TCP_STREAMZ"),
             "{msg}"
         );
-        assert!(msg.contains("did you mean streams?"), "{msg}");
+        assert!(msg.contains("did you mean tcp_streams?"), "{msg}");
 
         let msg = error(&with_set(
             Some(RoleName::Prefill),
@@ -1165,13 +1157,13 @@ mod tests {
         // Only the role that starts is validated.
         loaded.validate(RoleName::Prefill).expect("prefill is fine");
 
-        let loaded = load(&with_set(None, &["prefill.link.shm.segment_dir=shm"])).expect("loads");
+        let loaded = load(&with_set(None, &["prefill.kv.shm_socket=shm.sock"])).expect("loads");
         let msg = loaded
             .validate(RoleName::Prefill)
-            .expect_err("relative dir")
+            .expect_err("relative path")
             .to_string();
         assert!(
-            msg.contains("prefill.link.shm.segment_dir = \"shm\""),
+            msg.contains("prefill.kv.shm_socket = \"shm.sock\""),
             "{msg}"
         );
 

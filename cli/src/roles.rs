@@ -134,6 +134,14 @@ pub struct WorkerArgs {
     /// (drain_timeout; default 30000).
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Where the KV transfer agent accepts TCP connections (kv.tcp_listen; default
+    /// 127.0.0.1:0).
+    #[arg(long)]
+    pub kv_listen: Option<String>,
+    /// Unix socket of the KV transfer agent, for workers on this host to use shared memory
+    /// (kv.shm_socket; default: none, shared memory off).
+    #[arg(long)]
+    pub kv_shm_socket: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -152,6 +160,16 @@ impl WorkerArgs {
             &format!("{role}.drain_timeout"),
             "--drain-timeout-ms",
             self.drain_timeout_ms.map(|ms| format!("{ms}ms")),
+        );
+        f.named(
+            &format!("{role}.kv.tcp_listen"),
+            "--kv-listen",
+            self.kv_listen.as_ref(),
+        );
+        f.named(
+            &format!("{role}.kv.shm_socket"),
+            "--kv-shm-socket",
+            self.kv_shm_socket.as_ref().map(|p| p.display()),
         );
     }
 }
@@ -215,13 +233,6 @@ pub struct DecodeArgs {
     /// default 127.0.0.1:50071).
     #[arg(long)]
     pub listen: Option<String>,
-    /// Where the TCP KV receiver listens (decode.kv_tcp_listen; default 127.0.0.1:0).
-    #[arg(long)]
-    pub kv_listen: Option<String>,
-    /// Unix socket of the shared-memory KV receiver, for prefill workers on this host
-    /// (decode.kv_shm_socket; default: none, shared memory off).
-    #[arg(long)]
-    pub kv_shm_socket: Option<PathBuf>,
     /// fail | recompute: what happens to a stream whose KV transfer fails
     /// (decode.kv_failure_policy; default fail).
     #[arg(long)]
@@ -243,16 +254,6 @@ impl DecodeArgs {
             self.worker.flags("decode", f);
             self.telemetry.flags("decode", f);
             f.named("decode.listen", "--listen", self.listen.as_ref());
-            f.named(
-                "decode.kv_tcp_listen",
-                "--kv-listen",
-                self.kv_listen.as_ref(),
-            );
-            f.named(
-                "decode.kv_shm_socket",
-                "--kv-shm-socket",
-                self.kv_shm_socket.as_ref().map(|p| p.display()),
-            );
             f.named(
                 "decode.kv_failure_policy",
                 "--kv-failure-policy",

@@ -257,7 +257,18 @@ pub fn spawn_pinned(
     announced: usize,
     cpus: &[usize],
 ) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
-    let mut cmd = Command::new(baton_exe()?);
+    spawn_exe(&baton_exe()?, name, args, announced, cpus)
+}
+
+/// [`spawn_pinned`] of a given `baton` executable (another build, for a paired comparison).
+pub fn spawn_exe(
+    exe: &std::path::Path,
+    name: &str,
+    args: &[String],
+    announced: usize,
+    cpus: &[usize],
+) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+    let mut cmd = Command::new(exe);
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -431,8 +442,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
         ]);
-        if role == RoleName::Decode && n_prefill > 0 {
-            // Shared memory for prefill workers on this host.
+        if n_prefill > 0 {
+            // Shared memory between the workers of this host: a prefill worker pushes into a
+            // decode worker's pool through its socket, a decode worker reads a pull source
+            // through the prefill worker's.
             let socket =
                 std::env::temp_dir().join(format!("baton-{}-{name}.sock", std::process::id()));
             role_args.extend(["--kv-shm-socket".into(), socket.display().to_string()]);

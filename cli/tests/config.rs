@@ -102,9 +102,9 @@ fn config_print_shows_every_roles_settings() {
     let decode = printed(&["config", "print", "--role", "decode"], &[], "decode");
     assert_eq!(text(&decode, "engine.kv_cache_mib"), "512");
     assert_eq!(text(&decode, "kv_failure_policy"), "fail");
-    assert_eq!(text(&decode, "tcp.handshake_timeout"), "5s");
+    assert_eq!(text(&decode, "kv.handshake_timeout"), "5s");
     let prefill = printed(&["config", "print", "--role", "prefill"], &[], "prefill");
-    assert_eq!(text(&prefill, "link.shm.segment_dir"), "/dev/shm");
+    assert_eq!(text(&prefill, "kv.max_write_bytes"), "4194304");
     assert_eq!(text(&prefill, "engine.weights"), "auto");
     let coordinator = printed(
         &[
@@ -261,7 +261,7 @@ fn config_print_and_print_config_agree() {
             "--role",
             "prefill",
             "--set",
-            "prefill.link.tcp.streams=2",
+            "prefill.kv.tcp_streams=2",
         ],
         &env,
         "prefill",
@@ -271,14 +271,14 @@ fn config_print_and_print_config_agree() {
             "prefill",
             "--print-config",
             "--set",
-            "prefill.link.tcp.streams=2",
+            "prefill.kv.tcp_streams=2",
         ],
         &env,
         "prefill",
     );
     assert_eq!(a, b);
     assert_eq!(text(&a, "max_pending"), "9");
-    assert_eq!(text(&a, "link.tcp.streams"), "2");
+    assert_eq!(text(&a, "kv.tcp_streams"), "2");
 }
 
 #[test]
@@ -392,13 +392,13 @@ fn schema_describes_the_file_and_each_role() {
 
 #[test]
 fn up_checks_every_role_before_starting_any() {
-    let file = TempFile::new("up-bad", "[prefill.link.shm]\nslots = 0\n");
+    let file = TempFile::new("up-bad", "[prefill.kv]\ntcp_streams = 0\n");
     let out = baton(&["up", "--config", file.arg()], &[]);
     assert!(!out.status.success());
     assert!(!stdout(&out).contains("baton is up"), "{}", stdout(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("prefill.link.shm.slots = 0: must be between 1")
+        err.contains("prefill.kv.tcp_streams = 0: must be 1 to 64")
             && err.contains(&format!("(from file {})", file.arg())),
         "{err}"
     );

@@ -217,20 +217,36 @@ async fn decode_killed_mid_push_frees_the_prefill_side() {
     wait_ready_prefill(p).await;
     let dinfo = wait_ready_decode(d).await;
     let prompt = long_prompt();
-    let reserved = DecodeWorkerClient::new(channel(d))
-        .reserve(v1::ReserveRequest {
-            handoff_id: 7,
-            prompt_token_ids: prompt.clone(),
-            ttl_ms: TTL_MS,
-            transport: v1::Transport::Tcp as i32,
+    // The decode stream's first message is the reservation; the stream stays open (holding
+    // it) while the prefill worker pushes.
+    let mut stream = DecodeWorkerClient::new(channel(d))
+        .decode(v1::DecodeRequest {
+            sampling: Some(greedy(8)),
+            source: Some(v1::decode_request::Source::Push(v1::PushSource {
+                handoff_id: 7,
+                prompt_token_ids: prompt.clone(),
+                transport: v1::Transport::Tcp as i32,
+                ttl_ms: TTL_MS,
+            })),
             ..Default::default()
         })
         .await
         .expect("reserve")
         .into_inner();
+    let reserved = stream
+        .message()
+        .await
+        .expect("first message")
+        .and_then(|m| m.reserved)
+        .expect("the reserved blocks");
+    let endpoint = reserved
+        .endpoints
+        .iter()
+        .find(|e| e.transport == v1::Transport::Tcp as i32)
+        .cloned();
     let mut pc = PrefillWorkerClient::new(channel(p));
     pc.connect_peer(v1::ConnectRequest {
-        endpoint: reserved.endpoint.clone(),
+        endpoint,
         destination: dinfo.layout.clone(),
     })
     .await
@@ -241,8 +257,9 @@ async fn decode_killed_mid_push_frees_the_prefill_side() {
             sampling: Some(greedy(8)),
             handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
                 handoff_id: 7,
-                endpoint: reserved.endpoint,
-                destination: reserved.destination,
+                destination: Some(reserved),
+                transport: v1::Transport::Tcp as i32,
+                ttl_ms: TTL_MS,
             })),
             ..Default::default()
         })
@@ -256,6 +273,7 @@ async fn decode_killed_mid_push_frees_the_prefill_side() {
         .expect("task")
         .expect_err("the push fails");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    drop(stream);
     await_full(
         prefill_load(p),
         Duration::from_millis(u64::from(TTL_MS) + 5000),
@@ -290,11 +308,12 @@ async fn prefill_killed_before_a_pull_fails_the_decode_stream_and_refills_its_po
     let decoded = DecodeWorkerClient::new(channel(d))
         .decode(v1::DecodeRequest {
             sampling: Some(greedy(8)),
-            source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
-                descriptor: prefilled.pull,
-                first_token: prefilled.first_token,
+            source: Some(v1::decode_request::Source::Pull(v1::PullSource {
+                handoff_id: 9,
+                source: prefilled.source,
                 prompt_token_ids: prompt,
                 transport: v1::Transport::Tcp as i32,
+                ttl_ms: TTL_MS,
             })),
             ..Default::default()
         })
@@ -404,11 +423,12 @@ async fn recompute_policy_continues_a_stream_whose_pull_source_died() {
     let stream = dc
         .decode(v1::DecodeRequest {
             sampling: Some(greedy(8)),
-            source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
-                descriptor: prefilled.pull,
-                first_token: Some(first),
+            source: Some(v1::decode_request::Source::Pull(v1::PullSource {
+                handoff_id: 11,
+                source: prefilled.source,
                 prompt_token_ids: prompt,
                 transport: v1::Transport::Tcp as i32,
+                ttl_ms: TTL_MS,
             })),
             ..Default::default()
         })

@@ -13,8 +13,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_core::RequestId;
 use baton_proto::convert;
-use baton_proto::v1::{self, DecodeRequest, DecodeResponse, PrefillRequest, ReserveRequest};
+use baton_proto::v1::{self, DecodeRequest, DecodeResponse, PrefillRequest};
 use baton_text::{
     ChatMessage, FinishReason, IncrementalDetokenizer, SampledToken, SamplingLimits,
     SamplingParams, StopChecker, finish_reason_after,
@@ -51,6 +52,8 @@ pub struct GenerateInput {
     /// calls and the stream all end with DEADLINE_EXCEEDED / 504 when it passes, and the
     /// workers are told, so they stop too.
     pub timeout: Option<Duration>,
+    /// The request's id, passed to every worker call and logged; one is made when unset.
+    pub request_id: Option<RequestId>,
 }
 
 /// Where a request ran and what its handoff moved.
@@ -158,6 +161,7 @@ pub fn tokenize(inner: &Inner, input: &PromptInput) -> Result<Vec<u32>> {
 pub async fn generate(inner: Arc<Inner>, input: GenerateInput) -> Result<GenerateStream> {
     let span = tracing::info_span!(
         "request",
+        request_id = Empty,
         prompt_tokens = Empty,
         mode = Empty,
         trace_id = Empty
@@ -241,7 +245,12 @@ async fn run(
     let started = Instant::now();
     inner.metrics.request_started();
     let deadline = crate::workers::DEADLINE.try_with(|d| *d).ok().flatten();
-    let starting = start(&inner, &prompt, &params, input.pd_mode);
+    let request = input
+        .request_id
+        .clone()
+        .unwrap_or_else(|| RequestId::generate(rand::random()));
+    tracing::Span::current().record("request_id", request.as_str());
+    let starting = start(&inner, &request, &prompt, &params, input.pd_mode);
     let result = match (deadline, input.timeout) {
         (Some(deadline), Some(timeout)) => tokio::time::timeout_at(deadline, starting)
             .await
@@ -265,7 +274,6 @@ async fn run(
             input.skip_special_tokens,
         ),
         stops: StopChecker::new(&params.stop_strings),
-        params,
         prompt_tokens,
         started,
         deadline: deadline.zip(input.timeout),
@@ -282,7 +290,8 @@ async fn run(
 /// A request after its placement: the first token (when the prefill worker sampled it) and the
 /// decode stream (absent when the first token already finished the request).
 struct Started {
-    first: Option<SampledToken>,
+    /// The prefill worker's first token and its finish, decided once, where it arrived.
+    first: Option<(SampledToken, Option<FinishReason>)>,
     decode: Option<Streaming<DecodeResponse>>,
     placement: Placement,
     _placed: Vec<Placed>,
@@ -290,6 +299,7 @@ struct Started {
 
 async fn start(
     inner: &Arc<Inner>,
+    request: &RequestId,
     prompt: &[u32],
     params: &SamplingParams,
     pd_mode: PdMode,
@@ -311,11 +321,14 @@ async fn start(
     })?;
     tracing::Span::current().record("mode", mode.as_str());
     let decode = registry.decode[decode_idx].clone();
-    let sampling = convert::sampling_to_proto(params);
+    let mut sampling = convert::sampling_to_proto(params);
+    // Every worker samples with a seed: a decode worker that recomputes a prompt after a failed
+    // handoff then samples the first token the prefill worker sampled.
+    sampling.seed.get_or_insert_with(rand::random::<u64>);
     match (mode, prefill_idx) {
         (Mode::Disaggregated, Some(pi)) => {
             let prefill = registry.prefill[pi].clone();
-            disaggregated(inner, &prefill, &decode, prompt, params, sampling).await
+            disaggregated(inner, &prefill, &decode, request, prompt, params, sampling).await
         }
         _ => {
             let placed = vec![decode.place()];
@@ -326,7 +339,7 @@ async fn start(
                     decode
                         .decode_client()
                         .decode(DecodeRequest {
-                            request_id: String::new(),
+                            request_id: request.to_string(),
                             sampling: Some(sampling),
                             source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
                                 prompt_token_ids: prompt.to_vec(),
@@ -385,6 +398,7 @@ async fn disaggregated(
     inner: &Arc<Inner>,
     prefill: &Arc<Worker>,
     decode: &Arc<Worker>,
+    request: &RequestId,
     prompt: &[u32],
     params: &SamplingParams,
     sampling: v1::SamplingParams,
@@ -410,27 +424,47 @@ async fn disaggregated(
     match inner.config.handoff {
         HandoffShape::Push => {
             placement.shape = Some("push");
-            // From here until the decode stream takes the reservation over, any way out (an
-            // error, a first token that ends the request, the deadline dropping this future)
-            // frees it.
-            let reservation = Pinned::on(decode, handoff);
-            let reserved = call(
+            // The decode stream owns the reservation: any way out of here (an error, a first
+            // token that ends the request, the deadline) drops it, and the decode worker frees
+            // the blocks. Its first message is the reserved blocks.
+            let mut stream = call(
                 decode,
-                tracing::info_span!("reserve", worker = Empty),
+                tracing::info_span!("decode", worker = Empty),
                 async {
                     decode
                         .decode_client()
-                        .reserve(ReserveRequest {
-                            request_id: String::new(),
-                            handoff_id: handoff,
-                            prompt_token_ids: prompt.to_vec(),
-                            ttl_ms,
-                            transport: transport as i32,
+                        .decode(DecodeRequest {
+                            request_id: request.to_string(),
+                            sampling: Some(sampling.clone()),
+                            source: Some(v1::decode_request::Source::Push(v1::PushSource {
+                                handoff_id: handoff,
+                                prompt_token_ids: prompt.to_vec(),
+                                transport: transport as i32,
+                                ttl_ms,
+                            })),
                         })
                         .await
                 },
             )
             .await?;
+            let reserved = stream
+                .message()
+                .instrument(tracing::info_span!("reserve"))
+                .await;
+            let reserved = match reserved {
+                Ok(Some(DecodeResponse {
+                    reserved: Some(blocks),
+                    ..
+                })) => blocks,
+                Ok(_) => {
+                    return Err(Error::Worker {
+                        worker: decode.id().0,
+                        class: ErrorClass::Unavailable,
+                        message: "the decode stream did not start with its reserved blocks".into(),
+                    });
+                }
+                Err(status) => return Err(Error::from_status(&decode.address, &status)),
+            };
             let prefilled = call(
                 prefill,
                 tracing::info_span!("prefill", worker = Empty),
@@ -438,58 +472,27 @@ async fn disaggregated(
                     prefill
                         .prefill_client()
                         .prefill(PrefillRequest {
-                            request_id: String::new(),
+                            request_id: request.to_string(),
                             prompt_token_ids: prompt.to_vec(),
                             sampling: Some(sampling.clone()),
                             handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
                                 handoff_id: handoff,
-                                endpoint: reserved.endpoint,
-                                destination: reserved.destination,
-                            })),
-                        })
-                        .await
-                },
-            );
-            let prefilled = renewing(decode, handoff, inner.config.lease_ttl, prefilled).await;
-            let prefilled = prefilled?;
-            if let Some(kv) = &prefilled.kv {
-                placement.kv_bytes = kv.bytes;
-                placement.transfer_seconds = kv.transfer_seconds;
-                placement.exposed_seconds = kv.exposed_seconds;
-                inner.metrics.kv_transferred(kv.bytes, kv.transfer_seconds);
-            }
-            let first = first_token(&prefilled.first_token)?;
-            if finish_reason_after(first.id, 1, params, eos).is_some() {
-                return Ok(Started {
-                    first: Some(first),
-                    decode: None,
-                    placement,
-                    _placed: placed,
-                });
-            }
-            let stream = call(
-                decode,
-                tracing::info_span!("decode", worker = Empty),
-                async {
-                    decode
-                        .decode_client()
-                        .decode(DecodeRequest {
-                            request_id: String::new(),
-                            sampling: Some(sampling),
-                            source: Some(v1::decode_request::Source::Pushed(v1::PushedKv {
-                                handoff_id: handoff,
-                                first_token: Some(convert::token_to_proto(&first)),
+                                destination: Some(reserved),
+                                transport: transport as i32,
+                                ttl_ms,
                             })),
                         })
                         .await
                 },
             )
-            .await;
-            let stream = stream?;
-            reservation.taken_over();
+            .await?;
+            let first = first_token(&prefilled.first_token)?;
+            // The one place the first token's finish is decided; a finished request drops the
+            // decode stream here, which frees the reservation.
+            let first_finish = finish_reason_after(first.id, 1, params, eos);
             Ok(Started {
-                first: Some(first),
-                decode: Some(stream),
+                decode: first_finish.is_none().then_some(stream),
+                first: Some((first, first_finish)),
                 placement,
                 _placed: placed,
             })
@@ -497,7 +500,7 @@ async fn disaggregated(
         HandoffShape::Pull => {
             placement.shape = Some("pull");
             // The pull source stays pinned on the prefill worker until the decode stream takes
-            // it over; any other way out frees it (see the push case).
+            // it over; any other way out frees it.
             let source = Pinned::on(prefill, handoff);
             let prefilled = call(
                 prefill,
@@ -506,7 +509,7 @@ async fn disaggregated(
                     prefill
                         .prefill_client()
                         .prefill(PrefillRequest {
-                            request_id: String::new(),
+                            request_id: request.to_string(),
                             prompt_token_ids: prompt.to_vec(),
                             sampling: Some(sampling.clone()),
                             handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
@@ -519,9 +522,11 @@ async fn disaggregated(
             )
             .await?;
             let first = first_token(&prefilled.first_token)?;
-            if finish_reason_after(first.id, 1, params, eos).is_some() {
+            // The one place the first token's finish is decided.
+            let first_finish = finish_reason_after(first.id, 1, params, eos);
+            if first_finish.is_some() {
                 return Ok(Started {
-                    first: Some(first),
+                    first: Some((first, first_finish)),
                     decode: None,
                     placement,
                     _placed: placed,
@@ -534,23 +539,23 @@ async fn disaggregated(
                     decode
                         .decode_client()
                         .decode(DecodeRequest {
-                            request_id: String::new(),
+                            request_id: request.to_string(),
                             sampling: Some(sampling),
-                            source: Some(v1::decode_request::Source::Pulled(v1::PulledKv {
-                                descriptor: prefilled.pull,
-                                first_token: Some(convert::token_to_proto(&first)),
+                            source: Some(v1::decode_request::Source::Pull(v1::PullSource {
+                                handoff_id: handoff,
+                                source: prefilled.source,
                                 prompt_token_ids: prompt.to_vec(),
                                 transport: transport as i32,
+                                ttl_ms,
                             })),
                         })
                         .await
                 },
             )
-            .await;
-            let stream = stream?;
+            .await?;
             source.taken_over();
             Ok(Started {
-                first: Some(first),
+                first: Some((first, first_finish)),
                 decode: Some(stream),
                 placement,
                 _placed: placed,
@@ -566,52 +571,8 @@ fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
         .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))
 }
 
-/// Runs `work` (a push prefill) while renewing `handoff`'s reservation on `decode` every third
-/// of the lease TTL. The decode worker renews the lease itself on every segment that lands, but
-/// nothing lands while the prompt waits in the prefill worker's queue, which under load can take
-/// longer than any TTL; without this the reservation would expire and the request fail. Renewal
-/// stops when the decode worker says the lease is gone (the stream took it over, or it ended).
-async fn renewing<T>(
-    decode: &Arc<Worker>,
-    handoff: u64,
-    ttl: Duration,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    let renew = async {
-        let period = ttl / 3;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let renewed = decode
-                .decode_client()
-                .renew(v1::RenewRequest {
-                    handoff_id: handoff,
-                })
-                .await;
-            match renewed {
-                Ok(r) if r.get_ref().renewed => {}
-                Ok(_) => return,
-                // A lost renewal is retried at the next tick; the lease has two more in hand.
-                Err(status) => tracing::warn!(
-                    worker = %decode.id().0,
-                    handoff,
-                    %status,
-                    "renewing a reservation failed"
-                ),
-            }
-        }
-    };
-    tokio::pin!(work);
-    tokio::select! {
-        out = &mut work => out,
-        () = renew => work.await,
-    }
-}
-
-/// What a handoff pins on a worker (a decode worker's reservation, a prefill worker's pull
-/// source) while the coordinator sets the request up. Dropped before [`Pinned::taken_over`],
-/// it frees the blocks at once rather than at the lease's expiry.
+/// A prefill worker's pull source while the coordinator sets the request up. Dropped before
+/// [`Pinned::taken_over`], it frees the blocks at once rather than at the lease's expiry.
 struct Pinned {
     worker: Arc<Worker>,
     handoff: u64,
@@ -653,7 +614,8 @@ fn release(worker: &Arc<Worker>, handoff: u64) {
             handoff_id: handoff,
         };
         let result = match worker.role {
-            WorkerRole::Decode => worker.decode_client().release(request).await.map(drop),
+            // A decode worker's reservation is its Decode stream's: dropping the stream frees it.
+            WorkerRole::Decode => Ok(()),
             WorkerRole::Prefill => worker.prefill_client().release(request).await.map(drop),
         };
         if let Err(status) = result {
@@ -667,7 +629,6 @@ struct Run {
     inner: Arc<Inner>,
     detok: IncrementalDetokenizer,
     stops: StopChecker,
-    params: SamplingParams,
     prompt_tokens: u32,
     started: Instant,
     /// When the client's time runs out, and the timeout it gave.
@@ -692,14 +653,9 @@ impl Run {
         let mut completion = 0u32;
         let mut last_token_at: Option<Instant> = None;
         let mut outcome = None;
-        if let Some(first) = first {
+        let first_id = first.as_ref().map(|(t, _)| t.id);
+        if let Some((first, finish)) = first {
             completion += 1;
-            let finish = finish_reason_after(
-                first.id,
-                1,
-                &self.params,
-                self.inner.tokenizer.eos_token_ids(),
-            );
             match self.token(first, finish, &mut last_token_at).await {
                 Ok(Step::Done(reason)) => outcome = Some(reason),
                 Ok(Step::Continue) => {}
@@ -751,6 +707,22 @@ impl Run {
                         return;
                     }
                 };
+                if let (Some(recomputed), Some(first)) = (&message.recomputed_first_token, first_id)
+                    && recomputed.token_id != first
+                {
+                    // The client has the prefill worker's first token; a stream that goes on
+                    // from another one would not be one generation.
+                    self.fail(Error::Worker {
+                        worker: placement.decode_worker.clone(),
+                        class: ErrorClass::Internal,
+                        message: format!(
+                            "the decode worker recomputed first token {} where the prefill worker sampled {first}",
+                            recomputed.token_id
+                        ),
+                    })
+                    .await;
+                    return;
+                }
                 if let Some(f) = &message.finish {
                     if let Some(kv) = &f.kv {
                         placement.kv_bytes_received = kv.bytes;

@@ -148,6 +148,18 @@ impl Inference for InferenceService {
             }
         };
         let want_logprobs = req.sampling.as_ref().is_some_and(|s| s.logprobs.is_some());
+        // The client's id is echoed and passed to the workers; without one the coordinator
+        // assigns one.
+        let id = if req.request_id.is_empty() {
+            baton_core::RequestId::generate(rand::random::<u64>())
+        } else {
+            baton_core::RequestId::parse(&req.request_id).map_err(|reason| {
+                Error::InvalidRequest {
+                    field: "request_id",
+                    reason,
+                }
+            })?
+        };
         let input = GenerateInput {
             model: Some(req.model),
             input,
@@ -155,14 +167,10 @@ impl Inference for InferenceService {
             pd_mode: pd_mode(req.pd_mode)?,
             skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
             timeout,
+            request_id: Some(id.clone()),
         };
         let generation = generate::generate(self.inner.clone(), input).await?;
-        // The client's id is echoed; without one the coordinator assigns one.
-        let request_id = if req.request_id.is_empty() {
-            format!("req-{:016x}", rand::random::<u64>())
-        } else {
-            req.request_id
-        };
+        let request_id = id.to_string();
         // Polled by the server as it writes the response, so a token crosses no extra task
         // here; dropping the body (the client gone) drops `generation`, which cancels the
         // request.

@@ -357,6 +357,7 @@ async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
             PromptField::Tokens(ids) => PromptInput::Tokens(ids.clone()),
         };
         Ok(GenerateInput {
+            request_id: None,
             model: req.model.clone(),
             input,
             params: req.sampling.params(req.logprobs)?,
@@ -421,6 +422,7 @@ async fn chat_completions(
             None
         };
         Ok(GenerateInput {
+            request_id: None,
             model: req.model.clone(),
             input: PromptInput::Chat(messages),
             params: req.sampling.params(logprobs)?,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use baton_engine::{EngineConfig, Role};
-use baton_kv_transfer::{ShmConfig, TcpConfig};
+use baton_kv_transfer::agent::KvConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -46,20 +46,20 @@ pub struct DecodeConfig {
     /// gRPC address (DecodeWorker, health, reflection); port 0 lets the OS choose. Default
     /// "127.0.0.1:50071".
     pub listen: SocketAddr,
-    /// Name in logs, metrics and placements. Default: unset, `decode@<listen>`.
+    /// Name in logs, metrics and placements: ASCII letters, digits and `-_.@:`. Default: unset,
+    /// `decode-<host name>-<8 random hex digits>`, made at start.
     pub worker_id: Option<String>,
-    /// Address the TCP KV receiver listens on; port 0 lets the OS choose. Default
-    /// "127.0.0.1:0".
-    pub kv_tcp_listen: SocketAddr,
-    /// Unix socket of the shared-memory KV receiver. Default: unset, shared memory off.
-    pub kv_shm_socket: Option<PathBuf>,
     /// Identifies this host: prefill workers with the same id may use shared memory. Default:
     /// /etc/machine-id, else the host name.
     pub host_id: String,
-    /// The TCP KV receiver (`[decode.tcp]`).
-    pub tcp: TcpConfig,
-    /// The shared-memory KV receiver (`[decode.shm]`).
-    pub shm: ShmConfig,
+    /// The KV transfer agent (`[decode.kv]`): its TCP listener and, with `shm_socket`, shared
+    /// memory (the pool is then allocated as memory prefill workers on this host map).
+    pub kv: KvConfig,
+    /// Lease of a push reservation whose Decode call names none: the time the blocks stay
+    /// reserved without a sign of the prefill worker (a duration). Default 10s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub default_lease_ttl: Duration,
     /// Most streams, decoding or waiting for their KV, at once. Default 256.
     pub max_streams: usize,
     /// Longest lease a reservation may ask for (a duration, at least 10 ms). Default 60s.
@@ -87,11 +87,9 @@ impl DecodeConfig {
             engine,
             listen: SocketAddr::from(([127, 0, 0, 1], 50071)),
             worker_id: None,
-            kv_tcp_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            kv_shm_socket: None,
             host_id: default_host_id(),
-            tcp: TcpConfig::default(),
-            shm: ShmConfig::default(),
+            kv: KvConfig::default(),
+            default_lease_ttl: Duration::from_secs(10),
             max_streams: 256,
             max_lease_ttl: Duration::from_secs(60),
             kv_failure_policy: KvFailurePolicy::Fail,
@@ -115,6 +113,18 @@ impl DecodeConfig {
         if self.max_lease_ttl < Duration::from_millis(10) {
             return Err(invalid("max_lease_ttl", "must be at least 10 ms"));
         }
+        if self.default_lease_ttl.is_zero() || self.default_lease_ttl > self.max_lease_ttl {
+            return Err(invalid(
+                "default_lease_ttl",
+                "must be more than 0 and at most max_lease_ttl",
+            ));
+        }
+        if let Some(id) = &self.worker_id
+            && let Err(reason) = baton_core::WorkerId::parse(id)
+        {
+            return Err(invalid("worker_id", &reason));
+        }
+        self.kv.validate()?;
         if self.drain_timeout > Duration::from_secs(3600) {
             return Err(invalid("drain_timeout", "must be at most 1 h"));
         }
@@ -137,6 +147,31 @@ fn invalid(field: &'static str, reason: &str) -> Error {
         field,
         reason: reason.into(),
     }
+}
+
+/// This worker's id: the configured one, or one made now from the role and host name.
+pub(crate) fn worker_id(configured: Option<&str>) -> crate::Result<baton_core::WorkerId> {
+    match configured {
+        Some(id) => baton_core::WorkerId::parse(id).map_err(|reason| invalid("worker_id", &reason)),
+        None => Ok(baton_core::WorkerId::generate(
+            "decode",
+            &host_name(),
+            rand_u32(),
+        )),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish() as u32
 }
 
 /// The machine's id (`/etc/machine-id`), else its host name: equal ids mean shared memory

@@ -1,62 +1,105 @@
-//! The decode worker's engine thread: the one owner of the batcher, its engine and block pool.
+//! The decode worker's engine thread: the one owner of the batcher, its engine and block pool,
+//! and of every handoff landing here.
 //!
-//! service --Command (bounded)--> [engine thread] <--Delivery-- kv receivers (TCP, shm)
-//!     [reservations under lease -> imports -> continuous batching] --DecodeEvent--> streams
+//! ```text
+//! service --Command (bounded)--> [engine thread] <--agent Event-- transfer agent (tcp, shm)
+//!   push: reserve blocks, expect the handoff; the descriptor goes back to the coordinator
+//!   pull: reserve blocks, expect the handoff, ask the source agent to write them
+//!   each handoff: handoff::Handoff (pure) decides; this loop does what it says
+//!   Arrived -> the blocks become a decoding sequence -> DecodeEvent --> response stream
+//! ```
 //!
-//! A handoff's life here: `Reserve` pins blocks under a lease and tells the receiver to expect
-//! the handoff; verified segments are imported as they arrive (each renews the lease);
-//! `Complete` finishes the import; `Decode` (which may come before or after) starts decoding
-//! from the prefill worker's first token. A failed or expired handoff frees its blocks at once
-//! and, by `kv_failure_policy`, fails its stream or recomputes the prompt here.
-//!
-//! Invariants: only this thread touches the engine; a sequence's blocks are freed exactly once
-//! (finished, cancelled, failed, released or expired); a stream whose client went away is
+//! Invariants: only this thread touches the engine; reserved blocks are held by a
+//! [`Reservation`] shared with the agent, so they return to the pool when the last holder drops
+//! it, never while a transport may still write them; a stream whose client went away is
 //! cancelled before the next step.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_engine::batch::Batcher;
-use baton_engine::batch::{Event, GenerateRequest};
-use baton_engine::{FinishReason, SampledToken, SamplingParams, SeqId};
-use baton_kv_transfer::{Delivery, Expectation, HandoffId, KvReceiver, LeaseKind, Leases};
+use baton_core::{HandoffId, RequestId};
+use baton_engine::batch::{Batcher, Event, GenerateRequest};
+use baton_engine::{BlockTable, FinishReason, SampledToken, SamplingParams, SeqId};
+use baton_kv_transfer::agent::{
+    Agent, BlockDescriptor, Event as AgentEvent, Expectation, Guard, Transport,
+};
+use baton_kv_transfer::plan;
+use baton_kv_transfer::wire::ReadRequest;
+use baton_worker::Control;
+use baton_worker::engine::{EngineEnds, EngineHandle, publish};
+use prost::Message as _;
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::KvFailurePolicy;
 use crate::error::{Error, Result};
+use crate::handoff::{Action, Event as HandoffEvent, Handoff};
 
 /// Where a decode job's prompt KV comes from.
 #[derive(Debug, Clone)]
-pub enum DecodeSource {
-    /// Imported under `handoff` (reserved earlier); the prefill worker sampled `first_token`.
-    Imported {
+pub enum Source {
+    /// Push: reserve blocks now; the prefill worker writes them.
+    Push {
         handoff: HandoffId,
-        first_token: SampledToken,
+        prompt: Vec<u32>,
+        ttl: Duration,
+    },
+    /// Pull: reserve blocks and read them from the prefill worker's pinned source.
+    Pull {
+        handoff: HandoffId,
+        prompt: Vec<u32>,
+        source: BlockDescriptor,
+        transport: Transport,
+        ttl: Duration,
     },
     /// Aggregated: this worker prefills the prompt too.
     Prompt { prompt: Vec<u32> },
 }
 
+/// What the transfer moved, as both ends counted it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Landed {
+    /// KV bytes verified into this pool.
+    pub bytes: u64,
+    /// From reservation to the last byte.
+    pub transfer: Duration,
+    /// The sender's count of the bytes it sent.
+    pub sender_bytes: u64,
+    /// The sender's transfer time.
+    pub sender_transfer: Duration,
+    /// The sender's time from the end of its compute to its last byte.
+    pub sender_exposed: Duration,
+}
+
 /// What a decode stream receives.
 #[derive(Debug)]
 pub enum DecodeEvent {
-    /// The imported KV landed and verified; `bytes` of KV payload were imported.
-    KvLanded {
-        bytes: u64,
-        transfer: Duration,
-    },
-    /// The handoff failed and the prompt is being recomputed here (`kv_failure_policy =
-    /// recompute`).
-    Recomputing {
+    /// The handoff's KV landed and was verified.
+    KvLanded(Landed),
+    /// The handoff failed and the prompt was recomputed here (`kv_failure_policy =
+    /// recompute`): the first token this worker sampled, which the stream does not repeat.
+    Recomputed {
+        first_token: SampledToken,
         reason: String,
+        /// Set when that token also ended the generation (the coordinator normally ends such a
+        /// request before any decode worker sees it).
+        finish: Option<FinishReason>,
     },
     Token {
         token: SampledToken,
         finish: Option<FinishReason>,
     },
     Failed(Error),
+}
+
+/// How a Decode call started.
+#[derive(Debug)]
+pub struct Started {
+    /// The stream's key, for [`EngineHandle::cancel`].
+    pub stream: SeqId,
+    /// Push: the reserved blocks, for the coordinator to hand the prefill worker.
+    pub reserved: Option<BlockDescriptor>,
 }
 
 /// The engine's load, for routing.
@@ -66,6 +109,7 @@ pub struct Load {
     pub waiting: u32,
     pub free_blocks: u32,
     pub total_blocks: u32,
+    /// Handoffs whose blocks are reserved and landing.
     pub leases: u32,
 }
 
@@ -81,172 +125,126 @@ pub struct LoopStats {
     pub cancelled: u64,
 }
 
-enum Command {
-    Reserve {
-        handoff: HandoffId,
-        prompt: Vec<u32>,
-        ttl: Duration,
-        receiver: usize,
-        reply: oneshot::Sender<Result<u32>>,
-    },
-    Decode {
-        source: DecodeSource,
-        params: SamplingParams,
-        events: mpsc::Sender<DecodeEvent>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    Abandon {
-        handoff: HandoffId,
-        error: String,
-    },
-    Release {
-        handoff: HandoffId,
-        reply: oneshot::Sender<bool>,
-    },
-    Renew {
-        handoff: HandoffId,
-        reply: oneshot::Sender<bool>,
-    },
-    /// The server has stopped: end the engine thread even if handles remain (connection tasks
-    /// of a stopped server may outlive it).
-    Stop,
-    /// Drain deadline: fail every stream and reservation, free their blocks.
-    AbortAll,
-}
-
-/// A cloneable handle to the engine thread.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    snapshot: watch::Receiver<Snapshot>,
-}
-
-/// What the engine thread publishes after each turn of its loop: for metrics, and for a drain
-/// waiting until nothing is left.
+/// What the engine thread publishes after each turn: for load reports, metrics and the drain.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub load: Load,
     pub stats: LoopStats,
-    /// No stream, reservation or lease is left.
+    /// No stream or reservation is left.
     pub idle: bool,
 }
 
-impl EngineHandle {
-    /// Pins blocks for `prompt` under a lease and expects `handoff` on receiver `receiver`.
-    /// Returns the number of blocks reserved.
-    pub async fn reserve(
-        &self,
-        handoff: HandoffId,
-        prompt: Vec<u32>,
-        ttl: Duration,
-        receiver: usize,
-    ) -> Result<u32> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(Command::Reserve {
-            handoff,
-            prompt,
-            ttl,
-            receiver,
-            reply,
-        })?;
-        rx.await.map_err(|_| Error::Stopped)?
+impl baton_worker::Snapshot for Snapshot {
+    fn idle(&self) -> bool {
+        self.idle
     }
 
+    fn describe(&self) -> String {
+        format!(
+            "streams={} free_blocks={} total_blocks={} leases={}",
+            self.load.running + self.load.waiting,
+            self.load.free_blocks,
+            self.load.total_blocks,
+            self.load.leases
+        )
+    }
+}
+
+pub enum Command {
+    Decode(Box<DecodeJob>),
+    /// The stream's client went away.
+    Cancel {
+        stream: SeqId,
+    },
+    /// Stop, or the drain deadline (fail every stream and reservation, free their blocks).
+    Control(Control),
+}
+
+impl From<Control> for Command {
+    fn from(c: Control) -> Self {
+        Command::Control(c)
+    }
+}
+
+/// A Decode call for the engine thread.
+pub struct DecodeJob {
+    request: RequestId,
+    source: Source,
+    params: SamplingParams,
+    events: mpsc::Sender<DecodeEvent>,
+    reply: oneshot::Sender<Result<Started>>,
+}
+
+/// Reserved blocks, shared between the engine thread and the transfer agent: they return to
+/// the pool when the last holder drops its `Arc`, or become a sequence's when the engine
+/// thread takes them.
+#[derive(Debug)]
+pub struct Reservation(Mutex<Option<BlockTable>>);
+
+impl Reservation {
+    fn take(&self) -> Option<BlockTable> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// The service's handle to the engine thread.
+#[derive(Clone)]
+pub struct DecodeEngine {
+    inner: EngineHandle<Command, Snapshot>,
+}
+
+impl DecodeEngine {
     /// Starts a decode stream; events arrive on the returned channel, whose capacity covers
     /// every event the job can produce, so the engine never waits on a slow client.
     pub async fn decode(
         &self,
-        source: DecodeSource,
+        request: RequestId,
+        source: Source,
         params: SamplingParams,
-    ) -> Result<mpsc::Receiver<DecodeEvent>> {
+    ) -> Result<(Started, mpsc::Receiver<DecodeEvent>)> {
         let (events, rx) = mpsc::channel(params.max_new_tokens as usize + 4);
         let (reply, done) = oneshot::channel();
-        self.submit(Command::Decode {
-            source,
-            params,
-            events,
-            reply,
-        })?;
-        done.await.map_err(|_| Error::Stopped)??;
-        Ok(rx)
+        self.inner
+            .submit(Command::Decode(Box::new(DecodeJob {
+                request,
+                source,
+                params,
+                events,
+                reply,
+            })))
+            .map_err(refused)?;
+        let started = done.await.map_err(|_| Error::Stopped)??;
+        Ok((started, rx))
     }
 
-    /// Fails a handoff from outside (the pull read failed).
-    pub async fn abandon(&self, handoff: HandoffId, error: String) -> Result<()> {
-        self.tx
-            .send(Command::Abandon { handoff, error })
-            .await
-            .map_err(|_| Error::Stopped)
-    }
-
-    /// Drops a reservation that will not be decoded. Returns whether it was live.
-    pub async fn release(&self, handoff: HandoffId) -> Result<bool> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Release { handoff, reply })
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)
-    }
-
-    /// Extends a reservation's lease by its TTL. Returns whether it was live.
-    pub async fn renew(&self, handoff: HandoffId) -> Result<bool> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Renew { handoff, reply })
-            .await
-            .map_err(|_| Error::Stopped)?;
-        rx.await.map_err(|_| Error::Stopped)
+    /// The stream's client went away: its blocks go before the next step.
+    pub async fn cancel(&self, stream: SeqId) {
+        let _ = self.inner.send(Command::Cancel { stream }).await;
     }
 
     /// The load as of the engine thread's last turn, from its published snapshot: a load report
-    /// never queues behind an engine step (a long prefill chunk on a busy core would otherwise
-    /// hold it for seconds and make the worker look dead to the coordinator's poll).
+    /// never queues behind an engine step.
     pub fn load(&self) -> Result<(Load, LoopStats)> {
-        if self.snapshot.has_changed().is_err() {
-            return Err(Error::Stopped);
-        }
-        let now = *self.snapshot.borrow();
-        Ok((now.load, now.stats))
+        let s = self.inner.current().map_err(refused)?;
+        Ok((s.load, s.stats))
     }
 
-    /// Resolves when no stream, reservation or lease is left (at once if none is).
-    pub async fn wait_idle(&self) {
-        let mut snapshot = self.snapshot.clone();
-        // An error means the engine thread ended, which leaves nothing running either.
-        let _ = snapshot.wait_for(|s| s.idle).await;
+    /// The generic handle: the drain's view of the engine thread.
+    pub fn handle(&self) -> EngineHandle<Command, Snapshot> {
+        self.inner.clone()
     }
 
-    /// The engine's load and counters as of its last turn.
-    pub fn snapshot(&self) -> Snapshot {
-        *self.snapshot.borrow()
-    }
-
-    /// Follows the snapshots (for a metrics collector).
     pub fn snapshots(&self) -> watch::Receiver<Snapshot> {
-        self.snapshot.clone()
+        self.inner.snapshots()
     }
+}
 
-    /// Ends the engine thread (after the server stopped), failing whatever is left.
-    pub async fn stop(&self) {
-        let _ = self.tx.send(Command::Stop).await;
-    }
-
-    /// Fails every stream with [`Error::DrainDeadline`] and frees every reservation.
-    pub async fn abort_all(&self) -> Result<()> {
-        self.tx
-            .send(Command::AbortAll)
-            .await
-            .map_err(|_| Error::Stopped)
-    }
-
-    fn submit(&self, cmd: Command) -> Result<()> {
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded {
-                what: "decode command queue",
-            },
-            mpsc::error::TrySendError::Closed(_) => Error::Stopped,
-        })
+fn refused(r: baton_worker::Refused) -> Error {
+    match r {
+        baton_worker::Refused::Full => Error::Overloaded {
+            what: "decode command queue",
+        },
+        baton_worker::Refused::Stopped => Error::Stopped,
     }
 }
 
@@ -260,110 +258,111 @@ pub struct LoopConfig {
     pub kv_failure_policy: KvFailurePolicy,
 }
 
-/// Starts the engine thread. `receivers` are the KV receivers (index = `Reserve`'s `receiver`),
-/// `deliveries` their merged output.
+/// Starts the engine thread. It stops when every handle is dropped or on `Stop`.
 pub fn spawn(
     batcher: Batcher,
-    receivers: Vec<Arc<dyn KvReceiver>>,
-    deliveries: mpsc::Receiver<Delivery>,
+    agent: Agent,
+    agent_events: mpsc::Receiver<AgentEvent>,
     config: LoopConfig,
     rt: Handle,
-) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel(config.queue_capacity);
-    let (published, snapshot) = watch::channel(Snapshot::default());
+) -> std::io::Result<(DecodeEngine, std::thread::JoinHandle<()>)> {
+    let (feedback_tx, feedback) = mpsc::channel(config.max_streams.max(1) * 2);
     let mut state = Loop {
         stopped: false,
-        published,
-        leases: Leases::new(config.max_lease_ttl),
         batcher,
-        receivers,
-        imports: HashMap::new(),
+        agent,
+        handoffs: HashMap::new(),
         streams: HashMap::new(),
+        recomputing: HashMap::new(),
         next_seq: 0,
         config,
         stats: LoopStats::default(),
-        rx,
-        deliveries,
+        feedback_tx,
         rt,
     };
-    // The real state before anyone can read it: a load report taken before the thread's first
-    // turn would otherwise say no block is free, and the coordinator, which sees the worker
-    // healthy, would place nothing on it until its next poll.
-    state.published.send_replace(state.snapshot());
+    let (inner, ends) = EngineHandle::new(state.config.queue_capacity, state.snapshot());
     let join = std::thread::Builder::new()
         .name("decode-engine".into())
-        .spawn(move || state.run())?;
-    Ok((EngineHandle { tx, snapshot }, join))
+        .spawn(move || state.run(ends, agent_events, feedback))?;
+    Ok((DecodeEngine { inner }, join))
 }
 
-/// A decode job waiting for its KV to land.
-struct Parked {
-    first_token: SampledToken,
+/// A handoff whose KV is landing, and the job that waits for it.
+struct Landing {
+    machine: Handoff,
+    request: RequestId,
+    seq: SeqId,
+    prompt: Vec<u32>,
+    reservation: Arc<Reservation>,
     params: SamplingParams,
     events: mpsc::Sender<DecodeEvent>,
+    reserved_at: Instant,
 }
 
-/// A handoff whose KV is arriving.
-struct Import {
-    seq: SeqId,
-    receiver: usize,
-    prompt: Vec<u32>,
-    reserved: Instant,
-    landed: bool,
-    failed: Option<String>,
-    bytes: u64,
-    parked: Option<Parked>,
-}
-
-struct Loop {
-    /// Set by `Stop`: the loop ends at its next turn.
-    stopped: bool,
-    published: watch::Sender<Snapshot>,
-    batcher: Batcher,
-    receivers: Vec<Arc<dyn KvReceiver>>,
-    leases: Leases<()>,
-    imports: HashMap<HandoffId, Import>,
-    streams: HashMap<SeqId, mpsc::Sender<DecodeEvent>>,
-    next_seq: u64,
-    config: LoopConfig,
-    stats: LoopStats,
-    rx: mpsc::Receiver<Command>,
-    deliveries: mpsc::Receiver<Delivery>,
-    rt: Handle,
-}
-
+/// Why the loop woke up.
 enum Woken {
     Command(Command),
-    Delivery(Delivery),
+    Agent(AgentEvent),
+    Feedback(Feedback),
     Timeout,
     Closed,
 }
 
+/// What tasks the loop started report back.
+enum Feedback {
+    /// Asking the source agent to write a pulled handoff failed.
+    ReadFailed { handoff: HandoffId, reason: String },
+}
+
+struct Loop {
+    stopped: bool,
+    batcher: Batcher,
+    agent: Agent,
+    handoffs: HashMap<HandoffId, Landing>,
+    /// Decoding (or recomputing) sequences and their streams.
+    streams: HashMap<SeqId, mpsc::Sender<DecodeEvent>>,
+    /// Sequences recomputed after a failed handoff, and why: their first token is not the
+    /// stream's.
+    recomputing: HashMap<SeqId, String>,
+    next_seq: u64,
+    config: LoopConfig,
+    stats: LoopStats,
+    feedback_tx: mpsc::Sender<Feedback>,
+    rt: Handle,
+}
+
 impl Loop {
-    fn run(&mut self) {
+    fn run(
+        &mut self,
+        mut ends: EngineEnds<Command, Snapshot>,
+        mut agent_events: mpsc::Receiver<AgentEvent>,
+        mut feedback: mpsc::Receiver<Feedback>,
+    ) {
         loop {
             if self.stopped {
                 return self.shutdown();
             }
             loop {
-                match self.rx.try_recv() {
+                match ends.commands.try_recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return self.shutdown(),
                 }
             }
-            while let Ok(d) = self.deliveries.try_recv() {
-                self.deliver(d);
+            while let Ok(e) = agent_events.try_recv() {
+                self.on_agent(e);
             }
-            self.expire(Instant::now());
-            self.cancel_abandoned_streams();
-            let now = self.snapshot();
-            self.published
-                .send_if_modified(|was| std::mem::replace(was, now) != now);
+            while let Ok(f) = feedback.try_recv() {
+                self.on_feedback(f);
+            }
+            self.tick(Instant::now());
+            self.cancel_abandoned();
+            publish(&ends.published, self.snapshot());
             if self.batcher.is_idle() {
-                match self.wait() {
+                match self.wait(&mut ends.commands, &mut agent_events, &mut feedback) {
                     Woken::Command(c) => self.handle(c),
-                    Woken::Delivery(d) => self.deliver(d),
+                    Woken::Agent(e) => self.on_agent(e),
+                    Woken::Feedback(f) => self.on_feedback(f),
                     Woken::Timeout => {}
                     Woken::Closed => return self.shutdown(),
                 }
@@ -373,9 +372,17 @@ impl Loop {
         }
     }
 
-    fn wait(&mut self) -> Woken {
-        let deadline = self.leases.next_deadline();
-        let (rx, deliveries) = (&mut self.rx, &mut self.deliveries);
+    fn wait(
+        &self,
+        commands: &mut mpsc::Receiver<Command>,
+        agent_events: &mut mpsc::Receiver<AgentEvent>,
+        feedback: &mut mpsc::Receiver<Feedback>,
+    ) -> Woken {
+        let deadline = self
+            .handoffs
+            .values()
+            .filter_map(|l| l.machine.deadline())
+            .min();
         self.rt.block_on(async {
             let sleep = async {
                 match deadline {
@@ -384,8 +391,9 @@ impl Loop {
                 }
             };
             tokio::select! {
-                c = rx.recv() => c.map_or(Woken::Closed, Woken::Command),
-                Some(d) = deliveries.recv() => Woken::Delivery(d),
+                c = commands.recv() => c.map_or(Woken::Closed, Woken::Command),
+                Some(e) = agent_events.recv() => Woken::Agent(e),
+                Some(f) = feedback.recv() => Woken::Feedback(f),
                 () = sleep => Woken::Timeout,
             }
         })
@@ -395,52 +403,35 @@ impl Loop {
         self.abort_all(|| Error::Stopped);
     }
 
-    /// Fails every stream with `error()` and forgets every reservation, freeing their blocks.
+    /// Fails every stream with `error()` and gives up every handoff, freeing their blocks.
     fn abort_all(&mut self, error: impl Fn() -> Error) {
         for (seq, events) in self.streams.drain() {
             self.batcher.cancel(seq);
             let _ = events.try_send(DecodeEvent::Failed(error()));
         }
-        let handoffs: Vec<HandoffId> = self.imports.keys().copied().collect();
-        for h in handoffs {
-            if let Some(parked) = self.imports.get_mut(&h).and_then(|i| i.parked.take()) {
-                let _ = parked.events.try_send(DecodeEvent::Failed(error()));
-            }
-            self.drop_import(h);
+        for (handoff, landing) in self.handoffs.drain() {
+            self.agent.forget(handoff);
+            let _ = landing.events.try_send(DecodeEvent::Failed(error()));
         }
+        self.recomputing.clear();
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Reserve {
-                handoff,
-                prompt,
-                ttl,
-                receiver,
-                reply,
-            } => {
-                let _ = reply.send(self.reserve(handoff, prompt, ttl, receiver));
+            Command::Decode(job) => {
+                let DecodeJob {
+                    request,
+                    source,
+                    params,
+                    events,
+                    reply,
+                } = *job;
+                let _ = reply.send(self.start(request, source, params, events));
             }
-            Command::Decode {
-                source,
-                params,
-                events,
-                reply,
-            } => {
-                let _ = reply.send(self.start(source, params, events));
-            }
-            Command::Abandon { handoff, error } => self.fail_import(handoff, error, false),
-            Command::Release { handoff, reply } => {
-                let live = self.imports.contains_key(&handoff);
-                self.drop_import(handoff);
-                let _ = reply.send(live);
-            }
-            Command::Renew { handoff, reply } => {
-                let _ = reply.send(self.leases.renew(handoff, Instant::now()));
-            }
-            Command::Stop => self.stopped = true,
-            Command::AbortAll => {
-                let (streams, handoffs) = (self.streams.len(), self.imports.len());
+            Command::Cancel { stream } => self.cancel(stream),
+            Command::Control(Control::Stop) => self.stopped = true,
+            Command::Control(Control::AbortAll) => {
+                let (streams, handoffs) = (self.streams.len(), self.handoffs.len());
                 self.abort_all(|| Error::DrainDeadline);
                 tracing::warn!(
                     streams,
@@ -458,360 +449,453 @@ impl Loop {
         Snapshot {
             load: Load {
                 running: self.batcher.num_running() as u32,
-                waiting: (self.batcher.num_waiting() + self.imports.len()) as u32,
+                waiting: (self.batcher.num_waiting() + self.handoffs.len()) as u32,
                 free_blocks: engine.free_blocks() as u32,
                 total_blocks: engine.total_blocks() as u32,
-                leases: self.leases.len() as u32,
+                leases: self.handoffs.len() as u32,
             },
             stats,
-            idle: self.streams.is_empty() && self.imports.is_empty() && self.leases.is_empty(),
+            idle: self.streams.is_empty() && self.handoffs.is_empty(),
         }
     }
 
     fn busy(&self) -> usize {
-        self.streams.len() + self.imports.len()
+        self.streams.len() + self.handoffs.len()
     }
 
-    fn reserve(
+    fn next_seq(&mut self) -> SeqId {
+        let seq = SeqId(self.next_seq);
+        self.next_seq += 1;
+        seq
+    }
+
+    fn start(
         &mut self,
-        handoff: HandoffId,
-        prompt: Vec<u32>,
-        ttl: Duration,
-        receiver: usize,
-    ) -> Result<u32> {
+        request: RequestId,
+        source: Source,
+        params: SamplingParams,
+        events: mpsc::Sender<DecodeEvent>,
+    ) -> Result<Started> {
         if self.busy() >= self.config.max_streams {
             return Err(Error::Overloaded {
                 what: "decode worker's stream table",
             });
         }
-        if self.imports.contains_key(&handoff) {
-            return Err(Error::InvalidRequest {
-                field: "handoff_id",
-                reason: format!("{handoff} is already reserved"),
-            });
-        }
-        let rx = self
-            .receivers
-            .get(receiver)
-            .cloned()
-            .ok_or(Error::InvalidRequest {
-                field: "transport",
-                reason: "this decode worker does not receive over that transport".into(),
-            })?;
-        let engine = self.batcher.engine_mut();
-        let needed = engine.blocks_for(prompt.len());
-        if needed > engine.free_blocks() {
-            return Err(Error::Overloaded {
-                what: "decode worker's kv pool",
-            });
-        }
-        let seq = SeqId(self.next_seq);
-        self.next_seq += 1;
-        engine.begin_import(seq, prompt.clone())?;
-        let expectation = Expectation::whole_sequence(engine.descriptor(), prompt.len() as u32);
-        let now = Instant::now();
-        let undo = |engine: &mut baton_engine::Engine| {
-            engine.release(seq);
-        };
-        if let Err(e) = self
-            .leases
-            .grant(handoff, LeaseKind::PushReservation, ttl, now, ())
-        {
-            undo(self.batcher.engine_mut());
-            return Err(Error::InvalidRequest {
-                field: "ttl_ms",
-                reason: e.to_string(),
-            });
-        }
-        if let Err(e) = rx.expect(handoff, expectation) {
-            self.leases.release(handoff);
-            undo(self.batcher.engine_mut());
-            return Err(e.into());
-        }
-        self.imports.insert(
-            handoff,
-            Import {
-                seq,
-                receiver,
-                prompt,
-                reserved: now,
-                landed: false,
-                failed: None,
-                bytes: 0,
-                parked: None,
-            },
-        );
-        Ok(needed as u32)
-    }
-
-    fn start(
-        &mut self,
-        source: DecodeSource,
-        params: SamplingParams,
-        events: mpsc::Sender<DecodeEvent>,
-    ) -> Result<()> {
+        let seq = self.next_seq();
         match source {
-            DecodeSource::Prompt { prompt } => {
-                if self.busy() >= self.config.max_streams {
-                    return Err(Error::Overloaded {
-                        what: "decode worker's stream table",
-                    });
-                }
-                let seq = SeqId(self.next_seq);
-                self.next_seq += 1;
+            Source::Prompt { prompt } => {
                 self.batcher.submit(GenerateRequest {
                     id: seq,
                     prompt,
                     params,
                 })?;
                 self.streams.insert(seq, events);
-                Ok(())
+                Ok(Started {
+                    stream: seq,
+                    reserved: None,
+                })
             }
-            DecodeSource::Imported {
+            Source::Push {
                 handoff,
-                first_token,
+                prompt,
+                ttl,
             } => {
-                let import = self
-                    .imports
-                    .get_mut(&handoff)
-                    .ok_or(Error::UnknownHandoff(handoff))?;
-                if import.parked.is_some() {
-                    return Err(Error::InvalidRequest {
-                        field: "handoff_id",
-                        reason: format!("{handoff} is already being decoded"),
-                    });
-                }
-                import.parked = Some(Parked {
-                    first_token,
-                    params,
-                    events,
+                let reserved = self.reserve(request, handoff, seq, prompt, ttl, params, events)?;
+                Ok(Started {
+                    stream: seq,
+                    reserved: Some(reserved),
+                })
+            }
+            Source::Pull {
+                handoff,
+                prompt,
+                source,
+                transport,
+                ttl,
+            } => {
+                let tokens = prompt.len() as u32;
+                source.check(tokens).map_err(|e| Error::InvalidRequest {
+                    field: "source",
+                    reason: e.to_string(),
+                })?;
+                self.batcher
+                    .engine()
+                    .descriptor()
+                    .check_compatible(&source.pool.layout)
+                    .map_err(|e| Error::Transport(e.into()))?;
+                let endpoint =
+                    source
+                        .endpoint(transport)
+                        .cloned()
+                        .ok_or(Error::InvalidRequest {
+                            field: "transport",
+                            reason: format!(
+                                "the prefill worker offers no {} endpoint",
+                                transport.as_str()
+                            ),
+                        })?;
+                let local = self.batcher.engine().descriptor().clone();
+                let blocks = tokens.div_ceil(local.block_size);
+                // One read per copy of the plan: with equal layouts, one for everything.
+                let planned = plan(
+                    std::slice::from_ref(&source.pool.layout),
+                    std::slice::from_ref(&local),
+                    0..blocks,
+                )
+                .map_err(Error::Transport)?;
+                let mine =
+                    self.reserve(request.clone(), handoff, seq, prompt, ttl, params, events)?;
+                let reads: Vec<ReadRequest> = planned
+                    .to_destination(0)
+                    .map(|pc| ReadRequest {
+                        tokens,
+                        layers: pc.layers.clone(),
+                        heads: pc.kv_heads.clone(),
+                        source_blocks: source.blocks.clone(),
+                        dest_blocks: mine.blocks.clone(),
+                    })
+                    .collect();
+                // The reads run on the runtime, not this thread; a failure comes back as
+                // feedback and fails the handoff like any transfer failure.
+                let (agent, feedback) = (self.agent.clone(), self.feedback_tx.clone());
+                self.rt.spawn(async move {
+                    for read in reads {
+                        if let Err(e) = agent.read(&endpoint, handoff, read).await {
+                            let reason = format!("reading from the prefill worker failed: {e}");
+                            let _ = feedback
+                                .send(Feedback::ReadFailed { handoff, reason })
+                                .await;
+                            return;
+                        }
+                    }
                 });
-                if import.landed || import.failed.is_some() {
-                    self.resume(handoff);
-                }
-                Ok(())
+                tracing::debug!(%request, %handoff, "pull requested");
+                Ok(Started {
+                    stream: seq,
+                    reserved: None,
+                })
             }
         }
     }
 
-    /// Moves a landed (or failed) import with a parked decode job into the batcher.
-    fn resume(&mut self, handoff: HandoffId) {
-        if self
-            .imports
-            .get(&handoff)
-            .is_none_or(|i| i.parked.is_none())
-        {
-            return;
+    /// Reserves blocks for `prompt`, tells the agent to expect `handoff` into them, and starts
+    /// the handoff's machine. Returns the blocks' descriptor.
+    #[allow(clippy::too_many_arguments)]
+    fn reserve(
+        &mut self,
+        request: RequestId,
+        handoff: HandoffId,
+        seq: SeqId,
+        prompt: Vec<u32>,
+        ttl: Duration,
+        params: SamplingParams,
+        events: mpsc::Sender<DecodeEvent>,
+    ) -> Result<BlockDescriptor> {
+        if self.handoffs.contains_key(&handoff) {
+            return Err(Error::InvalidRequest {
+                field: "handoff_id",
+                reason: format!("{handoff} is already landing here"),
+            });
         }
-        let Some(Import {
-            seq,
-            prompt,
-            reserved,
-            failed,
-            bytes,
-            parked: Some(parked),
-            ..
-        }) = self.imports.remove(&handoff)
-        else {
-            return;
+        if ttl > self.config.max_lease_ttl || ttl < Duration::from_millis(1) {
+            return Err(Error::InvalidRequest {
+                field: "ttl_ms",
+                reason: format!("{ttl:?} is outside 1 ms..={:?}", self.config.max_lease_ttl),
+            });
+        }
+        let engine = self.batcher.engine_mut();
+        if prompt.len() >= engine.max_context() {
+            return Err(Error::InvalidRequest {
+                field: "prompt_token_ids",
+                reason: format!(
+                    "{} tokens leave no room in the {}-token context",
+                    prompt.len(),
+                    engine.max_context()
+                ),
+            });
+        }
+        let table = engine.reserve_table(prompt.len()).map_err(|e| match e {
+            baton_engine::Error::KvCacheFull { .. } => Error::Overloaded {
+                what: "decode worker's kv pool",
+            },
+            e => Error::Engine(e),
+        })?;
+        let blocks = table.blocks().to_vec();
+        let layout = engine.descriptor().clone();
+        let pool = engine.pool_layout().clone();
+        let reservation = Arc::new(Reservation(Mutex::new(Some(table))));
+        let guard: Guard = reservation.clone();
+        self.agent.expect(
+            handoff,
+            Expectation {
+                tokens: prompt.len() as u32,
+                layers: layout.layers.clone(),
+                heads: layout.kv_heads.clone(),
+                blocks: blocks.clone(),
+                guard,
+            },
+        )?;
+        let now = Instant::now();
+        let descriptor = BlockDescriptor {
+            worker: self.agent.worker().clone(),
+            endpoints: self.agent.endpoints(),
+            pool,
+            blocks,
+            tokens: prompt.len() as u32,
         };
-        // From here the stream owns the sequence; no lease pins it.
-        self.leases.release(handoff);
-        if let Some(reason) = failed {
-            self.batcher.engine_mut().release(seq);
-            match self.config.kv_failure_policy {
-                KvFailurePolicy::Fail => {
-                    let _ = parked
-                        .events
-                        .try_send(DecodeEvent::Failed(Error::Handoff(reason)));
-                }
-                KvFailurePolicy::Recompute => {
-                    self.stats.handoffs_recomputed += 1;
-                    tracing::warn!(%handoff, %reason, "kv handoff failed; recomputing the prompt on the decode worker");
-                    let _ = parked.events.try_send(DecodeEvent::Recomputing { reason });
-                    let result = self.batcher.submit_continuation(
-                        seq,
-                        prompt,
-                        parked.params,
-                        parked.first_token.id,
-                    );
-                    match result {
-                        Ok(()) => {
-                            self.streams.insert(seq, parked.events);
-                        }
-                        Err(e) => {
-                            let _ = parked.events.try_send(DecodeEvent::Failed(e.into()));
-                        }
-                    }
-                }
-            }
-            return;
-        }
-        let _ = parked.events.try_send(DecodeEvent::KvLanded {
-            bytes,
-            transfer: reserved.elapsed(),
-        });
-        match self
-            .batcher
-            .resume_imported(seq, parked.params, parked.first_token.id)
-        {
-            Ok(()) => {
-                self.streams.insert(seq, parked.events);
-            }
-            Err(e) => {
-                self.batcher.engine_mut().release(seq);
-                let _ = parked.events.try_send(DecodeEvent::Failed(e.into()));
-            }
-        }
+        self.handoffs.insert(
+            handoff,
+            Landing {
+                machine: Handoff::new(now, ttl, self.config.kv_failure_policy),
+                request,
+                seq,
+                prompt,
+                reservation,
+                params,
+                events,
+                reserved_at: now,
+            },
+        );
+        Ok(descriptor)
     }
 
-    fn deliver(&mut self, delivery: Delivery) {
-        match delivery {
-            Delivery::Segment(seg) => {
-                let Some(import) = self.imports.get_mut(&seg.handoff) else {
+    fn on_agent(&mut self, event: AgentEvent) {
+        let now = Instant::now();
+        match event {
+            AgentEvent::LayerLanded { handoff, .. } => {
+                self.drive(handoff, now, HandoffEvent::LayerLanded, None)
+            }
+            AgentEvent::Keepalive { handoff } => {
+                self.drive(handoff, now, HandoffEvent::Keepalive, None)
+            }
+            AgentEvent::Arrived {
+                handoff,
+                bytes,
+                sender_bytes,
+                transfer,
+                completion,
+            } => {
+                let Some(landing) = self.handoffs.get(&handoff) else {
                     return;
                 };
-                if import.failed.is_some() {
-                    return;
-                }
-                let (seq, receiver) = (import.seq, import.receiver);
-                let len = seg.chunk.data.len() as u64;
-                let imported = self.batcher.engine_mut().import(seq, &seg.chunk);
-                // The bytes now live in the block pool; the receiver copies a later frame into
-                // the buffer instead of faulting in a fresh one.
-                if let Some(rx) = self.receivers.get(receiver) {
-                    rx.recycle(seg.chunk.data);
-                }
-                match imported {
-                    Ok(()) => {
-                        if let Some(import) = self.imports.get_mut(&seg.handoff) {
-                            import.bytes += len;
-                        }
-                        self.stats.kv_bytes_imported += len;
-                        self.leases.renew(seg.handoff, Instant::now());
-                    }
-                    Err(e) => self.fail_import(seg.handoff, e.to_string(), true),
-                }
-            }
-            Delivery::Complete(handoff) => {
-                let Some(import) = self.imports.get_mut(&handoff) else {
-                    return;
+                let landed = Landed {
+                    bytes,
+                    transfer: landing.reserved_at.elapsed(),
+                    sender_bytes,
+                    sender_transfer: transfer,
+                    sender_exposed: Duration::ZERO,
                 };
-                let seq = import.seq;
-                match self.batcher.engine_mut().finish_import(seq) {
-                    Ok(()) => {
-                        self.stats.handoffs_ok += 1;
-                        if let Some(import) = self.imports.get_mut(&handoff) {
-                            import.landed = true;
-                            if import.parked.is_some() {
-                                self.resume(handoff);
-                            }
-                        }
+                match baton_proto::v1::HandoffCompletion::decode(completion.as_slice()) {
+                    Ok(c) => {
+                        let landed = Landed {
+                            sender_exposed: Duration::from_secs_f64(
+                                c.exposed_seconds.clamp(0.0, 86_400.0),
+                            ),
+                            ..landed
+                        };
+                        self.drive(
+                            handoff,
+                            now,
+                            HandoffEvent::Arrived {
+                                first_token: c.first_token_id,
+                            },
+                            Some(landed),
+                        );
                     }
-                    Err(e) => self.fail_import(handoff, e.to_string(), true),
+                    Err(e) => self.drive(
+                        handoff,
+                        now,
+                        HandoffEvent::Failed {
+                            reason: format!("the prefill worker's completion is unreadable: {e}"),
+                        },
+                        None,
+                    ),
                 }
             }
-            Delivery::Failed { handoff, error } => {
-                self.fail_import(handoff, error.to_string(), false);
-            }
-            Delivery::Rejected { handoff, error } => {
-                tracing::warn!(?handoff, %error, "kv frame rejected");
-            }
+            AgentEvent::Failed { handoff, error } => self.drive(
+                handoff,
+                now,
+                HandoffEvent::Failed {
+                    reason: error.to_string(),
+                },
+                None,
+            ),
+            // A decode worker neither sends nor offers sources.
+            AgentEvent::Cancelled { .. }
+            | AgentEvent::ReadStarted { .. }
+            | AgentEvent::ReadDone { .. }
+            | AgentEvent::ReadFailed { .. } => {}
         }
     }
 
-    /// Marks a handoff failed: its bytes are never decoded from. `cancel_receiver` stops the
-    /// receiver expecting more of it (the receiver already did when it reported the failure).
-    fn fail_import(&mut self, handoff: HandoffId, reason: String, cancel_receiver: bool) {
-        let Some(import) = self.imports.get_mut(&handoff) else {
-            return;
-        };
-        if import.failed.is_some() {
-            return;
-        }
-        tracing::warn!(%handoff, %reason, "kv handoff failed");
-        self.stats.handoffs_failed += 1;
-        import.failed = Some(reason);
-        import.landed = false;
-        let (seq, receiver) = (import.seq, import.receiver);
-        if cancel_receiver && let Some(rx) = self.receivers.get(receiver) {
-            rx.cancel(handoff);
-        }
-        if self
-            .imports
-            .get(&handoff)
-            .is_some_and(|i| i.parked.is_some())
-        {
-            self.resume(handoff);
-        } else {
-            // No stream yet: free the blocks now; the reservation stays known (without blocks)
-            // until its lease ends, so a late Decode gets the failure rather than "unknown".
-            self.batcher.engine_mut().release(seq);
-        }
-    }
-
-    /// Forgets a handoff and frees whatever it holds.
-    fn drop_import(&mut self, handoff: HandoffId) {
-        self.leases.release(handoff);
-        if let Some(import) = self.imports.remove(&handoff) {
-            if let Some(rx) = self.receivers.get(import.receiver) {
-                rx.cancel(handoff);
-            }
-            self.batcher.engine_mut().release(import.seq);
-            if let Some(parked) = import.parked {
-                let _ = parked
-                    .events
-                    .try_send(DecodeEvent::Failed(Error::Cancelled));
-            }
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        for (handoff, _, ()) in self.leases.expire(now) {
-            let Some(import) = self.imports.get(&handoff) else {
-                continue;
-            };
-            if import.failed.is_some() && import.parked.is_none() {
-                // A failure nobody claimed: forget it.
-                self.imports.remove(&handoff);
-                continue;
-            }
-            self.stats.handoffs_expired += 1;
-            tracing::warn!(%handoff, "kv reservation lease expired; blocks freed");
-            if import.parked.is_some() {
-                self.fail_import(
+    fn on_feedback(&mut self, f: Feedback) {
+        match f {
+            Feedback::ReadFailed { handoff, reason } => {
+                // The agent may still expect it; nothing will write it now.
+                self.agent.forget(handoff);
+                self.drive(
                     handoff,
-                    format!("{handoff} expired before its kv landed"),
-                    true,
+                    Instant::now(),
+                    HandoffEvent::Failed { reason },
+                    None,
                 );
-            } else {
-                self.drop_import(handoff);
             }
         }
     }
 
-    fn cancel_abandoned_streams(&mut self) {
+    /// Feeds one event to a handoff's machine and carries out its actions.
+    fn drive(
+        &mut self,
+        handoff: HandoffId,
+        now: Instant,
+        event: HandoffEvent,
+        landed: Option<Landed>,
+    ) {
+        let Some(landing) = self.handoffs.get_mut(&handoff) else {
+            return;
+        };
+        let actions = landing.machine.step(now, event);
+        let ended = landing.machine.is_ended();
+        for action in actions {
+            self.act(handoff, action, landed);
+        }
+        if ended {
+            self.handoffs.remove(&handoff);
+        }
+    }
+
+    fn act(&mut self, handoff: HandoffId, action: Action, landed: Option<Landed>) {
+        match action {
+            Action::Forget => {
+                self.agent.forget(handoff);
+            }
+            Action::Decode { first_token } => {
+                let Some(landing) = self.handoffs.remove(&handoff) else {
+                    return;
+                };
+                self.stats.handoffs_ok += 1;
+                let landed = landed.unwrap_or_default();
+                self.stats.kv_bytes_imported += landed.bytes;
+                let _ = landing.events.try_send(DecodeEvent::KvLanded(landed));
+                let Some(table) = landing.reservation.take() else {
+                    let _ = landing.events.try_send(DecodeEvent::Failed(Error::Internal(
+                        "the reserved blocks were already taken".into(),
+                    )));
+                    return;
+                };
+                let (seq, events, request) = (landing.seq, landing.events, landing.request);
+                let adopted = self
+                    .batcher
+                    .engine_mut()
+                    .adopt(seq, landing.prompt, table)
+                    .map_err(Error::from)
+                    .and_then(|()| {
+                        self.batcher
+                            .resume_imported(seq, landing.params, first_token)
+                            .map_err(Error::from)
+                    });
+                match adopted {
+                    Ok(()) => {
+                        tracing::debug!(%request, %handoff, bytes = landed.bytes, "kv landed; decoding");
+                        self.streams.insert(seq, events);
+                    }
+                    Err(e) => {
+                        self.batcher.engine_mut().release(seq);
+                        let _ = events.try_send(DecodeEvent::Failed(e));
+                    }
+                }
+            }
+            Action::FailStream { reason } => {
+                let Some(landing) = self.handoffs.get(&handoff) else {
+                    return;
+                };
+                self.stats.handoffs_failed += 1;
+                if reason.contains("expired") {
+                    self.stats.handoffs_expired += 1;
+                }
+                tracing::warn!(request = %landing.request, %handoff, %reason, "kv handoff failed; failing the stream");
+                let _ = landing
+                    .events
+                    .try_send(DecodeEvent::Failed(Error::Handoff(reason)));
+            }
+            Action::Recompute { reason } => {
+                let Some(landing) = self.handoffs.remove(&handoff) else {
+                    return;
+                };
+                self.stats.handoffs_failed += 1;
+                self.stats.handoffs_recomputed += 1;
+                if reason.contains("expired") {
+                    self.stats.handoffs_expired += 1;
+                }
+                tracing::warn!(request = %landing.request, %handoff, %reason, "kv handoff failed; recomputing the prompt on the decode worker");
+                // The reserved blocks go back once the agent lets go of them too.
+                drop(landing.reservation);
+                let seq = landing.seq;
+                let submitted = self.batcher.submit(GenerateRequest {
+                    id: seq,
+                    prompt: landing.prompt,
+                    params: landing.params,
+                });
+                match submitted {
+                    Ok(()) => {
+                        self.recomputing.insert(seq, reason);
+                        self.streams.insert(seq, landing.events);
+                    }
+                    Err(e) => {
+                        let _ = landing.events.try_send(DecodeEvent::Failed(e.into()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let due: Vec<HandoffId> = self
+            .handoffs
+            .iter()
+            .filter(|(_, l)| l.machine.deadline().is_some_and(|d| d <= now))
+            .map(|(h, _)| *h)
+            .collect();
+        for handoff in due {
+            self.drive(handoff, now, HandoffEvent::Tick, None);
+        }
+    }
+
+    fn cancel(&mut self, stream: SeqId) {
+        if let Some(handoff) = self
+            .handoffs
+            .iter()
+            .find(|(_, l)| l.seq == stream)
+            .map(|(h, _)| *h)
+        {
+            self.stats.cancelled += 1;
+            self.drive(handoff, Instant::now(), HandoffEvent::StreamClosed, None);
+            return;
+        }
+        if self.streams.remove(&stream).is_some() {
+            self.stats.cancelled += 1;
+            self.batcher.cancel(stream);
+            self.recomputing.remove(&stream);
+            tracing::debug!(%stream, "client went away; stream cancelled and blocks freed");
+        }
+    }
+
+    /// Streams whose client went away without a cancel reaching us (a backstop).
+    fn cancel_abandoned(&mut self) {
         let gone: Vec<SeqId> = self
             .streams
             .iter()
             .filter(|(_, tx)| tx.is_closed())
             .map(|(seq, _)| *seq)
+            .chain(
+                self.handoffs
+                    .values()
+                    .filter(|l| l.events.is_closed())
+                    .map(|l| l.seq),
+            )
             .collect();
         for seq in gone {
-            self.streams.remove(&seq);
-            self.batcher.cancel(seq);
-            self.stats.cancelled += 1;
-            tracing::debug!(%seq, "client went away; stream cancelled and blocks freed");
-        }
-        let parked_gone: Vec<HandoffId> = self
-            .imports
-            .iter()
-            .filter(|(_, i)| i.parked.as_ref().is_some_and(|p| p.events.is_closed()))
-            .map(|(h, _)| *h)
-            .collect();
-        for h in parked_gone {
-            self.stats.cancelled += 1;
-            self.drop_import(h);
+            self.cancel(seq);
         }
     }
 
@@ -834,7 +918,16 @@ impl Loop {
                     let Some(tx) = self.streams.get(&seq) else {
                         continue;
                     };
-                    if tx.try_send(DecodeEvent::Token { token, finish }).is_err() {
+                    let event = if let Some(reason) = self.recomputing.remove(&seq) {
+                        DecodeEvent::Recomputed {
+                            first_token: token,
+                            reason,
+                            finish,
+                        }
+                    } else {
+                        DecodeEvent::Token { token, finish }
+                    };
+                    if tx.try_send(event).is_err() {
                         self.batcher.cancel(seq);
                         self.streams.remove(&seq);
                         continue;
@@ -844,6 +937,7 @@ impl Loop {
                     }
                 }
                 Event::Failed { seq, error } => {
+                    self.recomputing.remove(&seq);
                     if let Some(tx) = self.streams.remove(&seq) {
                         let _ = tx.try_send(DecodeEvent::Failed(Error::Internal(error)));
                     }

@@ -1,16 +1,18 @@
-//! Decode worker: reserves blocks for incoming KV, imports and verifies it as it lands, and runs
-//! the continuous-batching decode loop that streams tokens back to the coordinator. It can also
-//! prefill a prompt itself (aggregated serving).
+//! Decode worker: reserves blocks for incoming KV (which the prefill worker's agent writes and
+//! this worker's agent verifies in place), and runs the continuous-batching decode loop that
+//! streams tokens back to the coordinator. It can also prefill a prompt itself (aggregated).
 //!
-//! prefill-worker --KV blocks--> [decode-worker] --token stream--> coordinator
+//! prefill-worker --KV into reserved blocks--> [decode-worker] --token stream--> coordinator
 //!
-//! Invariants: only the engine thread touches the engine; a reservation is pinned under a lease
-//! until its decode starts or it is released or expires; a cancelled or disconnected stream
-//! frees its blocks before the next step.
+//! Invariants: only the engine thread touches the engine; each handoff is one pure state
+//! machine (`handoff`) the engine thread drives; reserved blocks return to the pool by
+//! ownership, once neither the engine thread nor a transport holds them; a cancelled or
+//! disconnected stream frees its blocks before the next step.
 
 mod config;
 mod engine_loop;
 mod error;
+pub mod handoff;
 mod metrics;
 mod service;
 

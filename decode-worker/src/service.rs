@@ -1,44 +1,40 @@
-//! The `baton.v1.DecodeWorker` gRPC service and the server around it: KV receivers (TCP, and
-//! shared memory when configured), the engine thread, health and reflection.
+//! The `baton.v1.DecodeWorker` gRPC service, and the worker around it: the engine thread, the
+//! transfer agent, the shared server scaffold (health, reflection, metrics, drain).
 //!
-//! coordinator --Reserve--> service --> engine thread (blocks pinned, handoff expected)
-//! prefill worker --KV frames--> receiver --Delivery--> engine thread (imported, verified)
-//! coordinator --Decode--> service --> engine thread --DecodeEvent--> response stream
-//! pull shape: service --Pull, then Release--> prefill worker
+//! ```text
+//! coordinator --Decode(push)--> service --> engine thread: blocks reserved, expected
+//!     <--first message: reserved blocks--   (the coordinator hands them to the prefill worker)
+//! prefill agent --writes, completion--> agent --Event--> engine thread --> decoding
+//! coordinator --Decode(pull)--> engine thread: reserve, expect, ask the prefill agent to write
+//! engine thread --DecodeEvent--> stream task --DecodeResponse--> coordinator
+//! ```
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use baton_core::{HandoffId, RequestId};
 use baton_engine::batch::Batcher;
-use baton_engine::{Engine, LayoutDescriptor, SamplingLimits};
-use baton_kv_transfer::{Delivery, Endpoint, HandoffId, KvReceiver, ShmReceiver, TcpReceiver};
+use baton_engine::{Engine, PoolMemory, SamplingLimits};
+use baton_kv_transfer::agent::Agent;
 use baton_proto::convert;
 use baton_proto::v1::{
     self, DecodeFinish, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest,
-    ReleaseRequest, ReleaseResponse, RenewRequest, RenewResponse, ReserveRequest, ReserveResponse,
     WorkerInfo,
-    decode_request::Source,
+    decode_request::Source as ProtoSource,
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
-    prefill_worker_client::PrefillWorkerClient,
 };
-use baton_telemetry::TraceContext;
+use baton_worker::ServeOptions;
 use tokio::net::TcpListener;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::config::DecodeConfig;
-use crate::engine_loop::{self, DecodeEvent, DecodeSource, EngineHandle, LoopConfig};
+use crate::engine_loop::{self, DecodeEngine, DecodeEvent, Landed, LoopConfig, Source};
 use crate::error::{Error, Result};
-
-/// After a drain, how long open calls (health watches) get before the server stops.
-const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
 pub async fn run(config: DecodeConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -55,65 +51,45 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let metrics = if config.metrics {
-        let at = config.metrics_listen;
-        Some(
-            TcpListener::bind(at)
-                .await
-                .map_err(|e| Error::Internal(format!("bind metrics {at}: {e}")))?,
-        )
-    } else {
-        None
-    };
+    let metrics = baton_worker::serve::bind_metrics(config.metrics, config.metrics_listen)
+        .await
+        .map_err(Error::Internal)?;
     serve_with_metrics(config, listener, metrics, shutdown).await
 }
 
 /// Serves gRPC on `listener` and, when given, `/metrics` on `metrics` (both already bound, so
 /// a caller can announce ports the OS chose).
 pub async fn serve_with_metrics(
-    config: DecodeConfig,
+    mut config: DecodeConfig,
     listener: TcpListener,
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let worker_id = crate::config::worker_id(config.worker_id.as_deref())?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener address: {e}")))?;
+    // Prefill workers on this host copy straight into a pool they can map.
+    if config.kv.shm_socket.is_some() {
+        config.engine.pool_memory = PoolMemory::Shared;
+    }
     let engine_config = config.engine.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await
         .map_err(|e| Error::Internal(format!("model load task: {e}")))??;
+    let (agent, agent_events) =
+        Agent::start(worker_id.clone(), engine.kv_region(), config.kv.clone()).await?;
     let local = engine.descriptor().clone();
-    let worker_id = config
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| format!("decode@{addr}"));
-
-    // Receivers, in `Transport` order of the endpoints list; their deliveries merge into one
-    // bounded channel the engine thread reads.
-    let (tcp, tcp_rx) =
-        TcpReceiver::bind(config.kv_tcp_listen, local.clone(), config.tcp.clone()).await?;
-    let mut endpoints = vec![(v1::Transport::Tcp, Endpoint::Tcp(tcp.local_addr()))];
-    let mut receivers: Vec<Arc<dyn KvReceiver>> = vec![Arc::new(tcp)];
-    let (merged_tx, merged_rx) = mpsc::channel(config.tcp.delivery_capacity);
-    tokio::spawn(forward(tcp_rx, merged_tx.clone()));
-    if let Some(path) = &config.kv_shm_socket {
-        let (shm, shm_rx) = ShmReceiver::bind(path, local.clone(), config.shm.clone()).await?;
-        endpoints.push((v1::Transport::Shm, Endpoint::Shm(path.clone())));
-        receivers.push(Arc::new(shm));
-        tokio::spawn(forward(shm_rx, merged_tx.clone()));
-    }
-    drop(merged_tx);
-
     let info = WorkerInfo {
-        worker_id: worker_id.clone(),
+        worker_id: worker_id.to_string(),
         role: v1::WorkerRole::Decode as i32,
         model_name: baton_engine::model_name(&config.engine.model),
         layout: Some(convert::descriptor_to_proto(&local)),
-        kv_endpoints: endpoints
+        kv_endpoints: agent
+            .endpoints()
             .iter()
-            .map(|(_, e)| convert::endpoint_to_proto(e, &config.host_id))
+            .map(|e| convert::endpoint_to_proto(e, &config.host_id))
             .collect(),
         max_context: engine.max_context() as u32,
         block_size: engine.block_size() as u32,
@@ -122,12 +98,11 @@ pub async fn serve_with_metrics(
     };
     let max_context = engine.max_context();
     let eos = engine.tokenizer().eos_token_ids().to_vec();
-    tracing::info!(%worker_id, %addr, kv = ?endpoints.iter().map(|(_, e)| e.to_string()).collect::<Vec<_>>(), blocks = engine.total_blocks(), "decode worker serving");
-    let draining = Arc::new(AtomicBool::new(false));
+    tracing::info!(%worker_id, %addr, kv = ?agent.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(), blocks = engine.total_blocks(), "decode worker serving");
     let (handle, join) = engine_loop::spawn(
         Batcher::new(engine, eos),
-        receivers,
-        merged_rx,
+        agent,
+        agent_events,
         LoopConfig {
             queue_capacity: config.max_streams * 2,
             max_streams: config.max_streams,
@@ -137,6 +112,7 @@ pub async fn serve_with_metrics(
         tokio::runtime::Handle::current(),
     )
     .map_err(|e| Error::Internal(format!("start engine thread: {e}")))?;
+    let draining = Arc::new(AtomicBool::new(false));
     let metrics = metrics
         .map(|listener| {
             let draining = draining.clone();
@@ -151,156 +127,49 @@ pub async fn serve_with_metrics(
     let service = DecodeService {
         draining: draining.clone(),
         engine: handle.clone(),
-        endpoints,
-        local,
         info,
         host_id: config.host_id.clone(),
         max_context,
-        max_lease_ttl: config.max_lease_ttl,
-        prefill_clients: Arc::new(Mutex::new(HashMap::new())),
+        default_ttl: config.default_lease_ttl,
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<DecodeWorkerServer<DecodeService>>()
-        .await;
-    let reflection = baton_proto::reflection_service(&["baton.v1.DecodeWorker"])
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let drain_timeout = config.drain_timeout;
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let stopper = handle.clone();
-    let drained = async move {
-        shutdown.await;
-        drain(&handle, &health, &draining, drain_timeout).await;
-        let _ = drained_tx.send(());
-    };
-    let server = tonic::transport::Server::builder()
-        .trace_fn(baton_telemetry::grpc_server_span)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(DecodeWorkerServer::new(service))
-        .serve_with_incoming_shutdown(baton_proto::incoming(listener), drained);
-    // Once drained, calls still open are watches (the coordinator's health Watch never ends
-    // by itself): they get a moment to see the server go, then the server stops regardless.
-    tokio::pin!(server);
-    let result = tokio::select! {
-        r = &mut server => r,
-        _ = drained_rx => tokio::time::timeout(CLOSE_GRACE, server)
-            .await
-            .unwrap_or(Ok(())),
-    };
-    stopper.stop().await;
+    let served = baton_worker::serve(
+        ServeOptions {
+            role: "decode",
+            reflected: &["baton.v1.DecodeWorker"],
+            drain_timeout: config.drain_timeout,
+            draining,
+        },
+        listener,
+        DecodeWorkerServer::new(service),
+        handle.handle(),
+        shutdown,
+    )
+    .await;
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
     drop(metrics);
-    result.map_err(|e| Error::Internal(format!("grpc server: {e}")))
+    served.map_err(Error::Internal)
 }
-
-/// SIGTERM's path: report NOT_SERVING (the coordinator stops routing here at once), refuse new
-/// work, let in-flight streams finish until `deadline`, then fail the rest and free every
-/// block. The server stops once this returns.
-async fn drain(
-    engine: &EngineHandle,
-    health: &tonic_health::server::HealthReporter,
-    draining: &AtomicBool,
-    deadline: Duration,
-) {
-    draining.store(true, Ordering::Relaxed);
-    health
-        .set_not_serving::<DecodeWorkerServer<DecodeService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    let at_start = engine.snapshot().load;
-    tracing::info!(
-        streams = at_start.running + at_start.waiting,
-        deadline_s = deadline.as_secs_f64(),
-        "draining: new work refused, in-flight streams finishing"
-    );
-    if tokio::time::timeout(deadline, engine.wait_idle())
-        .await
-        .is_err()
-    {
-        let _ = engine.abort_all().await;
-        engine.wait_idle().await;
-    }
-    let end = engine.snapshot().load;
-    tracing::info!(
-        free_blocks = end.free_blocks,
-        total_blocks = end.total_blocks,
-        leases = end.leases,
-        "drained"
-    );
-}
-
-async fn forward(mut from: mpsc::Receiver<Delivery>, to: mpsc::Sender<Delivery>) {
-    while let Some(d) = from.recv().await {
-        if to.send(d).await.is_err() {
-            return;
-        }
-    }
-}
-
-type PrefillClient = PrefillWorkerClient<InterceptedService<Channel, TraceContext>>;
 
 pub struct DecodeService {
     /// Set when a drain starts: new work is refused from then on.
     draining: Arc<AtomicBool>,
-    engine: EngineHandle,
-    /// Where this worker receives KV, by transport; the index is the engine's receiver index.
-    endpoints: Vec<(v1::Transport, Endpoint)>,
-    local: LayoutDescriptor,
+    engine: DecodeEngine,
     info: WorkerInfo,
     host_id: String,
     max_context: usize,
-    max_lease_ttl: Duration,
-    prefill_clients: Arc<Mutex<HashMap<String, PrefillClient>>>,
+    default_ttl: Duration,
 }
 
 impl DecodeService {
-    /// The receiver for `transport` (unspecified means TCP).
-    fn receiver(&self, transport: i32) -> Result<(usize, &Endpoint)> {
-        let wanted = match v1::Transport::try_from(transport) {
-            Ok(v1::Transport::Unspecified) => v1::Transport::Tcp,
-            Ok(t) => t,
-            Err(_) => {
-                return Err(Error::InvalidRequest {
-                    field: "transport",
-                    reason: format!("unknown value {transport}"),
-                });
-            }
-        };
-        self.endpoints
-            .iter()
-            .enumerate()
-            .find(|(_, (t, _))| *t == wanted)
-            .map(|(i, (_, e))| (i, e))
-            .ok_or(Error::InvalidRequest {
-                field: "transport",
-                reason: format!(
-                    "this decode worker does not receive over {}",
-                    wanted.as_str_name()
-                ),
-            })
-    }
-
     fn ttl(&self, ttl_ms: u32) -> Duration {
         if ttl_ms == 0 {
-            Duration::from_secs(10).min(self.max_lease_ttl)
+            self.default_ttl
         } else {
             Duration::from_millis(u64::from(ttl_ms))
         }
     }
 
-    /// New work (a reservation, a pull, an aggregated prompt) is refused while draining; a
-    /// decode of KV already reserved here is in-flight work and goes on.
-    fn admit_new_work(&self) -> Result<()> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Err(Error::Draining);
-        }
-        Ok(())
-    }
-
-    fn validate_prompt(&self, prompt: &[u32]) -> Result<()> {
+    fn validate_prompt(prompt: &[u32]) -> Result<()> {
         if prompt.is_empty() {
             return Err(Error::InvalidRequest {
                 field: "prompt_token_ids",
@@ -311,31 +180,29 @@ impl DecodeService {
     }
 }
 
-async fn prefill_client(
-    clients: &Mutex<HashMap<String, PrefillClient>>,
-    address: &str,
-) -> Result<PrefillClient> {
-    let mut clients = clients.lock().await;
-    if let Some(c) = clients.get(address) {
-        return Ok(c.clone());
-    }
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .map_err(|e| Error::InvalidRequest {
-            field: "prefill_worker_address",
-            reason: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    let client = PrefillWorkerClient::with_interceptor(channel, TraceContext);
-    clients.insert(address.to_string(), client.clone());
-    Ok(client)
-}
-
 fn invalid(e: convert::ConvertError) -> Error {
     Error::InvalidRequest {
         field: e.field,
         reason: e.reason,
     }
+}
+
+/// The request id the coordinator sent, or one made here for a caller that sent none.
+fn request_id(sent: &str) -> Result<RequestId> {
+    if sent.is_empty() {
+        return Ok(RequestId::generate(rand_u64()));
+    }
+    RequestId::parse(sent).map_err(|reason| Error::InvalidRequest {
+        field: "request_id",
+        reason,
+    })
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 type DecodeStream = ReceiverStream<Result<DecodeResponse, Status>>;
@@ -360,309 +227,226 @@ impl DecodeWorker for DecodeService {
         }))
     }
 
-    async fn reserve(
-        &self,
-        request: Request<ReserveRequest>,
-    ) -> Result<Response<ReserveResponse>, Status> {
-        self.admit_new_work()?;
-        let req = request.into_inner();
-        self.validate_prompt(&req.prompt_token_ids)?;
-        let (index, endpoint) = self.receiver(req.transport)?;
-        let blocks = self
-            .engine
-            .reserve(
-                HandoffId(req.handoff_id),
-                req.prompt_token_ids,
-                self.ttl(req.ttl_ms),
-                index,
-            )
-            .await?;
-        Ok(Response::new(ReserveResponse {
-            endpoint: Some(convert::endpoint_to_proto(endpoint, &self.host_id)),
-            destination: Some(convert::descriptor_to_proto(&self.local)),
-            blocks,
-        }))
-    }
-
-    async fn release(
-        &self,
-        request: Request<ReleaseRequest>,
-    ) -> Result<Response<ReleaseResponse>, Status> {
-        let released = self
-            .engine
-            .release(HandoffId(request.into_inner().handoff_id))
-            .await?;
-        Ok(Response::new(ReleaseResponse { released }))
-    }
-
-    async fn renew(
-        &self,
-        request: Request<RenewRequest>,
-    ) -> Result<Response<RenewResponse>, Status> {
-        let renewed = self
-            .engine
-            .renew(HandoffId(request.into_inner().handoff_id))
-            .await?;
-        Ok(Response::new(RenewResponse { renewed }))
-    }
-
     async fn decode(
         &self,
         request: Request<DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
+        // New work of every kind is refused while draining; what is already here finishes.
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Error::Draining.into());
+        }
         let deadline =
             convert::grpc_timeout(request.metadata()).map(|t| (tokio::time::Instant::now() + t, t));
         let req = request.into_inner();
-        if !matches!(req.source, Some(Source::Pushed(_))) {
-            self.admit_new_work()?;
-        }
+        let request = request_id(&req.request_id)?;
         let params = convert::sampling_from_proto(req.sampling.as_ref());
-        let (source, prompt_tokens, pull) = match req.source {
-            Some(Source::Pushed(p)) => {
-                let first = p.first_token.as_ref().ok_or(Error::InvalidRequest {
-                    field: "first_token",
-                    reason: "is required".into(),
-                })?;
-                (
-                    DecodeSource::Imported {
-                        handoff: HandoffId(p.handoff_id),
-                        first_token: convert::token_from_proto(first),
-                    },
-                    None,
-                    None,
-                )
-            }
-            Some(Source::Pulled(p)) => {
-                let descriptor = p.descriptor.as_ref().ok_or(Error::InvalidRequest {
-                    field: "descriptor",
-                    reason: "is required".into(),
-                })?;
-                let first = p.first_token.as_ref().ok_or(Error::InvalidRequest {
-                    field: "first_token",
-                    reason: "is required".into(),
-                })?;
-                self.validate_prompt(&p.prompt_token_ids)?;
-                if let Some(source) = &descriptor.source {
-                    let source = convert::descriptor_from_proto(source).map_err(invalid)?;
-                    self.local
-                        .check_compatible(&source)
-                        .map_err(|e| Error::Transport(e.into()))?;
-                }
-                let handoff = HandoffId(descriptor.handoff_id);
-                let (index, endpoint) = self.receiver(p.transport)?;
-                self.engine
-                    .reserve(
-                        handoff,
-                        p.prompt_token_ids.clone(),
-                        self.ttl(descriptor.ttl_ms),
-                        index,
-                    )
-                    .await?;
-                let pull = (
-                    handoff,
-                    descriptor.prefill_worker_address.clone(),
-                    convert::endpoint_to_proto(endpoint, &self.host_id),
-                );
-                (
-                    DecodeSource::Imported {
-                        handoff,
-                        first_token: convert::token_from_proto(first),
-                    },
-                    Some(p.prompt_token_ids.len()),
-                    Some(pull),
-                )
-            }
-            Some(Source::Prompt(p)) => {
-                self.validate_prompt(&p.prompt_token_ids)?;
+        let (source, prompt_tokens, shape) = match req.source {
+            Some(ProtoSource::Push(p)) => {
+                Self::validate_prompt(&p.prompt_token_ids)?;
+                convert::transport_from_proto(p.transport).map_err(invalid)?;
                 let n = p.prompt_token_ids.len();
                 (
-                    DecodeSource::Prompt {
+                    Source::Push {
+                        handoff: HandoffId(p.handoff_id),
+                        prompt: p.prompt_token_ids,
+                        ttl: self.ttl(p.ttl_ms),
+                    },
+                    n,
+                    Some(v1::HandoffShape::Push),
+                )
+            }
+            Some(ProtoSource::Pull(p)) => {
+                Self::validate_prompt(&p.prompt_token_ids)?;
+                let source =
+                    convert::blocks_from_proto(p.source.as_ref().ok_or(Error::InvalidRequest {
+                        field: "source",
+                        reason: "is required".into(),
+                    })?)
+                    .map_err(invalid)?;
+                let transport = convert::transport_from_proto(p.transport).map_err(invalid)?;
+                let n = p.prompt_token_ids.len();
+                (
+                    Source::Pull {
+                        handoff: HandoffId(p.handoff_id),
+                        prompt: p.prompt_token_ids,
+                        source,
+                        transport,
+                        ttl: self.ttl(p.ttl_ms),
+                    },
+                    n,
+                    Some(v1::HandoffShape::Pull),
+                )
+            }
+            Some(ProtoSource::Prompt(p)) => {
+                Self::validate_prompt(&p.prompt_token_ids)?;
+                let n = p.prompt_token_ids.len();
+                (
+                    Source::Prompt {
                         prompt: p.prompt_token_ids,
                     },
-                    Some(n),
+                    n,
                     None,
                 )
             }
             None => {
                 return Err(Error::InvalidRequest {
                     field: "source",
-                    reason: "one of pushed, pulled or prompt is required".into(),
+                    reason: "one of push, pull or prompt is required".into(),
                 }
                 .into());
             }
         };
-        let room = prompt_tokens.map_or(self.max_context, |n| self.max_context.saturating_sub(n));
-        if let Err(e) = params.validate(&SamplingLimits::with_room(room)) {
-            if let Some((handoff, _, _)) = &pull {
-                let _ = self.engine.release(*handoff).await;
-            }
-            return Err(Error::Engine(e.into()).into());
-        }
-        let imported = matches!(source, DecodeSource::Imported { .. });
-        let events = match self.engine.decode(source, params).await {
-            Ok(ev) => ev,
-            Err(e) => {
-                if let Some((handoff, _, _)) = &pull {
-                    let _ = self.engine.release(*handoff).await;
-                }
-                return Err(e.into());
-            }
-        };
-        let pull = match pull {
-            Some((handoff, address, endpoint)) => {
-                let client = prefill_client(&self.prefill_clients, &address).await?;
-                let engine = self.engine.clone();
-                let layout = convert::descriptor_to_proto(&self.local);
-                // The read: the prefill worker sends its leased blocks to our receiver. Its
-                // failure fails the handoff; the engine decides by policy what the stream sees.
-                let mut reader = client.clone();
-                let (report_tx, report_rx) = oneshot::channel();
-                let span = tracing::info_span!("transfer", shape = "pull", %handoff);
-                tokio::spawn(
-                    async move {
-                        let result = reader
-                            .pull(v1::PullRequest {
-                                handoff_id: handoff.0,
-                                destination: Some(endpoint),
-                                destination_layout: Some(layout),
-                            })
-                            .await;
-                        match result {
-                            Ok(response) => {
-                                let _ = report_tx.send(response.into_inner().kv);
-                            }
-                            Err(status) => {
-                                let _ = engine
-                                    .abandon(
-                                        handoff,
-                                        format!(
-                                            "pull from the prefill worker failed: {}",
-                                            status.message()
-                                        ),
-                                    )
-                                    .await;
-                            }
-                        }
-                    }
-                    .instrument(span),
-                );
-                Some((handoff, client, report_rx))
-            }
-            None => None,
-        };
+        let room = self.max_context.saturating_sub(prompt_tokens);
+        params
+            .validate(&SamplingLimits::with_room(room))
+            .map_err(|e| Error::Engine(e.into()))?;
+        let span = tracing::info_span!("decode_stream", request = %request, disaggregated = shape.is_some());
+        let (started, events) = self
+            .engine
+            .decode(request, source, params)
+            .instrument(span.clone())
+            .await?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(
-            stream_events(events, tx, imported, prompt_tokens, pull, deadline)
-                .instrument(tracing::info_span!("decode_stream", imported)),
-        );
+        if let Some(reserved) = &started.reserved {
+            // The first message: the blocks the prefill worker writes into.
+            let first = DecodeResponse {
+                reserved: Some(convert::blocks_to_proto(reserved, &self.host_id)),
+                ..Default::default()
+            };
+            let _ = tx.try_send(Ok(first));
+        }
+        let stream = StreamTask {
+            engine: self.engine.clone(),
+            stream: started.stream,
+            events,
+            tx,
+            prompt_tokens: prompt_tokens as u32,
+            disaggregated: shape,
+            deadline,
+        };
+        tokio::spawn(stream.run().instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
 /// Turns engine events into response messages until the job ends or the client goes away
-/// (dropping `events` then tells the engine to cancel).
-async fn stream_events(
-    mut events: mpsc::Receiver<DecodeEvent>,
+/// (then the engine is told to cancel, and frees the blocks before its next step).
+struct StreamTask {
+    engine: DecodeEngine,
+    stream: baton_engine::SeqId,
+    events: mpsc::Receiver<DecodeEvent>,
     tx: mpsc::Sender<Result<DecodeResponse, Status>>,
-    imported: bool,
-    prompt_tokens: Option<usize>,
-    pull: Option<(
-        HandoffId,
-        PrefillClient,
-        oneshot::Receiver<Option<v1::KvTransferStats>>,
-    )>,
+    prompt_tokens: u32,
+    /// The handoff's shape, for a disaggregated decode.
+    disaggregated: Option<v1::HandoffShape>,
     deadline: Option<(tokio::time::Instant, Duration)>,
-) {
-    let (mut pull, mut source_report) = match pull {
-        Some((h, c, r)) => (Some((h, c)), Some(r)),
-        None => (None, None),
-    };
-    // The prefill worker sampled the first token of an imported sequence.
-    let mut completion = u32::from(imported);
-    let mut kv = v1::KvTransferStats::default();
-    let expired = async move {
-        match deadline {
-            Some((at, _)) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(expired);
-    loop {
-        let event = tokio::select! {
-            e = events.recv() => match e {
-                Some(e) => e,
-                None => return,
-            },
-            () = &mut expired => {
-                // Returning drops `events`: the engine cancels the stream and frees its blocks.
-                let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
-                let _ = tx
-                    .send(Err(Status::deadline_exceeded(format!(
-                        "the call's deadline passed ({timeout:?} after it arrived)"
-                    ))))
-                    .await;
-                return;
+}
+
+impl StreamTask {
+    async fn run(mut self) {
+        // The prefill worker sampled the first token of a disaggregated sequence.
+        let mut completion = u32::from(self.disaggregated.is_some());
+        let mut landed: Option<Landed> = None;
+        let deadline = self.deadline;
+        let expired = async move {
+            match deadline {
+                Some((at, _)) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
         };
-        let message = match event {
-            DecodeEvent::KvLanded { bytes, transfer } => {
-                kv.bytes = bytes;
-                kv.transfer_seconds = transfer.as_secs_f64();
-                tracing::info!(bytes, transfer_s = transfer.as_secs_f64(), "kv landed");
-                if let Some((handoff, mut client)) = pull.take() {
-                    // Verified and imported: the prefill worker may free its copy.
-                    tokio::spawn(async move {
-                        if let Err(status) = client
-                            .release(v1::ReleaseRequest {
-                                handoff_id: handoff.0,
-                            })
-                            .await
-                        {
-                            tracing::warn!(%handoff, error = %status.message(), "release of the pull source failed; its lease will expire");
-                        }
-                    });
+        tokio::pin!(expired);
+        loop {
+            let event = tokio::select! {
+                e = self.events.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+                () = self.tx.closed() => {
+                    self.engine.cancel(self.stream).await;
+                    return;
                 }
-                continue;
-            }
-            DecodeEvent::Recomputing { reason } => {
-                tracing::warn!(%reason, "stream continues on recomputed kv");
-                continue;
-            }
-            DecodeEvent::Token { token, finish } => {
-                completion += 1;
-                // The pull read's answer (the prefill worker's byte count) races the KV it
-                // announces; by the last token it is due, so wait for it briefly.
-                let source_kv = match (&finish, source_report.take()) {
-                    (Some(_), Some(rx)) => tokio::time::timeout(Duration::from_secs(5), rx)
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .flatten(),
-                    (None, rx) => {
-                        source_report = rx;
-                        None
+                () = &mut expired => {
+                    let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                    let _ = self
+                        .tx
+                        .send(Err(Status::deadline_exceeded(format!(
+                            "the call's deadline passed ({timeout:?} after it arrived)"
+                        ))))
+                        .await;
+                    self.engine.cancel(self.stream).await;
+                    return;
+                }
+            };
+            let message = match event {
+                DecodeEvent::KvLanded(l) => {
+                    tracing::info!(
+                        bytes = l.bytes,
+                        transfer_s = l.transfer.as_secs_f64(),
+                        "kv landed"
+                    );
+                    landed = Some(l);
+                    continue;
+                }
+                DecodeEvent::Recomputed {
+                    first_token,
+                    reason,
+                    finish,
+                } => {
+                    tracing::warn!(%reason, "stream continues on recomputed kv");
+                    DecodeResponse {
+                        recomputed_first_token: Some(convert::token_to_proto(&first_token)),
+                        finish: finish.map(|r| self.finish(r, completion, landed)),
+                        ..Default::default()
                     }
-                    (Some(_), None) => None,
-                };
-                DecodeResponse {
-                    tokens: vec![convert::token_to_proto(&token)],
-                    finish: finish.map(|reason| DecodeFinish {
-                        reason: convert::finish_to_proto(reason) as i32,
-                        prompt_tokens: prompt_tokens.unwrap_or(0) as u32,
-                        completion_tokens: completion,
-                        kv: Some(kv),
-                        source_kv,
-                    }),
                 }
-            }
-            DecodeEvent::Failed(e) => {
-                let _ = tx.send(Err(e.into())).await;
+                DecodeEvent::Token { token, finish } => {
+                    completion += 1;
+                    DecodeResponse {
+                        tokens: vec![convert::token_to_proto(&token)],
+                        finish: finish.map(|r| self.finish(r, completion, landed)),
+                        ..Default::default()
+                    }
+                }
+                DecodeEvent::Failed(e) => {
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let last = message.finish.is_some();
+            if self.tx.send(Ok(message)).await.is_err() {
+                self.engine.cancel(self.stream).await;
                 return;
             }
+            if last {
+                return;
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        reason: baton_engine::FinishReason,
+        completion: u32,
+        landed: Option<Landed>,
+    ) -> DecodeFinish {
+        let shape = self.disaggregated.unwrap_or(v1::HandoffShape::Unspecified) as i32;
+        let stats = |bytes: u64, transfer: Duration, exposed: Duration| v1::KvTransferStats {
+            bytes,
+            transfer_seconds: transfer.as_secs_f64(),
+            exposed_seconds: exposed.as_secs_f64(),
+            shape,
+            ..Default::default()
         };
-        let last = message.finish.is_some();
-        if tx.send(Ok(message)).await.is_err() || last {
-            return;
+        DecodeFinish {
+            reason: convert::finish_to_proto(reason) as i32,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: completion,
+            kv: self.disaggregated.map(|_| {
+                landed.map_or_else(v1::KvTransferStats::default, |l| {
+                    stats(l.bytes, l.transfer, Duration::ZERO)
+                })
+            }),
+            source_kv: landed.map(|l| stats(l.sender_bytes, l.sender_transfer, l.sender_exposed)),
         }
     }
 }

@@ -7,12 +7,16 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_text::Tokenizer;
 
 use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
-use crate::kv::{BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
+use baton_kv_transfer::agent::KvRegion;
+use baton_kv_transfer::memory::PoolLayout;
+
+use crate::kv::{BlockId, BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
 use crate::model::{Model, SeqInput};
 use crate::weights::{self, Phase};
 use crate::{Error, Result, SeqId};
@@ -43,6 +47,19 @@ pub struct StepOutput {
     pub seq: SeqId,
     /// Next-token logits, present when the item reached the end of the sequence's tokens.
     pub logits: Option<Vec<f32>>,
+}
+
+/// One layer of a step's blocks for a sequence being exported ([`Engine::step_with_layers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerReady {
+    pub seq: SeqId,
+    pub layer: u32,
+    /// The sequence's blocks in token order.
+    pub blocks: Vec<BlockId>,
+    /// Positions with KV once this step is done: the rows of `range` up to it are filled.
+    pub tokens: usize,
+    /// Indices into `blocks` of the blocks this step wrote.
+    pub range: Range<usize>,
 }
 
 /// What loading cost, for `baton bench engine` and logs.
@@ -290,14 +307,35 @@ impl Engine {
     }
 
     /// Like [`Engine::step`], and after each layer hands to `sink` that layer's KV of the blocks
-    /// this step wrote for every sequence in `export`, so it can travel while later layers
-    /// compute. Prefill chunks are whole blocks (see `prefill_chunk_tokens`), so exporting every
-    /// chunk of a prompt sends each block exactly once.
+    /// this step wrote for every sequence in `export`, as bytes, so it can travel while later
+    /// layers compute. Prefill chunks are whole blocks (see `prefill_chunk_tokens`), so
+    /// exporting every chunk of a prompt sends each block exactly once.
     pub fn step_with_export(
         &mut self,
         items: &[StepItem],
         export: &[SeqId],
         sink: &mut dyn FnMut(SeqId, KvChunk) -> Result<()>,
+    ) -> Result<Vec<StepOutput>> {
+        self.step_with_layers(items, export, &mut |cache, ready| {
+            let chunk = cache.export(
+                ready.layer as usize,
+                &ready.blocks,
+                ready.tokens,
+                ready.range.clone(),
+            )?;
+            sink(ready.seq, chunk)
+        })
+    }
+
+    /// Like [`Engine::step`], and after each layer tells `sink` which blocks of every sequence
+    /// in `export` that layer filled in this step ([`LayerReady`]), so the caller can send them
+    /// (reading the pool itself, or through `cache`) while later layers compute. The rows of a
+    /// ready layer are final for this step: later layers write other storage.
+    pub fn step_with_layers(
+        &mut self,
+        items: &[StepItem],
+        export: &[SeqId],
+        sink: &mut dyn FnMut(&KvCache, LayerReady) -> Result<()>,
     ) -> Result<Vec<StepOutput>> {
         self.prepare(items)?;
         let bs = self.cache.block_size();
@@ -313,13 +351,19 @@ impl Engine {
                 logits: end == seq.tokens.len(),
             });
         }
-        let exported: Vec<(SeqId, &BlockTable, usize, Range<usize>)> = export
+        // (sequence, its blocks, positions with KV after this step, blocks this step wrote)
+        let exported: Vec<(SeqId, Vec<BlockId>, usize, Range<usize>)> = export
             .iter()
             .filter_map(|id| {
                 let it = items.iter().find(|it| it.seq == *id)?;
                 Some(self.seq(*id).map(|s| {
                     let len = s.computed + it.tokens;
-                    (*id, &s.table, len, s.computed / bs..len.div_ceil(bs))
+                    (
+                        *id,
+                        s.table.blocks().to_vec(),
+                        len,
+                        s.computed / bs..len.div_ceil(bs),
+                    )
                 }))
             })
             .collect::<Result<_>>()?;
@@ -333,38 +377,43 @@ impl Engine {
         let logits = if exported.is_empty() {
             rayon::scope(|_| model.forward(cache, seq_inputs, &mut |_| Ok(())))?
         } else {
-            // The forward pass runs on a worker as above, and sends each layer's chunks here:
-            // the sink belongs to the caller's thread (it need not be `Send`). Running the whole
-            // step on the caller's thread instead made a 2048-token prefill that exports 40%
-            // slower than one that does not (`baton bench transfer`, 2026-11-24). A slow sink
-            // no longer holds the pass back; at most this step's chunks wait in the channel.
-            let (chunks, landed) = std::sync::mpsc::channel::<(SeqId, KvChunk)>();
+            // The forward pass runs on a worker as above, and tells this thread each finished
+            // layer: the sink belongs to the caller's thread (it need not be `Send`). Running
+            // the whole step on the caller's thread instead made a 2048-token prefill that
+            // exports 40% slower than one that does not (`baton-lab transfer`, 2026-11-24). A
+            // slow sink no longer holds the pass back; at most this step's layers wait.
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<u32>();
             let mut forward = None;
             let mut sunk = Ok(());
             rayon::in_place_scope(|scope| {
                 let forward = &mut forward;
-                let exported = &exported;
                 scope.spawn(move |_| {
                     *forward = Some(model.forward(cache, seq_inputs, &mut |l| {
-                        for (id, table, len, blocks) in exported {
-                            let chunk = cache.export(l, table, *len, blocks.clone())?;
-                            // The caller stopped taking chunks: its sink failed, and that
-                            // error, not this one, is the step's.
-                            if chunks.send((*id, chunk)).is_err() {
-                                return Err(Error::Internal("the export sink stopped"));
-                            }
+                        // The caller stopped listening: its sink failed, and that error, not
+                        // this one, is the step's.
+                        if ready_tx.send(l as u32).is_err() {
+                            return Err(Error::Internal("the export sink stopped"));
                         }
                         Ok(())
                     }));
                 });
                 // Ends when the forward pass drops its sender, finished or failed.
-                for (id, chunk) in landed.iter() {
-                    if let Err(e) = sink(id, chunk) {
-                        sunk = Err(e);
-                        break;
+                'layers: for layer in ready_rx.iter() {
+                    for (seq, blocks, tokens, range) in &exported {
+                        let ready = LayerReady {
+                            seq: *seq,
+                            layer,
+                            blocks: blocks.clone(),
+                            tokens: *tokens,
+                            range: range.clone(),
+                        };
+                        if let Err(e) = sink(cache, ready) {
+                            sunk = Err(e);
+                            break 'layers;
+                        }
                     }
                 }
-                drop(landed);
+                drop(ready_rx);
             });
             sunk?;
             // The scope ends only after the spawned pass has run (a panic there resumes here).
@@ -431,7 +480,63 @@ impl Engine {
     /// Exports one layer of a sequence's computed KV, blocks `blocks` of its table.
     pub fn export(&self, id: SeqId, layer: usize, blocks: Range<usize>) -> Result<KvChunk> {
         let seq = self.seq(id)?;
-        self.cache.export(layer, &seq.table, seq.computed, blocks)
+        self.cache
+            .export(layer, seq.table.blocks(), seq.computed, blocks)
+    }
+
+    /// The pool as a transfer agent registers it ([`KvCache::kv_region`]).
+    pub fn kv_region(&self) -> Arc<dyn KvRegion> {
+        self.cache.kv_region()
+    }
+
+    /// Where every row lies in the pool's memory.
+    pub fn pool_layout(&self) -> &PoolLayout {
+        self.cache.pool_layout()
+    }
+
+    /// A sequence's blocks, in token order.
+    pub fn block_ids(&self, id: SeqId) -> Result<&[BlockId]> {
+        Ok(self.seq(id)?.table.blocks())
+    }
+
+    /// Takes a sequence out of the engine, keeping its KV: the returned table holds its blocks
+    /// (and frees them when dropped), for a caller that pins them while another worker reads
+    /// them. Returns its tokens too.
+    pub fn detach(&mut self, id: SeqId) -> Result<(Vec<u32>, BlockTable)> {
+        let seq = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id))?;
+        Ok((seq.tokens, seq.table))
+    }
+
+    /// Blocks for `tokens` tokens, all or nothing, owned by the returned table: for KV another
+    /// worker writes before a sequence exists ([`Engine::adopt`]).
+    pub fn reserve_table(&mut self, tokens: usize) -> Result<BlockTable> {
+        let mut table = self.cache.allocator().new_table();
+        table.ensure_capacity(tokens, self.cache.block_size())?;
+        Ok(table)
+    }
+
+    /// Creates a sequence whose KV for every one of `tokens` is already in `table` (written by
+    /// another worker and verified); it can decode at once.
+    pub fn adopt(&mut self, id: SeqId, tokens: Vec<u32>, table: BlockTable) -> Result<()> {
+        self.check_new(id, &tokens)?;
+        if table.len() < tokens.len().div_ceil(self.cache.block_size()) {
+            return Err(Error::KvImport(format!(
+                "{} blocks cannot hold {} tokens",
+                table.len(),
+                tokens.len()
+            )));
+        }
+        let computed = tokens.len();
+        self.seqs.insert(
+            id,
+            Sequence {
+                tokens,
+                computed,
+                table,
+                importing: None,
+            },
+        );
+        Ok(())
     }
 
     /// Creates a sequence whose KV for all of `tokens` will arrive by [`Engine::import`]: its

@@ -18,6 +18,7 @@ use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
+use baton_kv_transfer::agent::{HostPool, KvRegion};
 use baton_kv_transfer::memory::{Half, HostRegion, PoolLayout};
 use candle_core::{Device, Tensor};
 
@@ -312,6 +313,121 @@ fn copy_rows<T: Copy>(
     }
 }
 
+/// The pool's bytes for transports, when the KV lives in candle tensors (a GPU, or the CPU
+/// with `cpu_kernels = candle`): byte ranges in the pool layout map to element ranges of one
+/// layer's K or V tensor, read and written through candle's ops (which lock the tensor's
+/// storage, so a transport task may call them while the engine thread steps). Slower than host
+/// memory, and only direct copies between host pools are one copy.
+pub struct TensorRegion {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pool: PoolLayout,
+    dtype: KvDType,
+}
+
+impl TensorRegion {
+    /// The pieces of `offset..offset + len`: (layer index, half, element offset, element
+    /// count), split where one layer's K or V ends.
+    fn pieces(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> baton_kv_transfer::Result<Vec<(usize, Half, usize, usize)>> {
+        let bad = |reason: String| baton_kv_transfer::Error::InvalidConfig {
+            field: "offset",
+            reason,
+        };
+        let size = self.dtype.size() as u64;
+        let half_bytes = self.pool.layer_half_bytes();
+        if !offset.is_multiple_of(size)
+            || !(len as u64).is_multiple_of(size)
+            || offset + len as u64 > self.pool.region_bytes()
+        {
+            return Err(bad(format!(
+                "{offset}+{len} is not whole elements inside the pool"
+            )));
+        }
+        let mut out = Vec::new();
+        let (mut at, end) = (offset, offset + len as u64);
+        while at < end {
+            let index = at / half_bytes;
+            let within = at % half_bytes;
+            let n = (half_bytes - within).min(end - at);
+            let half = if index.is_multiple_of(2) {
+                Half::K
+            } else {
+                Half::V
+            };
+            out.push((
+                (index / 2) as usize,
+                half,
+                (within / size) as usize,
+                (n / size) as usize,
+            ));
+            at += n;
+        }
+        Ok(out)
+    }
+
+    fn tensor(&self, layer: usize, half: Half) -> &Tensor {
+        match half {
+            Half::K => &self.k[layer],
+            Half::V => &self.v[layer],
+        }
+    }
+}
+
+fn candle_io(e: candle_core::Error) -> baton_kv_transfer::Error {
+    baton_kv_transfer::Error::Io {
+        during: "copying kv through candle",
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl KvRegion for TensorRegion {
+    fn pool(&self) -> &PoolLayout {
+        &self.pool
+    }
+
+    fn host(&self) -> Option<&HostRegion> {
+        None
+    }
+
+    fn read(&self, offset: u64, dst: &mut [u8]) -> baton_kv_transfer::Result<()> {
+        let mut at = 0;
+        for (layer, half, first, n) in self.pieces(offset, dst.len())? {
+            let flat = self.tensor(layer, half).flatten_all().map_err(candle_io)?;
+            let part = flat.narrow(0, first, n).map_err(candle_io)?;
+            let mut bytes = Vec::with_capacity(n * self.dtype.size());
+            append_le_bytes(&part, self.dtype, &mut bytes).map_err(|e| {
+                baton_kv_transfer::Error::Io {
+                    during: "copying kv through candle",
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
+            dst[at..at + bytes.len()].copy_from_slice(&bytes);
+            at += bytes.len();
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, src: &[u8]) -> baton_kv_transfer::Result<()> {
+        let mut at = 0;
+        for (layer, half, first, n) in self.pieces(offset, src.len())? {
+            let store = self.tensor(layer, half);
+            let bytes = &src[at..at + n * self.dtype.size()];
+            let piece =
+                Tensor::from_raw_buffer(bytes, candle_dtype(self.dtype), &[n], store.device())
+                    .map_err(candle_io)?;
+            // A reshape of the contiguous store shares its storage: the write lands in the pool.
+            let flat = store.reshape(((),)).map_err(candle_io)?;
+            flat.slice_set(&piece, 0, first).map_err(candle_io)?;
+            at += bytes.len();
+        }
+        Ok(())
+    }
+}
+
 /// The KV of every layer, and the pool that hands out its blocks.
 #[derive(Debug)]
 pub struct KvCache {
@@ -413,6 +529,23 @@ impl KvCache {
         &self.pool
     }
 
+    /// The pool as a transfer agent registers it: host memory transports read and write in
+    /// place, or candle's tensors through their ops.
+    pub fn kv_region(&self) -> Arc<dyn KvRegion> {
+        match &self.storage {
+            Storage::Host(region) => Arc::new(HostPool {
+                region: region.clone(),
+                pool: self.pool.clone(),
+            }),
+            Storage::Tensors { k, v } => Arc::new(TensorRegion {
+                k: k.clone(),
+                v: v.clone(),
+                pool: self.pool.clone(),
+                dtype: self.dtype,
+            }),
+        }
+    }
+
     /// The pool's memory, when baton owns it (CPU with baton's kernels): transports read and
     /// write its blocks in place.
     pub fn region(&self) -> Option<&Arc<HostRegion>> {
@@ -431,21 +564,21 @@ impl KvCache {
     /// `(first slot, first position, length)`, at most one run per block.
     fn runs(
         &self,
-        table: &BlockTable,
+        blocks: &[BlockId],
         positions: Range<usize>,
     ) -> Result<Vec<(usize, usize, usize)>> {
         let bs = self.block_size;
-        if positions.end.div_ceil(bs) > table.len() {
+        if positions.end.div_ceil(bs) > blocks.len() {
             return Err(Error::KvImport(format!(
                 "positions up to {} exceed the {} blocks reserved",
                 positions.end,
-                table.len()
+                blocks.len()
             )));
         }
         let mut runs = Vec::new();
         let mut p = positions.start;
         while p < positions.end {
-            let block = table.blocks()[p / bs].0 as usize;
+            let block = blocks[p / bs].0 as usize;
             let off = p % bs;
             let len = (bs - off).min(positions.end - p);
             runs.push((block * bs + off, p, len));
@@ -465,7 +598,7 @@ impl KvCache {
         out: &mut Vec<RowRun>,
     ) -> Result<()> {
         let start = positions.start;
-        for (slot, pos, len) in self.runs(table, positions)? {
+        for (slot, pos, len) in self.runs(table.blocks(), positions)? {
             out.push(RowRun {
                 slot,
                 row: row + pos - start,
@@ -530,7 +663,7 @@ impl KvCache {
     pub(crate) fn head_rows(&self, table: &BlockTable, len: usize) -> Result<Vec<u32>> {
         let (bs, heads) = (self.block_size, self.num_kv_heads);
         Ok(self
-            .runs(table, 0..len)?
+            .runs(table.blocks(), 0..len)?
             .into_iter()
             .flat_map(|(slot, _, n)| {
                 let first = storage_row(slot, 0, heads, bs);
@@ -658,12 +791,12 @@ impl KvCache {
         }
     }
 
-    /// Exports one layer of blocks `blocks` (indices into the table) of a sequence whose first
-    /// `seq_len` positions hold KV.
+    /// Exports one layer of blocks `blocks` (indices into `table`, a sequence's blocks in token
+    /// order) of a sequence whose first `seq_len` positions hold KV.
     pub fn export(
         &self,
         layer: usize,
-        table: &BlockTable,
+        table: &[BlockId],
         seq_len: usize,
         blocks: Range<usize>,
     ) -> Result<KvChunk> {
@@ -727,6 +860,7 @@ impl KvCache {
     /// Writes an exported chunk into a table whose sequence will hold `seq_len` positions.
     /// Checks every size before touching the cache: a chunk that does not fit changes nothing.
     pub fn import(&self, table: &BlockTable, seq_len: usize, chunk: &KvChunk) -> Result<()> {
+        let blocks = table.blocks();
         let bs = self.block_size;
         let layer = chunk.layer as usize;
         let first = chunk.first_block as usize;
@@ -762,7 +896,7 @@ impl KvCache {
         match &self.storage {
             Storage::Host(region) => {
                 let row_bytes = self.pool.row_bytes() as usize;
-                let runs = self.runs(table, positions)?;
+                let runs = self.runs(blocks, positions)?;
                 for (half, data) in [
                     (Half::K, &chunk.data[..half_len]),
                     (Half::V, &chunk.data[half_len..]),

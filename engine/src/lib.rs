@@ -33,9 +33,9 @@ pub use config::{
     DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
     WeightsSetting,
 };
-pub use engine::{Engine, LoadStats, StepItem, StepOutput};
+pub use engine::{Engine, LayerReady, LoadStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
-pub use kv::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
+pub use kv::{BlockId, BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor, PoolMemory};
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.

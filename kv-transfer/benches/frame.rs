@@ -1,19 +1,18 @@
-//! KV frames (`kv-transfer/src/frame.rs`): encoding a header with the payload's crc32c, and
-//! decoding a whole frame with both checksums verified, for payloads the transports really move.
+//! KV frames (`kv-transfer/src/wire.rs`): encoding a write frame's header with its payload's
+//! crc32c, and decoding one with both checksums verified, for payloads the transports really
+//! move.
 //!
 //!     cargo bench -p baton-kv-transfer --bench frame
 //!
-//! Sizes: 4 KiB (a few tokens), 768 KiB (one layer of one 512-token push segment of
-//! SmolLM2-135M: 3 kv heads x 64 x f32, K and V), 4 MiB (the largest pull run). Throughput is
-//! payload bytes per second; the header alone is timed too. Baseline in the same run: copying the
-//! payload once (`copy_baseline`), the least any transport does with those bytes.
+//! Sizes: 4 KiB (a few tokens), 768 KiB (one layer of one 512-token push of SmolLM2-135M: 3 kv
+//! heads x 64 x f32, K and V), 4 MiB (the largest write frame). Throughput is payload bytes per
+//! second. Baseline in the same run: copying the payload once (`copy_baseline`), the least any
+//! transport does with those bytes.
 
 use std::hint::black_box;
 
-use baton_kv_transfer::FrameLimits;
-use baton_kv_transfer::frame::{
-    Decoded, FrameHeader, FrameKind, HEADER_LEN, decode_frame, encode_frame,
-};
+use baton_kv_transfer::HandoffId;
+use baton_kv_transfer::wire::{HEADER_LEN, Header, Kind, Limits};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::{RngCore, SeedableRng};
 
@@ -26,56 +25,41 @@ fn payload(len: usize) -> Vec<u8> {
 }
 
 fn frames(c: &mut Criterion) {
-    let limits = FrameLimits::default();
+    let limits = Limits::default();
     let mut group = c.benchmark_group("frame");
     for (len, name) in SIZES {
         let data = payload(len);
         group.throughput(Throughput::Bytes(len as u64));
-        group.bench_with_input(
-            BenchmarkId::new("encode_with_crc", name),
-            &data,
-            |b, data| {
-                b.iter(|| {
-                    let header =
-                        FrameHeader::new(FrameKind::KvData, black_box(data)).expect("fits");
-                    black_box(header.encode())
-                })
-            },
-        );
-        let mut copy = vec![0u8; len];
-        group.bench_with_input(BenchmarkId::new("copy_baseline", name), &data, |b, data| {
+        group.bench_with_input(BenchmarkId::new("encode", name), &data, |b, data| {
             b.iter(|| {
-                copy.copy_from_slice(black_box(data));
-                black_box(copy.as_ptr())
+                let mut h =
+                    Header::new(Kind::Write, HandoffId(7), data.len(), crc32c::crc32c(data))
+                        .expect("header");
+                h.layer = 3;
+                h.offset = 1 << 20;
+                black_box(h.encode())
             })
         });
-        let header = FrameHeader::new(FrameKind::KvData, &data).expect("fits");
-        let wire = encode_frame(&header, &data);
-        group.bench_with_input(
-            BenchmarkId::new("decode_and_verify", name),
-            &wire,
-            |b, wire| {
-                b.iter(
-                    || match decode_frame(black_box(wire), &limits).expect("valid") {
-                        Decoded::Frame { len, .. } => black_box(len),
-                        Decoded::NeedMore { .. } => unreachable!("the whole frame is there"),
-                    },
-                )
-            },
-        );
+        let mut h = Header::new(Kind::Write, HandoffId(7), data.len(), crc32c::crc32c(&data))
+            .expect("header");
+        h.offset = 4096;
+        let head: [u8; HEADER_LEN] = h.encode();
+        group.bench_with_input(BenchmarkId::new("decode_verify", name), &data, |b, data| {
+            b.iter(|| {
+                let h = Header::decode(black_box(&head), &limits).expect("decode");
+                h.verify(data.len(), crc32c::crc32c(black_box(data)))
+                    .expect("verify");
+                black_box(h)
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("copy_baseline", name), &data, |b, data| {
+            let mut out = vec![0u8; data.len()];
+            b.iter(|| {
+                out.copy_from_slice(black_box(data));
+                black_box(&out);
+            })
+        });
     }
-    let header = FrameHeader::new(FrameKind::KvData, &payload(64)).expect("fits");
-    let bytes = header.encode();
-    group.throughput(Throughput::Elements(1));
-    group.bench_function("header_encode", |b| {
-        b.iter(|| black_box(black_box(&header).encode()))
-    });
-    group.bench_function("header_decode", |b| {
-        b.iter(|| {
-            let h: &[u8; HEADER_LEN] = black_box(&bytes);
-            black_box(FrameHeader::decode(h, &limits).expect("valid"))
-        })
-    });
     group.finish();
 }
 

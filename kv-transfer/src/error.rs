@@ -3,7 +3,8 @@
 
 use std::ops::Range;
 
-use crate::frame::{CloseCode, FrameKind, HandoffId};
+use crate::wire::{CloseCode, Kind as FrameKind};
+use baton_core::HandoffId;
 
 pub use baton_core::ErrorClass;
 

@@ -27,10 +27,9 @@
 
 use std::ops::Range;
 
-use baton_core::{BlockId, HandoffId, LayoutDescriptor, WorkerId};
+use baton_core::{BlockId, Fingerprint, HandoffId, KvDType, LayoutDescriptor, WorkerId};
 
 use crate::error::{Error, Result};
-use crate::frame::{CloseCode, DESCRIPTOR_LEN, FrameKind, decode_descriptor, encode_descriptor};
 use crate::memory::PoolLayout;
 
 pub const MAGIC: [u8; 4] = *b"BTKV";
@@ -41,6 +40,10 @@ pub const HEADER_LEN: usize = 44;
 /// Longest opaque completion a [`Notice::Complete`] carries (the first token and its finish,
 /// encoded by the worker).
 pub const MAX_COMPLETION: usize = 4096;
+/// Version of the descriptor encoding inside a hello payload.
+pub const DESCRIPTOR_VERSION: u8 = 1;
+/// Bytes of an encoded descriptor.
+pub const DESCRIPTOR_LEN: usize = 1 + 32 + 1 + 8 * 4;
 /// Longest reason or message a frame carries; longer ones are cut at a char boundary.
 pub const MAX_MESSAGE: usize = 1024;
 /// Most byte ranges one [`Notice::Landed`] names.
@@ -83,16 +86,6 @@ impl Kind {
             5 => Kind::Close,
             got => return Err(Error::UnknownFrameKind { got }),
         })
-    }
-
-    /// The version-1 kind an error about this frame names (the error type predates v2).
-    fn legacy(self) -> FrameKind {
-        match self {
-            Kind::Hello => FrameKind::Hello,
-            Kind::Write => FrameKind::KvData,
-            Kind::Notice | Kind::Read => FrameKind::Ack,
-            Kind::Close => FrameKind::Close,
-        }
     }
 }
 
@@ -177,7 +170,7 @@ impl Header {
         let kind = Kind::from_code(b[6])?;
         if b[7] != 0 || u32_at(b, 20) != 0 {
             return Err(Error::MalformedFrame {
-                kind: kind.legacy(),
+                kind,
                 reason: format!("unknown flags {:#04x} or reserved bytes set", b[7]),
             });
         }
@@ -202,7 +195,7 @@ impl Header {
     pub fn verify(&self, len: usize, computed: u32) -> Result<()> {
         if len != self.payload_len as usize {
             return Err(Error::MalformedFrame {
-                kind: self.kind.legacy(),
+                kind: self.kind,
                 reason: format!("payload of {len} bytes, header says {}", self.payload_len),
             });
         }
@@ -249,7 +242,7 @@ impl<'a> Reader<'a> {
 
     fn malformed(&self, reason: impl Into<String>) -> Error {
         Error::MalformedFrame {
-            kind: self.kind.legacy(),
+            kind: self.kind,
             reason: reason.into(),
         }
     }
@@ -537,10 +530,143 @@ impl ReadRequest {
     }
 }
 
+/// Why a connection is being closed, carried by a close frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseCode {
+    /// Orderly shutdown.
+    Normal,
+    /// The layout descriptors cannot be mapped (another model, dtype, block size or shape).
+    Incompatible,
+    /// A checksum did not match.
+    Corrupt,
+    /// A frame broke the protocol.
+    Malformed,
+    /// A frame for a handoff the receiver does not expect.
+    Unexpected,
+    /// Any other failure on the closing side.
+    Internal,
+}
+
+impl CloseCode {
+    pub(crate) fn code(self) -> u16 {
+        match self {
+            CloseCode::Normal => 0,
+            CloseCode::Incompatible => 1,
+            CloseCode::Corrupt => 2,
+            CloseCode::Malformed => 3,
+            CloseCode::Unexpected => 4,
+            CloseCode::Internal => 5,
+        }
+    }
+
+    pub(crate) fn from_code(code: u16) -> Option<Self> {
+        Some(match code {
+            0 => CloseCode::Normal,
+            1 => CloseCode::Incompatible,
+            2 => CloseCode::Corrupt,
+            3 => CloseCode::Malformed,
+            4 => CloseCode::Unexpected,
+            5 => CloseCode::Internal,
+            _ => return None,
+        })
+    }
+
+    /// The code that tells a peer about `error`.
+    pub fn for_error(error: &Error) -> Self {
+        use crate::error::FailureReason as R;
+        match error.reason() {
+            R::Incompatible => CloseCode::Incompatible,
+            R::Corrupt => CloseCode::Corrupt,
+            R::Malformed => CloseCode::Malformed,
+            R::Unexpected => CloseCode::Unexpected,
+            R::PeerClosed | R::Refused | R::Timeout | R::Io => CloseCode::Internal,
+        }
+    }
+}
+
+/// A hello payload: the sender's layout descriptor.
+pub fn encode_descriptor(d: &LayoutDescriptor) -> [u8; DESCRIPTOR_LEN] {
+    let mut b = [0u8; DESCRIPTOR_LEN];
+    b[0] = DESCRIPTOR_VERSION;
+    b[1..33].copy_from_slice(&d.fingerprint.0);
+    b[33] = match d.dtype {
+        KvDType::F32 => 0,
+        KvDType::F16 => 1,
+    };
+    let fields = [
+        d.block_size,
+        d.num_layers,
+        d.layers.start,
+        d.layers.end,
+        d.num_kv_heads,
+        d.kv_heads.start,
+        d.kv_heads.end,
+        d.head_dim,
+    ];
+    for (i, v) in fields.into_iter().enumerate() {
+        b[34 + 4 * i..38 + 4 * i].copy_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// Decodes a hello payload, refusing unknown versions and dtypes and ranges outside the model.
+pub fn decode_descriptor(b: &[u8]) -> Result<LayoutDescriptor> {
+    let malformed = |reason: String| Error::MalformedFrame {
+        kind: Kind::Hello,
+        reason,
+    };
+    let b: &[u8; DESCRIPTOR_LEN] = b.try_into().map_err(|_| {
+        malformed(format!(
+            "descriptor of {} bytes, expected {DESCRIPTOR_LEN}",
+            b.len()
+        ))
+    })?;
+    if b[0] != DESCRIPTOR_VERSION {
+        return Err(malformed(format!(
+            "descriptor version {} (this build reads {DESCRIPTOR_VERSION})",
+            b[0]
+        )));
+    }
+    let mut fingerprint = [0u8; 32];
+    fingerprint.copy_from_slice(&b[1..33]);
+    let dtype = match b[33] {
+        0 => KvDType::F32,
+        1 => KvDType::F16,
+        other => return Err(malformed(format!("unknown kv dtype {other}"))),
+    };
+    let f = |i: usize| u32_at(b, 34 + 4 * i);
+    let d = LayoutDescriptor {
+        fingerprint: Fingerprint(fingerprint),
+        dtype,
+        block_size: f(0),
+        num_layers: f(1),
+        layers: f(2)..f(3),
+        num_kv_heads: f(4),
+        kv_heads: f(5)..f(6),
+        head_dim: f(7),
+    };
+    if d.block_size == 0 || d.head_dim == 0 {
+        return Err(malformed("zero block size or head dim".into()));
+    }
+    if d.layers.start > d.layers.end || d.layers.end > d.num_layers {
+        return Err(malformed(format!(
+            "layers {:?} outside 0..{}",
+            d.layers, d.num_layers
+        )));
+    }
+    if d.kv_heads.start > d.kv_heads.end || d.kv_heads.end > d.num_kv_heads {
+        return Err(malformed(format!(
+            "kv heads {:?} outside 0..{}",
+            d.kv_heads, d.num_kv_heads
+        )));
+    }
+    Ok(d)
+}
+
 /// A close frame's payload.
 pub fn encode_close(code: CloseCode, message: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    out.extend_from_slice(&code_of(code).to_le_bytes());
+    out.extend_from_slice(&code.code().to_le_bytes());
     put_bytes(&mut out, cut(message, MAX_MESSAGE).as_bytes());
     out
 }
@@ -548,32 +674,10 @@ pub fn encode_close(code: CloseCode, message: &str) -> Vec<u8> {
 /// Decodes a close frame's payload; an unknown code reads as `Internal`.
 pub fn decode_close(b: &[u8]) -> Result<(CloseCode, String)> {
     let mut r = Reader::new(b, Kind::Close);
-    let code = close_of(r.u16()?);
+    let code = CloseCode::from_code(r.u16()?).unwrap_or(CloseCode::Internal);
     let message = r.string(MAX_MESSAGE)?;
     r.end()?;
     Ok((code, message))
-}
-
-fn code_of(c: CloseCode) -> u16 {
-    match c {
-        CloseCode::Normal => 0,
-        CloseCode::Incompatible => 1,
-        CloseCode::Corrupt => 2,
-        CloseCode::Malformed => 3,
-        CloseCode::Unexpected => 4,
-        CloseCode::Internal => 5,
-    }
-}
-
-fn close_of(code: u16) -> CloseCode {
-    match code {
-        0 => CloseCode::Normal,
-        1 => CloseCode::Incompatible,
-        2 => CloseCode::Corrupt,
-        3 => CloseCode::Malformed,
-        4 => CloseCode::Unexpected,
-        _ => CloseCode::Internal,
-    }
 }
 
 #[cfg(test)]

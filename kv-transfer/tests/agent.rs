@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use baton_core::{BlockId, Fingerprint, HandoffId, KvDType, LayoutDescriptor, WorkerId};
+use baton_kv_transfer::Endpoint;
 use baton_kv_transfer::agent::{
     Agent, Event, Expectation, Guard, HostPool, KvConfig, Peer, Source, Transport,
 };
-use baton_kv_transfer::link::Endpoint;
 use baton_kv_transfer::memory::{ByteCopy, Half, HostRegion, PoolLayout, SeqBlocks, layer_copies};
 use baton_kv_transfer::wire::{self, Header, Hello, Kind, LandedRange, Notice, ReadRequest};
 use tokio::io::AsyncWriteExt;
@@ -376,6 +376,10 @@ async fn pull_reads_a_pinned_source_and_tells_the_source_when_done(t: Transport)
         e => panic!("expected arrival, got {e:?}"),
     }
     assert_moved(&p, &pb, &d, &db, tokens);
+    match p.outcome().await {
+        Event::ReadStarted { handoff: h } => assert_eq!(h, handoff, "the source hears of the read"),
+        e => panic!("expected the read to start, got {e:?}"),
+    }
     match p.outcome().await {
         Event::ReadDone {
             handoff: h, bytes, ..

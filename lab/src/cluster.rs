@@ -65,6 +65,11 @@ pub struct HandoffArgs {
     /// Print one JSON object (every request, and the summary) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Another `baton` executable (an earlier build) measured in the same run: its own two
+    /// workers and coordinators, each request sent to both builds back to back, so a
+    /// before/after comparison shares the machine's moment. Its rows are labeled `before`.
+    #[arg(long)]
+    compare_exe: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -462,6 +467,9 @@ pub struct HandoffRow {
     pub exposed: Spread,
     /// Median TTFT over the aggregated baseline's median TTFT at the same length.
     pub ttft_ratio: Option<f64>,
+    /// Median TTFT minus the aggregated baseline's median TTFT, in milliseconds: what the
+    /// handoff adds to time to first token.
+    pub ttft_added_ms: Option<f64>,
     /// Median time to the second token over the baseline's.
     pub second_ratio: Option<f64>,
     /// Whether every request's tokens equal the baseline's for the same prompt.
@@ -504,6 +512,7 @@ pub fn summarize_handoff(
                 transfer: Spread::of_secs(&secs(ts, |t| t.placement.transfer_s)),
                 exposed: Spread::of_secs(&secs(ts, |t| t.placement.exposed_s)),
                 ttft_ratio: base.and_then(|(b, _)| ratio(ttft.median_ms, b)),
+                ttft_added_ms: base.map(|(b, _)| ttft.median_ms - b),
                 second_ratio: base.and_then(|(_, b)| ratio(second_token.median_ms, b)),
                 tokens_match,
             }
@@ -535,49 +544,81 @@ pub fn handoff(args: HandoffArgs) -> anyhow::Result<()> {
         }
     }
 
-    let mut procs = children();
-    let shm_socket =
-        std::env::temp_dir().join(format!("baton-bench-{}-decode-0.sock", std::process::id()));
-    let mut decode_args = worker_args("decode", "decode-0", &model, args.kv_cache_mib);
-    decode_args.extend(["--kv-shm-socket".into(), shm_socket.display().to_string()]);
-    let (child, decode) = spawn("decode-0", &decode_args, 1)?;
-    procs.procs.push(("decode-0".into(), child));
-    let (child, prefill) = spawn(
-        "prefill-0",
-        &worker_args("prefill", "prefill-0", &model, args.kv_cache_mib),
-        1,
-    )?;
-    procs.procs.push(("prefill-0".into(), child));
-    // One coordinator per configuration, all on the same two workers; the baseline goes
-    // through the first with pd_mode = off.
-    let mut coordinators = Vec::new();
-    for config in configs.iter().skip(1) {
-        let name = format!("coordinator ({})", config.name);
-        let (child, addrs) = spawn(
-            &name,
-            &coordinator_args(
-                &model,
-                Some(prefill[0]),
-                decode[0],
-                config.shape.as_deref().unwrap_or("push"),
-                config.transport.as_deref().unwrap_or("auto"),
-            ),
-            2,
-        )?;
-        procs.procs.push((name, child));
-        coordinators.push(addrs[0]);
+    // This build, and the one to compare with: each its own workers and coordinators.
+    let mut builds = vec![("after".to_string(), baton::up::baton_exe()?, true)];
+    if let Some(exe) = &args.compare_exe {
+        // An earlier build's prefill worker may not take a shared-memory socket of its own.
+        builds.push(("before".to_string(), exe.clone(), false));
     }
-    if coordinators.is_empty() {
-        bail!("no configuration to measure: give --transports and --shapes");
+    let mut procs = children();
+    let mut sockets = Vec::new();
+    // coordinators[b][c - 1] serves configuration c of build b.
+    let mut coordinators: Vec<Vec<SocketAddr>> = Vec::new();
+    for (label, exe, prefill_shm) in &builds {
+        let spawn =
+            |name: &str, args: &[String], n: usize| baton::up::spawn_exe(exe, name, args, n, &[]);
+        let socket = |role: &str| {
+            std::env::temp_dir().join(format!(
+                "baton-bench-{}-{label}-{role}.sock",
+                std::process::id()
+            ))
+        };
+        let mut decode_args = worker_args("decode", "decode-0", &model, args.kv_cache_mib);
+        decode_args.extend([
+            "--kv-shm-socket".into(),
+            socket("decode").display().to_string(),
+        ]);
+        sockets.push(socket("decode"));
+        let (child, decode) = spawn(&format!("{label} decode-0"), &decode_args, 1)?;
+        procs.procs.push((format!("{label} decode-0"), child));
+        let mut prefill_args = worker_args("prefill", "prefill-0", &model, args.kv_cache_mib);
+        if *prefill_shm {
+            prefill_args.extend([
+                "--kv-shm-socket".into(),
+                socket("prefill").display().to_string(),
+            ]);
+            sockets.push(socket("prefill"));
+        }
+        let (child, prefill) = spawn(&format!("{label} prefill-0"), &prefill_args, 1)?;
+        procs.procs.push((format!("{label} prefill-0"), child));
+        // One coordinator per configuration, all on the same two workers; the baseline goes
+        // through the first with pd_mode = off.
+        let mut ours = Vec::new();
+        for config in configs.iter().skip(1) {
+            let name = format!("{label} coordinator ({})", config.name);
+            let (child, addrs) = spawn(
+                &name,
+                &coordinator_args(
+                    &model,
+                    Some(prefill[0]),
+                    decode[0],
+                    config.shape.as_deref().unwrap_or("push"),
+                    config.transport.as_deref().unwrap_or("auto"),
+                ),
+                2,
+            )?;
+            procs.procs.push((name, child));
+            ours.push(addrs[0]);
+        }
+        if ours.is_empty() {
+            bail!("no configuration to measure: give --transports and --shapes");
+        }
+        coordinators.push(ours);
     }
 
     let rt = runtime()?;
+    let labeled = builds.len() > 1;
     let rows = rt.block_on(async {
+        // clients[b][k]: build b's coordinator k.
         let mut clients = Vec::new();
-        for addr in &coordinators {
-            let mut c = InferenceClient::new(channel(*addr)?);
-            wait_ready(&mut c, 2).await?;
-            clients.push(c);
+        for ours in &coordinators {
+            let mut cs = Vec::new();
+            for addr in ours {
+                let mut c = InferenceClient::new(channel(*addr)?);
+                wait_ready(&mut c, 2).await?;
+                cs.push(c);
+            }
+            clients.push(cs);
         }
         // Config 0 (aggregated) through the first coordinator, config c through coordinator c-1.
         let client_of = |c: usize| c.saturating_sub(1);
@@ -590,70 +631,92 @@ pub fn handoff(args: HandoffArgs) -> anyhow::Result<()> {
         };
         // Warm-up: links, connections and the engines' first-call costs, unmeasured.
         let warm = synthetic_prompt(&base, 64, 0);
-        for c in 0..configs.len() {
-            via_coordinator(
-                &mut clients[client_of(c)],
-                &warm,
-                greedy(args.max_tokens),
-                mode_of(c),
-            )
-            .await
-            .with_context(|| format!("warm-up of {}", configs[c].name))?;
+        for build in clients.iter_mut() {
+            for c in 0..configs.len() {
+                via_coordinator(
+                    &mut build[client_of(c)],
+                    &warm,
+                    greedy(args.max_tokens),
+                    mode_of(c),
+                )
+                .await
+                .with_context(|| format!("warm-up of {}", configs[c].name))?;
+            }
         }
         let mut rows = Vec::new();
         let mut raw = Vec::new();
         let mut offset = 1;
         for &len in &args.lengths {
             let repeats = repeats_for(len, args.repeats, args.long_repeats);
-            let mut runs: Vec<Vec<Timed>> = vec![Vec::new(); configs.len()];
+            // runs[b][c]: build b, configuration c.
+            let mut runs: Vec<Vec<Vec<Timed>>> = vec![vec![Vec::new(); configs.len()]; builds.len()];
             for r in 0..repeats {
                 let prompt = synthetic_prompt(&base, len, offset);
                 offset += 1;
                 for (c, config) in configs.iter().enumerate() {
-                    let t = via_coordinator(
-                        &mut clients[client_of(c)],
-                        &prompt,
-                        greedy(args.max_tokens),
-                        mode_of(c),
-                    )
-                    .await
-                    .with_context(|| format!("{len} tokens, {}", config.name))?;
-                    let expected = if c == 0 {
-                        "aggregated"
+                    // Both builds back to back; which goes first alternates.
+                    let order: Vec<usize> = if r % 2 == 0 {
+                        (0..builds.len()).collect()
                     } else {
-                        "disaggregated"
+                        (0..builds.len()).rev().collect()
                     };
-                    if t.placement.mode != expected {
-                        bail!(
-                            "{} ran {:?}, not {expected}",
+                    for b in order {
+                        let label = &builds[b].0;
+                        let t = via_coordinator(
+                            &mut clients[b][client_of(c)],
+                            &prompt,
+                            greedy(args.max_tokens),
+                            mode_of(c),
+                        )
+                        .await
+                        .with_context(|| format!("{len} tokens, {label} {}", config.name))?;
+                        let expected = if c == 0 {
+                            "aggregated"
+                        } else {
+                            "disaggregated"
+                        };
+                        if t.placement.mode != expected {
+                            bail!(
+                                "{label} {} ran {:?}, not {expected}",
+                                config.name,
+                                t.placement.mode
+                            );
+                        }
+                        if c > 0 && t.placement.kv_bytes == 0 {
+                            bail!("{label} {} reported no KV bytes moved", config.name);
+                        }
+                        eprintln!(
+                            "{len:>5} tokens  {label:<6} {:<12} #{r}  ttft {:>9.1} ms  2nd {:>9.1} ms  kv {:>6.1} MB  transfer {:>7.1} ms  exposed {:>7.1} ms",
                             config.name,
-                            t.placement.mode
+                            t.ttft_s * 1e3,
+                            t.second_s * 1e3,
+                            t.placement.kv_bytes as f64 / 1e6,
+                            t.placement.transfer_s * 1e3,
+                            t.placement.exposed_s * 1e3,
                         );
+                        raw.push(serde_json::json!({
+                            "prompt_tokens": len, "build": label, "config": config.name, "repeat": r, "request": t,
+                        }));
+                        runs[b][c].push(t);
                     }
-                    if c > 0 && t.placement.kv_bytes == 0 {
-                        bail!("{} reported no KV bytes moved", config.name);
-                    }
-                    eprintln!(
-                        "{len:>5} tokens  {:<12} #{r}  ttft {:>9.1} ms  2nd {:>9.1} ms  kv {:>6.1} MB  transfer {:>7.1} ms  exposed {:>7.1} ms",
-                        config.name,
-                        t.ttft_s * 1e3,
-                        t.second_s * 1e3,
-                        t.placement.kv_bytes as f64 / 1e6,
-                        t.placement.transfer_s * 1e3,
-                        t.placement.exposed_s * 1e3,
-                    );
-                    raw.push(serde_json::json!({
-                        "prompt_tokens": len, "config": config.name, "repeat": r, "request": t,
-                    }));
-                    runs[c].push(t);
                 }
             }
-            rows.extend(summarize_handoff(len, &configs, &runs));
+            for (b, (label, _, _)) in builds.iter().enumerate() {
+                let mut these = summarize_handoff(len, &configs, &runs[b]);
+                if labeled {
+                    for row in &mut these {
+                        row.config = format!("{label} {}", row.config);
+                    }
+                }
+                rows.extend(these);
+            }
         }
         Ok::<_, anyhow::Error>((rows, raw))
     });
     drop(procs);
-    let _ = std::fs::remove_file(&shm_socket);
+    for socket in &sockets {
+        let _ = std::fs::remove_file(socket);
+    }
     let (rows, raw) = rows?;
     if args.json {
         println!(
@@ -683,15 +746,16 @@ fn print_handoff(model: &Path, args: &HandoffArgs, rows: &[HandoffRow]) {
         args.max_tokens
     );
     println!(
-        "TTFT and 2nd token: median [min-max] ms over the requests; ratio = median / aggregated median"
+        "TTFT and 2nd token: median [min-max] ms over the requests; ratio = median / aggregated median; +TTFT = median - aggregated median (same build)"
     );
     println!(
-        "{:>6} {:<12} {:>2} {:>26} {:>7} {:>26} {:>7} {:>7} {:>10} {:>10} {:>6}",
+        "{:>6} {:<19} {:>2} {:>26} {:>7} {:>9} {:>26} {:>7} {:>7} {:>10} {:>10} {:>6}",
         "prompt",
         "config",
         "n",
         "TTFT ms",
         "ratio",
+        "+TTFT ms",
         "2nd token ms",
         "ratio",
         "KV MB",
@@ -703,12 +767,13 @@ fn print_handoff(model: &Path, args: &HandoffArgs, rows: &[HandoffRow]) {
         let spread = |s: Spread| format!("{:.0} [{:.0}-{:.0}]", s.median_ms, s.min_ms, s.max_ms);
         let ratio = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.3}x"));
         println!(
-            "{:>6} {:<12} {:>2} {:>26} {:>7} {:>26} {:>7} {:>7.1} {:>10.1} {:>10.1} {:>6}",
+            "{:>6} {:<19} {:>2} {:>26} {:>7} {:>9} {:>26} {:>7} {:>7.1} {:>10.1} {:>10.1} {:>6}",
             r.prompt_tokens,
             r.config,
             r.requests,
             spread(r.ttft),
             ratio(r.ttft_ratio),
+            r.ttft_added_ms.map_or("-".into(), |x| format!("{x:+.1}")),
             spread(r.second_token),
             ratio(r.second_ratio),
             r.kv_mb,

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use baton_bench::metrics::percentile;
 use baton_engine::{Engine, EngineConfig, KvDType, Phase, Role, SeqId, StepItem, WeightsSetting};
 use serde_json::json;
-
-use crate::transfer::Spread;
 
 #[derive(clap::Args)]
 pub struct EngineArgs {
@@ -376,4 +375,40 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         println!("{:<28} {r:>12.0} (peak {p:.0})", "resident memory (MiB)");
     }
     Ok(())
+}
+
+/// The spread of a set of ratios: median, quartiles, extremes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Spread {
+    pub(crate) median: f64,
+    pub(crate) p25: f64,
+    pub(crate) p75: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+}
+
+impl Spread {
+    /// `NaN` everywhere for no values.
+    pub(crate) fn of(v: &[f64]) -> Self {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |p| percentile(&v, p);
+        Self {
+            median: at(50.0),
+            p25: at(25.0),
+            p75: at(75.0),
+            min: at(0.0),
+            max: at(100.0),
+        }
+    }
+
+    pub(crate) fn json(&self) -> serde_json::Value {
+        json!({
+            "median": self.median,
+            "p25": self.p25,
+            "p75": self.p75,
+            "min": self.min,
+            "max": self.max,
+        })
+    }
 }

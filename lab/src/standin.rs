@@ -18,8 +18,7 @@
 use std::net::SocketAddr;
 
 use baton_proto::v1::{
-    self, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest, ReleaseRequest,
-    ReleaseResponse, RenewRequest, RenewResponse, ReserveRequest, ReserveResponse, WorkerInfo,
+    self, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
 };
 use tokio::net::TcpListener;
@@ -109,6 +108,7 @@ pub fn replay(request: &DecodeRequest) -> Result<Vec<DecodeResponse>, Status> {
                 kv: None,
                 source_kv: None,
             }),
+            ..Default::default()
         })
         .collect())
 }
@@ -129,26 +129,6 @@ impl DecodeWorker for StandInService {
             total_blocks: BLOCKS,
             ..Default::default()
         }))
-    }
-
-    async fn reserve(
-        &self,
-        _: Request<ReserveRequest>,
-    ) -> Result<Response<ReserveResponse>, Status> {
-        Err(Status::unimplemented(
-            "the constant-time stand-in holds no KV cache",
-        ))
-    }
-
-    async fn release(
-        &self,
-        _: Request<ReleaseRequest>,
-    ) -> Result<Response<ReleaseResponse>, Status> {
-        Ok(Response::new(ReleaseResponse { released: false }))
-    }
-
-    async fn renew(&self, _: Request<RenewRequest>) -> Result<Response<RenewResponse>, Status> {
-        Ok(Response::new(RenewResponse { renewed: false }))
     }
 
     async fn decode(
@@ -203,7 +183,7 @@ mod tests {
 
     #[test]
     fn refuses_what_only_an_engine_could_answer() {
-        let pushed = Some(v1::decode_request::Source::Pushed(v1::PushedKv::default()));
+        let pushed = Some(v1::decode_request::Source::Push(v1::PushSource::default()));
         assert_eq!(
             replay(&request(pushed, 4)).expect_err("no KV cache").code(),
             tonic::Code::Unimplemented

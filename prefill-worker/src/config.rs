@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use baton_engine::{EngineConfig, Role};
-use baton_kv_transfer::LinkConfig;
+use baton_kv_transfer::agent::KvConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -22,17 +22,18 @@ pub struct PrefillConfig {
     /// gRPC address (PrefillWorker, health, reflection); port 0 lets the OS choose. Default
     /// "127.0.0.1:50061".
     pub listen: SocketAddr,
-    /// Name in logs, metrics and placements. Default: unset, `prefill@<listen>`.
+    /// Name in logs, metrics and placements: ASCII letters, digits and `-_.@:`. Default: unset,
+    /// `prefill-<host name>-<8 random hex digits>`, made at start.
     pub worker_id: Option<String>,
     /// Identifies this host: decode workers with the same id may be reached over shared
     /// memory. Default: empty.
     pub host_id: String,
-    /// Transport settings for connections to decode workers (`[prefill.link.tcp]`,
-    /// `[prefill.link.shm]`).
-    pub link: LinkConfig,
+    /// The KV transfer agent (`[prefill.kv]`): its TCP listener (decode workers read pull
+    /// sources through it) and, with `shm_socket`, its shared-memory socket.
+    pub kv: KvConfig,
     /// Prompts queued or being prefilled at once; more is RESOURCE_EXHAUSTED. Default 64.
     pub max_pending: usize,
-    /// KV segments buffered between the engine and the transport per handoff: the bound on
+    /// Layers buffered between the engine and the transport per push handoff: the bound on
     /// what a slow decode worker makes this worker hold. Default 64.
     pub segment_queue: usize,
     /// Longest lease a pull handoff may ask for (a duration, at least 10 ms). Default 60s.
@@ -58,7 +59,7 @@ impl PrefillConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             worker_id: None,
             host_id: String::new(),
-            link: LinkConfig::default(),
+            kv: KvConfig::default(),
             max_pending: 64,
             segment_queue: 64,
             max_lease_ttl: Duration::from_secs(60),
@@ -91,7 +92,31 @@ impl PrefillConfig {
         if let Err(e) = self.telemetry.validate() {
             return Err(invalid("telemetry", &e.to_string()));
         }
+        if let Some(id) = &self.worker_id
+            && let Err(reason) = baton_core::WorkerId::parse(id)
+        {
+            return Err(invalid("worker_id", &reason));
+        }
+        self.kv.validate()?;
         Ok(())
+    }
+}
+
+/// This worker's id: the configured one, or one made now from the role and host name.
+pub(crate) fn worker_id(configured: Option<&str>) -> Result<baton_core::WorkerId> {
+    use std::hash::{BuildHasher, Hasher};
+    match configured {
+        Some(id) => baton_core::WorkerId::parse(id).map_err(|reason| invalid("worker_id", &reason)),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            Ok(baton_core::WorkerId::generate(
+                "prefill",
+                host.trim(),
+                h.finish() as u32,
+            ))
+        }
     }
 }
 

@@ -1,40 +1,59 @@
-//! The prefill worker's engine thread: the one owner of the engine and its block pool.
+//! The prefill worker's engine thread: the one owner of the engine and its block pool, and of
+//! every pull source pinned here.
 //!
-//! service --Command (bounded)--> [engine thread: queue -> chunked prefill steps] --KvSegment-->
-//!     per-handoff channel --> transport task --> decode worker
+//! ```text
+//! service --Command (bounded)--> [engine thread: queue -> chunked prefill steps]
+//!   push: after each layer, the blocks the step wrote go to the decode worker's reserved
+//!         blocks: copied straight into its memory (shm) or as owned bytes to the job's sender
+//!         task (tcp); the first token is answered at once, its completion follows the writes
+//!   pull: the finished sequence is detached and offered to readers under a lease
+//!         (handoff::PullSource decides when it ends); readers are served by the agent's tasks
+//! agent --Event (reads started and done, cancels)--> engine thread
+//! ```
 //!
-//! Each step computes prompt chunks of several requests (`queue::plan_step`); after each layer
-//! the blocks that step wrote leave for push handoffs while later layers compute. A finished
-//! prompt's first token is sampled here. Push: the sequence is freed at once (its bytes are in
-//! flight). Pull: the sequence stays pinned under a lease until the decode worker releases it or
-//! the lease expires.
-//!
-//! Invariants: only this thread touches the engine; every sequence leaves the engine exactly once
-//! (job finished or failed, lease released or expired).
+//! Invariants: only this thread touches the engine; a direct copy into another worker's memory
+//! happens only on this thread, for a job it still holds, so once it drops a job nothing more
+//! is written for it; pinned blocks return to the pool when the last holder (this thread's
+//! source entry, a reader) drops them.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_engine::{Engine, KvChunk, SampledToken, Sampler, SamplingParams, SeqId};
-use baton_kv_transfer::{HandoffId, KvSegment, LeaseKind, Leases, max_blocks_per_segment};
+use baton_core::{HandoffId, RequestId};
+use baton_engine::{BlockTable, Engine, LayerReady, SampledToken, Sampler, SamplingParams, SeqId};
+use baton_kv_transfer::agent::{
+    Agent, BlockDescriptor, Event as AgentEvent, KvRegion, Peer, Source,
+};
+use baton_kv_transfer::memory::{SeqBlocks, layer_copies};
+use baton_kv_transfer::plan;
+use baton_worker::Control;
+use baton_worker::engine::{EngineEnds, EngineHandle, publish};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
+use crate::handoff::{PullSource, SourceAction, SourceEvent};
 use crate::queue::{self, Limits, Progress};
+use crate::sender::Outgoing;
 
 /// What a prefill job does with its KV.
-#[derive(Debug)]
 pub enum JobShape {
-    /// Push: every layer's new blocks go to `segments` as soon as the layer is computed.
-    Push { segments: mpsc::Sender<KvSegment> },
-    /// Pull: the KV stays pinned for `ttl` (renewed while the decode worker reads).
+    /// Push: every layer's new blocks go to `destination` (the decode worker's reserved
+    /// blocks) over `peer` as soon as the layer is computed; `outgoing` feeds the job's sender
+    /// task, which owns the rest of the handoff.
+    Push {
+        peer: Peer,
+        destination: BlockDescriptor,
+        outgoing: mpsc::Sender<Outgoing>,
+    },
+    /// Pull: the KV stays pinned for `ttl` (renewed while a reader reads).
     Pull { ttl: Duration },
 }
 
 /// One prompt to prefill.
-#[derive(Debug)]
 pub struct PrefillJob {
+    pub request: RequestId,
     pub handoff: HandoffId,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
@@ -45,11 +64,11 @@ pub struct PrefillJob {
 #[derive(Debug, Clone)]
 pub struct Prefilled {
     pub first_token: SampledToken,
-    /// When the last step of this prompt finished: transfer time after it is exposed.
-    pub compute_done: Instant,
+    /// Pull: the pinned blocks readers read.
+    pub source: Option<BlockDescriptor>,
     /// Time from admission to the first step that computed this prompt.
     pub queued: Duration,
-    /// Time from the first step to `compute_done`.
+    /// Time from the first step to the end of the last.
     pub compute: Duration,
 }
 
@@ -74,29 +93,7 @@ pub struct LoopStats {
     pub leases_released: u64,
 }
 
-enum Command {
-    Prefill {
-        job: PrefillJob,
-        reply: oneshot::Sender<Result<Prefilled>>,
-    },
-    Pull {
-        handoff: HandoffId,
-        segments: mpsc::Sender<KvSegment>,
-        reply: oneshot::Sender<Result<()>>,
-    },
-    Release {
-        handoff: HandoffId,
-        reply: oneshot::Sender<bool>,
-    },
-    /// The server has stopped: end the engine thread even if handles remain (connection tasks
-    /// of a stopped server may outlive it).
-    Stop,
-    /// Drain deadline: fail every queued prompt, free every pull source.
-    AbortAll,
-}
-
-/// What the engine thread publishes after each turn of its loop: for metrics, and for a drain
-/// waiting until nothing is left.
+/// What the engine thread publishes after each turn of its loop.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub load: Load,
@@ -105,92 +102,101 @@ pub struct Snapshot {
     pub idle: bool,
 }
 
-/// A cloneable handle to the engine thread. Commands go through a bounded channel: when it is
-/// full the worker is overloaded and says so instead of queueing without bound.
-#[derive(Clone)]
-pub struct EngineHandle {
-    tx: mpsc::Sender<Command>,
-    snapshot: watch::Receiver<Snapshot>,
+impl baton_worker::Snapshot for Snapshot {
+    fn idle(&self) -> bool {
+        self.idle
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "prompts={} free_blocks={} total_blocks={} leases={}",
+            self.load.pending, self.load.free_blocks, self.load.total_blocks, self.load.leases
+        )
+    }
 }
 
-impl EngineHandle {
+pub enum Command {
+    Prefill {
+        job: Box<PrefillJob>,
+        reply: oneshot::Sender<Result<Prefilled>>,
+    },
+    /// The coordinator released a pull source nobody will read.
+    Release {
+        handoff: HandoffId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A push job's sender task failed to write.
+    SendFailed { handoff: HandoffId, reason: String },
+    /// Stop, or the drain deadline (fail every queued prompt, free every pull source).
+    Control(Control),
+}
+
+impl From<Control> for Command {
+    fn from(c: Control) -> Self {
+        Command::Control(c)
+    }
+}
+
+/// The service's handle to the engine thread.
+#[derive(Clone)]
+pub struct PrefillEngine {
+    inner: EngineHandle<Command, Snapshot>,
+}
+
+impl PrefillEngine {
     /// Queues a prompt and waits for its first token.
     pub async fn prefill(&self, job: PrefillJob) -> Result<Prefilled> {
         let (reply, rx) = oneshot::channel();
-        self.submit(Command::Prefill { job, reply })?;
+        self.inner
+            .submit(Command::Prefill {
+                job: Box::new(job),
+                reply,
+            })
+            .map_err(refused)?;
         rx.await.map_err(|_| Error::Stopped)?
     }
 
-    /// Sends a pull source's KV into `segments`; returns once every segment is queued.
-    pub async fn pull(&self, handoff: HandoffId, segments: mpsc::Sender<KvSegment>) -> Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(Command::Pull {
-            handoff,
-            segments,
-            reply,
-        })?;
-        rx.await.map_err(|_| Error::Stopped)?
-    }
-
-    /// Ends a pull lease. Returns whether it was live.
+    /// Ends a pull source's lease. Returns whether it was live.
     pub async fn release(&self, handoff: HandoffId) -> Result<bool> {
         let (reply, rx) = oneshot::channel();
         // Releases free blocks: they must not be refused for overload.
-        self.tx
+        self.inner
             .send(Command::Release { handoff, reply })
             .await
-            .map_err(|_| Error::Stopped)?;
+            .map_err(refused)?;
         rx.await.map_err(|_| Error::Stopped)
     }
 
-    /// The load as of the engine thread's last turn, from its published snapshot: a load report
-    /// never queues behind an engine step (a long prefill chunk on a busy core would otherwise
-    /// hold it for seconds and make the worker look dead to the coordinator's poll).
+    /// A sender task's failure, for its job.
+    pub async fn send_failed(&self, handoff: HandoffId, reason: String) {
+        let _ = self
+            .inner
+            .send(Command::SendFailed { handoff, reason })
+            .await;
+    }
+
+    /// The load as of the engine thread's last turn, from its published snapshot.
     pub fn load(&self) -> Result<(Load, LoopStats)> {
-        if self.snapshot.has_changed().is_err() {
-            return Err(Error::Stopped);
-        }
-        let now = *self.snapshot.borrow();
-        Ok((now.load, now.stats))
+        let s = self.inner.current().map_err(refused)?;
+        Ok((s.load, s.stats))
     }
 
-    /// Resolves when nothing is queued, computing or leased (at once if nothing is).
-    pub async fn wait_idle(&self) {
-        let mut snapshot = self.snapshot.clone();
-        // An error means the engine thread ended, which leaves nothing pinned either.
-        let _ = snapshot.wait_for(|s| s.idle).await;
+    /// The generic handle: the drain's view of the engine thread.
+    pub fn handle(&self) -> EngineHandle<Command, Snapshot> {
+        self.inner.clone()
     }
 
-    /// Ends the engine thread (after the server stopped), failing whatever is left.
-    pub async fn stop(&self) {
-        let _ = self.tx.send(Command::Stop).await;
-    }
-
-    /// Fails every queued prompt with [`Error::DrainDeadline`] and frees every pull source.
-    pub async fn abort_all(&self) -> Result<()> {
-        self.tx
-            .send(Command::AbortAll)
-            .await
-            .map_err(|_| Error::Stopped)
-    }
-
-    /// The engine's load and counters as of its last turn.
-    pub fn snapshot(&self) -> Snapshot {
-        *self.snapshot.borrow()
-    }
-
-    /// Follows the snapshots (for a metrics collector).
     pub fn snapshots(&self) -> watch::Receiver<Snapshot> {
-        self.snapshot.clone()
+        self.inner.snapshots()
     }
+}
 
-    fn submit(&self, cmd: Command) -> Result<()> {
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Overloaded {
-                what: "prefill queue",
-            },
-            mpsc::error::TrySendError::Closed(_) => Error::Stopped,
-        })
+fn refused(r: baton_worker::Refused) -> Error {
+    match r {
+        baton_worker::Refused::Full => Error::Overloaded {
+            what: "prefill queue",
+        },
+        baton_worker::Refused::Stopped => Error::Stopped,
     }
 }
 
@@ -205,41 +211,40 @@ pub struct LoopConfig {
     pub max_lease_ttl: Duration,
 }
 
-/// Starts the engine thread. It stops when every handle is dropped.
+/// Starts the engine thread. It stops when every handle is dropped or on `Stop`.
 pub fn spawn(
     engine: Engine,
+    agent: Agent,
+    agent_events: mpsc::Receiver<AgentEvent>,
     config: LoopConfig,
     rt: Handle,
-) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel(config.queue_capacity);
+) -> std::io::Result<(PrefillEngine, std::thread::JoinHandle<()>)> {
     let cfg = engine.config();
     let limits = Limits {
         chunk_tokens: cfg.prefill_chunk_tokens,
         max_batch_tokens: cfg.max_batch_tokens,
         block_size: cfg.block_size,
     };
-    let (published, snapshot) = watch::channel(Snapshot::default());
+    let region = engine.kv_region();
     let mut state = Loop {
         stopped: false,
-        published,
-        leases: Leases::new(config.max_lease_ttl),
         engine,
+        region,
+        agent,
         pending: Vec::new(),
+        sources: HashMap::new(),
         next_seq: 0,
         limits,
         max_pending: config.max_pending,
+        max_lease_ttl: config.max_lease_ttl,
         stats: LoopStats::default(),
-        rx,
         rt,
     };
-    // The real state before anyone can read it: a load report taken before the thread's first
-    // turn would otherwise say no block is free, and the coordinator, which sees the worker
-    // healthy, would place nothing on it until its next poll.
-    state.published.send_replace(state.snapshot());
+    let (inner, ends) = EngineHandle::new(config.queue_capacity, state.snapshot());
     let join = std::thread::Builder::new()
         .name("prefill-engine".into())
-        .spawn(move || state.run())?;
-    Ok((EngineHandle { tx, snapshot }, join))
+        .spawn(move || state.run(ends, agent_events))?;
+    Ok((PrefillEngine { inner }, join))
 }
 
 struct Active {
@@ -252,95 +257,141 @@ struct Active {
     sent_blocks: u32,
 }
 
+/// A pinned pull source: the sequence's blocks, held until the lease ends and no reader holds
+/// them.
+struct Pinned {
+    machine: PullSource,
+    request: RequestId,
+    /// Shared with the agent's offer and every reader.
+    _table: Arc<Mutex<BlockTable>>,
+}
+
 struct Loop {
-    /// Set by `Stop`: the loop ends at its next turn.
     stopped: bool,
-    published: watch::Sender<Snapshot>,
     engine: Engine,
+    region: Arc<dyn KvRegion>,
+    agent: Agent,
     pending: Vec<Active>,
-    leases: Leases<SeqId>,
+    sources: HashMap<HandoffId, Pinned>,
     next_seq: u64,
     limits: Limits,
     max_pending: usize,
+    max_lease_ttl: Duration,
     stats: LoopStats,
-    rx: mpsc::Receiver<Command>,
     rt: Handle,
 }
 
+enum Woken {
+    Command(Command),
+    Agent(AgentEvent),
+    Timeout,
+    Closed,
+}
+
 impl Loop {
-    fn run(&mut self) {
+    fn run(
+        &mut self,
+        mut ends: EngineEnds<Command, Snapshot>,
+        mut agent_events: mpsc::Receiver<AgentEvent>,
+    ) {
         loop {
             if self.stopped {
                 return self.shutdown();
             }
             loop {
-                match self.rx.try_recv() {
+                match ends.commands.try_recv() {
                     Ok(cmd) => self.handle(cmd),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => return self.shutdown(),
                 }
             }
-            self.expire(Instant::now());
+            while let Ok(e) = agent_events.try_recv() {
+                self.on_agent(e);
+            }
+            self.tick(Instant::now());
             self.cancel_abandoned();
-            let now = self.snapshot();
-            self.published
-                .send_if_modified(|was| std::mem::replace(was, now) != now);
+            publish(&ends.published, self.snapshot());
             let stepped = !self.pending.is_empty() && self.step();
-            if !stepped && !self.wait() {
-                return self.shutdown();
+            if !stepped {
+                match self.wait(&mut ends.commands, &mut agent_events) {
+                    Woken::Command(c) => self.handle(c),
+                    Woken::Agent(e) => self.on_agent(e),
+                    Woken::Timeout => {}
+                    Woken::Closed => return self.shutdown(),
+                }
             }
         }
     }
 
-    /// Blocks until a command arrives or the next lease falls due. False when every handle is
-    /// gone.
-    fn wait(&mut self) -> bool {
-        let deadline = self.leases.next_deadline();
-        let rx = &mut self.rx;
-        let got = self.rt.block_on(async {
-            match deadline {
-                Some(d) => tokio::time::timeout_at(d.into(), rx.recv()).await.ok(),
-                None => Some(rx.recv().await),
+    /// Blocks until a command or an agent event arrives or the next lease falls due.
+    fn wait(
+        &self,
+        commands: &mut mpsc::Receiver<Command>,
+        agent_events: &mut mpsc::Receiver<AgentEvent>,
+    ) -> Woken {
+        let deadline = self
+            .sources
+            .values()
+            .filter_map(|s| s.machine.deadline())
+            .min();
+        self.rt.block_on(async {
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                c = commands.recv() => c.map_or(Woken::Closed, Woken::Command),
+                Some(e) = agent_events.recv() => Woken::Agent(e),
+                () = sleep => Woken::Timeout,
             }
-        });
-        match got {
-            Some(Some(cmd)) => {
-                self.handle(cmd);
-                true
-            }
-            Some(None) => false,
-            None => true,
-        }
+        })
     }
 
     fn shutdown(&mut self) {
         self.abort_all(|| Error::Stopped);
     }
 
-    /// Fails every queued prompt with `error()` and frees every pull source.
+    /// Fails every queued prompt with `error()` and ends every pull source.
     fn abort_all(&mut self, error: impl Fn() -> Error) {
-        for a in self.pending.drain(..) {
-            self.engine.release(a.seq);
-            let _ = a.reply.send(Err(error()));
+        let pending: Vec<Active> = self.pending.drain(..).collect();
+        for a in pending {
+            self.drop_job(a, error());
         }
-        for (_, seq) in self.leases.drain() {
-            self.engine.release(seq);
+        for (handoff, _) in self.sources.drain() {
+            self.agent.withdraw(handoff);
         }
+    }
+
+    /// Ends a job that will not finish: its sequence goes, the coordinator hears `error`, and a
+    /// push job's sender tells the decode worker nothing more will come.
+    fn drop_job(&mut self, a: Active, error: Error) {
+        self.engine.release(a.seq);
+        if let JobShape::Push { outgoing, .. } = &a.job.shape {
+            let _ = outgoing.try_send(Outgoing::Abort {
+                reason: error.to_string(),
+            });
+        }
+        let _ = a.reply.send(Err(error));
     }
 
     /// Drops prompts whose caller stopped waiting (its deadline passed, or it went away): no
     /// step is spent on them and their blocks return to the pool.
     fn cancel_abandoned(&mut self) {
-        let engine = &mut self.engine;
-        self.pending.retain(|a| {
-            if a.reply.is_closed() {
-                tracing::debug!(handoff = %a.job.handoff, "caller gone; prefill cancelled");
-                engine.release(a.seq);
-                false
-            } else {
-                true
-            }
-        });
+        let gone: Vec<usize> = self
+            .pending
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.reply.is_closed())
+            .map(|(i, _)| i)
+            .rev()
+            .collect();
+        for i in gone {
+            let a = self.pending.remove(i);
+            tracing::debug!(request = %a.job.request, handoff = %a.job.handoff, "caller gone; prefill cancelled");
+            self.drop_job(a, Error::Cancelled);
+        }
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -349,34 +400,33 @@ impl Loop {
                 pending: self.pending.len() as u32,
                 free_blocks: self.engine.free_blocks() as u32,
                 total_blocks: self.engine.total_blocks() as u32,
-                leases: self.leases.len() as u32,
+                leases: self.sources.len() as u32,
             },
             stats: self.stats,
-            idle: self.pending.is_empty() && self.leases.is_empty(),
+            idle: self.pending.is_empty() && self.sources.is_empty(),
         }
     }
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
-            Command::Prefill { job, reply } => self.admit(job, reply),
-            Command::Pull {
-                handoff,
-                segments,
-                reply,
-            } => {
-                let _ = reply.send(self.pull(handoff, &segments));
-            }
+            Command::Prefill { job, reply } => self.admit(*job, reply),
             Command::Release { handoff, reply } => {
-                let released = self.leases.release(handoff);
-                if let Some(seq) = released {
-                    self.engine.release(seq);
+                let live = self.drive_source(handoff, Instant::now(), SourceEvent::Released);
+                if live {
                     self.stats.leases_released += 1;
                 }
-                let _ = reply.send(released.is_some());
+                let _ = reply.send(live);
             }
-            Command::Stop => self.stopped = true,
-            Command::AbortAll => {
-                let (prompts, leases) = (self.pending.len(), self.leases.len());
+            Command::SendFailed { handoff, reason } => {
+                if let Some(pos) = self.pending.iter().position(|a| a.job.handoff == handoff) {
+                    let a = self.pending.remove(pos);
+                    tracing::warn!(request = %a.job.request, %handoff, %reason, "kv push failed");
+                    self.drop_job(a, Error::Transfer(reason));
+                }
+            }
+            Command::Control(Control::Stop) => self.stopped = true,
+            Command::Control(Control::AbortAll) => {
+                let (prompts, leases) = (self.pending.len(), self.sources.len());
                 self.abort_all(|| Error::DrainDeadline);
                 tracing::warn!(
                     prompts,
@@ -384,6 +434,80 @@ impl Loop {
                     "drain deadline passed: prompts failed, pull sources freed"
                 );
             }
+        }
+    }
+
+    fn on_agent(&mut self, event: AgentEvent) {
+        let now = Instant::now();
+        match event {
+            AgentEvent::ReadStarted { handoff } => {
+                self.drive_source(handoff, now, SourceEvent::ReadStarted);
+            }
+            AgentEvent::ReadDone {
+                handoff,
+                bytes,
+                transfer,
+            } => {
+                if let Some(s) = self.sources.get(&handoff) {
+                    tracing::debug!(request = %s.request, %handoff, bytes, transfer_s = transfer.as_secs_f64(), "pull source read");
+                }
+                self.drive_source(handoff, now, SourceEvent::ReadDone);
+                self.stats.leases_released += 1;
+            }
+            AgentEvent::ReadFailed { handoff, error } => {
+                tracing::warn!(%handoff, %error, "serving a pull read failed");
+                self.drive_source(handoff, now, SourceEvent::ReadFailed);
+            }
+            AgentEvent::Cancelled { handoff } => {
+                // The decode worker gave the push up: drop the job here first (this thread is
+                // the only one that copies into its memory), then answer that nothing more
+                // will be written.
+                if let Some(pos) = self.pending.iter().position(|a| a.job.handoff == handoff) {
+                    let a = self.pending.remove(pos);
+                    if let JobShape::Push { outgoing, .. } = &a.job.shape {
+                        let _ = outgoing.try_send(Outgoing::Stopped);
+                    }
+                    self.engine.release(a.seq);
+                    let _ = a.reply.send(Err(Error::Transfer(
+                        "the decode worker gave the handoff up".into(),
+                    )));
+                }
+            }
+            // A prefill worker expects nothing.
+            AgentEvent::LayerLanded { .. }
+            | AgentEvent::Keepalive { .. }
+            | AgentEvent::Arrived { .. }
+            | AgentEvent::Failed { .. } => {}
+        }
+    }
+
+    /// Feeds a pull source's machine; true if the source was live.
+    fn drive_source(&mut self, handoff: HandoffId, now: Instant, event: SourceEvent) -> bool {
+        let Some(source) = self.sources.get_mut(&handoff) else {
+            return false;
+        };
+        let actions = source.machine.step(now, event);
+        if let Some(SourceAction::Withdraw { expired }) = actions.into_iter().next() {
+            self.agent.withdraw(handoff);
+            if expired {
+                self.stats.leases_expired += 1;
+                tracing::warn!(%handoff, "pull source lease expired; blocks freed");
+            }
+            // The blocks return once no reader holds them.
+            self.sources.remove(&handoff);
+        }
+        true
+    }
+
+    fn tick(&mut self, now: Instant) {
+        let due: Vec<HandoffId> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| s.machine.deadline().is_some_and(|d| d <= now))
+            .map(|(h, _)| *h)
+            .collect();
+        for handoff in due {
+            self.drive_source(handoff, now, SourceEvent::Tick);
         }
     }
 
@@ -414,7 +538,18 @@ impl Loop {
                 },
             );
         }
-        if self.leases.contains(job.handoff)
+        if let JobShape::Pull { ttl } = job.shape
+            && (ttl < Duration::from_millis(1) || ttl > self.max_lease_ttl)
+        {
+            return refuse(
+                reply,
+                Error::InvalidRequest {
+                    field: "ttl_ms",
+                    reason: format!("{ttl:?} is outside 1 ms..={:?}", self.max_lease_ttl),
+                },
+            );
+        }
+        if self.sources.contains_key(&job.handoff)
             || self.pending.iter().any(|a| a.job.handoff == job.handoff)
         {
             return refuse(
@@ -469,39 +604,116 @@ impl Loop {
             return false;
         }
         let now = Instant::now();
-        let kv_heads = self.engine.descriptor().kv_heads.clone();
-        // seq -> (handoff, channel, blocks already sent)
-        let mut push: HashMap<SeqId, (HandoffId, mpsc::Sender<KvSegment>, u32)> = HashMap::new();
+        let local = self.engine.descriptor().clone();
+        let src_pool = self.engine.pool_layout().clone();
+        // seq -> (peer, destination, sender, blocks already sent)
+        let mut push: HashMap<SeqId, (&Peer, &BlockDescriptor, &mpsc::Sender<Outgoing>, u32)> =
+            HashMap::new();
         for a in &mut self.pending {
             if !items.iter().any(|it| it.seq == a.seq) {
                 continue;
             }
             a.started.get_or_insert(now);
-            if let JobShape::Push { segments } = &a.job.shape {
-                push.insert(a.seq, (a.job.handoff, segments.clone(), a.sent_blocks));
+        }
+        for a in &self.pending {
+            if !items.iter().any(|it| it.seq == a.seq) {
+                continue;
+            }
+            if let JobShape::Push {
+                peer,
+                destination,
+                outgoing,
+            } = &a.job.shape
+            {
+                push.insert(a.seq, (peer, destination, outgoing, a.sent_blocks));
             }
         }
         let export: Vec<SeqId> = push.keys().copied().collect();
-        let mut broken: Vec<SeqId> = Vec::new();
-        let mut sink = |seq: SeqId, chunk: KvChunk| -> baton_engine::Result<()> {
-            let Some((handoff, tx, sent)) = push.get(&seq) else {
+        let mut broken: Vec<(SeqId, String)> = Vec::new();
+        let region = self.region.clone();
+        let mut sink = |_: &baton_engine::KvCache, ready: LayerReady| -> baton_engine::Result<()> {
+            let Some((peer, dst, outgoing, sent)) = push.get(&ready.seq) else {
                 return Ok(());
             };
-            if chunk.first_block + chunk.num_blocks <= *sent || broken.contains(&seq) {
+            if broken.iter().any(|(s, _)| *s == ready.seq) {
                 return Ok(());
             }
-            let segment = KvSegment {
-                handoff: *handoff,
-                kv_heads: kv_heads.clone(),
-                chunk,
+            let first = (ready.range.start as u32).max(*sent);
+            if first >= ready.range.end as u32 {
+                return Ok(());
+            }
+            // The plan says which (layers x kv heads) of this shard go to the destination's
+            // shard; with equal layouts that is everything, once.
+            let planned = match plan(
+                std::slice::from_ref(&local),
+                std::slice::from_ref(&dst.pool.layout),
+                first..ready.range.end as u32,
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    broken.push((ready.seq, e.to_string()));
+                    return Ok(());
+                }
+            };
+            let mut copies = Vec::new();
+            for pc in planned.from_source(0) {
+                if !pc.layers.contains(&ready.layer) {
+                    continue;
+                }
+                layer_copies(
+                    ready.layer,
+                    &pc.kv_heads,
+                    &pc.blocks,
+                    ready.tokens as u32,
+                    SeqBlocks {
+                        pool: &src_pool,
+                        blocks: &ready.blocks,
+                    },
+                    SeqBlocks {
+                        pool: &dst.pool,
+                        blocks: &dst.blocks,
+                    },
+                    &mut copies,
+                );
+            }
+            if copies.is_empty() {
+                return Ok(());
+            }
+            let item = if peer.direct() {
+                // One copy, straight into the decode worker's memory, on this thread.
+                match peer.write_direct(&copies) {
+                    Ok(ranges) => Outgoing::Landed {
+                        layer: ready.layer,
+                        ranges,
+                    },
+                    Err(e) => {
+                        broken.push((ready.seq, e.to_string()));
+                        return Ok(());
+                    }
+                }
+            } else {
+                let mut pieces = Vec::with_capacity(copies.len());
+                for c in &copies {
+                    let mut bytes = vec![0u8; c.len as usize];
+                    if let Err(e) = region.read(c.src, &mut bytes) {
+                        broken.push((ready.seq, e.to_string()));
+                        return Ok(());
+                    }
+                    pieces.push((c.dst, bytes));
+                }
+                Outgoing::Write {
+                    layer: ready.layer,
+                    pieces,
+                }
             };
             // Waits while the transport is behind: back-pressure reaches the compute.
-            if tx.blocking_send(segment).is_err() {
-                broken.push(seq);
+            if outgoing.blocking_send(item).is_err() {
+                broken.push((ready.seq, "the job's sender stopped".into()));
             }
             Ok(())
         };
-        let result = self.engine.step_with_export(&items, &export, &mut sink);
+        let result = self.engine.step_with_layers(&items, &export, &mut sink);
+        drop(push);
         let outputs = match result {
             Ok(o) => o,
             Err(e) => {
@@ -525,11 +737,8 @@ impl Loop {
                 a.sent_blocks = a.sent_blocks.max(c.div_ceil(bs) as u32);
             }
         }
-        for seq in broken {
-            self.fail(
-                seq,
-                Error::Transfer("the transport to the decode worker stopped taking kv".into()),
-            );
+        for (seq, reason) in broken {
+            self.fail(seq, Error::Transfer(reason));
         }
         for out in outputs {
             let Some(logits) = out.logits else { continue };
@@ -537,86 +746,89 @@ impl Loop {
                 continue;
             };
             let a = self.pending.remove(pos);
-            let first_token = Sampler::new(&a.job.params, &a.job.prompt).sample(&logits);
-            let started = a.started.unwrap_or(now);
-            let report = Prefilled {
-                first_token,
-                compute_done: done,
-                queued: started.saturating_duration_since(a.admitted),
-                compute: done.saturating_duration_since(started),
-            };
-            match a.job.shape {
-                JobShape::Push { .. } => {
-                    self.engine.release(a.seq);
-                    let _ = a.reply.send(Ok(report));
-                }
-                JobShape::Pull { ttl } => {
-                    match self
-                        .leases
-                        .grant(a.job.handoff, LeaseKind::PullSource, ttl, done, a.seq)
-                    {
-                        Ok(()) => {
-                            let _ = a.reply.send(Ok(report));
-                        }
-                        Err(e) => {
-                            self.engine.release(a.seq);
-                            let _ = a.reply.send(Err(Error::InvalidRequest {
-                                field: "ttl_ms",
-                                reason: e.to_string(),
-                            }));
-                        }
-                    }
-                }
-            }
+            self.finish(a, &logits, now, done);
         }
         true
+    }
+
+    /// A prompt's last chunk is done: sample its first token, answer the coordinator at once,
+    /// and hand the KV on by its shape.
+    fn finish(&mut self, a: Active, logits: &[f32], now: Instant, done: Instant) {
+        let first_token = Sampler::new(&a.job.params, &a.job.prompt).sample(logits);
+        let started = a.started.unwrap_or(now);
+        let mut report = Prefilled {
+            first_token: first_token.clone(),
+            source: None,
+            queued: started.saturating_duration_since(a.admitted),
+            compute: done.saturating_duration_since(started),
+        };
+        let completion = || {
+            use prost::Message as _;
+            baton_proto::v1::HandoffCompletion {
+                first_token_id: first_token.id,
+                exposed_seconds: 0.0,
+            }
+            .encode_to_vec()
+        };
+        match a.job.shape {
+            JobShape::Push { outgoing, .. } => {
+                // The sequence's last writes are queued; its blocks are no longer read.
+                self.engine.release(a.seq);
+                let _ = a.reply.send(Ok(report));
+                let _ = outgoing.try_send(Outgoing::Complete {
+                    first_token: first_token.id,
+                    compute_done: done,
+                });
+            }
+            JobShape::Pull { ttl } => {
+                let (tokens, table) = match self.engine.detach(a.seq) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = a.reply.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let blocks = table.blocks().to_vec();
+                let table = Arc::new(Mutex::new(table));
+                let offered = self.agent.offer(
+                    a.job.handoff,
+                    Source {
+                        tokens: tokens.len() as u32,
+                        blocks: blocks.clone(),
+                        completion: completion(),
+                        guard: table.clone(),
+                    },
+                );
+                if let Err(e) = offered {
+                    let _ = a.reply.send(Err(e.into()));
+                    return;
+                }
+                self.sources.insert(
+                    a.job.handoff,
+                    Pinned {
+                        machine: PullSource::new(done, ttl),
+                        request: a.job.request.clone(),
+                        _table: table,
+                    },
+                );
+                report.source = Some(BlockDescriptor {
+                    worker: self.agent.worker().clone(),
+                    endpoints: self.agent.endpoints(),
+                    pool: self.engine.pool_layout().clone(),
+                    blocks,
+                    tokens: tokens.len() as u32,
+                });
+                let _ = a.reply.send(Ok(report));
+            }
+        }
     }
 
     fn fail(&mut self, seq: SeqId, error: Error) {
         if let Some(pos) = self.pending.iter().position(|a| a.seq == seq) {
             let a = self.pending.remove(pos);
-            let _ = a.reply.send(Err(error));
-        }
-        self.engine.release(seq);
-    }
-
-    /// The decode worker's read of a pull source: every layer, every block.
-    fn pull(&mut self, handoff: HandoffId, segments: &mpsc::Sender<KvSegment>) -> Result<()> {
-        let seq = *self
-            .leases
-            .get(handoff)
-            .ok_or(Error::UnknownHandoff(handoff))?;
-        let layers = self.engine.model_config().num_layers;
-        let blocks = self.engine.blocks_held(seq)?;
-        let kv_heads = self.engine.descriptor().kv_heads.clone();
-        let descriptor = self.engine.descriptor();
-        let block_bytes = descriptor.bytes_per_token_half() * 2 * descriptor.block_size as usize;
-        let run = max_blocks_per_segment(block_bytes);
-        for layer in 0..layers {
-            self.leases.renew(handoff, Instant::now());
-            for first in (0..blocks).step_by(run) {
-                let chunk = self
-                    .engine
-                    .export(seq, layer, first..(first + run).min(blocks))?;
-                let segment = KvSegment {
-                    handoff,
-                    kv_heads: kv_heads.clone(),
-                    chunk,
-                };
-                segments.blocking_send(segment).map_err(|_| {
-                    Error::Transfer("the transport to the decode worker stopped taking kv".into())
-                })?;
-            }
-        }
-        self.leases.renew(handoff, Instant::now());
-        Ok(())
-    }
-
-    fn expire(&mut self, now: Instant) {
-        for (handoff, kind, seq) in self.leases.expire(now) {
+            self.drop_job(a, error);
+        } else {
             self.engine.release(seq);
-            self.stats.leases_expired += 1;
-            tracing::warn!(%handoff, kind = kind.as_str(), "lease expired; blocks freed");
         }
     }
 }

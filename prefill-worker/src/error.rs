@@ -24,6 +24,8 @@ pub enum Error {
     Draining,
     #[error("the prefill worker's drain deadline passed before this prefill finished")]
     DrainDeadline,
+    #[error("the caller stopped waiting")]
+    Cancelled,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -38,6 +40,7 @@ impl Error {
             }
             Error::Transport(e) => e.class(),
             Error::Engine(e) => e.class(),
+            Error::Cancelled => ErrorClass::Cancelled,
             Error::Internal(_) => ErrorClass::Internal,
         }
     }

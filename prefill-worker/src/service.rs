@@ -1,36 +1,39 @@
-//! The `baton.v1.PrefillWorker` gRPC service and the server around it (health, reflection).
+//! The `baton.v1.PrefillWorker` gRPC service, and the worker around it: the engine thread, the
+//! transfer agent, the shared server scaffold (health, reflection, metrics, drain).
 //!
-//! coordinator --Prefill--> service --PrefillJob--> engine thread
-//!     push: engine --KvSegment--> send task --Link--> decode worker, answered when both finish
-//!     pull: engine keeps the KV under a lease; decode worker --Pull--> send task --> itself
+//! ```text
+//! coordinator --Prefill(push to D's blocks)--> service: link to D's agent (claimed if direct)
+//!     --> engine thread (layers out as computed) --> sender task --> decode worker
+//!     <-- first token, as soon as it is sampled
+//! coordinator --Prefill(pull)--> engine thread: pinned, offered --> first token + source
+//!     decode agent --read--> this agent's task (not the engine thread) --> decode worker
+//! ```
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use baton_engine::{Engine, LayoutDescriptor, SamplingLimits};
-use baton_kv_transfer::{Endpoint, HandoffId, Link, Links, SendReport, send_all};
+use baton_core::{HandoffId, RequestId};
+use baton_engine::{Engine, SamplingLimits};
+use baton_kv_transfer::agent::Agent;
 use baton_proto::convert;
 use baton_proto::v1::{
     self, ConnectRequest, ConnectResponse, InfoRequest, LoadReport, LoadRequest, PrefillRequest,
-    PrefillResponse, PullDescriptor, PullRequest, PullResponse, ReleaseRequest, ReleaseResponse,
-    WorkerInfo,
+    PrefillResponse, ReleaseRequest, ReleaseResponse, WorkerInfo,
     prefill_request::Handoff,
     prefill_worker_server::{PrefillWorker, PrefillWorkerServer},
 };
+use baton_worker::ServeOptions;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::config::PrefillConfig;
-use crate::engine_loop::{self, EngineHandle, JobShape, LoopConfig, PrefillJob};
+use crate::engine_loop::{self, JobShape, LoopConfig, PrefillEngine, PrefillJob};
 use crate::error::{Error, Result};
 use crate::metrics::KvCounters;
-
-/// After a drain, how long open calls (health watches) get before the server stops.
-const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// Binds `config.listen` and serves until `shutdown` resolves.
 pub async fn run(config: PrefillConfig, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -47,16 +50,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let metrics = if config.metrics {
-        let at = config.metrics_listen;
-        Some(
-            TcpListener::bind(at)
-                .await
-                .map_err(|e| Error::Internal(format!("bind metrics {at}: {e}")))?,
-        )
-    } else {
-        None
-    };
+    let metrics = baton_worker::serve::bind_metrics(config.metrics, config.metrics_listen)
+        .await
+        .map_err(Error::Internal)?;
     serve_with_metrics(config, listener, metrics, shutdown).await
 }
 
@@ -69,6 +65,7 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let worker_id = crate::config::worker_id(config.worker_id.as_deref())?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener address: {e}")))?;
@@ -76,38 +73,29 @@ pub async fn serve_with_metrics(
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await
         .map_err(|e| Error::Internal(format!("model load task: {e}")))??;
-    let worker_id = config
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| format!("prefill@{addr}"));
+    let (agent, agent_events) =
+        Agent::start(worker_id.clone(), engine.kv_region(), config.kv.clone()).await?;
     let info = WorkerInfo {
-        worker_id: worker_id.clone(),
+        worker_id: worker_id.to_string(),
         role: v1::WorkerRole::Prefill as i32,
         model_name: baton_engine::model_name(&config.engine.model),
         layout: Some(convert::descriptor_to_proto(engine.descriptor())),
-        kv_endpoints: Vec::new(),
+        kv_endpoints: agent
+            .endpoints()
+            .iter()
+            .map(|e| convert::endpoint_to_proto(e, &config.host_id))
+            .collect(),
         max_context: engine.max_context() as u32,
         block_size: engine.block_size() as u32,
         total_blocks: engine.total_blocks() as u32,
         eos_token_ids: engine.tokenizer().eos_token_ids().to_vec(),
     };
-    let local = engine.descriptor().clone();
     let max_context = engine.max_context();
-    // A push segment is one layer of one prefill chunk; it must fit a transport frame.
-    let chunk_bytes = local.bytes_per_token_half() * 2 * config.engine.prefill_chunk_tokens;
-    if chunk_bytes > baton_kv_transfer::MAX_SEGMENT_BYTES {
-        return Err(Error::InvalidRequest {
-            field: "prefill_chunk_tokens",
-            reason: format!(
-                "one layer of a {}-token chunk is {chunk_bytes} bytes of kv, more than a kv segment's {} bytes; lower it",
-                config.engine.prefill_chunk_tokens,
-                baton_kv_transfer::MAX_SEGMENT_BYTES
-            ),
-        });
-    }
-    tracing::info!(%worker_id, %addr, blocks = engine.total_blocks(), "prefill worker serving");
+    tracing::info!(%worker_id, %addr, kv = ?agent.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(), blocks = engine.total_blocks(), "prefill worker serving");
     let (handle, join) = engine_loop::spawn(
         engine,
+        agent.clone(),
+        agent_events,
         LoopConfig {
             queue_capacity: config.max_pending * 2,
             max_pending: config.max_pending,
@@ -133,157 +121,41 @@ pub async fn serve_with_metrics(
         draining: draining.clone(),
         kv_counters,
         engine: handle.clone(),
-        links: Arc::new(Links::new(local.clone(), config.link.clone())),
-        local,
+        agent,
         info,
-        address: addr.to_string(),
+        host_id: config.host_id.clone(),
         segment_queue: config.segment_queue,
         max_context,
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PrefillWorkerServer<PrefillService>>()
-        .await;
-    let reflection = baton_proto::reflection_service(&["baton.v1.PrefillWorker"])
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let drain_timeout = config.drain_timeout;
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let stopper = handle.clone();
-    let drained = async move {
-        shutdown.await;
-        drain(&handle, &health, &draining, drain_timeout).await;
-        let _ = drained_tx.send(());
-    };
-    let server = tonic::transport::Server::builder()
-        .trace_fn(baton_telemetry::grpc_server_span)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(PrefillWorkerServer::new(service))
-        .serve_with_incoming_shutdown(baton_proto::incoming(listener), drained);
-    // Once drained, calls still open are watches (the coordinator's health Watch never ends
-    // by itself): they get a moment to see the server go, then the server stops regardless.
-    tokio::pin!(server);
-    let result = tokio::select! {
-        r = &mut server => r,
-        _ = drained_rx => tokio::time::timeout(CLOSE_GRACE, server)
-            .await
-            .unwrap_or(Ok(())),
-    };
-    stopper.stop().await;
+    let served = baton_worker::serve(
+        ServeOptions {
+            role: "prefill",
+            reflected: &["baton.v1.PrefillWorker"],
+            drain_timeout: config.drain_timeout,
+            draining,
+        },
+        listener,
+        PrefillWorkerServer::new(service),
+        handle.handle(),
+        shutdown,
+    )
+    .await;
     // The service (and every engine handle) is dropped by now: the engine thread ends.
     let _ = tokio::task::spawn_blocking(move || join.join()).await;
     drop(metrics);
-    result.map_err(|e| Error::Internal(format!("grpc server: {e}")))
-}
-
-/// SIGTERM's path: report NOT_SERVING (the coordinator stops routing here at once), refuse new
-/// prompts, let queued prefills finish and decode workers read their pull sources until
-/// `deadline`, then fail the rest and free every block. The server stops once this returns.
-async fn drain(
-    engine: &EngineHandle,
-    health: &tonic_health::server::HealthReporter,
-    draining: &AtomicBool,
-    deadline: Duration,
-) {
-    draining.store(true, Ordering::Relaxed);
-    health
-        .set_not_serving::<PrefillWorkerServer<PrefillService>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    let at_start = engine.snapshot().load;
-    tracing::info!(
-        prompts = at_start.pending,
-        leases = at_start.leases,
-        deadline_s = deadline.as_secs_f64(),
-        "draining: new prompts refused, in-flight prefills and pull sources finishing"
-    );
-    if tokio::time::timeout(deadline, engine.wait_idle())
-        .await
-        .is_err()
-    {
-        let _ = engine.abort_all().await;
-        engine.wait_idle().await;
-    }
-    let end = engine.snapshot().load;
-    tracing::info!(
-        free_blocks = end.free_blocks,
-        total_blocks = end.total_blocks,
-        leases = end.leases,
-        "drained"
-    );
+    served.map_err(Error::Internal)
 }
 
 pub struct PrefillService {
     /// Set when a drain starts: new prompts are refused from then on.
     draining: Arc<AtomicBool>,
     kv_counters: Arc<KvCounters>,
-    engine: EngineHandle,
-    links: Arc<Links>,
-    local: LayoutDescriptor,
+    engine: PrefillEngine,
+    agent: Agent,
     info: WorkerInfo,
-    address: String,
+    host_id: String,
     segment_queue: usize,
     max_context: usize,
-}
-
-impl PrefillService {
-    /// Opens (or reuses) the link to a decode worker and checks it holds the layout the
-    /// coordinator says it does.
-    async fn link(
-        &self,
-        endpoint: Option<&v1::KvEndpoint>,
-        destination: Option<&v1::LayoutDescriptor>,
-    ) -> Result<(Endpoint, Arc<Link>, bool)> {
-        let endpoint = convert::endpoint_from_proto(endpoint.ok_or(Error::InvalidRequest {
-            field: "endpoint",
-            reason: "is required".into(),
-        })?)
-        .map_err(invalid)?;
-        let (link, existed) = self.links.connect(&endpoint).await?;
-        if let Some(d) = destination {
-            let d = convert::descriptor_from_proto(d).map_err(invalid)?;
-            if &d != link.peer() {
-                return Err(Error::InvalidRequest {
-                    field: "destination",
-                    reason: "differs from the layout the decode worker sent at handshake".into(),
-                });
-            }
-        }
-        Ok((endpoint, link, existed))
-    }
-
-    /// Runs `produce` (which feeds segments into the channel it is given) beside a task that
-    /// sends them over `link`; the transfer's report comes back with `produce`'s result.
-    async fn transfer<T>(
-        &self,
-        endpoint: &Endpoint,
-        link: Arc<Link>,
-        produce: impl Future<Output = Result<T>>,
-        rx: mpsc::Receiver<baton_kv_transfer::KvSegment>,
-    ) -> Result<(T, SendReport)> {
-        let sender_link = link.clone();
-        let send = tokio::spawn(
-            async move { send_all(&sender_link, rx).await }
-                .instrument(tracing::info_span!("transfer", shape = "send", %endpoint)),
-        );
-        let produced = produce.await;
-        let sent = send
-            .await
-            .map_err(|e| Error::Internal(format!("send task: {e}")))?;
-        if let Err(e) = &sent {
-            self.kv_counters.failed();
-            self.links.drop_link(endpoint, &link).await;
-            tracing::warn!(%endpoint, error = %e, "kv transfer failed");
-        }
-        match (produced, sent) {
-            (Ok(v), Ok(report)) => Ok((v, report)),
-            // The transport error is the cause when both failed.
-            (_, Err(e)) => Err(e.into()),
-            (Err(e), Ok(_)) => Err(e),
-        }
-    }
 }
 
 fn invalid(e: convert::ConvertError) -> Error {
@@ -293,27 +165,19 @@ fn invalid(e: convert::ConvertError) -> Error {
     }
 }
 
-/// The transfer's report for the coordinator; also counted in this worker's metrics.
-fn kv_stats(
-    counters: &KvCounters,
-    report: &SendReport,
-    compute_done: Option<Instant>,
-    endpoint: &Endpoint,
-    shape: v1::HandoffShape,
-) -> v1::KvTransferStats {
-    let transfer = report
-        .first
-        .map_or(Duration::ZERO, |f| report.done.saturating_duration_since(f));
-    let exposed = compute_done.map_or(transfer, |c| report.done.saturating_duration_since(c));
-    counters.sent(report.bytes, transfer, exposed);
-    v1::KvTransferStats {
-        bytes: report.bytes,
-        segments: report.segments,
-        transfer_seconds: transfer.as_secs_f64(),
-        exposed_seconds: exposed.as_secs_f64(),
-        transport: convert::endpoint_transport(endpoint) as i32,
-        shape: shape as i32,
+/// The request id the coordinator sent, or one made here for a caller that sent none.
+fn request_id(sent: &str) -> Result<RequestId> {
+    if sent.is_empty() {
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        return Ok(RequestId::generate(random));
     }
+    RequestId::parse(sent).map_err(|reason| Error::InvalidRequest {
+        field: "request_id",
+        reason,
+    })
 }
 
 #[tonic::async_trait]
@@ -339,9 +203,24 @@ impl PrefillWorker for PrefillService {
         request: Request<ConnectRequest>,
     ) -> Result<Response<ConnectResponse>, Status> {
         let req = request.into_inner();
-        let (_, _, existed) = self
-            .link(req.endpoint.as_ref(), req.destination.as_ref())
-            .await?;
+        let endpoint =
+            convert::endpoint_from_proto(req.endpoint.as_ref().ok_or(Error::InvalidRequest {
+                field: "endpoint",
+                reason: "is required".into(),
+            })?)
+            .map_err(invalid)?;
+        let existed = self.agent.is_connected(&endpoint).await;
+        let peer = self.agent.connect(&endpoint).await.map_err(Error::from)?;
+        if let Some(d) = &req.destination {
+            let d = convert::descriptor_from_proto(d).map_err(invalid)?;
+            if d != peer.pool().layout {
+                return Err(Error::InvalidRequest {
+                    field: "destination",
+                    reason: "differs from the layout the decode worker sent at handshake".into(),
+                }
+                .into());
+            }
+        }
         Ok(Response::new(ConnectResponse {
             already_connected: existed,
         }))
@@ -355,6 +234,7 @@ impl PrefillWorker for PrefillService {
             return Err(Error::Draining.into());
         }
         let req = request.into_inner();
+        let request = request_id(&req.request_id)?;
         let prompt = req.prompt_token_ids;
         if prompt.is_empty() {
             return Err(Error::InvalidRequest {
@@ -369,93 +249,98 @@ impl PrefillWorker for PrefillService {
             .validate(&limits)
             .map_err(|e| Error::Engine(e.into()))?;
         let started = Instant::now();
-        match req.handoff {
+        let (handoff, shape, span) = match req.handoff {
             Some(Handoff::Push(target)) => {
                 let handoff = HandoffId(target.handoff_id);
-                let (endpoint, link, _) = self
-                    .link(target.endpoint.as_ref(), target.destination.as_ref())
-                    .await?;
+                let destination = convert::blocks_from_proto(target.destination.as_ref().ok_or(
+                    Error::InvalidRequest {
+                        field: "destination",
+                        reason: "is required".into(),
+                    },
+                )?)
+                .map_err(invalid)?;
+                destination
+                    .check(prompt.len() as u32)
+                    .map_err(|e| Error::InvalidRequest {
+                        field: "destination",
+                        reason: e.to_string(),
+                    })?;
+                let transport = convert::transport_from_proto(target.transport).map_err(invalid)?;
+                let endpoint =
+                    destination
+                        .endpoint(transport)
+                        .cloned()
+                        .ok_or(Error::InvalidRequest {
+                            field: "transport",
+                            reason: format!(
+                                "the decode worker offers no {} endpoint",
+                                transport.as_str()
+                            ),
+                        })?;
+                let peer = self.agent.connect(&endpoint).await.map_err(Error::from)?;
+                // Writing straight into the decode worker's memory needs its blocks claimed
+                // first, so it knows whom to wait for if it gives them up.
+                peer.begin(handoff).await.map_err(Error::from)?;
+                let ttl = Duration::from_millis(u64::from(target.ttl_ms.max(1)));
                 let (tx, rx) = mpsc::channel(self.segment_queue);
-                let job = PrefillJob {
-                    handoff,
-                    prompt,
-                    params,
-                    shape: JobShape::Push { segments: tx },
+                tokio::spawn(
+                    crate::sender::run(
+                        peer.clone(),
+                        handoff,
+                        ttl,
+                        rx,
+                        self.engine.clone(),
+                        self.kv_counters.clone(),
+                    )
+                    .instrument(tracing::info_span!("transfer", shape = "push", %handoff)),
+                );
+                let shape = JobShape::Push {
+                    peer,
+                    destination,
+                    outgoing: tx,
                 };
-                let compute = self
-                    .engine
-                    .prefill(job)
-                    .instrument(tracing::info_span!("prefill", %handoff, shape = "push"));
-                let (done, report) = self.transfer(&endpoint, link, compute, rx).await?;
-                tracing::debug!(%handoff, queued = ?done.queued, compute = ?done.compute, total = ?started.elapsed(), "prefilled and pushed");
-                Ok(Response::new(PrefillResponse {
-                    first_token: Some(convert::token_to_proto(&done.first_token)),
-                    kv: Some(kv_stats(
-                        &self.kv_counters,
-                        &report,
-                        Some(done.compute_done),
-                        &endpoint,
-                        v1::HandoffShape::Push,
-                    )),
-                    pull: None,
-                    prefill_seconds: done.compute.as_secs_f64(),
-                }))
+                (
+                    handoff,
+                    shape,
+                    tracing::info_span!("prefill", %request, %handoff, shape = "push"),
+                )
             }
             Some(Handoff::Pull(lease)) => {
                 let handoff = HandoffId(lease.handoff_id);
                 let ttl = Duration::from_millis(u64::from(lease.ttl_ms));
-                let tokens = prompt.len() as u32;
-                let job = PrefillJob {
+                (
                     handoff,
-                    prompt,
-                    params,
-                    shape: JobShape::Pull { ttl },
-                };
-                let done = self
-                    .engine
-                    .prefill(job)
-                    .instrument(tracing::info_span!("prefill", %handoff, shape = "pull"))
-                    .await?;
-                tracing::debug!(%handoff, queued = ?done.queued, compute = ?done.compute, "prefilled for pull");
-                Ok(Response::new(PrefillResponse {
-                    first_token: Some(convert::token_to_proto(&done.first_token)),
-                    kv: None,
-                    pull: Some(PullDescriptor {
-                        handoff_id: handoff.0,
-                        prefill_worker_address: self.address.clone(),
-                        source: Some(convert::descriptor_to_proto(&self.local)),
-                        tokens,
-                        ttl_ms: lease.ttl_ms,
-                    }),
-                    prefill_seconds: done.compute.as_secs_f64(),
-                }))
+                    JobShape::Pull { ttl },
+                    tracing::info_span!("prefill", %request, %handoff, shape = "pull"),
+                )
             }
-            None => Err(Error::InvalidRequest {
-                field: "handoff",
-                reason: "one of push or pull is required".into(),
+            None => {
+                return Err(Error::InvalidRequest {
+                    field: "handoff",
+                    reason: "one of push or pull is required".into(),
+                }
+                .into());
             }
-            .into()),
-        }
-    }
-
-    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
-        let req = request.into_inner();
-        let handoff = HandoffId(req.handoff_id);
-        let (endpoint, link, _) = self
-            .link(req.destination.as_ref(), req.destination_layout.as_ref())
+        };
+        let done = self
+            .engine
+            .prefill(PrefillJob {
+                request,
+                handoff,
+                prompt,
+                params,
+                shape,
+            })
+            .instrument(span)
             .await?;
-        let (tx, rx) = mpsc::channel(self.segment_queue);
-        let ((), report) = self
-            .transfer(&endpoint, link, self.engine.pull(handoff, tx), rx)
-            .await?;
-        Ok(Response::new(PullResponse {
-            kv: Some(kv_stats(
-                &self.kv_counters,
-                &report,
-                None,
-                &endpoint,
-                v1::HandoffShape::Pull,
-            )),
+        tracing::debug!(%handoff, queued = ?done.queued, compute = ?done.compute, total = ?started.elapsed(), "prefilled");
+        Ok(Response::new(PrefillResponse {
+            first_token: Some(convert::token_to_proto(&done.first_token)),
+            source: done
+                .source
+                .as_ref()
+                .map(|s| convert::blocks_to_proto(s, &self.host_id)),
+            prefill_seconds: done.compute.as_secs_f64(),
         }))
     }
 

@@ -123,8 +123,10 @@ pub fn finish_from_proto(r: i32) -> Option<FinishReason> {
 mod workers {
     use std::net::SocketAddr;
 
-    use baton_core::{Fingerprint, KvDType, LayoutDescriptor};
+    use baton_core::{BlockId, Fingerprint, KvDType, LayoutDescriptor, WorkerId};
     use baton_kv_transfer::Endpoint;
+    use baton_kv_transfer::agent::{BlockDescriptor, Transport};
+    use baton_kv_transfer::memory::PoolLayout;
 
     use super::ConvertError;
     use crate::v1;
@@ -231,6 +233,72 @@ mod workers {
         match e {
             Endpoint::Tcp(_) => v1::Transport::Tcp,
             Endpoint::Shm(_) => v1::Transport::Shm,
+        }
+    }
+
+    pub fn blocks_to_proto(b: &BlockDescriptor, host_id: &str) -> v1::KvBlocks {
+        v1::KvBlocks {
+            worker_id: b.worker.to_string(),
+            endpoints: b
+                .endpoints
+                .iter()
+                .map(|e| endpoint_to_proto(e, host_id))
+                .collect(),
+            layout: Some(descriptor_to_proto(&b.pool.layout)),
+            pool_blocks: b.pool.num_blocks,
+            block_ids: b.blocks.iter().map(|b| b.0).collect(),
+            tokens: b.tokens,
+        }
+    }
+
+    /// A peer's block descriptor; endpoints this build cannot use are left out (the caller
+    /// refuses a descriptor without the transport it needs).
+    pub fn blocks_from_proto(b: &v1::KvBlocks) -> Result<BlockDescriptor, ConvertError> {
+        let worker = WorkerId::parse(&b.worker_id).map_err(|reason| ConvertError {
+            field: "blocks.worker_id",
+            reason,
+        })?;
+        let layout = descriptor_from_proto(b.layout.as_ref().ok_or(ConvertError {
+            field: "blocks.layout",
+            reason: "is required".into(),
+        })?)?;
+        if b.pool_blocks == 0 {
+            return Err(ConvertError {
+                field: "blocks.pool_blocks",
+                reason: "must be positive".into(),
+            });
+        }
+        Ok(BlockDescriptor {
+            worker,
+            endpoints: b
+                .endpoints
+                .iter()
+                .filter_map(|e| endpoint_from_proto(e).ok())
+                .collect(),
+            pool: PoolLayout {
+                layout,
+                num_blocks: b.pool_blocks,
+            },
+            blocks: b.block_ids.iter().copied().map(BlockId).collect(),
+            tokens: b.tokens,
+        })
+    }
+
+    pub fn transport_from_proto(t: i32) -> Result<Transport, ConvertError> {
+        match v1::Transport::try_from(t) {
+            Ok(v1::Transport::Tcp | v1::Transport::Unspecified) => Ok(Transport::Tcp),
+            Ok(v1::Transport::Shm) => Ok(Transport::Shm),
+            Err(_) => Err(ConvertError {
+                field: "transport",
+                reason: format!("unknown value {t}"),
+            }),
+        }
+    }
+
+    pub fn transport_to_proto(t: Transport) -> v1::Transport {
+        match t {
+            Transport::Tcp => v1::Transport::Tcp,
+            Transport::Shm => v1::Transport::Shm,
         }
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! client --Inference (Generate, Tokenize, Models, ClusterStatus)--> coordinator
-//! coordinator --PrefillWorker (Info, Load, ConnectPeer, Prefill)--> prefill worker
-//! coordinator --DecodeWorker (Info, Load, Reserve, Release, Decode)--> decode worker
-//! decode worker --PrefillWorker (Pull, Release)--> prefill worker   (pull shape)
+//! coordinator --PrefillWorker (Info, Load, ConnectPeer, Prefill, Release)--> prefill worker
+//! coordinator --DecodeWorker (Info, Load, Decode)--> decode worker
+//! (KV moves between the workers' transfer agents, not over gRPC)
 //! ```
 //!
 //! The sources are `baton/v1/{common,inference,worker}.proto` in this crate. [`v1`] holds the

@@ -127,6 +127,7 @@ impl Workers {
 
         let (pl, prefill) = listener().await;
         let mut config = PrefillConfig::new(engine_config(Role::Prefill, kv_mib));
+        config.kv.shm_socket = Some(shm_dir.join("prefill.sock"));
         config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);
@@ -142,7 +143,7 @@ impl Workers {
 
         let (dl, decode) = listener().await;
         let mut config = DecodeConfig::new(engine_config(Role::Decode, kv_mib));
-        config.kv_shm_socket = Some(shm_dir.join("decode.sock"));
+        config.kv.shm_socket = Some(shm_dir.join("decode.sock"));
         config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
         let (tx, rx) = oneshot::channel::<()>();
         stops.push(tx);

@@ -10,11 +10,11 @@ use baton_core::{HandoffId, WorkerId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::coverage::Coverage;
+use super::stats::Stats;
 use super::{Event, Expectation, Guard, KvConfig, KvRegion, Link, Source};
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::link::Endpoint;
 use crate::memory::{PoolLayout, SeqBlocks, expected_ranges, layer_copies};
-use crate::transport::Stats;
 use crate::wire::{self, Hello, Kind, LandedRange, Notice, ReadRequest};
 
 /// Events the owner has not read yet, at most.
@@ -162,6 +162,14 @@ impl Core {
         tracing::info!(%endpoint, peer = %link.remote().worker, "kv link open");
         dialed.insert(endpoint.clone(), link.clone());
         Ok(link)
+    }
+
+    pub(crate) async fn is_connected(&self, endpoint: &Endpoint) -> bool {
+        self.dialed
+            .lock()
+            .await
+            .get(endpoint)
+            .is_some_and(|l| !l.is_closed())
     }
 
     pub(crate) async fn emit(&self, event: Event) {
@@ -476,7 +484,7 @@ impl Core {
                     self.fail(
                         handoff,
                         Error::PeerRefused {
-                            code: crate::frame::CloseCode::Internal,
+                            code: crate::wire::CloseCode::Internal,
                             message: format!("the sender gave the handoff up: {reason}"),
                         },
                     )
@@ -712,6 +720,7 @@ impl Core {
                 return;
             }
         };
+        self.emit(Event::ReadStarted { handoff }).await;
         let core = self.clone();
         let link = link.clone();
         tokio::spawn(async move {

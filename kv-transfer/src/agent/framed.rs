@@ -14,8 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::Link;
 use super::core::Core;
 use crate::error::{Error, Result};
-use crate::frame::CloseCode;
-use crate::wire::{self, HEADER_LEN, Header, Hello, Kind, Notice, ReadRequest};
+use crate::wire::{self, CloseCode, HEADER_LEN, Header, Hello, Kind, Notice, ReadRequest};
 
 /// Longest control payload (hello, notice, read, close) accepted; write frames have their own
 /// bound (`max_payload_bytes`).
@@ -45,8 +44,8 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
         if header.kind != Kind::Hello {
             return Err(Error::UnexpectedFrame {
-                expected: crate::frame::FrameKind::Hello,
-                got: crate::frame::FrameKind::Ack,
+                expected: Kind::Hello,
+                got: header.kind,
             });
         }
         let (hello, extra) = split_hello(&body)?;
@@ -69,11 +68,11 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// A hello payload: the [`Hello`] and a backend's extra bytes after it (length-prefixed).
 fn split_hello(body: &[u8]) -> Result<(Hello, Vec<u8>)> {
     let malformed = || Error::MalformedFrame {
-        kind: crate::frame::FrameKind::Hello,
+        kind: Kind::Hello,
         reason: "hello without its extra bytes".into(),
     };
     // The Hello's own encoding ends with its length-prefixed worker id; the extra bytes follow.
-    let fixed = crate::frame::DESCRIPTOR_LEN + 4;
+    let fixed = crate::wire::DESCRIPTOR_LEN + 4;
     let id_len = body
         .get(fixed..fixed + 4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -182,7 +181,7 @@ pub(crate) async fn serve<R: AsyncRead + Unpin>(
             }
             Kind::Hello => {
                 let e = Error::MalformedFrame {
-                    kind: crate::frame::FrameKind::Hello,
+                    kind: Kind::Hello,
                     reason: "a second hello".into(),
                 };
                 core.rejected(None, &e);

@@ -26,6 +26,7 @@ mod core;
 pub(crate) mod coverage;
 mod framed;
 mod shm;
+mod stats;
 mod tcp;
 
 use std::any::Any;
@@ -39,11 +40,11 @@ use tokio::sync::mpsc;
 
 pub use config::KvConfig;
 
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::link::Endpoint;
 use crate::memory::{ByteCopy, HostRegion, PoolLayout};
-use crate::transport::Stats;
 use crate::wire::{Hello, LandedRange, Notice, ReadRequest};
+pub use stats::{Stats, StatsSnapshot};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
@@ -124,6 +125,46 @@ impl Transport {
     }
 }
 
+/// A sequence's blocks in a worker's pool, as another worker addresses them: who holds them,
+/// how to reach its agent, the pool's geometry and the blocks in token order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDescriptor {
+    pub worker: WorkerId,
+    pub endpoints: Vec<Endpoint>,
+    pub pool: PoolLayout,
+    pub blocks: Vec<BlockId>,
+    pub tokens: u32,
+}
+
+impl BlockDescriptor {
+    /// The endpoint of `transport`, if the worker offers it.
+    pub fn endpoint(&self, transport: Transport) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.transport() == transport)
+    }
+
+    /// Refuses a descriptor whose blocks cannot hold `tokens` or lie outside its pool.
+    pub fn check(&self, tokens: u32) -> Result<()> {
+        let needed = tokens.div_ceil(self.pool.layout.block_size.max(1)) as usize;
+        if self.tokens != tokens || self.blocks.len() < needed {
+            return Err(Error::InvalidConfig {
+                field: "blocks",
+                reason: format!(
+                    "{} blocks for {} tokens, expected {tokens} tokens in at least {needed}",
+                    self.blocks.len(),
+                    self.tokens
+                ),
+            });
+        }
+        if let Some(b) = self.blocks.iter().find(|b| b.0 >= self.pool.num_blocks) {
+            return Err(Error::InvalidConfig {
+                field: "blocks",
+                reason: format!("block {} outside a pool of {}", b.0, self.pool.num_blocks),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// What a receiver expects of one handoff: every filled row of `layers` x `heads` of a
 /// sequence of `tokens` tokens, into `blocks` of its pool.
 pub struct Expectation {
@@ -169,6 +210,8 @@ pub enum Event {
     /// Sender: the receiver gave the handoff up; write nothing more and answer
     /// [`Notice::Stopped`].
     Cancelled { handoff: HandoffId },
+    /// Source: a reader asked to read the source (pull); the owner renews its lease.
+    ReadStarted { handoff: HandoffId },
     /// Source: a reader read the source and verified it (pull). The owner may end the lease.
     ReadDone {
         handoff: HandoffId,
@@ -356,6 +399,11 @@ impl Agent {
             link,
             core: self.core.clone(),
         })
+    }
+
+    /// Whether a live link to `endpoint` is open (dialed by this agent).
+    pub async fn is_connected(&self, endpoint: &Endpoint) -> bool {
+        self.core.is_connected(endpoint).await
     }
 
     /// Receiver: admits writes of `handoff` as `expectation` describes; frames of handoffs not

@@ -27,8 +27,8 @@ use tokio::net::unix::OwnedWriteHalf;
 use super::core::Core;
 use super::{BoxFuture, Link, Transport, framed};
 use crate::copy::checksummed_copy;
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::link::Endpoint;
 use crate::memory::{ByteCopy, HostRegion};
 use crate::wire::{self, HEADER_LEN, Header, Hello, Kind, LandedRange};
 
@@ -282,7 +282,7 @@ fn handshake_blocking(
         return Err(Error::PeerRefused { code, message });
     }
     let malformed = |reason: &str| Error::MalformedFrame {
-        kind: crate::frame::FrameKind::Hello,
+        kind: crate::wire::Kind::Hello,
         reason: reason.into(),
     };
     if header.kind != Kind::Hello || body.len() < 5 {
@@ -294,7 +294,7 @@ fn handshake_blocking(
     }
     let hello = Hello::decode(hello_bytes)?;
     if let Err(e) = core.check_peer(&hello) {
-        let close = wire::encode_close(crate::frame::CloseCode::Incompatible, &e.to_string());
+        let close = wire::encode_close(crate::wire::CloseCode::Incompatible, &e.to_string());
         if let Ok(f) = wire::frame(Kind::Close, HandoffId(0), &close) {
             let _ = (&*sock).write_all(&f);
         }

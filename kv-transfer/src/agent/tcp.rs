@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::core::Core;
 use super::{BoxFuture, Link, Transport, framed};
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::link::Endpoint;
 use crate::memory::{ByteCopy, HostRegion};
 use crate::wire::{Hello, LandedRange};
 
@@ -169,7 +169,7 @@ fn extra(nonce: u64, index: u16, count: u16) -> Vec<u8> {
 fn parse_extra(b: &[u8]) -> Result<(u64, u16, u16)> {
     if b.len() != 12 {
         return Err(Error::MalformedFrame {
-            kind: crate::frame::FrameKind::Hello,
+            kind: crate::wire::Kind::Hello,
             reason: format!("tcp hello extra of {} bytes, expected 12", b.len()),
         });
     }
@@ -179,7 +179,7 @@ fn parse_extra(b: &[u8]) -> Result<(u64, u16, u16)> {
     let count = u16::from_le_bytes([b[10], b[11]]);
     if count == 0 || count > 64 || index >= count {
         return Err(Error::MalformedFrame {
-            kind: crate::frame::FrameKind::Hello,
+            kind: crate::wire::Kind::Hello,
             reason: format!("stream {index} of {count}"),
         });
     }
@@ -273,7 +273,7 @@ async fn accept(core: Arc<Core>, mut stream: TcpStream, pending: Pending) -> Res
             .clone();
         if link.writers.len() != count as usize || link.remote != hello {
             return Err(Error::MalformedFrame {
-                kind: crate::frame::FrameKind::Hello,
+                kind: crate::wire::Kind::Hello,
                 reason: "streams of one link disagree".into(),
             });
         }
@@ -332,7 +332,7 @@ pub(crate) async fn connect(core: Arc<Core>, addr: SocketAddr) -> Result<Arc<dyn
         let (hello, _) = framed::handshake(&core, &mut stream, &extra(nonce, index, count)).await?;
         if remote.as_ref().is_some_and(|r| *r != hello) {
             return Err(Error::MalformedFrame {
-                kind: crate::frame::FrameKind::Hello,
+                kind: crate::wire::Kind::Hello,
                 reason: "the peer's streams answered with different hellos".into(),
             });
         }

@@ -1,0 +1,20 @@
+//! What both worker roles (prefill, decode) share, written once:
+//!
+//! ```text
+//! gRPC service --Command (bounded)--> [engine thread] --Snapshot (watch)--> load, metrics, drain
+//! serve(): listener + role service + health + reflection + /metrics, SIGTERM -> drain -> stop
+//! ```
+//!
+//! - [`engine`]: the handle to a role's engine thread: a bounded command channel (full is
+//!   overload, said at once) and the snapshot the thread publishes after each turn, which load
+//!   reports, metrics and the drain read without waiting on a step.
+//! - [`serve`]: the server around a role's gRPC service, its health and reflection, the metrics
+//!   endpoint, and the drain that SIGTERM starts.
+//!
+//! Invariants: only the engine thread touches the engine; a drained worker holds no block.
+
+pub mod engine;
+pub mod serve;
+
+pub use engine::{Control, EngineHandle, Refused, Snapshot};
+pub use serve::{Drain, ServeOptions, serve};
