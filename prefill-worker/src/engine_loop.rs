@@ -238,6 +238,7 @@ pub fn spawn(
         max_pending: config.max_pending,
         max_lease_ttl: config.max_lease_ttl,
         stats: LoopStats::default(),
+        answers: Vec::new(),
         rt,
     };
     let (inner, ends) = EngineHandle::new(config.queue_capacity, state.snapshot());
@@ -279,6 +280,9 @@ struct Loop {
     max_lease_ttl: Duration,
     stats: LoopStats,
     rt: Handle,
+    /// Finished prompts' answers, held until the snapshot that shows their effect (a pinned
+    /// source, freed blocks) is published: a load report read after an answer sees it.
+    answers: Vec<(oneshot::Sender<Result<Prefilled>>, Result<Prefilled>)>,
 }
 
 enum Woken {
@@ -312,6 +316,12 @@ impl Loop {
             self.cancel_abandoned();
             publish(&ends.published, self.snapshot());
             let stepped = !self.pending.is_empty() && self.step();
+            if !self.answers.is_empty() {
+                publish(&ends.published, self.snapshot());
+                for (reply, answer) in self.answers.drain(..) {
+                    let _ = reply.send(answer);
+                }
+            }
             if !stepped {
                 match self.wait(&mut ends.commands, &mut agent_events) {
                     Woken::Command(c) => self.handle(c),
@@ -774,7 +784,7 @@ impl Loop {
             JobShape::Push { outgoing, .. } => {
                 // The sequence's last writes are queued; its blocks are no longer read.
                 self.engine.release(a.seq);
-                let _ = a.reply.send(Ok(report));
+                self.answers.push((a.reply, Ok(report)));
                 let _ = outgoing.try_send(Outgoing::Complete {
                     first_token: first_token.id,
                     compute_done: done,
@@ -818,7 +828,7 @@ impl Loop {
                     blocks,
                     tokens: tokens.len() as u32,
                 });
-                let _ = a.reply.send(Ok(report));
+                self.answers.push((a.reply, Ok(report)));
             }
         }
     }
