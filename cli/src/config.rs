@@ -1167,6 +1167,19 @@ mod tests {
             "{msg}"
         );
 
+        // Only the writing side checksums shared-memory copies: the decode role refuses it.
+        let loaded = load(&with_set(None, &["decode.kv.shm_checksums=true"])).expect("loads");
+        let msg = loaded
+            .validate(RoleName::Decode)
+            .expect_err("a decode worker writes no shm copies")
+            .to_string();
+        assert!(msg.contains("decode.kv.shm_checksums"), "{msg}");
+        assert!(msg.contains("[prefill.kv]"), "{msg}");
+        let loaded = load(&with_set(None, &["prefill.kv.shm_checksums=true"])).expect("loads");
+        loaded
+            .validate(RoleName::Prefill)
+            .expect("the prefill worker checksums its copies");
+
         let loaded = load(&Sources::default()).expect("loads");
         let msg = loaded
             .validate(RoleName::Coordinator)

@@ -125,6 +125,12 @@ impl DecodeConfig {
             return Err(invalid("worker_id", &reason));
         }
         self.kv.validate()?;
+        if self.kv.shm_checksums {
+            return Err(invalid(
+                "kv.shm_checksums",
+                "only the writing side checksums shared-memory copies: set it in [prefill.kv]",
+            ));
+        }
         if self.drain_timeout > Duration::from_secs(3600) {
             return Err(invalid("drain_timeout", "must be at most 1 h"));
         }

@@ -297,6 +297,9 @@ struct Landing {
     params: SamplingParams,
     events: mpsc::Sender<DecodeEvent>,
     reserved_at: Instant,
+    /// This worker reads the KV (pull): the read starts after the prefill ended, so all of
+    /// it is exposed, whatever the source's completion says.
+    pulled: bool,
 }
 
 /// Why the loop woke up.
@@ -545,6 +548,9 @@ impl Loop {
                 .map_err(Error::Transport)?;
                 let mine =
                     self.reserve(request.clone(), handoff, seq, prompt, ttl, params, events)?;
+                if let Some(landing) = self.handoffs.get_mut(&handoff) {
+                    landing.pulled = true;
+                }
                 let reads: Vec<ReadRequest> = planned
                     .to_destination(0)
                     .map(|pc| ReadRequest {
@@ -654,6 +660,7 @@ impl Loop {
                 params,
                 events,
                 reserved_at: now,
+                pulled: false,
             },
         );
         Ok(descriptor)
@@ -685,12 +692,15 @@ impl Loop {
                     sender_transfer: transfer,
                     sender_exposed: Duration::ZERO,
                 };
+                let pulled = landing.pulled;
                 match baton_proto::v1::HandoffCompletion::decode(completion.as_slice()) {
                     Ok(c) => {
                         let landed = Landed {
-                            sender_exposed: Duration::from_secs_f64(
-                                c.exposed_seconds.clamp(0.0, 86_400.0),
-                            ),
+                            sender_exposed: if pulled {
+                                transfer
+                            } else {
+                                Duration::from_secs_f64(c.exposed_seconds.clamp(0.0, 86_400.0))
+                            },
                             ..landed
                         };
                         self.drive(

@@ -369,12 +369,13 @@ impl Hello {
 }
 
 /// One byte range a sender wrote straight into the receiver's memory (shared memory), with
-/// the crc32c it computed as it copied.
+/// the crc32c it computed as it copied when it checksums (`shm_checksums`); the receiver
+/// checks a range that carries one in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LandedRange {
     pub offset: u64,
     pub len: u64,
-    pub crc: u32,
+    pub crc: Option<u32>,
 }
 
 /// A message about one handoff.
@@ -424,7 +425,13 @@ impl Notice {
                 for r in ranges {
                     out.extend_from_slice(&r.offset.to_le_bytes());
                     out.extend_from_slice(&r.len.to_le_bytes());
-                    out.extend_from_slice(&r.crc.to_le_bytes());
+                    match r.crc {
+                        Some(crc) => {
+                            out.push(1);
+                            out.extend_from_slice(&crc.to_le_bytes());
+                        }
+                        None => out.push(0),
+                    }
                 }
             }
             Notice::Complete {
@@ -460,16 +467,21 @@ impl Notice {
             2 => {
                 let layer = r.u32()?;
                 let n = r.u32()? as usize;
-                if n > MAX_RANGES || n.saturating_mul(20) > r.b.len() {
+                // Each range is at least 17 bytes (offset, length, and the checksum's flag).
+                if n > MAX_RANGES || n.saturating_mul(17) > r.b.len() {
                     return Err(r.malformed(format!("{n} ranges do not fit the payload")));
                 }
                 let mut ranges = Vec::with_capacity(n);
                 for _ in 0..n {
-                    ranges.push(LandedRange {
-                        offset: r.u64()?,
-                        len: r.u64()?,
-                        crc: r.u32()?,
-                    });
+                    let (offset, len) = (r.u64()?, r.u64()?);
+                    let crc = match r.u8()? {
+                        0 => None,
+                        1 => Some(r.u32()?),
+                        other => {
+                            return Err(r.malformed(format!("checksum flag {other} is not 0 or 1")));
+                        }
+                    };
+                    ranges.push(LandedRange { offset, len, crc });
                 }
                 Notice::Landed { layer, ranges }
             }
@@ -711,12 +723,12 @@ mod tests {
                     LandedRange {
                         offset: 1 << 40,
                         len: 4096,
-                        crc: 0xdead_beef,
+                        crc: Some(0xdead_beef),
                     },
                     LandedRange {
                         offset: 3,
                         len: 1,
-                        crc: 0,
+                        crc: None,
                     },
                 ],
             },

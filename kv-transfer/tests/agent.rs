@@ -94,6 +94,11 @@ fn socket_path() -> std::path::PathBuf {
 }
 
 async fn side(name: &str, fingerprint: u8, shared: bool, shm: bool) -> Side {
+    side_with(name, fingerprint, shared, shm, false).await
+}
+
+/// A side whose direct copies are checksummed or not (`shm_checksums`).
+async fn side_with(name: &str, fingerprint: u8, shared: bool, shm: bool, checksums: bool) -> Side {
     let pool = PoolLayout {
         layout: layout(fingerprint),
         num_blocks: BLOCKS,
@@ -108,6 +113,7 @@ async fn side(name: &str, fingerprint: u8, shared: bool, shm: bool) -> Side {
         shm_socket: shm.then(socket_path),
         tcp_streams: 3,
         max_write: 100,
+        shm_checksums: checksums,
         ..KvConfig::default()
     };
     let memory = Arc::new(HostPool {
@@ -506,7 +512,7 @@ async fn direct_writes_claimed_by_no_one_or_misplaced_fail_the_handoff(t: Transp
         vec![LandedRange {
             offset: outside,
             len: 32,
-            crc: 0,
+            crc: None,
         }],
     )
     .await
@@ -515,6 +521,59 @@ async fn direct_writes_claimed_by_no_one_or_misplaced_fail_the_handoff(t: Transp
         Event::Failed { handoff: h, error } => {
             assert_eq!(h, handoff);
             assert!(error.to_string().contains("outside"), "{error}");
+        }
+        e => panic!("expected a failure, got {e:?}"),
+    }
+}
+
+/// With `shm_checksums` a writer's direct ranges carry the crc32c of what it copied and the
+/// receiver checks each in place: a checksummed push lands exactly, and a range whose bytes
+/// differ from its checksum fails the handoff.
+async fn checksummed_direct_writes_are_checked_in_place(t: Transport) {
+    let shm = t == Transport::Shm;
+    let p = side_with("prefill-0", 1, false, shm, true).await;
+    let mut d = side("decode-0", 1, true, shm).await;
+    let peer = p.agent.connect(&d.endpoint(t)).await.expect("connect");
+    if !peer.direct() {
+        return;
+    }
+    let (pb, db) = (blocks(&[0, 1]), blocks(&[5, 3]));
+    fill(&p, &pb, 6);
+
+    let good = HandoffId(21);
+    d.agent
+        .expect(good, expectation(6, db.clone(), guard()))
+        .expect("expect");
+    peer.begin(good).await.expect("claim");
+    for layer in 0..LAYERS {
+        let cs = copies(&p, &pb, peer.pool(), &db, 6, layer);
+        let ranges = peer.write_direct(&cs).expect("direct copy");
+        for (r, c) in ranges.iter().zip(&cs) {
+            let copied = crc32c::crc32c(&p.bytes(c.src, c.len as usize));
+            assert_eq!(r.crc, Some(copied), "the checksum of the bytes copied");
+        }
+        peer.landed(good, layer, ranges).await.expect("landed");
+    }
+    complete(&peer, good, b"ok").await;
+    match d.outcome().await {
+        Event::Arrived { handoff, .. } => assert_eq!(handoff, good),
+        e => panic!("expected the arrival, got {e:?}"),
+    }
+    assert_moved(&p, &pb, &d, &db, 6);
+
+    let bad = HandoffId(22);
+    d.agent
+        .expect(bad, expectation(6, db.clone(), guard()))
+        .expect("expect");
+    peer.begin(bad).await.expect("claim");
+    let cs = copies(&p, &pb, peer.pool(), &db, 6, 0);
+    let mut ranges = peer.write_direct(&cs).expect("direct copy");
+    ranges[0].crc = ranges[0].crc.map(|c| c ^ 1);
+    peer.landed(bad, 0, ranges).await.expect("landed");
+    match d.outcome().await {
+        Event::Failed { handoff, error } => {
+            assert_eq!(handoff, bad);
+            assert!(error.to_string().contains("checksum mismatch"), "{error}");
         }
         e => panic!("expected a failure, got {e:?}"),
     }
@@ -824,4 +883,5 @@ conformance!(
     a_peer_that_dies_mid_transfer_fails_its_handoffs,
     unknown_and_late_frames_are_rejected_and_counted,
     a_cancel_stops_the_writer_before_the_blocks_are_reused,
+    checksummed_direct_writes_are_checked_in_place,
 );

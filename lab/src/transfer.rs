@@ -9,10 +9,10 @@
 //!
 //! - memcpy: the copies on one thread, pool to pool (the one-copy floor);
 //! - raw TCP: the same bytes over one loopback TCP stream, read into a buffer (the TCP floor);
-//! - baton shm: the prefill side's agent copies straight into the mapped destination pool,
-//!   computing each range's crc32c as it copies, and sends one `Landed` notice per layer; the
-//!   destination agent checks every range's crc in place (it copies nothing) and reports the
-//!   arrival;
+//! - baton shm: the prefill side's agent copies straight into the mapped destination pool and
+//!   sends one `Landed` notice per layer; the destination agent admits the ranges (it copies
+//!   nothing) and reports the arrival. With `--shm-checksums` the copy computes each range's
+//!   crc32c as it goes and the destination checks it in place;
 //! - baton tcp: owned bytes per layer as write frames over the link's streams; the destination
 //!   agent reads each admitted frame straight into its pool and checks its crc.
 //!
@@ -56,6 +56,10 @@ pub struct TransferArgs {
     /// prompt it accepts.
     #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
     prompt_tokens: Vec<usize>,
+    /// The sending agent checksums its shared-memory copies (`shm_checksums = true` in
+    /// `[prefill.kv]`) and the receiver checks them in place.
+    #[arg(long)]
+    shm_checksums: bool,
 }
 
 /// The target for one-copy shared memory against memcpy.
@@ -122,7 +126,7 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir();
     let pid = std::process::id();
     let (src, dst) = rt.block_on(async {
-        let src = side_over("lab-prefill", src_memory.clone(), None).await?;
+        let src = side_over("lab-prefill", src_memory.clone(), None, args.shm_checksums).await?;
         let dst_pool = src_memory.pool().clone();
         let len = dst_pool.region_bytes() as usize;
         let region = Arc::new(HostRegion::shared(len, "baton-lab-decode")?);
@@ -134,6 +138,7 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
             "lab-decode",
             memory,
             Some(dir.join(format!("baton-lab-{pid}-d.sock"))),
+            false,
         )
         .await?;
         anyhow::Ok((src, (dst, region)))
@@ -150,10 +155,15 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
 
     let mut report = Vec::new();
     println!(
-        "baton-lab transfer — {} ({} repeats; destination pool {} MiB, shareable)",
+        "baton-lab transfer — {} ({} repeats; destination pool {} MiB, shareable; shm {})",
         model.display(),
         args.repeats,
-        src.pool.region_bytes() >> 20
+        src.pool.region_bytes() >> 20,
+        if args.shm_checksums {
+            "checksummed"
+        } else {
+            "unchecked"
+        },
     );
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(400);
     let base = engine.tokenizer().encode(&text, false)?;
@@ -258,10 +268,12 @@ async fn side_over(
     name: &str,
     memory: Arc<dyn KvRegion>,
     shm: Option<PathBuf>,
+    shm_checksums: bool,
 ) -> anyhow::Result<Side> {
     let pool = memory.pool().clone();
     let config = KvConfig {
         shm_socket: shm,
+        shm_checksums,
         ..KvConfig::default()
     };
     let (agent, events) = Agent::start(WorkerId::parse(name).expect("id"), memory, config).await?;

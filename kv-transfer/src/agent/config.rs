@@ -42,6 +42,13 @@ pub struct KvConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub handshake_timeout: Duration,
+    /// Whether this worker computes the crc32c of every range it copies straight into a peer's
+    /// pool over shared memory (in the same pass as the copy), for the peer to check in place.
+    /// It guards against a peer's bugs, not a wire: it costs about a fifth of the copy's speed
+    /// and a second pass over the bytes on the receiving worker's CPU. Only the writing side
+    /// (the prefill worker, which also serves pulls) copies directly, so only `[prefill.kv]`
+    /// takes it. TCP always checksums. Default false.
+    pub shm_checksums: bool,
 }
 
 impl Default for KvConfig {
@@ -54,6 +61,7 @@ impl Default for KvConfig {
             max_write: 4 << 20,
             max_payload: 64 << 20,
             handshake_timeout: Duration::from_secs(5),
+            shm_checksums: false,
         }
     }
 }

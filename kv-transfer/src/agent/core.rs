@@ -549,8 +549,8 @@ impl Core {
         }
     }
 
-    /// Direct writes a peer made into this process's memory: each range is admitted and its
-    /// crc32c checked in place; nothing is copied.
+    /// Direct writes a peer made into this process's memory: each range is admitted and, where
+    /// the writer checksummed it, its crc32c checked in place; nothing is copied.
     async fn on_landed(
         &self,
         link: &Arc<dyn Link>,
@@ -587,20 +587,23 @@ impl Core {
                     .fail(handoff, Error::SegmentRejected { handoff, reason })
                     .await;
             }
-            // SAFETY: the range was just admitted: inside this handoff's reserved blocks, which
-            // its writer has finished (it sends Landed after the copy) and nobody else touches.
-            let crc = unsafe { region.bytes(r.offset, r.len as usize) }.map(crc32c::crc32c);
-            if crc != Some(r.crc) {
-                return self
-                    .fail(
-                        handoff,
-                        Error::PayloadCorrupt {
+            if let Some(expected) = r.crc {
+                // SAFETY: the range was just admitted: inside this handoff's reserved blocks,
+                // which its writer has finished (it sends Landed after the copy) and nobody
+                // else touches.
+                let crc = unsafe { region.bytes(r.offset, r.len as usize) }.map(crc32c::crc32c);
+                if crc != Some(expected) {
+                    return self
+                        .fail(
                             handoff,
-                            expected: r.crc,
-                            computed: crc.unwrap_or(0),
-                        },
-                    )
-                    .await;
+                            Error::PayloadCorrupt {
+                                handoff,
+                                expected,
+                                computed: crc.unwrap_or(0),
+                            },
+                        )
+                        .await;
+                }
             }
             landed += r.len;
         }

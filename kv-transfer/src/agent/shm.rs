@@ -1,9 +1,11 @@
 //! The shared-memory backend, for two workers on one host: one copy per byte. A link is a Unix
 //! stream socket for control frames; at the hello each side passes the memfd of its pool (when
 //! its pool is shareable) with `SCM_RIGHTS`, and the other maps it. A writer then copies
-//! straight from its pool into the peer's (computing the crc32c in the same pass) and sends one
-//! `Landed` notice per layer naming the ranges and their checksums; the receiver checks each
-//! range in place before counting it. Nothing is copied on the receiving side.
+//! straight from its pool into the peer's and sends one `Landed` notice per layer naming the
+//! ranges; nothing is copied on the receiving side. With `shm_checksums` the writer computes
+//! each range's crc32c in the same pass as the copy and the receiver checks it in place before
+//! counting the range. Off by default: the bytes cross no wire, and the check costs about a
+//! fifth of the copy's speed and a pass over the bytes on the receiver's CPU (BENCHMARKS.md).
 //!
 //! A writer claims a handoff (`Begin` / `Go`) before its first direct write, so the receiver
 //! knows whom to wait for if it gives the handoff up (`Cancel` / `Stopped`): another process's
@@ -45,6 +47,8 @@ struct ShmLink {
     exposed: bool,
     closed: AtomicBool,
     max_write: usize,
+    /// Checksum direct copies (`shm_checksums`).
+    checksums: bool,
 }
 
 impl Link for ShmLink {
@@ -121,7 +125,12 @@ impl Link for ShmLink {
             // SAFETY: the destination rows belong to blocks the peer reserved for this
             // handoff and granted to this writer (`Begin` / `Go`, or its read request).
             let to = unsafe { peer.bytes_mut(c.dst, len) }.ok_or_else(|| outside("peer's", c))?;
-            let crc = checksummed_copy(from, to);
+            let crc = if self.checksums {
+                Some(checksummed_copy(from, to))
+            } else {
+                to.copy_from_slice(from);
+                None
+            };
             ranges.push(LandedRange {
                 offset: c.dst,
                 len: c.len,
@@ -352,6 +361,7 @@ async fn open(core: Arc<Core>, sock: StdUnixStream) -> Result<Arc<ShmLink>> {
         exposed,
         closed: AtomicBool::new(false),
         max_write: core.config.max_write as usize,
+        checksums: core.config.shm_checksums,
     });
     core.register(link.clone());
     let (c, l) = (core.clone(), link.clone());
