@@ -10,7 +10,8 @@
 //! - memcpy: the copies on one thread, pool to pool (the one-copy floor);
 //! - raw TCP: the same bytes over one loopback TCP stream, read into a buffer (the TCP floor);
 //! - baton shm: the prefill side's agent copies straight into the mapped destination pool and
-//!   sends one `Landed` notice per layer; the destination agent admits the ranges (it copies
+//!   hands each layer's `Landed` notice to a task that sends it (as a prefill worker's engine
+//!   thread hands it to its sender task); the destination agent admits the ranges (it copies
 //!   nothing) and reports the arrival. With `--shm-checksums` the copy computes each range's
 //!   crc32c as it goes and the destination checks it in place;
 //! - baton tcp: owned bytes per layer as write frames over the link's streams; the destination
@@ -379,11 +380,30 @@ async fn baton(
         peer.begin(handoff).await?;
     }
     let (c0, p0, t0) = (thread_cpu(), process_cpu(), Instant::now());
-    for (layer, copies) in per_layer.iter().enumerate() {
-        if peer.direct() {
+    if peer.direct() {
+        // As the prefill worker does: its engine thread copies each layer and hands the
+        // layer's `Landed` notice to its sender task, so the next layer's copy does not wait
+        // on a socket.
+        let (notices, mut queued) = mpsc::channel(per_layer.len().max(1));
+        let notifier = {
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                while let Some((layer, ranges)) = queued.recv().await {
+                    peer.landed(handoff, layer, ranges).await?;
+                }
+                anyhow::Ok(())
+            })
+        };
+        for (layer, copies) in per_layer.iter().enumerate() {
             let ranges = peer.write_direct(copies)?;
-            peer.landed(handoff, layer as u32, ranges).await?;
-        } else {
+            notices
+                .try_send((layer as u32, ranges))
+                .map_err(|_| anyhow::anyhow!("the notice task ended early"))?;
+        }
+        drop(notices);
+        notifier.await??;
+    } else {
+        for (layer, copies) in per_layer.iter().enumerate() {
             // The owned bytes a prefill worker's engine thread hands its sender.
             let pieces: Vec<(u64, Vec<u8>)> = copies
                 .iter()
