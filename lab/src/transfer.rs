@@ -379,11 +379,16 @@ async fn baton(
     if peer.direct() {
         peer.begin(handoff).await?;
     }
+    let complete = || Notice::Complete {
+        bytes: 0,
+        transfer_us: 0,
+        completion: Vec::new(),
+    };
     let (c0, p0, t0) = (thread_cpu(), process_cpu(), Instant::now());
     if peer.direct() {
         // As the prefill worker does: its engine thread copies each layer and hands the
         // layer's `Landed` notice to its sender task, so the next layer's copy does not wait
-        // on a socket.
+        // on a socket; the same task sends `Complete` after the last.
         let (notices, mut queued) = mpsc::channel(per_layer.len().max(1));
         let notifier = {
             let peer = peer.clone();
@@ -391,6 +396,7 @@ async fn baton(
                 while let Some((layer, ranges)) = queued.recv().await {
                     peer.landed(handoff, layer, ranges).await?;
                 }
+                peer.notify(handoff, &complete()).await?;
                 anyhow::Ok(())
             })
         };
@@ -415,16 +421,8 @@ async fn baton(
                 .collect();
             peer.write(handoff, layer as u32, &pieces).await?;
         }
+        peer.notify(handoff, &complete()).await?;
     }
-    peer.notify(
-        handoff,
-        &Notice::Complete {
-            bytes: 0,
-            transfer_us: 0,
-            completion: Vec::new(),
-        },
-    )
-    .await?;
     let send = thread_cpu() - c0;
     loop {
         let event = tokio::time::timeout(Duration::from_secs(60), dst.events.recv())

@@ -44,10 +44,10 @@ pub struct KvConfig {
     pub handshake_timeout: Duration,
     /// Whether this worker computes the crc32c of every range it copies straight into a peer's
     /// pool over shared memory (in the same pass as the copy), for the peer to check in place.
-    /// It guards against a peer's bugs, not a wire: it costs about a sixth of the copy's speed
-    /// and a second pass over the bytes on the receiving worker's CPU. Only the writing side
-    /// (the prefill worker, which also serves pulls) copies directly, so only `[prefill.kv]`
-    /// takes it. TCP always checksums. Default false.
+    /// It guards against a peer's bugs, not a wire: it costs a sixth to a fifth of the copy's
+    /// speed and a second pass over the bytes on the receiving worker's CPU. Only the writing
+    /// side (the prefill worker, which also serves pulls) copies directly, so only
+    /// `[prefill.kv]` takes it. TCP always checksums. Default false.
     pub shm_checksums: bool,
 }
 

@@ -4,8 +4,8 @@
 //! straight from its pool into the peer's and sends one `Landed` notice per layer naming the
 //! ranges; nothing is copied on the receiving side. With `shm_checksums` the writer computes
 //! each range's crc32c in the same pass as the copy and the receiver checks it in place before
-//! counting the range. Off by default: the bytes cross no wire, and the check costs about a
-//! sixth of the copy's speed and a pass over the bytes on the receiver's CPU (BENCHMARKS.md).
+//! counting the range. Off by default: the bytes cross no wire, and the check costs a sixth to
+//! a fifth of the copy's speed and a pass over the bytes on the receiver's CPU (BENCHMARKS.md).
 //!
 //! A writer claims a handoff (`Begin` / `Go`) before its first direct write, so the receiver
 //! knows whom to wait for if it gives the handoff up (`Cancel` / `Stopped`): another process's
