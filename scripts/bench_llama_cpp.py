@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""llama.cpp baseline for `baton bench engine --baseline llama-cpp`.
+"""llama.cpp baseline for `baton-lab engine --baseline llama-cpp`.
 
 Measures, on the same GGUF and thread count, what baton's engine benchmark measures: prompt
 processing (prefill) tokens/s for given prompt lengths, and single-stream greedy decode tokens/s.

@@ -47,7 +47,7 @@ pub struct EngineArgs {
     cpu_kernels: baton_engine::Kernels,
 }
 
-/// What `bench engine` measures beside baton in the same invocation.
+/// What `baton-lab engine` measures beside baton in the same invocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Baseline {
     /// llama.cpp through llama-cpp-python, on the same file and thread count.
