@@ -92,6 +92,12 @@ pub struct LayoutMismatch {
 }
 
 impl LayoutDescriptor {
+    /// Blocks that hold `tokens` positions. A block size of 0 (a peer's malformed descriptor)
+    /// counts as 1, so this never divides by zero.
+    pub fn blocks_for(&self, tokens: u32) -> u32 {
+        tokens.div_ceil(self.block_size.max(1))
+    }
+
     /// Refuses a source layout whose bytes this one cannot take block for block: another model,
     /// element type, block size or head shape. Shard ranges may differ: the transfer plan maps
     /// them.

@@ -387,12 +387,7 @@ impl Loop {
             .filter_map(|l| l.machine.deadline())
             .min();
         self.rt.block_on(async {
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let sleep = baton_worker::sleep_until(deadline);
             tokio::select! {
                 c = commands.recv() => c.map_or(Woken::Closed, Woken::Command),
                 Some(e) = agent_events.recv() => Woken::Agent(e),
@@ -538,7 +533,7 @@ impl Loop {
                             ),
                         })?;
                 let local = self.batcher.engine().descriptor().clone();
-                let blocks = tokens.div_ceil(local.block_size);
+                let blocks = local.blocks_for(tokens);
                 // One read per copy of the plan: with equal layouts, one for everything.
                 let planned = plan(
                     std::slice::from_ref(&source.pool.layout),

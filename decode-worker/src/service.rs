@@ -236,7 +236,7 @@ impl DecodeWorker for DecodeService {
             return Err(Error::Draining.into());
         }
         let deadline =
-            convert::grpc_timeout(request.metadata()).map(|t| (tokio::time::Instant::now() + t, t));
+            convert::grpc_timeout(request.metadata()).map(|t| (std::time::Instant::now() + t, t));
         let req = request.into_inner();
         let request = request_id(&req.request_id)?;
         let params = convert::sampling_from_proto(req.sampling.as_ref());
@@ -339,7 +339,7 @@ struct StreamTask {
     prompt_tokens: u32,
     /// The handoff's shape, for a disaggregated decode.
     disaggregated: Option<v1::HandoffShape>,
-    deadline: Option<(tokio::time::Instant, Duration)>,
+    deadline: Option<(std::time::Instant, Duration)>,
 }
 
 impl StreamTask {
@@ -348,12 +348,7 @@ impl StreamTask {
         let mut completion = u32::from(self.disaggregated.is_some());
         let mut landed: Option<Landed> = None;
         let deadline = self.deadline;
-        let expired = async move {
-            match deadline {
-                Some((at, _)) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let expired = baton_worker::sleep_until(deadline.map(|(at, _)| at));
         tokio::pin!(expired);
         loop {
             let event = tokio::select! {

@@ -222,19 +222,10 @@ pub fn run(args: TransferArgs) -> anyhow::Result<()> {
                 handoff += 1;
                 t[m] = match m {
                     0 => memcpy(src_host, &dst_region, &per_layer),
-                    2 => rt.block_on(baton(
-                        &mut dst,
-                        &shm_peer,
-                        HandoffId(handoff),
-                        &per_layer,
-                        src_host,
-                        n as u32,
-                        &dst_blocks,
-                    ))?,
                     1 => rt.block_on(raw_tcp(&mut raw, src_host, &per_layer))?,
                     _ => rt.block_on(baton(
                         &mut dst,
-                        &tcp_peer,
+                        if m == 2 { &shm_peer } else { &tcp_peer },
                         HandoffId(handoff),
                         &per_layer,
                         src_host,

@@ -345,12 +345,7 @@ impl Loop {
             .filter_map(|s| s.machine.deadline())
             .min();
         self.rt.block_on(async {
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let sleep = baton_worker::sleep_until(deadline);
             tokio::select! {
                 c = commands.recv() => c.map_or(Woken::Closed, Woken::Command),
                 Some(e) = agent_events.recv() => Woken::Agent(e),

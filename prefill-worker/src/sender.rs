@@ -59,12 +59,7 @@ pub async fn run(
     let mut completion = None;
     loop {
         let wake = machine.next_wakeup();
-        let sleep = async {
-            match wake {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
+        let sleep = baton_worker::sleep_until(wake);
         let event = tokio::select! {
             item = outgoing.recv() => match item {
                 // The engine thread dropped the job without a word: its caller went away.

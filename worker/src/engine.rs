@@ -139,6 +139,15 @@ pub fn publish<S: Snapshot>(published: &watch::Sender<S>, now: S) {
     });
 }
 
+/// Sleeps until `deadline`, or forever when there is none: the timer arm of an engine thread's
+/// or a task's `select!`, whose next lease deadline may not exist.
+pub async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,5 +16,5 @@
 pub mod engine;
 pub mod serve;
 
-pub use engine::{Control, EngineHandle, Refused, Snapshot};
+pub use engine::{Control, EngineHandle, Refused, Snapshot, sleep_until};
 pub use serve::{Drain, ServeOptions, serve};

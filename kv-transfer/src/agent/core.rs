@@ -203,7 +203,7 @@ impl Core {
                 e.heads, d.kv_heads
             )));
         }
-        let needed = e.tokens.div_ceil(d.block_size) as usize;
+        let needed = d.blocks_for(e.tokens) as usize;
         if e.tokens == 0 || e.blocks.len() < needed {
             return Err(invalid(format!(
                 "{} blocks for {} tokens",
@@ -639,7 +639,7 @@ impl Core {
     // ---- sources (pull) ----
 
     pub(crate) fn offer(&self, handoff: HandoffId, source: Source) -> Result<()> {
-        let needed = source.tokens.div_ceil(self.pool.layout.block_size) as usize;
+        let needed = self.pool.layout.blocks_for(source.tokens) as usize;
         if source.tokens == 0 || source.blocks.len() < needed {
             return Err(Error::InvalidConfig {
                 field: "source",
@@ -788,7 +788,7 @@ impl Core {
                 req.heads
             ));
         }
-        let needed = req.tokens.div_ceil(mine.block_size) as usize;
+        let needed = mine.blocks_for(req.tokens) as usize;
         if req.dest_blocks.len() < needed
             || req
                 .dest_blocks
@@ -808,7 +808,7 @@ impl Core {
         blocks: &[baton_core::BlockId],
         stop: &AtomicBool,
     ) -> Result<u64> {
-        let blocks_range = 0..req.tokens.div_ceil(self.pool.layout.block_size);
+        let blocks_range = 0..self.pool.layout.blocks_for(req.tokens);
         let src = SeqBlocks {
             pool: &self.pool,
             blocks,

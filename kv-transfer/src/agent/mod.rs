@@ -144,7 +144,7 @@ impl BlockDescriptor {
 
     /// Refuses a descriptor whose blocks cannot hold `tokens` or lie outside its pool.
     pub fn check(&self, tokens: u32) -> Result<()> {
-        let needed = tokens.div_ceil(self.pool.layout.block_size.max(1)) as usize;
+        let needed = self.pool.layout.blocks_for(tokens) as usize;
         if self.tokens != tokens || self.blocks.len() < needed {
             return Err(Error::InvalidConfig {
                 field: "blocks",
