@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# baton against llama.cpp's server on the same GGUF, measured by the same load generator in one
-# invocation: one stream, then 8 concurrent streams, for each server in turn (never two servers at
-# once: they would share the cores).
+# baton against llama.cpp's C++ server (`llama-server`) on the same GGUF, measured by the same
+# load generator in one invocation, one server at a time (never two at once: they would share
+# the cores). Two workloads:
+#   plain   128-token prompts, 128 output tokens, at 1 and then 8 concurrent streams;
+#   prefix  a 1024-token system prompt every request shares plus 64 tokens of its own, 32 output
+#           tokens, 4 concurrent streams: what prefix caching is for. baton runs it with its
+#           prefix cache on and off; llama-server keeps each slot's last prompt (cache_prompt).
 #
 #   benches/compare-llama-cpp.sh OUT_DIR [NUM_REQUESTS]
 #
 # Needs a release build (`cargo build --release -p baton`; $BATON overrides the binary) and
-# `pip install 'llama-cpp-python[server]'`. Writes OUT_DIR/<server>-c<N>/{results.json,*.svg},
-# OUT_DIR/<server>-c<N>.txt, and prints one table of all runs at the end (OUT_DIR/summary.md);
-# the servers' own logs go to $TMPDIR (default /tmp).
+# llama-server ($LLAMA_SERVER, else built by scripts/build-llama-cpp.sh, about 10 minutes the
+# first time). Writes OUT_DIR/<server>-<workload>-c<N>/{results.json,*.svg} and their .txt, and
+# prints one table of all runs at the end (OUT_DIR/summary.md); servers' logs go to $TMPDIR.
 #
-# Fairness: the same seeded prompts (128 tokens) and 128 output tokens for every server. baton is
-# asked with ignore_eos; llama-cpp-python's server has no ignore_eos, so it gets a logit bias of
-# -100 on SmolLM2's end tokens (0 <|endoftext|>, 2 <|im_end|>) instead, which has the same effect
-# on a greedy answer. It reports no usage while streaming, so its output tokens are counted as text
-# chunks (one per token there; the summary marks the column). Both run on 2 threads.
+# Fairness: the same seeded prompts and output lengths for every server, greedy, end tokens
+# ignored (baton's and llama-server's `ignore_eos`), 2 threads each; llama-server with 8
+# slots (-np 8) and room for the longest prompt in each, so it batches the 8 streams as baton
+# does. Output tokens are counted from each server's reported usage.
 set -euo pipefail
 
 out=${1:?usage: $0 OUT_DIR [NUM_REQUESTS]}
@@ -22,6 +25,7 @@ n=${2:-16}
 root=$(cd "$(dirname "$0")/.." && pwd)
 baton=${BATON:-$root/target/release/baton}
 model=$("$root/scripts/fetch-model.sh")
+llama_server=${LLAMA_SERVER:-$("$root/scripts/build-llama-cpp.sh")/llama-server}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
@@ -44,13 +48,18 @@ wait_http() { # base-url path: until the path answers 200
   return 1
 }
 
-bench() { # name endpoint extra-args...
-  local name=$1 endpoint=$2
-  shift 2
-  for c in 1 8; do
-    "$baton" bench serve --endpoint "$endpoint" --concurrency "$c" --num-requests "$n" \
-      --input-len 128 --output-len 128 --seed 7 --tokenizer "$model" --no-progress \
-      --slo ttft=1s,tpot=100ms --out "$out/$name-c$c" "$@" | tee "$out/$name-c$c.txt"
+workload() { # name endpoint workload extra-args...
+  local name=$1 endpoint=$2 kind=$3
+  shift 3
+  local c args
+  case $kind in
+    plain) c="1 8"; args=(--input-len 128 --output-len 128 --slo ttft=1s,tpot=100ms) ;;
+    prefix) c="4"; args=(--shared-prefix-len 1024 --input-len 64 --output-len 32 --slo ttft=1s,tpot=100ms) ;;
+  esac
+  for k in $c; do
+    "$baton" bench serve --endpoint "$endpoint" --concurrency "$k" --num-requests "$n" \
+      --seed 7 --tokenizer "$model" --no-progress --ignore-eos "${args[@]}" \
+      --out "$out/$name-$kind-c$k" "$@" | tee "$out/$name-$kind-c$k.txt"
   done
 }
 
@@ -58,38 +67,38 @@ bench() { # name endpoint extra-args...
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  python3 -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)'
+  echo "llama-server: $llama_server ($("$llama_server" --version 2>&1 | grep -m1 version || true))"
   "$baton" --version
 } | tee "$out/machine.txt"
 
-# llama.cpp: llama-cpp-python's server runs one request at a time (no batching across requests)
-# and by default a new request interrupts the running one; --interrupt_requests False queues them.
-python3 -m llama_cpp.server --model "$model" --n_threads 2 --n_threads_batch 2 --n_ctx 4096 \
-  --interrupt_requests False --host 127.0.0.1 --port $llama_port >"${TMPDIR:-/tmp}/llama-server.log" 2>&1 &
+"$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --host 127.0.0.1 --port $llama_port \
+  >"${TMPDIR:-/tmp}/llama-server.log" 2>&1 &
 children+=($!)
-wait_http "http://127.0.0.1:$llama_port" /v1/models
-bench llama-cpp "http://127.0.0.1:$llama_port" --extra-body '{"logit_bias":{"0":-100,"2":-100}}'
+wait_http "http://127.0.0.1:$llama_port" /health
+workload llama-server "http://127.0.0.1:$llama_port" plain
+workload llama-server "http://127.0.0.1:$llama_port" prefix
 kill "${children[-1]}"
 wait "${children[-1]}" 2>/dev/null || true
 
-run_baton() { # name up-args...
-  local name=$1
-  shift
+run_baton() { # name workloads up-args...
+  local name=$1 kinds=$2
+  shift 2
   "$baton" up --model "$model" --http 127.0.0.1:$http_port --grpc 127.0.0.1:$grpc_port "$@" \
     >"${TMPDIR:-/tmp}/$name-up.log" 2>&1 &
   children+=($!)
   wait_http "http://127.0.0.1:$http_port" /ready
-  bench "$name" "http://127.0.0.1:$http_port" --ignore-eos
+  for kind in $kinds; do
+    workload "$name" "http://127.0.0.1:$http_port" "$kind"
+  done
   kill -TERM "${children[-1]}"
   wait "${children[-1]}" 2>/dev/null || true
 }
 
-run_baton baton-disaggregated --prefill 1 --decode 1
-if "$baton" up --help | grep -q -- --colocated; then
-  run_baton baton-colocated --colocated
-fi
+run_baton baton "plain prefix" --prefill 1 --decode 1
+run_baton baton-nocache prefix --prefill 1 --decode 1 \
+  --set prefill.engine.prefix_cache=false --set decode.engine.prefix_cache=false
 
-python3 - "$out" <<'EOF' | tee "$out/summary.md"
+python3 - "$out" <<'PY' | tee "$out/summary.md"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 rows = []
@@ -97,13 +106,12 @@ for f in sorted(out.glob("*-c*/results.json")):
     d = json.load(open(f))
     s = d["runs"][0]["summary"]
     rows.append((f.parent.name, s))
-print("| server, streams | ok/sent | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2E p50 (ms) | goodput (req/s) | tokens counted from |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| server-workload-streams | ok/sent | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2E p50 (ms) | goodput (req/s) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for name, s in rows:
-    chunks = "chunks" if s.get("output_tokens_from_chunks") else "usage"
     goodput = "-" if s.get("goodput") is None else f"{s['goodput']:.3f}"
     print(f"| {name} | {s['completed']}/{s['sent']} | {s['output_throughput']:.1f} | "
           f"{s['ttft']['median_ms']:.0f} / {s['ttft']['p99_ms']:.0f} | "
           f"{s['tpot']['median_ms']:.1f} / {s['tpot']['p99_ms']:.1f} | {s['itl']['median_ms']:.1f} | "
-          f"{s['e2e']['median_ms']:.0f} | {goodput} | {chunks} |")
-EOF
+          f"{s['e2e']['median_ms']:.0f} | {goodput} |")
+PY

@@ -31,6 +31,7 @@ fn message(text: &str, ids: &[u32], finish: Option<v1::FinishReason>) -> v1::Gen
                 prompt_tokens: 7,
                 completion_tokens: 4,
                 total_tokens: 11,
+                cached_tokens: 0,
             }),
             placement: None,
         }),

@@ -72,6 +72,8 @@ pub struct Placement {
     pub transport: Option<&'static str>,
     /// "push" or "pull" when KV moved.
     pub shape: Option<&'static str>,
+    /// Prompt tokens the computing worker's prefix cache supplied.
+    pub cached_tokens: u32,
 }
 
 /// Token counts, OpenAI style.
@@ -79,6 +81,8 @@ pub struct Placement {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Of the prompt's tokens, those a prefix cache supplied.
+    pub cached_tokens: u32,
 }
 
 /// What a generation stream yields.
@@ -487,6 +491,7 @@ async fn disaggregated(
             )
             .await?;
             let first = first_token(&prefilled.first_token)?;
+            placement.cached_tokens = prefilled.cached_tokens;
             // The one place the first token's finish is decided; a finished request drops the
             // decode stream here, which frees the reservation.
             let first_finish = finish_reason_after(first.id, 1, params, eos);
@@ -522,6 +527,7 @@ async fn disaggregated(
             )
             .await?;
             let first = first_token(&prefilled.first_token)?;
+            placement.cached_tokens = prefilled.cached_tokens;
             // The one place the first token's finish is decided.
             let first_finish = finish_reason_after(first.id, 1, params, eos);
             if first_finish.is_some() {
@@ -724,6 +730,9 @@ impl Run {
                     return;
                 }
                 if let Some(f) = &message.finish {
+                    if placement.prefill_worker.is_none() {
+                        placement.cached_tokens = f.cached_tokens;
+                    }
                     if let Some(kv) = &f.kv {
                         placement.kv_bytes_received = kv.bytes;
                     }
@@ -781,6 +790,7 @@ impl Run {
         let usage = Usage {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: completion,
+            cached_tokens: placement.cached_tokens,
         };
         self.inner
             .metrics

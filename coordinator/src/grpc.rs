@@ -109,6 +109,7 @@ pub fn finish_to_proto(
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             total_tokens: usage.prompt_tokens + usage.completion_tokens,
+            cached_tokens: usage.cached_tokens,
         }),
         placement: Some(v1::Placement {
             mode: placement.mode.map_or("", |m| m.as_str()).into(),

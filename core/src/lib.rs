@@ -7,13 +7,17 @@
 //! - [`layout`]: the KV layout descriptor a receiver checks before it takes bytes, the model
 //!   fingerprint, the KV element type and block ids; the engine holds KV in this layout and
 //!   kv-transfer moves it, neither depending on the other for it.
+//! - [`prefix`]: [`BlockHash`], the name of a full KV block and its prefix, which the engine's
+//!   prefix cache, workers' reports and the coordinator's placement share.
 //! - [`class`]: the one [`ErrorClass`] every crate's errors map to; the serving edges (gRPC in
 //!   `baton-proto`, HTTP in the coordinator) turn it into status codes, once.
 
 pub mod class;
 pub mod ids;
 pub mod layout;
+pub mod prefix;
 
 pub use class::ErrorClass;
 pub use ids::{HandoffId, RequestId, WorkerId};
 pub use layout::{BlockId, Fingerprint, KvChunk, KvDType, LayoutDescriptor, LayoutMismatch};
+pub use prefix::{BlockHash, block_hashes, extend_block_hashes};

@@ -89,6 +89,8 @@ pub enum DecodeEvent {
     Token {
         token: SampledToken,
         finish: Option<FinishReason>,
+        /// On an aggregated sequence's first token: prompt tokens the prefix cache supplied.
+        cached: Option<u32>,
     },
     Failed(Error),
 }
@@ -130,6 +132,7 @@ pub struct LoopStats {
 pub struct Snapshot {
     pub load: Load,
     pub stats: LoopStats,
+    pub prefix: baton_telemetry::PrefixCacheCounts,
     /// No stream or reservation is left.
     pub idle: bool,
 }
@@ -453,6 +456,7 @@ impl Loop {
                 leases: self.handoffs.len() as u32,
             },
             stats,
+            prefix: prefix_counts(engine.prefix_stats()),
             idle: self.streams.is_empty() && self.handoffs.is_empty(),
         }
     }
@@ -919,7 +923,12 @@ impl Loop {
         };
         for ev in events {
             match ev {
-                Event::Token { seq, token, finish } => {
+                Event::Token {
+                    seq,
+                    token,
+                    finish,
+                    cached,
+                } => {
                     let Some(tx) = self.streams.get(&seq) else {
                         continue;
                     };
@@ -930,7 +939,11 @@ impl Loop {
                             finish,
                         }
                     } else {
-                        DecodeEvent::Token { token, finish }
+                        DecodeEvent::Token {
+                            token,
+                            finish,
+                            cached,
+                        }
                     };
                     if tx.try_send(event).is_err() {
                         self.batcher.cancel(seq);
@@ -949,5 +962,16 @@ impl Loop {
                 }
             }
         }
+    }
+}
+
+/// The engine's prefix-cache figures as the metrics page shows them.
+fn prefix_counts(p: baton_engine::PrefixStats) -> baton_telemetry::PrefixCacheCounts {
+    baton_telemetry::PrefixCacheCounts {
+        prompt_tokens: p.prompt_tokens,
+        hit_tokens: p.hit_tokens,
+        cached_blocks: p.pool.named,
+        idle_blocks: p.pool.idle,
+        evictions: p.pool.evictions,
     }
 }

@@ -87,6 +87,7 @@ impl Collector for DecodeCollector {
             "KV payload bytes received, verified and imported",
             stats.kv_bytes_imported,
         )?;
+        baton_telemetry::encode_prefix_cache(e, s.prefix)?;
         counter(
             e,
             "preemptions",

@@ -347,6 +347,7 @@ impl StreamTask {
         // The prefill worker sampled the first token of a disaggregated sequence.
         let mut completion = u32::from(self.disaggregated.is_some());
         let mut landed: Option<Landed> = None;
+        let mut cached_tokens = 0;
         let deadline = self.deadline;
         let expired = baton_worker::sleep_until(deadline.map(|(at, _)| at));
         tokio::pin!(expired);
@@ -394,11 +395,19 @@ impl StreamTask {
                         ..Default::default()
                     }
                 }
-                DecodeEvent::Token { token, finish } => {
+                DecodeEvent::Token {
+                    token,
+                    finish,
+                    cached,
+                } => {
                     completion += 1;
+                    cached_tokens = cached.unwrap_or(cached_tokens);
                     DecodeResponse {
                         tokens: vec![convert::token_to_proto(&token)],
-                        finish: finish.map(|r| self.finish(r, completion, landed)),
+                        finish: finish.map(|r| DecodeFinish {
+                            cached_tokens,
+                            ..self.finish(r, completion, landed)
+                        }),
                         ..Default::default()
                     }
                 }
@@ -442,6 +451,7 @@ impl StreamTask {
                 })
             }),
             source_kv: landed.map(|l| stats(l.sender_bytes, l.sender_transfer, l.sender_exposed)),
+            cached_tokens: 0,
         }
     }
 }

@@ -35,6 +35,8 @@ pub enum Event {
         seq: SeqId,
         token: SampledToken,
         finish: Option<FinishReason>,
+        /// On a sequence's first generated token: prompt tokens the prefix cache supplied.
+        cached: Option<u32>,
     },
     /// The sequence was dropped without finishing (its KV could never fit, say).
     Failed { seq: SeqId, error: String },
@@ -251,15 +253,26 @@ impl Batcher {
             let Some(front) = self.waiting.front() else {
                 break;
             };
-            let n = self.next_chunk(front.id)?;
-            let need = blocks_needed(&self.engine, front.id, n)?;
+            let id = front.id;
+            // Start from the longest cached prefix; blocks it takes off the idle list count
+            // against this step's free blocks like new ones.
+            let available = self.engine.free_blocks();
+            let cached = self.engine.attach_cached_prefix(id)?;
+            free = free.saturating_sub(available - self.engine.free_blocks());
+            let n = self.next_chunk(id)?;
+            let need = blocks_needed(&self.engine, id, n)?;
             if n > budget || need > free {
+                if cached > 0 {
+                    // A waiting sequence holds no blocks: the prefix stays cached (idle) and is
+                    // found again next time.
+                    self.engine.evict(id)?;
+                }
                 break;
             }
             budget -= n;
             free -= need;
             items.push(StepItem {
-                seq: front.id,
+                seq: id,
                 tokens: n,
                 phase: Phase::Prefill,
             });
@@ -329,6 +342,8 @@ impl Batcher {
             a.generated += 1;
             let mut finish = finish_reason_after(token.id, a.generated, &a.params, &self.eos);
             let id = a.id;
+            let cached =
+                (a.generated == 1).then(|| self.engine.cached_tokens(id).unwrap_or(0) as u32);
             if finish.is_none() && self.engine.push_token(id, token.id).is_err() {
                 // The context is full: the sequence ends here.
                 finish = Some(FinishReason::Length);
@@ -341,6 +356,7 @@ impl Batcher {
                 seq: id,
                 token,
                 finish,
+                cached,
             });
         }
         Ok(events)

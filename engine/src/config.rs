@@ -408,6 +408,35 @@ pub struct EngineConfig {
     /// Context length cap, in tokens (prompt plus generated). Default: unset, the model's
     /// trained maximum.
     pub max_context: Option<usize>,
+    /// Automatic prefix caching: a full KV block stays in the pool after its sequence ends,
+    /// named by its tokens and everything before them, until its memory is needed (least
+    /// recently used first); a new prompt starts from the longest cached prefix and computes
+    /// only the rest. Default true.
+    pub prefix_cache: bool,
+    /// Which cached blocks a prompt may start from: `prefill` (blocks prefill steps computed,
+    /// here or on a prefill worker: the same bits a run without the cache computes, so greedy
+    /// outputs are identical) or `any` (also blocks decode steps wrote, such as a
+    /// conversation's earlier answers: less to compute, with decode weights' numbers; the
+    /// measured difference is in docs/architecture.md). Default `prefill`.
+    pub prefix_reuse: PrefixReuse,
+}
+
+/// Which cached KV blocks a new prompt may start from ([`EngineConfig::prefix_reuse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixReuse {
+    /// Only blocks every token of which a prefill step computed.
+    #[default]
+    Prefill,
+    /// Any cached block, decode-written ones too.
+    Any,
+}
+
+impl PrefixReuse {
+    /// Whether a block computed as `source` may be reused.
+    pub fn accepts(self, source: crate::kv::KvSource) -> bool {
+        self == Self::Any || source == crate::kv::KvSource::Prefill
+    }
 }
 
 /// `kv_cache_bytes` as whole MiB in configuration.
@@ -443,6 +472,8 @@ impl EngineConfig {
             max_batch_tokens: 2048,
             max_running: 64,
             max_context: None,
+            prefix_cache: true,
+            prefix_reuse: PrefixReuse::Prefill,
         }
     }
 

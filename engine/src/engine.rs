@@ -16,10 +16,14 @@ use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
 use baton_kv_transfer::agent::KvRegion;
 use baton_kv_transfer::memory::PoolLayout;
 
-use crate::kv::{BlockId, BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor};
+use crate::kv::{
+    BlockHash, BlockId, BlockTable, Fingerprint, KvCache, KvChunk, KvSource, LayoutDescriptor,
+    PoolStats,
+};
 use crate::model::{Model, SeqInput};
 use crate::weights::{self, Phase};
 use crate::{Error, Result, SeqId};
+use baton_core::extend_block_hashes;
 
 /// A sequence's tokens and the KV computed for them so far.
 #[derive(Debug)]
@@ -31,6 +35,66 @@ struct Sequence {
     table: BlockTable,
     /// For a sequence whose KV is arriving from another engine: per layer, which blocks landed.
     importing: Option<Vec<Vec<bool>>>,
+    /// Names of the sequence's first full blocks, as many as were needed so far
+    /// ([`extend_block_hashes`]).
+    names: Vec<BlockHash>,
+    /// How many of `table`'s leading blocks were offered to the prefix cache's index.
+    named: usize,
+    /// Position of the first token whose KV a decode step computed: blocks from there on are
+    /// [`KvSource::Decode`].
+    first_decoded: Option<usize>,
+    /// Tokens the prefix cache supplied for the sequence's first step (an attach a scheduler
+    /// took back does not count).
+    cached: Option<usize>,
+}
+
+impl Sequence {
+    fn new(tokens: Vec<u32>, computed: usize, table: BlockTable) -> Self {
+        Self {
+            tokens,
+            computed,
+            table,
+            importing: None,
+            names: Vec::new(),
+            named: 0,
+            first_decoded: None,
+            cached: None,
+        }
+    }
+
+    /// Offers every full block computed so far and not yet offered to the prefix cache's index,
+    /// as a decode block when a decode step wrote any of its tokens.
+    fn name_full_blocks(&mut self, fingerprint: &Fingerprint, block_size: usize) {
+        let full = (self.computed / block_size).min(self.table.len());
+        if self.named >= full {
+            return;
+        }
+        extend_block_hashes(
+            fingerprint,
+            block_size,
+            &self.tokens[..full * block_size],
+            &mut self.names,
+        );
+        for b in self.named..full {
+            let source = match self.first_decoded {
+                Some(d) if d < (b + 1) * block_size => KvSource::Decode,
+                _ => KvSource::Prefill,
+            };
+            self.table.name(b, self.names[b], source);
+        }
+        self.named = full;
+    }
+}
+
+/// What the prefix cache saved, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Prompt tokens of sequences admitted so far (counted once per sequence).
+    pub prompt_tokens: u64,
+    /// Of those, tokens whose KV came from the cache instead of being computed.
+    pub hit_tokens: u64,
+    /// The pool: cached and idle blocks, evictions.
+    pub pool: PoolStats,
 }
 
 /// One sequence's share of a step: compute KV for its next `tokens` tokens.
@@ -78,6 +142,7 @@ pub struct Engine {
     max_context: usize,
     seqs: HashMap<SeqId, Sequence>,
     load_stats: LoadStats,
+    prefix: PrefixStats,
 }
 
 impl Engine {
@@ -143,6 +208,7 @@ impl Engine {
             max_context,
             seqs: HashMap::new(),
             load_stats,
+            prefix: PrefixStats::default(),
         })
     }
 
@@ -210,16 +276,71 @@ impl Engine {
     pub fn add_sequence(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<()> {
         self.check_new(id, &tokens)?;
         let table = self.cache.allocator().new_table();
-        self.seqs.insert(
-            id,
-            Sequence {
-                tokens,
-                computed: 0,
-                table,
-                importing: None,
-            },
-        );
+        self.seqs.insert(id, Sequence::new(tokens, 0, table));
         Ok(())
+    }
+
+    /// Starts a registered sequence that holds no blocks yet from the longest prefix of its
+    /// tokens the prefix cache holds (whole blocks, and never the last token, whose logits
+    /// sample the next one). Returns the tokens it now has KV for; 0 with the cache off, or for
+    /// a sequence that already holds blocks. A scheduler calls it when it admits the sequence,
+    /// and [`Engine::evict`]s it again if the rest does not fit, so a waiting sequence holds no
+    /// blocks.
+    pub fn attach_cached_prefix(&mut self, id: SeqId) -> Result<usize> {
+        let bs = self.cache.block_size();
+        let fingerprint = self.descriptor.fingerprint;
+        let (enabled, reuse) = (self.config.prefix_cache, self.config.prefix_reuse);
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
+        if !enabled || seq.computed > 0 || !seq.table.is_empty() || seq.importing.is_some() {
+            return Ok(0);
+        }
+        let usable = (seq.tokens.len() - 1) / bs;
+        extend_block_hashes(&fingerprint, bs, &seq.tokens[..usable * bs], &mut seq.names);
+        let found = seq
+            .table
+            .attach_cached(&seq.names[..usable], |s| reuse.accepts(s));
+        let blocks = cached_blocks_for_exact_rows(
+            seq.tokens.len(),
+            bs,
+            self.config.prefill_chunk_tokens,
+            found,
+        );
+        // The blocks the rule drops stay cached.
+        seq.table.truncate(blocks);
+        seq.computed = blocks * bs;
+        seq.named = blocks;
+        Ok(seq.computed)
+    }
+
+    /// Tokens of a sequence's prompt the prefix cache supplied for its first step.
+    pub fn cached_tokens(&self, id: SeqId) -> Result<usize> {
+        Ok(self.seq(id)?.cached.unwrap_or(0))
+    }
+
+    /// How many leading tokens of `tokens` the prefix cache could supply now (whole blocks,
+    /// never the last token), without taking anything.
+    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
+        if !self.config.prefix_cache || tokens.is_empty() {
+            return 0;
+        }
+        let bs = self.cache.block_size();
+        let usable = (tokens.len() - 1) / bs;
+        let names =
+            baton_core::block_hashes(&self.descriptor.fingerprint, bs, &tokens[..usable * bs]);
+        let reuse = self.config.prefix_reuse;
+        let found = self
+            .cache
+            .allocator()
+            .cached_prefix(&names, |s| reuse.accepts(s));
+        cached_blocks_for_exact_rows(tokens.len(), bs, self.config.prefill_chunk_tokens, found) * bs
+    }
+
+    /// What the prefix cache saved so far, and the pool's state.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        PrefixStats {
+            pool: self.cache.allocator().stats(),
+            ..self.prefix
+        }
     }
 
     fn check_new(&self, id: SeqId, tokens: &[u32]) -> Result<()> {
@@ -290,6 +411,8 @@ impl Engine {
         let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
         seq.table.clear();
         seq.computed = 0;
+        seq.named = 0;
+        seq.first_decoded = None;
         Ok(())
     }
 
@@ -343,12 +466,20 @@ impl Engine {
         for it in items {
             let seq = self.seq(it.seq)?;
             let end = seq.computed + it.tokens;
+            // A prefill chunk attends over a context padded to the chunk grid, so its numbers
+            // do not depend on where the prompt ends and cached blocks are exact for any
+            // longer prompt ([`SeqInput::attend_to`]).
+            let attend_to = match it.phase {
+                Phase::Prefill => end.next_multiple_of(self.config.prefill_chunk_tokens),
+                Phase::Decode => end,
+            };
             inputs.push(SeqInput {
                 table: &seq.table,
                 start: seq.computed,
                 tokens: &seq.tokens[seq.computed..end],
                 phase: it.phase,
                 logits: end == seq.tokens.len(),
+                attend_to,
             });
         }
         // (sequence, its blocks, positions with KV after this step, blocks this step wrote)
@@ -421,9 +552,17 @@ impl Engine {
         };
         drop(inputs);
         let mut out = Vec::with_capacity(items.len());
+        let fingerprint = self.descriptor.fingerprint;
+        let naming = self.config.prefix_cache;
         for (it, logits) in items.iter().zip(logits) {
             if let Some(seq) = self.seqs.get_mut(&it.seq) {
+                if it.phase == Phase::Decode && seq.first_decoded.is_none() {
+                    seq.first_decoded = Some(seq.computed);
+                }
                 seq.computed += it.tokens;
+                if naming {
+                    seq.name_full_blocks(&fingerprint, bs);
+                }
             }
             out.push(StepOutput {
                 seq: it.seq,
@@ -473,6 +612,12 @@ impl Engine {
                 .ok_or(Error::UnknownSequence(it.seq))?;
             let target = seq.computed + it.tokens;
             seq.table.ensure_capacity(target, bs)?;
+            if seq.cached.is_none() {
+                // The sequence's first step: what it starts from is what the cache saved it.
+                seq.cached = Some(seq.computed);
+                self.prefix.prompt_tokens += seq.tokens.len() as u64;
+                self.prefix.hit_tokens += seq.computed as u64;
+            }
         }
         Ok(())
     }
@@ -527,15 +672,12 @@ impl Engine {
             )));
         }
         let computed = tokens.len();
-        self.seqs.insert(
-            id,
-            Sequence {
-                tokens,
-                computed,
-                table,
-                importing: None,
-            },
-        );
+        let mut seq = Sequence::new(tokens, computed, table);
+        if self.config.prefix_cache {
+            // Verified KV a prefill worker computed.
+            seq.name_full_blocks(&self.descriptor.fingerprint, self.cache.block_size());
+        }
+        self.seqs.insert(id, seq);
         Ok(())
     }
 
@@ -546,15 +688,9 @@ impl Engine {
         let mut table = self.cache.allocator().new_table();
         table.ensure_capacity(tokens.len(), self.cache.block_size())?;
         let blocks = table.len();
-        self.seqs.insert(
-            id,
-            Sequence {
-                tokens,
-                computed: 0,
-                table,
-                importing: Some(vec![vec![false; blocks]; self.cache.num_layers()]),
-            },
-        );
+        let mut seq = Sequence::new(tokens, 0, table);
+        seq.importing = Some(vec![vec![false; blocks]; self.cache.num_layers()]);
+        self.seqs.insert(id, seq);
         Ok(())
     }
 
@@ -593,8 +729,35 @@ impl Engine {
         }
         seq.importing = None;
         seq.computed = seq.tokens.len();
+        if self.config.prefix_cache {
+            seq.name_full_blocks(&self.descriptor.fingerprint, self.cache.block_size());
+        }
         Ok(())
     }
+}
+
+/// Rows below which candle's CPU matmul (the gemm crate) sums a row in another order than it
+/// does within a larger matrix: a 1- or 2-row prefill step computes different last bits for
+/// the same tokens than the chunk they belong to does (3 and more were measured to match; 4
+/// keeps a margin).
+const MIN_EXACT_ROWS: usize = 4;
+
+/// Of `found` cached blocks at the start of an `n`-token prompt, how many to use so the rest is
+/// prefilled in steps whose row counts give the bits a run without the cache gives: from a
+/// prefix on the chunk grid every chunk is the cache-off run's; from one inside a chunk, the
+/// first step (to the next grid line or the prompt's end) must be at least [`MIN_EXACT_ROWS`]
+/// rows.
+fn cached_blocks_for_exact_rows(n: usize, block_size: usize, chunk: usize, found: usize) -> usize {
+    let mut blocks = found;
+    while blocks > 0 {
+        let prefix = blocks * block_size;
+        let first_step = (prefix / chunk + 1) * chunk;
+        if prefix.is_multiple_of(chunk) || first_step.min(n) - prefix >= MIN_EXACT_ROWS {
+            break;
+        }
+        blocks -= 1;
+    }
+    blocks
 }
 
 fn is_gguf(path: &Path) -> bool {
@@ -614,4 +777,34 @@ fn fingerprint(
     h.update(weights_digest);
     tokenizer.digest(&mut h);
     Fingerprint(*h.finalize().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cached_blocks_for_exact_rows as rule;
+
+    #[test]
+    fn a_cached_prefix_never_leaves_a_step_of_one_to_three_rows() {
+        // 16-token blocks, 32-token chunks.
+        assert_eq!(
+            rule(18, 16, 32, 1),
+            0,
+            "2 rows after the prefix: recompute the block"
+        );
+        assert_eq!(rule(19, 16, 32, 1), 0, "3 rows: inside the margin");
+        assert_eq!(rule(20, 16, 32, 1), 1, "4 rows");
+        assert_eq!(
+            rule(33, 16, 32, 2),
+            2,
+            "on the grid: the cache-off run's chunks"
+        );
+        assert_eq!(rule(49, 16, 32, 3), 2, "1 row: back to the grid");
+        assert_eq!(rule(300, 16, 32, 18), 18);
+        assert_eq!(
+            rule(2, 1, 32, 1),
+            0,
+            "tiny blocks: down to nothing if need be"
+        );
+        assert_eq!(rule(40, 16, 32, 0), 0);
+    }
 }

@@ -11,133 +11,22 @@
 //! (the layout before 2026-11-24) each block's rows were a lone 4 KiB island; blocks keep a
 //! sequence's heads side by side, which this machine reads about 15-20% faster (BENCHMARKS.md).
 //!
-//! Invariants: a block is owned by at most one [`BlockTable`]; a table returns its blocks to the
-//! pool exactly once, when it is dropped, whatever path (finish, cancel, failure) drops it.
+//! Blocks, their sharing and the prefix cache's index live in [`crate::blocks`]: a table returns
+//! its blocks exactly once, when it is dropped, whatever path (finish, cancel, failure) drops it.
 
 use std::marker::PhantomData;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use baton_kv_transfer::agent::{HostPool, KvRegion};
 use baton_kv_transfer::memory::{Half, HostRegion, PoolLayout};
 use candle_core::{Device, Tensor};
 
-pub use baton_core::{BlockId, Fingerprint, KvChunk, LayoutDescriptor};
+pub use crate::blocks::{BlockAllocator, BlockTable, KvSource, PoolStats};
+pub use baton_core::{BlockHash, BlockId, Fingerprint, KvChunk, LayoutDescriptor};
 
 use crate::config::{Kernels, KvDType, ModelConfig, candle_dtype};
 use crate::{Error, Result};
-
-/// The free list. Shared (behind a mutex nobody holds for long) between the pool and the block
-/// tables, so that dropping a table returns its blocks without going through the engine.
-#[derive(Debug)]
-struct FreeList {
-    free: Vec<BlockId>,
-    total: usize,
-}
-
-/// Hands out blocks. Cheap to clone; every clone is the same pool.
-#[derive(Debug, Clone)]
-pub struct BlockAllocator {
-    inner: Arc<Mutex<FreeList>>,
-}
-
-impl BlockAllocator {
-    pub fn new(num_blocks: usize) -> Self {
-        // Popping from the end hands out low ids first, which keeps tests readable.
-        let free = (0..num_blocks as u32).rev().map(BlockId).collect();
-        Self {
-            inner: Arc::new(Mutex::new(FreeList {
-                free,
-                total: num_blocks,
-            })),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, FreeList> {
-        // The critical sections only push and pop; a panic inside one cannot leave the list
-        // half-updated, so a poisoned lock is still consistent.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.lock().free.len()
-    }
-
-    pub fn total_blocks(&self) -> usize {
-        self.lock().total
-    }
-
-    /// An empty table drawing from this pool.
-    pub fn new_table(&self) -> BlockTable {
-        BlockTable {
-            blocks: Vec::new(),
-            allocator: self.clone(),
-        }
-    }
-
-    fn take(&self, n: usize) -> Result<Vec<BlockId>> {
-        let mut list = self.lock();
-        if list.free.len() < n {
-            return Err(Error::KvCacheFull {
-                needed: n,
-                free: list.free.len(),
-            });
-        }
-        let at = list.free.len() - n;
-        Ok(list.free.split_off(at))
-    }
-
-    fn give_back(&self, blocks: &mut Vec<BlockId>) {
-        if blocks.is_empty() {
-            return;
-        }
-        self.lock().free.append(blocks);
-    }
-}
-
-/// The blocks one sequence owns, in token order. Dropping the table frees them.
-#[derive(Debug)]
-pub struct BlockTable {
-    blocks: Vec<BlockId>,
-    allocator: BlockAllocator,
-}
-
-impl BlockTable {
-    pub fn blocks(&self) -> &[BlockId] {
-        &self.blocks
-    }
-
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
-
-    /// Grows the table to hold `tokens` tokens; all or nothing.
-    pub fn ensure_capacity(&mut self, tokens: usize, block_size: usize) -> Result<()> {
-        let needed = tokens.div_ceil(block_size);
-        if needed > self.blocks.len() {
-            let mut more = self.allocator.take(needed - self.blocks.len())?;
-            self.blocks.append(&mut more);
-        }
-        Ok(())
-    }
-
-    /// Returns every block to the pool now, leaving the table empty.
-    pub fn clear(&mut self) {
-        self.allocator.give_back(&mut self.blocks);
-    }
-}
-
-impl Drop for BlockTable {
-    fn drop(&mut self) {
-        self.clear();
-    }
-}
 
 /// `len` consecutive rows of a step's new K and V, from `row`, go to cache slots from `slot`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -962,30 +851,6 @@ fn append_le_bytes(t: &Tensor, dtype: KvDType, out: &mut Vec<u8>) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn dropping_a_table_returns_its_blocks() {
-        let pool = BlockAllocator::new(8);
-        let mut t = pool.new_table();
-        t.ensure_capacity(33, 16).expect("room for 3 blocks");
-        assert_eq!(t.len(), 3);
-        assert_eq!(pool.free_blocks(), 5);
-        drop(t);
-        assert_eq!(pool.free_blocks(), 8);
-    }
-
-    #[test]
-    fn allocation_is_all_or_nothing() {
-        let pool = BlockAllocator::new(4);
-        let mut a = pool.new_table();
-        a.ensure_capacity(48, 16).expect("3 blocks fit");
-        let mut b = pool.new_table();
-        let err = b.ensure_capacity(32, 16).expect_err("2 blocks do not fit");
-        assert!(matches!(err, Error::KvCacheFull { needed: 2, free: 1 }));
-        assert_eq!(b.len(), 0);
-        assert_eq!(pool.free_blocks(), 1);
-    }
 
     fn pool(blocks: u32, heads: u32, bs: u32, d: u32) -> PoolLayout {
         PoolLayout {
@@ -1119,51 +984,5 @@ mod tests {
             "the runs wrote something"
         );
         Ok(())
-    }
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Grow(usize, usize),
-        Clear(usize),
-        Drop(usize),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            (0..6usize, 0..200usize).prop_map(|(t, n)| Op::Grow(t, n)),
-            (0..6usize).prop_map(Op::Clear),
-            (0..6usize).prop_map(Op::Drop),
-        ]
-    }
-
-    proptest! {
-        /// No block is lost or handed out twice, whatever mix of growth, clearing and dropping.
-        #[test]
-        fn pool_accounting_holds(ops in proptest::collection::vec(op(), 1..80)) {
-            let pool = BlockAllocator::new(32);
-            let mut tables: Vec<Option<BlockTable>> = (0..6).map(|_| None).collect();
-            for op in ops {
-                match op {
-                    Op::Grow(i, n) => {
-                        let t = tables[i].get_or_insert_with(|| pool.new_table());
-                        let before = t.len();
-                        if t.ensure_capacity(n, 16).is_err() {
-                            prop_assert_eq!(t.len(), before);
-                        }
-                    }
-                    Op::Clear(i) => if let Some(t) = tables[i].as_mut() { t.clear() },
-                    Op::Drop(i) => tables[i] = None,
-                }
-                let mut owned: Vec<BlockId> =
-                    tables.iter().flatten().flat_map(|t| t.blocks().to_vec()).collect();
-                let n_owned = owned.len();
-                owned.sort();
-                owned.dedup();
-                prop_assert_eq!(owned.len(), n_owned, "a block is owned twice");
-                prop_assert_eq!(n_owned + pool.free_blocks(), 32);
-            }
-            tables.clear();
-            prop_assert_eq!(pool.free_blocks(), 32);
-        }
     }
 }

@@ -8,6 +8,7 @@
 
 mod attention;
 pub mod batch;
+mod blocks;
 pub mod config;
 mod engine;
 mod error;
@@ -30,12 +31,15 @@ pub use baton_text::{
     chat, detokenize, finish_reason_after, model_name, sampling, stop, tokenizer,
 };
 pub use config::{
-    DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, Role, WeightFormat, WeightPlan,
-    WeightsSetting,
+    DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, PrefixReuse, Role, WeightFormat,
+    WeightPlan, WeightsSetting,
 };
-pub use engine::{Engine, LayerReady, LoadStats, StepItem, StepOutput};
+pub use engine::{Engine, LayerReady, LoadStats, PrefixStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
-pub use kv::{BlockId, BlockTable, Fingerprint, KvCache, KvChunk, LayoutDescriptor, PoolMemory};
+pub use kv::{
+    BlockHash, BlockId, BlockTable, Fingerprint, KvCache, KvChunk, KvSource, LayoutDescriptor,
+    PoolMemory, PoolStats,
+};
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.

@@ -30,6 +30,14 @@ pub(crate) struct SeqInput<'a> {
     pub phase: Phase,
     /// Whether to compute next-token logits at the last of `tokens`.
     pub logits: bool,
+    /// Context length the per-sequence attention path computes over, at least `start +
+    /// tokens.len()`; positions past that are zero keys and values behind the causal mask.
+    /// Padding every prefill chunk to the same length makes its rows' numbers the same bits
+    /// whether or not the prompt ends inside the chunk: the matrix multiply over the context
+    /// sums in an order that depends on the context's length, and without the padding a
+    /// prompt's cached blocks differed in the last bits from a longer prompt's
+    /// (engine/tests/prefix_cache.rs).
+    pub attend_to: usize,
 }
 
 pub(crate) struct Model {
@@ -338,6 +346,7 @@ impl Model {
             let s = &seqs[i];
             let m = s.tokens.len();
             let ctx = s.start + m;
+            let span = s.attend_to.max(ctx);
             // The index tensors only the tensor storage reads: built once per step, on the
             // first layer that asks.
             let (kc, vc) = cache.gather(l, &context[k], || {
@@ -353,17 +362,25 @@ impl Model {
                 };
                 Ok(ids[k].clone())
             })?;
+            let (kc, vc) = if span > ctx {
+                (
+                    kc.pad_with_zeros(1, 0, span - ctx)?,
+                    vc.pad_with_zeros(1, 0, span - ctx)?,
+                )
+            } else {
+                (kc, vc)
+            };
             // Query heads h = kv * group + j share kv head `kv`: fold them into rows.
             let qs = q
                 .narrow(1, row, m)?
                 .contiguous()?
                 .reshape((nkv, group * m, hd))?;
             let att = (qs.matmul(&kc.t()?)? / scale)?;
-            let att = if m > 1 {
-                let mask = causal_mask(s.start, m, &self.device)?;
-                att.reshape((nkv, group, m, ctx))?
+            let att = if m > 1 || span > ctx {
+                let mask = causal_mask(s.start, m, span, &self.device)?;
+                att.reshape((nkv, group, m, span))?
                     .broadcast_add(&mask)?
-                    .reshape((nkv, group * m, ctx))?
+                    .reshape((nkv, group * m, span))?
             } else {
                 att
             };
@@ -427,9 +444,9 @@ impl Model {
     }
 }
 
-/// `(m, start + m)`: query `i` (position `start + i`) sees keys up to its own position.
-fn causal_mask(start: usize, m: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let ctx = start + m;
+/// `(m, ctx)`: query `i` (position `start + i`) sees keys up to its own position; `ctx` is at
+/// least `start + m`.
+fn causal_mask(start: usize, m: usize, ctx: usize, device: &Device) -> candle_core::Result<Tensor> {
     let mask: Vec<f32> = (0..m)
         .flat_map(|i| {
             (0..ctx).map(move |j| {

@@ -4,7 +4,7 @@ mod common;
 
 use baton_engine::{Engine, EngineConfig, Kernels, Phase, Role, SeqId, WeightsSetting};
 use candle_core::{Device, Tensor};
-use common::{PROMPTS, argmax, dev_model_path, max_abs_diff, step_logits};
+use common::{PROMPTS, argmax, dev_model_path, margin, max_abs_diff, step_logits};
 
 const GREEDY_TOKENS: usize = 64;
 
@@ -14,18 +14,6 @@ fn engine(path: &std::path::Path, weights: WeightsSetting, kernels: Kernels) -> 
     cfg.cpu_kernels = kernels;
     cfg.kv_cache_bytes = 64 << 20;
     Engine::load(cfg).expect("engine loads")
-}
-
-/// Top-1 minus top-2 logit: how far greedy decoding is from a tie.
-fn margin(v: &[f32]) -> f32 {
-    let best = argmax(v) as usize;
-    let second = v
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != best)
-        .map(|(_, x)| *x)
-        .fold(f32::NEG_INFINITY, f32::max);
-    v[best] - second
 }
 
 /// Quantized weights, teacher-forced against candle-transformers' `quantized_llama` on the

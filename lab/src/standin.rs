@@ -107,6 +107,7 @@ pub fn replay(request: &DecodeRequest) -> Result<Vec<DecodeResponse>, Status> {
                 completion_tokens: wanted,
                 kv: None,
                 source_kv: None,
+                cached_tokens: 0,
             }),
             ..Default::default()
         })

@@ -70,6 +70,8 @@ pub struct Prefilled {
     pub queued: Duration,
     /// Time from the first step to the end of the last.
     pub compute: Duration,
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub cached_tokens: u32,
 }
 
 /// The engine's load, for routing.
@@ -98,6 +100,7 @@ pub struct LoopStats {
 pub struct Snapshot {
     pub load: Load,
     pub stats: LoopStats,
+    pub prefix: baton_telemetry::PrefixCacheCounts,
     /// No prompt queued or computing, no pull source leased.
     pub idle: bool,
 }
@@ -408,6 +411,7 @@ impl Loop {
                 leases: self.sources.len() as u32,
             },
             stats: self.stats,
+            prefix: prefix_counts(self.engine.prefix_stats()),
             idle: self.pending.is_empty() && self.sources.is_empty(),
         }
     }
@@ -580,8 +584,8 @@ impl Loop {
         });
     }
 
-    /// Runs one step. False when nothing could run (waiting on leases to free blocks).
-    fn step(&mut self) -> bool {
+    /// Where each pending prompt stands, in admission order.
+    fn progress(&self) -> Vec<Progress> {
         let mut progress = Vec::with_capacity(self.pending.len());
         for a in &self.pending {
             let (Ok(computed), Ok(blocks_held)) =
@@ -596,7 +600,31 @@ impl Loop {
                 blocks_held,
             });
         }
+        progress
+    }
+
+    /// Runs one step. False when nothing could run (waiting on leases to free blocks).
+    fn step(&mut self) -> bool {
+        // Prompts that hold no blocks start from their longest cached prefix; those this step
+        // does not take let go of it again, so a waiting prompt holds nothing.
+        let mut attached = Vec::new();
+        for a in &self.pending {
+            if self.engine.attach_cached_prefix(a.seq).unwrap_or(0) > 0 {
+                attached.push(a.seq);
+            }
+        }
+        let mut progress = self.progress();
         let items = queue::plan_step(&progress, self.limits, self.engine.free_blocks());
+        let unplanned: Vec<SeqId> = attached
+            .into_iter()
+            .filter(|seq| !items.iter().any(|it| it.seq == *seq))
+            .collect();
+        if !unplanned.is_empty() {
+            for seq in unplanned {
+                let _ = self.engine.evict(seq);
+            }
+            progress = self.progress();
+        }
         if items.is_empty() {
             if let Some(victim) = queue::preemption_victim(&progress) {
                 // Recomputed later from its first chunk; blocks already sent are not resent.
@@ -643,7 +671,9 @@ impl Loop {
             if broken.iter().any(|(s, _)| *s == ready.seq) {
                 return Ok(());
             }
-            let first = (ready.range.start as u32).max(*sent);
+            // Everything not sent yet: blocks a cached prefix supplied go with this step's
+            // first layers of the same index (their KV is final, and the decode worker lacks it).
+            let first = *sent;
             if first >= ready.range.end as u32 {
                 return Ok(());
             }
@@ -766,6 +796,7 @@ impl Loop {
             source: None,
             queued: started.saturating_duration_since(a.admitted),
             compute: done.saturating_duration_since(started),
+            cached_tokens: self.engine.cached_tokens(a.seq).unwrap_or(0) as u32,
         };
         let completion = || {
             use prost::Message as _;
@@ -835,5 +866,16 @@ impl Loop {
         } else {
             self.engine.release(seq);
         }
+    }
+}
+
+/// The engine's prefix-cache figures as the metrics page shows them.
+fn prefix_counts(p: baton_engine::PrefixStats) -> baton_telemetry::PrefixCacheCounts {
+    baton_telemetry::PrefixCacheCounts {
+        prompt_tokens: p.prompt_tokens,
+        hit_tokens: p.hit_tokens,
+        cached_blocks: p.pool.named,
+        idle_blocks: p.pool.idle,
+        evictions: p.pool.evictions,
     }
 }

@@ -82,6 +82,7 @@ impl Collector for PrefillCollector {
                 draining: self.draining.load(Ordering::Relaxed),
             },
         )?;
+        baton_telemetry::encode_prefix_cache(e, s.prefix)?;
         counter(e, "prefill_steps", "Engine steps run", stats.steps)?;
         counter(
             e,

@@ -341,6 +341,7 @@ impl PrefillWorker for PrefillService {
                 .as_ref()
                 .map(|s| convert::blocks_to_proto(s, &self.host_id)),
             prefill_seconds: done.compute.as_secs_f64(),
+            cached_tokens: done.cached_tokens,
         }))
     }
 

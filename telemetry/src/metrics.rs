@@ -183,6 +183,59 @@ pub fn encode_pool(encoder: &mut DescriptorEncoder, pool: PoolGauges<'_>) -> std
     )
 }
 
+/// A worker's prefix cache, as both worker roles report it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheCounts {
+    /// Prompt tokens of sequences admitted.
+    pub prompt_tokens: u64,
+    /// Of those, tokens whose KV the cache supplied.
+    pub hit_tokens: u64,
+    /// Blocks the cache can find now (in use or idle).
+    pub cached_blocks: usize,
+    /// Cached blocks no sequence holds (reclaimed first when memory is needed).
+    pub idle_blocks: usize,
+    /// Idle blocks reclaimed for new KV.
+    pub evictions: u64,
+}
+
+/// Writes `prefix_cache_hit_tokens`, `prefix_cache_miss_tokens`, `prefix_cache_blocks`,
+/// `prefix_cache_idle_blocks` and `prefix_cache_evictions`.
+pub fn encode_prefix_cache(
+    encoder: &mut DescriptorEncoder,
+    c: PrefixCacheCounts,
+) -> std::fmt::Result {
+    encode_counter(
+        encoder,
+        "prefix_cache_hit_tokens",
+        "Prompt tokens whose KV the prefix cache supplied",
+        c.hit_tokens,
+    )?;
+    encode_counter(
+        encoder,
+        "prefix_cache_miss_tokens",
+        "Prompt tokens computed because the prefix cache did not hold them",
+        c.prompt_tokens.saturating_sub(c.hit_tokens),
+    )?;
+    encode_gauge(
+        encoder,
+        "prefix_cache_blocks",
+        "KV blocks the prefix cache can find (in use or idle)",
+        c.cached_blocks as i64,
+    )?;
+    encode_gauge(
+        encoder,
+        "prefix_cache_idle_blocks",
+        "Cached KV blocks no sequence holds, reclaimed least recently used first",
+        c.idle_blocks as i64,
+    )?;
+    encode_counter(
+        encoder,
+        "prefix_cache_evictions",
+        "Idle cached KV blocks reclaimed for new KV",
+        c.evictions,
+    )
+}
+
 /// Several registries as one text-format page (one `# EOF`).
 pub fn encode(registries: &[&Registry]) -> String {
     let mut out = String::new();

@@ -59,6 +59,18 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// Top-1 minus top-2 logit: how far greedy decoding is from a tie.
+pub fn margin(v: &[f32]) -> f32 {
+    let best = argmax(v) as usize;
+    let second = v
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != best)
+        .map(|(_, x)| *x)
+        .fold(f32::NEG_INFINITY, f32::max);
+    v[best] - second
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
