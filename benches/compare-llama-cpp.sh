@@ -4,8 +4,12 @@
 # the cores). Two workloads:
 #   plain   128-token prompts, 128 output tokens, at 1 and then 8 concurrent streams;
 #   prefix  a 1024-token system prompt every request shares plus 64 tokens of its own, 32 output
-#           tokens, 4 concurrent streams: what prefix caching is for. baton runs it with its
-#           prefix cache on and off; llama-server keeps each slot's last prompt (cache_prompt).
+#           tokens, 4 concurrent streams;
+#   chat    multi-turn chat: 8 conversations arriving at 0.5/s (Poisson), 4 turns each, every
+#           turn's prompt = a 512-token system prompt + the conversation so far (the server's
+#           own answers included) + a 48-token message, 48-token answers, 1 s mean think time.
+#   The last two are what prefix caching is for: baton runs them with its prefix cache on and
+#   off; llama-server keeps each slot's last prompt (cache_prompt, on by default).
 #
 #   benches/compare-llama-cpp.sh OUT_DIR [NUM_REQUESTS]
 #
@@ -52,14 +56,19 @@ workload() { # name endpoint workload extra-args...
   local name=$1 endpoint=$2 kind=$3
   shift 3
   local c args
+  local runs=() args=()
   case $kind in
-    plain) c="1 8"; args=(--input-len 128 --output-len 128 --slo ttft=1s,tpot=100ms) ;;
-    prefix) c="4"; args=(--shared-prefix-len 1024 --input-len 64 --output-len 32 --slo ttft=1s,tpot=100ms) ;;
+    plain) runs=(c1 c8); args=(--num-requests "$n" --input-len 128 --output-len 128) ;;
+    prefix) runs=(c4); args=(--num-requests "$n" --shared-prefix-len 1024 --input-len 64 --output-len 32) ;;
+    chat) runs=(r0.5); args=(--conversations 8 --turns 4 --shared-prefix-len 512 --input-len 48
+      --output-len 48 --think-time 1s) ;;
   esac
-  for k in $c; do
-    "$baton" bench serve --endpoint "$endpoint" --concurrency "$k" --num-requests "$n" \
-      --seed 7 --tokenizer "$model" --no-progress --ignore-eos "${args[@]}" \
-      --out "$out/$name-$kind-c$k" "$@" | tee "$out/$name-$kind-c$k.txt"
+  for run in "${runs[@]}"; do
+    local load=(--concurrency "${run#c}")
+    [[ $run == r* ]] && load=(--rate "${run#r}")
+    "$baton" bench serve --endpoint "$endpoint" "${load[@]}" --seed 7 --tokenizer "$model" \
+      --no-progress --ignore-eos --slo ttft=1s,tpot=100ms "${args[@]}" \
+      --out "$out/$name-$kind-$run" "$@" | tee "$out/$name-$kind-$run.txt"
   done
 }
 
@@ -77,6 +86,7 @@ children+=($!)
 wait_http "http://127.0.0.1:$llama_port" /health
 workload llama-server "http://127.0.0.1:$llama_port" plain
 workload llama-server "http://127.0.0.1:$llama_port" prefix
+workload llama-server "http://127.0.0.1:$llama_port" chat
 kill "${children[-1]}"
 wait "${children[-1]}" 2>/dev/null || true
 
@@ -94,19 +104,19 @@ run_baton() { # name workloads up-args...
   wait "${children[-1]}" 2>/dev/null || true
 }
 
-run_baton baton "plain prefix" --prefill 1 --decode 1
-run_baton baton-nocache prefix --prefill 1 --decode 1 \
+run_baton baton "plain prefix chat" --prefill 1 --decode 1
+run_baton baton-nocache "prefix chat" --prefill 1 --decode 1 \
   --set prefill.engine.prefix_cache=false --set decode.engine.prefix_cache=false
 
 python3 - "$out" <<'PY' | tee "$out/summary.md"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 rows = []
-for f in sorted(out.glob("*-c*/results.json")):
+for f in sorted(out.glob("*/results.json")):
     d = json.load(open(f))
     s = d["runs"][0]["summary"]
     rows.append((f.parent.name, s))
-print("| server-workload-streams | ok/sent | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2E p50 (ms) | goodput (req/s) |")
+print("| server-workload-load | ok/sent | output tok/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) | ITL p50 (ms) | E2E p50 (ms) | goodput (req/s) |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 for name, s in rows:
     goodput = "-" if s.get("goodput") is None else f"{s['goodput']:.3f}"

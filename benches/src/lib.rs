@@ -19,6 +19,7 @@ pub mod arrivals;
 #[cfg(feature = "charts")]
 pub mod chart;
 pub mod client;
+pub mod conversations;
 mod error;
 pub mod metrics;
 pub mod prompts;
@@ -28,6 +29,7 @@ pub mod sample;
 
 pub use arrivals::{Arrivals, Bounds, Load, schedule};
 pub use client::{GrpcTarget, OpenAiTarget, Target};
+pub use conversations::{Conversations, run_conversations};
 pub use error::{Error, Result};
 pub use metrics::{Distribution, Slo, Summary, summarize};
 pub use prompts::{LengthDist, RequestSpec, Synthetic, TokenCodec};

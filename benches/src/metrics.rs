@@ -286,6 +286,7 @@ mod tests {
                 output_tokens_from: TokenCountSource::Usage,
                 server_prompt_tokens: None,
                 error: None,
+                text: String::new(),
             },
         }
     }

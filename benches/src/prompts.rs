@@ -180,14 +180,7 @@ pub fn synthetic<C: TokenCodec + ?Sized, R: Rng + ?Sized>(
     n: usize,
     rng: &mut R,
 ) -> Result<Vec<RequestSpec>> {
-    let pool = codec.prompt_ids()?;
-    if pool.is_empty() {
-        return Err(Error::invalid(
-            "tokenizer",
-            "",
-            "has no ordinary tokens to build prompts from",
-        ));
-    }
+    let pool = prompt_pool(codec)?;
     let (prefix, prefix_len) = if spec.shared_prefix_len > 0 {
         fit(codec, &pool, "", 0, spec.shared_prefix_len as usize, rng)?
     } else {
@@ -210,7 +203,20 @@ pub fn synthetic<C: TokenCodec + ?Sized, R: Rng + ?Sized>(
 /// `prefix` (which encodes to `prefix_len` tokens) followed by random tokens, so that the whole
 /// encodes to `target` tokens, or as close as [`FIT_ROUNDS`] rounds get. Returns the text and
 /// its token count.
-fn fit<C: TokenCodec + ?Sized, R: Rng + ?Sized>(
+/// The token ids prompts are drawn from; an error when the tokenizer has none.
+pub(crate) fn prompt_pool<C: TokenCodec + ?Sized>(codec: &C) -> Result<Vec<u32>> {
+    let pool = codec.prompt_ids()?;
+    if pool.is_empty() {
+        return Err(Error::invalid(
+            "tokenizer",
+            "",
+            "has no ordinary tokens to build prompts from",
+        ));
+    }
+    Ok(pool)
+}
+
+pub(crate) fn fit<C: TokenCodec + ?Sized, R: Rng + ?Sized>(
     codec: &C,
     pool: &[u32],
     prefix: &str,
@@ -324,14 +330,7 @@ pub fn shared_prefix<C: TokenCodec + ?Sized, R: Rng + ?Sized>(
     if len == 0 {
         return Ok(String::new());
     }
-    let pool = codec.prompt_ids()?;
-    if pool.is_empty() {
-        return Err(Error::invalid(
-            "tokenizer",
-            "",
-            "has no ordinary tokens to build prompts from",
-        ));
-    }
+    let pool = prompt_pool(codec)?;
     Ok(fit(codec, &pool, "", 0, len as usize, rng)?.0)
 }
 

@@ -25,6 +25,13 @@ pub enum PromptSource {
         spec: Synthetic,
         tokenizer: String,
     },
+    /// Multi-turn conversations synthesized from the tokenizer at `tokenizer`
+    /// ([`crate::conversations`]).
+    Conversations {
+        #[serde(flatten)]
+        spec: crate::conversations::Conversations,
+        tokenizer: String,
+    },
     /// Read from a JSONL file.
     Dataset {
         path: String,
@@ -209,6 +216,7 @@ mod tests {
                 output_tokens_from: TokenCountSource::Chunks,
                 server_prompt_tokens: None,
                 error: None,
+                text: String::new(),
             },
         };
         let mut bad = ok.clone();

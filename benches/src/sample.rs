@@ -105,6 +105,9 @@ pub struct Measured {
     pub server_prompt_tokens: Option<u32>,
     /// Set when the request failed.
     pub error: Option<RequestError>,
+    /// The generated text (read by the multi-turn workload; not written to results).
+    #[serde(skip)]
+    pub text: String,
 }
 
 /// One request of a run.
@@ -144,6 +147,7 @@ pub struct Recorder {
     token_ids: Option<u32>,
     usage_completion: Option<u32>,
     usage_prompt: Option<u32>,
+    text: String,
 }
 
 impl Recorder {
@@ -159,7 +163,13 @@ impl Recorder {
             token_ids: None,
             usage_completion: None,
             usage_prompt: None,
+            text: String::new(),
         }
+    }
+
+    /// Generated text arrived (kept for the multi-turn workload, whose next prompt holds it).
+    pub fn text(&mut self, text: &str) {
+        self.text.push_str(text);
     }
 
     /// A chunk arrived at `at`: `has_text` if it carried text, `has_choice` if it carried a
@@ -211,6 +221,7 @@ impl Recorder {
             output_tokens_from,
             server_prompt_tokens: self.usage_prompt,
             error,
+            text: self.text,
         }
     }
 }

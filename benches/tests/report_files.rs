@@ -28,6 +28,7 @@ fn run(rate: f64, scale: f64) -> RunResult {
                     output_tokens_from: TokenCountSource::Usage,
                     server_prompt_tokens: Some(129),
                     error: None,
+                    text: String::new(),
                 },
             }
         })

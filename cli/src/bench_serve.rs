@@ -12,8 +12,8 @@ use baton_bench::prompts::{self, DatasetEntry};
 use baton_bench::report::{self, BenchConfig, PromptSource, Report};
 use baton_bench::run::{prompt_rng, run_sweep};
 use baton_bench::{
-    Arrivals, Bounds, GrpcTarget, LengthDist, Load, OpenAiTarget, RequestSpec, RunOptions,
-    RunResult, Slo, Synthetic, Target,
+    Arrivals, Bounds, Conversations, GrpcTarget, LengthDist, Load, OpenAiTarget, RequestSpec,
+    RunOptions, RunResult, Slo, Synthetic, Target, conversations, run_conversations,
 };
 
 /// Which API the benchmark drives.
@@ -46,9 +46,21 @@ pub struct ServeArgs {
     /// Gamma shape of the arrival intervals: 1 is Poisson, below 1 burstier (needs --rate).
     #[arg(long, default_value_t = 1.0)]
     burstiness: f64,
-    /// Requests per run, at most.
-    #[arg(long, default_value_t = 100)]
-    num_requests: usize,
+    /// Requests per run, at most (default 100; with --conversations the turns decide).
+    #[arg(long)]
+    num_requests: Option<usize>,
+    /// Multi-turn chat: this many conversations, each --turns turns; turn k's prompt is the
+    /// --shared-prefix-len system prompt, the earlier messages and the server's own answers,
+    /// then a new --input-len message; --output-len is each answer's max_tokens. --rate and
+    /// --concurrency then schedule conversations (each a closed loop of turns).
+    #[arg(long)]
+    conversations: Option<usize>,
+    /// Turns per conversation (with --conversations).
+    #[arg(long, default_value_t = 4)]
+    turns: usize,
+    /// Mean pause between an answer and the next message (exponential; with --conversations).
+    #[arg(long, default_value = "0s", value_parser = duration)]
+    think_time: Duration,
     /// Time limit per run: no request is sent after it (600s, 10min, 1500ms; a bare number is
     /// seconds).
     #[arg(long, default_value = "600s", value_parser = duration)]
@@ -93,6 +105,9 @@ pub struct ServeArgs {
     #[arg(long)]
     no_progress: bool,
 }
+
+/// Requests per run without --num-requests.
+const DEFAULT_REQUESTS: usize = 100;
 
 /// `--extra-body`: a JSON object, nothing else.
 fn json_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
@@ -170,7 +185,7 @@ pub fn machine() -> String {
 /// The requests of every run, and how they were made.
 fn requests(args: &ServeArgs) -> anyhow::Result<(Vec<RequestSpec>, PromptSource)> {
     let mut rng = prompt_rng(args.seed);
-    let n = args.num_requests;
+    let n = args.num_requests.unwrap_or(DEFAULT_REQUESTS);
     if let Some(path) = &args.dataset {
         let entries: Vec<DatasetEntry> = prompts::load_jsonl(path)?;
         let tokenizer = match (&args.tokenizer, args.shared_prefix_len) {
@@ -217,27 +232,101 @@ fn load_tokenizer(path: Option<PathBuf>) -> anyhow::Result<(PathBuf, baton_text:
     Ok((path, tokenizer))
 }
 
-async fn sweep<T: Target>(
+/// What a run sends: independent requests, or conversations whose turns follow the answers.
+enum Workload {
+    Requests(Vec<RequestSpec>),
+    Conversations {
+        codec: Arc<baton_text::Tokenizer>,
+        system: String,
+        scripts: Vec<conversations::Script>,
+    },
+}
+
+/// The workload the flags describe, and how it was made.
+fn workload(args: &ServeArgs) -> anyhow::Result<(Workload, PromptSource)> {
+    let Some(users) = args.conversations else {
+        let (requests, source) = requests(args)?;
+        return Ok((Workload::Requests(requests), source));
+    };
+    if args.dataset.is_some() {
+        bail!("--conversations synthesizes its messages; it does not take --dataset");
+    }
+    if args.num_requests.is_some() {
+        bail!("--conversations sends --turns requests per conversation; drop --num-requests");
+    }
+    let (path, tokenizer) = load_tokenizer(args.tokenizer.clone())?;
+    let spec = Conversations {
+        users,
+        turns: args.turns,
+        system_len: args.shared_prefix_len,
+        message: args.input_len,
+        answer: args.output_len,
+        think_s: args.think_time.as_secs_f64(),
+    };
+    let (system, scripts) = conversations::scripts(&tokenizer, &spec, &mut prompt_rng(args.seed))?;
+    let source = PromptSource::Conversations {
+        spec,
+        tokenizer: path.display().to_string(),
+    };
+    Ok((
+        Workload::Conversations {
+            codec: Arc::new(tokenizer),
+            system,
+            scripts,
+        },
+        source,
+    ))
+}
+
+/// Runs `workload` at each load in turn.
+async fn measure<T: Target>(
     target: T,
-    requests: &[RequestSpec],
+    workload: &Workload,
     loads: &[Load],
     options: &RunOptions,
 ) -> Vec<RunResult> {
-    run_sweep(Arc::new(target), requests, loads, options).await
+    let target = Arc::new(target);
+    match workload {
+        Workload::Requests(requests) => run_sweep(target, requests, loads, options).await,
+        Workload::Conversations {
+            codec,
+            system,
+            scripts,
+        } => {
+            let mut out = Vec::with_capacity(loads.len());
+            for load in loads {
+                out.push(
+                    run_conversations(
+                        target.clone(),
+                        codec.clone(),
+                        system,
+                        scripts,
+                        load,
+                        options,
+                    )
+                    .await,
+                );
+            }
+            out
+        }
+    }
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let loads = loads(&args)?;
-    if args.num_requests == 0 {
+    if args.num_requests == Some(0) {
         bail!("--num-requests must be at least 1");
     }
     if args.extra_body.is_some() && matches!(args.api, Api::Grpc) {
         bail!("--extra-body is for --api openai (the gRPC request has no free-form body)");
     }
-    let (requests, prompt_source) = requests(&args)?;
+    let (workload, prompt_source) = workload(&args)?;
     let options = RunOptions {
         bounds: Bounds {
-            max_requests: args.num_requests,
+            max_requests: match args.conversations {
+                Some(users) => users * args.turns,
+                None => args.num_requests.unwrap_or(DEFAULT_REQUESTS),
+            },
             max_duration: args.duration,
         },
         timeout: args.timeout,
@@ -260,7 +349,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 };
                 let target = OpenAiTarget::new(&args.endpoint, model.clone(), args.ignore_eos)?
                     .with_extra_body(args.extra_body.clone().unwrap_or_default());
-                let runs = sweep(target, &requests, &loads, &options).await;
+                let runs = measure(target, &workload, &loads, &options).await;
                 anyhow::Ok((model, runs))
             }
             Api::Grpc => {
@@ -278,7 +367,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                         )
                     })?,
                 };
-                let runs = sweep(target, &requests, &loads, &options).await;
+                let runs = measure(target, &workload, &loads, &options).await;
                 anyhow::Ok((model, runs))
             }
         }
@@ -335,6 +424,19 @@ fn prompts_line(source: &PromptSource, ignore_eos: bool, seed: u64) -> String {
             spec.input,
             spec.shared_prefix_len,
             spec.output,
+            Path::new(tokenizer)
+                .file_name()
+                .map_or_else(|| tokenizer.clone(), |n| n.to_string_lossy().into_owned())
+        ),
+        PromptSource::Conversations { spec, tokenizer } => format!(
+            "prompts: {} conversations x {} turns, system prompt {} tokens, messages {} tokens, \
+             answers {} tokens{eos}, think time {:.1} s, seed {seed} (tokenizer {})",
+            spec.users,
+            spec.turns,
+            spec.system_len,
+            spec.message,
+            spec.answer,
+            spec.think_s,
             Path::new(tokenizer)
                 .file_name()
                 .map_or_else(|| tokenizer.clone(), |n| n.to_string_lossy().into_owned())

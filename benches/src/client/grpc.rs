@@ -103,6 +103,7 @@ impl GrpcTarget {
                     let now = std::time::Instant::now();
                     rec.token_ids(m.token_ids.len() as u32);
                     rec.chunk(now, !m.text.is_empty(), true);
+                    rec.text(&m.text);
                     if let Some(finish) = m.finish {
                         if let Some(u) = finish.usage {
                             rec.usage(Some(u.completion_tokens), Some(u.prompt_tokens));

@@ -163,19 +163,30 @@ impl OpenAiTarget {
         request: &RequestSpec,
         rec: &mut Recorder,
     ) -> std::result::Result<(), RequestError> {
-        let http_request = Request::post(self.completions.clone())
-            .header(CONTENT_TYPE, "application/json")
-            .header(ACCEPT, "text/event-stream")
-            .body(Full::new(Bytes::from(self.body(request).to_string())))
-            .map_err(|e| RequestError::new(ErrorKind::Client, e.to_string()))?;
-        let response = self.client.request(http_request).await.map_err(|e| {
-            let kind = if e.is_connect() {
-                ErrorKind::Connect
-            } else {
-                ErrorKind::StreamBroken
-            };
-            RequestError::new(kind, error_chain(&e))
-        })?;
+        let body = Bytes::from(self.body(request).to_string());
+        let mut retried = false;
+        let response = loop {
+            let http_request = Request::post(self.completions.clone())
+                .header(CONTENT_TYPE, "application/json")
+                .header(ACCEPT, "text/event-stream")
+                .body(Full::new(body.clone()))
+                .map_err(|e| RequestError::new(ErrorKind::Client, e.to_string()))?;
+            match self.client.request(http_request).await {
+                Ok(response) => break response,
+                // A pooled keep-alive connection the server closed as the request went out
+                // (llama.cpp's server closes some after a stream): no byte of an answer came,
+                // so the request is sent again once, on a new connection, as HTTP clients do.
+                Err(e) if !retried && closed_before_answer(&e) => retried = true,
+                Err(e) => {
+                    let kind = if e.is_connect() {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::StreamBroken
+                    };
+                    return Err(RequestError::new(kind, error_chain(&e)));
+                }
+            }
+        };
         let status = response.status();
         let mut body = response.into_body();
         if status != StatusCode::OK {
@@ -280,6 +291,7 @@ impl StreamState {
                 .and_then(Value::as_str)
                 .unwrap_or("");
             rec.chunk(at, !text.is_empty(), true);
+            rec.text(text);
             if choice.get("finish_reason").is_some_and(|f| !f.is_null()) {
                 self.finished = true;
             }
@@ -295,6 +307,13 @@ impl StreamState {
         }
         Ok(())
     }
+}
+
+/// Whether a request failed because its pooled connection was closed before any response.
+fn closed_before_answer(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(|h| h.is_incomplete_message() || h.is_canceled())
 }
 
 fn snippet(s: &str) -> String {
