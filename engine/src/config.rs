@@ -419,6 +419,25 @@ pub struct EngineConfig {
     /// conversation's earlier answers: less to compute, with decode weights' numbers; the
     /// measured difference is in docs/architecture.md). Default `prefill`.
     pub prefix_reuse: PrefixReuse,
+    /// The context a prefill chunk's attention spans: `chunk` (zero-padded to the chunk grid,
+    /// so a prompt's KV is the same bits whatever prompt it is part of: cached prefixes give
+    /// exactly the outputs of a recompute, and a request's output never depends on what the
+    /// cache held; prefill of prompts much shorter than a chunk about 10-30% slower) or `prompt`
+    /// (the prompt only: faster, and a reused prefix can differ from a recompute in the last
+    /// float bits, which quantized decode can grow into a different greedy token). Default
+    /// `chunk`.
+    pub prefill_attention_span: AttentionSpan,
+}
+
+/// What a prefill chunk's attention spans ([`EngineConfig::prefill_attention_span`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionSpan {
+    /// The context up to the end of the chunk grid cell, zero-padded past the prompt.
+    #[default]
+    Chunk,
+    /// The prompt's context only.
+    Prompt,
 }
 
 /// Which cached KV blocks a new prompt may start from ([`EngineConfig::prefix_reuse`]).
@@ -474,6 +493,7 @@ impl EngineConfig {
             max_context: None,
             prefix_cache: true,
             prefix_reuse: PrefixReuse::Prefill,
+            prefill_attention_span: AttentionSpan::Chunk,
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use baton_text::Tokenizer;
 
-use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
+use crate::config::{AttentionSpan, EngineConfig, KvDType, ModelConfig, WeightPlan};
 use baton_kv_transfer::agent::KvRegion;
 use baton_kv_transfer::memory::PoolLayout;
 
@@ -469,9 +469,11 @@ impl Engine {
             // A prefill chunk attends over a context padded to the chunk grid, so its numbers
             // do not depend on where the prompt ends and cached blocks are exact for any
             // longer prompt ([`SeqInput::attend_to`]).
-            let attend_to = match it.phase {
-                Phase::Prefill => end.next_multiple_of(self.config.prefill_chunk_tokens),
-                Phase::Decode => end,
+            let attend_to = match (it.phase, self.config.prefill_attention_span) {
+                (Phase::Prefill, AttentionSpan::Chunk) => {
+                    end.next_multiple_of(self.config.prefill_chunk_tokens)
+                }
+                _ => end,
             };
             inputs.push(SeqInput {
                 table: &seq.table,

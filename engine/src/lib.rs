@@ -31,8 +31,8 @@ pub use baton_text::{
     chat, detokenize, finish_reason_after, model_name, sampling, stop, tokenizer,
 };
 pub use config::{
-    DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, PrefixReuse, Role, WeightFormat,
-    WeightPlan, WeightsSetting,
+    AttentionSpan, DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, PrefixReuse, Role,
+    WeightFormat, WeightPlan, WeightsSetting,
 };
 pub use engine::{Engine, LayerReady, LoadStats, PrefixStats, StepItem, StepOutput};
 pub use error::{Error, ErrorClass, Result};
