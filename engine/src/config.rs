@@ -419,25 +419,46 @@ pub struct EngineConfig {
     /// conversation's earlier answers: less to compute, with decode weights' numbers; the
     /// measured difference is in docs/architecture.md). Default `prefill`.
     pub prefix_reuse: PrefixReuse,
-    /// The context a prefill chunk's attention spans: `chunk` (zero-padded to the chunk grid,
-    /// so a prompt's KV is the same bits whatever prompt it is part of: cached prefixes give
-    /// exactly the outputs of a recompute, and a request's output never depends on what the
-    /// cache held; prefill of prompts much shorter than a chunk about 10-30% slower) or `prompt`
-    /// (the prompt only: faster, and a reused prefix can differ from a recompute in the last
-    /// float bits, which quantized decode can grow into a different greedy token). Default
-    /// `chunk`.
+    /// The context a prefill step's attention spans: `tile` (zero keys pad it to a multiple of
+    /// 64, behind the causal mask: a prompt's KV is then the same bits whatever prompt it is
+    /// part of, so cached prefixes give exactly a recompute's outputs and no output depends on
+    /// what the cache held; nearly free), `chunk` (padded to the chunk grid: the same, without
+    /// relying on the matmul's tail handling, and 10-30% slower prefill for prompts far shorter
+    /// than a chunk) or `prompt` (no padding: a reused prefix can differ from a recompute in the
+    /// last float bits, which quantized decode can grow into a different greedy token).
+    /// Default `tile`.
     pub prefill_attention_span: AttentionSpan,
 }
 
-/// What a prefill chunk's attention spans ([`EngineConfig::prefill_attention_span`]).
+/// What a prefill step's attention spans ([`EngineConfig::prefill_attention_span`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionSpan {
-    /// The context up to the end of the chunk grid cell, zero-padded past the prompt.
+    /// The context rounded up to a multiple of [`AttentionSpan::TILE`] keys.
     #[default]
+    Tile,
+    /// The context up to the end of the chunk grid cell.
     Chunk,
-    /// The prompt's context only.
+    /// The context only.
     Prompt,
+}
+
+impl AttentionSpan {
+    /// Keys a `tile` span rounds up to. candle's CPU matmul (gemm) sums the last, partial
+    /// group of a row's products in another order than a full one, so a context whose length
+    /// differs below this granularity gives other bits; with lengths on multiples of 64 the
+    /// results were bit-identical in every case engine/tests/prefix_cache.rs covers (contexts
+    /// of 64 to 1024 keys, AVX2): empirical, which is why `chunk` exists.
+    pub const TILE: usize = 64;
+
+    /// The keys a prefill step ending at position `end` attends over, in `chunk`-token chunks.
+    pub fn span(self, end: usize, chunk: usize) -> usize {
+        match self {
+            Self::Tile => end.next_multiple_of(Self::TILE),
+            Self::Chunk => end.next_multiple_of(chunk),
+            Self::Prompt => end,
+        }
+    }
 }
 
 /// Which cached KV blocks a new prompt may start from ([`EngineConfig::prefix_reuse`]).
@@ -493,7 +514,7 @@ impl EngineConfig {
             max_context: None,
             prefix_cache: true,
             prefix_reuse: PrefixReuse::Prefill,
-            prefill_attention_span: AttentionSpan::Chunk,
+            prefill_attention_span: AttentionSpan::Tile,
         }
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use baton_text::Tokenizer;
 
-use crate::config::{AttentionSpan, EngineConfig, KvDType, ModelConfig, WeightPlan};
+use crate::config::{EngineConfig, KvDType, ModelConfig, WeightPlan};
 use baton_kv_transfer::agent::KvRegion;
 use baton_kv_transfer::memory::PoolLayout;
 
@@ -466,14 +466,15 @@ impl Engine {
         for it in items {
             let seq = self.seq(it.seq)?;
             let end = seq.computed + it.tokens;
-            // A prefill chunk attends over a context padded to the chunk grid, so its numbers
-            // do not depend on where the prompt ends and cached blocks are exact for any
-            // longer prompt ([`SeqInput::attend_to`]).
-            let attend_to = match (it.phase, self.config.prefill_attention_span) {
-                (Phase::Prefill, AttentionSpan::Chunk) => {
-                    end.next_multiple_of(self.config.prefill_chunk_tokens)
-                }
-                _ => end,
+            // A prefill step attends over a padded context (`prefill_attention_span`), so its
+            // numbers do not depend on where the prompt ends and cached blocks are exact for
+            // any longer prompt ([`SeqInput::attend_to`]).
+            let attend_to = match it.phase {
+                Phase::Prefill => self
+                    .config
+                    .prefill_attention_span
+                    .span(end, self.config.prefill_chunk_tokens),
+                Phase::Decode => end,
             };
             inputs.push(SeqInput {
                 table: &seq.table,

@@ -32,9 +32,9 @@ pub(crate) struct SeqInput<'a> {
     pub logits: bool,
     /// Context length the per-sequence attention path computes over, at least `start +
     /// tokens.len()`; positions past that are zero keys and values behind the causal mask.
-    /// Padding every prefill chunk to the same length makes its rows' numbers the same bits
-    /// whether or not the prompt ends inside the chunk: the matrix multiply over the context
-    /// sums in an order that depends on the context's length, and without the padding a
+    /// Padding prefill contexts (`prefill_attention_span`) makes a row's numbers the same bits
+    /// whether or not the prompt ends soon after it: the matrix multiply over the context sums
+    /// its last partial group of products in another order, and without the padding a
     /// prompt's cached blocks differed in the last bits from a longer prompt's
     /// (engine/tests/prefix_cache.rs).
     pub attend_to: usize,

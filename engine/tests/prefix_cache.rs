@@ -15,12 +15,12 @@ use baton_engine::{
 };
 use common::{PROMPTS, argmax, dev_model_path, margin, max_abs_diff};
 
-const CHUNK: usize = 64;
+const CHUNK: usize = 512;
 
 fn config(cache: bool) -> EngineConfig {
     let mut cfg = EngineConfig::new(dev_model_path(), Role::Colocated);
     cfg.prefill_chunk_tokens = CHUNK;
-    cfg.max_batch_tokens = 256;
+    cfg.max_batch_tokens = 1024;
     cfg.kv_cache_bytes = 96 << 20;
     cfg.prefix_cache = cache;
     cfg
@@ -229,9 +229,10 @@ fn multi_turn_reuse_by_policy() {
 
 fn run_rounds(cache: bool, rounds: &[Vec<Vec<u32>>]) -> (Vec<HashMap<SeqId, Vec<u32>>>, u64, u64) {
     let mut cfg = config(cache);
-    // 17 blocks of 16 tokens: a dozen ~150-token sequences preempt one another, also with
-    // their shared system prompt's blocks held once.
+    // 17 blocks of 16 tokens: a dozen ~150-token sequences admitted by their first 64-token
+    // chunk preempt one another, also with their shared system prompt's blocks held once.
     cfg.kv_cache_bytes = 12 << 20;
+    cfg.prefill_chunk_tokens = 64;
     let mut b = Batcher::new(Engine::load(cfg).expect("engine loads"), vec![2]);
     let mut outputs = Vec::new();
     let mut next = 0u64;
@@ -308,11 +309,12 @@ fn batched_and_preempted_sequences_match_the_cache_off_run() {
     assert_eq!(got, want);
 }
 
-/// `prefill_attention_span = prompt` skips the padding: faster, and a prefix cached from a
-/// prompt that ended inside a chunk is no longer the same bits as a recompute (measured 5e-5
-/// apart in logits here; bound 1e-3), which is what the default's padding buys.
+/// `prefill_attention_span = prompt` skips the padding, and a prefix cached from a shorter
+/// prompt is no longer the same bits as a recompute (measured 5e-5 apart in logits here; bound
+/// 1e-3): what the default's padding buys. `chunk`, the padding that does not lean on the
+/// matmul's grouping, is exact too.
 #[test]
-fn without_the_padding_reuse_is_close_but_not_exact() {
+fn without_the_padding_reuse_is_close_but_not_exact_and_chunk_padding_is_exact() {
     let long = text(0, 40);
     let mut cfg = config(true);
     cfg.prefill_attention_span = AttentionSpan::Prompt;
@@ -327,7 +329,19 @@ fn without_the_padding_reuse_is_close_but_not_exact() {
     let diff = max_abs_diff(&got, &want);
     assert!(
         bits(&got) != bits(&want),
-        "the unpadded chunk ends elsewhere"
+        "the unpadded context ends elsewhere"
     );
     assert!(diff < 1e-3, "logits differ by {diff}");
+
+    let mut cfg = config(true);
+    cfg.prefill_attention_span = AttentionSpan::Chunk;
+    let (earlier, later, _) = cases().swap_remove(0);
+    let mut on = Engine::load(cfg.clone()).expect("engine loads");
+    prefill(&mut on, 1, &earlier);
+    on.release(SeqId(1));
+    let (got, cached) = prefill(&mut on, 2, &later);
+    assert_eq!(cached, 192);
+    cfg.prefix_cache = false;
+    let (want, _) = prefill(&mut Engine::load(cfg).expect("engine loads"), 2, &later);
+    assert!(bits(&got) == bits(&want), "chunk padding is exact");
 }
