@@ -423,8 +423,8 @@ pub struct EngineConfig {
     /// 64, behind the causal mask: a prompt's KV is then the same bits whatever prompt it is
     /// part of, so cached prefixes give exactly a recompute's outputs and no output depends on
     /// what the cache held; nearly free), `chunk` (padded to the chunk grid: the same, without
-    /// relying on the matmul's tail handling, and 10-30% slower prefill for prompts far shorter
-    /// than a chunk) or `prompt` (no padding: a reused prefix can differ from a recompute in the
+    /// relying on the matmul's tail handling, and slower prefill for prompts far shorter than a
+    /// chunk: 1.29x the time at 128 tokens, docs/architecture.md) or `prompt` (no padding: a reused prefix can differ from a recompute in the
     /// last float bits, which quantized decode can grow into a different greedy token).
     /// Default `tile`.
     pub prefill_attention_span: AttentionSpan,

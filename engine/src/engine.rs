@@ -317,24 +317,6 @@ impl Engine {
         Ok(self.seq(id)?.cached.unwrap_or(0))
     }
 
-    /// How many leading tokens of `tokens` the prefix cache could supply now (whole blocks,
-    /// never the last token), without taking anything.
-    pub fn cached_prefix_len(&self, tokens: &[u32]) -> usize {
-        if !self.config.prefix_cache || tokens.is_empty() {
-            return 0;
-        }
-        let bs = self.cache.block_size();
-        let usable = (tokens.len() - 1) / bs;
-        let names =
-            baton_core::block_hashes(&self.descriptor.fingerprint, bs, &tokens[..usable * bs]);
-        let reuse = self.config.prefix_reuse;
-        let found = self
-            .cache
-            .allocator()
-            .cached_prefix(&names, |s| reuse.accepts(s));
-        cached_blocks_for_exact_rows(tokens.len(), bs, self.config.prefill_chunk_tokens, found) * bs
-    }
-
     /// What the prefix cache saved so far, and the pool's state.
     pub fn prefix_stats(&self) -> PrefixStats {
         PrefixStats {

@@ -45,6 +45,15 @@ pub struct EngineArgs {
     /// kernels were written to beat, and the code a GPU runs).
     #[arg(long, default_value = "baton")]
     cpu_kernels: baton_engine::Kernels,
+    /// What prefill attention spans: tile (default), chunk or prompt (engine
+    /// `prefill_attention_span`); alternate runs to see what the padding costs.
+    #[arg(long, default_value = "tile", value_parser = span)]
+    prefill_attention_span: baton_engine::AttentionSpan,
+}
+
+fn span(s: &str) -> Result<baton_engine::AttentionSpan, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?} is not tile, chunk or prompt"))
 }
 
 /// What `baton-lab engine` measures beside baton in the same invocation.
@@ -251,6 +260,7 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         cfg.kv_dtype = dtype;
     }
     cfg.prefill_chunk_tokens = 512;
+    cfg.prefill_attention_span = args.prefill_attention_span;
     cfg.kv_cache_bytes = 256 << 20;
     let t = Instant::now();
     let mut e = Engine::load(cfg)?;
