@@ -98,7 +98,7 @@ fn decode_load(
     move || {
         Box::pin(async move {
             DecodeWorkerClient::new(channel(addr))
-                .load(LoadRequest {})
+                .load(LoadRequest::default())
                 .await
                 .expect("decode load")
                 .into_inner()
@@ -112,7 +112,7 @@ fn prefill_load(
     move || {
         Box::pin(async move {
             PrefillWorkerClient::new(channel(addr))
-                .load(LoadRequest {})
+                .load(LoadRequest::default())
                 .await
                 .expect("prefill load")
                 .into_inner()

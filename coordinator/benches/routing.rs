@@ -1,6 +1,7 @@
 //! The coordinator's routing step (`coordinator/src/placement.rs`) for a cluster of 64
-//! registered workers: decide disaggregated or aggregated, pick the prefill worker with the
-//! shortest queue and the decode worker with the most free blocks that has room.
+//! registered workers under KV-aware routing: decide disaggregated or aggregated, pick the
+//! prefill worker with the least work ahead of the prompt (its uncached part plus what is
+//! queued) and the decode worker caching the longest prefix among those about as busy.
 //!
 //!     cargo bench -p baton-coordinator --bench routing
 //!
@@ -12,7 +13,7 @@
 use std::hint::black_box;
 
 use baton_coordinator::PdMode;
-use baton_coordinator::routing::{Candidate, choose_decode, choose_prefill, decide};
+use baton_coordinator::routing::{Candidate, Routing, choose_decode, choose_prefill, decide};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 
@@ -25,8 +26,11 @@ fn candidates(n: usize, rng: &mut impl Rng) -> Vec<Candidate> {
             healthy: rng.random_range(0..10) != 0,
             queued: rng.random_range(0..16),
             placed: rng.random_range(0..4),
+            placed_tokens: rng.random_range(0..4096),
             free_blocks: rng.random_range(0..4096),
             needed_blocks: NEEDED_BLOCKS,
+            cached_tokens: rng.random_range(0..32) * 16,
+            cached_blocks: rng.random_range(0..32),
         })
         .collect()
 }
@@ -37,7 +41,7 @@ fn route(
     decode: &[Candidate],
     prompt_tokens: usize,
 ) -> (Option<usize>, Option<usize>) {
-    let p = choose_prefill(prefill);
+    let p = choose_prefill(prefill, prompt_tokens as u32, Routing::Kv);
     let mode = decide(
         PdMode::Auto,
         prompt_tokens,
@@ -45,7 +49,7 @@ fn route(
         p.is_some(),
     );
     black_box(mode.ok());
-    (p, choose_decode(decode))
+    (p, choose_decode(decode, Routing::Kv))
 }
 
 fn routing(c: &mut Criterion) {

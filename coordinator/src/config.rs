@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+pub use crate::placement::Routing;
 
 /// How a disaggregated request's KV moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
@@ -87,6 +88,10 @@ pub struct CoordinatorConfig {
     /// KV transport between workers: `auto` (shared memory on one host, else TCP), `tcp` or
     /// `shm`. Default `auto`.
     pub transport: TransportChoice,
+    /// How prefill and decode workers are chosen: `kv` weighs the prompt prefix each worker
+    /// reported caching against its load (a prefill worker then computes only the rest; a
+    /// decode worker receives only the rest), `load` looks at load only. Default `kv`.
+    pub routing: Routing,
     /// Prompts shorter than this many tokens run aggregated on a decode worker under
     /// `pd_mode = auto`: their prefill costs less than a handoff. Default 32.
     pub min_disaggregated_tokens: usize,
@@ -123,6 +128,7 @@ impl CoordinatorConfig {
             decode_workers: Vec::new(),
             handoff: HandoffShape::Push,
             transport: TransportChoice::Auto,
+            routing: Routing::Kv,
             min_disaggregated_tokens: 32,
             max_inflight: 256,
             lease_ttl: Duration::from_secs(10),

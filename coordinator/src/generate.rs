@@ -29,7 +29,7 @@ use crate::config::{HandoffShape, TransportChoice};
 use crate::error::{Error, ErrorClass, Result};
 use crate::placement::{self, Mode, PdMode};
 use crate::server::Inner;
-use crate::workers::{Placed, Worker, WorkerRole};
+use crate::workers::{Placed, PromptNames, Worker, WorkerRole};
 
 /// What the client wants generated from.
 #[derive(Debug, Clone)]
@@ -74,6 +74,17 @@ pub struct Placement {
     pub shape: Option<&'static str>,
     /// Prompt tokens the computing worker's prefix cache supplied.
     pub cached_tokens: u32,
+    /// How the workers were chosen ("kv" or "load").
+    pub routing: Option<&'static str>,
+    /// What placement expected, from the workers' KV events: prompt tokens cached on the
+    /// chosen prefill worker (aggregated: on the decode worker) and on the chosen decode
+    /// worker.
+    pub expected_cached_tokens: u32,
+    pub expected_decode_cached_tokens: u32,
+    /// Prompt tokens (and their KV bytes) the decode worker's prefix cache held, so the
+    /// handoff did not move them.
+    pub kv_cached_tokens: u32,
+    pub kv_cached_bytes: u64,
 }
 
 /// Token counts, OpenAI style.
@@ -309,33 +320,61 @@ async fn start(
     pd_mode: PdMode,
 ) -> Result<Started> {
     let registry = &inner.registry;
-    let (mode, prefill_idx, decode_idx) = tracing::info_span!("place").in_scope(|| {
-        let prefill_idx = placement::choose_prefill(&registry.prefill_candidates());
-        let mode = placement::decide(
-            pd_mode,
-            prompt.len(),
-            inner.config.min_disaggregated_tokens,
-            prefill_idx.is_some(),
-        )
-        .map_err(|_| Error::NoWorker { role: "prefill" })?;
-        let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
-        let decode_idx = placement::choose_decode(&registry.decode_candidates(needed))
-            .ok_or(Error::NoWorker { role: "decode" })?;
-        Ok::<_, Error>((mode, prefill_idx, decode_idx))
-    })?;
+    let routing = inner.config.routing;
+    let (mode, prefill_choice, decode_idx, decode_cached) =
+        tracing::info_span!("place").in_scope(|| {
+            let mut names = PromptNames::default();
+            let prompt_tokens = prompt.len() as u32;
+            let prefills = registry.prefill_candidates(prompt, &mut names);
+            let prefill_idx = placement::choose_prefill(&prefills, prompt_tokens, routing);
+            let mode = placement::decide(
+                pd_mode,
+                prompt.len(),
+                inner.config.min_disaggregated_tokens,
+                prefill_idx.is_some(),
+            )
+            .map_err(|_| Error::NoWorker { role: "prefill" })?;
+            let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
+            let decodes = registry.decode_candidates(needed, prompt, &mut names);
+            let decode_idx = placement::choose_decode(&decodes, routing)
+                .ok_or(Error::NoWorker { role: "decode" })?;
+            let prefill_choice = prefill_idx.map(|i| (i, prefills[i].cached_tokens));
+            Ok::<_, Error>((
+                mode,
+                prefill_choice,
+                decode_idx,
+                decodes[decode_idx].cached_tokens,
+            ))
+        })?;
     tracing::Span::current().record("mode", mode.as_str());
     let decode = registry.decode[decode_idx].clone();
+    let expected = Placement {
+        routing: Some(routing.as_str()),
+        expected_decode_cached_tokens: decode_cached,
+        ..Placement::default()
+    };
     let mut sampling = convert::sampling_to_proto(params);
     // Every worker samples with a seed: a decode worker that recomputes a prompt after a failed
     // handoff then samples the first token the prefill worker sampled.
     sampling.seed.get_or_insert_with(rand::random::<u64>);
-    match (mode, prefill_idx) {
-        (Mode::Disaggregated, Some(pi)) => {
+    match (mode, prefill_choice) {
+        (Mode::Disaggregated, Some((pi, prefill_cached))) => {
             let prefill = registry.prefill[pi].clone();
-            disaggregated(inner, &prefill, &decode, request, prompt, params, sampling).await
+            let expected = Placement {
+                expected_cached_tokens: prefill_cached,
+                ..expected
+            };
+            inner
+                .metrics
+                .placed(routing, Some(prefill_cached), decode_cached);
+            disaggregated(
+                inner, &prefill, &decode, request, prompt, params, sampling, expected,
+            )
+            .await
         }
         _ => {
-            let placed = vec![decode.place()];
+            inner.metrics.placed(routing, None, decode_cached);
+            let placed = vec![decode.place(0)];
             let stream = call(
                 &decode,
                 tracing::info_span!("decode", worker = Empty),
@@ -359,7 +398,8 @@ async fn start(
                 placement: Placement {
                     mode: Some(Mode::Aggregated),
                     decode_worker: decode.id().0,
-                    ..Placement::default()
+                    expected_cached_tokens: decode_cached,
+                    ..expected
                 },
                 _placed: placed,
             })
@@ -398,6 +438,7 @@ fn transport_for(choice: TransportChoice, shm_linked: bool) -> v1::Transport {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn disaggregated(
     inner: &Arc<Inner>,
     prefill: &Arc<Worker>,
@@ -406,8 +447,15 @@ async fn disaggregated(
     prompt: &[u32],
     params: &SamplingParams,
     sampling: v1::SamplingParams,
+    expected: Placement,
 ) -> Result<Started> {
-    let placed = vec![prefill.place(), decode.place()];
+    // The prefill worker counts the prompt's uncached tokens until it answers; the decode
+    // worker counts the request until it ends.
+    let to_compute = prompt
+        .len()
+        .saturating_sub(expected.expected_cached_tokens as usize);
+    let prefilling = prefill.place(to_compute as u64);
+    let placed = vec![decode.place(0)];
     let handoff = inner.next_handoff();
     let ttl_ms = inner.config.lease_ttl.as_millis() as u32;
     let transport = transport_for(
@@ -423,7 +471,7 @@ async fn disaggregated(
             v1::Transport::Shm => "shm",
             _ => "tcp",
         }),
-        ..Placement::default()
+        ..expected
     };
     match inner.config.handoff {
         HandoffShape::Push => {
@@ -490,6 +538,7 @@ async fn disaggregated(
                 },
             )
             .await?;
+            drop(prefilling);
             let first = first_token(&prefilled.first_token)?;
             placement.cached_tokens = prefilled.cached_tokens;
             // The one place the first token's finish is decided; a finished request drops the
@@ -526,6 +575,7 @@ async fn disaggregated(
                 },
             )
             .await?;
+            drop(prefilling);
             let first = first_token(&prefilled.first_token)?;
             placement.cached_tokens = prefilled.cached_tokens;
             // The one place the first token's finish is decided.
@@ -735,6 +785,9 @@ impl Run {
                     }
                     if let Some(kv) = &f.kv {
                         placement.kv_bytes_received = kv.bytes;
+                        placement.kv_cached_tokens = kv.cached_tokens;
+                        placement.kv_cached_bytes = kv.cached_bytes;
+                        self.inner.metrics.kv_cached(kv.cached_bytes);
                     }
                     if let Some(source) = &f.source_kv {
                         placement.kv_bytes = source.bytes;

@@ -102,6 +102,8 @@ pub fn finish_to_proto(
         } else {
             v1::HandoffShape::Push
         } as i32,
+        cached_tokens: placement.kv_cached_tokens,
+        cached_bytes: placement.kv_cached_bytes,
     });
     v1::GenerateFinish {
         reason: convert::finish_to_proto(reason) as i32,
@@ -119,6 +121,9 @@ pub fn finish_to_proto(
             upstream: String::new(),
             cost_usd: 0.0,
             kv_bytes_received: placement.kv_bytes_received,
+            routing: placement.routing.unwrap_or_default().into(),
+            expected_cached_tokens: placement.expected_cached_tokens,
+            expected_decode_cached_tokens: placement.expected_decode_cached_tokens,
         }),
     }
 }

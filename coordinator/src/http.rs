@@ -520,6 +520,11 @@ fn placement_json(p: &generate::Placement) -> Value {
         "kv_exposed_seconds": p.exposed_seconds,
         "transport": p.transport,
         "shape": p.shape,
+        "routing": p.routing,
+        "expected_cached_tokens": p.expected_cached_tokens,
+        "expected_decode_cached_tokens": p.expected_decode_cached_tokens,
+        "kv_cached_tokens": p.kv_cached_tokens,
+        "kv_cached_bytes": p.kv_cached_bytes,
     })
 }
 

@@ -22,7 +22,7 @@ mod workers;
 pub use config::{CoordinatorConfig, HandoffShape, TransportChoice};
 pub use error::{Error, ErrorClass, Result};
 pub use generate::{GenerateInput, Placement, PromptInput, StreamEvent, Usage};
-pub use placement::PdMode;
+pub use placement::{PdMode, Routing};
 pub use server::{run, serve};
 
 /// The routing decisions, public only for the criterion benchmark `benches/routing.rs`; not part
@@ -30,6 +30,6 @@ pub use server::{run, serve};
 #[doc(hidden)]
 pub mod routing {
     pub use crate::placement::{
-        Candidate, Mode, NoPlacement, choose_decode, choose_prefill, decide,
+        Candidate, Mode, NoPlacement, Routing, choose_decode, choose_prefill, decide,
     };
 }

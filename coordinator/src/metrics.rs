@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::error::ErrorClass;
-use crate::placement::Mode;
+use crate::placement::{Mode, Routing};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
@@ -21,6 +21,21 @@ struct Outcome {
     outcome: &'static str,
     /// aggregated | disaggregated | none
     mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    worker: String,
+    /// prefill | decode
+    role: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoutingLabels {
+    /// kv | load
+    routing: &'static str,
+    /// prefill | decode
+    role: &'static str,
 }
 
 pub struct Metrics {
@@ -36,6 +51,10 @@ pub struct Metrics {
     kv_usage: Gauge<f64, AtomicU64>,
     kv_bytes: Counter,
     kv_seconds: Histogram,
+    kv_cached_bytes: Counter,
+    placements: Family<RoutingLabels, Counter>,
+    expected_cached: Family<RoutingLabels, Counter>,
+    worker_cached_blocks: Family<WorkerLabels, Gauge>,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -106,6 +125,30 @@ impl Metrics {
             "Time from a handoff's first KV segment sent to its last",
             kv_seconds.clone(),
         );
+        let kv_cached_bytes = Counter::default();
+        registry.register(
+            "kv_transfer_bytes_cached",
+            "KV bytes handoffs did not move because the decode worker's prefix cache held them",
+            kv_cached_bytes.clone(),
+        );
+        let placements = Family::<RoutingLabels, Counter>::default();
+        registry.register(
+            "placements",
+            "Workers chosen for requests, by routing policy and role",
+            placements.clone(),
+        );
+        let expected_cached = Family::<RoutingLabels, Counter>::default();
+        registry.register(
+            "placement_expected_cached_tokens",
+            "Prompt tokens the chosen workers had reported caching when they were chosen",
+            expected_cached.clone(),
+        );
+        let worker_cached_blocks = Family::<WorkerLabels, Gauge>::default();
+        registry.register(
+            "worker_cached_blocks",
+            "KV blocks each worker's prefix cache holds, from its KV events",
+            worker_cached_blocks.clone(),
+        );
         Self {
             registry,
             process: baton_telemetry::ProcessCollector::registry(),
@@ -118,7 +161,44 @@ impl Metrics {
             kv_usage,
             kv_bytes,
             kv_seconds,
+            kv_cached_bytes,
+            placements,
+            expected_cached,
+            worker_cached_blocks,
         }
+    }
+
+    /// A request was placed: on a prefill worker expected to cache `prefill_cached` of its
+    /// prompt's tokens (none when aggregated) and a decode worker expected to cache
+    /// `decode_cached`.
+    pub fn placed(&self, routing: Routing, prefill_cached: Option<u32>, decode_cached: u32) {
+        let roles = prefill_cached
+            .map(|c| ("prefill", c))
+            .into_iter()
+            .chain([("decode", decode_cached)]);
+        for (role, cached) in roles {
+            let labels = RoutingLabels {
+                routing: routing.as_str(),
+                role,
+            };
+            self.placements.get_or_create(&labels).inc();
+            self.expected_cached
+                .get_or_create(&labels)
+                .inc_by(u64::from(cached));
+        }
+    }
+
+    pub fn kv_cached(&self, bytes: u64) {
+        self.kv_cached_bytes.inc_by(bytes);
+    }
+
+    pub fn set_worker_cached_blocks(&self, worker: &str, role: &'static str, blocks: usize) {
+        self.worker_cached_blocks
+            .get_or_create(&WorkerLabels {
+                worker: worker.to_string(),
+                role,
+            })
+            .set(blocks as i64);
     }
 
     pub fn request_started(&self) {

@@ -97,6 +97,10 @@ impl Inner {
             used as f64 / total as f64
         };
         self.metrics.set_worker_state(usage, waiting);
+        for w in self.registry.prefill.iter().chain(&self.registry.decode) {
+            self.metrics
+                .set_worker_cached_blocks(&w.id().0, w.role.as_str(), w.cached_blocks());
+        }
     }
 }
 

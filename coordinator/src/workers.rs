@@ -9,12 +9,13 @@
 //!
 //! Workers come from a static list here; discovery (mDNS, etcd) will feed the same registry.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use baton_core::{BlockHash, Fingerprint, KvIndex, block_hashes};
 use baton_proto::v1::{
     self, ConnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_worker_client::DecodeWorkerClient, prefill_worker_client::PrefillWorkerClient,
@@ -90,6 +91,10 @@ pub struct Worker {
     draining: AtomicBool,
     /// Requests placed here and not finished.
     placed: AtomicU32,
+    /// Their prompt tokens still to compute (prefill workers: until the first token).
+    placed_tokens: AtomicU64,
+    /// The blocks its prefix cache holds, from the KV events of its load reports.
+    kv_index: Mutex<KvIndex>,
 }
 
 impl Worker {
@@ -114,6 +119,8 @@ impl Worker {
             healthy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             placed: AtomicU32::new(0),
+            placed_tokens: AtomicU64::new(0),
+            kv_index: Mutex::new(KvIndex::default()),
         })
     }
 
@@ -130,7 +137,7 @@ impl Worker {
     }
 
     pub fn load(&self) -> LoadReport {
-        *self.load.lock().unwrap_or_else(|p| p.into_inner())
+        self.load.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn healthy(&self) -> bool {
@@ -192,10 +199,44 @@ impl Worker {
         }
     }
 
-    /// Marks a request placed here until the guard drops.
-    pub fn place(self: &Arc<Self>) -> Placed {
+    /// Marks a request placed here, with `tokens` of prompt to compute, until the guard drops.
+    pub fn place(self: &Arc<Self>, tokens: u64) -> Placed {
         self.placed.fetch_add(1, Ordering::Relaxed);
-        Placed(self.clone())
+        self.placed_tokens.fetch_add(tokens, Ordering::Relaxed);
+        Placed(self.clone(), tokens)
+    }
+
+    /// Of `prompt`, the tokens (whole blocks, never the last token's) whose KV this worker
+    /// last reported caching; 0 before it said who it is. `names` memoizes the prompt's block
+    /// names per (fingerprint, block size), so workers of one model share the work.
+    pub fn cached_prefix(&self, prompt: &[u32], names: &mut PromptNames) -> (u32, u32) {
+        let Some(info) = self.info() else {
+            return (0, 0);
+        };
+        let (Some(layout), bs) = (info.layout.as_ref(), info.block_size as usize) else {
+            return (0, 0);
+        };
+        let Ok(fp) = <[u8; 32]>::try_from(layout.fingerprint.as_slice()) else {
+            return (0, 0);
+        };
+        if bs == 0 || prompt.is_empty() {
+            return (0, 0);
+        }
+        let hashes = names.get(Fingerprint(fp), bs, prompt);
+        let blocks = self
+            .kv_index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cached_prefix(hashes);
+        ((blocks * bs) as u32, blocks as u32)
+    }
+
+    /// Blocks in its prefix cache, as last reported.
+    pub fn cached_blocks(&self) -> usize {
+        self.kv_index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// A call failed as if the worker were gone: stop routing to it until a poll succeeds.
@@ -205,14 +246,18 @@ impl Worker {
         }
     }
 
-    fn candidate(&self, needed_blocks: u32) -> Candidate {
+    fn candidate(&self, needed_blocks: u32, prompt: &[u32], names: &mut PromptNames) -> Candidate {
         let load = self.load();
+        let (cached_tokens, cached_blocks) = self.cached_prefix(prompt, names);
         Candidate {
             healthy: self.routable() && self.info.lock().is_ok_and(|i| i.is_some()),
             queued: load.running + load.waiting,
             placed: self.placed.load(Ordering::Relaxed),
+            placed_tokens: self.placed_tokens.load(Ordering::Relaxed),
             free_blocks: load.free_blocks,
             needed_blocks,
+            cached_tokens,
+            cached_blocks,
         }
     }
 
@@ -228,12 +273,19 @@ impl Worker {
                 tracing::info!(worker = %info.worker_id, address = %self.address, role = self.role.as_str(), "worker joined");
                 *self.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
             }
-            let load = match self.role {
-                WorkerRole::Prefill => self.prefill_client().load(LoadRequest {}).await,
-                WorkerRole::Decode => self.decode_client().load(LoadRequest {}).await,
+            let (epoch, after) = self.kv_index.lock().unwrap_or_else(|p| p.into_inner()).cursor();
+            let request = LoadRequest {
+                kv_events: true,
+                kv_events_epoch: epoch,
+                kv_events_after: after,
+            };
+            let mut load = match self.role {
+                WorkerRole::Prefill => self.prefill_client().load(request).await,
+                WorkerRole::Decode => self.decode_client().load(request).await,
             }?
             .into_inner();
             self.set_draining(load.draining);
+            self.apply_kv_events(load.kv_events.take());
             *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
             Ok::<_, tonic::Status>(())
         }
@@ -249,20 +301,58 @@ impl Worker {
                 if self.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(worker = %self.address, role = self.role.as_str(), error = %status.message(), "worker unhealthy");
                 }
-                // A restarted worker may come back with another id or layout: ask again.
+                // A restarted worker may come back with another id or layout: ask again, and
+                // learn its cache afresh.
                 *self.info.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.kv_index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
                 false
             }
         }
     }
 }
 
-/// Counts a request against a worker while it runs there.
-pub struct Placed(Arc<Worker>);
+impl Worker {
+    /// Applies a load report's KV events; events this coordinator cannot read (a block name
+    /// of the wrong size) drop what it knew, so the next poll asks for the whole set.
+    fn apply_kv_events(&self, events: Option<v1::KvEvents>) {
+        let Some(events) = events else { return };
+        let mut index = self.kv_index.lock().unwrap_or_else(|p| p.into_inner());
+        match baton_proto::convert::kv_events_from_proto(&events) {
+            Ok(events) => index.apply(&events),
+            Err(e) => {
+                tracing::warn!(worker = %self.address, error = %e, "unreadable kv events; asking for the whole set");
+                index.clear();
+            }
+        }
+    }
+}
+
+/// A prompt's block names, computed once per (model fingerprint, block size) among the
+/// workers one placement looks at.
+#[derive(Debug, Default)]
+pub struct PromptNames(HashMap<(Fingerprint, usize), Vec<BlockHash>>);
+
+impl PromptNames {
+    /// Names of the prompt's full blocks before its last token's block: the prefix a worker
+    /// can reuse (it always computes the last token to sample from it).
+    fn get(&mut self, fingerprint: Fingerprint, block_size: usize, prompt: &[u32]) -> &[BlockHash] {
+        self.0.entry((fingerprint, block_size)).or_insert_with(|| {
+            let usable = (prompt.len() - 1) / block_size * block_size;
+            block_hashes(&fingerprint, block_size, &prompt[..usable])
+        })
+    }
+}
+
+/// Counts a request (and its prompt tokens) against a worker while it runs there.
+pub struct Placed(Arc<Worker>, u64);
 
 impl Drop for Placed {
     fn drop(&mut self) {
         self.0.placed.fetch_sub(1, Ordering::Relaxed);
+        self.0.placed_tokens.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -292,14 +382,22 @@ impl Registry {
         })
     }
 
-    pub fn prefill_candidates(&self) -> Vec<Candidate> {
-        self.prefill.iter().map(|w| w.candidate(0)).collect()
+    pub fn prefill_candidates(&self, prompt: &[u32], names: &mut PromptNames) -> Vec<Candidate> {
+        self.prefill
+            .iter()
+            .map(|w| w.candidate(0, prompt, names))
+            .collect()
     }
 
-    pub fn decode_candidates(&self, needed_blocks: u32) -> Vec<Candidate> {
+    pub fn decode_candidates(
+        &self,
+        needed_blocks: u32,
+        prompt: &[u32],
+        names: &mut PromptNames,
+    ) -> Vec<Candidate> {
         self.decode
             .iter()
-            .map(|w| w.candidate(needed_blocks))
+            .map(|w| w.candidate(needed_blocks, prompt, names))
             .collect()
     }
 

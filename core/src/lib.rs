@@ -9,15 +9,19 @@
 //!   kv-transfer moves it, neither depending on the other for it.
 //! - [`prefix`]: [`BlockHash`], the name of a full KV block and its prefix, which the engine's
 //!   prefix cache, workers' reports and the coordinator's placement share.
+//! - [`kv_events`]: the changes to a worker's set of cached blocks, the worker's log of them
+//!   and a reader's index, so placement knows what each worker holds.
 //! - [`class`]: the one [`ErrorClass`] every crate's errors map to; the serving edges (gRPC in
 //!   `baton-proto`, HTTP in the coordinator) turn it into status codes, once.
 
 pub mod class;
 pub mod ids;
+pub mod kv_events;
 pub mod layout;
 pub mod prefix;
 
 pub use class::ErrorClass;
 pub use ids::{HandoffId, RequestId, WorkerId};
+pub use kv_events::{KvEvent, KvEventLog, KvEvents, KvIndex};
 pub use layout::{BlockId, Fingerprint, KvChunk, KvDType, LayoutDescriptor, LayoutMismatch};
 pub use prefix::{BlockHash, block_hashes, extend_block_hashes};

@@ -70,6 +70,10 @@ pub struct Landed {
     pub sender_transfer: Duration,
     /// The sender's time from the end of its compute to its last byte.
     pub sender_exposed: Duration,
+    /// Prompt tokens (whole blocks) this worker's prefix cache already held: they did not move.
+    pub cached_tokens: u32,
+    /// Their KV bytes: what the transfer would have moved without the cache.
+    pub cached_bytes: u64,
 }
 
 /// What a decode stream receives.
@@ -123,6 +127,10 @@ pub struct LoopStats {
     pub handoffs_expired: u64,
     pub handoffs_recomputed: u64,
     pub kv_bytes_imported: u64,
+    /// KV bytes (and prompt tokens) handoffs did not move because this worker's prefix cache
+    /// held them.
+    pub kv_bytes_cached: u64,
+    pub kv_tokens_cached: u64,
     pub preemptions: u64,
     pub cancelled: u64,
 }
@@ -259,6 +267,8 @@ pub struct LoopConfig {
     pub max_streams: usize,
     pub max_lease_ttl: Duration,
     pub kv_failure_policy: KvFailurePolicy,
+    /// Where the engine's prefix-cache changes go after each turn, for load reports.
+    pub kv_log: baton_worker::KvLog,
 }
 
 /// Starts the engine thread. It stops when every handle is dropped or on `Stop`.
@@ -270,6 +280,7 @@ pub fn spawn(
     rt: Handle,
 ) -> std::io::Result<(DecodeEngine, std::thread::JoinHandle<()>)> {
     let (feedback_tx, feedback) = mpsc::channel(config.max_streams.max(1) * 2);
+    batcher.engine().record_kv_events();
     let mut state = Loop {
         stopped: false,
         batcher,
@@ -303,6 +314,9 @@ struct Landing {
     /// This worker reads the KV (pull): the read starts after the prefill ended, so all of
     /// it is exposed, whatever the source's completion says.
     pulled: bool,
+    /// The prompt's first tokens this worker's prefix cache held, and their bytes.
+    cached_tokens: u32,
+    cached_bytes: u64,
 }
 
 /// Why the loop woke up.
@@ -363,7 +377,7 @@ impl Loop {
             }
             self.tick(Instant::now());
             self.cancel_abandoned();
-            publish(&ends.published, self.snapshot());
+            self.publish(&ends.published);
             if self.batcher.is_idle() {
                 match self.wait(&mut ends.commands, &mut agent_events, &mut feedback) {
                     Woken::Command(c) => self.handle(c),
@@ -441,6 +455,14 @@ impl Loop {
                 );
             }
         }
+    }
+
+    /// Ends a turn: the prefix cache's changes go to the KV log, then the snapshot out, so a
+    /// load report that sees the turn's blocks also sees its events.
+    fn publish(&self, published: &watch::Sender<Snapshot>) {
+        let engine = self.batcher.engine();
+        self.config.kv_log.record(engine.drain_kv_events());
+        publish(published, self.snapshot());
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -538,18 +560,20 @@ impl Loop {
                         })?;
                 let local = self.batcher.engine().descriptor().clone();
                 let blocks = local.blocks_for(tokens);
-                // One read per copy of the plan: with equal layouts, one for everything.
-                let planned = plan(
-                    std::slice::from_ref(&source.pool.layout),
-                    std::slice::from_ref(&local),
-                    0..blocks,
-                )
-                .map_err(Error::Transport)?;
                 let mine =
                     self.reserve(request.clone(), handoff, seq, prompt, ttl, params, events)?;
                 if let Some(landing) = self.handoffs.get_mut(&handoff) {
                     landing.pulled = true;
                 }
+                // Only the blocks this worker's prefix cache lacks are read.
+                let first_block = mine.cached_tokens / local.block_size.max(1);
+                // One read per copy of the plan: with equal layouts, one for everything.
+                let planned = plan(
+                    std::slice::from_ref(&source.pool.layout),
+                    std::slice::from_ref(&local),
+                    first_block..blocks,
+                )
+                .map_err(Error::Transport)?;
                 let reads: Vec<ReadRequest> = planned
                     .to_destination(0)
                     .map(|pc| ReadRequest {
@@ -558,6 +582,7 @@ impl Loop {
                         heads: pc.kv_heads.clone(),
                         source_blocks: source.blocks.clone(),
                         dest_blocks: mine.blocks.clone(),
+                        first_block,
                     })
                     .collect();
                 // The reads run on the runtime, not this thread; a failure comes back as
@@ -619,24 +644,31 @@ impl Loop {
                 ),
             });
         }
-        let table = engine.reserve_table(prompt.len()).map_err(|e| match e {
+        // The blocks of the prompt's longest cached prefix are held (a conversation's earlier
+        // turns, imported before); the sender writes only the rest.
+        let (table, cached) = engine.reserve_cached_table(&prompt).map_err(|e| match e {
             baton_engine::Error::KvCacheFull { .. } => Error::Overloaded {
                 what: "decode worker's kv pool",
             },
             e => Error::Engine(e),
         })?;
+        let cached_bytes =
+            engine.kv_layer_bytes(cached) as u64 * engine.descriptor().layers.len() as u64;
         let blocks = table.blocks().to_vec();
         let layout = engine.descriptor().clone();
         let pool = engine.pool_layout().clone();
         let reservation = Arc::new(Reservation(Mutex::new(Some(table))));
         let guard: Guard = reservation.clone();
+        // The cached blocks are shared and read-only: the agent admits writes to the rest only,
+        // which it sees as a sequence of its own (whole blocks, so the rows line up).
+        let cached_blocks = cached / layout.block_size.max(1) as usize;
         self.agent.expect(
             handoff,
             Expectation {
-                tokens: prompt.len() as u32,
+                tokens: (prompt.len() - cached) as u32,
                 layers: layout.layers.clone(),
                 heads: layout.kv_heads.clone(),
-                blocks: blocks.clone(),
+                blocks: blocks[cached_blocks..].to_vec(),
                 guard,
             },
         )?;
@@ -647,6 +679,7 @@ impl Loop {
             pool,
             blocks,
             tokens: prompt.len() as u32,
+            cached_tokens: cached as u32,
         };
         self.handoffs.insert(
             handoff,
@@ -660,6 +693,8 @@ impl Loop {
                 events,
                 reserved_at: now,
                 pulled: false,
+                cached_tokens: cached as u32,
+                cached_bytes,
             },
         );
         Ok(descriptor)
@@ -690,6 +725,8 @@ impl Loop {
                     sender_bytes,
                     sender_transfer: transfer,
                     sender_exposed: Duration::ZERO,
+                    cached_tokens: landing.cached_tokens,
+                    cached_bytes: landing.cached_bytes,
                 };
                 let pulled = landing.pulled;
                 match baton_proto::v1::HandoffCompletion::decode(completion.as_slice()) {
@@ -785,6 +822,8 @@ impl Loop {
                 self.stats.handoffs_ok += 1;
                 let landed = landed.unwrap_or_default();
                 self.stats.kv_bytes_imported += landed.bytes;
+                self.stats.kv_bytes_cached += landed.cached_bytes;
+                self.stats.kv_tokens_cached += u64::from(landed.cached_tokens);
                 let _ = landing.events.try_send(DecodeEvent::KvLanded(landed));
                 let Some(table) = landing.reservation.take() else {
                     let _ = landing.events.try_send(DecodeEvent::Failed(Error::Internal(

@@ -87,6 +87,18 @@ impl Collector for DecodeCollector {
             "KV payload bytes received, verified and imported",
             stats.kv_bytes_imported,
         )?;
+        counter(
+            e,
+            "kv_transfer_bytes_cached",
+            "KV bytes handoffs did not move because this worker's prefix cache held them",
+            stats.kv_bytes_cached,
+        )?;
+        counter(
+            e,
+            "kv_transfer_tokens_cached",
+            "Prompt tokens handoffs did not move because this worker's prefix cache held them",
+            stats.kv_tokens_cached,
+        )?;
         baton_telemetry::encode_prefix_cache(e, s.prefix)?;
         counter(
             e,

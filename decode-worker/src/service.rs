@@ -99,6 +99,7 @@ pub async fn serve_with_metrics(
     let max_context = engine.max_context();
     let eos = engine.tokenizer().eos_token_ids().to_vec();
     tracing::info!(%worker_id, %addr, kv = ?agent.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(), blocks = engine.total_blocks(), "decode worker serving");
+    let kv_log = baton_worker::KvLog::default();
     let (handle, join) = engine_loop::spawn(
         Batcher::new(engine, eos),
         agent,
@@ -108,6 +109,7 @@ pub async fn serve_with_metrics(
             max_streams: config.max_streams,
             max_lease_ttl: config.max_lease_ttl,
             kv_failure_policy: config.kv_failure_policy,
+            kv_log: kv_log.clone(),
         },
         tokio::runtime::Handle::current(),
     )
@@ -126,6 +128,7 @@ pub async fn serve_with_metrics(
         .map_err(|e| Error::Internal(format!("metrics endpoint: {e}")))?;
     let service = DecodeService {
         draining: draining.clone(),
+        kv_log,
         engine: handle.clone(),
         info,
         host_id: config.host_id.clone(),
@@ -151,6 +154,8 @@ pub async fn serve_with_metrics(
 }
 
 pub struct DecodeService {
+    /// What the engine's prefix cache stored and evicted, for load reports.
+    kv_log: baton_worker::KvLog,
     /// Set when a drain starts: new work is refused from then on.
     draining: Arc<AtomicBool>,
     engine: DecodeEngine,
@@ -215,7 +220,7 @@ impl DecodeWorker for DecodeService {
         Ok(Response::new(self.info.clone()))
     }
 
-    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
         let (load, _) = self.engine.load()?;
         Ok(Response::new(LoadReport {
             running: load.running,
@@ -224,6 +229,7 @@ impl DecodeWorker for DecodeService {
             total_blocks: load.total_blocks,
             leases: load.leases,
             draining: self.draining.load(Ordering::Relaxed),
+            kv_events: self.kv_log.answer(request.get_ref()),
         }))
     }
 
@@ -446,8 +452,10 @@ impl StreamTask {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: completion,
             kv: self.disaggregated.map(|_| {
-                landed.map_or_else(v1::KvTransferStats::default, |l| {
-                    stats(l.bytes, l.transfer, Duration::ZERO)
+                landed.map_or_else(v1::KvTransferStats::default, |l| v1::KvTransferStats {
+                    cached_tokens: l.cached_tokens,
+                    cached_bytes: l.cached_bytes,
+                    ..stats(l.bytes, l.transfer, Duration::ZERO)
                 })
             }),
             source_kv: landed.map(|l| stats(l.sender_bytes, l.sender_transfer, l.sender_exposed)),

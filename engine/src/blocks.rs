@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use baton_core::{BlockHash, BlockId};
+use baton_core::{BlockHash, BlockId, KvEvent};
 
 use crate::{Error, Result};
 
@@ -68,6 +68,9 @@ struct PoolState {
     index: HashMap<BlockHash, BlockId>,
     clock: u64,
     evictions: u64,
+    /// Changes to the index since the last drain, when someone drains them
+    /// ([`BlockAllocator::record_events`]).
+    events: Option<Vec<(KvEvent, KvSource)>>,
 }
 
 impl PoolState {
@@ -78,6 +81,9 @@ impl PoolState {
     fn unname(&mut self, b: BlockId) {
         if let Some(name) = self.names[b.0 as usize].take() {
             self.index.remove(&name.hash);
+            if let Some(events) = &mut self.events {
+                events.push((KvEvent::Removed(name.hash), name.source));
+            }
         }
     }
 
@@ -163,6 +169,7 @@ impl BlockAllocator {
                 index: HashMap::new(),
                 clock: 0,
                 evictions: 0,
+                events: None,
             })),
         }
     }
@@ -236,6 +243,25 @@ impl BlockAllocator {
         }
         s.index.insert(hash, block);
         s.names[i] = Some(Name { hash, source });
+        if let Some(events) = &mut s.events {
+            events.push((KvEvent::Stored(hash), source));
+        }
+    }
+
+    /// From now on, keeps every change to the index (a block named, a name evicted) until
+    /// [`BlockAllocator::drain_events`] takes them: for a worker that reports what it caches.
+    /// Off by default, so a pool nobody drains does not grow a list.
+    pub fn record_events(&self) {
+        self.lock().events.get_or_insert_with(Vec::new);
+    }
+
+    /// The changes since the last drain, in order, each with the named block's source.
+    pub fn drain_events(&self) -> Vec<(KvEvent, KvSource)> {
+        self.lock()
+            .events
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     fn take(&self, n: usize) -> Result<Vec<BlockId>> {

@@ -23,7 +23,7 @@ use crate::kv::{
 use crate::model::{Model, SeqInput};
 use crate::weights::{self, Phase};
 use crate::{Error, Result, SeqId};
-use baton_core::extend_block_hashes;
+use baton_core::{KvEvent, block_hashes, extend_block_hashes};
 
 /// A sequence's tokens and the KV computed for them so far.
 #[derive(Debug)]
@@ -643,6 +643,47 @@ impl Engine {
         let mut table = self.cache.allocator().new_table();
         table.ensure_capacity(tokens, self.cache.block_size())?;
         Ok(table)
+    }
+
+    /// Blocks for `tokens`, all or nothing, starting with the longest prefix of them the prefix
+    /// cache holds (whole blocks, never the last token's: the sender always has something to
+    /// write, and its completion to send). Returns the table and the tokens it already holds,
+    /// for a receiver that has another worker write only the rest ([`Engine::adopt`]).
+    pub fn reserve_cached_table(&mut self, tokens: &[u32]) -> Result<(BlockTable, usize)> {
+        let bs = self.cache.block_size();
+        let mut table = self.cache.allocator().new_table();
+        let mut cached = 0;
+        if self.config.prefix_cache && !tokens.is_empty() {
+            let usable = (tokens.len() - 1) / bs;
+            let names = block_hashes(&self.descriptor.fingerprint, bs, &tokens[..usable * bs]);
+            let reuse = self.config.prefix_reuse;
+            cached = table.attach_cached(&names, |s| reuse.accepts(s)) * bs;
+        }
+        // On failure the table drops, and the cached blocks it held go back to idle.
+        table.ensure_capacity(tokens.len(), bs)?;
+        Ok((table, cached))
+    }
+
+    /// From now on, keeps the changes to the set of cached blocks this engine's prefix cache
+    /// may reuse, for [`Engine::drain_kv_events`]: a worker calls it once and drains after
+    /// every step. Nothing is kept with the cache off.
+    pub fn record_kv_events(&self) {
+        if self.config.prefix_cache {
+            self.cache.allocator().record_events();
+        }
+    }
+
+    /// The changes since the last drain, in order: blocks named that `prefix_reuse` would
+    /// reuse, and blocks evicted.
+    pub fn drain_kv_events(&self) -> Vec<KvEvent> {
+        let reuse = self.config.prefix_reuse;
+        self.cache
+            .allocator()
+            .drain_events()
+            .into_iter()
+            .filter(|(e, source)| matches!(e, KvEvent::Removed(_)) || reuse.accepts(*source))
+            .map(|(e, _)| e)
+            .collect()
     }
 
     /// Creates a sequence whose KV for every one of `tokens` is already in `table` (written by

@@ -345,3 +345,57 @@ fn without_the_padding_reuse_is_close_but_not_exact_and_chunk_padding_is_exact()
     let (want, _) = prefill(&mut Engine::load(cfg).expect("engine loads"), 2, &later);
     assert!(bits(&got) == bits(&want), "chunk padding is exact");
 }
+
+/// A receiver reserves a handoff's blocks starting from the prefix it caches, so the sender
+/// writes only the rest; the engine reports what it caches as events a worker forwards.
+#[test]
+fn a_receiver_reserves_from_its_cached_prefix_and_reports_what_it_caches() {
+    let mut e = engine(true);
+    e.record_kv_events();
+    let bs = e.block_size();
+    let first = text(0, 5 * bs + 3);
+    prefill(&mut e, 1, &first);
+    e.release(SeqId(1));
+    let events = e.drain_kv_events();
+    assert_eq!(
+        events.len(),
+        5,
+        "one stored event per full block: {events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|ev| matches!(ev, baton_core::KvEvent::Stored(_)))
+    );
+    assert!(e.drain_kv_events().is_empty(), "a drain takes them");
+
+    // A follow-up prompt: 5 blocks are cached; the table holds them and room for the rest.
+    let mut next = first.clone();
+    next.extend(text(3, 2 * bs));
+    let free = e.free_blocks();
+    let (table, cached) = e.reserve_cached_table(&next).expect("reserved");
+    assert_eq!(cached, 5 * bs);
+    assert_eq!(table.len(), next.len().div_ceil(bs));
+    // Idle cached blocks count as available; held, they are not, like the fresh ones.
+    assert_eq!(e.free_blocks(), free - table.len());
+    drop(table);
+    assert_eq!(e.free_blocks(), free);
+    assert_eq!(
+        e.reserve_cached_table(&next).expect("again").1,
+        5 * bs,
+        "dropping a reservation keeps its cached blocks cached"
+    );
+
+    // The whole prompt cached but its last token: the last block still moves.
+    let exact = first[..5 * bs].to_vec();
+    let (_, cached) = e.reserve_cached_table(&exact).expect("reserved");
+    assert_eq!(cached, 4 * bs, "never the last token's block");
+
+    // Off: nothing cached, nothing recorded.
+    let mut off = engine(false);
+    off.record_kv_events();
+    prefill(&mut off, 1, &first);
+    off.release(SeqId(1));
+    assert!(off.drain_kv_events().is_empty());
+    assert_eq!(off.reserve_cached_table(&next).expect("reserved").1, 0);
+}

@@ -507,7 +507,8 @@ impl Notice {
 
 /// The reader's request (pull shape): write the leased sequence `source_blocks` of the source's
 /// pool into `dest_blocks` of mine, for `tokens` tokens, layers `layers` and kv heads `heads`
-/// (the rectangle the transfer plan gives this pair of shards).
+/// (the rectangle the transfer plan gives this pair of shards), from block `first_block` on:
+/// the reader's prefix cache holds the blocks before it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadRequest {
     pub tokens: u32,
@@ -515,6 +516,7 @@ pub struct ReadRequest {
     pub heads: Range<u32>,
     pub source_blocks: Vec<BlockId>,
     pub dest_blocks: Vec<BlockId>,
+    pub first_block: u32,
 }
 
 impl ReadRequest {
@@ -525,6 +527,7 @@ impl ReadRequest {
         put_range(&mut out, &self.heads);
         put_blocks(&mut out, &self.source_blocks);
         put_blocks(&mut out, &self.dest_blocks);
+        out.extend_from_slice(&self.first_block.to_le_bytes());
         out
     }
 
@@ -536,6 +539,7 @@ impl ReadRequest {
             heads: r.range()?,
             source_blocks: r.blocks()?,
             dest_blocks: r.blocks()?,
+            first_block: r.u32()?,
         };
         r.end()?;
         Ok(req)
@@ -764,6 +768,7 @@ mod tests {
             heads: 1..3,
             source_blocks: vec![BlockId(4), BlockId(9), BlockId(1)],
             dest_blocks: vec![BlockId(0), BlockId(1), BlockId(2)],
+            first_block: 2,
         };
         assert_eq!(ReadRequest::decode(&read.encode()).expect("read"), read);
         let close = encode_close(CloseCode::Corrupt, "crc");
@@ -840,6 +845,7 @@ mod tests {
             heads: 0..1,
             source_blocks: vec![BlockId(1)],
             dest_blocks: vec![BlockId(2)],
+            first_block: 0,
         }
         .encode();
         for cut in 0..read.len() {

@@ -373,6 +373,7 @@ async fn pull_reads_a_pinned_source_and_tells_the_source_when_done(t: Transport)
                 heads: 0..2,
                 source_blocks: pb.clone(),
                 dest_blocks: db.clone(),
+                first_block: 0,
             },
         )
         .await
@@ -422,6 +423,7 @@ async fn a_read_of_what_is_not_offered_is_refused(t: Transport) {
                 heads: 0..2,
                 source_blocks: blocks(&[1]),
                 dest_blocks: blocks(&[0]),
+                first_block: 0,
             },
         )
         .await

@@ -210,6 +210,8 @@ pub struct LoopConfig {
     pub queue_capacity: usize,
     /// Prompts admitted into the prefill queue at once.
     pub max_pending: usize,
+    /// Where the engine's prefix-cache changes go after each turn, for load reports.
+    pub kv_log: baton_worker::KvLog,
     /// Longest lease a pull may ask for.
     pub max_lease_ttl: Duration,
 }
@@ -229,6 +231,7 @@ pub fn spawn(
         block_size: cfg.block_size,
     };
     let region = engine.kv_region();
+    engine.record_kv_events();
     let mut state = Loop {
         stopped: false,
         engine,
@@ -240,6 +243,7 @@ pub fn spawn(
         limits,
         max_pending: config.max_pending,
         max_lease_ttl: config.max_lease_ttl,
+        kv_log: config.kv_log,
         stats: LoopStats::default(),
         answers: Vec::new(),
         rt,
@@ -257,7 +261,8 @@ struct Active {
     reply: oneshot::Sender<Result<Prefilled>>,
     admitted: Instant,
     started: Option<Instant>,
-    /// Blocks below this have been sent (push): a recomputed chunk is not sent twice.
+    /// Blocks below this have been sent (push), or the decode worker held them already: a
+    /// recomputed chunk is not sent twice, and a cached one not at all.
     sent_blocks: u32,
 }
 
@@ -281,6 +286,7 @@ struct Loop {
     limits: Limits,
     max_pending: usize,
     max_lease_ttl: Duration,
+    kv_log: baton_worker::KvLog,
     stats: LoopStats,
     rt: Handle,
     /// Finished prompts' answers, held until the snapshot that shows their effect (a pinned
@@ -317,10 +323,10 @@ impl Loop {
             }
             self.tick(Instant::now());
             self.cancel_abandoned();
-            publish(&ends.published, self.snapshot());
+            self.publish(&ends.published);
             let stepped = !self.pending.is_empty() && self.step();
             if !self.answers.is_empty() {
-                publish(&ends.published, self.snapshot());
+                self.publish(&ends.published);
                 for (reply, answer) in self.answers.drain(..) {
                     let _ = reply.send(answer);
                 }
@@ -400,6 +406,13 @@ impl Loop {
             tracing::debug!(request = %a.job.request, handoff = %a.job.handoff, "caller gone; prefill cancelled");
             self.drop_job(a, Error::Cancelled);
         }
+    }
+
+    /// Ends a turn: the prefix cache's changes go to the KV log, then the snapshot out, so a
+    /// load report that sees the turn's blocks also sees its events.
+    fn publish(&self, published: &watch::Sender<Snapshot>) {
+        self.kv_log.record(self.engine.drain_kv_events());
+        publish(published, self.snapshot());
     }
 
     fn snapshot(&self) -> Snapshot {
@@ -574,13 +587,20 @@ impl Loop {
         if let Err(e) = self.engine.add_sequence(seq, job.prompt.clone()) {
             return refuse(reply, e.into());
         }
+        // The decode worker's cached prefix is never written: it holds those blocks already.
+        let sent_blocks = match &job.shape {
+            JobShape::Push { destination, .. } => {
+                destination.cached_tokens / self.limits.block_size as u32
+            }
+            JobShape::Pull { .. } => 0,
+        };
         self.pending.push(Active {
             seq,
             job,
             reply,
             admitted: Instant::now(),
             started: None,
-            sent_blocks: 0,
+            sent_blocks,
         });
     }
 
@@ -853,6 +873,7 @@ impl Loop {
                     pool: self.engine.pool_layout().clone(),
                     blocks,
                     tokens: tokens.len() as u32,
+                    cached_tokens: 0,
                 });
                 self.answers.push((a.reply, Ok(report)));
             }

@@ -92,6 +92,7 @@ pub async fn serve_with_metrics(
     };
     let max_context = engine.max_context();
     tracing::info!(%worker_id, %addr, kv = ?agent.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(), blocks = engine.total_blocks(), "prefill worker serving");
+    let kv_log = baton_worker::KvLog::default();
     let (handle, join) = engine_loop::spawn(
         engine,
         agent.clone(),
@@ -100,6 +101,7 @@ pub async fn serve_with_metrics(
             queue_capacity: config.max_pending * 2,
             max_pending: config.max_pending,
             max_lease_ttl: config.max_lease_ttl,
+            kv_log: kv_log.clone(),
         },
         tokio::runtime::Handle::current(),
     )
@@ -119,6 +121,7 @@ pub async fn serve_with_metrics(
         .map_err(|e| Error::Internal(format!("metrics endpoint: {e}")))?;
     let service = PrefillService {
         draining: draining.clone(),
+        kv_log,
         kv_counters,
         engine: handle.clone(),
         agent,
@@ -147,6 +150,8 @@ pub async fn serve_with_metrics(
 }
 
 pub struct PrefillService {
+    /// What the engine's prefix cache stored and evicted, for load reports.
+    kv_log: baton_worker::KvLog,
     /// Set when a drain starts: new prompts are refused from then on.
     draining: Arc<AtomicBool>,
     kv_counters: Arc<KvCounters>,
@@ -186,7 +191,7 @@ impl PrefillWorker for PrefillService {
         Ok(Response::new(self.info.clone()))
     }
 
-    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
         let (load, _) = self.engine.load()?;
         Ok(Response::new(LoadReport {
             running: load.pending,
@@ -195,6 +200,7 @@ impl PrefillWorker for PrefillService {
             total_blocks: load.total_blocks,
             leases: load.leases,
             draining: self.draining.load(Ordering::Relaxed),
+            kv_events: self.kv_log.answer(request.get_ref()),
         }))
     }
 

@@ -119,6 +119,58 @@ pub fn finish_from_proto(r: i32) -> Option<FinishReason> {
     }
 }
 
+/// A worker's KV events for the wire.
+pub fn kv_events_to_proto(e: &baton_core::KvEvents) -> v1::KvEvents {
+    use baton_core::KvEvent;
+    v1::KvEvents {
+        epoch: e.epoch,
+        reset: e.reset,
+        next: e.next,
+        events: e
+            .events
+            .iter()
+            .map(|ev| match ev {
+                KvEvent::Stored(h) => v1::KvEvent {
+                    block_hash: h.0.to_vec(),
+                    removed: false,
+                },
+                KvEvent::Removed(h) => v1::KvEvent {
+                    block_hash: h.0.to_vec(),
+                    removed: true,
+                },
+            })
+            .collect(),
+    }
+}
+
+/// A worker's KV events as it sent them; a block name that is not 16 bytes refuses the lot.
+pub fn kv_events_from_proto(e: &v1::KvEvents) -> Result<baton_core::KvEvents, ConvertError> {
+    use baton_core::{BlockHash, KvEvent};
+    let events = e
+        .events
+        .iter()
+        .map(|ev| {
+            let hash = <[u8; 16]>::try_from(ev.block_hash.as_slice())
+                .map(BlockHash)
+                .map_err(|_| ConvertError {
+                    field: "kv_events.block_hash",
+                    reason: format!("{} bytes, expected 16", ev.block_hash.len()),
+                })?;
+            Ok(if ev.removed {
+                KvEvent::Removed(hash)
+            } else {
+                KvEvent::Stored(hash)
+            })
+        })
+        .collect::<Result<_, ConvertError>>()?;
+    Ok(baton_core::KvEvents {
+        epoch: e.epoch,
+        reset: e.reset,
+        next: e.next,
+        events,
+    })
+}
+
 #[cfg(feature = "workers")]
 mod workers {
     use std::net::SocketAddr;
@@ -248,6 +300,7 @@ mod workers {
             pool_blocks: b.pool.num_blocks,
             block_ids: b.blocks.iter().map(|b| b.0).collect(),
             tokens: b.tokens,
+            cached_tokens: b.cached_tokens,
         }
     }
 
@@ -281,6 +334,7 @@ mod workers {
             },
             blocks: b.block_ids.iter().copied().map(BlockId).collect(),
             tokens: b.tokens,
+            cached_tokens: b.cached_tokens,
         })
     }
 

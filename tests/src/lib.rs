@@ -185,12 +185,12 @@ impl Workers {
     /// Free and total blocks of (prefill, decode), as the workers report now.
     pub async fn pools(&self) -> ((u32, u32), (u32, u32)) {
         let p = PrefillWorkerClient::new(channel(self.prefill))
-            .load(LoadRequest {})
+            .load(LoadRequest::default())
             .await
             .expect("prefill load")
             .into_inner();
         let d = DecodeWorkerClient::new(channel(self.decode))
-            .load(LoadRequest {})
+            .load(LoadRequest::default())
             .await
             .expect("decode load")
             .into_inner();
@@ -344,12 +344,21 @@ impl Drop for Coordinator {
     }
 }
 
-/// A raw HTTP/1.1 request; returns (status, body). Bodies are small JSON.
+/// A raw HTTP/1.1 POST; returns (status, body). Bodies are small JSON.
 pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
+    http_request(addr, "POST", path, body).await
+}
+
+/// A raw HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "").await
+}
+
+async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.expect("write");

@@ -96,6 +96,7 @@ async fn a_slow_reader_does_not_delay_another_prefill() {
         heads: 0..source.layout.as_ref().expect("layout").num_kv_heads,
         source_blocks: blocks.clone(),
         dest_blocks: blocks,
+        first_block: 0,
     };
     raw.write_all(&wire::frame(Kind::Read, HandoffId(1), &read.encode()).expect("frame"))
         .await
@@ -119,7 +120,7 @@ async fn a_slow_reader_does_not_delay_another_prefill() {
     let took = started.elapsed();
     // The stalled read still holds its source: nothing of it finished meanwhile.
     let load = prefill
-        .load(v1::LoadRequest {})
+        .load(v1::LoadRequest::default())
         .await
         .expect("load")
         .into_inner();

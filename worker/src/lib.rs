@@ -8,13 +8,17 @@
 //! - [`engine`]: the handle to a role's engine thread: a bounded command channel (full is
 //!   overload, said at once) and the snapshot the thread publishes after each turn, which load
 //!   reports, metrics and the drain read without waiting on a step.
+//! - [`kv_log`]: the log of what the worker's prefix cache stored and evicted, which its load
+//!   reports answer a reader's cursor from.
 //! - [`serve`]: the server around a role's gRPC service, its health and reflection, the metrics
 //!   endpoint, and the drain that SIGTERM starts.
 //!
 //! Invariants: only the engine thread touches the engine; a drained worker holds no block.
 
 pub mod engine;
+pub mod kv_log;
 pub mod serve;
 
 pub use engine::{Control, EngineHandle, Refused, Snapshot, sleep_until};
+pub use kv_log::KvLog;
 pub use serve::{Drain, ServeOptions, serve};

@@ -789,6 +789,12 @@ impl Core {
             ));
         }
         let needed = mine.blocks_for(req.tokens) as usize;
+        if req.first_block as usize >= needed {
+            return Err(format!(
+                "first block {} leaves nothing of {needed} blocks to read",
+                req.first_block
+            ));
+        }
         if req.dest_blocks.len() < needed
             || req
                 .dest_blocks
@@ -808,7 +814,7 @@ impl Core {
         blocks: &[baton_core::BlockId],
         stop: &AtomicBool,
     ) -> Result<u64> {
-        let blocks_range = 0..self.pool.layout.blocks_for(req.tokens);
+        let blocks_range = req.first_block..self.pool.layout.blocks_for(req.tokens);
         let src = SeqBlocks {
             pool: &self.pool,
             blocks,

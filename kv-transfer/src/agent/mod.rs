@@ -134,6 +134,9 @@ pub struct BlockDescriptor {
     pub pool: PoolLayout,
     pub blocks: Vec<BlockId>,
     pub tokens: u32,
+    /// The first tokens (whole blocks) whose KV the blocks already hold: a receiver's cached
+    /// prefix, which a writer skips. 0 for a source.
+    pub cached_tokens: u32,
 }
 
 impl BlockDescriptor {
@@ -152,6 +155,16 @@ impl BlockDescriptor {
                     "{} blocks for {} tokens, expected {tokens} tokens in at least {needed}",
                     self.blocks.len(),
                     self.tokens
+                ),
+            });
+        }
+        let bs = self.pool.layout.block_size.max(1);
+        if !self.cached_tokens.is_multiple_of(bs) || (tokens > 0 && self.cached_tokens >= tokens) {
+            return Err(Error::InvalidConfig {
+                field: "cached_tokens",
+                reason: format!(
+                    "{} is not a whole number of {bs}-token blocks below the {tokens} tokens",
+                    self.cached_tokens
                 ),
             });
         }
