@@ -10,7 +10,8 @@
 # warm: each server first serves 16 unmeasured requests of a 1024-token shared prompt (4 at a
 # time), whose first 512 tokens are the chat's system prompt (the generator draws both from the
 # same seed), so llama-server's slots and baton's pools hold it; only llama-server, baton 1 + 1
-# and baton 2 + 2 with KV-aware routing run then.
+# (decode workers at `up`'s default nice 10, and at 0) and baton 2 + 2 with KV-aware routing
+# run then.
 #
 # Workload (as in compare-llama-cpp.sh's chat): 8 conversations arriving at 0.5/s (Poisson),
 # 4 turns each; every turn's prompt = a 512-token system prompt + the conversation so far (the
@@ -28,32 +29,9 @@ set -euo pipefail
 out=${1:?usage: $0 OUT_DIR [cold|warm]}
 mode=${2:-cold}
 [[ $mode == cold || $mode == warm ]] || { echo "mode must be cold or warm" >&2; exit 2; }
-root=$(cd "$(dirname "$0")/.." && pwd)
-baton=${BATON:-$root/target/release/baton}
-model=$("$root/scripts/fetch-model.sh")
-llama_server=${LLAMA_SERVER:-$("$root/scripts/build-llama-cpp.sh")/llama-server}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+# shellcheck source=benches/peer-common.sh
+. "$(dirname "$0")/peer-common.sh"
 logs=${TMPDIR:-/tmp}
-
-llama_port=18091
-http_port=18081
-grpc_port=18052
-children=()
-cleanup() {
-  for pid in "${children[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-wait_http() { # base-url path: until the path answers 200
-  for _ in $(seq 1 600); do
-    curl -sf "$1$2" >/dev/null && return 0
-    sleep 0.2
-  done
-  echo "no answer from $1" >&2
-  return 1
-}
 
 warmup() { # name endpoint: in warm mode, the unmeasured shared-prompt requests
   [[ $mode == warm ]] || return 0
@@ -79,13 +57,7 @@ sum_metric() { # metric urls...: the sum of an unlabelled counter over the pages
   echo "$total"
 }
 
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
-  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "llama-server: $llama_server ($("$llama_server" --version 2>&1 | grep -m1 version || true)), -t 2 -tb 2 -c 16384 -np 8"
-  "$baton" --version
-} | tee "$out/machine.txt"
+machine_info | tee "$out/machine.txt"
 
 "$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --host 127.0.0.1 --port $llama_port \
   >"$logs/llama-server.log" 2>&1 &
@@ -128,6 +100,8 @@ if [[ $mode == cold ]]; then
 fi
 run_baton baton-2p2d-kv --prefill 2 --decode 2 --set coordinator.routing=kv
 run_baton baton-1p1d-kv --prefill 1 --decode 1 --set coordinator.routing=kv
+# `up` runs decode workers at nice 10 next to prefill workers; this is the same without.
+run_baton baton-1p1d-kv-nice0 --prefill 1 --decode 1 --set coordinator.routing=kv --decode-nice 0
 
 python3 - "$out" <<'PY' | tee "$out/summary.md"
 import json, pathlib, sys

@@ -26,31 +26,8 @@ set -euo pipefail
 
 out=${1:?usage: $0 OUT_DIR [NUM_REQUESTS]}
 n=${2:-16}
-root=$(cd "$(dirname "$0")/.." && pwd)
-baton=${BATON:-$root/target/release/baton}
-model=$("$root/scripts/fetch-model.sh")
-llama_server=${LLAMA_SERVER:-$("$root/scripts/build-llama-cpp.sh")/llama-server}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-
-llama_port=18091
-http_port=18081
-grpc_port=18052
-children=()
-cleanup() {
-  for pid in "${children[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-
-wait_http() { # base-url path: until the path answers 200
-  for _ in $(seq 1 600); do
-    curl -sf "$1$2" >/dev/null && return 0
-    sleep 0.2
-  done
-  echo "no answer from $1" >&2
-  return 1
-}
+# shellcheck source=benches/peer-common.sh
+. "$(dirname "$0")/peer-common.sh"
 
 workload() { # name endpoint workload extra-args...
   local name=$1 endpoint=$2 kind=$3
@@ -72,13 +49,7 @@ workload() { # name endpoint workload extra-args...
   done
 }
 
-{
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
-  echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "llama-server: $llama_server ($("$llama_server" --version 2>&1 | grep -m1 version || true))"
-  "$baton" --version
-} | tee "$out/machine.txt"
+machine_info | tee "$out/machine.txt"
 
 "$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --host 127.0.0.1 --port $llama_port \
   >"${TMPDIR:-/tmp}/llama-server.log" 2>&1 &

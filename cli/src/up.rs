@@ -72,6 +72,12 @@ pub struct UpArgs {
     /// Pin every decode (or colocated) worker to these CPUs. Default: unpinned.
     #[arg(long, value_delimiter = ',', value_parser = cpu_number)]
     decode_cpus: Vec<usize>,
+    /// CPU priority of the decode workers below the prefill workers', as a nice value (0 to 19;
+    /// decode.nice): on one host they share the cores, and giving prefill the cores first keeps
+    /// time to first token low while streams decode. Default 10 with prefill workers, 0 with
+    /// --colocated or --prefill 0.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
+    decode_nice: Option<u8>,
     #[command(flatten)]
     config: ConfigArgs,
     #[command(flatten)]
@@ -102,9 +108,11 @@ impl UpArgs {
                 given("--handoff", &self.handoff),
                 given("--transport", &self.transport),
             ],
-            RoleName::Prefill | RoleName::Decode => {
-                vec![given("--kv-cache-mib", &self.kv_cache_mib)]
-            }
+            RoleName::Prefill => vec![given("--kv-cache-mib", &self.kv_cache_mib)],
+            RoleName::Decode => vec![
+                given("--kv-cache-mib", &self.kv_cache_mib),
+                Some(("--set", format!("decode.nice={}", self.decode_nice()))),
+            ],
         };
         flags.extend(own.into_iter().flatten());
         flags.extend(given("--log-format", &self.telemetry.log_format));
@@ -135,6 +143,11 @@ impl UpArgs {
             );
             flags.named(&format!("{role}.listen"), "--listen", Some("127.0.0.1:0"));
         }
+        flags.named(
+            "decode.nice",
+            "--decode-nice",
+            Some(self.decode_nice().to_string()).as_ref(),
+        );
         // Filled in with the workers' real addresses once they listen.
         flags.list(
             "coordinator.decode_workers",
@@ -335,6 +348,13 @@ pub fn spawn_exe(
 }
 
 impl UpArgs {
+    /// The decode workers' nice value: lower than the prefill workers' when there are any.
+    fn decode_nice(&self) -> u8 {
+        let with_prefill = !self.colocated && self.prefill.unwrap_or(1) > 0;
+        self.decode_nice
+            .unwrap_or(if with_prefill { 10 } else { 0 })
+    }
+
     /// Prefill workers to start: none when colocated.
     fn prefill_workers(&self) -> anyhow::Result<usize> {
         match (self.colocated, self.prefill) {

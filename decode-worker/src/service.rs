@@ -66,6 +66,19 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    if config.nice > 0 {
+        // Before the model loads, so its thread pools inherit the priority too.
+        match baton_worker::priority::lower_priority(config.nice) {
+            Ok(threads) => tracing::info!(
+                nice = config.nice,
+                threads,
+                "running below default cpu priority"
+            ),
+            Err(e) => {
+                tracing::warn!(nice = config.nice, error = %e, "could not lower cpu priority; running at the default")
+            }
+        }
+    }
     let worker_id = crate::config::worker_id(config.worker_id.as_deref())?;
     let addr = listener
         .local_addr()

@@ -10,6 +10,7 @@
 //!   reports, metrics and the drain read without waiting on a step.
 //! - [`kv_log`]: the log of what the worker's prefix cache stored and evicted, which its load
 //!   reports answer a reader's cursor from.
+//! - [`priority`]: lowering a worker's CPU priority on a host it shares with other roles.
 //! - [`serve`]: the server around a role's gRPC service, its health and reflection, the metrics
 //!   endpoint, and the drain that SIGTERM starts.
 //!
@@ -17,6 +18,7 @@
 
 pub mod engine;
 pub mod kv_log;
+pub mod priority;
 pub mod serve;
 
 pub use engine::{Control, EngineHandle, Refused, Snapshot, sleep_until};
