@@ -75,6 +75,8 @@ run_baton() { # name up-args...
     >"$logs/$name-up.log" 2>&1 &
   children+=($!)
   wait_http "http://127.0.0.1:$http_port" /ready
+  # The workers' metrics addresses are printed after readiness, the banner's last line last.
+  for _ in $(seq 1 300); do grep -q "Ctrl-C stops the cluster" "$logs/$name-up.log" && break; sleep 0.1; done
   warmup "$name" "http://127.0.0.1:$http_port"
   local coordinator="http://127.0.0.1:$http_port/metrics"
   mapfile -t prefill < <(awk '/prefill-[0-9]+ +metrics/ {print $3}' "$logs/$name-up.log")
@@ -123,3 +125,4 @@ for f in sorted(out.glob("*/results.json")):
           f"{s['output_throughput']:.1f} | {goodput} | {c.get('prefill_tokens_computed', '-')} | "
           f"{mib('kv_bytes_moved')} | {mib('kv_bytes_cached')} |")
 PY
+python3 "$root/benches/ttft-cdf.py" "$out" "chat, $mode"
