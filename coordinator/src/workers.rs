@@ -285,7 +285,7 @@ impl Worker {
             }?
             .into_inner();
             self.set_draining(load.draining);
-            self.apply_kv_events(load.kv_events.take());
+            self.apply_kv_events(load.kv_events.take(), load.total_blocks);
             *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
             Ok::<_, tonic::Status>(())
         }
@@ -317,11 +317,19 @@ impl Worker {
 impl Worker {
     /// Applies a load report's KV events; events this coordinator cannot read (a block name
     /// of the wrong size) drop what it knew, so the next poll asks for the whole set.
-    fn apply_kv_events(&self, events: Option<v1::KvEvents>) {
+    /// A worker cannot cache more blocks than its pool holds (`total_blocks`): an index that
+    /// grows past that is dropped too, so a confused worker cannot grow this process's memory.
+    fn apply_kv_events(&self, events: Option<v1::KvEvents>, total_blocks: u32) {
         let Some(events) = events else { return };
         let mut index = self.kv_index.lock().unwrap_or_else(|p| p.into_inner());
         match baton_proto::convert::kv_events_from_proto(&events) {
-            Ok(events) => index.apply(&events),
+            Ok(events) => {
+                index.apply(&events);
+                if index.len() > total_blocks as usize {
+                    tracing::warn!(worker = %self.address, cached = index.len(), total_blocks, "kv events name more blocks than the worker's pool holds; ignoring its cache until it reports again");
+                    index.clear();
+                }
+            }
             Err(e) => {
                 tracing::warn!(worker = %self.address, error = %e, "unreadable kv events; asking for the whole set");
                 index.clear();
