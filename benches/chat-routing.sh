@@ -48,13 +48,9 @@ chat() { # name endpoint
 }
 
 sum_metric() { # metric urls...: the sum of an unlabelled counter over the pages
-  local metric=$1 total=0 v
+  local metric=$1
   shift
-  for url in "$@"; do
-    v=$(curl -sf "$url" | awk -v m="$metric" '$1 == m {print $2}')
-    total=$(python3 -c "print(int(float('${v:-0}')) + $total)")
-  done
-  echo "$total"
+  for url in "$@"; do curl -sf "$url"; done | awk -v m="$metric" '$1 == m {t += $2} END {printf "%.0f\n", t}'
 }
 
 machine_info | tee "$out/machine.txt"

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_core::{BlockHash, Fingerprint, KvIndex, block_hashes};
+use baton_core::{BlockHash, Fingerprint, KvIndex, block_hashes, reusable_blocks};
 use baton_proto::v1::{
     self, ConnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_worker_client::DecodeWorkerClient, prefill_worker_client::PrefillWorkerClient,
@@ -210,19 +210,16 @@ impl Worker {
     /// last reported caching; 0 before it said who it is. `names` memoizes the prompt's block
     /// names per (fingerprint, block size), so workers of one model share the work.
     pub fn cached_prefix(&self, prompt: &[u32], names: &mut PromptNames) -> (u32, u32) {
-        let Some(info) = self.info() else {
+        // Read in place: this runs for every worker on every request.
+        let naming = self.info.lock().ok().and_then(|info| {
+            let info = info.as_ref()?;
+            let fp = <[u8; 32]>::try_from(info.layout.as_ref()?.fingerprint.as_slice()).ok()?;
+            Some((Fingerprint(fp), info.block_size as usize))
+        });
+        let Some((fingerprint, bs)) = naming.filter(|(_, bs)| *bs > 0) else {
             return (0, 0);
         };
-        let (Some(layout), bs) = (info.layout.as_ref(), info.block_size as usize) else {
-            return (0, 0);
-        };
-        let Ok(fp) = <[u8; 32]>::try_from(layout.fingerprint.as_slice()) else {
-            return (0, 0);
-        };
-        if bs == 0 || prompt.is_empty() {
-            return (0, 0);
-        }
-        let hashes = names.get(Fingerprint(fp), bs, prompt);
+        let hashes = names.get(fingerprint, bs, prompt);
         let blocks = self
             .kv_index
             .lock()
@@ -348,7 +345,7 @@ impl PromptNames {
     /// can reuse (it always computes the last token to sample from it).
     fn get(&mut self, fingerprint: Fingerprint, block_size: usize, prompt: &[u32]) -> &[BlockHash] {
         self.0.entry((fingerprint, block_size)).or_insert_with(|| {
-            let usable = (prompt.len() - 1) / block_size * block_size;
+            let usable = reusable_blocks(prompt.len(), block_size) * block_size;
             block_hashes(&fingerprint, block_size, &prompt[..usable])
         })
     }

@@ -24,4 +24,4 @@ pub use class::ErrorClass;
 pub use ids::{HandoffId, RequestId, WorkerId};
 pub use kv_events::{KvEvent, KvEventLog, KvEvents, KvIndex};
 pub use layout::{BlockId, Fingerprint, KvChunk, KvDType, LayoutDescriptor, LayoutMismatch};
-pub use prefix::{BlockHash, block_hashes, extend_block_hashes};
+pub use prefix::{BlockHash, block_hashes, extend_block_hashes, reusable_blocks};

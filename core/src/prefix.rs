@@ -85,6 +85,16 @@ pub fn extend_block_hashes(
     }
 }
 
+/// Whole blocks of a `tokens`-token prompt a prefix cache may supply: every full block before
+/// the one holding the last token, which is always computed (its logits sample the next token)
+/// and so always moved in a handoff. The engine and the coordinator's placement share this rule.
+pub fn reusable_blocks(tokens: usize, block_size: usize) -> usize {
+    if block_size == 0 {
+        return 0;
+    }
+    tokens.saturating_sub(1) / block_size
+}
+
 /// Names of every full block of `tokens`.
 pub fn block_hashes(
     fingerprint: &Fingerprint,
@@ -112,6 +122,15 @@ mod tests {
         let c = block_hashes(&FP, 4, &[0, 2, 3, 4, 5, 6, 7, 8]);
         assert_ne!(a[0], c[0]);
         assert_ne!(a[1], c[1]);
+    }
+
+    #[test]
+    fn the_last_tokens_block_is_never_reusable() {
+        assert_eq!(reusable_blocks(0, 16), 0);
+        assert_eq!(reusable_blocks(16, 16), 0);
+        assert_eq!(reusable_blocks(17, 16), 1);
+        assert_eq!(reusable_blocks(300, 16), 18);
+        assert_eq!(reusable_blocks(300, 0), 0);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::kv::{
 use crate::model::{Model, SeqInput};
 use crate::weights::{self, Phase};
 use crate::{Error, Result, SeqId};
-use baton_core::{KvEvent, block_hashes, extend_block_hashes};
+use baton_core::{KvEvent, block_hashes, extend_block_hashes, reusable_blocks};
 
 /// A sequence's tokens and the KV computed for them so far.
 #[derive(Debug)]
@@ -294,7 +294,7 @@ impl Engine {
         if !enabled || seq.computed > 0 || !seq.table.is_empty() || seq.importing.is_some() {
             return Ok(0);
         }
-        let usable = (seq.tokens.len() - 1) / bs;
+        let usable = reusable_blocks(seq.tokens.len(), bs);
         extend_block_hashes(&fingerprint, bs, &seq.tokens[..usable * bs], &mut seq.names);
         let found = seq
             .table
@@ -653,8 +653,8 @@ impl Engine {
         let bs = self.cache.block_size();
         let mut table = self.cache.allocator().new_table();
         let mut cached = 0;
-        if self.config.prefix_cache && !tokens.is_empty() {
-            let usable = (tokens.len() - 1) / bs;
+        if self.config.prefix_cache {
+            let usable = reusable_blocks(tokens.len(), bs);
             let names = block_hashes(&self.descriptor.fingerprint, bs, &tokens[..usable * bs]);
             let reuse = self.config.prefix_reuse;
             cached = table.attach_cached(&names, |s| reuse.accepts(s)) * bs;
