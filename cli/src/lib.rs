@@ -4,6 +4,7 @@
 //!
 //! - [`up`]: a local cluster of role processes (`baton up`), and the spawning code behind it.
 //! - [`roles`]: `baton coordinator | prefill | decode`, each from its layered config ([`config`]).
+//! - [`status`]: `baton status`, the pool as a coordinator sees it.
 //! - [`generate`]: a client of the cluster, or the engine in this process (`--local`).
 //! - [`bench_serve`]: `baton bench serve`, the load generator's flags over `baton-bench`.
 //! - [`kv_demo`]: `baton kv-demo`, one prompt's KV moved between two processes.
@@ -15,4 +16,5 @@ pub mod generate;
 pub mod kv_demo;
 pub mod model_path;
 pub mod roles;
+pub mod status;
 pub mod up;

@@ -174,6 +174,80 @@ impl WorkerArgs {
     }
 }
 
+/// How workers are found (`[<role>.discovery]`), for every role.
+#[derive(clap::Args, Clone)]
+pub struct DiscoveryArgs {
+    /// static | mdns | etcd: how coordinators find workers (discovery.backend; default
+    /// static). mdns and etcd need --cluster-key-file.
+    #[arg(long)]
+    pub discovery: Option<String>,
+    /// The cluster's name; adverts of other clusters are ignored (discovery.cluster; default
+    /// baton).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// File holding the cluster key that signs every advert, at least 16 bytes
+    /// (discovery.cluster_key_file).
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// An etcd client URL; repeat for several (discovery.etcd.endpoints; default
+    /// http://127.0.0.1:2379).
+    #[arg(long = "etcd-endpoint")]
+    pub etcd_endpoints: Vec<String>,
+    /// Workers: the address other machines reach this worker at (discovery.advertise_host).
+    #[arg(long)]
+    pub advertise_host: Option<String>,
+}
+
+impl DiscoveryArgs {
+    /// Whether a backend other than `static` was asked for on the command line.
+    pub fn dynamic(&self) -> bool {
+        self.discovery.as_deref().is_some_and(|d| d != "static")
+    }
+
+    /// The flags as given, to pass on to a child process.
+    pub fn as_flags(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let mut one = |flag, v: Option<String>| {
+            if let Some(v) = v {
+                out.push((flag, v));
+            }
+        };
+        one("--discovery", self.discovery.clone());
+        one("--cluster", self.cluster.clone());
+        one(
+            "--cluster-key-file",
+            self.cluster_key_file
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        );
+        for e in &self.etcd_endpoints {
+            out.push(("--etcd-endpoint", e.clone()));
+        }
+        out
+    }
+
+    pub(crate) fn flags(&self, role: &str, f: &mut Flags) {
+        let key = |k: &str| format!("{role}.discovery.{k}");
+        f.named(&key("backend"), "--discovery", self.discovery.as_ref());
+        f.named(&key("cluster"), "--cluster", self.cluster.as_ref());
+        f.named(
+            &key("cluster_key_file"),
+            "--cluster-key-file",
+            self.cluster_key_file.as_ref().map(|p| p.display()),
+        );
+        f.list(
+            &key("etcd.endpoints"),
+            "--etcd-endpoint",
+            &self.etcd_endpoints,
+        );
+        f.named(
+            &key("advertise_host"),
+            "--advertise-host",
+            self.advertise_host.as_ref(),
+        );
+    }
+}
+
 /// Installs this process's logs and span export.
 fn telemetry(
     config: &baton_telemetry::TelemetryConfig,
@@ -189,6 +263,8 @@ fn telemetry(
 
 #[derive(clap::Args)]
 pub struct PrefillArgs {
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -215,6 +291,7 @@ impl PrefillArgs {
             self.engine.flags("prefill", f);
             self.worker.flags("prefill", f);
             self.telemetry.flags("prefill", f);
+            self.discovery.flags("prefill", f);
             f.named("prefill.listen", "--listen", self.listen.as_ref());
             f.named("prefill.worker_id", "--worker-id", self.worker_id.as_ref());
         })
@@ -223,6 +300,8 @@ impl PrefillArgs {
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -253,6 +332,7 @@ impl DecodeArgs {
             self.engine.flags("decode", f);
             self.worker.flags("decode", f);
             self.telemetry.flags("decode", f);
+            self.discovery.flags("decode", f);
             f.named("decode.listen", "--listen", self.listen.as_ref());
             f.named(
                 "decode.kv_failure_policy",
@@ -266,6 +346,8 @@ impl DecodeArgs {
 
 #[derive(clap::Args)]
 pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub discovery: DiscoveryArgs,
     #[command(flatten)]
     pub telemetry: TelemetryArgs,
     /// The model whose tokenizer and chat template requests use; no weights are loaded
@@ -317,6 +399,7 @@ impl CoordinatorArgs {
     fn sources(&self) -> anyhow::Result<Sources> {
         self.config.sources(Some(RoleName::Coordinator), |f| {
             self.telemetry.flags("coordinator", f);
+            self.discovery.flags("coordinator", f);
             f.named(
                 "coordinator.model",
                 "--model",

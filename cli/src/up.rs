@@ -82,6 +82,11 @@ pub struct UpArgs {
     config: ConfigArgs,
     #[command(flatten)]
     telemetry: crate::roles::TelemetryArgs,
+    /// With --discovery mdns (or etcd) the workers announce themselves and listen on every
+    /// interface, the coordinator finds them (and workers other machines start with the same
+    /// cluster key) instead of being handed their addresses.
+    #[command(flatten)]
+    discovery: crate::roles::DiscoveryArgs,
 }
 
 impl UpArgs {
@@ -115,6 +120,7 @@ impl UpArgs {
             ],
         };
         flags.extend(own.into_iter().flatten());
+        flags.extend(self.discovery.as_flags());
         flags.extend(given("--log-format", &self.telemetry.log_format));
         flags.extend(given("--otlp-endpoint", &self.telemetry.otlp_endpoint));
         flags
@@ -148,12 +154,18 @@ impl UpArgs {
             "--decode-nice",
             Some(self.decode_nice().to_string()).as_ref(),
         );
-        // Filled in with the workers' real addresses once they listen.
-        flags.list(
-            "coordinator.decode_workers",
-            "--decode-worker",
-            &["127.0.0.1:0".to_string()],
-        );
+        for role in ["coordinator", "prefill", "decode"] {
+            self.discovery.flags(role, flags);
+        }
+        // Filled in with the workers' real addresses once they listen (discovery finds them
+        // otherwise).
+        if !self.discovery.dynamic() {
+            flags.list(
+                "coordinator.decode_workers",
+                "--decode-worker",
+                &["127.0.0.1:0".to_string()],
+            );
+        }
     }
 }
 
@@ -454,9 +466,16 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         for (flag, value) in args.child_flags(role) {
             role_args.extend([flag.into(), value]);
         }
+        // Announced workers are for the LAN: every interface, KV included.
+        let any = if args.discovery.dynamic() {
+            role_args.extend(["--kv-listen".into(), "0.0.0.0:0".into()]);
+            "0.0.0.0:0"
+        } else {
+            "127.0.0.1:0"
+        };
         role_args.extend([
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            any.into(),
             "--worker-id".into(),
             name.clone(),
             "--metrics-listen".into(),
@@ -493,11 +512,13 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     for (flag, value) in args.child_flags(RoleName::Coordinator) {
         coord_args.extend([flag.into(), value]);
     }
-    for a in &prefill_addrs {
-        coord_args.extend(["--prefill-worker".into(), a.to_string()]);
-    }
-    for a in &decode_addrs {
-        coord_args.extend(["--decode-worker".into(), a.to_string()]);
+    if !args.discovery.dynamic() {
+        for a in &prefill_addrs {
+            coord_args.extend(["--prefill-worker".into(), a.to_string()]);
+        }
+        for a in &decode_addrs {
+            coord_args.extend(["--decode-worker".into(), a.to_string()]);
+        }
     }
     let (child, addrs) = spawn("coordinator", &coord_args, 2)?;
     children.procs.push(("coordinator".into(), child));

@@ -77,10 +77,17 @@ pub struct CoordinatorConfig {
     /// "127.0.0.1:8080".
     pub http_listen: SocketAddr,
     /// gRPC addresses (host:port) of prefill workers. Default: none (every request runs
-    /// aggregated on a decode worker).
+    /// aggregated on a decode worker, unless discovery finds prefill workers).
     pub prefill_workers: Vec<String>,
-    /// gRPC addresses (host:port) of decode workers; at least one. Default: none.
+    /// gRPC addresses (host:port) of decode workers; at least one under `static` discovery.
+    /// Default: none.
     pub decode_workers: Vec<String>,
+    /// How workers beyond the two lists are found (`[coordinator.discovery]`): `static` (the
+    /// lists only), `mdns` (workers on the LAN announce themselves) or `etcd`.
+    pub discovery: baton_discovery::DiscoveryConfig,
+    /// The model every worker must serve, as its 64-hex-digit fingerprint (`baton status`
+    /// and `/v1/models` show it). Default: unset, the first worker admitted sets it.
+    pub model_fingerprint: Option<String>,
     /// How a disaggregated request's KV moves: `push` (the prefill worker writes each layer
     /// into blocks the decode worker reserved) or `pull` (the decode worker reads blocks the
     /// prefill worker keeps under a lease). Default `push`.
@@ -118,6 +125,27 @@ pub struct CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
+    /// The configured model fingerprint, read.
+    pub fn model_fingerprint(&self) -> Result<Option<baton_core::Fingerprint>> {
+        let Some(hex) = &self.model_fingerprint else {
+            return Ok(None);
+        };
+        let bytes: Option<Vec<u8>> = (hex.len() == 64 && hex.is_ascii())
+            .then(|| {
+                (0..32)
+                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                    .collect()
+            })
+            .flatten();
+        match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+            Some(b) => Ok(Some(baton_core::Fingerprint(b))),
+            None => Err(Error::InvalidConfig {
+                field: "model_fingerprint",
+                reason: format!("{hex:?} is not 64 hex digits"),
+            }),
+        }
+    }
+
     pub fn new(model: impl Into<PathBuf>) -> Self {
         Self {
             model: model.into(),
@@ -126,6 +154,8 @@ impl CoordinatorConfig {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             prefill_workers: Vec::new(),
             decode_workers: Vec::new(),
+            discovery: baton_discovery::DiscoveryConfig::default(),
+            model_fingerprint: None,
             handoff: HandoffShape::Push,
             transport: TransportChoice::Auto,
             routing: Routing::Kv,
@@ -150,9 +180,21 @@ impl CoordinatorConfig {
                 reason: reason.into(),
             })
         };
-        if self.decode_workers.is_empty() {
-            return bad("decode_workers", "at least one decode worker is required");
+        if self.decode_workers.is_empty()
+            && self.discovery.backend == baton_discovery::BackendKind::Static
+        {
+            return bad(
+                "decode_workers",
+                "at least one decode worker is required (or a discovery backend that finds them)",
+            );
         }
+        if let Err(e) = self.discovery.validate() {
+            return match e {
+                baton_discovery::Error::InvalidConfig { field, reason } => bad(field, &reason),
+                other => bad("discovery", &other.to_string()),
+            };
+        }
+        self.model_fingerprint()?;
         if self.max_inflight == 0 {
             return bad("max_inflight", "must be positive");
         }

@@ -321,11 +321,11 @@ async fn start(
 ) -> Result<Started> {
     let registry = &inner.registry;
     let routing = inner.config.routing;
-    let (mode, prefill_choice, decode_idx, decode_cached) =
+    let (mode, prefill_choice, decode, decode_cached) =
         tracing::info_span!("place").in_scope(|| {
             let mut names = PromptNames::default();
             let prompt_tokens = prompt.len() as u32;
-            let prefills = registry.prefill_candidates(prompt, &mut names);
+            let (prefill_workers, prefills) = registry.prefill_candidates(prompt, &mut names);
             let prefill_idx = placement::choose_prefill(&prefills, prompt_tokens, routing);
             let mode = placement::decide(
                 pd_mode,
@@ -335,19 +335,19 @@ async fn start(
             )
             .map_err(|_| Error::NoWorker { role: "prefill" })?;
             let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
-            let decodes = registry.decode_candidates(needed, prompt, &mut names);
+            let (decode_workers, decodes) = registry.decode_candidates(needed, prompt, &mut names);
             let decode_idx = placement::choose_decode(&decodes, routing)
                 .ok_or(Error::NoWorker { role: "decode" })?;
-            let prefill_choice = prefill_idx.map(|i| (i, prefills[i].cached_tokens));
+            let prefill_choice =
+                prefill_idx.map(|i| (prefill_workers[i].clone(), prefills[i].cached_tokens));
             Ok::<_, Error>((
                 mode,
                 prefill_choice,
-                decode_idx,
+                decode_workers[decode_idx].clone(),
                 decodes[decode_idx].cached_tokens,
             ))
         })?;
     tracing::Span::current().record("mode", mode.as_str());
-    let decode = registry.decode[decode_idx].clone();
     let expected = Placement {
         routing: Some(routing.as_str()),
         expected_decode_cached_tokens: decode_cached,
@@ -358,8 +358,7 @@ async fn start(
     // handoff then samples the first token the prefill worker sampled.
     sampling.seed.get_or_insert_with(rand::random::<u64>);
     match (mode, prefill_choice) {
-        (Mode::Disaggregated, Some((pi, prefill_cached))) => {
-            let prefill = registry.prefill[pi].clone();
+        (Mode::Disaggregated, Some((prefill, prefill_cached))) => {
             let expected = Placement {
                 expected_cached_tokens: prefill_cached,
                 ..expected
@@ -507,7 +506,7 @@ async fn disaggregated(
                 Ok(Some(DecodeResponse {
                     reserved: Some(blocks),
                     ..
-                })) => blocks,
+                })) => crate::workers::reachable_blocks(blocks, &decode.address),
                 Ok(_) => {
                     return Err(Error::Worker {
                         worker: decode.id().0,
@@ -599,7 +598,9 @@ async fn disaggregated(
                             sampling: Some(sampling),
                             source: Some(v1::decode_request::Source::Pull(v1::PullSource {
                                 handoff_id: handoff,
-                                source: prefilled.source,
+                                source: prefilled
+                                    .source
+                                    .map(|s| crate::workers::reachable_blocks(s, &prefill.address)),
                                 prompt_token_ids: prompt.to_vec(),
                                 transport: transport as i32,
                                 ttl_ms,

@@ -251,8 +251,9 @@ impl Inference for InferenceService {
         let fingerprint = self
             .inner
             .registry
-            .decode
+            .decode()
             .iter()
+            .filter(|w| w.refusal().is_none())
             .find_map(|w| w.info().and_then(|i| i.layout).map(|l| l.fingerprint))
             .unwrap_or_default();
         Ok(Response::new(ModelsResponse {
@@ -270,11 +271,15 @@ impl Inference for InferenceService {
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
         let registry = &self.inner.registry;
+        let leave_after = registry.leave_after();
         let workers = registry
-            .prefill
+            .all()
             .iter()
-            .chain(&registry.decode)
             .map(|w| v1::WorkerStatus {
+                state: crate::workers::state(w, leave_after).into(),
+                discovered_via: w.source.as_str().into(),
+                refusal: w.refusal().unwrap_or_default(),
+                host_id: w.host_id(),
                 worker_id: w.id().0,
                 role: match w.role {
                     crate::workers::WorkerRole::Prefill => v1::WorkerRole::Prefill,

@@ -31,6 +31,20 @@ struct WorkerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    /// prefill | decode
+    role: &'static str,
+    /// routable | unhealthy | draining | refused | silent
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    /// unsigned | bad_signature | foreign_cluster | replayed | from_the_future | malformed
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoutingLabels {
     /// kv | load
     routing: &'static str,
@@ -39,7 +53,8 @@ struct RoutingLabels {
 }
 
 pub struct Metrics {
-    registry: Registry,
+    /// Behind a lock only for [`Metrics::register_events`], at start.
+    registry: std::sync::Mutex<Registry>,
     /// `process_*` (memory, CPU), read on each scrape.
     process: Registry,
     requests: Family<Outcome, Counter>,
@@ -55,6 +70,8 @@ pub struct Metrics {
     placements: Family<RoutingLabels, Counter>,
     expected_cached: Family<RoutingLabels, Counter>,
     worker_cached_blocks: Family<WorkerLabels, Gauge>,
+    workers: Family<StateLabels, Gauge>,
+    adverts_refused: Family<RefusalLabels, Counter>,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -149,8 +166,32 @@ impl Metrics {
             "KV blocks each worker's prefix cache holds, from its KV events",
             worker_cached_blocks.clone(),
         );
+        let workers = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "workers",
+            "Workers the coordinator knows, by role and state (routable, unhealthy, draining, refused, silent)",
+            workers.clone(),
+        );
+        let adverts_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "discovery_adverts_refused",
+            "Worker adverts ignored: unsigned, wrongly signed, of another cluster, replayed, from the future or malformed",
+            adverts_refused.clone(),
+        );
+        for reason in [
+            "unsigned",
+            "bad_signature",
+            "foreign_cluster",
+            "replayed",
+            "from_the_future",
+            "malformed",
+        ] {
+            let _ = adverts_refused.get_or_create(&RefusalLabels { reason });
+        }
         Self {
-            registry,
+            workers,
+            adverts_refused,
+            registry: std::sync::Mutex::new(registry),
             process: baton_telemetry::ProcessCollector::registry(),
             requests,
             running,
@@ -190,6 +231,81 @@ impl Metrics {
 
     pub fn kv_cached(&self, bytes: u64) {
         self.kv_cached_bytes.inc_by(bytes);
+    }
+
+    /// Counts the known workers by role and state, and forgets the series of workers that
+    /// left.
+    pub fn set_workers(
+        &self,
+        workers: &[std::sync::Arc<crate::workers::Worker>],
+        leave_after: Duration,
+    ) {
+        self.workers.clear();
+        self.worker_cached_blocks.clear();
+        for role in ["prefill", "decode"] {
+            for state in ["routable", "unhealthy", "draining", "refused", "silent"] {
+                self.workers
+                    .get_or_create(&StateLabels { role, state })
+                    .set(0);
+            }
+        }
+        for w in workers {
+            let state = crate::workers::state(w, leave_after);
+            self.workers
+                .get_or_create(&StateLabels {
+                    role: w.role.as_str(),
+                    state,
+                })
+                .inc();
+        }
+    }
+
+    /// Registers the event plane's counters.
+    pub fn register_events(&self, counters: &crate::workers::EventCounters) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let mut add =
+            |name: &str, help: &str, c: &Counter| registry.register(name, help, c.clone());
+        add(
+            "events_received",
+            "Event-plane messages from workers applied",
+            &counters.received,
+        );
+        add(
+            "events_refused",
+            "Event-plane messages ignored: wrongly signed, unreadable, another worker's, too old or seen before",
+            &counters.refused,
+        );
+        add(
+            "events_gaps",
+            "Event-plane messages that followed a gap in their worker's sequence numbers (dropped on the way)",
+            &counters.gaps,
+        );
+        add(
+            "events_resyncs",
+            "Times a worker's KV events did not continue the coordinator's cursor and it asked the worker's Load instead",
+            &counters.resyncs,
+        );
+        add(
+            "events_silences",
+            "Times a publishing worker said nothing for 1.5 s and was polled instead",
+            &counters.silences,
+        );
+        add(
+            "events_unreachable",
+            "Times a worker's event publisher could not be subscribed to (its load is polled)",
+            &counters.unreachable,
+        );
+        registry.register(
+            "event_lag_seconds",
+            "Time from an event-plane message's sending to its application (clocks of two hosts)",
+            counters.lag.clone(),
+        );
+    }
+
+    pub fn advert_refused(&self, reason: &'static str) {
+        self.adverts_refused
+            .get_or_create(&RefusalLabels { reason })
+            .inc();
     }
 
     pub fn set_worker_cached_blocks(&self, worker: &str, role: &'static str, blocks: usize) {
@@ -260,6 +376,7 @@ impl Metrics {
 
     /// The Prometheus text exposition: these metrics and the process's.
     pub fn encode(&self) -> String {
-        baton_telemetry::encode_metrics(&[&self.registry, &self.process])
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        baton_telemetry::encode_metrics(&[&registry, &self.process])
     }
 }

@@ -1,10 +1,12 @@
-//! The coordinator process: shared state, the worker poll task, and both frontends (gRPC on one
-//! listener, OpenAI HTTP on another), stopped together by one shutdown signal.
+//! The coordinator process: shared state, the discovery task that feeds the worker registry,
+//! the link-and-readiness task, and both frontends (gRPC on one listener, OpenAI HTTP on
+//! another), stopped together by one shutdown signal.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use baton_discovery::Backend;
 use baton_text::Tokenizer;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -12,7 +14,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::CoordinatorConfig;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::workers::Registry;
+use crate::workers::{EventCounters, EventPlane, Registry, RegistryConfig};
 
 /// What every request handler shares.
 pub struct Inner {
@@ -26,7 +28,7 @@ pub struct Inner {
 }
 
 impl Inner {
-    /// Loads the tokenizer and sets up the registry (no worker is contacted yet).
+    /// Loads the tokenizer and sets up an empty registry (discovery fills it once serving).
     pub fn new(config: CoordinatorConfig) -> Result<Self> {
         config.validate()?;
         let tokenizer = Tokenizer::load(&config.model)?;
@@ -34,7 +36,22 @@ impl Inner {
             .model_name
             .clone()
             .unwrap_or_else(|| baton_text::model_name(&config.model));
-        let registry = Registry::new(&config.prefill_workers, &config.decode_workers)?;
+        // With a cluster key, workers that publish events are followed through them (the
+        // counters are served either way, at zero without one).
+        let counters = EventCounters::default();
+        let metrics = Metrics::new();
+        metrics.register_events(&counters);
+        let events = config
+            .discovery
+            .key()
+            .map_err(discovery_error)?
+            .map(|key| EventPlane { key, counters });
+        let registry = Registry::new(RegistryConfig {
+            poll_interval: config.load_poll_interval,
+            leave_after: config.discovery.leave_after,
+            fingerprint: config.model_fingerprint()?,
+            events,
+        });
         // Handoff ids only need to be unique among live handoffs of the workers this
         // coordinator talks to; a random start keeps two coordinators (or a restart) apart.
         let start = rand::random::<u64>() >> 1;
@@ -44,7 +61,7 @@ impl Inner {
             model_name,
             tokenizer,
             registry,
-            metrics: Metrics::new(),
+            metrics,
             next_handoff: AtomicU64::new(start),
         })
     }
@@ -56,9 +73,9 @@ impl Inner {
     /// The smallest context any known decode worker serves (what a request may use).
     pub fn max_context(&self) -> usize {
         self.registry
-            .decode
+            .all()
             .iter()
-            .chain(&self.registry.prefill)
+            .filter(|w| w.refusal().is_none())
             .filter_map(|w| w.info())
             .map(|i| i.max_context as usize)
             .min()
@@ -67,8 +84,9 @@ impl Inner {
 
     pub fn block_size(&self) -> usize {
         self.registry
-            .decode
+            .decode()
             .iter()
+            .filter(|w| w.refusal().is_none())
             .filter_map(|w| w.info())
             .map(|i| i.block_size as usize)
             .max()
@@ -79,16 +97,18 @@ impl Inner {
         self.registry.ready()
     }
 
-    async fn poll(&self) {
-        self.registry.poll_all().await;
+    /// Opens KV links for new pairs and refreshes the cluster gauges (each worker polls its
+    /// own load).
+    async fn tend(&self) {
+        self.registry.link_pairs().await;
         let (mut used, mut total, mut waiting) = (0u64, 0u64, 0i64);
-        for w in self.registry.decode.iter().filter(|w| w.healthy()) {
+        for w in self.registry.decode().iter().filter(|w| w.healthy()) {
             let l = w.load();
             used += u64::from(l.total_blocks.saturating_sub(l.free_blocks));
             total += u64::from(l.total_blocks);
             waiting += i64::from(l.waiting);
         }
-        for w in self.registry.prefill.iter().filter(|w| w.healthy()) {
+        for w in self.registry.prefill().iter().filter(|w| w.healthy()) {
             waiting += i64::from(w.load().running);
         }
         let usage = if total == 0 {
@@ -97,7 +117,10 @@ impl Inner {
             used as f64 / total as f64
         };
         self.metrics.set_worker_state(usage, waiting);
-        for w in self.registry.prefill.iter().chain(&self.registry.decode) {
+        let workers = self.registry.all();
+        self.metrics
+            .set_workers(&workers, self.registry.leave_after());
+        for w in &workers {
             self.metrics
                 .set_worker_cached_blocks(&w.id().0, w.role.as_str(), w.cached_blocks());
         }
@@ -112,6 +135,15 @@ pub async fn run(
     let grpc = bind(config.grpc_listen).await?;
     let http = bind(config.http_listen).await?;
     serve(config, grpc, http, shutdown).await
+}
+
+fn discovery_error(e: baton_discovery::Error) -> Error {
+    match e {
+        baton_discovery::Error::InvalidConfig { field, reason } => {
+            Error::InvalidConfig { field, reason }
+        }
+        other => Error::Internal(other.to_string()),
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
@@ -138,6 +170,43 @@ pub async fn serve(
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    // Membership: the configured lists, then whatever the discovery backend reports, applied
+    // by one task for the life of the server.
+    let statics = baton_discovery::static_list::StaticBackend::new(
+        &inner.config.prefill_workers,
+        &inner.config.decode_workers,
+    )
+    .map_err(discovery_error)?;
+    let mut feeds = vec![statics.watch().await.map_err(discovery_error)?];
+    if inner.config.discovery.backend != baton_discovery::BackendKind::Static {
+        let backend =
+            baton_discovery::open(&inner.config.discovery, &[], &[]).map_err(discovery_error)?;
+        feeds.push(backend.watch().await.map_err(discovery_error)?);
+        tracing::info!(backend = backend.name(), cluster = %inner.config.discovery.cluster, "discovering workers");
+    }
+    let membership = {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(baton_discovery::backend::WATCH_QUEUE);
+            for mut feed in feeds {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while let Some(change) = feed.next().await {
+                        if tx.send(change).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            while let Some(change) = rx.recv().await {
+                if let Some(label) = inner.registry.apply(change) {
+                    inner.metrics.advert_refused(label);
+                }
+            }
+        })
+    };
+
     let (health, health_service) = tonic_health::server::health_reporter();
     crate::grpc::report_readiness(&health, false).await;
     let poller = {
@@ -155,7 +224,7 @@ pub async fn serve(
                 if stopping {
                     return;
                 }
-                inner.poll().await;
+                inner.tend().await;
                 let ready = inner.ready();
                 if ready != was_ready {
                     crate::grpc::report_readiness(&health, ready).await;
@@ -165,14 +234,6 @@ pub async fn serve(
             }
         })
     };
-
-    let watches: Vec<_> = inner
-        .registry
-        .prefill
-        .iter()
-        .chain(&inner.registry.decode)
-        .map(|w| tokio::spawn(w.clone().watch_health(interval)))
-        .collect();
 
     tracing::info!(
         grpc = %grpc.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -189,9 +250,7 @@ pub async fn serve(
     let http_server = crate::http::serve(inner.clone(), http, stopped(stop_rx.clone()));
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();
-    for w in watches {
-        w.abort();
-    }
+    membership.abort();
     g?;
     h
 }

@@ -1,21 +1,29 @@
 //! The workers the coordinator routes to: their clients, what they said about themselves
-//! (`Info`), their last load report, and health. A poll task refreshes load; a worker that does
-//! not answer is unhealthy until it does. When a prefill and a decode worker are both known, the
+//! (`Info`), their last load report, and health. Membership comes from discovery (the static
+//! lists of the config, mDNS adverts, etcd keys): [`Registry::apply`] adds a worker when it
+//! joins and removes it when it leaves, while requests are served. Each worker has its own
+//! poll task (a dead or partitioned worker never delays the others' polls) and a health watch;
+//! both end when it leaves. When a prefill and a decode worker are both known and healthy, the
 //! prefill worker is told to open its KV connection to the decode worker then, not on the first
-//! request.
+//! request; the link is forgotten when either leaves.
+//!
+//! Admission: a worker serves only the cluster's model. The expected model is the configured
+//! fingerprint, else the first worker admitted; a worker whose fingerprint or block size
+//! differs, or whose `Info` contradicts its advert, is refused: listed, never routed to.
 //!
 //! A worker that starts draining (SIGTERM) turns its grpc.health.v1 status to NOT_SERVING; a
 //! health watch per worker sees that at once and placement skips the worker from then on.
-//!
-//! Workers come from a static list here; discovery (mDNS, etcd) will feed the same registry.
+//! A discovered worker that answers nothing for `leave_after` is shown as silent (its KV links
+//! close); it comes back if it answers again, and goes when discovery says it left.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use baton_core::{BlockHash, Fingerprint, KvIndex, block_hashes, reusable_blocks};
+use baton_discovery::{Member, Membership, Source};
 use baton_proto::v1::{
     self, ConnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_worker_client::DecodeWorkerClient, prefill_worker_client::PrefillWorkerClient,
@@ -29,7 +37,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use crate::error::{Error, Result};
 use crate::placement::Candidate;
 
-/// A worker's name: its configured gRPC address until it reports its own id.
+/// A worker's name: its configured gRPC address until it reports its own id (a discovered
+/// worker is named by its advert from the start).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WorkerId(pub String);
 
@@ -81,8 +90,22 @@ impl tonic::service::Interceptor for Outgoing {
 
 /// One worker as the coordinator sees it.
 pub struct Worker {
+    /// Its name in the membership: the advert's worker id, or the configured address.
+    pub key: baton_core::WorkerId,
     pub role: WorkerRole,
     pub address: String,
+    /// How it was found.
+    pub source: Source,
+    /// What it advertised (discovered workers).
+    advert: Option<baton_discovery::Advert>,
+    /// The model every worker must serve, shared by the registry.
+    expected: Arc<Mutex<Option<Expected>>>,
+    /// Why it is not admitted, when it is not.
+    refused: Mutex<Option<String>>,
+    /// Since when it has failed every call.
+    silent_since: Mutex<Option<Instant>>,
+    /// Its poll and health-watch tasks, aborted when it leaves.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     channel: Channel,
     info: Mutex<Option<WorkerInfo>>,
     load: Mutex<LoadReport>,
@@ -95,10 +118,27 @@ pub struct Worker {
     placed_tokens: AtomicU64,
     /// The blocks its prefix cache holds, from the KV events of its load reports.
     kv_index: Mutex<KvIndex>,
+    /// The (epoch, sequence number) of its last event-plane message.
+    last_event: Mutex<Option<(u64, u64)>>,
+    /// When that message was sent (Unix ms), for the lag histogram.
+    last_event_sent_ms: Mutex<u64>,
+}
+
+/// The model and block size every worker of the cluster must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    pub fingerprint: Fingerprint,
+    /// `None` while set from config only: the first admitted worker's becomes the rule.
+    pub block_size: Option<u32>,
 }
 
 impl Worker {
-    fn new(role: WorkerRole, address: &str) -> Result<Self> {
+    fn new(member: Member, expected: Arc<Mutex<Option<Expected>>>) -> Result<Self> {
+        let role = match member.role {
+            baton_discovery::Role::Prefill => WorkerRole::Prefill,
+            baton_discovery::Role::Decode => WorkerRole::Decode,
+        };
+        let address = member.address;
         let channel = Channel::from_shared(format!("http://{address}"))
             .map_err(|e| Error::InvalidConfig {
                 field: match role {
@@ -111,8 +151,15 @@ impl Worker {
             .tcp_nodelay(true)
             .connect_lazy();
         Ok(Self {
+            key: member.id,
             role,
-            address: address.to_string(),
+            address,
+            source: member.source,
+            advert: member.advert,
+            expected,
+            refused: Mutex::new(None),
+            silent_since: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
             channel,
             info: Mutex::new(None),
             load: Mutex::new(LoadReport::default()),
@@ -121,10 +168,17 @@ impl Worker {
             placed: AtomicU32::new(0),
             placed_tokens: AtomicU64::new(0),
             kv_index: Mutex::new(KvIndex::default()),
+            last_event: Mutex::new(None),
+            last_event_sent_ms: Mutex::new(0),
         })
     }
 
     pub fn id(&self) -> WorkerId {
+        // A discovered worker's advert named it; its Info (checked against the advert) says
+        // the same, and the name stays while it is silent.
+        if self.advert.is_some() {
+            return WorkerId(self.key.to_string());
+        }
         let info = self.info.lock().unwrap_or_else(|p| p.into_inner());
         WorkerId(
             info.as_ref()
@@ -144,9 +198,39 @@ impl Worker {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Healthy and not draining: new requests may be placed here.
+    /// Healthy, admitted and not draining: new requests may be placed here.
     pub fn routable(&self) -> bool {
-        self.healthy() && !self.draining.load(Ordering::Relaxed)
+        self.healthy() && !self.draining.load(Ordering::Relaxed) && self.refusal().is_none()
+    }
+
+    /// Why it is not admitted (another model, an `Info` that contradicts its advert).
+    pub fn refusal(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Discovered, and silent for at least `leave_after`: out of placement and KV links
+    /// until it answers again.
+    pub fn silent_for(&self, leave_after: Duration) -> Option<Duration> {
+        let since = (*self.silent_since.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let silent = since.elapsed();
+        (silent >= leave_after).then_some(silent)
+    }
+
+    /// Its host id: advertised, else from its KV endpoints (empty while unknown).
+    pub fn host_id(&self) -> String {
+        if let Some(a) = &self.advert {
+            return a.host_id.clone();
+        }
+        self.info()
+            .and_then(|i| i.kv_endpoints.first().map(|e| e.host_id.clone()))
+            .unwrap_or_default()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Calls carry the current span's trace context and the request's deadline (see
@@ -169,9 +253,9 @@ impl Worker {
         }
     }
 
-    /// Follows the worker's grpc.health.v1 status until `stop`: NOT_SERVING marks it draining
-    /// the moment the worker says so, without waiting for the next load poll. A broken watch is
-    /// opened again after `retry`.
+    /// Follows the worker's grpc.health.v1 status until aborted: NOT_SERVING marks it draining
+    /// the moment the worker says so, without waiting for the next load poll; a watch that
+    /// breaks marks it unhealthy. A broken watch is opened again after `retry`.
     pub async fn watch_health(self: Arc<Self>, retry: Duration) {
         let service = match self.role {
             WorkerRole::Prefill => "baton.v1.PrefillWorker",
@@ -195,6 +279,10 @@ impl Worker {
                         _ => {}
                     }
                 }
+                // The watch broke: the process died or stopped serving. Out of placement at
+                // once (a worker followed through events is not polled to find out); its next
+                // answer or event brings it back.
+                self.mark_unhealthy();
             }
         }
     }
@@ -267,7 +355,19 @@ impl Worker {
                     WorkerRole::Decode => self.decode_client().info(InfoRequest {}).await,
                 }?
                 .into_inner();
-                tracing::info!(worker = %info.worker_id, address = %self.address, role = self.role.as_str(), "worker joined");
+                match self.admit(&info) {
+                    Ok(()) => {
+                        tracing::info!(worker = %info.worker_id, address = %self.address, role = self.role.as_str(), via = self.source.as_str(), "worker admitted");
+                        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                    Err(reason) => {
+                        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+                        if refused.as_deref() != Some(reason.as_str()) {
+                            tracing::warn!(worker = %info.worker_id, address = %self.address, role = self.role.as_str(), %reason, "worker refused");
+                        }
+                        *refused = Some(reason);
+                    }
+                }
                 *self.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
             }
             let (epoch, after) = self.kv_index.lock().unwrap_or_else(|p| p.into_inner()).cursor();
@@ -289,12 +389,17 @@ impl Worker {
         .await;
         match result {
             Ok(()) => {
+                *self.silent_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 if !self.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!(worker = %self.address, role = self.role.as_str(), "worker healthy");
                 }
                 true
             }
             Err(status) => {
+                self.silent_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(Instant::now);
                 if self.healthy.swap(false, Ordering::Relaxed) {
                     tracing::warn!(worker = %self.address, role = self.role.as_str(), error = %status.message(), "worker unhealthy");
                 }
@@ -311,7 +416,272 @@ impl Worker {
     }
 }
 
+/// What one event-plane message did.
+enum Applied {
+    Yes {
+        gap: bool,
+    },
+    /// Not applied: unreadable, another worker's, too old, or already seen.
+    Stale,
+    /// Its load applied, its KV events did not continue this coordinator's cursor.
+    NeedsResync,
+}
+
+/// A coordinator hears nothing from a publishing worker this long (three of its heartbeats)
+/// and polls it instead.
+const EVENT_SILENCE: Duration = Duration::from_millis(1500);
+
+/// An event older than this is a replay.
+const EVENT_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// The event plane as the registry's workers use it: the key messages are signed with, and
+/// what happened to them.
+#[derive(Debug, Clone)]
+pub struct EventPlane {
+    pub key: baton_discovery::ClusterKey,
+    pub counters: EventCounters,
+}
+
+/// Counters of the event plane (registered in the coordinator's metrics).
+#[derive(Debug, Clone)]
+pub struct EventCounters {
+    pub received: prometheus_client::metrics::counter::Counter,
+    pub refused: prometheus_client::metrics::counter::Counter,
+    pub gaps: prometheus_client::metrics::counter::Counter,
+    pub resyncs: prometheus_client::metrics::counter::Counter,
+    pub silences: prometheus_client::metrics::counter::Counter,
+    pub unreachable: prometheus_client::metrics::counter::Counter,
+    /// From a message's send time to its application, seconds (one clock per LAN host:
+    /// skew between hosts shows here).
+    pub lag: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for EventCounters {
+    fn default() -> Self {
+        Self {
+            received: Default::default(),
+            refused: Default::default(),
+            gaps: Default::default(),
+            resyncs: Default::default(),
+            silences: Default::default(),
+            unreachable: Default::default(),
+            // 0.1 ms to about 6.5 s.
+            lag: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 17),
+            ),
+        }
+    }
+}
+
 impl Worker {
+    /// Applies KV events the worker pushed; `false` when they do not continue this
+    /// coordinator's cursor (the caller asks with its cursor instead).
+    fn apply_pushed_kv_events(&self, events: &v1::KvEvents, total_blocks: u32) -> bool {
+        let mut index = self.kv_index.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(events) = baton_proto::convert::kv_events_from_proto(events) else {
+            index.clear();
+            return false;
+        };
+        if !index.apply_pushed(&events) {
+            return false;
+        }
+        if index.len() > total_blocks as usize {
+            index.clear();
+            return false;
+        }
+        true
+    }
+}
+
+impl Worker {
+    /// Checks a worker's `Info` against its advert and the cluster's model; the first worker
+    /// admitted sets the model when config named none.
+    fn admit(&self, info: &WorkerInfo) -> std::result::Result<(), String> {
+        let fingerprint = info
+            .layout
+            .as_ref()
+            .and_then(|l| <[u8; 32]>::try_from(l.fingerprint.as_slice()).ok())
+            .map(Fingerprint)
+            .ok_or("its Info carries no model fingerprint")?;
+        if let Some(advert) = &self.advert {
+            if info.worker_id != advert.worker_id.to_string() {
+                return Err(format!(
+                    "its address now answers as worker {:?}, not the advertised {}",
+                    info.worker_id, advert.worker_id
+                ));
+            }
+            if fingerprint != advert.fingerprint {
+                return Err(format!(
+                    "its Info names model {fingerprint}, its advert {}",
+                    advert.fingerprint
+                ));
+            }
+        }
+        let mut expected = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        let rule = expected.get_or_insert(Expected {
+            fingerprint,
+            block_size: None,
+        });
+        if rule.fingerprint != fingerprint {
+            return Err(format!(
+                "it serves model {fingerprint}; this cluster serves {}",
+                rule.fingerprint
+            ));
+        }
+        match rule.block_size {
+            Some(bs) if bs != info.block_size => Err(format!(
+                "its KV blocks hold {} tokens; this cluster's hold {bs}",
+                info.block_size
+            )),
+            _ => {
+                rule.block_size = Some(info.block_size);
+                Ok(())
+            }
+        }
+    }
+
+    /// Follows the worker until aborted (it left): its event-plane messages where it publishes
+    /// them and this coordinator holds the cluster key, else a `Load` poll every `interval`.
+    /// A poll or a subscription that hangs (a partitioned host) holds up only this worker.
+    async fn poll_loop(self: Arc<Self>, interval: Duration, events: Option<EventPlane>) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !self.poll().await {
+                continue;
+            }
+            if let (Some(plane), Some(endpoint)) = (&events, self.event_endpoint()) {
+                self.follow_events(plane, &endpoint).await;
+            }
+        }
+    }
+
+    /// Where its event publisher listens: its gRPC host and the port its `Info` names.
+    fn event_endpoint(&self) -> Option<String> {
+        let port = self.info()?.event_port;
+        let (host, _) = self.address.rsplit_once(':')?;
+        (port != 0).then(|| format!("{host}:{port}"))
+    }
+
+    /// Applies the worker's messages until they stop (silent for [`EVENT_SILENCE`], or the
+    /// connection failed); a gap in its KV events is filled with one `Load` call. Returns for
+    /// the caller to poll (and come back).
+    async fn follow_events(&self, plane: &EventPlane, endpoint: &str) {
+        let subscribed = tokio::time::timeout(
+            EVENT_SILENCE,
+            baton_discovery::events::EventSubscriber::connect(endpoint, plane.key.clone()),
+        )
+        .await;
+        let Ok(Ok(mut subscriber)) = subscribed else {
+            plane.counters.unreachable.inc();
+            return;
+        };
+        loop {
+            match tokio::time::timeout(EVENT_SILENCE, subscriber.next()).await {
+                Err(_) => {
+                    plane.counters.silences.inc();
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Ok(Ok(Err(refusal))) => {
+                    plane.counters.refused.inc();
+                    tracing::debug!(worker = %self.key, %refusal, "event ignored");
+                }
+                Ok(Ok(Ok(payload))) => match self.apply_event(&payload) {
+                    Applied::Yes { gap } => {
+                        plane.counters.received.inc();
+                        plane.counters.lag.observe(self.event_lag());
+                        if gap {
+                            plane.counters.gaps.inc();
+                        }
+                    }
+                    Applied::Stale => {
+                        plane.counters.refused.inc();
+                    }
+                    Applied::NeedsResync => {
+                        plane.counters.received.inc();
+                        plane.counters.resyncs.inc();
+                        if !self.poll().await {
+                            return;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Seconds since the last applied message was sent.
+    fn event_lag(&self) -> f64 {
+        let sent = *self
+            .last_event_sent_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        baton_discovery::advert::now_ms().saturating_sub(sent) as f64 / 1000.0
+    }
+
+    /// Applies one verified message: its load, and its KV events where they continue this
+    /// coordinator's cursor.
+    fn apply_event(&self, payload: &[u8]) -> Applied {
+        use prost::Message;
+        let Ok(event) = v1::WorkerEvent::decode(payload) else {
+            return Applied::Stale;
+        };
+        let named = self.info().is_some_and(|i| i.worker_id == event.worker_id);
+        let old = baton_discovery::advert::now_ms().saturating_sub(event.sent_ms)
+            > EVENT_MAX_AGE.as_millis() as u64;
+        let Some(mut load) = event.load.filter(|_| named && !old) else {
+            return Applied::Stale;
+        };
+        let gap = {
+            let mut last = self.last_event.lock().unwrap_or_else(|p| p.into_inner());
+            match *last {
+                Some((epoch, seq)) if epoch == event.epoch && event.seq <= seq => {
+                    return Applied::Stale;
+                }
+                Some((epoch, seq)) => {
+                    *last = Some((event.epoch, event.seq));
+                    epoch == event.epoch && event.seq != seq + 1
+                }
+                None => {
+                    *last = Some((event.epoch, event.seq));
+                    false
+                }
+            }
+        };
+        *self
+            .last_event_sent_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = event.sent_ms;
+        self.set_draining(load.draining);
+        let continuous = match load.kv_events.take() {
+            None => true,
+            Some(events) => self.apply_pushed_kv_events(&events, load.total_blocks),
+        };
+        *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
+        *self.silent_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(worker = %self.address, role = self.role.as_str(), "worker healthy");
+        }
+        if continuous {
+            Applied::Yes { gap }
+        } else {
+            Applied::NeedsResync
+        }
+    }
+
+    /// Ends its tasks (it left).
+    fn stop(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
     /// Applies a load report's KV events; events this coordinator cannot read (a block name
     /// of the wrong size) drop what it knew, so the next poll asks for the whole set.
     /// A worker cannot cache more blocks than its pool holds (`total_blocks`): an index that
@@ -361,92 +731,301 @@ impl Drop for Placed {
     }
 }
 
-/// Every worker, by role.
-pub struct Registry {
-    pub prefill: Vec<Arc<Worker>>,
-    pub decode: Vec<Arc<Worker>>,
-    /// (prefill index, decode index) pairs whose KV link is open.
-    linked: Mutex<HashSet<(usize, usize)>>,
-    /// Pairs that also opened a shared-memory link (same host).
-    shm: Mutex<HashSet<(usize, usize)>>,
+/// A worker's state in one word (status and metrics): `refused`, `silent` (discovered and
+/// silent for `leave_after`), `unhealthy`, `draining` or `routable`.
+pub fn state(w: &Worker, leave_after: Duration) -> &'static str {
+    if w.refusal().is_some() {
+        "refused"
+    } else if w.source != Source::Static && w.silent_for(leave_after).is_some() {
+        "silent"
+    } else if !w.healthy() {
+        "unhealthy"
+    } else if w.draining() {
+        "draining"
+    } else {
+        "routable"
+    }
 }
 
+/// A decode worker's KV endpoint as a prefill worker can dial it: a TCP listener bound to
+/// every interface (0.0.0.0, ::) reports that address, so the host the coordinator reaches the
+/// worker's gRPC service at stands in.
+fn reachable(endpoint: &v1::KvEndpoint, worker_address: &str) -> v1::KvEndpoint {
+    let mut endpoint = endpoint.clone();
+    if endpoint.transport != v1::Transport::Tcp as i32 {
+        return endpoint;
+    }
+    let (Ok(kv), Some((host, _))) = (
+        endpoint.address.parse::<std::net::SocketAddr>(),
+        worker_address.rsplit_once(':'),
+    ) else {
+        return endpoint;
+    };
+    if kv.ip().is_unspecified() {
+        endpoint.address = format!("{host}:{}", kv.port());
+    }
+    endpoint
+}
+
+/// A handoff's blocks with their endpoints made reachable (see [`reachable`]): the worker that
+/// holds them is dialled at `worker_address`.
+pub fn reachable_blocks(mut blocks: v1::KvBlocks, worker_address: &str) -> v1::KvBlocks {
+    for endpoint in &mut blocks.endpoints {
+        *endpoint = reachable(endpoint, worker_address);
+    }
+    blocks
+}
+
+/// How the registry polls and when a silent worker leaves placement.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub poll_interval: Duration,
+    pub leave_after: Duration,
+    /// The model every worker must serve; `None`: the first admitted worker's.
+    pub fingerprint: Option<Fingerprint>,
+    /// The event plane, where a cluster key is configured: workers that publish are followed
+    /// through their messages instead of polls.
+    pub events: Option<EventPlane>,
+}
+
+/// Every worker, by membership id. One owner: membership changes come through [`apply`]
+/// (the discovery task), reads take a snapshot.
+///
+/// [`apply`]: Registry::apply
+pub struct Registry {
+    config: RegistryConfig,
+    workers: RwLock<Vec<Arc<Worker>>>,
+    expected: Arc<Mutex<Option<Expected>>>,
+    /// (prefill, decode) pairs whose KV link is open, and whether it is shared memory.
+    links: Mutex<HashMap<(baton_core::WorkerId, baton_core::WorkerId), bool>>,
+    /// Refusals already logged, by (source, what); bounded.
+    refusals_logged: Mutex<HashSet<(String, &'static str)>>,
+}
+
+/// Most distinct refusals logged one by one; past it they are only counted.
+const MAX_LOGGED_REFUSALS: usize = 1024;
+
 impl Registry {
-    pub fn new(prefill: &[String], decode: &[String]) -> Result<Self> {
-        Ok(Self {
-            prefill: prefill
-                .iter()
-                .map(|a| Worker::new(WorkerRole::Prefill, a).map(Arc::new))
-                .collect::<Result<_>>()?,
-            decode: decode
-                .iter()
-                .map(|a| Worker::new(WorkerRole::Decode, a).map(Arc::new))
-                .collect::<Result<_>>()?,
-            linked: Mutex::new(HashSet::new()),
-            shm: Mutex::new(HashSet::new()),
-        })
+    pub fn new(config: RegistryConfig) -> Self {
+        let expected = config.fingerprint.map(|fingerprint| Expected {
+            fingerprint,
+            block_size: None,
+        });
+        Self {
+            config,
+            workers: RwLock::new(Vec::new()),
+            expected: Arc::new(Mutex::new(expected)),
+            links: Mutex::new(HashMap::new()),
+            refusals_logged: Mutex::new(HashSet::new()),
+        }
     }
 
-    pub fn prefill_candidates(&self, prompt: &[u32], names: &mut PromptNames) -> Vec<Candidate> {
-        self.prefill
+    fn snapshot(&self) -> Vec<Arc<Worker>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every worker now known.
+    pub fn all(&self) -> Vec<Arc<Worker>> {
+        self.snapshot()
+    }
+
+    pub fn prefill(&self) -> Vec<Arc<Worker>> {
+        self.of(WorkerRole::Prefill)
+    }
+
+    pub fn decode(&self) -> Vec<Arc<Worker>> {
+        self.of(WorkerRole::Decode)
+    }
+
+    fn of(&self, role: WorkerRole) -> Vec<Arc<Worker>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|w| w.candidate(0, prompt, names))
+            .filter(|w| w.role == role)
+            .cloned()
             .collect()
     }
 
+    pub fn leave_after(&self) -> Duration {
+        self.config.leave_after
+    }
+
+    /// Applies one membership change. Returns the refusal's label when it was one (for the
+    /// caller's metric).
+    pub fn apply(&self, change: Membership) -> Option<&'static str> {
+        match change {
+            Membership::Joined(member) | Membership::Changed(member) => {
+                self.join(member);
+                None
+            }
+            Membership::Left { id, source } => {
+                self.leave(&id, source.as_str());
+                None
+            }
+            Membership::Refused {
+                from,
+                source,
+                reason,
+            } => {
+                let label = reason.label();
+                let mut logged = self
+                    .refusals_logged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if logged.len() < MAX_LOGGED_REFUSALS && logged.insert((from.clone(), label)) {
+                    tracing::warn!(via = source.as_str(), %from, %reason, "advert ignored");
+                }
+                Some(label)
+            }
+        }
+    }
+
+    /// Adds `member`, or replaces the worker of its id when it moved (another address or
+    /// role); the same advert again changes nothing.
+    fn join(&self, member: Member) {
+        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = workers.iter().position(|w| w.key == member.id) {
+            let old = &workers[i];
+            let role = match member.role {
+                baton_discovery::Role::Prefill => WorkerRole::Prefill,
+                baton_discovery::Role::Decode => WorkerRole::Decode,
+            };
+            if old.address == member.address && old.role == role && old.advert == member.advert {
+                return;
+            }
+            let old = workers.remove(i);
+            old.stop();
+            self.unlink_worker(&old.key);
+        }
+        let id = member.id.clone();
+        let source = member.source;
+        let worker = match Worker::new(member, self.expected.clone()) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                tracing::warn!(worker = %id, via = source.as_str(), error = %e, "worker not added");
+                return;
+            }
+        };
+        tracing::info!(worker = %worker.key, address = %worker.address, role = worker.role.as_str(), via = source.as_str(), "worker joined");
+        let interval = self.config.poll_interval;
+        let poll = tokio::spawn(
+            worker
+                .clone()
+                .poll_loop(interval, self.config.events.clone()),
+        );
+        let health = tokio::spawn(worker.clone().watch_health(interval));
+        worker
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend([poll.abort_handle(), health.abort_handle()]);
+        workers.push(worker);
+    }
+
+    /// Removes worker `id`: its tasks end and its KV links are forgotten. Requests running
+    /// there fail when their calls do.
+    fn leave(&self, id: &baton_core::WorkerId, via: &str) {
+        let removed = {
+            let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+            workers
+                .iter()
+                .position(|w| &w.key == id)
+                .map(|i| workers.remove(i))
+        };
+        if let Some(worker) = removed {
+            worker.stop();
+            self.unlink_worker(id);
+            tracing::info!(worker = %id, address = %worker.address, role = worker.role.as_str(), via, "worker left");
+        }
+    }
+
+    fn unlink_worker(&self, id: &baton_core::WorkerId) {
+        self.links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(p, d), _| p != id && d != id);
+    }
+
+    /// The prefill workers and their placement view of `prompt`, index for index.
+    pub fn prefill_candidates(
+        &self,
+        prompt: &[u32],
+        names: &mut PromptNames,
+    ) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
+        let workers = self.prefill();
+        let candidates = workers
+            .iter()
+            .map(|w| w.candidate(0, prompt, names))
+            .collect();
+        (workers, candidates)
+    }
+
+    /// The decode workers and their placement view of `prompt`, index for index.
     pub fn decode_candidates(
         &self,
         needed_blocks: u32,
         prompt: &[u32],
         names: &mut PromptNames,
-    ) -> Vec<Candidate> {
-        self.decode
+    ) -> (Vec<Arc<Worker>>, Vec<Candidate>) {
+        let workers = self.decode();
+        let candidates = workers
             .iter()
             .map(|w| w.candidate(needed_blocks, prompt, names))
-            .collect()
+            .collect();
+        (workers, candidates)
     }
 
-    /// Ready: at least one healthy decode worker, and a healthy prefill worker when any is
-    /// configured.
+    /// Ready: at least one routable decode worker, and a routable prefill worker when any is
+    /// known.
     pub fn ready(&self) -> bool {
-        let any = |ws: &[Arc<Worker>]| ws.iter().any(|w| w.routable());
-        any(&self.decode) && (self.prefill.is_empty() || any(&self.prefill))
+        let workers = self.snapshot();
+        let any = |role| workers.iter().any(|w| w.role == role && w.routable());
+        let has_prefill = workers.iter().any(|w| w.role == WorkerRole::Prefill);
+        any(WorkerRole::Decode) && (!has_prefill || any(WorkerRole::Prefill))
     }
 
-    /// Polls every worker once, then opens KV links for new healthy pairs.
-    pub async fn poll_all(&self) {
-        let all: Vec<&Arc<Worker>> = self.prefill.iter().chain(&self.decode).collect();
-        futures::future::join_all(all.iter().map(|w| w.poll())).await;
-        self.link_pairs().await;
-    }
-
-    async fn link_pairs(&self) {
-        for (pi, p) in self.prefill.iter().enumerate() {
-            for (di, d) in self.decode.iter().enumerate() {
-                let (Some(_), Some(dinfo)) = (p.info(), d.info()) else {
-                    self.unlink(pi, di);
-                    continue;
-                };
-                if !(p.healthy() && d.healthy()) {
-                    self.unlink(pi, di);
+    /// Opens KV links for healthy pairs not linked yet, and forgets those of pairs where
+    /// either side is unhealthy, refused or silent.
+    pub async fn link_pairs(&self) {
+        let workers = self.snapshot();
+        let usable = |w: &Arc<Worker>| w.healthy() && w.info().is_some() && w.refusal().is_none();
+        for p in workers.iter().filter(|w| w.role == WorkerRole::Prefill) {
+            for d in workers.iter().filter(|w| w.role == WorkerRole::Decode) {
+                let pair = (p.key.clone(), d.key.clone());
+                if !(usable(p) && usable(d)) {
+                    self.links
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&pair);
                     continue;
                 }
                 if self
-                    .linked
+                    .links
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .contains(&(pi, di))
+                    .contains_key(&pair)
                 {
                     continue;
                 }
+                let Some(dinfo) = d.info() else { continue };
                 let mut all_ok = true;
                 let mut shm_ok = false;
+                let same_host = !p.host_id().is_empty() && p.host_id() == d.host_id();
                 for endpoint in &dinfo.kv_endpoints {
+                    let shm = endpoint.transport == v1::Transport::Shm as i32;
+                    // Shared memory between hosts that only share a file system (containers,
+                    // network namespaces) would connect and be wrong: the host ids decide.
+                    if shm && !same_host {
+                        continue;
+                    }
                     let req = ConnectRequest {
-                        endpoint: Some(endpoint.clone()),
+                        endpoint: Some(reachable(endpoint, &d.address)),
                         destination: dinfo.layout.clone(),
                     };
-                    let shm = endpoint.transport == v1::Transport::Shm as i32;
                     let result = p.prefill_client().connect_peer(req).await;
                     shm_ok |= shm && result.is_ok();
                     if let Err(status) = result {
@@ -457,40 +1036,134 @@ impl Registry {
                         tracing::warn!(prefill = %p.address, decode = %d.address, endpoint = %endpoint.address, error = %status.message(), "kv link not opened");
                     }
                 }
-                if all_ok {
-                    self.linked
+                // The pair may have left while the calls ran: only a pair still known keeps
+                // its link.
+                let still_known = {
+                    let now = self.workers.read().unwrap_or_else(|e| e.into_inner());
+                    now.iter().any(|w| Arc::ptr_eq(w, p)) && now.iter().any(|w| Arc::ptr_eq(w, d))
+                };
+                if all_ok && still_known {
+                    self.links
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert((pi, di));
-                    if shm_ok {
-                        self.shm
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert((pi, di));
-                    }
+                        .insert(pair, shm_ok);
                     tracing::info!(prefill = %p.address, decode = %d.address, shm = shm_ok, "kv link open");
                 }
             }
         }
     }
 
-    fn unlink(&self, pi: usize, di: usize) {
-        for set in [&self.linked, &self.shm] {
-            set.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&(pi, di));
+    /// Whether this prefill worker holds a shared-memory link to this decode worker.
+    pub fn shm_linked(&self, prefill: &Worker, decode: &Worker) -> bool {
+        self.links
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(prefill.key.clone(), decode.key.clone()))
+            .copied()
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        for w in self.snapshot() {
+            w.stop();
         }
     }
+}
 
-    /// Whether this prefill worker holds a shared-memory link to this decode worker.
-    pub fn shm_linked(&self, prefill: &Arc<Worker>, decode: &Arc<Worker>) -> bool {
-        let pi = self.prefill.iter().position(|w| Arc::ptr_eq(w, prefill));
-        let di = self.decode.iter().position(|w| Arc::ptr_eq(w, decode));
-        pi.zip(di).is_some_and(|pair| {
-            self.shm
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&pair)
-        })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_core::{KvEvent, KvEventLog};
+    use baton_proto::convert::kv_events_to_proto;
+    use prost::Message;
+
+    fn worker() -> Worker {
+        let member = Member {
+            id: baton_core::WorkerId::parse("127.0.0.1:1").expect("id"),
+            role: baton_discovery::Role::Decode,
+            address: "127.0.0.1:1".into(),
+            advert: None,
+            source: Source::Static,
+        };
+        let w = Worker::new(member, Arc::new(Mutex::new(None))).expect("worker");
+        *w.info.lock().expect("info") = Some(WorkerInfo {
+            worker_id: "decode-x".into(),
+            total_blocks: 64,
+            ..Default::default()
+        });
+        w
+    }
+
+    fn event(id: &str, epoch: u64, seq: u64, age_ms: u64, kv: baton_core::KvEvents) -> Vec<u8> {
+        v1::WorkerEvent {
+            worker_id: id.into(),
+            epoch,
+            seq,
+            sent_ms: baton_discovery::advert::now_ms() - age_ms,
+            load: Some(LoadReport {
+                free_blocks: 60,
+                total_blocks: 64,
+                kv_events: Some(kv_events_to_proto(&kv)),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    fn h(i: u8) -> BlockHash {
+        BlockHash([i; 16])
+    }
+
+    #[tokio::test]
+    async fn events_apply_in_order_and_a_gap_asks_for_a_resync() {
+        let w = worker();
+        let mut log = KvEventLog::new(7, 64);
+        log.record([KvEvent::Stored(h(1))]);
+        // The first message is the whole set (the publisher starts with no cursor).
+        let first = event("decode-x", 7, 1, 0, log.since(u64::MAX, 0));
+        assert!(matches!(w.apply_event(&first), Applied::Yes { gap: false }));
+        assert_eq!(w.cached_blocks(), 1);
+        assert_eq!(w.load().free_blocks, 60);
+        assert!(w.healthy(), "an event is a sign of life");
+
+        log.record([KvEvent::Stored(h(2))]);
+        let second = event("decode-x", 7, 2, 0, log.since(7, 1));
+        assert!(matches!(
+            w.apply_event(&second),
+            Applied::Yes { gap: false }
+        ));
+        assert_eq!(w.cached_blocks(), 2);
+
+        // Messages 3 and 4 were dropped; 5 starts after this coordinator's cursor.
+        log.record([KvEvent::Stored(h(3))]);
+        log.record([KvEvent::Removed(h(1))]);
+        log.record([KvEvent::Stored(h(4))]);
+        let fifth = event("decode-x", 7, 5, 0, log.since(7, 4));
+        assert!(matches!(w.apply_event(&fifth), Applied::NeedsResync));
+        assert_eq!(w.cached_blocks(), 2, "nothing applied past a gap");
+        // The resync: the worker's answer to this coordinator's cursor.
+        let (e, c) = w.kv_index.lock().expect("index").cursor();
+        w.apply_kv_events(Some(kv_events_to_proto(&log.since(e, c))), 64);
+        assert_eq!(w.cached_blocks(), 3);
+
+        // Already seen, another worker's, or a minute old: ignored.
+        assert!(matches!(w.apply_event(&second), Applied::Stale));
+        let other = event("decode-y", 7, 6, 0, log.since(7, 5));
+        assert!(matches!(w.apply_event(&other), Applied::Stale));
+        let old = event("decode-x", 7, 7, 120_000, log.since(7, 5));
+        assert!(matches!(w.apply_event(&old), Applied::Stale));
+        assert!(matches!(
+            w.apply_event(b"\xff\xff not a message"),
+            Applied::Stale
+        ));
+
+        // A restart: another epoch, and its first message is the whole new set.
+        let mut restarted = KvEventLog::new(8, 64);
+        restarted.record([KvEvent::Stored(h(9))]);
+        let fresh = event("decode-x", 8, 1, 0, restarted.since(u64::MAX, 0));
+        assert!(matches!(w.apply_event(&fresh), Applied::Yes { .. }));
+        assert_eq!(w.cached_blocks(), 1);
     }
 }

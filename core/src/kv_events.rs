@@ -155,6 +155,33 @@ impl KvIndex {
         self.cursor = Some((reply.epoch, reply.next));
     }
 
+    /// Applies a reply the worker pushed (its event plane) rather than one to this index's
+    /// own cursor: a reset always applies; otherwise it must continue where this index stands
+    /// (same epoch, starting at or before the cursor and ending at or after it), and only the
+    /// events past the cursor are applied. `false`: a gap (messages were dropped, or the
+    /// worker restarted); the caller asks the worker with [`KvIndex::cursor`] instead.
+    pub fn apply_pushed(&mut self, reply: &KvEvents) -> bool {
+        if reply.reset {
+            self.apply(reply);
+            return true;
+        }
+        let Some((epoch, after)) = self.cursor else {
+            return false;
+        };
+        let from = reply.next.saturating_sub(reply.events.len() as u64);
+        if reply.epoch != epoch || from > after || reply.next < after {
+            return false;
+        }
+        let skip = (after - from) as usize;
+        self.apply(&KvEvents {
+            epoch: reply.epoch,
+            reset: false,
+            next: reply.next,
+            events: reply.events[skip..].to_vec(),
+        });
+        true
+    }
+
     /// Forgets everything (the worker went away); the next reply is the whole set.
     pub fn clear(&mut self) {
         self.held.clear();
@@ -276,5 +303,73 @@ mod tests {
             index.apply(&log.since(e, c));
             prop_assert_eq!(&index.held, &truth);
         }
+
+        /// The event plane: the worker pushes replies to its own cursor, some get lost; a
+        /// reader applies what continues its cursor and asks with its own cursor on a gap,
+        /// and always ends equal to the log's set.
+        #[test]
+        fn an_index_follows_pushed_replies_through_losses(
+            ops in proptest::collection::vec((0u8..4, 0u8..12), 1..200),
+            capacity in 1usize..8,
+        ) {
+            let mut log = KvEventLog::new(5, capacity);
+            let mut index = KvIndex::default();
+            let mut publisher = KvIndex::default();
+            let mut truth = HashSet::new();
+            for (op, b) in ops {
+                match op {
+                    0 => {
+                        log.record([KvEvent::Stored(h(b))]);
+                        truth.insert(h(b));
+                    }
+                    1 => {
+                        log.record([KvEvent::Removed(h(b))]);
+                        truth.remove(&h(b));
+                    }
+                    // Pushed, delivered (3) or lost (2).
+                    _ => {
+                        let (e, c) = publisher.cursor();
+                        let pushed = log.since(e, c);
+                        publisher.apply(&pushed);
+                        if op == 3 && !index.apply_pushed(&pushed) {
+                            let (e, c) = index.cursor();
+                            index.apply(&log.since(e, c));
+                        }
+                        if op == 3 {
+                            prop_assert_eq!(&index.held, &truth);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pushed_reply_applies_only_past_the_cursor() {
+        let mut log = KvEventLog::new(9, 16);
+        let mut index = KvIndex::default();
+        assert!(
+            !index.apply_pushed(&log.since(9, 0)),
+            "no cursor yet: ask first"
+        );
+        index.apply(&log.since(u64::MAX, 0));
+        log.record([KvEvent::Stored(h(1)), KvEvent::Stored(h(2))]);
+        let (e, c) = index.cursor();
+        index.apply(&log.since(e, c));
+        log.record([KvEvent::Removed(h(1))]);
+        // The publisher's view started before this index's cursor: the overlap is skipped.
+        assert!(index.apply_pushed(&log.since(9, 0)));
+        assert!(!index.contains(&h(1)) && index.contains(&h(2)));
+        log.record([KvEvent::Stored(h(3)), KvEvent::Stored(h(4))]);
+        let ahead = log.since(9, 4);
+        assert!(
+            !index.apply_pushed(&ahead),
+            "starts after the cursor: a gap"
+        );
+        assert!(
+            index.apply_pushed(&log.since(8, 0)),
+            "a reply to another epoch's cursor is the whole set: it always applies"
+        );
+        assert!(index.contains(&h(3)));
     }
 }

@@ -83,6 +83,9 @@ pub struct DecodeConfig {
     /// time per output token rises a little). `baton up` sets 10 when it starts prefill
     /// workers too. Default 0 (unchanged).
     pub nice: u8,
+    /// How coordinators find this worker (`[decode.discovery]`): `static` (their config lists
+    /// it; nothing is announced), `mdns` or `etcd` (a signed advert under the cluster key).
+    pub discovery: baton_discovery::DiscoveryConfig,
     /// Logs and traces (`[decode.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
 }
@@ -93,7 +96,7 @@ impl DecodeConfig {
             engine,
             listen: SocketAddr::from(([127, 0, 0, 1], 50071)),
             worker_id: None,
-            host_id: default_host_id(),
+            host_id: baton_worker::default_host_id(),
             kv: KvConfig::default(),
             default_lease_ttl: Duration::from_secs(10),
             max_streams: 256,
@@ -103,6 +106,7 @@ impl DecodeConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9071)),
             drain_timeout: Duration::from_secs(30),
             nice: 0,
+            discovery: baton_discovery::DiscoveryConfig::default(),
             telemetry: baton_telemetry::TelemetryConfig::default(),
         }
     }
@@ -143,6 +147,12 @@ impl DecodeConfig {
         }
         if self.nice > 19 {
             return Err(invalid("nice", "must be 0 to 19"));
+        }
+        if let Err(e) = self.discovery.validate() {
+            return Err(match e {
+                baton_discovery::Error::InvalidConfig { field, reason } => invalid(field, &reason),
+                other => invalid("discovery", &other.to_string()),
+            });
         }
         if let Err(e) = self.telemetry.validate() {
             return Err(invalid("telemetry", &e.to_string()));
@@ -188,13 +198,4 @@ fn rand_u32() -> u32 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.finish() as u32
-}
-
-/// The machine's id (`/etc/machine-id`), else its host name: equal ids mean shared memory
-/// between the two workers is possible.
-pub fn default_host_id() -> String {
-    std::fs::read_to_string("/etc/machine-id")
-        .or_else(|_| std::fs::read_to_string("/proc/sys/kernel/hostname"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }

@@ -16,6 +16,7 @@ pub mod handoff;
 mod metrics;
 mod service;
 
-pub use config::{DecodeConfig, KvFailurePolicy, default_host_id};
+pub use baton_worker::default_host_id;
+pub use config::{DecodeConfig, KvFailurePolicy};
 pub use error::{Error, ErrorClass, Result};
 pub use service::{run, serve, serve_with_metrics};

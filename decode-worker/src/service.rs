@@ -94,7 +94,7 @@ pub async fn serve_with_metrics(
     let (agent, agent_events) =
         Agent::start(worker_id.clone(), engine.kv_region(), config.kv.clone()).await?;
     let local = engine.descriptor().clone();
-    let info = WorkerInfo {
+    let mut info = WorkerInfo {
         worker_id: worker_id.to_string(),
         role: v1::WorkerRole::Decode as i32,
         model_name: baton_engine::model_name(&config.engine.model),
@@ -108,6 +108,7 @@ pub async fn serve_with_metrics(
         block_size: engine.block_size() as u32,
         total_blocks: engine.total_blocks() as u32,
         eos_token_ids: engine.tokenizer().eos_token_ids().to_vec(),
+        event_port: 0,
     };
     let max_context = engine.max_context();
     let eos = engine.tokenizer().eos_token_ids().to_vec();
@@ -139,6 +140,51 @@ pub async fn serve_with_metrics(
         })
         .transpose()
         .map_err(|e| Error::Internal(format!("metrics endpoint: {e}")))?;
+    // The event plane, where a cluster key signs it: coordinators then stop polling `Load`.
+    let key = config
+        .discovery
+        .key()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let _events = match key {
+        Some(key) => {
+            let engine = handle.clone();
+            let draining = draining.clone();
+            let kv_log = kv_log.clone();
+            let events = baton_worker::events::publish(
+                addr.ip(),
+                key,
+                worker_id.to_string(),
+                handle.snapshots(),
+                move |request| load_report(&engine, &draining, &kv_log, request).ok(),
+            )
+            .await
+            .map_err(|e| Error::Internal(format!("event publisher: {e}")))?;
+            info.event_port = u32::from(events.port);
+            Some(events)
+        }
+        None => None,
+    };
+    let announcement = baton_worker::announce(
+        &config.discovery,
+        baton_discovery::Role::Decode,
+        &info,
+        &config.host_id,
+        addr,
+    )
+    .await
+    .map_err(|e| match e {
+        baton_discovery::Error::InvalidConfig { field, reason } => {
+            Error::InvalidRequest { field, reason }
+        }
+        other => Error::Internal(other.to_string()),
+    })?;
+    // The drain begins with a goodbye, so coordinators stop placing work here at once.
+    let shutdown = async move {
+        shutdown.await;
+        if let Some(announcement) = announcement {
+            announcement.withdraw().await;
+        }
+    };
     let service = DecodeService {
         draining: draining.clone(),
         kv_log,
@@ -234,16 +280,13 @@ impl DecodeWorker for DecodeService {
     }
 
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
-        let (load, _) = self.engine.load()?;
-        Ok(Response::new(LoadReport {
-            running: load.running,
-            waiting: load.waiting,
-            free_blocks: load.free_blocks,
-            total_blocks: load.total_blocks,
-            leases: load.leases,
-            draining: self.draining.load(Ordering::Relaxed),
-            kv_events: self.kv_log.answer(request.get_ref()),
-        }))
+        load_report(
+            &self.engine,
+            &self.draining,
+            &self.kv_log,
+            request.get_ref(),
+        )
+        .map(Response::new)
     }
 
     async fn decode(
@@ -475,4 +518,24 @@ impl StreamTask {
             cached_tokens: 0,
         }
     }
+}
+
+/// The load report `Load` answers and the event plane publishes: the engine's last snapshot,
+/// the drain, and the KV events after the asker's cursor.
+fn load_report(
+    engine: &DecodeEngine,
+    draining: &AtomicBool,
+    kv_log: &baton_worker::KvLog,
+    request: &LoadRequest,
+) -> Result<LoadReport, Status> {
+    let (load, _) = engine.load()?;
+    Ok(LoadReport {
+        running: load.running,
+        waiting: load.waiting,
+        free_blocks: load.free_blocks,
+        total_blocks: load.total_blocks,
+        leases: load.leases,
+        draining: draining.load(Ordering::Relaxed),
+        kv_events: kv_log.answer(request),
+    })
 }

@@ -9,6 +9,7 @@
 //! handoff   TTFT disaggregated (tcp, shm x push, pull) against colocated, same two workers
 //! overhead  the coordinator against calling a decode worker directly
 //! disagg    pinned prefill/decode workers against a colocated worker under a mixed load
+//! events    the event plane: messages one coordinator absorbs from N publishers, and its CPU
 //! ```
 //!
 //! The cluster experiments start `baton` processes: the `baton` binary beside this one (build
@@ -17,6 +18,7 @@
 mod cluster;
 mod disagg;
 mod engine;
+mod events;
 mod standin;
 mod transfer;
 
@@ -50,6 +52,9 @@ enum Command {
     /// The disaggregation experiment: pinned prefill and decode workers against a colocated
     /// worker under a mix of steady short-prompt streams and long prompts at a sweep of rates.
     Disagg(Box<disagg::DisaggArgs>),
+    /// The event plane: messages and KV events per second one coordinator applies from N
+    /// publishing workers at a sweep of offered rates, their lag, and the coordinator's CPU.
+    Events(events::EventsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -67,5 +72,6 @@ fn main() -> anyhow::Result<()> {
         Command::Handoff(args) => cluster::handoff(args),
         Command::Overhead(args) => cluster::overhead(args),
         Command::Disagg(args) => disagg::run(*args),
+        Command::Events(args) => events::run(args),
     }
 }

@@ -48,12 +48,18 @@ impl StandIn {
                 worker_id: "constant-time-stand-in".into(),
                 role: v1::WorkerRole::Colocated as i32,
                 model_name: String::new(),
-                layout: None,
+                // The coordinator admits only workers that name their model; this one has
+                // none, so it names a model of its own.
+                layout: Some(v1::LayoutDescriptor {
+                    fingerprint: standin_fingerprint(),
+                    ..Default::default()
+                }),
                 kv_endpoints: Vec::new(),
                 max_context: self.max_context,
                 block_size: self.block_size,
                 total_blocks: BLOCKS,
                 eos_token_ids: self.eos_token_ids,
+                event_port: 0,
             },
         };
         tokio::spawn(
@@ -141,6 +147,11 @@ impl DecodeWorker for StandInService {
             messages.into_iter().map(Ok).collect::<Vec<_>>(),
         )))
     }
+}
+
+/// The stand-in's model fingerprint: a fixed name no real model's hash will equal.
+fn standin_fingerprint() -> Vec<u8> {
+    b"baton-lab constant-time stand-in".to_vec()
 }
 
 #[cfg(test)]

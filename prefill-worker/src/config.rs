@@ -26,7 +26,7 @@ pub struct PrefillConfig {
     /// `prefill-<host name>-<8 random hex digits>`, made at start.
     pub worker_id: Option<String>,
     /// Identifies this host: decode workers with the same id may be reached over shared
-    /// memory. Default: empty.
+    /// memory. Default: /etc/machine-id, else the host name.
     pub host_id: String,
     /// The KV transfer agent (`[prefill.kv]`): its TCP listener (decode workers read pull
     /// sources through it) and, with `shm_socket`, its shared-memory socket.
@@ -48,6 +48,9 @@ pub struct PrefillConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub drain_timeout: Duration,
+    /// How coordinators find this worker (`[prefill.discovery]`): `static` (their config lists
+    /// it; nothing is announced), `mdns` or `etcd` (a signed advert under the cluster key).
+    pub discovery: baton_discovery::DiscoveryConfig,
     /// Logs and traces (`[prefill.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
 }
@@ -58,7 +61,7 @@ impl PrefillConfig {
             engine,
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             worker_id: None,
-            host_id: String::new(),
+            host_id: baton_worker::default_host_id(),
             kv: KvConfig::default(),
             max_pending: 64,
             segment_queue: 64,
@@ -66,6 +69,7 @@ impl PrefillConfig {
             metrics: true,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9061)),
             drain_timeout: Duration::from_secs(30),
+            discovery: baton_discovery::DiscoveryConfig::default(),
             telemetry: baton_telemetry::TelemetryConfig::default(),
         }
     }
@@ -88,6 +92,12 @@ impl PrefillConfig {
         }
         if self.drain_timeout > Duration::from_secs(3600) {
             return Err(invalid("drain_timeout", "must be at most 1 h"));
+        }
+        if let Err(e) = self.discovery.validate() {
+            return Err(match e {
+                baton_discovery::Error::InvalidConfig { field, reason } => invalid(field, &reason),
+                other => invalid("discovery", &other.to_string()),
+            });
         }
         if let Err(e) = self.telemetry.validate() {
             return Err(invalid("telemetry", &e.to_string()));

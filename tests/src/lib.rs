@@ -249,6 +249,18 @@ impl Coordinator {
         transport: TransportChoice,
         tweak: impl FnOnce(&mut CoordinatorConfig),
     ) -> Self {
+        let c = Self::spawn(workers, handoff, transport, tweak).await;
+        c.await_serving().await;
+        c
+    }
+
+    /// Starts a coordinator over `workers` without waiting for it to be ready.
+    pub async fn spawn(
+        workers: &Workers,
+        handoff: HandoffShape,
+        transport: TransportChoice,
+        tweak: impl FnOnce(&mut CoordinatorConfig),
+    ) -> Self {
         let (gl, grpc) = listener().await;
         let (hl, http) = listener().await;
         let mut config = CoordinatorConfig::new(dev_model());
@@ -268,13 +280,11 @@ impl Coordinator {
                 panic!("coordinator failed: {e}");
             }
         });
-        let c = Self {
+        Self {
             grpc,
             http,
             stop: Some(tx),
-        };
-        c.await_serving().await;
-        c
+        }
     }
 
     async fn await_serving(&self) {

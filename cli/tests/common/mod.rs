@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod lan;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -28,7 +30,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `baton <args>` and waits for `announced` listening lines.
     pub fn start(args: &[&str], announced: usize) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_baton"))
+        Self::start_with(&[], args, announced)
+    }
+
+    /// Starts `<prefix> baton <args>` (`prefix` runs it elsewhere: `ip netns exec NS`, which
+    /// execs, so the child is baton itself) and waits for `announced` listening lines.
+    pub fn start_with(prefix: &[String], args: &[&str], announced: usize) -> Proc {
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_baton"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_baton")),
+        };
+        let mut child = command
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

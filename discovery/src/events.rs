@@ -1,0 +1,218 @@
+//! The event plane's transport: a worker publishes signed messages on a ZeroMQ PUB socket; a
+//! coordinator subscribes to each worker it admitted and gets the messages that verify under
+//! the cluster key. What a message says (load, KV events, their sequence numbers) is the
+//! caller's: this module moves opaque payloads and vouches for who signed them.
+//!
+//! worker --PUB [topic, payload, signature]--> coordinator SUB (one socket per worker)
+//!
+//! A message is three frames: the topic [`TOPIC`], the payload, and a keyed BLAKE3 hash of the
+//! payload under a key derived from the cluster key for events (distinct from the adverts'
+//! key, so neither can stand for the other). PUB drops messages for a subscriber that does not
+//! keep up (bounded queues), so a reader must expect gaps: the payload carries sequence
+//! numbers and the reader resynchronises over gRPC when it sees one.
+
+use std::net::SocketAddr;
+
+use zeromq::{PubSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+use crate::advert::ClusterKey;
+use crate::error::{Error, Refusal, Result};
+
+/// The one topic baton publishes.
+pub const TOPIC: &[u8] = b"baton.v1.WorkerEvent";
+
+/// Largest payload a reader accepts (a worker's whole KV index, 8192 block names, is about
+/// 300 KiB).
+pub const MAX_PAYLOAD: usize = 4 << 20;
+
+fn zmq_error(e: zeromq::ZmqError) -> Error {
+    Error::Backend {
+        backend: "events",
+        reason: e.to_string(),
+    }
+}
+
+/// A worker's publisher.
+pub struct EventPublisher {
+    socket: PubSocket,
+    key: ClusterKey,
+    port: u16,
+}
+
+impl EventPublisher {
+    /// Binds `at` (port 0: the OS chooses; [`EventPublisher::port`] says which).
+    pub async fn bind(at: SocketAddr, key: ClusterKey) -> Result<Self> {
+        let listener = std::net::TcpListener::bind(at).map_err(|e| Error::Backend {
+            backend: "events",
+            reason: format!("bind {at}: {e}"),
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::Backend {
+                backend: "events",
+                reason: e.to_string(),
+            })?
+            .port();
+        let mut socket = PubSocket::new();
+        socket.bind_listener(listener).await.map_err(zmq_error)?;
+        Ok(Self { socket, key, port })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Signs and sends `payload`. A subscriber whose queue is full misses it (it sees the
+    /// gap in the payload's sequence numbers).
+    pub async fn publish(&mut self, payload: Vec<u8>) -> Result<()> {
+        let signature = self.key.sign_event(&payload);
+        let mut message = ZmqMessage::from(TOPIC.to_vec());
+        message.push_back(payload.into());
+        message.push_back(signature.to_vec().into());
+        self.socket.send(message).await.map_err(zmq_error)
+    }
+}
+
+/// A coordinator's subscription to one worker's publisher.
+pub struct EventSubscriber {
+    socket: SubSocket,
+    key: ClusterKey,
+}
+
+impl EventSubscriber {
+    /// Connects to a publisher at `endpoint` (`host:port`), waiting at most until the
+    /// connection is up (the caller bounds it).
+    pub async fn connect(endpoint: &str, key: ClusterKey) -> Result<Self> {
+        let mut socket = SubSocket::new();
+        socket
+            .subscribe(std::str::from_utf8(TOPIC).unwrap_or_default())
+            .await
+            .map_err(zmq_error)?;
+        socket
+            .connect(&format!("tcp://{endpoint}"))
+            .await
+            .map_err(zmq_error)?;
+        Ok(Self { socket, key })
+    }
+
+    /// The next message's payload: `Ok(Ok(payload))` when it verifies, `Ok(Err(refusal))`
+    /// when it does not (the caller counts it), `Err` when the connection is gone for good.
+    pub async fn next(&mut self) -> Result<std::result::Result<Vec<u8>, Refusal>> {
+        let message = self.socket.recv().await.map_err(zmq_error)?;
+        Ok(self.read(message))
+    }
+
+    fn read(&self, message: ZmqMessage) -> std::result::Result<Vec<u8>, Refusal> {
+        let frames = message.into_vec();
+        let [topic, payload, signature] = frames.as_slice() else {
+            return Err(Refusal::Malformed(format!(
+                "{} frames, not 3",
+                frames.len()
+            )));
+        };
+        if topic.as_ref() != TOPIC {
+            return Err(Refusal::Malformed("unknown topic".into()));
+        }
+        if payload.len() > MAX_PAYLOAD {
+            return Err(Refusal::Malformed(format!(
+                "payload of {} bytes, over {MAX_PAYLOAD}",
+                payload.len()
+            )));
+        }
+        let Ok(signature) = <[u8; 32]>::try_from(signature.as_ref()) else {
+            return Err(Refusal::Unsigned);
+        };
+        if !self.key.verify_event(payload, &signature) {
+            return Err(Refusal::BadSignature);
+        }
+        Ok(payload.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> ClusterKey {
+        ClusterKey::new(s.as_bytes()).expect("key")
+    }
+
+    fn message(frames: &[&[u8]]) -> ZmqMessage {
+        let mut m = ZmqMessage::from(frames[0].to_vec());
+        for f in &frames[1..] {
+            m.push_back(f.to_vec().into());
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn only_messages_signed_with_the_cluster_key_are_read() {
+        let k = key("events-test-key-0123456789abcdef");
+        let reader = EventSubscriber {
+            socket: SubSocket::new(),
+            key: k.clone(),
+        };
+        let signature = k.sign_event(b"payload");
+        assert_eq!(
+            reader.read(message(&[TOPIC, b"payload", &signature])),
+            Ok(b"payload".to_vec())
+        );
+        assert_eq!(
+            reader.read(message(&[TOPIC, b"payloaX", &signature])),
+            Err(Refusal::BadSignature)
+        );
+        let other = key("another-events-key-0123456789ab").sign_event(b"payload");
+        assert_eq!(
+            reader.read(message(&[TOPIC, b"payload", &other])),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            reader.read(message(&[TOPIC, b"payload", b"short"])),
+            Err(Refusal::Unsigned)
+        );
+        assert!(matches!(
+            reader.read(message(&[TOPIC, b"payload"])),
+            Err(Refusal::Malformed(_))
+        ));
+        assert!(matches!(
+            reader.read(message(&[b"other.topic", b"payload", &signature])),
+            Err(Refusal::Malformed(_))
+        ));
+        // An advert signature over the same bytes is not an event signature.
+        assert_ne!(k.sign_event(b"x"), k.sign_advert(b"x"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_subscriber_receives_what_a_publisher_sends() {
+        let k = key("events-test-key-0123456789abcdef");
+        let mut publisher = EventPublisher::bind("127.0.0.1:0".parse().expect("addr"), k.clone())
+            .await
+            .expect("bind");
+        let mut subscriber =
+            EventSubscriber::connect(&format!("127.0.0.1:{}", publisher.port()), k)
+                .await
+                .expect("connect");
+        // A subscription reaches the publisher a moment after the connection: publish until
+        // one arrives (PUB drops what no subscriber has asked for yet).
+        let received = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut n = 0u32;
+            loop {
+                n += 1;
+                publisher
+                    .publish(n.to_le_bytes().to_vec())
+                    .await
+                    .expect("publish");
+                if let Ok(Ok(got)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(20), subscriber.next())
+                        .await
+                {
+                    return got;
+                }
+            }
+        })
+        .await
+        .expect("a message arrives");
+        let got = received.expect("verifies");
+        assert_eq!(got.len(), 4);
+    }
+}
