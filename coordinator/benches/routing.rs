@@ -13,7 +13,9 @@
 use std::hint::black_box;
 
 use baton_coordinator::PdMode;
-use baton_coordinator::routing::{Candidate, Routing, choose_decode, choose_prefill, decide};
+use baton_coordinator::routing::{
+    Candidate, LinkCost, Routing, choose_decode, choose_prefill, decide,
+};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 
@@ -47,6 +49,7 @@ fn route(
         prompt_tokens,
         MIN_DISAGGREGATED_TOKENS,
         p.is_some(),
+        LinkCost::default(),
     );
     black_box(mode.ok());
     (p, choose_decode(decode, Routing::Kv))

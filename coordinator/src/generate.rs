@@ -27,7 +27,7 @@ use tracing::field::Empty;
 
 use crate::config::{HandoffShape, TransportChoice};
 use crate::error::{Error, ErrorClass, Result};
-use crate::placement::{self, Mode, PdMode};
+use crate::placement::{self, LinkCost, Mode, PdMode};
 use crate::server::Inner;
 use crate::workers::{Placed, PromptNames, Worker, WorkerRole};
 
@@ -85,6 +85,12 @@ pub struct Placement {
     /// handoff did not move them.
     pub kv_cached_tokens: u32,
     pub kv_cached_bytes: u64,
+    /// Why it runs where it does ([`placement::Reason`]).
+    pub reason: Option<&'static str>,
+    /// What the decision weighed, when measured: seconds to move the KV the decode worker
+    /// lacks over the pair's link, and seconds the decode worker would take to compute it.
+    pub predicted_transfer_seconds: Option<f64>,
+    pub predicted_prefill_seconds: Option<f64>,
 }
 
 /// Token counts, OpenAI style.
@@ -321,36 +327,51 @@ async fn start(
 ) -> Result<Started> {
     let registry = &inner.registry;
     let routing = inner.config.routing;
-    let (mode, prefill_choice, decode, decode_cached) =
-        tracing::info_span!("place").in_scope(|| {
+    let (mode, reason, link, prefill_choice, decode, decode_cached) = tracing::info_span!("place")
+        .in_scope(|| {
             let mut names = PromptNames::default();
             let prompt_tokens = prompt.len() as u32;
             let (prefill_workers, prefills) = registry.prefill_candidates(prompt, &mut names);
             let prefill_idx = placement::choose_prefill(&prefills, prompt_tokens, routing);
-            let mode = placement::decide(
-                pd_mode,
-                prompt.len(),
-                inner.config.min_disaggregated_tokens,
-                prefill_idx.is_some(),
-            )
-            .map_err(|_| Error::NoWorker { role: "prefill" })?;
             let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
             let (decode_workers, decodes) = registry.decode_candidates(needed, prompt, &mut names);
             let decode_idx = placement::choose_decode(&decodes, routing)
                 .ok_or(Error::NoWorker { role: "decode" })?;
+            let decode = decode_workers[decode_idx].clone();
+            let decode_cached = decodes[decode_idx].cached_tokens;
+            // What the decode worker lacks crosses the link, or it computes it itself.
+            let lacking = prompt.len().saturating_sub(decode_cached as usize);
+            let link = prefill_idx.map_or_else(LinkCost::default, |i| {
+                registry.link_cost(&prefill_workers[i], &decode, lacking)
+            });
+            let (mode, reason) = placement::decide(
+                pd_mode,
+                prompt.len(),
+                inner.config.min_disaggregated_tokens,
+                prefill_idx.is_some(),
+                link,
+            )
+            .map_err(|_| Error::NoWorker { role: "prefill" })?;
+            tracing::debug!(
+                mode = mode.as_str(),
+                reason = reason.as_str(),
+                predicted_transfer_s = ?link.transfer_s,
+                predicted_prefill_s = ?link.prefill_s,
+                lacking,
+                "placed"
+            );
             let prefill_choice =
                 prefill_idx.map(|i| (prefill_workers[i].clone(), prefills[i].cached_tokens));
-            Ok::<_, Error>((
-                mode,
-                prefill_choice,
-                decode_workers[decode_idx].clone(),
-                decodes[decode_idx].cached_tokens,
-            ))
+            Ok::<_, Error>((mode, reason, link, prefill_choice, decode, decode_cached))
         })?;
     tracing::Span::current().record("mode", mode.as_str());
+    inner.metrics.decided(mode, reason);
     let expected = Placement {
         routing: Some(routing.as_str()),
         expected_decode_cached_tokens: decode_cached,
+        reason: Some(reason.as_str()),
+        predicted_transfer_seconds: link.transfer_s,
+        predicted_prefill_seconds: link.prefill_s,
         ..Placement::default()
     };
     let mut sampling = convert::sampling_to_proto(params);
@@ -516,6 +537,7 @@ async fn disaggregated(
                 }
                 Err(status) => return Err(Error::from_status(&decode.address, &status)),
             };
+            let prefill_started = std::time::Instant::now();
             let prefilled = call(
                 prefill,
                 tracing::info_span!("prefill", worker = Empty),
@@ -540,6 +562,12 @@ async fn disaggregated(
             drop(prefilling);
             let first = first_token(&prefilled.first_token)?;
             placement.cached_tokens = prefilled.cached_tokens;
+            prefill.observe_prefill(
+                prompt
+                    .len()
+                    .saturating_sub(prefilled.cached_tokens as usize),
+                prefill_started.elapsed(),
+            );
             // The one place the first token's finish is decided; a finished request drops the
             // decode stream here, which frees the reservation.
             let first_finish = finish_reason_after(first.id, 1, params, eos);
@@ -555,6 +583,7 @@ async fn disaggregated(
             // The pull source stays pinned on the prefill worker until the decode stream takes
             // it over; any other way out frees it.
             let source = Pinned::on(prefill, handoff);
+            let prefill_started = std::time::Instant::now();
             let prefilled = call(
                 prefill,
                 tracing::info_span!("prefill", worker = Empty),
@@ -577,6 +606,12 @@ async fn disaggregated(
             drop(prefilling);
             let first = first_token(&prefilled.first_token)?;
             placement.cached_tokens = prefilled.cached_tokens;
+            prefill.observe_prefill(
+                prompt
+                    .len()
+                    .saturating_sub(prefilled.cached_tokens as usize),
+                prefill_started.elapsed(),
+            );
             // The one place the first token's finish is decided.
             let first_finish = finish_reason_after(first.id, 1, params, eos);
             if first_finish.is_some() {
@@ -794,6 +829,19 @@ impl Run {
                         placement.kv_bytes = source.bytes;
                         placement.transfer_seconds = source.transfer_seconds;
                         placement.exposed_seconds = source.exposed_seconds;
+                        if let Some(prefill) = &placement.prefill_worker {
+                            let moved = f
+                                .prompt_tokens
+                                .saturating_sub(f.kv.as_ref().map_or(0, |k| k.cached_tokens));
+                            self.inner.registry.observe_transfer(
+                                prefill,
+                                &placement.decode_worker,
+                                source.bytes,
+                                moved,
+                                source.transfer_seconds,
+                                source.exposed_seconds,
+                            );
+                        }
                         self.inner
                             .metrics
                             .kv_transferred(source.bytes, source.transfer_seconds);

@@ -124,6 +124,9 @@ pub fn finish_to_proto(
             routing: placement.routing.unwrap_or_default().into(),
             expected_cached_tokens: placement.expected_cached_tokens,
             expected_decode_cached_tokens: placement.expected_decode_cached_tokens,
+            placement_reason: placement.reason.unwrap_or_default().into(),
+            predicted_transfer_seconds: placement.predicted_transfer_seconds,
+            predicted_prefill_seconds: placement.predicted_prefill_seconds,
         }),
     }
 }

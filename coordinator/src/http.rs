@@ -525,6 +525,9 @@ fn placement_json(p: &generate::Placement) -> Value {
         "expected_decode_cached_tokens": p.expected_decode_cached_tokens,
         "kv_cached_tokens": p.kv_cached_tokens,
         "kv_cached_bytes": p.kv_cached_bytes,
+        "placement_reason": p.reason,
+        "predicted_transfer_seconds": p.predicted_transfer_seconds,
+        "predicted_prefill_seconds": p.predicted_prefill_seconds,
     })
 }
 

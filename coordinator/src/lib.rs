@@ -30,6 +30,6 @@ pub use server::{run, serve};
 #[doc(hidden)]
 pub mod routing {
     pub use crate::placement::{
-        Candidate, Mode, NoPlacement, Routing, choose_decode, choose_prefill, decide,
+        Candidate, LinkCost, Mode, NoPlacement, Routing, choose_decode, choose_prefill, decide,
     };
 }

@@ -39,6 +39,14 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    /// aggregated | disaggregated
+    mode: &'static str,
+    /// pd_mode_off | pd_mode_force | no_prefill_worker | short_prompt | slow_link | disaggregate
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusalLabels {
     /// unsigned | bad_signature | foreign_cluster | replayed | from_the_future | malformed
     reason: &'static str,
@@ -72,6 +80,7 @@ pub struct Metrics {
     worker_cached_blocks: Family<WorkerLabels, Gauge>,
     workers: Family<StateLabels, Gauge>,
     adverts_refused: Family<RefusalLabels, Counter>,
+    decisions: Family<DecisionLabels, Counter>,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -188,7 +197,18 @@ impl Metrics {
         ] {
             let _ = adverts_refused.get_or_create(&RefusalLabels { reason });
         }
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "placement_decisions",
+            "Requests by where they ran and why: pd_mode, a short prompt, no prefill worker, a link measured too slow for the KV, or disaggregated",
+            decisions.clone(),
+        );
+        let _ = decisions.get_or_create(&DecisionLabels {
+            mode: "disaggregated",
+            reason: "disaggregate",
+        });
         Self {
+            decisions,
             workers,
             adverts_refused,
             registry: std::sync::Mutex::new(registry),
@@ -300,6 +320,15 @@ impl Metrics {
             "Time from an event-plane message's sending to its application (clocks of two hosts)",
             counters.lag.clone(),
         );
+    }
+
+    pub fn decided(&self, mode: Mode, reason: crate::placement::Reason) {
+        self.decisions
+            .get_or_create(&DecisionLabels {
+                mode: mode.as_str(),
+                reason: reason.as_str(),
+            })
+            .inc();
     }
 
     pub fn advert_refused(&self, reason: &'static str) {

@@ -44,22 +44,166 @@ pub enum NoPlacement {
     NoPrefillWorker,
 }
 
-/// Disaggregate when asked to, or under `auto` when a prefill worker is healthy and the prompt
-/// is long enough that its prefill outweighs a handoff.
+/// Why a request runs where it does (the response's `baton.placement_reason`, a metric
+/// label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// `pd_mode = off`.
+    Off,
+    /// `pd_mode = force`.
+    Forced,
+    /// No healthy prefill worker.
+    NoPrefillWorker,
+    /// Shorter than `min_disaggregated_tokens`: its prefill costs less than a handoff.
+    ShortPrompt,
+    /// The pair's link, as measured, would move the KV slower than the decode worker computes
+    /// it.
+    SlowLink,
+    /// Long enough, a prefill worker, and a link that keeps up (or not measured yet).
+    Disaggregate,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Off => "pd_mode_off",
+            Reason::Forced => "pd_mode_force",
+            Reason::NoPrefillWorker => "no_prefill_worker",
+            Reason::ShortPrompt => "short_prompt",
+            Reason::SlowLink => "slow_link",
+            Reason::Disaggregate => "disaggregate",
+        }
+    }
+}
+
+/// What the coordinator predicts for one request on one (prefill, decode) pair, from what it
+/// measured: see [`LinkEstimate`] and [`PrefillRate`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LinkCost {
+    /// Seconds to move the KV the decode worker lacks over the pair's link; `None` while the
+    /// link has kept up with the prefill of every transfer seen (or none was seen lately).
+    pub transfer_s: Option<f64>,
+    /// Seconds the decode worker would take to compute what its cache lacks.
+    pub prefill_s: Option<f64>,
+}
+
+/// How many times the decode worker's own prefill a transfer may be predicted to take before
+/// the request runs aggregated: disaggregation also keeps a long prefill off the decode
+/// worker's running batch, which is worth some waiting.
+pub const LINK_SLACK: f64 = 1.5;
+
+impl LinkCost {
+    pub fn too_slow(&self) -> bool {
+        matches!((self.transfer_s, self.prefill_s), (Some(t), Some(p)) if t > LINK_SLACK * p)
+    }
+}
+
+/// Disaggregate when asked to, or under `auto` when a prefill worker is healthy, the prompt is
+/// long enough that its prefill outweighs a handoff, and the pair's link moves its KV no
+/// slower than the decode worker would compute it ([`LinkCost::too_slow`]).
 pub fn decide(
     pd_mode: PdMode,
     prompt_tokens: usize,
     min_disaggregated_tokens: usize,
     prefill_available: bool,
-) -> Result<Mode, NoPlacement> {
+    link: LinkCost,
+) -> Result<(Mode, Reason), NoPlacement> {
     match pd_mode {
-        PdMode::Off => Ok(Mode::Aggregated),
-        PdMode::Force if prefill_available => Ok(Mode::Disaggregated),
+        PdMode::Off => Ok((Mode::Aggregated, Reason::Off)),
+        PdMode::Force if prefill_available => Ok((Mode::Disaggregated, Reason::Forced)),
         PdMode::Force => Err(NoPlacement::NoPrefillWorker),
-        PdMode::Auto if prefill_available && prompt_tokens >= min_disaggregated_tokens => {
-            Ok(Mode::Disaggregated)
+        PdMode::Auto if !prefill_available => Ok((Mode::Aggregated, Reason::NoPrefillWorker)),
+        PdMode::Auto if prompt_tokens < min_disaggregated_tokens => {
+            Ok((Mode::Aggregated, Reason::ShortPrompt))
         }
-        PdMode::Auto => Ok(Mode::Aggregated),
+        PdMode::Auto if link.too_slow() => Ok((Mode::Aggregated, Reason::SlowLink)),
+        PdMode::Auto => Ok((Mode::Disaggregated, Reason::Disaggregate)),
+    }
+}
+
+/// Weight of a new sample in the running estimates.
+const EWMA: f64 = 0.3;
+
+/// A link estimate older than this is not used: one request then disaggregates and measures
+/// it again (a link that was slow may not be any more).
+pub const LINK_MEMORY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A (prefill, decode) pair's KV link as its transfers showed it.
+///
+/// A push transfer sends each layer as it is computed, so it lasts at least the prefill: its
+/// bytes over its duration say how fast the link was only when the link, not the compute, set
+/// the pace, which shows as time after the last layer was computed (`exposed`). Such
+/// link-bound transfers (and pull transfers, which are all exposed) update the bandwidth; a
+/// transfer the link kept up with says only that the link is at least that fast, and clears
+/// a slower estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LinkEstimate {
+    /// Bytes per second of link-bound transfers (EWMA), and when last seen.
+    pub bytes_per_s: Option<(f64, std::time::Instant)>,
+    /// KV bytes per prompt token (EWMA).
+    pub bytes_per_token: Option<f64>,
+}
+
+impl LinkEstimate {
+    /// One finished transfer: `bytes` for `tokens` prompt tokens in `transfer_s` seconds, of
+    /// which `exposed_s` after the compute ended.
+    pub fn observe(
+        &mut self,
+        bytes: u64,
+        tokens: u32,
+        transfer_s: f64,
+        exposed_s: f64,
+        now: std::time::Instant,
+    ) {
+        if bytes == 0 || tokens == 0 || transfer_s <= 0.0 {
+            return;
+        }
+        let per_token = bytes as f64 / f64::from(tokens);
+        self.bytes_per_token = Some(ewma(self.bytes_per_token, per_token));
+        let rate = bytes as f64 / transfer_s;
+        let link_bound = exposed_s > 0.005 && exposed_s > 0.1 * transfer_s;
+        if link_bound {
+            let old = self.bytes_per_s.map(|(r, _)| r);
+            self.bytes_per_s = Some((ewma(old, rate), now));
+        } else if self.bytes_per_s.is_some_and(|(r, _)| r < rate) {
+            // The link kept up at this rate: it is no slower than that.
+            self.bytes_per_s = None;
+        }
+    }
+
+    /// Seconds to move `tokens` prompt tokens' KV, when a recent link-bound estimate exists.
+    pub fn predict(&self, tokens: usize, now: std::time::Instant) -> Option<f64> {
+        let (rate, at) = self.bytes_per_s?;
+        if now.saturating_duration_since(at) > LINK_MEMORY || rate <= 0.0 {
+            return None;
+        }
+        Some(tokens as f64 * self.bytes_per_token? / rate)
+    }
+}
+
+/// A prefill worker's measured compute: seconds per prompt token (EWMA), from the time its
+/// `Prefill` call took over the tokens it computed.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PrefillRate {
+    pub seconds_per_token: Option<f64>,
+}
+
+impl PrefillRate {
+    pub fn observe(&mut self, tokens: usize, seconds: f64) {
+        if tokens > 0 && seconds > 0.0 {
+            self.seconds_per_token = Some(ewma(self.seconds_per_token, seconds / tokens as f64));
+        }
+    }
+
+    pub fn predict(&self, tokens: usize) -> Option<f64> {
+        Some(self.seconds_per_token? * tokens as f64)
+    }
+}
+
+fn ewma(old: Option<f64>, sample: f64) -> f64 {
+    match old {
+        Some(old) => old + EWMA * (sample - old),
+        None => sample,
     }
 }
 
@@ -202,15 +346,78 @@ mod tests {
 
     #[test]
     fn auto_disaggregates_long_prompts_only_when_a_prefill_worker_is_up() {
-        assert_eq!(decide(PdMode::Auto, 100, 32, true), Ok(Mode::Disaggregated));
-        assert_eq!(decide(PdMode::Auto, 10, 32, true), Ok(Mode::Aggregated));
-        assert_eq!(decide(PdMode::Auto, 100, 32, false), Ok(Mode::Aggregated));
-        assert_eq!(decide(PdMode::Off, 100, 32, true), Ok(Mode::Aggregated));
-        assert_eq!(decide(PdMode::Force, 1, 32, true), Ok(Mode::Disaggregated));
+        let link = LinkCost::default();
+        let mode = |m, n, p| decide(m, n, 32, p, link).map(|(mode, _)| mode);
+        assert_eq!(mode(PdMode::Auto, 100, true), Ok(Mode::Disaggregated));
+        assert_eq!(mode(PdMode::Auto, 10, true), Ok(Mode::Aggregated));
+        assert_eq!(mode(PdMode::Auto, 100, false), Ok(Mode::Aggregated));
+        assert_eq!(mode(PdMode::Off, 100, true), Ok(Mode::Aggregated));
+        assert_eq!(mode(PdMode::Force, 1, true), Ok(Mode::Disaggregated));
         assert_eq!(
-            decide(PdMode::Force, 1, 32, false),
+            decide(PdMode::Force, 1, 32, false, link),
             Err(NoPlacement::NoPrefillWorker)
         );
+    }
+
+    #[test]
+    fn a_link_slower_than_the_decode_workers_prefill_runs_the_request_aggregated() {
+        let slow = LinkCost {
+            transfer_s: Some(4.0),
+            prefill_s: Some(2.0),
+        };
+        assert_eq!(
+            decide(PdMode::Auto, 1000, 32, true, slow),
+            Ok((Mode::Aggregated, Reason::SlowLink))
+        );
+        let ok = LinkCost {
+            transfer_s: Some(2.5),
+            prefill_s: Some(2.0),
+        };
+        assert_eq!(
+            decide(PdMode::Auto, 1000, 32, true, ok),
+            Ok((Mode::Disaggregated, Reason::Disaggregate)),
+            "within the slack: disaggregation keeps prefill off the decode batch"
+        );
+        assert_eq!(
+            decide(PdMode::Force, 1000, 32, true, slow),
+            Ok((Mode::Disaggregated, Reason::Forced)),
+            "the client's force wins"
+        );
+        let unmeasured = LinkCost {
+            transfer_s: None,
+            prefill_s: Some(2.0),
+        };
+        assert!(
+            !unmeasured.too_slow(),
+            "not measured yet: disaggregate and learn"
+        );
+    }
+
+    #[test]
+    fn only_link_bound_transfers_say_how_fast_the_link_is() {
+        let t0 = std::time::Instant::now();
+        let mut link = LinkEstimate::default();
+        // 10 MB over 2 s, all but 0.1 s of it hidden behind the prefill: compute-bound.
+        link.observe(10_000_000, 1000, 2.0, 0.01, t0);
+        assert_eq!(
+            link.predict(1000, t0),
+            None,
+            "the link kept up; its speed is unknown"
+        );
+        assert_eq!(link.bytes_per_token, Some(10_000.0));
+        // 10 MB over 8 s, 6 s after the compute ended: 1.25 MB/s.
+        link.observe(10_000_000, 1000, 8.0, 6.0, t0);
+        let predicted = link.predict(500, t0).expect("link-bound sample");
+        assert!((predicted - 4.0).abs() < 1e-9, "{predicted}");
+        // Forgotten after a while: measure again.
+        assert_eq!(link.predict(500, t0 + LINK_MEMORY * 2), None);
+        // A later transfer that kept up at a higher rate clears the slow estimate.
+        link.observe(10_000_000, 1000, 2.0, 0.0, t0);
+        assert_eq!(link.predict(500, t0), None);
+        let mut rate = PrefillRate::default();
+        assert_eq!(rate.predict(10), None);
+        rate.observe(1000, 2.0);
+        assert_eq!(rate.predict(500), Some(1.0));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::error::{Error, Result};
-use crate::placement::Candidate;
+use crate::placement::{Candidate, LinkCost, LinkEstimate, PrefillRate};
 
 /// A worker's name: its configured gRPC address until it reports its own id (a discovered
 /// worker is named by its advert from the start).
@@ -122,6 +122,8 @@ pub struct Worker {
     last_event: Mutex<Option<(u64, u64)>>,
     /// When that message was sent (Unix ms), for the lag histogram.
     last_event_sent_ms: Mutex<u64>,
+    /// Its prefill compute as measured (prefill workers).
+    prefill_rate: Mutex<PrefillRate>,
 }
 
 /// The model and block size every worker of the cluster must have.
@@ -170,6 +172,7 @@ impl Worker {
             kv_index: Mutex::new(KvIndex::default()),
             last_event: Mutex::new(None),
             last_event_sent_ms: Mutex::new(0),
+            prefill_rate: Mutex::new(PrefillRate::default()),
         })
     }
 
@@ -227,6 +230,15 @@ impl Worker {
         self.info()
             .and_then(|i| i.kv_endpoints.first().map(|e| e.host_id.clone()))
             .unwrap_or_default()
+    }
+
+    /// A `Prefill` call that computed `tokens` prompt tokens took `took` (queueing included:
+    /// what a request placed here waits).
+    pub fn observe_prefill(&self, tokens: usize, took: Duration) {
+        self.prefill_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(tokens, took.as_secs_f64());
     }
 
     pub fn draining(&self) -> bool {
@@ -800,6 +812,8 @@ pub struct Registry {
     links: Mutex<HashMap<(baton_core::WorkerId, baton_core::WorkerId), bool>>,
     /// Refusals already logged, by (source, what); bounded.
     refusals_logged: Mutex<HashSet<(String, &'static str)>>,
+    /// Each (prefill, decode) pair's KV link as its transfers showed it, by worker names.
+    link_estimates: Mutex<HashMap<(String, String), LinkEstimate>>,
 }
 
 /// Most distinct refusals logged one by one; past it they are only counted.
@@ -817,6 +831,7 @@ impl Registry {
             expected: Arc::new(Mutex::new(expected)),
             links: Mutex::new(HashMap::new()),
             refusals_logged: Mutex::new(HashSet::new()),
+            link_estimates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1051,6 +1066,59 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// What moving `lacking` prompt tokens' KV from `prefill` to `decode` is predicted to cost,
+    /// against `decode` computing them: the pair's measured link, and the prefill rate measured
+    /// on `prefill` (workers of one cluster run one model; the decode worker's own prefill is
+    /// not measured apart).
+    pub fn link_cost(&self, prefill: &Worker, decode: &Worker, lacking: usize) -> LinkCost {
+        let pair = (prefill.id().0, decode.id().0);
+        let transfer_s = self
+            .link_estimates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pair)
+            .and_then(|l| l.predict(lacking, std::time::Instant::now()));
+        let prefill_s = prefill
+            .prefill_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .predict(lacking);
+        LinkCost {
+            transfer_s,
+            prefill_s,
+        }
+    }
+
+    /// A finished handoff's transfer between the workers named `prefill` and `decode`.
+    pub fn observe_transfer(
+        &self,
+        prefill: &str,
+        decode: &str,
+        bytes: u64,
+        tokens: u32,
+        transfer_s: f64,
+        exposed_s: f64,
+    ) {
+        let mut estimates = self
+            .link_estimates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Bounded by the pairs of workers ever seen; a pair whose worker left is dropped.
+        if estimates.len() > 4096 {
+            estimates.clear();
+        }
+        estimates
+            .entry((prefill.to_string(), decode.to_string()))
+            .or_default()
+            .observe(
+                bytes,
+                tokens,
+                transfer_s,
+                exposed_s,
+                std::time::Instant::now(),
+            );
     }
 
     /// Whether this prefill worker holds a shared-memory link to this decode worker.

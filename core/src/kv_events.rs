@@ -156,9 +156,9 @@ impl KvIndex {
     }
 
     /// Applies a reply the worker pushed (its event plane) rather than one to this index's
-    /// own cursor: a reset always applies; otherwise it must continue where this index stands
-    /// (same epoch, starting at or before the cursor and ending at or after it), and only the
-    /// events past the cursor are applied. `false`: a gap (messages were dropped, or the
+    /// own cursor: a reset always applies; otherwise it must start at or before where this
+    /// index stands (same epoch), and only the events past the cursor are applied (none, for
+    /// a message a resync overtook). `false`: a gap (messages were dropped, or the
     /// worker restarted); the caller asks the worker with [`KvIndex::cursor`] instead.
     pub fn apply_pushed(&mut self, reply: &KvEvents) -> bool {
         if reply.reset {
@@ -169,8 +169,12 @@ impl KvIndex {
             return false;
         };
         let from = reply.next.saturating_sub(reply.events.len() as u64);
-        if reply.epoch != epoch || from > after || reply.next < after {
+        if reply.epoch != epoch || from > after {
             return false;
+        }
+        if reply.next <= after {
+            // All of it already applied (a resync overtook the messages in flight).
+            return true;
         }
         let skip = (after - from) as usize;
         self.apply(&KvEvents {
