@@ -1,6 +1,7 @@
 //! `baton status`: the pool as one coordinator sees it: every worker with its role, state,
-//! how it was found, host, KV blocks and load, refused workers with the reason, and the pooled
-//! totals (gRPC `ClusterStatus`).
+//! how it was found, host, device, KV blocks and load, refused workers with the reason, every
+//! (prefill, decode) pair's KV link and its measured speed, and the pooled totals (gRPC
+//! `ClusterStatus`).
 
 use baton_proto::v1::{ClusterStatusRequest, WorkerRole, inference_client::InferenceClient};
 
@@ -42,6 +43,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                     "discovered_via": w.discovered_via,
                     "address": w.address,
                     "host_id": w.host_id,
+                    "device": w.device,
                     "refusal": w.refusal,
                     "free_blocks": load.free_blocks,
                     "total_blocks": load.total_blocks,
@@ -56,13 +58,20 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
                 "workers": workers,
                 "running_requests": status.running_requests,
                 "waiting_requests": status.waiting_requests,
+                "links": status.links.iter().map(|l| serde_json::json!({
+                    "prefill_worker": l.prefill_worker,
+                    "decode_worker": l.decode_worker,
+                    "open": l.open,
+                    "shm": l.shm,
+                    "bytes_per_second": l.bytes_per_second,
+                })).collect::<Vec<_>>(),
             }))?
         );
         return Ok(());
     }
     println!(
-        "{:<8} {:<34} {:<10} {:<7} {:<22} {:<14} {:>13} {:>8}",
-        "ROLE", "WORKER", "STATE", "VIA", "ADDRESS", "HOST", "KV FREE/ALL", "RUN+WAIT"
+        "{:<8} {:<34} {:<10} {:<7} {:<22} {:<14} {:<7} {:>13} {:>8}",
+        "ROLE", "WORKER", "STATE", "VIA", "ADDRESS", "HOST", "DEVICE", "KV FREE/ALL", "RUN+WAIT"
     );
     let (mut free, mut total) = (0u64, 0u64);
     for w in &status.workers {
@@ -73,13 +82,14 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
         let host: String = w.host_id.chars().take(12).collect();
         println!(
-            "{:<8} {:<34} {:<10} {:<7} {:<22} {:<14} {:>13} {:>8}",
+            "{:<8} {:<34} {:<10} {:<7} {:<22} {:<14} {:<7} {:>13} {:>8}",
             role(w.role),
             w.worker_id,
             w.state,
             w.discovered_via,
             w.address,
             host,
+            w.device,
             format!("{}/{}", load.free_blocks, load.total_blocks),
             load.running + load.waiting,
         );
@@ -92,6 +102,21 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|w| w.state == "routable")
         .count();
+    for l in &status.links {
+        let link = match (l.open, l.shm) {
+            (true, true) => "open (tcp + shm)",
+            (true, false) => "open (tcp)",
+            _ => "not open",
+        };
+        let speed = l.bytes_per_second.map_or_else(
+            || "kept up with prefill".to_string(),
+            |b| format!("{:.1} MB/s measured", b / 1e6),
+        );
+        println!(
+            "link     {} -> {}: {link}, {speed}",
+            l.prefill_worker, l.decode_worker
+        );
+    }
     println!(
         "pool: {routable} of {} workers routable, KV blocks {free} free of {total}; requests {} running, {} waiting",
         status.workers.len(),

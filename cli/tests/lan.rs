@@ -220,6 +220,17 @@ async fn workers_on_other_hosts_join_leave_and_rejoin_over_mdns() {
     assert_eq!(kv.transport, v1::Transport::Tcp as i32, "across hosts");
     assert!(kv.bytes > 0);
     assert_eq!(tokens, reference, "host 2 -> host 1 equals one process");
+    let links = InferenceClient::new(channel(grpc))
+        .cluster_status(v1::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .links;
+    let link = links
+        .iter()
+        .find(|l| l.prefill_worker == "prefill-h2" && l.decode_worker == "decode-h1")
+        .expect("the pair is listed");
+    assert!(!link.shm, "hosts apart: no shared memory: {link:?}");
 
     // A second decode worker on host 2, next to the prefill worker.
     let started = Instant::now();

@@ -759,6 +759,16 @@ impl Run {
                 self.fail(Error::Internal("no decode stream".into())).await;
                 return;
             };
+            // The decode worker is the first placed; if it leaves the cluster (or goes silent)
+            // mid-stream, the stream fails rather than waiting on it.
+            let lost = _placed.first().map(|p| p.worker().lost());
+            let lost = async move {
+                match lost {
+                    Some(lost) => lost.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(lost);
             let deadline = self.deadline;
             let expired = async move {
                 match deadline {
@@ -778,6 +788,15 @@ impl Run {
                     () = &mut expired => {
                         let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
                         self.fail(Error::DeadlineExceeded { timeout }).await;
+                        return;
+                    }
+                    () = &mut lost => {
+                        self.fail(Error::Worker {
+                            worker: placement.decode_worker.clone(),
+                            class: ErrorClass::Unavailable,
+                            message: "the decode worker left the cluster (or stopped answering) mid-stream".into(),
+                        })
+                        .await;
                         return;
                     }
                     m = decode.message() => m,

@@ -283,6 +283,7 @@ impl Inference for InferenceService {
                 discovered_via: w.source.as_str().into(),
                 refusal: w.refusal().unwrap_or_default(),
                 host_id: w.host_id(),
+                device: w.info().map(|i| i.device).unwrap_or_default(),
                 worker_id: w.id().0,
                 role: match w.role {
                     crate::workers::WorkerRole::Prefill => v1::WorkerRole::Prefill,
@@ -300,6 +301,7 @@ impl Inference for InferenceService {
             .map(|l| l.waiting)
             .sum();
         Ok(Response::new(ClusterStatusResponse {
+            links: registry.link_status(),
             workers,
             running_requests: running as u32,
             waiting_requests: waiting,

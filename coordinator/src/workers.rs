@@ -124,6 +124,9 @@ pub struct Worker {
     last_event_sent_ms: Mutex<u64>,
     /// Its prefill compute as measured (prefill workers).
     prefill_rate: Mutex<PrefillRate>,
+    /// True once it left the cluster or stayed silent for `leave_after`: the requests
+    /// streaming from it fail then instead of waiting on a peer that may never answer.
+    lost: tokio::sync::watch::Sender<bool>,
 }
 
 /// The model and block size every worker of the cluster must have.
@@ -173,6 +176,7 @@ impl Worker {
             last_event: Mutex::new(None),
             last_event_sent_ms: Mutex::new(0),
             prefill_rate: Mutex::new(PrefillRate::default()),
+            lost: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -555,14 +559,25 @@ impl Worker {
     /// Follows the worker until aborted (it left): its event-plane messages where it publishes
     /// them and this coordinator holds the cluster key, else a `Load` poll every `interval`.
     /// A poll or a subscription that hangs (a partitioned host) holds up only this worker.
-    async fn poll_loop(self: Arc<Self>, interval: Duration, events: Option<EventPlane>) {
+    /// Silent for `leave_after`, it is lost: the requests streaming from it fail.
+    async fn poll_loop(
+        self: Arc<Self>,
+        interval: Duration,
+        leave_after: Duration,
+        events: Option<EventPlane>,
+    ) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if !self.poll().await {
+                if self.silent_for(leave_after).is_some() && !*self.lost.borrow() {
+                    tracing::warn!(worker = %self.key, address = %self.address, silent_s = leave_after.as_secs_f64(), "worker silent: out of placement, its streams fail");
+                    self.lost.send_replace(true);
+                }
                 continue;
             }
+            self.lost.send_replace(false);
             if let (Some(plane), Some(endpoint)) = (&events, self.event_endpoint()) {
                 self.follow_events(plane, &endpoint).await;
             }
@@ -682,8 +697,18 @@ impl Worker {
         }
     }
 
-    /// Ends its tasks (it left).
+    /// Resolves once it is lost (left, or silent for `leave_after`); see [`Worker::lost`].
+    pub fn lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.lost.subscribe();
+        async move {
+            // A dropped sender (the worker itself gone) is lost too.
+            let _ = rx.wait_for(|lost| *lost).await;
+        }
+    }
+
+    /// Ends its tasks (it left); requests streaming from it fail.
     fn stop(&self) {
+        self.lost.send_replace(true);
         for task in self
             .tasks
             .lock()
@@ -735,6 +760,12 @@ impl PromptNames {
 
 /// Counts a request (and its prompt tokens) against a worker while it runs there.
 pub struct Placed(Arc<Worker>, u64);
+
+impl Placed {
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.0
+    }
+}
 
 impl Drop for Placed {
     fn drop(&mut self) {
@@ -927,11 +958,11 @@ impl Registry {
         };
         tracing::info!(worker = %worker.key, address = %worker.address, role = worker.role.as_str(), via = source.as_str(), "worker joined");
         let interval = self.config.poll_interval;
-        let poll = tokio::spawn(
-            worker
-                .clone()
-                .poll_loop(interval, self.config.events.clone()),
-        );
+        let poll = tokio::spawn(worker.clone().poll_loop(
+            interval,
+            self.config.leave_after,
+            self.config.events.clone(),
+        ));
         let health = tokio::spawn(worker.clone().watch_health(interval));
         worker
             .tasks
@@ -1121,6 +1152,40 @@ impl Registry {
             );
     }
 
+    /// Every (prefill, decode) pair of known workers: whether its KV link is open (and shared
+    /// memory), and the bandwidth its link-bound transfers measured.
+    pub fn link_status(&self) -> Vec<v1::LinkStatus> {
+        let workers = self.snapshot();
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let estimates = self
+            .link_estimates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let now = std::time::Instant::now();
+        let mut out = Vec::new();
+        for p in workers.iter().filter(|w| w.role == WorkerRole::Prefill) {
+            for d in workers.iter().filter(|w| w.role == WorkerRole::Decode) {
+                let shm = links.get(&(p.key.clone(), d.key.clone())).copied();
+                let bytes_per_second = estimates
+                    .get(&(p.id().0, d.id().0))
+                    .and_then(|e| e.bytes_per_s)
+                    .filter(|(_, at)| {
+                        now.saturating_duration_since(*at) <= crate::placement::LINK_MEMORY
+                    })
+                    .map(|(rate, _)| rate);
+                out.push(v1::LinkStatus {
+                    prefill_worker: p.id().0,
+                    decode_worker: d.id().0,
+                    open: shm.is_some(),
+                    shm: shm.unwrap_or(false),
+                    bytes_per_second,
+                });
+            }
+        }
+        out
+    }
+
     /// Whether this prefill worker holds a shared-memory link to this decode worker.
     pub fn shm_linked(&self, prefill: &Worker, decode: &Worker) -> bool {
         self.links
@@ -1182,6 +1247,42 @@ mod tests {
 
     fn h(i: u8) -> BlockHash {
         BlockHash([i; 16])
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_leaves_fails_the_streams_waiting_on_it() {
+        let w = worker();
+        let lost = w.lost();
+        tokio::pin!(lost);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut lost)
+                .await
+                .is_err(),
+            "not lost while it is a member"
+        );
+        w.stop();
+        tokio::time::timeout(Duration::from_secs(1), lost)
+            .await
+            .expect("lost once it left");
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes a verified-but-confused publisher sends, applying them returns (never
+        /// panics) and never admits a message of another worker.
+        #[test]
+        fn any_event_payload_applies_without_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let _guard = runtime.enter();
+            let w = worker();
+            let applied = w.apply_event(&bytes);
+            if let Ok(event) = v1::WorkerEvent::decode(bytes.as_slice())
+                && event.worker_id != "decode-x"
+            {
+                proptest::prop_assert!(matches!(applied, Applied::Stale));
+            }
+        }
     }
 
     #[tokio::test]

@@ -60,6 +60,7 @@ impl StandIn {
                 total_blocks: BLOCKS,
                 eos_token_ids: self.eos_token_ids,
                 event_port: 0,
+                device: "none".into(),
             },
         };
         tokio::spawn(

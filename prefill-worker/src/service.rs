@@ -90,6 +90,7 @@ pub async fn serve_with_metrics(
         total_blocks: engine.total_blocks() as u32,
         eos_token_ids: engine.tokenizer().eos_token_ids().to_vec(),
         event_port: 0,
+        device: config.engine.device.to_string(),
     };
     let max_context = engine.max_context();
     tracing::info!(%worker_id, %addr, kv = ?agent.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>(), blocks = engine.total_blocks(), "prefill worker serving");
