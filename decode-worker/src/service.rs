@@ -141,51 +141,23 @@ pub async fn serve_with_metrics(
         })
         .transpose()
         .map_err(|e| Error::Internal(format!("metrics endpoint: {e}")))?;
-    // The event plane, where a cluster key signs it: coordinators then stop polling `Load`.
-    let key = config
-        .discovery
-        .key()
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let _events = match key {
-        Some(key) => {
-            let engine = handle.clone();
-            let draining = draining.clone();
-            let kv_log = kv_log.clone();
-            let events = baton_worker::events::publish(
-                addr.ip(),
-                key,
-                worker_id.to_string(),
-                handle.snapshots(),
-                move |request| load_report(&engine, &draining, &kv_log, request).ok(),
-            )
-            .await
-            .map_err(|e| Error::Internal(format!("event publisher: {e}")))?;
-            info.event_port = u32::from(events.port);
-            Some(events)
-        }
-        None => None,
+    // The event plane (where a cluster key signs it) and the advert.
+    let mut joined = {
+        let engine = handle.clone();
+        let draining = draining.clone();
+        let kv_log = kv_log.clone();
+        baton_worker::announce::join(
+            &config.discovery,
+            baton_discovery::Role::Decode,
+            &mut info,
+            &config.host_id,
+            addr,
+            handle.snapshots(),
+            move |request| load_report(&engine, &draining, &kv_log, request).ok(),
+        )
+        .await?
     };
-    let announcement = baton_worker::announce(
-        &config.discovery,
-        baton_discovery::Role::Decode,
-        &info,
-        &config.host_id,
-        addr,
-    )
-    .await
-    .map_err(|e| match e {
-        baton_discovery::Error::InvalidConfig { field, reason } => {
-            Error::InvalidRequest { field, reason }
-        }
-        other => Error::Internal(other.to_string()),
-    })?;
-    // The drain begins with a goodbye, so coordinators stop placing work here at once.
-    let shutdown = async move {
-        shutdown.await;
-        if let Some(announcement) = announcement {
-            announcement.withdraw().await;
-        }
-    };
+    let shutdown = joined.leave_after(shutdown);
     let service = DecodeService {
         draining: draining.clone(),
         kv_log,

@@ -46,6 +46,17 @@ impl Error {
     }
 }
 
+impl From<baton_discovery::Error> for Error {
+    fn from(e: baton_discovery::Error) -> Self {
+        match e {
+            baton_discovery::Error::InvalidConfig { field, reason } => {
+                Error::InvalidRequest { field, reason }
+            }
+            other => Error::Internal(other.to_string()),
+        }
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         baton_proto::status::status(e.class(), e.to_string(), None)

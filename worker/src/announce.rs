@@ -1,12 +1,71 @@
 //! Making a worker known to the cluster: after its model is loaded and its listener bound, a
-//! worker announces a signed advert through the discovery backend its config names, and
-//! withdraws it when its drain starts (so coordinators stop placing work here before the
-//! health watch would tell them).
+//! worker starts its event publisher (where a cluster key signs it), announces a signed advert
+//! through the discovery backend its config names ([`join`]), and withdraws it when its drain
+//! starts (so coordinators stop placing work here before the health watch would tell them).
 
 use std::net::SocketAddr;
 
+use std::future::Future;
+
 use baton_discovery::{Advert, Announcement, BackendKind, DiscoveryConfig, Role, advert::now_ms};
-use baton_proto::v1::WorkerInfo;
+use baton_proto::v1::{LoadReport, LoadRequest, WorkerInfo};
+use tokio::sync::watch;
+
+use crate::events::Events;
+
+/// What joining the cluster left running: the event publisher (until dropped) and the advert
+/// (until withdrawn by [`Joined::leave_after`]'s future, or dropped).
+pub struct Joined {
+    _events: Option<Events>,
+    announcement: Option<Announcement>,
+}
+
+impl Joined {
+    /// `shutdown`, then the advert's withdrawal: the drain begins with a goodbye, so
+    /// coordinators stop placing work here at once. The event publisher runs on (it reports
+    /// the drain) until this drops.
+    pub fn leave_after(
+        &mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = ()> + Send {
+        let announcement = self.announcement.take();
+        async move {
+            shutdown.await;
+            if let Some(announcement) = announcement {
+                announcement.withdraw().await;
+            }
+        }
+    }
+}
+
+/// Joins the cluster `config` names: with a cluster key, starts the event publisher on the
+/// gRPC listener's address (its port goes into `info.event_port`), publishing `report`'s answers
+/// as `snapshots` change; then announces `info` ([`announce`]).
+pub async fn join<S: Send + Sync + 'static>(
+    config: &DiscoveryConfig,
+    role: Role,
+    info: &mut WorkerInfo,
+    host_id: &str,
+    listen: SocketAddr,
+    snapshots: watch::Receiver<S>,
+    report: impl Fn(&LoadRequest) -> Option<LoadReport> + Send + 'static,
+) -> Result<Joined, baton_discovery::Error> {
+    let events = match config.key()? {
+        Some(key) => {
+            let events =
+                crate::events::publish(listen.ip(), key, info.worker_id.clone(), snapshots, report)
+                    .await?;
+            info.event_port = u32::from(events.port);
+            Some(events)
+        }
+        None => None,
+    };
+    let announcement = announce(config, role, info, host_id, listen).await?;
+    Ok(Joined {
+        _events: events,
+        announcement,
+    })
+}
 
 /// Announces `info` under `config`'s backend; `None` under `static` discovery (the
 /// coordinator's config names this worker). `listen` is the bound gRPC address.
