@@ -48,20 +48,8 @@ impl fmt::Display for WorkerId {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WorkerRole {
-    Prefill,
-    Decode,
-}
-
-impl WorkerRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WorkerRole::Prefill => "prefill",
-            WorkerRole::Decode => "decode",
-        }
-    }
-}
+/// What a worker does: the role its advert (or the configured list) names.
+pub use baton_discovery::Role as WorkerRole;
 
 tokio::task_local! {
     /// The deadline of the request this task is serving, when its client set one.
@@ -118,10 +106,8 @@ pub struct Worker {
     placed_tokens: AtomicU64,
     /// The blocks its prefix cache holds, from the KV events of its load reports.
     kv_index: Mutex<KvIndex>,
-    /// The (epoch, sequence number) of its last event-plane message.
-    last_event: Mutex<Option<(u64, u64)>>,
-    /// When that message was sent (Unix ms), for the lag histogram.
-    last_event_sent_ms: Mutex<u64>,
+    /// Its last event-plane message: (epoch, sequence number, sent at in Unix ms).
+    last_event: Mutex<Option<(u64, u64, u64)>>,
     /// Its prefill compute as measured (prefill workers).
     prefill_rate: Mutex<PrefillRate>,
     /// True once it left the cluster or stayed silent for `leave_after`: the requests
@@ -139,10 +125,7 @@ pub struct Expected {
 
 impl Worker {
     fn new(member: Member, expected: Arc<Mutex<Option<Expected>>>) -> Result<Self> {
-        let role = match member.role {
-            baton_discovery::Role::Prefill => WorkerRole::Prefill,
-            baton_discovery::Role::Decode => WorkerRole::Decode,
-        };
+        let role = member.role;
         let address = member.address;
         let channel = Channel::from_shared(format!("http://{address}"))
             .map_err(|e| Error::InvalidConfig {
@@ -174,7 +157,6 @@ impl Worker {
             placed_tokens: AtomicU64::new(0),
             kv_index: Mutex::new(KvIndex::default()),
             last_event: Mutex::new(None),
-            last_event_sent_ms: Mutex::new(0),
             prefill_rate: Mutex::new(PrefillRate::default()),
             lost: tokio::sync::watch::Sender::new(false),
         })
@@ -231,7 +213,10 @@ impl Worker {
         if let Some(a) = &self.advert {
             return a.host_id.clone();
         }
-        self.info()
+        self.info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
             .and_then(|i| i.kv_endpoints.first().map(|e| e.host_id.clone()))
             .unwrap_or_default()
     }
@@ -640,10 +625,11 @@ impl Worker {
 
     /// Seconds since the last applied message was sent.
     fn event_lag(&self) -> f64 {
-        let sent = *self
-            .last_event_sent_ms
+        let sent = self
+            .last_event
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(0, |(_, _, sent)| sent);
         baton_discovery::advert::now_ms().saturating_sub(sent) as f64 / 1000.0
     }
 
@@ -654,7 +640,13 @@ impl Worker {
         let Ok(event) = v1::WorkerEvent::decode(payload) else {
             return Applied::Stale;
         };
-        let named = self.info().is_some_and(|i| i.worker_id == event.worker_id);
+        // Read in place: this runs for every message.
+        let named = self
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|i| i.worker_id == event.worker_id);
         let old = baton_discovery::advert::now_ms().saturating_sub(event.sent_ms)
             > EVENT_MAX_AGE.as_millis() as u64;
         let Some(mut load) = event.load.filter(|_| named && !old) else {
@@ -662,24 +654,16 @@ impl Worker {
         };
         let gap = {
             let mut last = self.last_event.lock().unwrap_or_else(|p| p.into_inner());
-            match *last {
-                Some((epoch, seq)) if epoch == event.epoch && event.seq <= seq => {
+            let gap = match *last {
+                Some((epoch, seq, _)) if epoch == event.epoch && event.seq <= seq => {
                     return Applied::Stale;
                 }
-                Some((epoch, seq)) => {
-                    *last = Some((event.epoch, event.seq));
-                    epoch == event.epoch && event.seq != seq + 1
-                }
-                None => {
-                    *last = Some((event.epoch, event.seq));
-                    false
-                }
-            }
+                Some((epoch, seq, _)) => epoch == event.epoch && event.seq != seq + 1,
+                None => false,
+            };
+            *last = Some((event.epoch, event.seq, event.sent_ms));
+            gap
         };
-        *self
-            .last_event_sent_ms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = event.sent_ms;
         self.set_draining(load.draining);
         let continuous = match load.kv_events.take() {
             None => true,
@@ -866,16 +850,12 @@ impl Registry {
         }
     }
 
-    fn snapshot(&self) -> Vec<Arc<Worker>> {
+    /// Every worker now known.
+    pub fn all(&self) -> Vec<Arc<Worker>> {
         self.workers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// Every worker now known.
-    pub fn all(&self) -> Vec<Arc<Worker>> {
-        self.snapshot()
     }
 
     pub fn prefill(&self) -> Vec<Arc<Worker>> {
@@ -936,11 +916,10 @@ impl Registry {
         let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(i) = workers.iter().position(|w| w.key == member.id) {
             let old = &workers[i];
-            let role = match member.role {
-                baton_discovery::Role::Prefill => WorkerRole::Prefill,
-                baton_discovery::Role::Decode => WorkerRole::Decode,
-            };
-            if old.address == member.address && old.role == role && old.advert == member.advert {
+            if old.address == member.address
+                && old.role == member.role
+                && old.advert == member.advert
+            {
                 return;
             }
             let old = workers.remove(i);
@@ -1028,7 +1007,7 @@ impl Registry {
     /// Ready: at least one routable decode worker, and a routable prefill worker when any is
     /// known.
     pub fn ready(&self) -> bool {
-        let workers = self.snapshot();
+        let workers = self.all();
         let any = |role| workers.iter().any(|w| w.role == role && w.routable());
         let has_prefill = workers.iter().any(|w| w.role == WorkerRole::Prefill);
         any(WorkerRole::Decode) && (!has_prefill || any(WorkerRole::Prefill))
@@ -1037,7 +1016,7 @@ impl Registry {
     /// Opens KV links for healthy pairs not linked yet, and forgets those of pairs where
     /// either side is unhealthy, refused or silent.
     pub async fn link_pairs(&self) {
-        let workers = self.snapshot();
+        let workers = self.all();
         let usable = |w: &Arc<Worker>| w.healthy() && w.info().is_some() && w.refusal().is_none();
         for p in workers.iter().filter(|w| w.role == WorkerRole::Prefill) {
             for d in workers.iter().filter(|w| w.role == WorkerRole::Decode) {
@@ -1060,7 +1039,8 @@ impl Registry {
                 let Some(dinfo) = d.info() else { continue };
                 let mut all_ok = true;
                 let mut shm_ok = false;
-                let same_host = !p.host_id().is_empty() && p.host_id() == d.host_id();
+                let p_host = p.host_id();
+                let same_host = !p_host.is_empty() && p_host == d.host_id();
                 for endpoint in &dinfo.kv_endpoints {
                     let shm = endpoint.transport == v1::Transport::Shm as i32;
                     // Shared memory between hosts that only share a file system (containers,
@@ -1155,7 +1135,7 @@ impl Registry {
     /// Every (prefill, decode) pair of known workers: whether its KV link is open (and shared
     /// memory), and the bandwidth its link-bound transfers measured.
     pub fn link_status(&self) -> Vec<v1::LinkStatus> {
-        let workers = self.snapshot();
+        let workers = self.all();
         let links = self.links.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let estimates = self
             .link_estimates
@@ -1199,7 +1179,7 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        for w in self.snapshot() {
+        for w in self.all() {
             w.stop();
         }
     }
