@@ -96,6 +96,13 @@ impl Inference for FakeInference {
     ) -> Result<Response<v1::ClusterStatusResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
+
+    async fn budget(
+        &self,
+        _: Request<v1::BudgetRequest>,
+    ) -> Result<Response<v1::BudgetResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
 }
 
 async fn serve() -> SocketAddr {

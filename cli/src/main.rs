@@ -1,10 +1,10 @@
 //! `baton`: one binary for every role: `up` (a whole local cluster), `coordinator`, `prefill`,
-//! `decode`, `status` (the pool a coordinator sees), `generate` (a client, or the engine in this process with `--local`), `bench serve`
+//! `decode`, `status` (the pool a coordinator sees), `budget` (the cloud spend), `generate` (a client, or the engine in this process with `--local`), `bench serve`
 //! (the load generator), `kv-demo` (the KV transfer between two processes, without a cluster),
 //! and `config` (the effective configuration of a role, and its JSON Schema). The experiments
 //! (engine, transfer, handoff, overhead, disaggregation) are `baton-lab`'s.
 
-use baton::{bench_serve, config, generate, kv_demo, roles, status, up};
+use baton::{bench_serve, budget, config, generate, kv_demo, roles, status, up};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -31,6 +31,9 @@ enum Command {
     Decode(roles::DecodeArgs),
     /// Show the pool a coordinator sees: workers, their state, how they were found, KV and load.
     Status(status::StatusArgs),
+    /// Show the cloud budget: each cap's window (spent, reserved, remaining), each upstream's
+    /// spend, and reservations not yet settled.
+    Budget(budget::BudgetArgs),
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
     /// Load-test a running server.
@@ -105,6 +108,7 @@ fn main() -> anyhow::Result<()> {
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),
         Command::Status(args) => status::run(args),
+        Command::Budget(args) => budget::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(*args),
         Command::KvDemo(args) => kv_demo::run(args),

@@ -122,6 +122,8 @@ pub struct CoordinatorConfig {
     pub retry_after: Duration,
     /// Logs and traces (`[coordinator.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
+    /// Cloud upstreams and their dollar budget (`[coordinator.cloud]`).
+    pub cloud: CloudConfig,
 }
 
 impl CoordinatorConfig {
@@ -140,7 +142,7 @@ impl CoordinatorConfig {
         match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
             Some(b) => Ok(Some(baton_core::Fingerprint(b))),
             None => Err(Error::InvalidConfig {
-                field: "model_fingerprint",
+                field: "model_fingerprint".into(),
                 reason: format!("{hex:?} is not 64 hex digits"),
             }),
         }
@@ -165,6 +167,7 @@ impl CoordinatorConfig {
             load_poll_interval: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
             telemetry: baton_telemetry::TelemetryConfig::default(),
+            cloud: CloudConfig::default(),
         }
     }
 
@@ -174,9 +177,9 @@ impl CoordinatorConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        let bad = |field: &'static str, reason: &str| {
+        let bad = |field: &str, reason: &str| {
             Err(Error::InvalidConfig {
-                field,
+                field: field.into(),
                 reason: reason.into(),
             })
         };
@@ -206,6 +209,101 @@ impl CoordinatorConfig {
         }
         if let Err(e) = self.telemetry.validate() {
             return bad("telemetry", &e.to_string());
+        }
+        self.cloud.validate()
+    }
+}
+
+/// Cloud upstreams a request may spill to, and the dollar budget that bounds them
+/// (`[coordinator.cloud]`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudConfig {
+    /// OpenAI-compatible endpoints, in the order they are tried
+    /// (`[[coordinator.cloud.endpoints]]`). Default: none (nothing ever leaves the cluster).
+    pub endpoints: Vec<baton_cloud::EndpointConfig>,
+    /// The ledger file, its time zone and the caps (`[coordinator.cloud.budget]`); at least
+    /// one cap when any endpoint is configured.
+    pub budget: baton_budget::BudgetConfig,
+    /// Whether a request that does not say (`allow_cloud`) may spill. Default true.
+    pub allow_by_default: bool,
+    /// Time to first token a request that gives none (`ttft_target`) should get (a duration):
+    /// when the local cluster is predicted to take longer, the request spills. Default: unset,
+    /// a request spills only when no local worker can take it, local admission is full, or the
+    /// local attempt failed before its first token.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub ttft_target: Option<Duration>,
+    /// Send a request whose local attempt failed before its first token to an upstream.
+    /// Default true.
+    pub failover: bool,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            budget: baton_budget::BudgetConfig::default(),
+            allow_by_default: true,
+            ttft_target: None,
+            failover: true,
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Each bad value names its key under `cloud.`.
+    pub fn validate(&self) -> Result<()> {
+        if self.endpoints.is_empty() {
+            return Ok(());
+        }
+        let prefixed = |field: String, reason: String| Error::InvalidConfig {
+            field: if field.starts_with("cloud.") {
+                field
+            } else {
+                format!("cloud.{field}")
+            },
+            reason,
+        };
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            endpoint.validate(i).map_err(|e| match e {
+                baton_cloud::Error::InvalidConfig { field, reason } => prefixed(field, reason),
+                other => prefixed(format!("endpoints[{i}]"), other.to_string()),
+            })?;
+            if let Some(j) = self.endpoints[..i]
+                .iter()
+                .position(|e| e.name == endpoint.name)
+            {
+                return Err(prefixed(
+                    format!("endpoints[{i}].name"),
+                    format!("{:?} is also the name of endpoints[{j}]", endpoint.name),
+                ));
+            }
+        }
+        self.budget.validate().map_err(|e| match e {
+            baton_budget::Error::InvalidConfig { field, reason } => prefixed(field, reason),
+            other => prefixed("budget".into(), other.to_string()),
+        })?;
+        if self.budget.caps.is_empty() {
+            return Err(prefixed(
+                "budget.caps".into(),
+                "at least one cap is required when cloud endpoints are configured (spend would \
+                 be unbounded)"
+                    .into(),
+            ));
+        }
+        for (i, cap) in self.budget.caps.iter().enumerate() {
+            if let Some(name) = &cap.endpoint
+                && !self.endpoints.iter().any(|e| &e.name == name)
+            {
+                return Err(prefixed(
+                    format!("budget.caps[{i}].endpoint"),
+                    format!("{name:?} is not the name of a configured endpoint"),
+                ));
+            }
+        }
+        if self.ttft_target.is_some_and(|t| t.is_zero()) {
+            return Err(prefixed("ttft_target".into(), "must be positive".into()));
         }
         Ok(())
     }

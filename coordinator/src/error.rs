@@ -26,8 +26,16 @@ pub enum Error {
         class: ErrorClass,
         message: String,
     },
+    /// No upstream's budget covers the request (and the local cluster cannot take it).
+    #[error("{refusal}")]
+    BudgetSpent { refusal: baton_budget::Refusal },
+    /// Every upstream that could take the request is at its `max_concurrent`.
+    #[error("the local cluster is at capacity and every cloud upstream is busy; retry later")]
+    CloudBusy,
+    #[error(transparent)]
+    Upstream(baton_cloud::UpstreamError),
     #[error("invalid configuration: {field}: {reason}")]
-    InvalidConfig { field: &'static str, reason: String },
+    InvalidConfig { field: String, reason: String },
     #[error(transparent)]
     Text(#[from] baton_text::Error),
     #[error("internal error: {0}")]
@@ -43,6 +51,8 @@ impl Error {
             Error::NoWorker { .. } => ErrorClass::Unavailable,
             Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
+            Error::BudgetSpent { .. } | Error::CloudBusy => ErrorClass::Overloaded,
+            Error::Upstream(e) => e.class(),
             Error::Text(e) => match e.class() {
                 ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
                 _ => ErrorClass::Internal,
@@ -74,6 +84,16 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::Overloaded { retry_after, .. } => Some(*retry_after),
+            Error::BudgetSpent { refusal } => {
+                let left = refusal.resets_at.duration_since(jiff::Timestamp::now());
+                Some(
+                    Duration::try_from(left)
+                        .unwrap_or(Duration::ZERO)
+                        .max(Duration::from_secs(1)),
+                )
+            }
+            Error::CloudBusy => Some(Duration::from_secs(1)),
+            Error::Upstream(e) => e.retry_after(),
             _ => None,
         }
     }

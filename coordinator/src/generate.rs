@@ -27,7 +27,9 @@ use tracing::field::Empty;
 
 use crate::config::{HandoffShape, TransportChoice};
 use crate::error::{Error, ErrorClass, Result};
-use crate::placement::{self, LinkCost, Mode, PdMode};
+use crate::placement::{
+    self, LinkCost, LocalState, Mode, NoTarget, PdMode, SpillReason, SpillRequest, Target, Unfit,
+};
 use crate::server::Inner;
 use crate::workers::{Placed, PromptNames, Worker, WorkerRole};
 
@@ -54,6 +56,13 @@ pub struct GenerateInput {
     pub timeout: Option<Duration>,
     /// The request's id, passed to every worker call and logged; one is made when unset.
     pub request_id: Option<RequestId>,
+    /// May the request spill to a cloud upstream; `None` takes `cloud.allow_by_default`.
+    pub allow_cloud: Option<bool>,
+    /// Most the request may cost on a cloud upstream, in US dollars.
+    pub max_cost_usd: Option<f64>,
+    /// The time to first token the client wants; a local cluster predicted to be slower sends
+    /// the request to a cloud upstream when it may. `None` takes `cloud.ttft_target`.
+    pub ttft_target: Option<Duration>,
 }
 
 /// Where a request ran and what its handoff moved.
@@ -91,6 +100,10 @@ pub struct Placement {
     /// lacks over the pair's link, and seconds the decode worker would take to compute it.
     pub predicted_transfer_seconds: Option<f64>,
     pub predicted_prefill_seconds: Option<f64>,
+    /// The cloud upstream that ran it (mode `cloud`).
+    pub upstream: Option<String>,
+    /// What it cost there, in US dollars, as settled in the budget ledger.
+    pub cost_usd: f64,
 }
 
 /// Token counts, OpenAI style.
@@ -115,7 +128,7 @@ pub enum StreamEvent {
     Finish {
         reason: FinishReason,
         usage: Usage,
-        placement: Placement,
+        placement: Box<Placement>,
     },
 }
 
@@ -125,6 +138,10 @@ pub struct GenerateStream {
 }
 
 impl GenerateStream {
+    pub(crate) fn from_receiver(rx: mpsc::Receiver<Result<StreamEvent>>) -> Self {
+        Self { rx }
+    }
+
     /// The next event; `None` after the finish (or an error).
     pub async fn next(&mut self) -> Option<Result<StreamEvent>> {
         self.rx.recv().await
@@ -197,30 +214,277 @@ pub async fn generate(inner: Arc<Inner>, input: GenerateInput) -> Result<Generat
         .await
 }
 
-async fn generate_in_span(inner: Arc<Inner>, input: GenerateInput) -> Result<GenerateStream> {
-    let checked = tracing::info_span!("tokenize").in_scope(|| check(&inner, &input));
-    let (prompt, params) = match checked {
-        Ok(checked) => checked,
+async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result<GenerateStream> {
+    let request = input
+        .request_id
+        .get_or_insert_with(|| RequestId::generate(rand::random()))
+        .clone();
+    tracing::Span::current().record("request_id", request.as_str());
+    let routed = route(&inner, &input, &request);
+    let routed = match routed {
+        Ok(r) => r,
         Err(e) => {
             inner.metrics.request_refused(e.class());
             return Err(e);
         }
     };
-    tracing::Span::current().record("prompt_tokens", prompt.len());
-    let admitted =
-        tracing::info_span!("admit").in_scope(|| inner.admission.clone().try_acquire_owned());
-    let permit = match admitted {
-        Ok(p) => p,
-        Err(_) => {
-            let e = Error::Overloaded {
-                inflight: inner.config.max_inflight,
-                retry_after: inner.config.retry_after,
+    let Routed {
+        local,
+        spill,
+        cloud_request,
+        mut state,
+    } = routed;
+    let fitness = |inner: &Inner| match (&inner.cloud, &cloud_request) {
+        (Some(cloud), Ok(r)) => cloud.fitness(r),
+        _ => Vec::new(),
+    };
+    let decision = placement::spill::target(spill, state, &fitness(&inner));
+    let (prompt, params, permit) = match (decision, local) {
+        (Ok(Target::Local { kept }), Some((prompt, params, Some(permit)))) => {
+            if let Some((reason, kept)) = kept {
+                inner.metrics.spill_kept(reason, kept);
+            }
+            (prompt, params, permit)
+        }
+        (Ok(Target::Cloud { endpoint, reason }), local) => {
+            let deadline = deadline_of(&input);
+            let cloud_request =
+                cloud_request.map_err(|_| Error::Internal("no cloud form".into()))?;
+            inner.metrics.spilled(reason);
+            return match crate::cloud::run(inner.clone(), cloud_request, endpoint, reason, deadline)
+                .await
+            {
+                Ok(stream) => Ok(stream),
+                // The upstreams failed before any text: a request the local cluster can still
+                // run (it spilled only for its predicted wait) runs there, once.
+                Err(crate::cloud::Failed::BeforeText(e)) => match local {
+                    Some((prompt, params, Some(permit))) if reason == SpillReason::QueueWait => {
+                        tracing::warn!(error = %e, "cloud upstreams failed before the first token; running locally");
+                        run(inner, input, prompt, params, permit).await
+                    }
+                    _ => {
+                        inner.metrics.request_refused(e.class());
+                        Err(e)
+                    }
+                },
+                Err(crate::cloud::Failed::Unfit(e)) => {
+                    inner.metrics.request_refused(e.class());
+                    Err(e)
+                }
             };
+        }
+        (Ok(Target::Local { .. }), _) => {
+            return Err(Error::Internal(
+                "placement chose a local run it cannot start".into(),
+            ));
+        }
+        (Err(none), _) => {
+            let e = no_target(&inner, none, &spill, &cloud_request, &input);
             inner.metrics.request_refused(e.class());
             return Err(e);
         }
     };
-    run(inner, input, prompt, params, permit).await
+    let failover = inner
+        .cloud
+        .as_ref()
+        .is_some_and(|c| c.config.failover && spill.allowed && spill.local_only.is_none());
+    let kept = failover.then(|| input.clone());
+    match run(inner.clone(), input, prompt, params, permit).await {
+        Ok(stream) => Ok(stream),
+        Err(e) if failover && fails_over(&e) => {
+            // The local attempt failed before its first token: the cloud may take it.
+            state.failed = true;
+            let Some(input) = kept else { return Err(e) };
+            let Ok(Target::Cloud { endpoint, reason }) =
+                placement::spill::target(spill, state, &fitness(&inner))
+            else {
+                return Err(e);
+            };
+            let Ok(cloud_request) = cloud_request else {
+                return Err(e);
+            };
+            tracing::warn!(error = %e, "the local attempt failed before its first token; failing over to a cloud upstream");
+            inner.metrics.spilled(reason);
+            crate::cloud::run(inner, cloud_request, endpoint, reason, deadline_of(&input))
+                .await
+                .map_err(|f| match f {
+                    crate::cloud::Failed::BeforeText(e) | crate::cloud::Failed::Unfit(e) => e,
+                })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Local failures a cloud upstream may still serve: a worker that failed or vanished, not a
+/// bad request or the client's own deadline.
+fn fails_over(e: &Error) -> bool {
+    match e {
+        Error::NoWorker { .. } => true,
+        Error::Worker { class, .. } => matches!(
+            class,
+            ErrorClass::Unavailable | ErrorClass::Overloaded | ErrorClass::Internal
+        ),
+        _ => false,
+    }
+}
+
+fn deadline_of(input: &GenerateInput) -> Option<(tokio::time::Instant, Duration)> {
+    let deadline = crate::workers::DEADLINE.try_with(|d| *d).ok().flatten();
+    deadline.zip(input.timeout)
+}
+
+/// A request's options before the one placement decision: its local form (tokens, sampling
+/// and an admission permit, when the local cluster serves the model), its cloud form (or the
+/// field that keeps it local), and the local state the decision weighs.
+struct Routed {
+    local: Option<(Vec<u32>, SamplingParams, Option<OwnedSemaphorePermit>)>,
+    spill: SpillRequest,
+    cloud_request: std::result::Result<crate::cloud::CloudRequest, &'static str>,
+    state: LocalState,
+}
+
+fn route(inner: &Arc<Inner>, input: &GenerateInput, request: &RequestId) -> Result<Routed> {
+    let model = input
+        .model
+        .as_deref()
+        .filter(|m| !m.is_empty())
+        .unwrap_or(&inner.model_name);
+    let serves_model = model == inner.model_name;
+    let cloud = inner.cloud.as_ref();
+    if !serves_model && !cloud.is_some_and(|c| c.serves(model)) {
+        return Err(Error::UnknownModel(model.to_string()));
+    }
+    let max_cost = match input.max_cost_usd {
+        None => None,
+        Some(d) => Some(
+            baton_budget::Usd::from_dollars(d).ok_or(Error::InvalidRequest {
+                field: "max_cost_usd",
+                reason: "must be a non-negative number of dollars".into(),
+            })?,
+        ),
+    };
+    if input.ttft_target.is_some_and(|t| t.is_zero()) {
+        return Err(Error::InvalidRequest {
+            field: "ttft_target",
+            reason: "must be positive".into(),
+        });
+    }
+    // The local form: tokens within the context. No local worker is a reason to spill, not
+    // yet an error.
+    let (local, worker_available, params) = if serves_model {
+        match tracing::info_span!("tokenize").in_scope(|| check(inner, input)) {
+            Ok((prompt, params)) => {
+                tracing::Span::current().record("prompt_tokens", prompt.len());
+                let permit = tracing::info_span!("admit")
+                    .in_scope(|| inner.admission.clone().try_acquire_owned().ok());
+                let available = inner.registry.decode().iter().any(|w| w.routable());
+                (Some((prompt, params.clone(), permit)), available, params)
+            }
+            Err(Error::NoWorker { .. }) if cloud.is_some() => (None, false, cloud_params(input)?),
+            Err(e) => return Err(e),
+        }
+    } else {
+        (None, false, cloud_params(input)?)
+    };
+    let admission_full = local.as_ref().is_some_and(|(_, _, p)| p.is_none());
+    if cloud.is_none() {
+        if admission_full {
+            return Err(Error::Overloaded {
+                inflight: inner.config.max_inflight,
+                retry_after: inner.config.retry_after,
+            });
+        }
+        if !worker_available && serves_model && local.is_none() {
+            return Err(Error::NoWorker { role: "decode" });
+        }
+    }
+    let cloud_request =
+        crate::cloud::CloudRequest::new(model, &input.input, &params, max_cost, request.as_str());
+    let config = cloud.map(|c| &c.config);
+    let spill = SpillRequest {
+        allowed: config.is_some_and(|c| input.allow_cloud.unwrap_or(c.allow_by_default)),
+        local_only: cloud_request.as_ref().err().copied(),
+        ttft_target: input.ttft_target.or(config.and_then(|c| c.ttft_target)),
+    };
+    let predicted_ttft = inner.queue_model().predict(Instant::now());
+    Ok(Routed {
+        state: LocalState {
+            serves_model,
+            worker_available: worker_available && local.is_some(),
+            admission_full,
+            failed: false,
+            predicted_ttft,
+        },
+        local,
+        spill,
+        cloud_request,
+    })
+}
+
+/// Sampling parameters of a request only an upstream can run: checked without a local
+/// context length (the upstream enforces its own).
+fn cloud_params(input: &GenerateInput) -> Result<SamplingParams> {
+    let params = input.params.clone();
+    params.validate(&SamplingLimits::with_room(1 << 20))?;
+    if params.max_new_tokens == 0 {
+        return Err(Error::InvalidRequest {
+            field: "max_tokens",
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(params)
+}
+
+/// The client's error when neither the local cluster nor an upstream can run the request.
+fn no_target(
+    inner: &Inner,
+    none: NoTarget,
+    spill: &SpillRequest,
+    cloud_request: &std::result::Result<crate::cloud::CloudRequest, &'static str>,
+    input: &GenerateInput,
+) -> Error {
+    let model = input.model.clone().unwrap_or_default();
+    match (none.unfit, cloud_request) {
+        (Some(Unfit::Budget), Ok(r)) => match inner.cloud.as_ref().and_then(|c| c.refusal(r)) {
+            Some(refusal) => Error::BudgetSpent { refusal },
+            None => Error::CloudBusy,
+        },
+        (Some(Unfit::Busy), _) => Error::CloudBusy,
+        (Some(Unfit::OverMaxCost), Ok(r)) => Error::InvalidRequest {
+            field: "max_cost_usd",
+            reason: format!(
+                "the request may cost up to {} on the cheapest cloud upstream, more than it allows",
+                inner
+                    .cloud
+                    .as_ref()
+                    .and_then(|c| c.cheapest_worst_case(r))
+                    .unwrap_or_default()
+            ),
+        },
+        _ => match none.reason {
+            SpillReason::CloudOnlyModel => match spill.local_only {
+                Some(field) => Error::InvalidRequest {
+                    field,
+                    reason: format!(
+                        "cannot be sent to a cloud upstream, and only cloud upstreams serve {model:?}"
+                    ),
+                },
+                None => Error::InvalidRequest {
+                    field: "allow_cloud",
+                    reason: format!(
+                        "only cloud upstreams serve {model:?} and this request does not allow them"
+                    ),
+                },
+            },
+            SpillReason::LocalFull | SpillReason::QueueWait => Error::Overloaded {
+                inflight: inner.config.max_inflight,
+                retry_after: inner.config.retry_after,
+            },
+            SpillReason::NoLocalWorker | SpillReason::LocalFailed => {
+                Error::NoWorker { role: "decode" }
+            }
+        },
+    }
 }
 
 /// The request's tokens and validated sampling parameters, or the error naming the field.
@@ -265,12 +529,12 @@ async fn run(
 ) -> Result<GenerateStream> {
     let started = Instant::now();
     inner.metrics.request_started();
+    let waiting = Waiting::start(&inner, started);
     let deadline = crate::workers::DEADLINE.try_with(|d| *d).ok().flatten();
     let request = input
         .request_id
         .clone()
         .unwrap_or_else(|| RequestId::generate(rand::random()));
-    tracing::Span::current().record("request_id", request.as_str());
     let starting = start(&inner, &request, &prompt, &params, input.pd_mode);
     let result = match (deadline, input.timeout) {
         (Some(deadline), Some(timeout)) => tokio::time::timeout_at(deadline, starting)
@@ -299,6 +563,7 @@ async fn run(
         started,
         deadline: deadline.zip(input.timeout),
         tx,
+        waiting: Some(waiting),
         _permit: permit,
     };
     tokio::spawn(
@@ -726,7 +991,40 @@ struct Run {
     /// When the client's time runs out, and the timeout it gave.
     deadline: Option<(tokio::time::Instant, Duration)>,
     tx: mpsc::Sender<Result<StreamEvent>>,
+    /// Until the first token: counted as waiting in the queue model.
+    waiting: Option<Waiting>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// A local request between admission and its first token, as the queue model
+/// ([`placement::QueueModel`]) counts it; dropped without a first token, it left the queue
+/// unserved.
+struct Waiting {
+    inner: Arc<Inner>,
+    served: bool,
+}
+
+impl Waiting {
+    fn start(inner: &Arc<Inner>, now: Instant) -> Self {
+        inner.queue_model().admitted(now);
+        Self {
+            inner: inner.clone(),
+            served: false,
+        }
+    }
+
+    fn served(mut self, now: Instant) {
+        self.served = true;
+        self.inner.queue_model().served(now);
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.served {
+            self.inner.queue_model().abandoned(Instant::now());
+        }
+    }
 }
 
 enum Step {
@@ -921,7 +1219,7 @@ impl Run {
             .send(Ok(StreamEvent::Finish {
                 reason,
                 usage,
-                placement,
+                placement: Box::new(placement),
             }))
             .await;
     }
@@ -935,7 +1233,12 @@ impl Run {
     ) -> Result<Step, ()> {
         let now = Instant::now();
         match last {
-            None => self.inner.metrics.first_token(now - self.started),
+            None => {
+                self.inner.metrics.first_token(now - self.started);
+                if let Some(waiting) = self.waiting.take() {
+                    waiting.served(now);
+                }
+            }
             Some(prev) => self.inner.metrics.inter_token(now - *prev),
         }
         *last = Some(now);

@@ -118,8 +118,8 @@ pub fn finish_to_proto(
             prefill_worker: placement.prefill_worker.clone().unwrap_or_default(),
             decode_worker: placement.decode_worker.clone(),
             kv,
-            upstream: String::new(),
-            cost_usd: 0.0,
+            upstream: placement.upstream.clone().unwrap_or_default(),
+            cost_usd: placement.cost_usd,
             kv_bytes_received: placement.kv_bytes_received,
             routing: placement.routing.unwrap_or_default().into(),
             expected_cached_tokens: placement.expected_cached_tokens,
@@ -177,6 +177,19 @@ impl Inference for InferenceService {
             skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
             timeout,
             request_id: Some(id.clone()),
+            allow_cloud: req.allow_cloud,
+            max_cost_usd: req.max_cost_usd,
+            ttft_target: match req.ttft_target_seconds {
+                None => None,
+                Some(s) if s > 0.0 && s <= 86_400.0 => Some(std::time::Duration::from_secs_f64(s)),
+                Some(_) => {
+                    return Err(Error::InvalidRequest {
+                        field: "ttft_target_seconds",
+                        reason: "must be more than 0 and at most 86400 seconds".into(),
+                    }
+                    .into());
+                }
+            },
         };
         let generation = generate::generate(self.inner.clone(), input).await?;
         let request_id = id.to_string();
@@ -259,14 +272,38 @@ impl Inference for InferenceService {
             .filter(|w| w.refusal().is_none())
             .find_map(|w| w.info().and_then(|i| i.layout).map(|l| l.fingerprint))
             .unwrap_or_default();
-        Ok(Response::new(ModelsResponse {
-            models: vec![v1::ModelInfo {
-                id: self.inner.model_name.clone(),
-                max_context: self.inner.max_context() as u32,
-                fingerprint,
-                owned_by: "baton".into(),
-            }],
-        }))
+        let mut models = vec![v1::ModelInfo {
+            id: self.inner.model_name.clone(),
+            max_context: self.inner.max_context() as u32,
+            fingerprint,
+            owned_by: "baton".into(),
+        }];
+        if let Some(cloud) = &self.inner.cloud {
+            for (model, endpoint) in cloud.models() {
+                if !models.iter().any(|m| m.id == model) {
+                    models.push(v1::ModelInfo {
+                        id: model.into(),
+                        max_context: 0,
+                        fingerprint: Vec::new(),
+                        owned_by: format!("cloud:{endpoint}"),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ModelsResponse { models }))
+    }
+
+    async fn budget(
+        &self,
+        _: Request<v1::BudgetRequest>,
+    ) -> Result<Response<v1::BudgetResponse>, Status> {
+        let Some(cloud) = &self.inner.cloud else {
+            return Ok(Response::new(v1::BudgetResponse::default()));
+        };
+        Ok(Response::new(budget_to_proto(
+            &cloud.ledger().snapshot(),
+            &cloud.config.budget,
+        )))
     }
 
     async fn cluster_status(
@@ -306,5 +343,60 @@ impl Inference for InferenceService {
             running_requests: running as u32,
             waiting_requests: waiting,
         }))
+    }
+}
+
+/// The ledger's snapshot as the `Budget` RPC reports it.
+pub fn budget_to_proto(
+    s: &baton_budget::Snapshot,
+    config: &baton_budget::BudgetConfig,
+) -> v1::BudgetResponse {
+    let scope = |s: &baton_budget::Scope| match s {
+        baton_budget::Scope::Global => "global".to_string(),
+        baton_budget::Scope::Endpoint(e) => format!("endpoint:{e}"),
+    };
+    v1::BudgetResponse {
+        configured: true,
+        time_zone: config.time_zone.clone(),
+        ledger: config.ledger.display().to_string(),
+        windows: s
+            .windows
+            .iter()
+            .map(|w| v1::BudgetWindow {
+                scope: scope(&w.scope),
+                period: w.period.as_str().into(),
+                start: w.start.to_string(),
+                end: w.end.to_string(),
+                cap_nanodollars: w.cap.nanos(),
+                spent_nanodollars: w.spent.nanos(),
+                reserved_nanodollars: w.reserved.nanos(),
+                remaining_nanodollars: w.remaining.nanos(),
+                overrun_nanodollars: w.overrun.nanos(),
+                settled: w.settled,
+                open: w.open,
+            })
+            .collect(),
+        upstreams: s
+            .endpoints
+            .iter()
+            .map(|e| v1::UpstreamSpend {
+                endpoint: e.endpoint.clone(),
+                spent_nanodollars: e.spent.nanos(),
+                overrun_nanodollars: e.overrun.nanos(),
+                settled: e.settled,
+            })
+            .collect(),
+        open: s
+            .open
+            .iter()
+            .map(|r| v1::OpenReservation {
+                id: r.id.0,
+                endpoint: r.endpoint.clone(),
+                amount_nanodollars: r.amount.nanos(),
+                request_id: r.request_id.clone(),
+                created: r.created.to_string(),
+                from_previous_run: r.from_previous_run,
+            })
+            .collect(),
     }
 }

@@ -120,18 +120,30 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
         .into_response()
 }
 
+/// The served model, then each model only cloud upstreams serve (`owned_by` names the first
+/// upstream that serves it).
 async fn models(State(inner): State<Arc<Inner>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": inner.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "baton",
-            "max_model_len": inner.max_context(),
-        }]
-    }))
-    .into_response()
+    let mut data = vec![json!({
+        "id": inner.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "baton",
+        "max_model_len": inner.max_context(),
+    })];
+    let mut seen = std::collections::BTreeSet::from([inner.model_name.as_str()]);
+    if let Some(cloud) = &inner.cloud {
+        for (model, endpoint) in cloud.models() {
+            if seen.insert(model) {
+                data.push(json!({
+                    "id": model,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": format!("cloud:{endpoint}"),
+                }));
+            }
+        }
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// `stop` may be one string or a list.
@@ -190,6 +202,8 @@ struct CompletionRequest {
     /// baton extension: seconds the client will wait (or header `X-Request-Timeout`).
     timeout: Option<f64>,
     #[serde(flatten)]
+    cloud: CloudFields,
+    #[serde(flatten)]
     sampling: Sampling,
 }
 
@@ -227,7 +241,33 @@ struct ChatRequest {
     /// baton extension: seconds the client will wait (or header `X-Request-Timeout`).
     timeout: Option<f64>,
     #[serde(flatten)]
+    cloud: CloudFields,
+    #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// baton extensions for cloud spill.
+#[derive(Debug, Default, Deserialize)]
+struct CloudFields {
+    /// May the request spill to a cloud upstream (default: the coordinator's setting).
+    allow_cloud: Option<bool>,
+    /// Most it may cost there, in US dollars.
+    max_cost_usd: Option<f64>,
+    /// The time to first token the client wants, in seconds.
+    ttft_target: Option<f64>,
+}
+
+impl CloudFields {
+    fn ttft_target(&self) -> Result<Option<Duration>> {
+        match self.ttft_target {
+            None => Ok(None),
+            Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Some(Duration::from_secs_f64(s))),
+            Some(_) => Err(invalid(
+                "ttft_target",
+                "must be more than 0 and at most 86400 seconds",
+            )),
+        }
+    }
 }
 
 /// The client's time limit: the body's `timeout` field, else the `X-Request-Timeout` header,
@@ -364,6 +404,9 @@ async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
             pd_mode: pd_mode(req.pd_mode.as_deref())?,
             skip_special_tokens: true,
             timeout: timeout(req.timeout, &headers)?,
+            allow_cloud: req.cloud.allow_cloud,
+            max_cost_usd: req.cloud.max_cost_usd,
+            ttft_target: req.cloud.ttft_target()?,
         })
     })();
     let input = match prepared {
@@ -374,7 +417,7 @@ async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
         kind: Kind::Completion,
         id: format!("cmpl-{:016x}", rand::random::<u64>()),
         created: now(),
-        model: inner.model_name.clone(),
+        model: reply_model(&inner, req.model.as_deref()),
         logprobs: req.logprobs.is_some(),
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         tokenizer: inner.tokenizer.clone(),
@@ -429,6 +472,9 @@ async fn chat_completions(
             pd_mode: pd_mode(req.pd_mode.as_deref())?,
             skip_special_tokens: true,
             timeout: timeout(req.timeout, &headers)?,
+            allow_cloud: req.cloud.allow_cloud,
+            max_cost_usd: req.cloud.max_cost_usd,
+            ttft_target: req.cloud.ttft_target()?,
         })
     })();
     let input = match prepared {
@@ -439,12 +485,20 @@ async fn chat_completions(
         kind: Kind::Chat,
         id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
         created: now(),
-        model: inner.model_name.clone(),
+        model: reply_model(&inner, req.model.as_deref()),
         logprobs: req.logprobs,
         include_usage: req.stream_options.is_some_and(|o| o.include_usage),
         tokenizer: inner.tokenizer.clone(),
     };
     respond(inner, input, req.stream, reply).await
+}
+
+/// The model a reply names: the one asked for (a cloud-only model), else the served one.
+fn reply_model(inner: &Inner, asked: Option<&str>) -> String {
+    asked
+        .filter(|m| !m.is_empty())
+        .unwrap_or(&inner.model_name)
+        .to_string()
 }
 
 fn refuse(inner: &Inner, e: Error) -> Response {
@@ -528,6 +582,8 @@ fn placement_json(p: &generate::Placement) -> Value {
         "placement_reason": p.reason,
         "predicted_transfer_seconds": p.predicted_transfer_seconds,
         "predicted_prefill_seconds": p.predicted_prefill_seconds,
+        "upstream": p.upstream,
+        "cost_usd": p.cost_usd,
     })
 }
 

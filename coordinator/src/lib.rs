@@ -9,6 +9,7 @@
 //! admission is a semaphore, so overload is an immediate RESOURCE_EXHAUSTED / 429, never a
 //! queue; a dropped client stream cancels its decode call, which frees the worker's blocks.
 
+mod cloud;
 mod config;
 mod error;
 mod generate;
@@ -19,9 +20,10 @@ mod placement;
 mod server;
 mod workers;
 
-pub use config::{CoordinatorConfig, HandoffShape, TransportChoice};
+pub use config::{CloudConfig, CoordinatorConfig, HandoffShape, TransportChoice};
 pub use error::{Error, ErrorClass, Result};
 pub use generate::{GenerateInput, Placement, PromptInput, StreamEvent, Usage};
+pub use grpc::budget_to_proto;
 pub use placement::{PdMode, Routing};
 pub use server::{run, serve};
 

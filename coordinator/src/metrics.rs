@@ -15,6 +15,10 @@ use prometheus_client::registry::Registry;
 use crate::error::ErrorClass;
 use crate::placement::{Mode, Routing};
 
+mod cloud;
+
+pub use cloud::LedgerCollector;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Outcome {
     /// stop | length | cancelled | invalid_request | overloaded | unavailable | ... (bounded)
@@ -81,6 +85,7 @@ pub struct Metrics {
     workers: Family<StateLabels, Gauge>,
     adverts_refused: Family<RefusalLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    cloud: cloud::CloudMetrics,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -207,7 +212,10 @@ impl Metrics {
             mode: "disaggregated",
             reason: "disaggregate",
         });
+        let cloud = cloud::CloudMetrics::default();
+        cloud.register(&mut registry);
         Self {
+            cloud,
             decisions,
             workers,
             adverts_refused,
@@ -278,6 +286,32 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Registers the budget ledger's spend and windows, read on each scrape.
+    pub fn register_ledger(&self, ledger: std::sync::Arc<baton_budget::Ledger>) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.register_collector(Box::new(LedgerCollector { ledger }));
+    }
+
+    pub fn spilled(&self, reason: crate::placement::SpillReason) {
+        self.cloud.spilled(reason);
+    }
+
+    pub fn spill_kept(&self, reason: crate::placement::SpillReason, kept: crate::placement::Kept) {
+        self.cloud.kept(reason, kept);
+    }
+
+    pub fn cloud_attempt(&self, endpoint: &str) {
+        self.cloud.attempt(endpoint);
+    }
+
+    pub fn cloud_failed(&self, endpoint: &str, e: &baton_cloud::UpstreamError) {
+        self.cloud.failed(endpoint, e);
+    }
+
+    pub fn cloud_finished(&self, endpoint: &str, outcome: &'static str) {
+        self.cloud.finished(endpoint, outcome);
     }
 
     /// Registers the event plane's counters.

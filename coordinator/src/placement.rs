@@ -1,13 +1,18 @@
 //! Placement and routing decisions: plain functions over snapshots of worker state, no IO, so
 //! they are tested directly.
 //!
-//! request --decide--> aggregated (decode worker alone) | disaggregated (prefill -> decode)
+//! request --spill::target--> local | cloud upstream ([`spill`])
+//! local --decide--> aggregated (decode worker alone) | disaggregated (prefill -> decode)
 //! candidates --choose_prefill / choose_decode--> the worker to use
 //!
 //! A candidate carries its load and, for KV-aware routing, how much of the prompt's prefix the
 //! worker reported caching (its KV events, applied to the coordinator's index of it): a prefill
 //! worker saves computing those tokens, a decode worker saves receiving them. Conversations so
 //! follow their cache without any session id from the client.
+
+pub mod spill;
+
+pub use spill::{Kept, LocalState, NoTarget, QueueModel, SpillReason, SpillRequest, Target, Unfit};
 
 /// The client's wish, from `pd_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -26,6 +31,8 @@ pub enum PdMode {
 pub enum Mode {
     Aggregated,
     Disaggregated,
+    /// On a cloud upstream ([`spill::target`]).
+    Cloud,
 }
 
 impl Mode {
@@ -33,6 +40,7 @@ impl Mode {
         match self {
             Mode::Aggregated => "aggregated",
             Mode::Disaggregated => "disaggregated",
+            Mode::Cloud => "cloud",
         }
     }
 }

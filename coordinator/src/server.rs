@@ -24,6 +24,10 @@ pub struct Inner {
     pub registry: Registry,
     pub admission: Arc<Semaphore>,
     pub metrics: Metrics,
+    /// Cloud upstreams and their budget ledger, when configured.
+    pub cloud: Option<crate::cloud::Cloud>,
+    /// Local requests waiting for their first token, and how fast first tokens come.
+    queue: std::sync::Mutex<crate::placement::QueueModel>,
     next_handoff: AtomicU64,
 }
 
@@ -55,7 +59,13 @@ impl Inner {
         // Handoff ids only need to be unique among live handoffs of the workers this
         // coordinator talks to; a random start keeps two coordinators (or a restart) apart.
         let start = rand::random::<u64>() >> 1;
+        let cloud = crate::cloud::Cloud::open(&config.cloud)?;
+        if let Some(cloud) = &cloud {
+            metrics.register_ledger(cloud.ledger().clone());
+        }
         Ok(Self {
+            cloud,
+            queue: std::sync::Mutex::new(crate::placement::QueueModel::default()),
             admission: Arc::new(Semaphore::new(config.max_inflight)),
             config,
             model_name,
@@ -64,6 +74,10 @@ impl Inner {
             metrics,
             next_handoff: AtomicU64::new(start),
         })
+    }
+
+    pub fn queue_model(&self) -> std::sync::MutexGuard<'_, crate::placement::QueueModel> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn next_handoff(&self) -> u64 {
@@ -139,9 +153,10 @@ pub async fn run(
 
 fn discovery_error(e: baton_discovery::Error) -> Error {
     match e {
-        baton_discovery::Error::InvalidConfig { field, reason } => {
-            Error::InvalidConfig { field, reason }
-        }
+        baton_discovery::Error::InvalidConfig { field, reason } => Error::InvalidConfig {
+            field: field.into(),
+            reason,
+        },
         other => Error::Internal(other.to_string()),
     }
 }

@@ -132,7 +132,8 @@ impl Worker {
                 field: match role {
                     WorkerRole::Prefill => "prefill_workers",
                     WorkerRole::Decode => "decode_workers",
-                },
+                }
+                .into(),
                 reason: format!("{address:?}: {e}"),
             })?
             .connect_timeout(Duration::from_secs(2))

@@ -39,6 +39,7 @@ fn chat_request() -> GenerateRequest {
         skip_special_tokens: Some(false),
         allow_cloud: None,
         max_cost_usd: Some(0.25),
+        ttft_target_seconds: Some(1.5),
     }
 }
 

@@ -1,0 +1,169 @@
+//! `baton budget`: the cloud budget: each cap's current window (spent, reserved, remaining,
+//! when it resets), each upstream's spend, and the reservations not yet settled. Asks a
+//! running coordinator (gRPC `Budget`), or with `--offline` reads the ledger file of the
+//! configuration directly (the coordinator must be stopped: the ledger admits one process).
+
+use std::sync::Arc;
+
+use baton_proto::v1::{BudgetRequest, BudgetResponse, inference_client::InferenceClient};
+
+use crate::config::RoleName;
+use crate::roles::ConfigArgs;
+
+#[derive(clap::Args)]
+pub struct BudgetArgs {
+    /// The coordinator's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Read the ledger file named by the configuration (`coordinator.cloud.budget`) instead of
+    /// asking a coordinator; for a coordinator that is stopped (or was killed).
+    #[arg(long)]
+    pub offline: bool,
+    /// Print the answer as JSON (amounts in nanodollars, exact) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+pub fn run(args: BudgetArgs) -> anyhow::Result<()> {
+    let budget = if args.offline {
+        let sources = args.config.sources(Some(RoleName::Coordinator), |_| {})?;
+        let loaded = crate::config::load(&sources)?;
+        let config = &loaded.config.coordinator.cloud;
+        if config.endpoints.is_empty() {
+            anyhow::bail!("the configuration has no cloud endpoints (coordinator.cloud.endpoints)");
+        }
+        let ledger =
+            baton_budget::Ledger::open(&config.budget, Arc::new(baton_budget::SystemClock))
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.budget.ledger.display()))?;
+        baton_coordinator::budget_to_proto(&ledger.snapshot(), &config.budget)
+    } else {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let mut client = InferenceClient::connect(format!("http://{}", args.coordinator))
+                .await
+                .map_err(|e| anyhow::anyhow!("coordinator {}: {e}", args.coordinator))?;
+            anyhow::Ok(client.budget(BudgetRequest {}).await?.into_inner())
+        })?
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json(&budget))?);
+    } else {
+        print!("{}", table(&budget));
+    }
+    Ok(())
+}
+
+fn dollars(nanos: u64) -> String {
+    baton_budget::Usd::from_nanos(nanos).to_string()
+}
+
+fn json(b: &BudgetResponse) -> serde_json::Value {
+    serde_json::json!({
+        "configured": b.configured,
+        "ledger": b.ledger,
+        "time_zone": b.time_zone,
+        "windows": b.windows.iter().map(|w| serde_json::json!({
+            "scope": w.scope,
+            "period": w.period,
+            "start": w.start,
+            "end": w.end,
+            "cap_nanodollars": w.cap_nanodollars,
+            "spent_nanodollars": w.spent_nanodollars,
+            "reserved_nanodollars": w.reserved_nanodollars,
+            "remaining_nanodollars": w.remaining_nanodollars,
+            "overrun_nanodollars": w.overrun_nanodollars,
+            "settled": w.settled,
+            "open": w.open,
+        })).collect::<Vec<_>>(),
+        "upstreams": b.upstreams.iter().map(|u| serde_json::json!({
+            "endpoint": u.endpoint,
+            "spent_nanodollars": u.spent_nanodollars,
+            "overrun_nanodollars": u.overrun_nanodollars,
+            "settled": u.settled,
+        })).collect::<Vec<_>>(),
+        "open": b.open.iter().map(|r| serde_json::json!({
+            "id": r.id,
+            "endpoint": r.endpoint,
+            "amount_nanodollars": r.amount_nanodollars,
+            "request_id": r.request_id,
+            "created": r.created,
+            "from_previous_run": r.from_previous_run,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn table(b: &BudgetResponse) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if !b.configured {
+        out.push_str("no cloud upstreams are configured: nothing is spent\n");
+        return out;
+    }
+    let _ = writeln!(out, "ledger {}   time zone {}", b.ledger, b.time_zone);
+    let _ = writeln!(
+        out,
+        "\n{:<22} {:<6} {:>12} {:>12} {:>12} {:>12} {:>8} {:>5}  resets at",
+        "SCOPE", "PERIOD", "CAP", "SPENT", "RESERVED", "REMAINING", "SETTLED", "OPEN"
+    );
+    for w in &b.windows {
+        let _ = writeln!(
+            out,
+            "{:<22} {:<6} {:>12} {:>12} {:>12} {:>12} {:>8} {:>5}  {}{}",
+            w.scope,
+            w.period,
+            dollars(w.cap_nanodollars),
+            dollars(w.spent_nanodollars),
+            dollars(w.reserved_nanodollars),
+            dollars(w.remaining_nanodollars),
+            w.settled,
+            w.open,
+            w.end,
+            if w.overrun_nanodollars > 0 {
+                format!("   (overrun {})", dollars(w.overrun_nanodollars))
+            } else {
+                String::new()
+            },
+        );
+    }
+    if !b.upstreams.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<22} {:>12} {:>12} {:>8}",
+            "UPSTREAM", "SPENT", "OVERRUN", "SETTLED"
+        );
+        for u in &b.upstreams {
+            let _ = writeln!(
+                out,
+                "{:<22} {:>12} {:>12} {:>8}",
+                u.endpoint,
+                dollars(u.spent_nanodollars),
+                dollars(u.overrun_nanodollars),
+                u.settled
+            );
+        }
+    }
+    if !b.open.is_empty() {
+        let _ = writeln!(out, "\nopen reservations:");
+        for r in &b.open {
+            let _ = writeln!(
+                out,
+                "  #{} {} {} request {} since {}{}",
+                r.id,
+                r.endpoint,
+                dollars(r.amount_nanodollars),
+                r.request_id,
+                r.created,
+                if r.from_previous_run {
+                    "  (in flight when the coordinator last stopped)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    out
+}
