@@ -737,3 +737,103 @@ fn upstream_faults_retry_once_or_fail_the_stream_and_cancel_reaches_the_upstream
     assert!(local.terminate(STOP_BOUND).is_some());
     assert!(cloud.terminate(STOP_BOUND).is_some());
 }
+
+/// A coordinator whose only decode worker never answers: requests for the local model go to
+/// the cloud, saying why; one that does not allow the cloud gets 503.
+#[test]
+fn without_a_live_local_worker_requests_spill_and_say_why() {
+    let dir = scratch("workerless");
+    let mut cloud = Cluster::start(&["--colocated"]);
+    let (cloud_http, _) = cloud.endpoints();
+    let model = served_model(cloud_http);
+    let config = write_config(
+        &dir,
+        &[Endpoint {
+            name: "baton-cloud",
+            base_url: format!("http://{cloud_http}/v1"),
+            models: vec![(&model, &model)],
+            key_file: None,
+            extra: "",
+        }],
+        10.0,
+    );
+    let coordinator = common::Proc::start(
+        &[
+            "coordinator",
+            "--config",
+            config.to_str().expect("utf-8"),
+            // Nothing listens on the discard port: the worker never answers.
+            "--decode-worker",
+            "127.0.0.1:9",
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ],
+        2,
+    );
+    let http = coordinator.addrs[1];
+    let (status, _, reply) = post_json(http, "/v1/chat/completions", &chat(&model, "Hi", 4));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["baton"]["mode"], "cloud", "{reply}");
+    assert_eq!(
+        reply["baton"]["placement_reason"], "no_local_worker",
+        "{reply}"
+    );
+    let mut local_only = chat(&model, "Hi", 4);
+    local_only["allow_cloud"] = json!(false);
+    let (status, _, reply) = post_json(http, "/v1/chat/completions", &local_only);
+    assert_eq!(status, 503, "{reply}");
+    drop(coordinator);
+    assert!(cloud.terminate(STOP_BOUND).is_some());
+}
+
+/// Bad cloud settings stop start-up with the full key.
+#[test]
+fn bad_cloud_settings_name_their_key() {
+    let dir = scratch("bad-config");
+    let cases = [
+        (
+            "[[coordinator.cloud.endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+             models = { m = \"m\" }\ninput_usd_per_mtok = -1.0\noutput_usd_per_mtok = 1.0\n\
+             [coordinator.cloud.budget]\nledger = \"/tmp/l.redb\"\ncaps = [{ period = \"day\", cap_usd = 1.0 }]\n",
+            "coordinator.cloud.endpoints[0].input_usd_per_mtok",
+        ),
+        (
+            "[[coordinator.cloud.endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+             models = { m = \"m\" }\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n\
+             [coordinator.cloud.budget]\nledger = \"/tmp/l.redb\"\n",
+            "coordinator.cloud.budget.caps",
+        ),
+        (
+            "[[coordinator.cloud.endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+             models = { m = \"m\" }\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n\
+             [coordinator.cloud.budget]\nledger = \"/tmp/l.redb\"\ntime_zone = \"Mars/Olympus\"\n\
+             caps = [{ period = \"day\", cap_usd = 1.0 }]\n",
+            "coordinator.cloud.budget.time_zone",
+        ),
+        (
+            "[[coordinator.cloud.endpoints]]\nname = \"a\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\
+             models = { m = \"m\" }\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 1.0\n\
+             [coordinator.cloud.budget]\nledger = \"/tmp/l.redb\"\n\
+             caps = [{ period = \"day\", cap_usd = 1.0, endpoint = \"b\" }]\n",
+            "coordinator.cloud.budget.caps[0].endpoint",
+        ),
+    ];
+    for (i, (text, key)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.toml"));
+        std::fs::write(&path, text).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["config", "print", "--role", "coordinator", "--config"])
+            .arg(&path)
+            .args(["--set", "coordinator.decode_workers=[\"127.0.0.1:9\"]"])
+            .output()
+            .expect("config print");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} was accepted");
+        assert!(
+            stderr.contains(key),
+            "case {i}: {stderr} does not name {key}"
+        );
+    }
+}

@@ -469,12 +469,7 @@ impl Streaming {
         let mut last_at: Option<Instant> = None;
         let mut event = Some(first);
         let deadline = self.deadline;
-        let expired = async move {
-            match deadline {
-                Some((at, _)) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
+        let expired = crate::generate::expiry(deadline);
         tokio::pin!(expired);
         loop {
             let next = match event.take() {

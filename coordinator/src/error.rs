@@ -9,6 +9,10 @@ pub use baton_core::ErrorClass;
 pub enum Error {
     #[error("{field}: {reason}")]
     InvalidRequest { field: &'static str, reason: String },
+    /// A request field nothing behind the coordinator implements: refused rather than ignored,
+    /// so a client never believes it got what it asked for (JSON mode, tool calls).
+    #[error("{field}: is not supported by this server")]
+    UnsupportedField { field: String },
     #[error("the model {0:?} does not exist")]
     UnknownModel(String),
     #[error("the coordinator is at capacity ({inflight} requests in flight); retry later")]
@@ -18,6 +22,10 @@ pub enum Error {
     },
     #[error("the request's deadline passed ({timeout:?} after it arrived)")]
     DeadlineExceeded { timeout: Duration },
+    #[error(
+        "every decode worker's KV pool is too full for this request ({needed} blocks); retry later"
+    )]
+    KvFull { needed: u32, retry_after: Duration },
     #[error("no healthy {role} worker")]
     NoWorker { role: &'static str },
     #[error("{worker}: {message}")]
@@ -45,13 +53,17 @@ pub enum Error {
 impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::InvalidRequest { .. } => ErrorClass::InvalidRequest,
+            Error::InvalidRequest { .. } | Error::UnsupportedField { .. } => {
+                ErrorClass::InvalidRequest
+            }
             Error::UnknownModel(_) => ErrorClass::NotFound,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
             Error::NoWorker { .. } => ErrorClass::Unavailable,
             Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
-            Error::BudgetSpent { .. } | Error::CloudBusy => ErrorClass::Overloaded,
+            Error::BudgetSpent { .. } | Error::CloudBusy | Error::KvFull { .. } => {
+                ErrorClass::Overloaded
+            }
             Error::Upstream(e) => e.class(),
             Error::Text(e) => match e.class() {
                 ErrorClass::InvalidRequest => ErrorClass::InvalidRequest,
@@ -62,9 +74,10 @@ impl Error {
     }
 
     /// The request field at fault, for the OpenAI envelope's `param`.
-    pub fn param(&self) -> Option<&'static str> {
+    pub fn param(&self) -> Option<&str> {
         match self {
             Error::InvalidRequest { field, .. } => Some(field),
+            Error::UnsupportedField { field } => Some(field),
             Error::UnknownModel(_) => Some("model"),
             Error::Text(baton_text::Error::InvalidRequest { field, .. }) => Some(field),
             Error::Text(baton_text::Error::UnknownRole { .. }) => Some("messages"),
@@ -83,7 +96,9 @@ impl Error {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Overloaded { retry_after, .. } => Some(*retry_after),
+            Error::Overloaded { retry_after, .. } | Error::KvFull { retry_after, .. } => {
+                Some(*retry_after)
+            }
             Error::BudgetSpent { refusal } => {
                 let left = refusal.resets_at.duration_since(jiff::Timestamp::now());
                 Some(

@@ -319,12 +319,20 @@ async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result
 /// bad request or the client's own deadline.
 fn fails_over(e: &Error) -> bool {
     match e {
-        Error::NoWorker { .. } => true,
+        Error::NoWorker { .. } | Error::KvFull { .. } => true,
         Error::Worker { class, .. } => matches!(
             class,
             ErrorClass::Unavailable | ErrorClass::Overloaded | ErrorClass::Internal
         ),
         _ => false,
+    }
+}
+
+/// Resolves when the client's deadline passes; never without one.
+pub(crate) async fn expiry(deadline: Option<(tokio::time::Instant, Duration)>) {
+    match deadline {
+        Some((at, _)) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -600,8 +608,21 @@ async fn start(
             let prefill_idx = placement::choose_prefill(&prefills, prompt_tokens, routing);
             let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
             let (decode_workers, decodes) = registry.decode_candidates(needed, prompt, &mut names);
-            let decode_idx = placement::choose_decode(&decodes, routing)
-                .ok_or(Error::NoWorker { role: "decode" })?;
+            let decode_idx = placement::choose_decode(&decodes, routing).ok_or_else(|| {
+                // Healthy workers whose load is known, without room: full, not gone.
+                let full = decode_workers
+                    .iter()
+                    .zip(&decodes)
+                    .any(|(w, c)| c.healthy && w.load().total_blocks > 0);
+                if full {
+                    Error::KvFull {
+                        needed,
+                        retry_after: inner.config.retry_after,
+                    }
+                } else {
+                    Error::NoWorker { role: "decode" }
+                }
+            })?;
             let decode = decode_workers[decode_idx].clone();
             let decode_cached = decodes[decode_idx].cached_tokens;
             // What the decode worker lacks crosses the link, or it computes it itself.
@@ -1001,28 +1022,33 @@ struct Run {
 /// unserved.
 struct Waiting {
     inner: Arc<Inner>,
+    admitted: Instant,
+    ahead: u32,
     served: bool,
 }
 
 impl Waiting {
     fn start(inner: &Arc<Inner>, now: Instant) -> Self {
-        inner.queue_model().admitted(now);
+        let ahead = inner.queue_model().admitted();
         Self {
             inner: inner.clone(),
+            admitted: now,
+            ahead,
             served: false,
         }
     }
 
     fn served(mut self, now: Instant) {
         self.served = true;
-        self.inner.queue_model().served(now);
+        let ttft = now.saturating_duration_since(self.admitted);
+        self.inner.queue_model().served(now, self.ahead, ttft);
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
         if !self.served {
-            self.inner.queue_model().abandoned(Instant::now());
+            self.inner.queue_model().abandoned();
         }
     }
 }
@@ -1068,12 +1094,7 @@ impl Run {
             };
             tokio::pin!(lost);
             let deadline = self.deadline;
-            let expired = async move {
-                match deadline {
-                    Some((at, _)) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let expired = expiry(deadline);
             tokio::pin!(expired);
             loop {
                 let message = tokio::select! {

@@ -295,11 +295,104 @@ fn timeout(body: Option<f64>, headers: &HeaderMap) -> Result<Option<Duration>> {
     Ok(Some(Duration::from_secs_f64(seconds)))
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, known: Known) -> Result<T> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
+        field: "body",
+        reason: format!("not a valid request: {e}"),
+    })?;
+    refuse_unknown(&value, known)?;
+    serde_json::from_value(value).map_err(|e| Error::InvalidRequest {
         field: "body",
         reason: format!("not a valid request: {e}"),
     })
+}
+
+/// Which endpoint's fields a body may hold.
+#[derive(Debug, Clone, Copy)]
+enum Known {
+    Completion,
+    Chat,
+}
+
+/// Fields both endpoints read from the body's top level: sampling (OpenAI's, and vLLM's
+/// extensions) and baton's own.
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "n",
+    "logprobs",
+    "pd_mode",
+    "timeout",
+    "allow_cloud",
+    "max_cost_usd",
+    "ttft_target",
+];
+const COMPLETION_FIELDS: &[&str] = &["prompt", "echo"];
+const CHAT_FIELDS: &[&str] = &["messages", "top_logprobs"];
+const MESSAGE_FIELDS: &[&str] = &["role", "content"];
+const CONTENT_PART_FIELDS: &[&str] = &["type", "text"];
+const STREAM_OPTION_FIELDS: &[&str] = &["include_usage"];
+
+/// Refuses, by its path (`tools`, `messages[0].tool_calls`), the first field of a body that no
+/// part of baton implements: OpenAI's `tools`, `response_format`, `logit_bias`, `user`, ...
+/// Accepting and ignoring them would let a client believe it got JSON mode or tool calls.
+fn refuse_unknown(body: &Value, known: Known) -> Result<()> {
+    let Some(fields) = body.as_object() else {
+        return Ok(()); // not an object: the typed parse names the problem
+    };
+    let own = match known {
+        Known::Completion => COMPLETION_FIELDS,
+        Known::Chat => CHAT_FIELDS,
+    };
+    let unsupported = |field: String| Err(Error::UnsupportedField { field });
+    for key in fields.keys() {
+        if !COMMON_FIELDS.contains(&key.as_str()) && !own.contains(&key.as_str()) {
+            return unsupported(key.clone());
+        }
+    }
+    if let Some(options) = fields.get("stream_options").and_then(Value::as_object)
+        && let Some(key) = options
+            .keys()
+            .find(|k| !STREAM_OPTION_FIELDS.contains(&k.as_str()))
+    {
+        return unsupported(format!("stream_options.{key}"));
+    }
+    let messages = fields.get("messages").and_then(Value::as_array);
+    for (i, message) in messages.into_iter().flatten().enumerate() {
+        let Some(message) = message.as_object() else {
+            continue;
+        };
+        if let Some(key) = message
+            .keys()
+            .find(|k| !MESSAGE_FIELDS.contains(&k.as_str()))
+        {
+            return unsupported(format!("messages[{i}].{key}"));
+        }
+        let parts = message.get("content").and_then(Value::as_array);
+        for (j, part) in parts.into_iter().flatten().enumerate() {
+            if let Some(key) = part.as_object().and_then(|p| {
+                p.keys()
+                    .find(|k| !CONTENT_PART_FIELDS.contains(&k.as_str()))
+            }) {
+                return unsupported(format!("messages[{i}].content[{j}].{key}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> Error {
@@ -377,7 +470,7 @@ struct Reply {
 }
 
 async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
-    let req: CompletionRequest = match parse(&body) {
+    let req: CompletionRequest = match parse(&body, Known::Completion) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),
     };
@@ -430,7 +523,7 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let req: ChatRequest = match parse(&body) {
+    let req: ChatRequest = match parse(&body, Known::Chat) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),
     };

@@ -172,6 +172,37 @@ async fn bad_requests_get_errors_naming_the_field_and_change_nothing() {
             400,
             "role",
         ),
+        // Fields nothing implements are refused by name, never ignored.
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#.into(),
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"}],"tools":[]}"#.into(),
+            400,
+            "tools",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi","name":"ann"}]}"#.into(),
+            400,
+            "messages[0].name",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","logit_bias":{"50256":-100}}"#.into(),
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"hi","stream":true,"stream_options":{"continuous_usage_stats":true}}"#.into(),
+            400,
+            "stream_options.continuous_usage_stats",
+        ),
     ];
     for (path, body, status, field) in &cases {
         let (got, text) = http_post(coordinator.http, path, body).await;
@@ -182,6 +213,12 @@ async fn bad_requests_get_errors_naming_the_field_and_change_nothing() {
             message.contains(field),
             "{body}: message {message:?} names {field}"
         );
+        if v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not supported"))
+        {
+            assert_eq!(v["error"]["param"], *field, "{text}");
+        }
         assert!(v["error"]["type"].is_string(), "{text}");
     }
 

@@ -165,52 +165,59 @@ pub fn target(
 }
 
 /// How long the local cluster takes to give a new request its first token, from what it did
-/// lately: requests waiting for their first token, and the rate first tokens came while any
-/// were waiting.
+/// lately: each recent first token's wait, against how many requests were waiting ahead of it
+/// when it was admitted.
 ///
-/// The rate is measured over busy time only (time with at least one request waiting), so a
-/// lightly loaded cluster is not mistaken for a slow one: served first tokens per busy second
-/// is the cluster's capacity, whatever the arrival rate. A new request then waits for the
-/// ones ahead of it and its own: `(waiting + 1) / rate`.
+/// A least-squares line `ttft = base + per_ahead * ahead` over the last 30 s, evaluated at the
+/// requests waiting now. A line, not a queue of one server: a worker batches the prompts it
+/// has queued (chunked prefill), so each request ahead costs less than a request alone, and
+/// the fit learns how much from the cluster's own first tokens. Where every sample had the
+/// same number ahead (a steady trickle) the slope cannot be fitted and each request ahead is
+/// taken to cost a whole solo wait: the conservative reading, used only until the queue varies.
 #[derive(Debug, Clone, Default)]
 pub struct QueueModel {
     waiting: u32,
-    last: Option<Instant>,
-    buckets: VecDeque<Bucket>,
+    samples: VecDeque<Sample>,
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
-    start: Instant,
-    busy: f64,
-    served: u32,
+struct Sample {
+    at: Instant,
+    ahead: u32,
+    ttft: f64,
 }
 
-/// The measurements a prediction uses: the last 30 s, in 1 s buckets.
+/// The measurements a prediction uses.
 const QUEUE_WINDOW: Duration = Duration::from_secs(30);
-const QUEUE_BUCKET: Duration = Duration::from_secs(1);
-/// First tokens needed before the rate is trusted.
-const QUEUE_MIN_SERVED: u32 = 4;
+/// At most this many recent first tokens are kept.
+const QUEUE_SAMPLES: usize = 512;
+/// First tokens needed before a prediction is made.
+const QUEUE_MIN_SERVED: usize = 4;
 
 impl QueueModel {
-    /// A local request was admitted and waits for its first token.
-    pub fn admitted(&mut self, now: Instant) {
-        self.accrue(now);
+    /// A local request was admitted and waits for its first token; returns how many were
+    /// waiting ahead of it (hand it back to [`QueueModel::served`]).
+    pub fn admitted(&mut self) -> u32 {
+        let ahead = self.waiting;
         self.waiting += 1;
+        ahead
     }
 
-    /// A waiting request got its first token.
-    pub fn served(&mut self, now: Instant) {
-        self.accrue(now);
+    /// A waiting request got its first token `ttft` after it was admitted with `ahead` ahead.
+    pub fn served(&mut self, now: Instant, ahead: u32, ttft: Duration) {
         self.waiting = self.waiting.saturating_sub(1);
-        if let Some(b) = self.buckets.back_mut() {
-            b.served += 1;
+        if self.samples.len() == QUEUE_SAMPLES {
+            self.samples.pop_front();
         }
+        self.samples.push_back(Sample {
+            at: now,
+            ahead,
+            ttft: ttft.as_secs_f64(),
+        });
     }
 
-    /// A waiting request left without a first token (failed, cancelled, spilled).
-    pub fn abandoned(&mut self, now: Instant) {
-        self.accrue(now);
+    /// A waiting request left without a first token (failed, cancelled).
+    pub fn abandoned(&mut self) {
         self.waiting = self.waiting.saturating_sub(1);
     }
 
@@ -220,49 +227,35 @@ impl QueueModel {
     }
 
     /// The predicted time to first token of a request admitted now; `None` until enough first
-    /// tokens were measured.
+    /// tokens were measured lately.
     pub fn predict(&mut self, now: Instant) -> Option<Duration> {
-        self.accrue(now);
-        let (busy, served) = self
-            .buckets
-            .iter()
-            .fold((0.0, 0u32), |(b, s), x| (b + x.busy, s + x.served));
-        if served < QUEUE_MIN_SERVED || busy <= 0.0 {
+        while self
+            .samples
+            .front()
+            .is_some_and(|s| now.saturating_duration_since(s.at) > QUEUE_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        if self.samples.len() < QUEUE_MIN_SERVED {
             return None;
         }
-        let rate = f64::from(served) / busy;
-        Some(Duration::from_secs_f64(f64::from(self.waiting + 1) / rate))
-    }
-
-    /// Adds the busy time since the last event to the current bucket and drops old buckets.
-    fn accrue(&mut self, now: Instant) {
-        let since = self
-            .last
-            .map_or(0.0, |l| now.saturating_duration_since(l).as_secs_f64());
-        self.last = Some(now);
-        if self
-            .buckets
-            .back()
-            .is_none_or(|b| now.saturating_duration_since(b.start) >= QUEUE_BUCKET)
-        {
-            self.buckets.push_back(Bucket {
-                start: now,
-                busy: 0.0,
-                served: 0,
-            });
-        }
-        if self.waiting > 0
-            && let Some(b) = self.buckets.back_mut()
-        {
-            b.busy += since;
-        }
-        while self
-            .buckets
-            .front()
-            .is_some_and(|b| now.saturating_duration_since(b.start) > QUEUE_WINDOW)
-        {
-            self.buckets.pop_front();
-        }
+        let n = self.samples.len() as f64;
+        let mean_x = self.samples.iter().map(|s| f64::from(s.ahead)).sum::<f64>() / n;
+        let mean_y = self.samples.iter().map(|s| s.ttft).sum::<f64>() / n;
+        let (sxx, sxy) = self.samples.iter().fold((0.0, 0.0), |(xx, xy), s| {
+            let dx = f64::from(s.ahead) - mean_x;
+            (xx + dx * dx, xy + dx * (s.ttft - mean_y))
+        });
+        let x = f64::from(self.waiting);
+        let predicted = if sxx < 1e-9 {
+            // No spread in the queue: each request ahead costs a solo wait.
+            mean_y / (mean_x + 1.0) * (x + 1.0)
+        } else {
+            let slope = (sxy / sxx).max(0.0);
+            let base = (mean_y - slope * mean_x).max(0.0);
+            base + slope * x
+        };
+        Some(Duration::from_secs_f64(predicted.max(0.0)))
     }
 }
 
@@ -446,24 +439,36 @@ mod tests {
     }
 
     #[test]
-    fn queue_model_measures_capacity_over_busy_time_only() {
+    fn queue_model_fits_the_wait_per_request_ahead() {
         let t0 = Instant::now();
         let mut q = QueueModel::default();
-        // Four requests, one at a time, 100 ms each, 5 s apart: idle time must not count.
-        for i in 0..4u64 {
-            let start = t0 + Duration::from_secs(5 * i);
-            q.admitted(start);
-            q.served(start + Duration::from_millis(100));
+        // Batched prefill: 100 ms alone, 50 ms more per request ahead.
+        for (i, ahead) in [0u32, 1, 2, 4, 0, 3].into_iter().enumerate() {
+            let ttft = Duration::from_millis(100 + 50 * u64::from(ahead));
+            q.served(t0 + Duration::from_secs(i as u64), ahead, ttft);
         }
-        let now = t0 + Duration::from_secs(20);
+        let now = t0 + Duration::from_secs(10);
         let p = q.predict(now).expect("measured");
-        assert!((p.as_secs_f64() - 0.1).abs() < 1e-6, "{p:?}");
-        // Nine waiting: ten requests' worth of service ahead of a new one.
+        assert!((p.as_secs_f64() - 0.1).abs() < 1e-9, "{p:?}");
         for _ in 0..9 {
-            q.admitted(now);
+            q.admitted();
         }
         let p = q.predict(now).expect("measured");
-        assert!((p.as_secs_f64() - 1.0).abs() < 1e-6, "{p:?}");
+        assert!((p.as_secs_f64() - 0.55).abs() < 1e-9, "{p:?}");
+    }
+
+    #[test]
+    fn queue_model_without_queue_spread_takes_each_request_ahead_as_a_solo_wait() {
+        let t0 = Instant::now();
+        let mut q = QueueModel::default();
+        for i in 0..4u64 {
+            q.served(t0 + Duration::from_secs(i), 0, Duration::from_millis(100));
+        }
+        for _ in 0..9 {
+            q.admitted();
+        }
+        let p = q.predict(t0 + Duration::from_secs(5)).expect("measured");
+        assert!((p.as_secs_f64() - 1.0).abs() < 1e-9, "{p:?}");
     }
 
     #[test]
@@ -472,14 +477,17 @@ mod tests {
         let mut q = QueueModel::default();
         assert_eq!(q.predict(t0), None);
         for i in 0..4u64 {
-            let start = t0 + Duration::from_secs(i);
-            q.admitted(start);
-            q.served(start + Duration::from_millis(50));
+            let ahead = q.admitted();
+            q.served(
+                t0 + Duration::from_secs(i),
+                ahead,
+                Duration::from_millis(50),
+            );
         }
         assert!(q.predict(t0 + Duration::from_secs(5)).is_some());
         assert_eq!(q.predict(t0 + Duration::from_secs(60)), None);
-        q.admitted(t0 + Duration::from_secs(61));
-        q.abandoned(t0 + Duration::from_secs(62));
+        q.admitted();
+        q.abandoned();
         assert_eq!(q.waiting(), 0);
     }
 }
