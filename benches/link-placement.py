@@ -188,6 +188,8 @@ def main():
         listening(decode, 1)
         http = f"{lan.addr(0)}:{free_port()}"
         coord = start([BATON, "coordinator", "--grpc", f"{lan.addr(0)}:0", "--http", http,
+                       # The test LAN is this machine's own namespaces: no API keys.
+                       "--set", "coordinator.auth.insecure_remote=true",
                        "--prefill-worker", f"{lan.addr(1)}:50070",
                        "--decode-worker", f"{lan.addr(2)}:50070"], log)
         procs.append(coord)

@@ -46,7 +46,8 @@ pub fn run(args: BudgetArgs) -> anyhow::Result<()> {
             let mut client = InferenceClient::connect(format!("http://{}", args.coordinator))
                 .await
                 .map_err(|e| anyhow::anyhow!("coordinator {}: {e}", args.coordinator))?;
-            anyhow::Ok(client.budget(BudgetRequest {}).await?.into_inner())
+            let request = crate::api_key::request(BudgetRequest {})?;
+            anyhow::Ok(client.budget(request).await?.into_inner())
         })?
     };
     if args.json {

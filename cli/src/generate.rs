@@ -181,7 +181,7 @@ fn remote(args: GenerateArgs) -> anyhow::Result<()> {
             .with_context(|| format!("connect to the coordinator at {}", args.addr))?;
         let started = std::time::Instant::now();
         let mut stream = client
-            .generate(request)
+            .generate(crate::api_key::request(request)?)
             .await
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
             .into_inner();

@@ -5,16 +5,19 @@
 //! - [`up`]: a local cluster of role processes (`baton up`), and the spawning code behind it.
 //! - [`roles`]: `baton coordinator | prefill | decode`, each from its layered config ([`config`]).
 //! - [`status`]: `baton status`, the pool as a coordinator sees it.
+//! - [`keys`]: `baton keys new`, an API key and the config table that admits it.
 //! - [`budget`]: `baton budget`, the cloud budget's windows, spend and open reservations.
 //! - [`generate`]: a client of the cluster, or the engine in this process (`--local`).
 //! - [`bench_serve`]: `baton bench serve`, the load generator's flags over `baton-bench`.
 //! - [`kv_demo`]: `baton kv-demo`, one prompt's KV moved between two processes.
 //! - [`model_path`]: where the model file is (flag, `$BATON_MODEL`, the development model).
 
+pub mod api_key;
 pub mod bench_serve;
 pub mod budget;
 pub mod config;
 pub mod generate;
+pub mod keys;
 pub mod kv_demo;
 pub mod model_path;
 pub mod roles;

@@ -4,7 +4,7 @@
 //! and `config` (the effective configuration of a role, and its JSON Schema). The experiments
 //! (engine, transfer, handoff, overhead, disaggregation) are `baton-lab`'s.
 
-use baton::{bench_serve, budget, config, generate, kv_demo, roles, status, up};
+use baton::{bench_serve, budget, config, generate, keys, kv_demo, roles, status, up};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -34,6 +34,9 @@ enum Command {
     /// Show the cloud budget: each cap's window (spent, reserved, remaining), each upstream's
     /// spend, and reservations not yet settled.
     Budget(budget::BudgetArgs),
+    /// API keys for the client APIs.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
     /// Load-test a running server.
@@ -53,6 +56,13 @@ enum BenchCommand {
     /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
     /// concurrency, as vLLM's benchmark_serving measures them.
     Serve(Box<bench_serve::ServeArgs>),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new API key: prints the key on stdout and, on stderr, the
+    /// `[[coordinator.auth.keys]]` table (its SHA-256) that admits it.
+    New(keys::NewKeyArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +119,7 @@ fn main() -> anyhow::Result<()> {
         Command::Decode(args) => roles::decode(args),
         Command::Status(args) => status::run(args),
         Command::Budget(args) => budget::run(args),
+        Command::Keys(KeysCommand::New(args)) => keys::new_key(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(*args),
         Command::KvDemo(args) => kv_demo::run(args),

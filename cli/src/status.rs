@@ -25,7 +25,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("coordinator {}: {e}", args.coordinator))?;
         anyhow::Ok(
             client
-                .cluster_status(ClusterStatusRequest {})
+                .cluster_status(crate::api_key::request(ClusterStatusRequest {})?)
                 .await?
                 .into_inner(),
         )

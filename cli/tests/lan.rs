@@ -174,6 +174,9 @@ async fn workers_on_other_hosts_join_leave_and_rejoin_over_mdns() {
         format!("{here}:0"),
         "--http".into(),
         format!("{here}:0"),
+        // The test LAN is this machine's own namespaces: no API keys.
+        "--set".into(),
+        "coordinator.auth.insecure_remote=true".into(),
         "--set".into(),
         format!(
             "coordinator.discovery.leave_after={}ms",

@@ -287,6 +287,7 @@ pub async fn run(
     first: usize,
     reason: SpillReason,
     deadline: Option<(tokio::time::Instant, Duration)>,
+    caller: Option<Arc<crate::auth::Caller>>,
 ) -> std::result::Result<GenerateStream, Failed> {
     let Some(cloud) = inner.cloud.as_ref() else {
         return Err(Failed::Unfit(Error::Internal("no cloud endpoints".into())));
@@ -393,6 +394,7 @@ pub async fn run(
                     started,
                     deadline,
                     tx,
+                    _caller: caller,
                 };
                 tokio::spawn(
                     streaming
@@ -458,6 +460,8 @@ struct Streaming {
     started: Instant,
     deadline: Option<(tokio::time::Instant, Duration)>,
     tx: mpsc::Sender<Result<StreamEvent>>,
+    /// Held to the end: the caller's concurrency counts its streams.
+    _caller: Option<Arc<crate::auth::Caller>>,
 }
 
 impl Streaming {

@@ -124,6 +124,8 @@ pub struct CoordinatorConfig {
     pub telemetry: baton_telemetry::TelemetryConfig,
     /// Cloud upstreams and their dollar budget (`[coordinator.cloud]`).
     pub cloud: CloudConfig,
+    /// API keys of the client APIs (`[coordinator.auth]`).
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl CoordinatorConfig {
@@ -168,6 +170,7 @@ impl CoordinatorConfig {
             retry_after: Duration::from_secs(1),
             telemetry: baton_telemetry::TelemetryConfig::default(),
             cloud: CloudConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 
@@ -210,6 +213,7 @@ impl CoordinatorConfig {
         if let Err(e) = self.telemetry.validate() {
             return bad("telemetry", &e.to_string());
         }
+        self.auth.validate(&[self.grpc_listen, self.http_listen])?;
         self.cloud.validate()
     }
 }

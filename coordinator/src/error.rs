@@ -13,6 +13,15 @@ pub enum Error {
     /// so a client never believes it got what it asked for (JSON mode, tool calls).
     #[error("{field}: is not supported by this server")]
     UnsupportedField { field: String },
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated { reason: String },
+    /// A key's own limit (`requests_per_minute`, `max_concurrent`) turned the request away.
+    #[error("API key {key:?} is over its {limit}; retry later")]
+    KeyLimit {
+        key: String,
+        limit: &'static str,
+        retry_after: Duration,
+    },
     #[error("the model {0:?} does not exist")]
     UnknownModel(String),
     #[error("the coordinator is at capacity ({inflight} requests in flight); retry later")]
@@ -57,6 +66,8 @@ impl Error {
                 ErrorClass::InvalidRequest
             }
             Error::UnknownModel(_) => ErrorClass::NotFound,
+            Error::Unauthenticated { .. } => ErrorClass::Unauthenticated,
+            Error::KeyLimit { .. } => ErrorClass::Overloaded,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
             Error::NoWorker { .. } => ErrorClass::Unavailable,
             Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
@@ -96,9 +107,9 @@ impl Error {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Overloaded { retry_after, .. } | Error::KvFull { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Error::Overloaded { retry_after, .. }
+            | Error::KvFull { retry_after, .. }
+            | Error::KeyLimit { retry_after, .. } => Some(*retry_after),
             Error::BudgetSpent { refusal } => {
                 let left = refusal.resets_at.duration_since(jiff::Timestamp::now());
                 Some(

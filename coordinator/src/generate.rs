@@ -56,6 +56,9 @@ pub struct GenerateInput {
     pub timeout: Option<Duration>,
     /// The request's id, passed to every worker call and logged; one is made when unset.
     pub request_id: Option<RequestId>,
+    /// Who sent it ([`crate::auth`]); held until the request ends, so a key's concurrency
+    /// limit counts its streams.
+    pub caller: Option<Arc<crate::auth::Caller>>,
     /// May the request spill to a cloud upstream; `None` takes `cloud.allow_by_default`.
     pub allow_cloud: Option<bool>,
     /// Most the request may cost on a cloud upstream, in US dollars.
@@ -251,8 +254,16 @@ async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result
             let cloud_request =
                 cloud_request.map_err(|_| Error::Internal("no cloud form".into()))?;
             inner.metrics.spilled(reason);
-            return match crate::cloud::run(inner.clone(), cloud_request, endpoint, reason, deadline)
-                .await
+            let caller = input.caller.clone();
+            return match crate::cloud::run(
+                inner.clone(),
+                cloud_request,
+                endpoint,
+                reason,
+                deadline,
+                caller,
+            )
+            .await
             {
                 Ok(stream) => Ok(stream),
                 // The upstreams failed before any text: a request the local cluster can still
@@ -305,11 +316,19 @@ async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result
             };
             tracing::warn!(error = %e, "the local attempt failed before its first token; failing over to a cloud upstream");
             inner.metrics.spilled(reason);
-            crate::cloud::run(inner, cloud_request, endpoint, reason, deadline_of(&input))
-                .await
-                .map_err(|f| match f {
-                    crate::cloud::Failed::BeforeText(e) | crate::cloud::Failed::Unfit(e) => e,
-                })
+            let deadline = deadline_of(&input);
+            crate::cloud::run(
+                inner,
+                cloud_request,
+                endpoint,
+                reason,
+                deadline,
+                input.caller,
+            )
+            .await
+            .map_err(|f| match f {
+                crate::cloud::Failed::BeforeText(e) | crate::cloud::Failed::Unfit(e) => e,
+            })
         }
         Err(e) => Err(e),
     }
@@ -572,6 +591,7 @@ async fn run(
         deadline: deadline.zip(input.timeout),
         tx,
         waiting: Some(waiting),
+        _caller: input.caller.clone(),
         _permit: permit,
     };
     tokio::spawn(
@@ -1014,6 +1034,7 @@ struct Run {
     tx: mpsc::Sender<Result<StreamEvent>>,
     /// Until the first token: counted as waiting in the queue model.
     waiting: Option<Waiting>,
+    _caller: Option<Arc<crate::auth::Caller>>,
     _permit: OwnedSemaphorePermit,
 }
 

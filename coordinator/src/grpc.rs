@@ -60,6 +60,24 @@ pub struct InferenceService {
     inner: Arc<Inner>,
 }
 
+impl InferenceService {
+    /// The caller, from the `authorization` metadata ([`crate::auth::Auth::admit`]).
+    fn admit(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Arc<crate::auth::Caller>, Status> {
+        let header = metadata.get("authorization").and_then(|v| v.to_str().ok());
+        self.inner
+            .auth
+            .admit(header, std::time::Instant::now())
+            .map(Arc::new)
+            .map_err(|(why, e)| {
+                self.inner.metrics.auth_refused(why);
+                e.into()
+            })
+    }
+}
+
 fn chat_messages(chat: v1::ChatMessages) -> Result<Vec<ChatMessage>> {
     chat.messages
         .into_iter()
@@ -142,6 +160,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let caller = self.admit(request.metadata())?;
         let timeout = convert::grpc_timeout(request.metadata());
         let req = request.into_inner();
         let input = match req.input {
@@ -177,6 +196,7 @@ impl Inference for InferenceService {
             skip_special_tokens: req.skip_special_tokens.unwrap_or(true),
             timeout,
             request_id: Some(id.clone()),
+            caller: Some(caller),
             allow_cloud: req.allow_cloud,
             max_cost_usd: req.max_cost_usd,
             ttft_target: match req.ttft_target_seconds {
@@ -235,6 +255,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
+        let _caller = self.admit(request.metadata())?;
         let req = request.into_inner();
         if !req.model.is_empty() && req.model != self.inner.model_name {
             return Err(Error::UnknownModel(req.model).into());
@@ -263,7 +284,11 @@ impl Inference for InferenceService {
         }))
     }
 
-    async fn models(&self, _: Request<ModelsRequest>) -> Result<Response<ModelsResponse>, Status> {
+    async fn models(
+        &self,
+        request: Request<ModelsRequest>,
+    ) -> Result<Response<ModelsResponse>, Status> {
+        let _caller = self.admit(request.metadata())?;
         let fingerprint = self
             .inner
             .registry
@@ -295,8 +320,9 @@ impl Inference for InferenceService {
 
     async fn budget(
         &self,
-        _: Request<v1::BudgetRequest>,
+        request: Request<v1::BudgetRequest>,
     ) -> Result<Response<v1::BudgetResponse>, Status> {
+        let _caller = self.admit(request.metadata())?;
         let Some(cloud) = &self.inner.cloud else {
             return Ok(Response::new(v1::BudgetResponse::default()));
         };
@@ -308,8 +334,9 @@ impl Inference for InferenceService {
 
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let _caller = self.admit(request.metadata())?;
         let registry = &self.inner.registry;
         let leave_after = registry.leave_after();
         let workers = registry

@@ -62,6 +62,7 @@ fn http_status(class: ErrorClass) -> (u16, &'static str) {
     match class {
         ErrorClass::InvalidRequest => (400, "invalid_request_error"),
         ErrorClass::NotFound => (404, "not_found_error"),
+        ErrorClass::Unauthenticated => (401, "authentication_error"),
         ErrorClass::Overloaded => (429, "rate_limit_exceeded"),
         ErrorClass::Unavailable => (503, "service_unavailable"),
         ErrorClass::Deadline => (504, "timeout"),
@@ -73,12 +74,16 @@ fn http_status(class: ErrorClass) -> (u16, &'static str) {
 /// The OpenAI error envelope for an error, with its status (and `Retry-After` on 429).
 fn error_response(e: &Error) -> Response {
     let (status, kind) = http_status(e.class());
+    let code = match e {
+        Error::Unauthenticated { .. } => json!("invalid_api_key"),
+        _ => Value::Null,
+    };
     let body = json!({
         "error": {
             "message": e.to_string(),
             "type": kind,
             "param": e.param(),
-            "code": Value::Null,
+            "code": code,
         }
     });
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -87,6 +92,11 @@ fn error_response(e: &Error) -> Response {
         && let Ok(v) = HeaderValue::from_str(&after.as_secs().max(1).to_string())
     {
         response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    if e.class() == ErrorClass::Unauthenticated {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     response
 }
@@ -122,7 +132,10 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> Response {
 
 /// The served model, then each model only cloud upstreams serve (`owned_by` names the first
 /// upstream that serves it).
-async fn models(State(inner): State<Arc<Inner>>) -> Response {
+async fn models(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    if let Err(e) = admit(&inner, &headers) {
+        return refuse(&inner, e);
+    }
     let mut data = vec![json!({
         "id": inner.model_name,
         "object": "model",
@@ -470,6 +483,10 @@ struct Reply {
 }
 
 async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    let caller = match admit(&inner, &headers) {
+        Ok(c) => c,
+        Err(e) => return refuse(&inner, e),
+    };
     let req: CompletionRequest = match parse(&body, Known::Completion) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),
@@ -497,6 +514,7 @@ async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: 
             pd_mode: pd_mode(req.pd_mode.as_deref())?,
             skip_special_tokens: true,
             timeout: timeout(req.timeout, &headers)?,
+            caller: Some(caller.clone()),
             allow_cloud: req.cloud.allow_cloud,
             max_cost_usd: req.cloud.max_cost_usd,
             ttft_target: req.cloud.ttft_target()?,
@@ -523,6 +541,10 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let caller = match admit(&inner, &headers) {
+        Ok(c) => c,
+        Err(e) => return refuse(&inner, e),
+    };
     let req: ChatRequest = match parse(&body, Known::Chat) {
         Ok(r) => r,
         Err(e) => return refuse(&inner, e),
@@ -565,6 +587,7 @@ async fn chat_completions(
             pd_mode: pd_mode(req.pd_mode.as_deref())?,
             skip_special_tokens: true,
             timeout: timeout(req.timeout, &headers)?,
+            caller: Some(caller.clone()),
             allow_cloud: req.cloud.allow_cloud,
             max_cost_usd: req.cloud.max_cost_usd,
             ttft_target: req.cloud.ttft_target()?,
@@ -584,6 +607,21 @@ async fn chat_completions(
         tokenizer: inner.tokenizer.clone(),
     };
     respond(inner, input, req.stream, reply).await
+}
+
+/// The caller, from the `Authorization` header ([`crate::auth::Auth::admit`]).
+fn admit(inner: &Inner, headers: &HeaderMap) -> Result<Arc<crate::auth::Caller>> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    inner
+        .auth
+        .admit(header, std::time::Instant::now())
+        .map(Arc::new)
+        .map_err(|(why, e)| {
+            inner.metrics.auth_refused(why);
+            e
+        })
 }
 
 /// The model a reply names: the one asked for (a cloud-only model), else the served one.

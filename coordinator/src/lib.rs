@@ -9,6 +9,7 @@
 //! admission is a semaphore, so overload is an immediate RESOURCE_EXHAUSTED / 429, never a
 //! queue; a dropped client stream cancels its decode call, which frees the worker's blocks.
 
+mod auth;
 mod cloud;
 mod config;
 mod error;
@@ -20,6 +21,7 @@ mod placement;
 mod server;
 mod workers;
 
+pub use auth::{ApiKeyConfig, AuthConfig, key_digest};
 pub use config::{CloudConfig, CoordinatorConfig, HandoffShape, TransportChoice};
 pub use error::{Error, ErrorClass, Result};
 pub use generate::{GenerateInput, Placement, PromptInput, StreamEvent, Usage};

@@ -86,6 +86,7 @@ pub struct Metrics {
     adverts_refused: Family<RefusalLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     cloud: cloud::CloudMetrics,
+    auth_refused: Family<RefusalLabels, Counter>,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -214,7 +215,17 @@ impl Metrics {
         });
         let cloud = cloud::CloudMetrics::default();
         cloud.register(&mut registry);
+        let auth_refused = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "auth_refused",
+            "Client API calls turned away by API key: missing, unknown, over its rate or over its concurrency",
+            auth_refused.clone(),
+        );
+        for reason in ["missing", "unknown", "rate", "concurrency"] {
+            let _ = auth_refused.get_or_create(&RefusalLabels { reason });
+        }
         Self {
+            auth_refused,
             cloud,
             decisions,
             workers,
@@ -292,6 +303,14 @@ impl Metrics {
     pub fn register_ledger(&self, ledger: std::sync::Arc<baton_budget::Ledger>) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         registry.register_collector(Box::new(LedgerCollector { ledger }));
+    }
+
+    pub fn auth_refused(&self, why: crate::auth::Refused) {
+        self.auth_refused
+            .get_or_create(&RefusalLabels {
+                reason: why.as_str(),
+            })
+            .inc();
     }
 
     pub fn spilled(&self, reason: crate::placement::SpillReason) {

@@ -24,6 +24,8 @@ pub struct Inner {
     pub registry: Registry,
     pub admission: Arc<Semaphore>,
     pub metrics: Metrics,
+    /// The client APIs' keys.
+    pub auth: crate::auth::Auth,
     /// Cloud upstreams and their budget ledger, when configured.
     pub cloud: Option<crate::cloud::Cloud>,
     /// Local requests waiting for their first token, and how fast first tokens come.
@@ -63,7 +65,18 @@ impl Inner {
         if let Some(cloud) = &cloud {
             metrics.register_ledger(cloud.ledger().clone());
         }
+        let remote = [config.grpc_listen, config.http_listen]
+            .iter()
+            .any(|a| !a.ip().is_loopback());
+        if remote && config.auth.keys.is_empty() {
+            tracing::warn!(
+                grpc = %config.grpc_listen,
+                http = %config.http_listen,
+                "the client APIs are served without API keys beyond this host (auth.insecure_remote)"
+            );
+        }
         Ok(Self {
+            auth: crate::auth::Auth::new(&config.auth),
             cloud,
             queue: std::sync::Mutex::new(crate::placement::QueueModel::default()),
             admission: Arc::new(Semaphore::new(config.max_inflight)),

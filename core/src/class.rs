@@ -9,6 +9,9 @@ pub enum ErrorClass {
     InvalidRequest,
     /// What the caller named does not exist (404 / NOT_FOUND).
     NotFound,
+    /// The caller did not say who it is, or is not someone this server knows (401 /
+    /// UNAUTHENTICATED).
+    Unauthenticated,
     /// A bounded queue or pool is full; retrying later may work (429 / RESOURCE_EXHAUSTED).
     Overloaded,
     /// A component is gone, draining or sent bytes we cannot use; retrying elsewhere may work
@@ -26,9 +29,10 @@ pub enum ErrorClass {
 
 impl ErrorClass {
     /// Every class, for exhaustive tests of the mappings.
-    pub const ALL: [ErrorClass; 8] = [
+    pub const ALL: [ErrorClass; 9] = [
         ErrorClass::InvalidRequest,
         ErrorClass::NotFound,
+        ErrorClass::Unauthenticated,
         ErrorClass::Overloaded,
         ErrorClass::Unavailable,
         ErrorClass::Deadline,
@@ -42,6 +46,7 @@ impl ErrorClass {
         match self {
             ErrorClass::InvalidRequest => "invalid_request",
             ErrorClass::NotFound => "not_found",
+            ErrorClass::Unauthenticated => "unauthenticated",
             ErrorClass::Overloaded => "overloaded",
             ErrorClass::Unavailable => "unavailable",
             ErrorClass::Deadline => "deadline",

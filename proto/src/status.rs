@@ -12,6 +12,7 @@ pub fn code(class: ErrorClass) -> Code {
     match class {
         ErrorClass::InvalidRequest => Code::InvalidArgument,
         ErrorClass::NotFound => Code::NotFound,
+        ErrorClass::Unauthenticated => Code::Unauthenticated,
         ErrorClass::Overloaded => Code::ResourceExhausted,
         ErrorClass::Unavailable => Code::Unavailable,
         ErrorClass::Deadline => Code::DeadlineExceeded,
@@ -49,6 +50,7 @@ pub fn class_of(status: &Status) -> ErrorClass {
         Code::Cancelled if timed_out(status) => ErrorClass::Deadline,
         Code::Cancelled => ErrorClass::Cancelled,
         Code::NotFound => ErrorClass::NotFound,
+        Code::Unauthenticated | Code::PermissionDenied => ErrorClass::Unauthenticated,
         Code::Unavailable | Code::Aborted | Code::Unknown => ErrorClass::Unavailable,
         _ => ErrorClass::Internal,
     }

@@ -356,19 +356,35 @@ impl Drop for Coordinator {
 
 /// A raw HTTP/1.1 POST; returns (status, body). Bodies are small JSON.
 pub async fn http_post(addr: SocketAddr, path: &str, body: &str) -> (u16, String) {
-    http_request(addr, "POST", path, body).await
+    http_request(addr, "POST", path, "", body).await
+}
+
+/// A raw HTTP/1.1 POST with extra header lines (`"Authorization: Bearer x\r\n"`).
+pub async fn http_post_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
+    http_request(addr, "POST", path, headers, body).await
 }
 
 /// A raw HTTP/1.1 GET; returns (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(addr, "GET", path, "").await
+    http_request(addr, "GET", path, "", "").await
 }
 
-async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.expect("write");

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use baton_coordinator::{HandoffShape, TransportChoice};
-use baton_e2e::{Coordinator, LIMIT, Workers, http_post, prompt_of, reference};
+use baton_e2e::{
+    Coordinator, LIMIT, Workers, http_get, http_post, http_post_with, prompt_of, reference,
+};
 use baton_proto::v1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -416,4 +418,112 @@ async fn push_reservations_outlive_a_wait_in_the_prefill_queue() {
         assert_eq!(placement.mode, "disaggregated", "request {i}");
     }
     workers.await_pools_full(Duration::from_secs(2)).await;
+}
+
+/// API keys: no key or an unknown one is 401 (UNAUTHENTICATED on gRPC) in the OpenAI envelope;
+/// a known key is served; a key over its rate or its concurrency gets 429 with Retry-After;
+/// the operator endpoints stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_admit_known_callers_within_their_limits() {
+    use baton_coordinator::{ApiKeyConfig, key_digest};
+    let workers = Workers::start(64).await;
+    let hash = |key: &str| {
+        key_digest(key)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let key = |name: &str, secret: &str, rate: Option<u32>, concurrent: Option<u32>| ApiKeyConfig {
+        name: name.into(),
+        sha256: hash(secret),
+        requests_per_minute: rate,
+        max_concurrent: concurrent,
+    };
+    let coordinator = Coordinator::start(&workers, HandoffShape::Push, TransportChoice::Tcp, |c| {
+        c.auth.keys = vec![
+            key("open", "sk-open", None, None),
+            key("metered", "sk-metered", Some(6), None),
+            key("single", "sk-single", None, Some(1)),
+        ];
+    })
+    .await;
+    let http = coordinator.http;
+    let body = r#"{"prompt":"The sky is","max_tokens":2}"#;
+    let bearer = |k: &str| format!("Authorization: Bearer {k}\r\n");
+
+    for headers in [String::new(), bearer("sk-wrong")] {
+        let (status, text) = http_post_with(http, "/v1/completions", &headers, body).await;
+        assert_eq!(status, 401, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(v["error"]["type"], "authentication_error", "{text}");
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{text}");
+        assert!(
+            !text.contains("sk-wrong"),
+            "the presented key is echoed: {text}"
+        );
+    }
+    let (status, text) = http_post_with(http, "/v1/completions", &bearer("sk-open"), body).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(http_get(http, "/health").await.0, 200);
+    assert_eq!(http_get(http, "/metrics").await.0, 200);
+
+    // 6 a minute: a burst of one, then the next in 10 s.
+    let (status, text) = http_post_with(http, "/v1/completions", &bearer("sk-metered"), body).await;
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = http_post_with(http, "/v1/completions", &bearer("sk-metered"), body).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("requests_per_minute"), "{text}");
+
+    // gRPC: the same keys in `authorization` metadata.
+    let mut client = coordinator.client();
+    let request = |key: Option<&str>, max_tokens: u32| {
+        let mut r = tonic::Request::new(v1::GenerateRequest {
+            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                ids: prompt_of(24, 5),
+            })),
+            sampling: Some(v1::SamplingParams {
+                max_tokens: Some(max_tokens),
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        if let Some(k) = key {
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {k}").parse().expect("ascii"),
+            );
+        }
+        r
+    };
+    let status = client.generate(request(None, 2)).await.expect_err("no key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let mut stream = client
+        .generate(request(Some("sk-single"), 40))
+        .await
+        .expect("a known key")
+        .into_inner();
+    stream.message().await.expect("first message");
+    // One in flight is all "single" may have.
+    let (status, text) = http_post_with(http, "/v1/completions", &bearer("sk-single"), body).await;
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("max_concurrent"), "{text}");
+    let (status, text) = http_post_with(http, "/v1/completions", &bearer("sk-open"), body).await;
+    assert_eq!(status, 200, "other keys are not held back: {text}");
+    while let Some(m) = stream.message().await.expect("the stream") {
+        if m.finish.is_some() {
+            break;
+        }
+    }
+    drop(stream);
+    let (_, metrics) = http_get(http, "/metrics").await;
+    for reason in ["missing", "unknown", "rate", "concurrency"] {
+        let line = format!("baton_auth_refused_total{{reason=\"{reason}\"}}");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            "{line} not counted"
+        );
+    }
 }
