@@ -17,10 +17,10 @@ pub struct NewKeyArgs {
 
 pub fn new_key(args: NewKeyArgs) -> anyhow::Result<()> {
     let bytes: [u8; 24] = rand::random();
-    let key = format!("bt-{}", hex(&bytes));
+    let key = format!("bt-{}", baton_core::hex::encode(&bytes));
     let entry = baton_coordinator::ApiKeyConfig {
         name: args.name,
-        sha256: hex(&baton_coordinator::key_digest(&key)),
+        sha256: baton_core::hex::encode(&baton_coordinator::key_digest(&key)),
         requests_per_minute: args.requests_per_minute,
         max_concurrent: args.max_concurrent,
     };
@@ -45,8 +45,4 @@ pub fn new_key(args: NewKeyArgs) -> anyhow::Result<()> {
     doc.insert("coordinator".into(), toml::Value::Table(auth));
     eprint!("{}", toml::to_string(&toml::Value::Table(doc))?);
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -71,7 +71,7 @@ impl AuthConfig {
                     "must be ASCII letters, digits and -_.",
                 );
             }
-            if digest_from_hex(&key.sha256).is_none() {
+            if baton_core::hex::decode32(&key.sha256).is_none() {
                 return bad(
                     format!("auth.keys[{i}].sha256"),
                     "must be 64 hex digits (the SHA-256 of the key, not the key)",
@@ -126,17 +126,6 @@ pub fn key_digest(key: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out
-}
-
-fn digest_from_hex(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 /// A request rate as a bucket of tokens: `capacity` at most, refilled at `per_second`; each
@@ -224,7 +213,7 @@ impl Auth {
             .keys
             .iter()
             .filter_map(|k| {
-                let digest = digest_from_hex(&k.sha256)?;
+                let digest = baton_core::hex::decode32(&k.sha256)?;
                 Some((
                     digest,
                     Key {
@@ -319,7 +308,7 @@ mod tests {
     use super::*;
 
     fn hex(d: [u8; 32]) -> String {
-        d.iter().map(|b| format!("{b:02x}")).collect()
+        baton_core::hex::encode(&d)
     }
 
     fn config(keys: Vec<ApiKeyConfig>) -> AuthConfig {

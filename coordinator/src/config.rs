@@ -134,14 +134,7 @@ impl CoordinatorConfig {
         let Some(hex) = &self.model_fingerprint else {
             return Ok(None);
         };
-        let bytes: Option<Vec<u8>> = (hex.len() == 64 && hex.is_ascii())
-            .then(|| {
-                (0..32)
-                    .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-                    .collect()
-            })
-            .flatten();
-        match bytes.and_then(|b| <[u8; 32]>::try_from(b).ok()) {
+        match baton_core::hex::decode32(hex) {
             Some(b) => Ok(Some(baton_core::Fingerprint(b))),
             None => Err(Error::InvalidConfig {
                 field: "model_fingerprint".into(),

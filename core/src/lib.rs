@@ -11,10 +11,12 @@
 //!   prefix cache, workers' reports and the coordinator's placement share.
 //! - [`kv_events`]: the changes to a worker's set of cached blocks, the worker's log of them
 //!   and a reader's index, so placement knows what each worker holds.
+//! - [`hex`]: lower-case hex of the 32-byte names in configuration and adverts.
 //! - [`class`]: the one [`ErrorClass`] every crate's errors map to; the serving edges (gRPC in
 //!   `baton-proto`, HTTP in the coordinator) turn it into status codes, once.
 
 pub mod class;
+pub mod hex;
 pub mod ids;
 pub mod kv_events;
 pub mod layout;

@@ -160,7 +160,7 @@ impl Advert {
         put("c", self.cluster.clone());
         put("id", self.worker_id.to_string());
         put("r", self.role.code().into());
-        put("fp", hex(&self.fingerprint.0));
+        put("fp", baton_core::hex::encode(&self.fingerprint.0));
         put("h", self.host_id.clone());
         put("g", self.grpc_port.to_string());
         put("e", self.event_port.to_string());
@@ -169,7 +169,7 @@ impl Advert {
             put("a", host.clone());
         }
         let signature = key.sign_advert(&canonical(&pairs));
-        pairs.insert("s".into(), hex(&signature));
+        pairs.insert("s".into(), baton_core::hex::encode(&signature));
         pairs
     }
 
@@ -205,7 +205,7 @@ impl Advert {
         unsigned.remove("s");
         let expected = key.sign_advert(&canonical(&unsigned));
         // Compared in constant time: blake3's Hash equality is.
-        let given = unhex32(signature).ok_or(Refusal::BadSignature)?;
+        let given = baton_core::hex::decode32(signature).ok_or(Refusal::BadSignature)?;
         if blake3::Hash::from_bytes(given) != blake3::Hash::from_bytes(expected) {
             return Err(Refusal::BadSignature);
         }
@@ -220,7 +220,7 @@ impl Advert {
             "d" => Role::Decode,
             other => return Err(Refusal::Malformed(format!("role {other:?}"))),
         };
-        let fingerprint = unhex32(get("fp")?)
+        let fingerprint = baton_core::hex::decode32(get("fp")?)
             .map(Fingerprint)
             .ok_or_else(|| Refusal::Malformed("fp: not 64 hex digits".into()))?;
         let host_id = get("h")?.to_string();
@@ -290,21 +290,6 @@ fn canonical(pairs: &BTreeMap<String, String>) -> Vec<u8> {
         out.push(b'\n');
     }
     out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
