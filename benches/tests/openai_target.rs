@@ -335,7 +335,7 @@ async fn the_time_limit_stops_sending_but_awaits_requests_in_flight() {
 #[tokio::test]
 async fn the_model_comes_from_v1_models() {
     let (addr, _) = serve().await;
-    let model = OpenAiTarget::served_model(&format!("http://{addr}"))
+    let model = OpenAiTarget::served_model(&format!("http://{addr}"), None)
         .await
         .expect("models");
     assert_eq!(model, "fake-model");

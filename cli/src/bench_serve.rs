@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// generator's own), e.g. '{"logit_bias":{"2":-100}}' for a server without ignore_eos.
     #[arg(long, value_parser = json_object)]
     extra_body: Option<serde_json::Map<String, serde_json::Value>>,
+    /// API key sent as `Authorization: Bearer` (gRPC: `authorization` metadata); default
+    /// `$BATON_API_KEY` when set.
+    #[arg(long)]
+    api_key: Option<String>,
     /// Write results.json and, in a build with the `charts` feature, the charts
     /// (latency_cdf.svg, sweep.svg) into this directory.
     #[arg(long)]
@@ -340,15 +344,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("BATON_API_KEY").ok())
+        .filter(|k| !k.is_empty());
     let (model, runs) = rt.block_on(async {
         match args.api {
             Api::Openai => {
                 let model = match &args.model {
                     Some(m) => m.clone(),
-                    None => OpenAiTarget::served_model(&args.endpoint).await?,
+                    None => OpenAiTarget::served_model(&args.endpoint, api_key.as_deref()).await?,
                 };
                 let target = OpenAiTarget::new(&args.endpoint, model.clone(), args.ignore_eos)?
-                    .with_extra_body(args.extra_body.clone().unwrap_or_default());
+                    .with_extra_body(args.extra_body.clone().unwrap_or_default())
+                    .with_api_key(api_key.clone());
                 let runs = measure(target, &workload, &loads, &options).await;
                 anyhow::Ok((model, runs))
             }
@@ -357,7 +367,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                     &args.endpoint,
                     args.model.clone().unwrap_or_default(),
                     args.ignore_eos,
-                )?;
+                )?
+                .with_api_key(api_key.as_deref())?;
                 let model = match &args.model {
                     Some(m) => m.clone(),
                     None => target.served_model().await.with_context(|| {

@@ -267,7 +267,7 @@ pub fn run(args: DisaggArgs) -> anyhow::Result<()> {
         let _cluster = Cluster::start(setup, &model, args.port)?;
         let endpoint = format!("http://127.0.0.1:{}", args.port);
         let target = rt.block_on(async {
-            let name = OpenAiTarget::served_model(&endpoint).await?;
+            let name = OpenAiTarget::served_model(&endpoint, None).await?;
             anyhow::Ok(Arc::new(OpenAiTarget::new(&endpoint, name, true)?))
         })?;
         // One request of each kind first, so no run pays for first-touch costs.

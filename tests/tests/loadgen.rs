@@ -82,7 +82,9 @@ async fn the_load_generator_measures_a_real_cluster_over_http_and_grpc() {
     let load = Load::closed_loop(NonZeroUsize::new(2).expect("2"));
 
     let endpoint = format!("http://{}", coordinator.http);
-    let model = OpenAiTarget::served_model(&endpoint).await.expect("model");
+    let model = OpenAiTarget::served_model(&endpoint, None)
+        .await
+        .expect("model");
     let http = OpenAiTarget::new(&endpoint, model, true).expect("target");
     check(
         "openai",

@@ -25,6 +25,8 @@ pub struct GrpcTarget {
     client: InferenceClient<Channel>,
     model: String,
     ignore_eos: bool,
+    /// Sent as `authorization: Bearer` metadata.
+    api_key: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl GrpcTarget {
@@ -47,7 +49,28 @@ impl GrpcTarget {
             client: InferenceClient::new(channel),
             model,
             ignore_eos,
+            api_key: None,
         })
+    }
+
+    /// Sends `key` as `authorization: Bearer` metadata on every call.
+    pub fn with_api_key(mut self, key: Option<&str>) -> Result<Self> {
+        self.api_key = match key {
+            None => None,
+            Some(k) => Some(format!("Bearer {k}").parse().map_err(|_| Error::Endpoint {
+                endpoint: "grpc".into(),
+                reason: "the API key must be printable ASCII".into(),
+            })?),
+        };
+        Ok(self)
+    }
+
+    fn authorized<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(key) = &self.api_key {
+            request.metadata_mut().insert("authorization", key.clone());
+        }
+        request
     }
 
     /// The first model the coordinator's `Models` call lists.
@@ -57,7 +80,7 @@ impl GrpcTarget {
             reason,
         };
         let mut client = self.client.clone();
-        let call = client.models(v1::ModelsRequest {});
+        let call = client.models(self.authorized(v1::ModelsRequest {}));
         let response = tokio::time::timeout(std::time::Duration::from_secs(30), call)
             .await
             .map_err(|_| fail("Models did not answer within 30 s".into()))?
@@ -93,7 +116,7 @@ impl GrpcTarget {
     ) -> std::result::Result<(), RequestError> {
         let mut client = self.client.clone();
         let mut stream = client
-            .generate(self.request(request))
+            .generate(self.authorized(self.request(request)))
             .await
             .map_err(|s| classify(&s, false))?
             .into_inner();

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::header::{ACCEPT, CONTENT_TYPE};
+use hyper::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -46,6 +46,8 @@ pub struct OpenAiTarget {
     model: String,
     ignore_eos: bool,
     extra_body: serde_json::Map<String, Value>,
+    /// Sent as `Authorization: Bearer`.
+    api_key: Option<String>,
 }
 
 /// `{base}/v1/{path}` for an endpoint given as `http://host:port` or `http://host:port/v1`.
@@ -94,7 +96,14 @@ impl OpenAiTarget {
             model,
             ignore_eos,
             extra_body: serde_json::Map::new(),
+            api_key: None,
         })
+    }
+
+    /// Sends `key` as `Authorization: Bearer` on every request.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key;
+        self
     }
 
     /// Adds `extra` to every request body, over the keys the target sets itself.
@@ -103,14 +112,18 @@ impl OpenAiTarget {
         self
     }
 
-    /// The first model `GET {base}/v1/models` lists.
-    pub async fn served_model(endpoint: &str) -> Result<String> {
+    /// The first model `GET {base}/v1/models` lists (asked with `api_key` when given).
+    pub async fn served_model(endpoint: &str, api_key: Option<&str>) -> Result<String> {
         let uri = api_uri(endpoint, "models")?;
         let fail = |reason: String| Error::Endpoint {
             endpoint: endpoint.to_string(),
             reason,
         };
-        let request = Request::get(uri)
+        let mut request = Request::get(uri);
+        if let Some(key) = api_key {
+            request = request.header(AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = request
             .body(Full::new(Bytes::new()))
             .map_err(|e| fail(e.to_string()))?;
         let fetch = async {
@@ -166,9 +179,13 @@ impl OpenAiTarget {
         let body = Bytes::from(self.body(request).to_string());
         let mut retried = false;
         let response = loop {
-            let http_request = Request::post(self.completions.clone())
+            let mut http_request = Request::post(self.completions.clone())
                 .header(CONTENT_TYPE, "application/json")
-                .header(ACCEPT, "text/event-stream")
+                .header(ACCEPT, "text/event-stream");
+            if let Some(key) = &self.api_key {
+                http_request = http_request.header(AUTHORIZATION, format!("Bearer {key}"));
+            }
+            let http_request = http_request
                 .body(Full::new(body.clone()))
                 .map_err(|e| RequestError::new(ErrorKind::Client, e.to_string()))?;
             match self.client.request(http_request).await {
@@ -388,6 +405,7 @@ mod tests {
             model: "m".into(),
             ignore_eos: false,
             extra_body: serde_json::Map::new(),
+            api_key: None,
         };
         let b = t.body(&r);
         assert_eq!(
