@@ -301,8 +301,14 @@ pub async fn run(
             break;
         }
         let endpoint = &cloud.endpoints[i];
-        let Ok(worst) = cloud.fits(endpoint, &request) else {
-            continue;
+        let worst = match cloud.fits(endpoint, &request) {
+            Ok(worst) => worst,
+            // The budget went to other requests since placement looked: say so, not "busy".
+            Err((_, Some(refusal))) => {
+                last_error.get_or_insert(Error::BudgetSpent { refusal });
+                continue;
+            }
+            Err(_) => continue,
         };
         let Some(permit) = endpoint.upstream.try_acquire() else {
             continue;

@@ -241,7 +241,7 @@ async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result
         (Some(cloud), Ok(r)) => cloud.fitness(r),
         _ => Vec::new(),
     };
-    let decision = placement::spill::target(spill, state, &fitness(&inner));
+    let decision = placement::spill::target(spill, state, || fitness(&inner));
     let (prompt, params, permit) = match (decision, local) {
         (Ok(Target::Local { kept }), Some((prompt, params, Some(permit)))) => {
             if let Some((reason, kept)) = kept {
@@ -307,7 +307,7 @@ async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result
             state.failed = true;
             let Some(input) = kept else { return Err(e) };
             let Ok(Target::Cloud { endpoint, reason }) =
-                placement::spill::target(spill, state, &fitness(&inner))
+                placement::spill::target(spill, state, || fitness(&inner))
             else {
                 return Err(e);
             };
@@ -425,15 +425,27 @@ fn route(inner: &Arc<Inner>, input: &GenerateInput, request: &RequestId) -> Resu
             return Err(Error::NoWorker { role: "decode" });
         }
     }
-    let cloud_request =
-        crate::cloud::CloudRequest::new(model, &input.input, &params, max_cost, request.as_str());
+    // The upstream form is built only where an upstream could take it.
+    let cloud_request = match cloud {
+        Some(_) => crate::cloud::CloudRequest::new(
+            model,
+            &input.input,
+            &params,
+            max_cost,
+            request.as_str(),
+        ),
+        None => Err("model"),
+    };
     let config = cloud.map(|c| &c.config);
     let spill = SpillRequest {
         allowed: config.is_some_and(|c| input.allow_cloud.unwrap_or(c.allow_by_default)),
         local_only: cloud_request.as_ref().err().copied(),
         ttft_target: input.ttft_target.or(config.and_then(|c| c.ttft_target)),
     };
-    let predicted_ttft = inner.queue_model().predict(Instant::now());
+    // Only a request that may spill for its wait needs the prediction.
+    let predicted_ttft = (spill.allowed && spill.ttft_target.is_some())
+        .then(|| inner.queue_model().predict(Instant::now()))
+        .flatten();
     Ok(Routed {
         state: LocalState {
             serves_model,

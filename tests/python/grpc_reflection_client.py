@@ -22,6 +22,8 @@ except ImportError as e:
         "python3 -m pip install -r tests/python/requirements.txt"
     )
 
+from checks import CheckFailed, check, ok  # noqa: E402 (after the dependency check)
+
 INFERENCE = "baton.v1.Inference"
 HEALTH = "grpc.health.v1.Health"
 # grpc.reflection.v1 and v1alpha declare the same messages with the same field numbers, so the
@@ -33,19 +35,6 @@ REFLECTION_METHODS = [
 ]
 TIMEOUT_S = 120
 MAX_TOKENS = 8
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def check(condition, message):
-    if not condition:
-        raise CheckFailed(message)
-
-
-def ok(message):
-    print(f"ok: {message}", flush=True)
 
 
 class Reflection:

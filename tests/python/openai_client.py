@@ -19,22 +19,11 @@ except ImportError as e:
         "python3 -m pip install -r tests/python/requirements.txt"
     )
 
+from checks import CheckFailed, check, ok  # noqa: E402 (after the dependency check)
+
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name one colour of the rainbow."}]
 MAX_TOKENS = 8
-
-
-class CheckFailed(Exception):
-    pass
-
-
-def check(condition, message):
-    if not condition:
-        raise CheckFailed(message)
-
-
-def ok(message):
-    print(f"ok: {message}", flush=True)
 
 
 def check_models(client):

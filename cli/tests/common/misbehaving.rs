@@ -19,12 +19,17 @@ pub enum Fault {
     DropMidStream,
     /// Reads the request and never answers (the connection stays open until the server drops).
     NeverAnswers,
+    /// Answers 200 and streams chat deltas without end, as fast as the client takes them,
+    /// until the client closes the connection; then says so on `closed`.
+    Endless,
 }
 
 pub struct MisbehavingUpstream {
     pub addr: SocketAddr,
     /// Requests it received.
     pub requests: Arc<AtomicUsize>,
+    /// One message per connection the client closed mid-stream (`Fault::Endless`).
+    pub closed: std::sync::mpsc::Receiver<()>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -35,6 +40,7 @@ impl MisbehavingUpstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (count, stopping) = (requests.clone(), stop.clone());
+        let (closed_tx, closed) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut held = Vec::new();
             for stream in listener.incoming() {
@@ -72,12 +78,30 @@ impl MisbehavingUpstream {
                         // Closed here: no finish, no usage, no [DONE].
                     }
                     Fault::NeverAnswers => held.push(stream),
+                    Fault::Endless => {
+                        let closed_tx = closed_tx.clone();
+                        std::thread::spawn(move || {
+                            let chunk = r#"{"id":"x","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"content":"more "},"finish_reason":null}]}"#;
+                            let mut out = write!(
+                                stream,
+                                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                            );
+                            // TCP backpressure paces the loop; a write fails once the client
+                            // has closed the connection.
+                            while out.is_ok() {
+                                out = write!(stream, "data: {chunk}\n\n")
+                                    .and_then(|()| stream.flush());
+                            }
+                            let _ = closed_tx.send(());
+                        });
+                    }
                 }
             }
         });
         MisbehavingUpstream {
             addr,
             requests,
+            closed,
             stop,
         }
     }

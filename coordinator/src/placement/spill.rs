@@ -119,11 +119,12 @@ pub struct NoTarget {
 }
 
 /// Local first; spill for a reason, when allowed, to the first upstream (in configured order)
-/// that fits.
+/// that fits. `upstreams` says whether each could take the request; it is asked only when the
+/// request has a reason to spill and may (it reads the budget ledger).
 pub fn target(
     request: SpillRequest,
     local: LocalState,
-    upstreams: &[Result<(), Unfit>],
+    upstreams: impl FnOnce() -> Vec<Result<(), Unfit>>,
 ) -> Result<Target, NoTarget> {
     let reason = if !local.serves_model {
         SpillReason::CloudOnlyModel
@@ -153,6 +154,7 @@ pub fn target(
     if !request.allowed || request.local_only.is_some() {
         return keep_or_refuse(Kept::NotAllowed, None);
     }
+    let upstreams = upstreams();
     if let Some(endpoint) = upstreams.iter().position(Result::is_ok) {
         return Ok(Target::Cloud { endpoint, reason });
     }
@@ -288,12 +290,12 @@ mod tests {
             ..local()
         };
         assert_eq!(
-            target(allowed(), state, &[Ok(())]),
+            target(allowed(), state, || vec![Ok(())]),
             Ok(Target::Local { kept: None })
         );
         // Unmeasured is not slow.
         assert_eq!(
-            target(allowed(), local(), &[Ok(())]),
+            target(allowed(), local(), || vec![Ok(())]),
             Ok(Target::Local { kept: None })
         );
     }
@@ -305,7 +307,7 @@ mod tests {
             ..local()
         };
         assert_eq!(
-            target(allowed(), state, &[Err(Unfit::Busy), Ok(())]),
+            target(allowed(), state, || vec![Err(Unfit::Busy), Ok(())]),
             Ok(Target::Cloud {
                 endpoint: 1,
                 reason: SpillReason::QueueWait
@@ -317,7 +319,7 @@ mod tests {
             ..allowed()
         };
         assert_eq!(
-            target(no_target, state, &[Ok(())]),
+            target(no_target, state, || vec![Ok(())]),
             Ok(Target::Local { kept: None })
         );
     }
@@ -329,7 +331,10 @@ mod tests {
             ..local()
         };
         assert_eq!(
-            target(allowed(), state, &[Err(Unfit::Budget), Err(Unfit::Busy)]),
+            target(allowed(), state, || vec![
+                Err(Unfit::Budget),
+                Err(Unfit::Busy)
+            ]),
             Ok(Target::Local {
                 kept: Some((SpillReason::QueueWait, Kept::Unfit(Unfit::Budget)))
             })
@@ -339,7 +344,7 @@ mod tests {
             ..allowed()
         };
         assert_eq!(
-            target(tokens, state, &[Ok(())]),
+            target(tokens, state, || vec![Ok(())]),
             Ok(Target::Local {
                 kept: Some((SpillReason::QueueWait, Kept::NotAllowed))
             })
@@ -353,14 +358,14 @@ mod tests {
             ..local()
         };
         assert_eq!(
-            target(allowed(), full, &[Ok(())]),
+            target(allowed(), full, || vec![Ok(())]),
             Ok(Target::Cloud {
                 endpoint: 0,
                 reason: SpillReason::LocalFull
             })
         );
         assert_eq!(
-            target(allowed(), full, &[Err(Unfit::Budget)]),
+            target(allowed(), full, || vec![Err(Unfit::Budget)]),
             Err(NoTarget {
                 reason: SpillReason::LocalFull,
                 unfit: Some(Unfit::Budget)
@@ -375,14 +380,14 @@ mod tests {
             ..allowed()
         };
         assert_eq!(
-            target(refused, none, &[Ok(())]),
+            target(refused, none, || vec![Ok(())]),
             Err(NoTarget {
                 reason: SpillReason::NoLocalWorker,
                 unfit: None
             })
         );
         assert_eq!(
-            target(allowed(), none, &[]),
+            target(allowed(), none, Vec::new),
             Err(NoTarget {
                 reason: SpillReason::NoLocalWorker,
                 unfit: None
@@ -397,14 +402,14 @@ mod tests {
             ..local()
         };
         assert_eq!(
-            target(allowed(), failed, &[Ok(())]),
+            target(allowed(), failed, || vec![Ok(())]),
             Ok(Target::Cloud {
                 endpoint: 0,
                 reason: SpillReason::LocalFailed
             })
         );
         assert_eq!(
-            target(allowed(), failed, &[Err(Unfit::OverMaxCost)]),
+            target(allowed(), failed, || vec![Err(Unfit::OverMaxCost)]),
             Err(NoTarget {
                 reason: SpillReason::LocalFailed,
                 unfit: Some(Unfit::OverMaxCost)
@@ -419,18 +424,20 @@ mod tests {
             ..local()
         };
         assert_eq!(
-            target(allowed(), cloud_only, &[Err(Unfit::NotServed), Ok(())]),
+            target(allowed(), cloud_only, || vec![
+                Err(Unfit::NotServed),
+                Ok(())
+            ]),
             Ok(Target::Cloud {
                 endpoint: 1,
                 reason: SpillReason::CloudOnlyModel
             })
         );
         assert_eq!(
-            target(
-                allowed(),
-                cloud_only,
-                &[Err(Unfit::NotServed), Err(Unfit::Busy)]
-            ),
+            target(allowed(), cloud_only, || vec![
+                Err(Unfit::NotServed),
+                Err(Unfit::Busy)
+            ]),
             Err(NoTarget {
                 reason: SpillReason::CloudOnlyModel,
                 unfit: Some(Unfit::Busy)
