@@ -3,6 +3,7 @@
 //! generator plumbing instead of copying it.
 //!
 //! - [`up`]: a local cluster of role processes (`baton up`), and the spawning code behind it.
+//! - [`supervise`]: what `up` decides about a child that dies (restart backoff, crash loop).
 //! - [`roles`]: `baton coordinator | prefill | decode`, each from its layered config ([`config`]).
 //! - [`status`]: `baton status`, the pool as a coordinator sees it.
 //! - [`keys`]: `baton keys new`, an API key and the config table that admits it.
@@ -22,4 +23,5 @@ pub mod kv_demo;
 pub mod model_path;
 pub mod roles;
 pub mod status;
+pub mod supervise;
 pub mod up;

@@ -1,7 +1,25 @@
 //! `baton up`: a whole local cluster as separate OS processes on loopback: N prefill workers and
 //! M decode workers (ports chosen by the OS, read from each child's `listening` line), then the
-//! coordinator on the configured HTTP and gRPC ports. Prints the endpoints, and stops every
-//! child on Ctrl-C, on SIGTERM, or as soon as any child dies.
+//! coordinator on the configured HTTP and gRPC ports. Prints the endpoints once the coordinator
+//! is ready, and supervises the children until Ctrl-C or SIGTERM, which stop every child.
+//!
+//! Supervision: a child that dies is started again after a backoff (`--restart-backoff`, 0.5 s,
+//! doubling with each quick death up to 30 s; a run of 60 s resets it) on the addresses its first
+//! run announced, so it rejoins: the coordinator's worker list and health checks bring a worker
+//! back (a failed poll while it is away makes the coordinator ask its `Info` again, hence a
+//! backoff of at least two polls), and a restarted coordinator serves on the same ports and
+//! polls the same workers. The rest of the cluster serves meanwhile. A child that dies
+//! `--restart-limit` times within `--restart-window` (5 within 2 min) is crash-looping: `up`
+//! stops every child and exits 1 with one line naming it, its last exit status and the error it
+//! reported on stderr. Each death and each restart is one log line. `--no-restart` stops the
+//! cluster at the first death instead.
+//! Children start in order, each once those before it listen (the coordinator last, handed the
+//! workers' addresses); one that dies while starting is restarted like any other.
+//!
+//! The decisions (backoff, crash loop, a dead child's last words) are [`crate::supervise`]'s,
+//! with no IO. One loop here owns the processes and reacts to events: a signal, a child's
+//! `listening` lines, a child's exit (a thread per child waits for it without reaping it), the
+//! coordinator's readiness, a backoff running out.
 //!
 //! `baton up --colocated` is the aggregated baseline every disaggregation figure is compared
 //! with: no prefill workers, and M decode workers that each prefill their own prompts (chunked
@@ -15,19 +33,21 @@
 //! role's configuration is loaded and validated here first, so a bad key stops `up` before any
 //! child starts. `up` chooses, per child, what must differ between processes on one host: the
 //! workers' listen ports (0), worker ids, the decode workers' shared-memory sockets, and the
-//! coordinator's worker lists.
+//! coordinator's worker lists. A restart passes the same flags plus `--set <role>.<listen
+//! key>=ADDR` for each address the first run announced (the last `--set` wins).
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
 use crate::config::{Flags, RoleName};
 use crate::roles::ConfigArgs;
+use crate::supervise::{LastWords, OnDeath, RestartPolicy, Restarts, Verdict};
 
 #[derive(clap::Args)]
 pub struct UpArgs {
@@ -78,6 +98,22 @@ pub struct UpArgs {
     /// --colocated or --prefill 0.
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
     decode_nice: Option<u8>,
+    /// A child that dies is started again on the same addresses, so it rejoins, after this
+    /// wait (e.g. 500ms, 2s); it doubles with each quick death, up to 30 s, and a run of 60 s
+    /// resets it. At least two of the coordinator's load polls (coordinator.load_poll_interval),
+    /// so the coordinator sees a worker gone before it comes back.
+    #[arg(long, default_value = "500ms", value_parser = crate::bench_serve::duration)]
+    restart_backoff: Duration,
+    /// A child that dies this many times within --restart-window is crash-looping: `up` stops
+    /// every child and exits non-zero, naming it (1: the first death stops the cluster).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    restart_limit: u32,
+    /// The window --restart-limit counts deaths in (e.g. 2min, 90s).
+    #[arg(long, default_value = "2min", value_parser = crate::bench_serve::duration)]
+    restart_window: Duration,
+    /// Stop the cluster as soon as any child dies instead of restarting it.
+    #[arg(long, conflicts_with_all = ["restart_backoff", "restart_limit", "restart_window"])]
+    no_restart: bool,
     #[command(flatten)]
     config: ConfigArgs,
     #[command(flatten)]
@@ -285,18 +321,46 @@ pub fn spawn_pinned(
     spawn_exe(&baton_exe()?, name, args, announced, cpus)
 }
 
+/// Longest a child may take from its start to its last `listening` line: loading the model in
+/// a fresh process, with the machine busy.
+const START_WAIT: Duration = Duration::from_secs(120);
+
 /// [`spawn_pinned`] of a given `baton` executable (another build, for a paired comparison).
 pub fn spawn_exe(
-    exe: &std::path::Path,
+    exe: &Path,
     name: &str,
     args: &[String],
     announced: usize,
     cpus: &[usize],
 ) -> anyhow::Result<(Child, Vec<SocketAddr>)> {
+    let mut child = start(exe, name, args, cpus, Stdio::inherit())?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let (tx, rx) = mpsc::channel();
+    forward_stdout(stdout, name, announced, move |addrs| {
+        let _ = tx.send(addrs);
+    });
+    match rx.recv_timeout(START_WAIT) {
+        Ok(addrs) => Ok((child, addrs)),
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            bail!("{name} did not start listening (exit status {status:?}); see its log above")
+        }
+    }
+}
+
+/// Starts `exe <args>` with stdout piped (for [`forward_stdout`]), stderr as given, the
+/// parent-death signal set and, unless `cpus` is empty, the CPU affinity set before it
+/// executes.
+fn start(
+    exe: &Path,
+    name: &str,
+    args: &[String],
+    cpus: &[usize],
+    stderr: Stdio,
+) -> anyhow::Result<Child> {
     let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    cmd.args(args).stdout(Stdio::piped()).stderr(stderr);
     // Built before the fork: the child may only make async-signal-safe calls.
     // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -319,42 +383,84 @@ pub fn spawn_exe(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| {
+    cmd.spawn().with_context(|| {
         if pin {
             format!("start {name} on CPUs {cpus:?}")
         } else {
             format!("start {name}")
         }
-    })?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let (tx, rx) = mpsc::channel();
+    })
+}
+
+/// Copies a child's stdout to ours as `[name] line`, except its `listening` lines: once it
+/// announced `announced` addresses, `on_listening` gets them.
+fn forward_stdout(
+    stdout: ChildStdout,
+    name: &str,
+    announced: usize,
+    on_listening: impl FnOnce(Vec<SocketAddr>) + Send + 'static,
+) {
     let label = name.to_string();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
+        let mut on_listening = Some(on_listening);
         let mut addrs = Vec::new();
-        let mut sent = false;
-        while let Some(Ok(line)) = lines.next() {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
             if let Some(rest) = line.strip_prefix("listening ") {
                 if let Some((_, addr)) = rest.split_once('=')
                     && let Ok(a) = addr.parse::<SocketAddr>()
                 {
                     addrs.push(a);
                 }
-                if !sent && addrs.len() == announced {
-                    let _ = tx.send(addrs.clone());
-                    sent = true;
+                if addrs.len() == announced
+                    && let Some(announce) = on_listening.take()
+                {
+                    announce(addrs.clone());
                 }
             } else {
-                println!("[{label}] {line}");
+                // A closed stdout must not stop the copying: the child would block on a full
+                // pipe.
+                let _ = writeln!(std::io::stdout().lock(), "[{label}] {line}");
             }
         }
     });
-    match rx.recv_timeout(Duration::from_secs(120)) {
-        Ok(addrs) => Ok((child, addrs)),
-        Err(_) => {
-            let _ = child.kill();
-            let status = child.wait().ok();
-            bail!("{name} did not start listening (exit status {status:?}); see its log above")
+}
+
+/// Copies a child's stderr to ours line by line, feeding `words`; `closed` fires when the
+/// child's stderr closes (it exited).
+fn forward_stderr(stderr: ChildStderr, words: Arc<Mutex<LastWords>>, closed: mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        // Bytes, not `lines()`: a line that is not UTF-8 must not end the copying.
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let text = String::from_utf8_lossy(&buf);
+            let line = text.trim_end_matches(['\n', '\r']);
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+            words.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            buf.clear();
+        }
+        let _ = closed.send(());
+    });
+}
+
+/// Blocks until child `pid` has exited, without reaping it: its `Child` does, so the pid is not
+/// reused while `up` may still signal it.
+fn await_exit(pid: u32) {
+    loop {
+        // SAFETY: waitid writes only the siginfo_t on this stack; WNOWAIT leaves the exited
+        // child for its `Child` to reap.
+        let done = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                libc::id_t::from(pid),
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if done == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
         }
     }
 }
@@ -383,8 +489,12 @@ impl UpArgs {
 /// Longest `up` waits for the coordinator to report ready after it listens.
 const READY_WAIT: Duration = Duration::from_secs(60);
 
+/// Between attempts to watch the coordinator's health while it is not answering (restarting).
+const READY_RETRY: Duration = Duration::from_millis(100);
+
 /// Waits until the coordinator's grpc.health.v1 status (the same condition as its `/ready`)
-/// is SERVING, for at most `limit`. A Watch stream pushes each change, so nothing polls.
+/// is SERVING, for at most `limit`. A Watch stream pushes each change, so nothing polls; a
+/// broken watch (the coordinator died, and may come back) is opened again.
 fn wait_ready(grpc: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -392,7 +502,7 @@ fn wait_ready(grpc: SocketAddr, limit: Duration) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let watch = async {
+    let serving = || async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))?
             .connect()
             .await?;
@@ -409,14 +519,22 @@ fn wait_ready(grpc: SocketAddr, limit: Duration) -> anyhow::Result<()> {
         }
         bail!("the coordinator ended its health stream before it was serving")
     };
+    let watch = async {
+        loop {
+            match serving().await {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(error = %e, %grpc, "watching the coordinator's health"),
+            }
+            tokio::time::sleep(READY_RETRY).await;
+        }
+    };
     rt.block_on(async { tokio::time::timeout(limit, watch).await })
         .map_err(|_| {
             anyhow::anyhow!(
                 "the coordinator at {grpc} did not report ready within {limit:?} (no healthy \
                  workers yet); see the workers' logs above"
             )
-        })?
-        .with_context(|| format!("watching the coordinator's health at {grpc}"))
+        })
 }
 
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -431,29 +549,40 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     for role in RoleName::ALL {
         loaded.validate(role)?;
     }
+    let on_death = args.on_death();
+    // A restarted worker rejoins once the coordinator has seen it gone: a failed poll makes it
+    // ask the worker's `Info` again (its KV port is new). A restart quicker than two polls
+    // could come back unseen, and keep its old endpoints.
+    let poll = loaded.config.coordinator.load_poll_interval;
+    if let OnDeath::Restart(policy) = on_death
+        && policy.backoff < 2 * poll
+    {
+        bail!(
+            "--restart-backoff {:?} is shorter than two of the coordinator's load polls \
+             (coordinator.load_poll_interval = {poll:?}): a worker restarted that quickly could \
+             rejoin unseen and keep its old KV endpoints",
+            policy.backoff
+        );
+    }
     // Fetched once here rather than by every child at once.
     crate::config::resolve_model(&loaded.config.coordinator.model)?;
     if n_prefill > 0 {
         crate::config::resolve_model(&loaded.config.prefill.engine.model)?;
     }
     crate::config::resolve_model(&loaded.config.decode.engine.model)?;
+    let exe = baton_exe()?;
 
+    let (events_tx, events) = mpsc::channel();
     // Before any child exists, so no signal ever meets the default action (a SIGTERM right
     // after the endpoints were printed once beat a handler installed later, and `up` died
     // without stopping its children).
-    let stop = StopSignal::install()?;
+    forward_signals(events_tx.clone())?;
     let drain = loaded
         .config
         .prefill
         .drain_timeout
         .max(loaded.config.decode.drain_timeout);
-    let mut children = Children {
-        procs: Vec::new(),
-        grace: drain + Duration::from_secs(5),
-    };
-    let mut metrics = Vec::new();
-    let mut prefill_addrs = Vec::new();
-    let mut decode_addrs = Vec::new();
+    let mut slots = Vec::new();
     let workers = (0..args.decode)
         .map(|i| (RoleName::Decode, i))
         .chain((0..n_prefill).map(|i| (RoleName::Prefill, i)));
@@ -497,130 +626,538 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             RoleName::Decode => &args.decode_cpus,
             _ => &args.prefill_cpus,
         };
-        let (child, addrs) =
-            spawn_pinned(&name, &role_args, 1 + usize::from(serves_metrics), cpus)?;
-        if let Some(at) = addrs.get(1) {
-            metrics.push((name.clone(), *at));
+        let mut listens = vec!["listen"];
+        if serves_metrics {
+            listens.push("metrics_listen");
         }
-        match role {
-            RoleName::Decode => decode_addrs.push(addrs[0]),
-            _ => prefill_addrs.push(addrs[0]),
-        }
-        children.procs.push((name, child));
+        slots.push(Slot::new(name, role, role_args, cpus.clone(), listens));
     }
     let mut coord_args = vec!["coordinator".to_string()];
     for (flag, value) in args.child_flags(RoleName::Coordinator) {
         coord_args.extend([flag.into(), value]);
     }
-    if !args.discovery.dynamic() {
-        for a in &prefill_addrs {
-            coord_args.extend(["--prefill-worker".into(), a.to_string()]);
-        }
-        for a in &decode_addrs {
-            coord_args.extend(["--decode-worker".into(), a.to_string()]);
-        }
-    }
-    let (child, addrs) = spawn("coordinator", &coord_args, 2)?;
-    children.procs.push(("coordinator".into(), child));
-    let (grpc, http) = (addrs[0], addrs[1]);
-    // Listening is not serving: the coordinator answers 503 until it has seen a healthy worker
-    // of each kind it needs, so "up" waits for it to report ready before saying so.
-    wait_ready(grpc, READY_WAIT)?;
-    // Before the endpoints are printed: whoever reads them may signal at once.
-    stop.serving();
-    if args.colocated {
-        println!(
+    slots.push(Slot::new(
+        "coordinator".into(),
+        RoleName::Coordinator,
+        coord_args,
+        Vec::new(),
+        vec!["grpc_listen", "http_listen"],
+    ));
+    let shape = if args.colocated {
+        format!(
             "baton is up (colocated): {} colocated workers, each prefilling and decoding its own requests",
             args.decode
-        );
+        )
     } else {
-        println!(
+        format!(
             "baton is up: {n_prefill} prefill + {} decode workers",
             args.decode
-        );
-    }
-    println!(
-        "  OpenAI HTTP  http://{http}/v1   (health /health, readiness /ready, metrics /metrics)"
-    );
-    println!("  gRPC         {grpc}   (baton.v1.Inference, reflection on)");
-    for (name, at) in &metrics {
-        println!("  {name:<12} metrics http://{at}/metrics");
-    }
-    println!("Ctrl-C stops the cluster.");
-
-    // Watch for a child that dies on its own.
-    loop {
-        if let Ok(why) = stop.rx.recv_timeout(Duration::from_millis(200)) {
-            println!("baton up: stopping ({why})");
-            break;
-        }
-        let mut died = None;
-        for (name, c) in &mut children.procs {
-            if let Ok(Some(status)) = c.try_wait() {
-                died = Some(format!("{name} exited with {status}"));
-                break;
+        )
+    };
+    let mut supervisor = Supervisor {
+        slots,
+        on_death,
+        exe,
+        static_workers: !args.discovery.dynamic(),
+        events: events_tx,
+        grace: drain + Duration::from_secs(5),
+        serving: false,
+        shape,
+    };
+    match supervisor.run(&events) {
+        Ended::Signal { name, number } => {
+            let serving = supervisor.serving;
+            if serving {
+                println!("baton up: stopping ({name})");
+            } else {
+                println!("baton up: stopping ({name} while starting)");
             }
+            supervisor.stop();
+            if !serving {
+                std::process::exit(128 + number);
+            }
+            Ok(())
         }
-        if let Some(why) = died {
-            eprintln!("baton up: {why}; stopping the cluster");
-            children.stop();
-            bail!("{why}");
+        Ended::GaveUp(line) => {
+            supervisor.stop();
+            // One line, and not an error returned from `main`: that prints a stack backtrace
+            // under RUST_BACKTRACE.
+            eprintln!("baton up: {line}");
+            std::process::exit(1)
         }
     }
-    children.stop();
-    Ok(())
 }
 
-/// What a SIGINT or SIGTERM does to `up`. Its handlers are installed (tokio keeps them for the
-/// life of the process) before the first child starts and owned by a small runtime on its own
-/// thread. Until [`StopSignal::serving`] a signal ends `up` at once, and the children, whose
-/// parent-death signal is SIGTERM, drain and exit on their own; from then on it is a reason on
-/// [`StopSignal::rx`] and `up` stops every child itself.
-struct StopSignal {
-    rx: mpsc::Receiver<String>,
-    serving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+impl UpArgs {
+    fn on_death(&self) -> OnDeath {
+        if self.no_restart {
+            OnDeath::Stop
+        } else {
+            OnDeath::Restart(RestartPolicy::new(
+                self.restart_limit,
+                self.restart_window,
+                self.restart_backoff,
+            ))
+        }
+    }
 }
 
-impl StopSignal {
-    fn install() -> anyhow::Result<Self> {
-        use std::sync::atomic::Ordering;
-        use tokio::signal::unix::{SignalKind, signal};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("start the signal runtime")?;
-        let (mut int, mut term) = rt
-            .block_on(async {
-                Ok::<_, std::io::Error>((
-                    signal(SignalKind::interrupt())?,
-                    signal(SignalKind::terminate())?,
-                ))
-            })
-            .context("install the SIGINT and SIGTERM handlers")?;
-        let serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (tx, rx) = mpsc::channel();
-        let started = serving.clone();
-        std::thread::spawn(move || {
-            let (why, signo) = rt.block_on(async {
-                tokio::select! {
-                    _ = int.recv() => ("SIGINT", libc::SIGINT),
-                    _ = term.recv() => ("SIGTERM", libc::SIGTERM),
-                }
+/// What the supervisor hears, from its children's threads and the signal handler.
+enum Event {
+    /// SIGINT or SIGTERM.
+    Signal { name: &'static str, number: i32 },
+    /// The child `pid` of `slot` announced every address it listens on.
+    Listening {
+        slot: usize,
+        pid: u32,
+        addrs: Vec<SocketAddr>,
+    },
+    /// The child `pid` of `slot` exited; it is not reaped yet.
+    Exited { slot: usize, pid: u32 },
+    /// The coordinator `pid` reported ready, or did not within [`READY_WAIT`].
+    Ready {
+        pid: u32,
+        result: Result<(), String>,
+    },
+}
+
+/// How supervision ended.
+enum Ended {
+    Signal {
+        name: &'static str,
+        number: i32,
+    },
+    /// A child made `up` give up (crash loop, `--no-restart`, no start): the line that says why.
+    GaveUp(String),
+}
+
+/// One child `up` keeps running, across its restarts.
+struct Slot {
+    /// decode-1, prefill-0, colocated-0, coordinator.
+    name: String,
+    role: RoleName,
+    args: Vec<String>,
+    cpus: Vec<usize>,
+    /// The config key, in its role's table, of each address it announces, in order.
+    listens: Vec<&'static str>,
+    /// What its first run announced; every restart binds the same addresses.
+    addrs: Option<Vec<SocketAddr>>,
+    state: State,
+    restarts: Restarts,
+}
+
+enum State {
+    /// Not started: it starts once every child before it has listened.
+    Waiting,
+    Running(Running),
+    /// Dead; starts again at this instant.
+    Backoff(Instant),
+    /// Dead or stopped, not to start again.
+    Stopped,
+}
+
+/// One run of a child.
+struct Running {
+    child: Child,
+    started: Instant,
+    /// What it said on stderr; complete once `stderr_closed` fires.
+    words: Arc<Mutex<LastWords>>,
+    stderr_closed: mpsc::Receiver<()>,
+}
+
+/// Longest `up` waits, after a child exited, for the rest of its stderr.
+const STDERR_DRAIN: Duration = Duration::from_secs(1);
+
+impl Slot {
+    fn new(
+        name: String,
+        role: RoleName,
+        args: Vec<String>,
+        cpus: Vec<usize>,
+        listens: Vec<&'static str>,
+    ) -> Self {
+        Self {
+            name,
+            role,
+            args,
+            cpus,
+            listens,
+            addrs: None,
+            state: State::Waiting,
+            restarts: Restarts::default(),
+        }
+    }
+
+    /// Its arguments for the next start: after a first run, with the addresses it announced.
+    fn start_args(&self) -> Vec<String> {
+        let mut args = self.args.clone();
+        for (key, addr) in self.listens.iter().zip(self.addrs.iter().flatten()) {
+            args.extend(["--set".into(), format!("{}.{key}={addr}", self.role.key())]);
+        }
+        args
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match &self.state {
+            State::Running(run) => Some(run.child.id()),
+            _ => None,
+        }
+    }
+
+    /// Starts its next run: stdout and stderr copied to `up`'s (its `listening` lines and its
+    /// exit become events, its stderr its last words).
+    fn launch(
+        &self,
+        exe: &Path,
+        index: usize,
+        events: &mpsc::Sender<Event>,
+    ) -> anyhow::Result<Running> {
+        let mut child = start(
+            exe,
+            &self.name,
+            &self.start_args(),
+            &self.cpus,
+            Stdio::piped(),
+        )?;
+        let pid = child.id();
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} started without its output pipes", self.name);
+        };
+        let words = Arc::new(Mutex::new(LastWords::default()));
+        let (closed, stderr_closed) = mpsc::channel();
+        forward_stderr(stderr, words.clone(), closed);
+        let listening = events.clone();
+        forward_stdout(stdout, &self.name, self.listens.len(), move |addrs| {
+            let _ = listening.send(Event::Listening {
+                slot: index,
+                pid,
+                addrs,
             });
-            if !started.load(Ordering::Acquire) {
-                eprintln!("baton up: {why} while starting; the started children stop on their own");
-                std::process::exit(128 + signo);
-            }
-            let _ = tx.send(why.to_string());
         });
-        Ok(Self { rx, serving })
+        let exited = events.clone();
+        std::thread::spawn(move || {
+            await_exit(pid);
+            let _ = exited.send(Event::Exited { slot: index, pid });
+        });
+        Ok(Running {
+            child,
+            started: Instant::now(),
+            words,
+            stderr_closed,
+        })
+    }
+}
+
+/// Owns `up`'s children: starts them in order, restarts those that die as [`Restarts`]
+/// decides, and stops them all when dropped.
+struct Supervisor {
+    /// Workers first, the coordinator last.
+    slots: Vec<Slot>,
+    on_death: OnDeath,
+    exe: PathBuf,
+    /// The coordinator is handed the workers' addresses (no discovery).
+    static_workers: bool,
+    events: mpsc::Sender<Event>,
+    /// How long children may take to stop after SIGTERM: the workers' drain deadline and a
+    /// margin.
+    grace: Duration,
+    /// The coordinator reported ready and the endpoints are printed.
+    serving: bool,
+    /// The first line of the endpoints.
+    shape: String,
+}
+
+impl Supervisor {
+    /// Supervises until a signal, or until a child makes it give up.
+    fn run(&mut self, events: &mpsc::Receiver<Event>) -> Ended {
+        loop {
+            if let Some(line) = self.start_due(Instant::now()) {
+                return Ended::GaveUp(line);
+            }
+            // Nothing timed: wake up now and then anyway (the channel never closes while this
+            // holds a sender).
+            let wait = self.next_timer().map_or(Duration::from_secs(3600), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
+            let event = match events.recv_timeout(wait) {
+                Ok(event) => event,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(line) = self.overdue(Instant::now()) {
+                        return Ended::GaveUp(line);
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Ended::GaveUp("lost its event channel".into());
+                }
+            };
+            match event {
+                Event::Signal { name, number } => return Ended::Signal { name, number },
+                Event::Listening { slot, pid, addrs } => self.listening(slot, pid, addrs),
+                Event::Exited { slot, pid } => {
+                    if let Some(line) = self.exited(slot, pid) {
+                        return Ended::GaveUp(line);
+                    }
+                }
+                Event::Ready { pid, result } => match result {
+                    Ok(()) if !self.serving => {
+                        self.serving = true;
+                        self.print_endpoints();
+                    }
+                    // A watcher of an earlier run of the coordinator: the current run has its own.
+                    Err(e) if !self.serving && self.coordinator().pid() == Some(pid) => {
+                        return Ended::GaveUp(e);
+                    }
+                    _ => {}
+                },
+            }
+        }
     }
 
-    /// From now on a signal is handled by whoever reads [`StopSignal::rx`].
-    fn serving(&self) {
-        self.serving
-            .store(true, std::sync::atomic::Ordering::Release);
+    /// Starts every child whose turn has come: a first start once all children before it
+    /// listen, a restart once its backoff ran out.
+    fn start_due(&mut self, now: Instant) -> Option<String> {
+        for i in 0..self.slots.len() {
+            let due = match self.slots[i].state {
+                State::Waiting => self.slots[..i].iter().all(|s| s.addrs.is_some()),
+                State::Backoff(at) => at <= now,
+                State::Running(_) | State::Stopped => false,
+            };
+            if !due {
+                continue;
+            }
+            if matches!(self.slots[i].state, State::Waiting)
+                && self.slots[i].role == RoleName::Coordinator
+                && self.static_workers
+            {
+                let lists = self.worker_lists();
+                self.slots[i].args.extend(lists);
+            }
+            let slot = &self.slots[i];
+            match slot.launch(&self.exe, i, &self.events) {
+                Ok(run) => {
+                    let pid = run.child.id();
+                    match slot.restarts.count() {
+                        0 => eprintln!("baton up: started {} (pid {pid})", slot.name),
+                        n => {
+                            eprintln!("baton up: restarted {} (pid {pid}, restart {n})", slot.name)
+                        }
+                    }
+                    self.slots[i].state = State::Running(run);
+                }
+                Err(e) => {
+                    let line = self.died(i, now, format!("could not start: {e:#}"), None);
+                    if line.is_some() {
+                        return line;
+                    }
+                }
+            }
+        }
+        None
     }
+
+    /// `--prefill-worker ADDR ... --decode-worker ADDR ...` of the workers as they first
+    /// listened.
+    fn worker_lists(&self) -> Vec<String> {
+        let mut lists = Vec::new();
+        for (role, flag) in [
+            (RoleName::Prefill, "--prefill-worker"),
+            (RoleName::Decode, "--decode-worker"),
+        ] {
+            for slot in self.slots.iter().filter(|s| s.role == role) {
+                if let Some(addr) = slot.addrs.as_ref().and_then(|a| a.first()) {
+                    lists.extend([flag.to_string(), addr.to_string()]);
+                }
+            }
+        }
+        lists
+    }
+
+    /// The next backoff to run out, or first start to overstay [`START_WAIT`].
+    fn next_timer(&self) -> Option<Instant> {
+        self.slots
+            .iter()
+            .filter_map(|s| match &s.state {
+                State::Backoff(at) => Some(*at),
+                State::Running(run) if s.addrs.is_none() => Some(run.started + START_WAIT),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// A first start that has not listened within [`START_WAIT`].
+    fn overdue(&self, now: Instant) -> Option<String> {
+        self.slots.iter().find_map(|s| match &s.state {
+            State::Running(run) if s.addrs.is_none() && now >= run.started + START_WAIT => {
+                Some(format!(
+                    "{} did not start listening within {START_WAIT:?}; see its log above; \
+                     stopped the cluster",
+                    s.name
+                ))
+            }
+            _ => None,
+        })
+    }
+
+    fn listening(&mut self, i: usize, pid: u32, addrs: Vec<SocketAddr>) {
+        let slot = &mut self.slots[i];
+        if slot.pid() != Some(pid) {
+            return;
+        }
+        if slot.addrs.is_none() {
+            slot.addrs = Some(addrs.clone());
+        }
+        // Listening is not serving: the coordinator answers 503 until it has seen a healthy
+        // worker of each kind it needs, so `up` waits for it to report ready before saying so.
+        if slot.role == RoleName::Coordinator
+            && !self.serving
+            && let Some(&grpc) = addrs.first()
+        {
+            let ready = self.events.clone();
+            std::thread::spawn(move || {
+                let result = wait_ready(grpc, READY_WAIT).map_err(|e| format!("{e:#}"));
+                let _ = ready.send(Event::Ready { pid, result });
+            });
+        }
+    }
+
+    /// Child `pid` of slot `i` exited: reaps it, then restarts it or gives up.
+    fn exited(&mut self, i: usize, pid: u32) -> Option<String> {
+        let State::Running(run) = &mut self.slots[i].state else {
+            return None;
+        };
+        if run.child.id() != pid {
+            return None;
+        }
+        let status = match run.child.try_wait() {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => return None,
+            Err(e) => format!("exit status unknown ({e})"),
+        };
+        // Its stderr closes as it exits; the last lines may still be in the pipe.
+        let _ = run.stderr_closed.recv_timeout(STDERR_DRAIN);
+        let words = run
+            .words
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .summary();
+        let started = run.started;
+        self.died(i, started, format!("(pid {pid}) died: {status}"), words)
+    }
+
+    /// Slot `i`'s run that started at `started` ended (`how`); `words`: the error it reported.
+    /// Logs the death and schedules the restart, or returns the line `up` gives up with.
+    fn died(
+        &mut self,
+        i: usize,
+        started: Instant,
+        how: String,
+        words: Option<String>,
+    ) -> Option<String> {
+        let now = Instant::now();
+        let slot = &mut self.slots[i];
+        let said = words.map(|w| format!(": {w}")).unwrap_or_default();
+        let name = &slot.name;
+        match slot.restarts.died(&self.on_death, started, now) {
+            Verdict::Restart { number, after } => {
+                eprintln!("baton up: {name} {how}{said}; restart {number} in {after:?}");
+                slot.state = State::Backoff(now + after);
+                None
+            }
+            Verdict::NoRestart => {
+                let line = format!("{name} {how}{said}; --no-restart: stopped the cluster");
+                slot.state = State::Stopped;
+                Some(line)
+            }
+            Verdict::CrashLoop { deaths, window } => {
+                let line = format!(
+                    "{name} {how}{said}; {deaths} deaths within {window:?} is a crash loop: \
+                     stopped the cluster"
+                );
+                slot.state = State::Stopped;
+                Some(line)
+            }
+        }
+    }
+
+    fn coordinator(&self) -> &Slot {
+        // `run` builds the coordinator's slot last, always.
+        &self.slots[self.slots.len() - 1]
+    }
+
+    fn print_endpoints(&self) {
+        let Some([grpc, http]) = self.coordinator().addrs.as_deref() else {
+            return;
+        };
+        println!("{}", self.shape);
+        println!(
+            "  OpenAI HTTP  http://{http}/v1   (health /health, readiness /ready, metrics /metrics)"
+        );
+        println!("  gRPC         {grpc}   (baton.v1.Inference, reflection on)");
+        for slot in &self.slots {
+            if let Some(at) = slot.addrs.as_ref().and_then(|a| a.get(1))
+                && slot.role != RoleName::Coordinator
+            {
+                println!("  {:<12} metrics http://{at}/metrics", slot.name);
+            }
+        }
+        println!("Ctrl-C stops the cluster.");
+    }
+
+    /// Stops every running child (SIGTERM, then SIGKILL after the grace period); none starts
+    /// again.
+    fn stop(&mut self) {
+        let procs = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| match std::mem::replace(&mut s.state, State::Stopped) {
+                State::Running(run) => Some((s.name.clone(), run.child)),
+                _ => None,
+            })
+            .collect();
+        Children {
+            procs,
+            grace: self.grace,
+        }
+        .stop();
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends the first SIGINT or SIGTERM to the supervisor. The handlers are installed (tokio keeps
+/// them for the life of the process) before the first child starts, and owned by a small
+/// runtime on their own thread.
+fn forward_signals(events: mpsc::Sender<Event>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the signal runtime")?;
+    let (mut int, mut term) = rt
+        .block_on(async {
+            Ok::<_, std::io::Error>((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            ))
+        })
+        .context("install the SIGINT and SIGTERM handlers")?;
+    std::thread::spawn(move || {
+        let (name, number) = rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => ("SIGINT", libc::SIGINT),
+                _ = term.recv() => ("SIGTERM", libc::SIGTERM),
+            }
+        });
+        let _ = events.send(Event::Signal { name, number });
+    });
+    Ok(())
 }
 
 #[cfg(test)]
