@@ -298,6 +298,7 @@ async fn handoff_run(
                     transport: transport as i32,
                     ttl_ms: 10_000,
                 })),
+                generated_token_ids: Vec::new(),
             })
             .await
             .context("the decode worker's Decode (push)")?
@@ -348,6 +349,7 @@ async fn handoff_run(
                     transport: transport as i32,
                     ttl_ms: 10_000,
                 })),
+                generated_token_ids: Vec::new(),
             })
             .await
             .context("the decode worker's Decode (pull)")?

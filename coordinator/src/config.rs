@@ -37,6 +37,31 @@ impl FromStr for HandoffShape {
     }
 }
 
+/// What a stream does when its decode worker dies, leaves the cluster or fails mid-stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDecodeFailure {
+    /// Continue on another decode worker: the prompt's KV comes again (the prefill worker's
+    /// prefix cache holds it, so it is pulled or pushed, not recomputed), the tokens the client
+    /// has are replayed there as decode steps, and the client's stream goes on from the next
+    /// token, unbroken.
+    #[default]
+    Migrate,
+    /// End the stream with UNAVAILABLE.
+    Fail,
+}
+
+impl FromStr for OnDecodeFailure {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "migrate" => Ok(Self::Migrate),
+            "fail" => Ok(Self::Fail),
+            other => Err(format!("{other:?} is not one of migrate, fail")),
+        }
+    }
+}
+
 /// Which transport carries KV between a prefill and a decode worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +145,13 @@ pub struct CoordinatorConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub retry_after: Duration,
+    /// A stream whose decode worker dies or fails mid-stream: `migrate` (it continues on another
+    /// decode worker, the client's tokens replayed there, one unbroken stream) or `fail`
+    /// (UNAVAILABLE). Default `migrate`.
+    pub on_decode_failure: OnDecodeFailure,
+    /// Most migrations of one request (0 to 16); past them the stream fails. Also bounds the
+    /// re-placements of a request whose prefill worker failed before its first token. Default 2.
+    pub max_migrations: u32,
     /// Logs and traces (`[coordinator.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
     /// Cloud upstreams and their dollar budget (`[coordinator.cloud]`).
@@ -161,6 +193,8 @@ impl CoordinatorConfig {
             lease_ttl: Duration::from_secs(10),
             load_poll_interval: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
+            on_decode_failure: OnDecodeFailure::Migrate,
+            max_migrations: 2,
             telemetry: baton_telemetry::TelemetryConfig::default(),
             cloud: CloudConfig::default(),
             auth: crate::auth::AuthConfig::default(),
@@ -199,6 +233,9 @@ impl CoordinatorConfig {
         }
         if self.lease_ttl < Duration::from_millis(10) || self.lease_ttl > Duration::from_secs(60) {
             return bad("lease_ttl", "must be between 10 ms and 60 s");
+        }
+        if self.max_migrations > 16 {
+            return bad("max_migrations", "must be at most 16");
         }
         if self.load_poll_interval < Duration::from_millis(10) {
             return bad("load_poll_interval", "must be at least 10 ms");

@@ -43,6 +43,14 @@ pub enum Error {
         class: ErrorClass,
         message: String,
     },
+    /// A worker failed the request (`failed`), and placing it again without that worker
+    /// (`what`) failed too.
+    #[error("{failed}; {what} failed: {again}")]
+    PlacedAgainFailed {
+        failed: Box<Error>,
+        what: &'static str,
+        again: Box<Error>,
+    },
     /// No upstream's budget covers the request (and the local cluster cannot take it).
     #[error("{refusal}")]
     BudgetSpent { refusal: baton_budget::Refusal },
@@ -72,6 +80,7 @@ impl Error {
             Error::NoWorker { .. } => ErrorClass::Unavailable,
             Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
+            Error::PlacedAgainFailed { again, .. } => again.class(),
             Error::BudgetSpent { .. } | Error::CloudBusy | Error::KvFull { .. } => {
                 ErrorClass::Overloaded
             }

@@ -7,8 +7,16 @@
 //! -> incremental detokenization and stop strings -> StreamEvents
 //!
 //! Everything up to the first token happens before `generate` returns, so a failure there is an
-//! error with a status, not a broken stream. Dropping the returned stream cancels the decode
-//! call, and the decode worker frees the blocks.
+//! error with a status, not a broken stream; a worker that fails it then is avoided and the
+//! request placed again, once. Dropping the returned stream cancels the decode call, and the
+//! decode worker frees the blocks.
+//!
+//! A decode worker that dies, leaves or fails mid-stream (`on_decode_failure = migrate`): the
+//! stream is placed again on another decode worker with the tokens its client already has
+//! (`DecodeRequest.generated_token_ids`). The prompt's KV comes again the usual way (the prefill
+//! worker's prefix cache still holds it, so it moves rather than being recomputed), the new
+//! decode worker replays the tokens as decode steps (the numbers the first one computed) and
+//! streams from the next token; the client's stream never breaks.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,13 +33,13 @@ use tonic::Streaming;
 use tracing::Instrument as _;
 use tracing::field::Empty;
 
-use crate::config::{HandoffShape, TransportChoice};
+use crate::config::{HandoffShape, OnDecodeFailure, TransportChoice};
 use crate::error::{Error, ErrorClass, Result};
 use crate::placement::{
     self, LinkCost, LocalState, Mode, NoTarget, PdMode, SpillReason, SpillRequest, Target, Unfit,
 };
 use crate::server::Inner;
-use crate::workers::{Placed, PromptNames, Worker, WorkerRole};
+use crate::workers::{Placed, PromptNames, Worker, WorkerId, WorkerRole};
 
 /// What the client wants generated from.
 #[derive(Debug, Clone)]
@@ -107,6 +115,9 @@ pub struct Placement {
     pub upstream: Option<String>,
     /// What it cost there, in US dollars, as settled in the budget ledger.
     pub cost_usd: f64,
+    /// Decode workers the stream left mid-way (they failed), in order; `decode_worker` finished
+    /// it.
+    pub migrated_from: Vec<String>,
 }
 
 /// Token counts, OpenAI style.
@@ -339,6 +350,7 @@ async fn generate_in_span(inner: Arc<Inner>, mut input: GenerateInput) -> Result
 fn fails_over(e: &Error) -> bool {
     match e {
         Error::NoWorker { .. } | Error::KvFull { .. } => true,
+        Error::PlacedAgainFailed { again, .. } => fails_over(again),
         Error::Worker { class, .. } => matches!(
             class,
             ErrorClass::Unavailable | ErrorClass::Overloaded | ErrorClass::Internal
@@ -574,7 +586,19 @@ async fn run(
         .request_id
         .clone()
         .unwrap_or_else(|| RequestId::generate(rand::random()));
-    let starting = start(&inner, &request, &prompt, &params, input.pd_mode);
+    let mut sampling = convert::sampling_to_proto(&params);
+    // Every worker samples with a seed, one for the request's whole life: a decode worker that
+    // recomputes a prompt after a failed handoff then samples the first token the prefill
+    // worker sampled, and one that takes over a migrated stream draws what the first drew.
+    sampling.seed.get_or_insert_with(rand::random::<u64>);
+    let placing = Placing {
+        request: request.clone(),
+        prompt: prompt.clone(),
+        params: params.clone(),
+        sampling,
+        pd_mode: input.pd_mode,
+    };
+    let starting = placing.start_replacing_once(&inner);
     let result = match (deadline, input.timeout) {
         (Some(deadline), Some(timeout)) => tokio::time::timeout_at(deadline, starting)
             .await
@@ -602,6 +626,8 @@ async fn run(
         started,
         deadline: deadline.zip(input.timeout),
         tx,
+        placing,
+        generated: Vec::new(),
         waiting: Some(waiting),
         _caller: input.caller.clone(),
         _permit: permit,
@@ -623,12 +649,98 @@ struct Started {
     _placed: Vec<Placed>,
 }
 
+/// What placing a request (again) needs: it outlives the first placement, for migrations.
+struct Placing {
+    request: RequestId,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    /// The proto form of `params`, its seed chosen.
+    sampling: v1::SamplingParams,
+    pd_mode: PdMode,
+}
+
+/// Where a placement starts from when it is not the request's first.
+#[derive(Debug, Default)]
+struct Resume<'a> {
+    /// Tokens the client already has, the first one included.
+    generated: &'a [u32],
+    /// Workers that failed this request: not chosen again.
+    avoid: &'a [WorkerId],
+}
+
+impl Placing {
+    /// Places and starts the request; when a worker fails it before the first token (it died
+    /// or vanished: UNAVAILABLE), places it once more without that worker.
+    async fn start_replacing_once(&self, inner: &Arc<Inner>) -> Result<Started> {
+        let mut culprit = None;
+        let first = self.start(inner, &Resume::default(), &mut culprit).await;
+        match (first, culprit) {
+            (Err(e), Some(worker))
+                if e.class() == ErrorClass::Unavailable && inner.config.max_migrations > 0 =>
+            {
+                tracing::warn!(%worker, error = %e, "a worker failed the request before its first token; placing it again without that worker");
+                inner.metrics.replaced();
+                let avoid = [worker];
+                let resume = Resume {
+                    generated: &[],
+                    avoid: &avoid,
+                };
+                self.start(inner, &resume, &mut None)
+                    .await
+                    .map_err(|again| Error::PlacedAgainFailed {
+                        failed: Box::new(e),
+                        what: "placing the request again without that worker",
+                        again: Box::new(again),
+                    })
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// One placement: chooses the workers and starts the handoff. A worker whose call fails
+    /// is named in `culprit`.
+    async fn start(
+        &self,
+        inner: &Arc<Inner>,
+        resume: &Resume<'_>,
+        culprit: &mut Option<WorkerId>,
+    ) -> Result<Started> {
+        start(
+            inner,
+            &self.request,
+            &self.prompt,
+            &self.params,
+            self.sampling.clone(),
+            self.pd_mode,
+            resume,
+            culprit,
+        )
+        .await
+    }
+}
+
+/// Marks the candidates of workers to avoid as unhealthy, so no choice falls on them.
+fn avoid(workers: &[Arc<Worker>], candidates: &mut [placement::Candidate], ids: &[WorkerId]) {
+    if ids.is_empty() {
+        return;
+    }
+    for (w, c) in workers.iter().zip(candidates) {
+        if ids.contains(&w.id()) {
+            c.healthy = false;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn start(
     inner: &Arc<Inner>,
     request: &RequestId,
     prompt: &[u32],
     params: &SamplingParams,
+    sampling: v1::SamplingParams,
     pd_mode: PdMode,
+    resume: &Resume<'_>,
+    culprit: &mut Option<WorkerId>,
 ) -> Result<Started> {
     let registry = &inner.registry;
     let routing = inner.config.routing;
@@ -636,10 +748,13 @@ async fn start(
         .in_scope(|| {
             let mut names = PromptNames::default();
             let prompt_tokens = prompt.len() as u32;
-            let (prefill_workers, prefills) = registry.prefill_candidates(prompt, &mut names);
+            let (prefill_workers, mut prefills) = registry.prefill_candidates(prompt, &mut names);
+            avoid(&prefill_workers, &mut prefills, resume.avoid);
             let prefill_idx = placement::choose_prefill(&prefills, prompt_tokens, routing);
             let needed = prompt.len().div_ceil(inner.block_size().max(1)) as u32 + 1;
-            let (decode_workers, decodes) = registry.decode_candidates(needed, prompt, &mut names);
+            let (decode_workers, mut decodes) =
+                registry.decode_candidates(needed, prompt, &mut names);
+            avoid(&decode_workers, &mut decodes, resume.avoid);
             let decode_idx = placement::choose_decode(&decodes, routing).ok_or_else(|| {
                 // Healthy workers whose load is known, without room: full, not gone.
                 let full = decode_workers
@@ -692,10 +807,6 @@ async fn start(
         predicted_prefill_seconds: link.prefill_s,
         ..Placement::default()
     };
-    let mut sampling = convert::sampling_to_proto(params);
-    // Every worker samples with a seed: a decode worker that recomputes a prompt after a failed
-    // handoff then samples the first token the prefill worker sampled.
-    sampling.seed.get_or_insert_with(rand::random::<u64>);
     match (mode, prefill_choice) {
         (Mode::Disaggregated, Some((prefill, prefill_cached))) => {
             let expected = Placement {
@@ -706,7 +817,8 @@ async fn start(
                 .metrics
                 .placed(routing, Some(prefill_cached), decode_cached);
             disaggregated(
-                inner, &prefill, &decode, request, prompt, params, sampling, expected,
+                inner, &prefill, &decode, request, prompt, params, sampling, expected, resume,
+                culprit,
             )
             .await
         }
@@ -725,11 +837,13 @@ async fn start(
                             source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
                                 prompt_token_ids: prompt.to_vec(),
                             })),
+                            generated_token_ids: resume.generated.to_vec(),
                         })
                         .await
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|_| *culprit = Some(decode.id()))?;
             Ok(Started {
                 first: None,
                 decode: Some(stream),
@@ -786,6 +900,8 @@ async fn disaggregated(
     params: &SamplingParams,
     sampling: v1::SamplingParams,
     expected: Placement,
+    resume: &Resume<'_>,
+    culprit: &mut Option<WorkerId>,
 ) -> Result<Started> {
     // The prefill worker counts the prompt's uncached tokens until it answers; the decode
     // worker counts the request until it ends.
@@ -832,11 +948,13 @@ async fn disaggregated(
                                 transport: transport as i32,
                                 ttl_ms,
                             })),
+                            generated_token_ids: resume.generated.to_vec(),
                         })
                         .await
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|_| *culprit = Some(decode.id()))?;
             let reserved = stream
                 .message()
                 .instrument(tracing::info_span!("reserve"))
@@ -847,13 +965,17 @@ async fn disaggregated(
                     ..
                 })) => crate::workers::reachable_blocks(blocks, &decode.address),
                 Ok(_) => {
+                    *culprit = Some(decode.id());
                     return Err(Error::Worker {
                         worker: decode.id().0,
                         class: ErrorClass::Unavailable,
                         message: "the decode stream did not start with its reserved blocks".into(),
                     });
                 }
-                Err(status) => return Err(Error::from_status(&decode.address, &status)),
+                Err(status) => {
+                    *culprit = Some(decode.id());
+                    return Err(Error::from_status(&decode.address, &status));
+                }
             };
             let prefill_started = std::time::Instant::now();
             let prefilled = call(
@@ -876,9 +998,10 @@ async fn disaggregated(
                         .await
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|_| *culprit = Some(prefill.id()))?;
             drop(prefilling);
-            let first = first_token(&prefilled.first_token)?;
+            let first = first_token(&prefilled.first_token, resume)?;
             placement.cached_tokens = prefilled.cached_tokens;
             prefill.observe_prefill(
                 prompt
@@ -920,9 +1043,10 @@ async fn disaggregated(
                         .await
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|_| *culprit = Some(prefill.id()))?;
             drop(prefilling);
-            let first = first_token(&prefilled.first_token)?;
+            let first = first_token(&prefilled.first_token, resume)?;
             placement.cached_tokens = prefilled.cached_tokens;
             prefill.observe_prefill(
                 prompt
@@ -958,11 +1082,13 @@ async fn disaggregated(
                                 transport: transport as i32,
                                 ttl_ms,
                             })),
+                            generated_token_ids: resume.generated.to_vec(),
                         })
                         .await
                 },
             )
-            .await?;
+            .await
+            .inspect_err(|_| *culprit = Some(decode.id()))?;
             source.taken_over();
             Ok(Started {
                 first: Some((first, first_finish)),
@@ -974,11 +1100,20 @@ async fn disaggregated(
     }
 }
 
-fn first_token(token: &Option<v1::SampledToken>) -> Result<SampledToken> {
-    token
+/// The prefill worker's first token; for a migrated stream, it must be the one its client has
+/// (the same seed on the same KV draws it again).
+fn first_token(token: &Option<v1::SampledToken>, resume: &Resume<'_>) -> Result<SampledToken> {
+    let token = token
         .as_ref()
         .map(convert::token_from_proto)
-        .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))
+        .ok_or_else(|| Error::Internal("the prefill worker returned no first token".into()))?;
+    match resume.generated.first() {
+        Some(&had) if had != token.id => Err(Error::Internal(format!(
+            "placed again, the prefill worker sampled first token {} where the stream has {had}",
+            token.id
+        ))),
+        _ => Ok(token),
+    }
 }
 
 /// A prefill worker's pull source while the coordinator sets the request up. Dropped before
@@ -1044,10 +1179,26 @@ struct Run {
     /// When the client's time runs out, and the timeout it gave.
     deadline: Option<(tokio::time::Instant, Duration)>,
     tx: mpsc::Sender<Result<StreamEvent>>,
+    /// How to place the request again when its decode worker fails.
+    placing: Placing,
+    /// Every token the client has been sent (or counted, for a stop token), in order: what a
+    /// migrated stream replays.
+    generated: Vec<u32>,
     /// Until the first token: counted as waiting in the queue model.
     waiting: Option<Waiting>,
     _caller: Option<Arc<crate::auth::Caller>>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// How following one decode stream ended.
+enum Followed {
+    /// The request finished.
+    Done(FinishReason),
+    /// The client went away, or the request failed and the client was told.
+    Over,
+    /// The decode worker failed mid-stream (`cause` labels the metric): the request may go on
+    /// on another one.
+    Broken { cause: &'static str, error: Error },
 }
 
 /// A local request between admission and its first token, as the queue model
@@ -1097,14 +1248,12 @@ impl Run {
             first,
             decode,
             mut placement,
-            _placed,
+            _placed: mut placed,
         } = started;
-        let mut completion = 0u32;
         let mut last_token_at: Option<Instant> = None;
         let mut outcome = None;
         let first_id = first.as_ref().map(|(t, _)| t.id);
         if let Some((first, finish)) = first {
-            completion += 1;
             match self.token(first, finish, &mut last_token_at).await {
                 Ok(Step::Done(reason)) => outcome = Some(reason),
                 Ok(Step::Continue) => {}
@@ -1116,153 +1265,64 @@ impl Run {
                 self.fail(Error::Internal("no decode stream".into())).await;
                 return;
             };
-            // The decode worker is the first placed; if it leaves the cluster (or goes silent)
-            // mid-stream, the stream fails rather than waiting on it.
-            let lost = _placed.first().map(|p| p.worker().lost());
-            let lost = async move {
-                match lost {
-                    Some(lost) => lost.await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::pin!(lost);
-            let deadline = self.deadline;
-            let expired = expiry(deadline);
-            tokio::pin!(expired);
+            let mut avoided = Vec::new();
             loop {
-                let message = tokio::select! {
-                    () = self.tx.closed() => {
-                        // The client went away: dropping `decode` cancels the call and the
-                        // decode worker frees the blocks.
-                        self.inner.metrics.request_cancelled();
-                        return;
+                let followed = self
+                    .follow(
+                        &mut decode,
+                        &mut placement,
+                        &placed,
+                        first_id,
+                        &mut last_token_at,
+                    )
+                    .await;
+                let (cause, error) = match followed {
+                    Followed::Done(reason) => {
+                        outcome = Some(reason);
+                        break;
                     }
-                    () = &mut expired => {
-                        let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
-                        self.fail(Error::DeadlineExceeded { timeout }).await;
-                        return;
-                    }
-                    () = &mut lost => {
-                        self.fail(Error::Worker {
-                            worker: placement.decode_worker.clone(),
-                            class: ErrorClass::Unavailable,
-                            message: "the decode worker left the cluster (or stopped answering) mid-stream".into(),
-                        })
-                        .await;
-                        return;
-                    }
-                    m = decode.message() => m,
+                    Followed::Over => return,
+                    Followed::Broken { cause, error } => (cause, error),
                 };
-                let message = match message {
-                    Ok(Some(m)) => m,
-                    Ok(None) => {
-                        self.fail(Error::Worker {
-                            worker: placement.decode_worker.clone(),
-                            class: ErrorClass::Unavailable,
-                            message: "the decode stream ended without a finish".into(),
-                        })
-                        .await;
-                        return;
+                // The decode worker is the first placed.
+                let failed = placed.first().map(|p| p.worker().clone());
+                if let Some(worker) = &failed {
+                    if error.class() == ErrorClass::Unavailable {
+                        worker.mark_unhealthy();
                     }
-                    Err(status) => {
-                        self.fail(Error::from_status(&placement.decode_worker, &status))
-                            .await;
-                        return;
-                    }
+                    avoided.push(worker.id());
+                }
+                let Some(next) = self.migrate(cause, error, &avoided).await else {
+                    return;
                 };
-                if let (Some(recomputed), Some(first)) = (&message.recomputed_first_token, first_id)
-                    && recomputed.token_id != first
-                {
-                    // The client has the prefill worker's first token; a stream that goes on
-                    // from another one would not be one generation.
-                    self.fail(Error::Worker {
-                        worker: placement.decode_worker.clone(),
-                        class: ErrorClass::Internal,
-                        message: format!(
-                            "the decode worker recomputed first token {} where the prefill worker sampled {first}",
-                            recomputed.token_id
-                        ),
-                    })
+                let Started {
+                    decode: Some(next_decode),
+                    placement: mut next_placement,
+                    _placed: next_placed,
+                    ..
+                } = next
+                else {
+                    self.fail(Error::Internal(
+                        "placed again, the request had no decode stream".into(),
+                    ))
                     .await;
                     return;
-                }
-                if let Some(f) = &message.finish {
-                    if placement.prefill_worker.is_none() {
-                        placement.cached_tokens = f.cached_tokens;
-                    }
-                    if let Some(kv) = &f.kv {
-                        placement.kv_bytes_received = kv.bytes;
-                        placement.kv_cached_tokens = kv.cached_tokens;
-                        placement.kv_cached_bytes = kv.cached_bytes;
-                        self.inner.metrics.kv_cached(kv.cached_bytes);
-                    }
-                    if let Some(source) = &f.source_kv {
-                        placement.kv_bytes = source.bytes;
-                        placement.transfer_seconds = source.transfer_seconds;
-                        placement.exposed_seconds = source.exposed_seconds;
-                        if let Some(prefill) = &placement.prefill_worker {
-                            let moved = f
-                                .prompt_tokens
-                                .saturating_sub(f.kv.as_ref().map_or(0, |k| k.cached_tokens));
-                            self.inner.registry.observe_transfer(
-                                prefill,
-                                &placement.decode_worker,
-                                source.bytes,
-                                moved,
-                                source.transfer_seconds,
-                                source.exposed_seconds,
-                            );
-                        }
-                        self.inner
-                            .metrics
-                            .kv_transferred(source.bytes, source.transfer_seconds);
-                    }
-                }
-                let finish = message
-                    .finish
-                    .as_ref()
-                    .map(|f| convert::finish_from_proto(f.reason));
-                let n = message.tokens.len();
-                let mut done = None;
-                for (i, t) in message.tokens.iter().enumerate() {
-                    completion += 1;
-                    let token_finish = if i + 1 == n { finish.flatten() } else { None };
-                    match self
-                        .token(
-                            convert::token_from_proto(t),
-                            token_finish,
-                            &mut last_token_at,
-                        )
-                        .await
-                    {
-                        Ok(Step::Done(reason)) => {
-                            done = Some(reason);
-                            break;
-                        }
-                        Ok(Step::Continue) => {}
-                        Err(()) => return,
-                    }
-                }
-                if let Some(reason) = done {
-                    outcome = Some(reason);
-                    break;
-                }
-                if finish.is_some() {
-                    // A finish the proto could not name (cancelled, error).
-                    self.fail(Error::Worker {
-                        worker: placement.decode_worker.clone(),
-                        class: ErrorClass::Internal,
-                        message: "the decode worker ended the stream with an error".into(),
-                    })
-                    .await;
-                    return;
-                }
+                };
+                // The client's usage counts the first placement's cache.
+                next_placement.cached_tokens = placement.cached_tokens;
+                next_placement.migrated_from = std::mem::take(&mut placement.migrated_from);
+                next_placement
+                    .migrated_from
+                    .push(std::mem::take(&mut placement.decode_worker));
+                placement = next_placement;
+                decode = next_decode;
+                placed = next_placed;
             }
         }
         let reason = outcome.unwrap_or(FinishReason::Length);
         let usage = Usage {
             prompt_tokens: self.prompt_tokens,
-            completion_tokens: completion,
+            completion_tokens: self.generated.len() as u32,
             cached_tokens: placement.cached_tokens,
         };
         self.inner
@@ -1276,6 +1336,237 @@ impl Run {
                 placement: Box::new(placement),
             }))
             .await;
+    }
+
+    /// Streams one decode worker's tokens to the client until the request finishes, the client
+    /// goes away, or the worker fails.
+    async fn follow(
+        &mut self,
+        decode: &mut Streaming<DecodeResponse>,
+        placement: &mut Placement,
+        placed: &[Placed],
+        first_id: Option<u32>,
+        last_token_at: &mut Option<Instant>,
+    ) -> Followed {
+        // The decode worker is the first placed; if it leaves the cluster (or goes silent)
+        // mid-stream, the stream does not wait on it.
+        let lost = placed.first().map(|p| p.worker().lost());
+        let lost = async move {
+            match lost {
+                Some(lost) => lost.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(lost);
+        let deadline = self.deadline;
+        let expired = expiry(deadline);
+        tokio::pin!(expired);
+        let worker = placement.decode_worker.clone();
+        loop {
+            let message = tokio::select! {
+                () = self.tx.closed() => {
+                    // The client went away: dropping `decode` cancels the call and the
+                    // decode worker frees the blocks.
+                    self.inner.metrics.request_cancelled();
+                    return Followed::Over;
+                }
+                () = &mut expired => {
+                    let timeout = deadline.map_or(Duration::ZERO, |(_, t)| t);
+                    self.fail(Error::DeadlineExceeded { timeout }).await;
+                    return Followed::Over;
+                }
+                () = &mut lost => {
+                    return Followed::Broken {
+                        cause: "worker_left",
+                        error: Error::Worker {
+                            worker,
+                            class: ErrorClass::Unavailable,
+                            message: "the decode worker left the cluster (or stopped answering) mid-stream".into(),
+                        },
+                    };
+                }
+                m = decode.message() => m,
+            };
+            let message = match message {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Followed::Broken {
+                        cause: "stream_ended",
+                        error: Error::Worker {
+                            worker,
+                            class: ErrorClass::Unavailable,
+                            message: "the decode stream ended without a finish".into(),
+                        },
+                    };
+                }
+                Err(status) => {
+                    let error = Error::from_status(&worker, &status);
+                    if matches!(
+                        error.class(),
+                        ErrorClass::Unavailable | ErrorClass::Internal
+                    ) {
+                        return Followed::Broken {
+                            cause: "stream_broken",
+                            error,
+                        };
+                    }
+                    self.fail(error).await;
+                    return Followed::Over;
+                }
+            };
+            if let (Some(recomputed), Some(first)) = (&message.recomputed_first_token, first_id)
+                && recomputed.token_id != first
+            {
+                // The client has the prefill worker's first token; a stream that goes on
+                // from another one would not be one generation.
+                self.fail(Error::Worker {
+                    worker,
+                    class: ErrorClass::Internal,
+                    message: format!(
+                        "the decode worker recomputed first token {} where the prefill worker sampled {first}",
+                        recomputed.token_id
+                    ),
+                })
+                .await;
+                return Followed::Over;
+            }
+            if let Some(f) = &message.finish {
+                self.record_finish(f, placement);
+            }
+            let finish = message
+                .finish
+                .as_ref()
+                .map(|f| convert::finish_from_proto(f.reason));
+            let n = message.tokens.len();
+            for (i, t) in message.tokens.iter().enumerate() {
+                let token_finish = if i + 1 == n { finish.flatten() } else { None };
+                match self
+                    .token(convert::token_from_proto(t), token_finish, last_token_at)
+                    .await
+                {
+                    Ok(Step::Done(reason)) => return Followed::Done(reason),
+                    Ok(Step::Continue) => {}
+                    Err(()) => return Followed::Over,
+                }
+            }
+            if finish.is_some() {
+                // A finish the proto could not name (cancelled, error).
+                self.fail(Error::Worker {
+                    worker,
+                    class: ErrorClass::Internal,
+                    message: "the decode worker ended the stream with an error".into(),
+                })
+                .await;
+                return Followed::Over;
+            }
+        }
+    }
+
+    /// What the decode worker's last message says about the handoff, into the placement.
+    fn record_finish(&self, f: &v1::DecodeFinish, placement: &mut Placement) {
+        if placement.prefill_worker.is_none() && placement.migrated_from.is_empty() {
+            placement.cached_tokens = f.cached_tokens;
+        }
+        if let Some(kv) = &f.kv {
+            placement.kv_bytes_received = kv.bytes;
+            placement.kv_cached_tokens = kv.cached_tokens;
+            placement.kv_cached_bytes = kv.cached_bytes;
+            self.inner.metrics.kv_cached(kv.cached_bytes);
+        }
+        if let Some(source) = &f.source_kv {
+            placement.kv_bytes = source.bytes;
+            placement.transfer_seconds = source.transfer_seconds;
+            placement.exposed_seconds = source.exposed_seconds;
+            if let Some(prefill) = &placement.prefill_worker {
+                let moved = f
+                    .prompt_tokens
+                    .saturating_sub(f.kv.as_ref().map_or(0, |k| k.cached_tokens));
+                self.inner.registry.observe_transfer(
+                    prefill,
+                    &placement.decode_worker,
+                    source.bytes,
+                    moved,
+                    source.transfer_seconds,
+                    source.exposed_seconds,
+                );
+            }
+            self.inner
+                .metrics
+                .kv_transferred(source.bytes, source.transfer_seconds);
+        }
+    }
+
+    /// After the decode worker failed with `error`: places the request again, avoiding the
+    /// decode workers that failed it, with the tokens the client has, or fails the stream
+    /// (`on_decode_failure = fail`, `max_migrations` reached, or no placement). `None` when
+    /// the stream is over.
+    async fn migrate(
+        &mut self,
+        cause: &'static str,
+        error: Error,
+        avoided: &[WorkerId],
+    ) -> Option<Started> {
+        let inner = self.inner.clone();
+        let config = &inner.config;
+        if config.on_decode_failure == OnDecodeFailure::Fail {
+            inner.metrics.migration(cause, "off");
+            self.fail(error).await;
+            return None;
+        }
+        let migrations = avoided.len() as u32;
+        if migrations > config.max_migrations {
+            inner.metrics.migration(cause, "over_limit");
+            self.fail(error).await;
+            return None;
+        }
+        tracing::warn!(
+            error = %error,
+            cause,
+            generated = self.generated.len(),
+            migration = migrations,
+            "the decode worker failed mid-stream; continuing on another"
+        );
+        let resume = Resume {
+            generated: &self.generated,
+            avoid: avoided,
+        };
+        let at = self.deadline.map(|(at, _)| at);
+        let mut culprit = None;
+        let placing =
+            crate::workers::DEADLINE.scope(at, self.placing.start(&inner, &resume, &mut culprit));
+        let started = tokio::select! {
+            r = placing => r,
+            () = self.tx.closed() => {
+                inner.metrics.request_cancelled();
+                return None;
+            }
+            () = expiry(self.deadline) => Err(Error::DeadlineExceeded {
+                timeout: self.deadline.map_or(Duration::ZERO, |(_, t)| t),
+            }),
+        };
+        match started {
+            Ok(started) => {
+                inner.metrics.migration(cause, "resumed");
+                tracing::info!(
+                    decode_worker = started.placement.decode_worker,
+                    "stream migrated"
+                );
+                Some(started)
+            }
+            Err(e) => {
+                inner.metrics.migration(cause, "failed");
+                self.fail(match e {
+                    Error::DeadlineExceeded { .. } => e,
+                    e => Error::PlacedAgainFailed {
+                        failed: Box::new(error),
+                        what: "continuing the stream on another decode worker",
+                        again: Box::new(e),
+                    },
+                })
+                .await;
+                None
+            }
+        }
     }
 
     /// Streams one token's text. `Err` when the client is gone.
@@ -1296,6 +1587,7 @@ impl Run {
             Some(prev) => self.inner.metrics.inter_token(now - *prev),
         }
         *last = Some(now);
+        self.generated.push(token.id);
         // A token that ends generation as a stop token is counted but its text is not sent.
         let mut text = String::new();
         if finish != Some(FinishReason::Stop) {

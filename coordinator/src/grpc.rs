@@ -145,6 +145,7 @@ pub fn finish_to_proto(
             placement_reason: placement.reason.unwrap_or_default().into(),
             predicted_transfer_seconds: placement.predicted_transfer_seconds,
             predicted_prefill_seconds: placement.predicted_prefill_seconds,
+            migrated_from: placement.migrated_from.clone(),
         }),
     }
 }

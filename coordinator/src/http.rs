@@ -308,7 +308,7 @@ fn timeout(body: Option<f64>, headers: &HeaderMap) -> Result<Option<Duration>> {
     Ok(Some(Duration::from_secs_f64(seconds)))
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes, known: Known) -> Result<T> {
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8], known: Known) -> Result<T> {
     let value: Value = serde_json::from_slice(body).map_err(|e| Error::InvalidRequest {
         field: "body",
         reason: format!("not a valid request: {e}"),
@@ -482,46 +482,132 @@ struct Reply {
     tokenizer: baton_text::Tokenizer,
 }
 
+/// A `/v1/completions` body and its headers as the request they ask for; the caller is the
+/// handler's to set.
+fn completion_request(
+    body: &[u8],
+    headers: &HeaderMap,
+) -> Result<(CompletionRequest, GenerateInput)> {
+    let req: CompletionRequest = parse(body, Known::Completion)?;
+    if req.echo == Some(true) {
+        return Err(invalid("echo", "is not supported"));
+    }
+    let input = match &req.prompt {
+        PromptField::Text(t) => PromptInput::Text(t.clone()),
+        PromptField::Texts(v) if v.len() == 1 => PromptInput::Text(v[0].clone()),
+        PromptField::Texts(_) => {
+            return Err(invalid(
+                "prompt",
+                "only one prompt per request is supported",
+            ));
+        }
+        PromptField::Tokens(ids) => PromptInput::Tokens(ids.clone()),
+    };
+    let input = GenerateInput {
+        request_id: None,
+        model: req.model.clone(),
+        input,
+        params: req.sampling.params(req.logprobs)?,
+        pd_mode: pd_mode(req.pd_mode.as_deref())?,
+        skip_special_tokens: true,
+        timeout: timeout(req.timeout, headers)?,
+        caller: None,
+        allow_cloud: req.cloud.allow_cloud,
+        max_cost_usd: req.cloud.max_cost_usd,
+        ttft_target: req.cloud.ttft_target()?,
+    };
+    Ok((req, input))
+}
+
+/// A `/v1/chat/completions` body and its headers as the request they ask for; the caller is
+/// the handler's to set.
+fn chat_request(body: &[u8], headers: &HeaderMap) -> Result<(ChatRequest, GenerateInput)> {
+    let req: ChatRequest = parse(body, Known::Chat)?;
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        let role: Role = m.role.parse().map_err(Error::Text)?;
+        let content = match &m.content {
+            None => String::new(),
+            Some(ContentField::Text(t)) => t.clone(),
+            Some(ContentField::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(invalid(
+                            "messages",
+                            format!("content part type {:?} is not supported", p.kind),
+                        ));
+                    }
+                    text.push_str(p.text.as_deref().unwrap_or(""));
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage::new(role, content));
+    }
+    let logprobs = if req.logprobs {
+        Some(req.top_logprobs.unwrap_or(0))
+    } else if req.top_logprobs.is_some() {
+        return Err(invalid("top_logprobs", "requires logprobs: true"));
+    } else {
+        None
+    };
+    let input = GenerateInput {
+        request_id: None,
+        model: req.model.clone(),
+        input: PromptInput::Chat(messages),
+        params: req.sampling.params(logprobs)?,
+        pd_mode: pd_mode(req.pd_mode.as_deref())?,
+        skip_special_tokens: true,
+        timeout: timeout(req.timeout, headers)?,
+        caller: None,
+        allow_cloud: req.cloud.allow_cloud,
+        max_cost_usd: req.cloud.max_cost_usd,
+        ttft_target: req.cloud.ttft_target()?,
+    };
+    Ok((req, input))
+}
+
+/// The two body decoders over raw bytes and an `X-Request-Timeout` value, public only for
+/// the fuzz targets in `fuzz/` (as `baton_coordinator::fuzzing`); not part of the crate's API.
+pub mod fuzzing {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use crate::error::Result;
+    use crate::generate::GenerateInput;
+
+    fn headers(request_timeout: Option<&[u8]>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = request_timeout.and_then(|v| HeaderValue::from_bytes(v).ok()) {
+            headers.insert("x-request-timeout", value);
+        }
+        headers
+    }
+
+    /// A `/v1/completions` request.
+    pub fn completion(body: &[u8], request_timeout: Option<&[u8]>) -> Result<GenerateInput> {
+        super::completion_request(body, &headers(request_timeout)).map(|(_, input)| input)
+    }
+
+    /// A `/v1/chat/completions` request.
+    pub fn chat(body: &[u8], request_timeout: Option<&[u8]>) -> Result<GenerateInput> {
+        super::chat_request(body, &headers(request_timeout)).map(|(_, input)| input)
+    }
+}
+
 async fn completions(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
     let caller = match admit(&inner, &headers) {
         Ok(c) => c,
         Err(e) => return refuse(&inner, e),
     };
-    let req: CompletionRequest = match parse(&body, Known::Completion) {
-        Ok(r) => r,
-        Err(e) => return refuse(&inner, e),
-    };
-    let prepared = (|| {
-        if req.echo == Some(true) {
-            return Err(invalid("echo", "is not supported"));
-        }
-        let input = match &req.prompt {
-            PromptField::Text(t) => PromptInput::Text(t.clone()),
-            PromptField::Texts(v) if v.len() == 1 => PromptInput::Text(v[0].clone()),
-            PromptField::Texts(_) => {
-                return Err(invalid(
-                    "prompt",
-                    "only one prompt per request is supported",
-                ));
-            }
-            PromptField::Tokens(ids) => PromptInput::Tokens(ids.clone()),
-        };
-        Ok(GenerateInput {
-            request_id: None,
-            model: req.model.clone(),
-            input,
-            params: req.sampling.params(req.logprobs)?,
-            pd_mode: pd_mode(req.pd_mode.as_deref())?,
-            skip_special_tokens: true,
-            timeout: timeout(req.timeout, &headers)?,
-            caller: Some(caller.clone()),
-            allow_cloud: req.cloud.allow_cloud,
-            max_cost_usd: req.cloud.max_cost_usd,
-            ttft_target: req.cloud.ttft_target()?,
-        })
-    })();
-    let input = match prepared {
-        Ok(i) => i,
+    let (req, input) = match completion_request(&body, &headers) {
+        Ok((req, input)) => (
+            req,
+            GenerateInput {
+                caller: Some(caller),
+                ..input
+            },
+        ),
         Err(e) => return refuse(&inner, e),
     };
     let reply = Reply {
@@ -545,56 +631,14 @@ async fn chat_completions(
         Ok(c) => c,
         Err(e) => return refuse(&inner, e),
     };
-    let req: ChatRequest = match parse(&body, Known::Chat) {
-        Ok(r) => r,
-        Err(e) => return refuse(&inner, e),
-    };
-    let prepared = (|| {
-        let mut messages = Vec::with_capacity(req.messages.len());
-        for m in &req.messages {
-            let role: Role = m.role.parse().map_err(Error::Text)?;
-            let content = match &m.content {
-                None => String::new(),
-                Some(ContentField::Text(t)) => t.clone(),
-                Some(ContentField::Parts(parts)) => {
-                    let mut text = String::new();
-                    for p in parts {
-                        if p.kind != "text" {
-                            return Err(invalid(
-                                "messages",
-                                format!("content part type {:?} is not supported", p.kind),
-                            ));
-                        }
-                        text.push_str(p.text.as_deref().unwrap_or(""));
-                    }
-                    text
-                }
-            };
-            messages.push(ChatMessage::new(role, content));
-        }
-        let logprobs = if req.logprobs {
-            Some(req.top_logprobs.unwrap_or(0))
-        } else if req.top_logprobs.is_some() {
-            return Err(invalid("top_logprobs", "requires logprobs: true"));
-        } else {
-            None
-        };
-        Ok(GenerateInput {
-            request_id: None,
-            model: req.model.clone(),
-            input: PromptInput::Chat(messages),
-            params: req.sampling.params(logprobs)?,
-            pd_mode: pd_mode(req.pd_mode.as_deref())?,
-            skip_special_tokens: true,
-            timeout: timeout(req.timeout, &headers)?,
-            caller: Some(caller.clone()),
-            allow_cloud: req.cloud.allow_cloud,
-            max_cost_usd: req.cloud.max_cost_usd,
-            ttft_target: req.cloud.ttft_target()?,
-        })
-    })();
-    let input = match prepared {
-        Ok(i) => i,
+    let (req, input) = match chat_request(&body, &headers) {
+        Ok((req, input)) => (
+            req,
+            GenerateInput {
+                caller: Some(caller),
+                ..input
+            },
+        ),
         Err(e) => return refuse(&inner, e),
     };
     let reply = Reply {
@@ -715,6 +759,7 @@ fn placement_json(p: &generate::Placement) -> Value {
         "predicted_prefill_seconds": p.predicted_prefill_seconds,
         "upstream": p.upstream,
         "cost_usd": p.cost_usd,
+        "migrated_from": p.migrated_from,
     })
 }
 

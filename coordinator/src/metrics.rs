@@ -64,6 +64,14 @@ struct RoutingLabels {
     role: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MigrationLabels {
+    /// worker_left | stream_broken | stream_ended | worker_error
+    cause: &'static str,
+    /// resumed | failed | over_limit | off
+    outcome: &'static str,
+}
+
 pub struct Metrics {
     /// Behind a lock only for [`Metrics::register_events`], at start.
     registry: std::sync::Mutex<Registry>,
@@ -87,6 +95,8 @@ pub struct Metrics {
     decisions: Family<DecisionLabels, Counter>,
     cloud: cloud::CloudMetrics,
     auth_refused: Family<RefusalLabels, Counter>,
+    migrations: Family<MigrationLabels, Counter>,
+    replaced: Counter,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -224,7 +234,32 @@ impl Metrics {
         for reason in ["missing", "unknown", "rate", "concurrency"] {
             let _ = auth_refused.get_or_create(&RefusalLabels { reason });
         }
+        let migrations = Family::<MigrationLabels, Counter>::default();
+        registry.register(
+            "stream_migrations",
+            "Streams whose decode worker failed mid-stream, by cause (worker_left, stream_broken, stream_ended, worker_error) and outcome (resumed on another decode worker, failed, over_limit, off)",
+            migrations.clone(),
+        );
+        for cause in [
+            "worker_left",
+            "stream_broken",
+            "stream_ended",
+            "worker_error",
+        ] {
+            let _ = migrations.get_or_create(&MigrationLabels {
+                cause,
+                outcome: "resumed",
+            });
+        }
+        let replaced = Counter::default();
+        registry.register(
+            "requests_replaced",
+            "Requests placed again after a worker failed them before their first token",
+            replaced.clone(),
+        );
         Self {
+            migrations,
+            replaced,
             auth_refused,
             cloud,
             decisions,
@@ -397,6 +432,18 @@ impl Metrics {
                 role,
             })
             .set(blocks as i64);
+    }
+
+    /// A stream's decode worker failed; what became of the stream.
+    pub fn migration(&self, cause: &'static str, outcome: &'static str) {
+        self.migrations
+            .get_or_create(&MigrationLabels { cause, outcome })
+            .inc();
+    }
+
+    /// A request was placed again after a worker failed it before its first token.
+    pub fn replaced(&self) {
+        self.replaced.inc();
     }
 
     pub fn request_started(&self) {

@@ -133,6 +133,11 @@ pub struct LoopStats {
     pub kv_tokens_cached: u64,
     pub preemptions: u64,
     pub cancelled: u64,
+    /// Streams migrated here from a decode worker that died, the tokens they replayed, and the
+    /// replayed tokens this worker would have drawn differently.
+    pub migrated_in: u64,
+    pub replayed_tokens: u64,
+    pub replay_divergences: u64,
 }
 
 /// What the engine thread publishes after each turn: for load reports, metrics and the drain.
@@ -182,6 +187,9 @@ pub struct DecodeJob {
     request: RequestId,
     source: Source,
     params: SamplingParams,
+    /// Tokens the client already has from a decode worker that died (the first one included):
+    /// replayed as decode steps before anything is streamed.
+    replay: Vec<u32>,
     events: mpsc::Sender<DecodeEvent>,
     reply: oneshot::Sender<Result<Started>>,
 }
@@ -212,6 +220,7 @@ impl DecodeEngine {
         request: RequestId,
         source: Source,
         params: SamplingParams,
+        replay: Vec<u32>,
     ) -> Result<(Started, mpsc::Receiver<DecodeEvent>)> {
         let (events, rx) = mpsc::channel(params.max_new_tokens as usize + 4);
         let (reply, done) = oneshot::channel();
@@ -220,6 +229,7 @@ impl DecodeEngine {
                 request,
                 source,
                 params,
+                replay,
                 events,
                 reply,
             })))
@@ -309,6 +319,8 @@ struct Landing {
     prompt: Vec<u32>,
     reservation: Arc<Reservation>,
     params: SamplingParams,
+    /// The migrated stream's tokens so far; the first must be the one the sender sampled.
+    replay: Vec<u32>,
     events: mpsc::Sender<DecodeEvent>,
     reserved_at: Instant,
     /// This worker reads the KV (pull): the read starts after the prefill ended, so all of
@@ -438,10 +450,11 @@ impl Loop {
                     request,
                     source,
                     params,
+                    replay,
                     events,
                     reply,
                 } = *job;
-                let _ = reply.send(self.start(request, source, params, events));
+                let _ = reply.send(self.start(request, source, params, replay, events));
             }
             Command::Cancel { stream } => self.cancel(stream),
             Command::Control(Control::Stop) => self.stopped = true,
@@ -468,7 +481,10 @@ impl Loop {
     fn snapshot(&self) -> Snapshot {
         let engine = self.batcher.engine();
         let mut stats = self.stats;
-        stats.preemptions = self.batcher.stats().preemptions;
+        let batcher = self.batcher.stats();
+        stats.preemptions = batcher.preemptions;
+        stats.replayed_tokens = batcher.replayed_tokens;
+        stats.replay_divergences = batcher.replay_divergences;
         Snapshot {
             load: Load {
                 running: self.batcher.num_running() as u32,
@@ -498,12 +514,18 @@ impl Loop {
         request: RequestId,
         source: Source,
         params: SamplingParams,
+        replay: Vec<u32>,
         events: mpsc::Sender<DecodeEvent>,
     ) -> Result<Started> {
         if self.busy() >= self.config.max_streams {
             return Err(Error::Overloaded {
                 what: "decode worker's stream table",
             });
+        }
+        // Checked now, not when the KV lands, so a bad replay fails the call, not the stream.
+        self.batcher.check_replay(&params, &replay)?;
+        if !replay.is_empty() {
+            self.stats.migrated_in += 1;
         }
         let seq = self.next_seq();
         match source {
@@ -513,6 +535,12 @@ impl Loop {
                     prompt,
                     params,
                 })?;
+                if !replay.is_empty()
+                    && let Err(e) = self.batcher.replay(seq, replay)
+                {
+                    self.batcher.cancel(seq);
+                    return Err(e.into());
+                }
                 self.streams.insert(seq, events);
                 Ok(Started {
                     stream: seq,
@@ -524,7 +552,8 @@ impl Loop {
                 prompt,
                 ttl,
             } => {
-                let reserved = self.reserve(request, handoff, seq, prompt, ttl, params, events)?;
+                let reserved =
+                    self.reserve(request, handoff, seq, prompt, ttl, params, replay, events)?;
                 Ok(Started {
                     stream: seq,
                     reserved: Some(reserved),
@@ -560,8 +589,16 @@ impl Loop {
                         })?;
                 let local = self.batcher.engine().descriptor().clone();
                 let blocks = local.blocks_for(tokens);
-                let mine =
-                    self.reserve(request.clone(), handoff, seq, prompt, ttl, params, events)?;
+                let mine = self.reserve(
+                    request.clone(),
+                    handoff,
+                    seq,
+                    prompt,
+                    ttl,
+                    params,
+                    replay,
+                    events,
+                )?;
                 if let Some(landing) = self.handoffs.get_mut(&handoff) {
                     landing.pulled = true;
                 }
@@ -619,6 +656,7 @@ impl Loop {
         prompt: Vec<u32>,
         ttl: Duration,
         params: SamplingParams,
+        replay: Vec<u32>,
         events: mpsc::Sender<DecodeEvent>,
     ) -> Result<BlockDescriptor> {
         if self.handoffs.contains_key(&handoff) {
@@ -690,6 +728,7 @@ impl Loop {
                 prompt,
                 reservation,
                 params,
+                replay,
                 events,
                 reserved_at: now,
                 pulled: false,
@@ -832,15 +871,24 @@ impl Loop {
                     return;
                 };
                 let (seq, events, request) = (landing.seq, landing.events, landing.request);
-                let adopted = self
-                    .batcher
-                    .engine_mut()
-                    .adopt(seq, landing.prompt, table)
-                    .map_err(Error::from)
+                let replay = landing.replay;
+                let adopted = replayed_first(&replay, first_token)
+                    .and_then(|()| {
+                        self.batcher
+                            .engine_mut()
+                            .adopt(seq, landing.prompt, table)
+                            .map_err(Error::from)
+                    })
                     .and_then(|()| {
                         self.batcher
                             .resume_imported(seq, landing.params, first_token)
                             .map_err(Error::from)
+                    })
+                    .and_then(|()| match replay.get(1..) {
+                        Some(rest) if !rest.is_empty() => {
+                            self.batcher.replay(seq, rest.to_vec()).map_err(Error::from)
+                        }
+                        _ => Ok(()),
                     });
                 match adopted {
                     Ok(()) => {
@@ -848,7 +896,7 @@ impl Loop {
                         self.streams.insert(seq, events);
                     }
                     Err(e) => {
-                        self.batcher.engine_mut().release(seq);
+                        self.batcher.cancel(seq);
                         let _ = events.try_send(DecodeEvent::Failed(e));
                     }
                 }
@@ -879,14 +927,29 @@ impl Loop {
                 // The reserved blocks go back once the agent lets go of them too.
                 drop(landing.reservation);
                 let seq = landing.seq;
-                let submitted = self.batcher.submit(GenerateRequest {
-                    id: seq,
-                    prompt: landing.prompt,
-                    params: landing.params,
-                });
+                let replay = landing.replay;
+                let migrated = !replay.is_empty();
+                let submitted = self
+                    .batcher
+                    .submit(GenerateRequest {
+                        id: seq,
+                        prompt: landing.prompt,
+                        params: landing.params,
+                    })
+                    .and_then(|()| match migrated {
+                        true => self.batcher.replay(seq, replay),
+                        false => Ok(()),
+                    })
+                    .inspect_err(|_| {
+                        self.batcher.cancel(seq);
+                    });
                 match submitted {
                     Ok(()) => {
-                        self.recomputing.insert(seq, reason);
+                        // A migrated stream's first token is the client's, replayed: the
+                        // stream goes on from the token after its replay.
+                        if !migrated {
+                            self.recomputing.insert(seq, reason);
+                        }
                         self.streams.insert(seq, landing.events);
                     }
                     Err(e) => {
@@ -1001,6 +1064,17 @@ impl Loop {
                 }
             }
         }
+    }
+}
+
+/// A migrated stream continues only from the first token its client has: the sender must have
+/// sampled that one.
+fn replayed_first(replay: &[u32], first_token: u32) -> Result<()> {
+    match replay.first() {
+        Some(&had) if had != first_token => Err(Error::Handoff(format!(
+            "the prefill worker sampled first token {first_token} where the migrated stream has {had}"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -112,6 +112,24 @@ impl Collector for DecodeCollector {
             "Streams whose client went away",
             stats.cancelled,
         )?;
+        counter(
+            e,
+            "streams_migrated_in",
+            "Streams that continued here after their decode worker died (their tokens replayed)",
+            stats.migrated_in,
+        )?;
+        counter(
+            e,
+            "replayed_tokens",
+            "Tokens replayed as decode steps for migrated streams",
+            stats.replayed_tokens,
+        )?;
+        counter(
+            e,
+            "replay_divergences",
+            "Replayed tokens this worker's own draw chose differently (the client's token stands)",
+            stats.replay_divergences,
+        )?;
         Ok(())
     }
 }

@@ -335,10 +335,14 @@ impl DecodeWorker for DecodeService {
         params
             .validate(&SamplingLimits::with_room(room))
             .map_err(|e| Error::Engine(e.into()))?;
+        let replay = req.generated_token_ids;
+        // The client has these; the first of them is the prefill side's, as a new
+        // disaggregated stream's first token is.
+        let completion = (replay.len() as u32).max(u32::from(shape.is_some()));
         let span = tracing::info_span!("decode_stream", request = %request, disaggregated = shape.is_some());
         let (started, events) = self
             .engine
-            .decode(request, source, params)
+            .decode(request, source, params, replay)
             .instrument(span.clone())
             .await?;
         let (tx, rx) = mpsc::channel(16);
@@ -356,6 +360,7 @@ impl DecodeWorker for DecodeService {
             events,
             tx,
             prompt_tokens: prompt_tokens as u32,
+            completion,
             disaggregated: shape,
             deadline,
         };
@@ -372,6 +377,8 @@ struct StreamTask {
     events: mpsc::Receiver<DecodeEvent>,
     tx: mpsc::Sender<Result<DecodeResponse, Status>>,
     prompt_tokens: u32,
+    /// Tokens the client had before this stream's first message.
+    completion: u32,
     /// The handoff's shape, for a disaggregated decode.
     disaggregated: Option<v1::HandoffShape>,
     deadline: Option<(std::time::Instant, Duration)>,
@@ -379,8 +386,7 @@ struct StreamTask {
 
 impl StreamTask {
     async fn run(mut self) {
-        // The prefill worker sampled the first token of a disaggregated sequence.
-        let mut completion = u32::from(self.disaggregated.is_some());
+        let mut completion = self.completion;
         let mut landed: Option<Landed> = None;
         let mut cached_tokens = 0;
         let deadline = self.deadline;

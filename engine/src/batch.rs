@@ -49,6 +49,13 @@ struct Active {
     generated: u32,
     /// Set once the prompt (and anything preempted) is computed and the sequence decodes.
     decoding: bool,
+    /// Tokens the client already has, in order (a stream migrated from a worker that died):
+    /// each of the sequence's next steps draws as usual, to keep the sampler where the original
+    /// run had it, then takes the next of these instead and emits nothing.
+    replay: VecDeque<u32>,
+    /// The `generated` count of the sequence's own first token (1, or past its replay): the
+    /// token that reports the prompt tokens the prefix cache supplied.
+    first_own: u32,
 }
 
 /// Counters for metrics.
@@ -58,6 +65,10 @@ pub struct BatcherStats {
     pub prefill_tokens: u64,
     pub decode_tokens: u64,
     pub preemptions: u64,
+    /// Tokens replayed for migrated streams, and how many of them the replay's own draw chose
+    /// differently (each one a step whose logits differ from the original run's).
+    pub replayed_tokens: u64,
+    pub replay_divergences: u64,
 }
 
 pub struct Batcher {
@@ -132,6 +143,8 @@ impl Batcher {
             sampler,
             generated: 0,
             decoding: false,
+            replay: VecDeque::new(),
+            first_own: 1,
         });
         Ok(())
     }
@@ -160,6 +173,8 @@ impl Batcher {
             sampler,
             generated: 1,
             decoding: true,
+            replay: VecDeque::new(),
+            first_own: 1,
         });
         Ok(())
     }
@@ -187,7 +202,44 @@ impl Batcher {
             sampler,
             generated: 1,
             decoding: false,
+            replay: VecDeque::new(),
+            first_own: 1,
         });
+        Ok(())
+    }
+
+    /// Whether `tokens` can be a new sequence's replay ([`check_replay`] with this model).
+    pub fn check_replay(&self, params: &SamplingParams, tokens: &[u32]) -> Result<()> {
+        let vocab = self.engine.model_config().vocab_size;
+        check_replay(params, &self.eos, vocab, 0, tokens)
+    }
+
+    /// Makes a sequence just queued ([`Batcher::submit`], [`Batcher::resume_imported`],
+    /// [`Batcher::submit_continuation`]) go on through `tokens`, which the client already has
+    /// from a worker that died: its next steps compute them as the original run did (decode
+    /// steps, one token each, on decode weights) and emit nothing; the first event is the token
+    /// after them. A replayed token the sequence would have drawn differently is counted in
+    /// [`BatcherStats::replay_divergences`] and logged with its logit margin, and replaced.
+    pub fn replay(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<()> {
+        let eos = &self.eos;
+        let vocab = self.engine.model_config().vocab_size;
+        let Some(a) = self
+            .running
+            .iter_mut()
+            .chain(self.waiting.iter_mut())
+            .find(|a| a.id == id)
+        else {
+            return Err(Error::invalid("id", format!("{id} is not queued")));
+        };
+        if !a.replay.is_empty() || a.first_own != a.generated.max(1) {
+            return Err(Error::invalid(
+                "id",
+                format!("{id} has already started generating"),
+            ));
+        }
+        check_replay(&a.params, eos, vocab, a.generated, &tokens)?;
+        a.first_own = a.generated + tokens.len() as u32 + 1;
+        a.replay = tokens.into();
         Ok(())
     }
 
@@ -338,12 +390,40 @@ impl Batcher {
             // After a preemption the recomputed tokens include earlier generated ones: only the
             // logits at the true end of the sequence produce a new token.
             a.decoding = true;
+            if let Some(replayed) = a.replay.pop_front() {
+                let drawn = a.sampler.replay(&logits, replayed);
+                a.generated += 1;
+                self.stats.replayed_tokens += 1;
+                if drawn.id != replayed {
+                    self.stats.replay_divergences += 1;
+                    let logit = |t: u32| logits.get(t as usize).copied().unwrap_or(f32::NAN);
+                    tracing::warn!(
+                        seq = %a.id,
+                        position = a.generated,
+                        replayed,
+                        drawn = drawn.id,
+                        margin = logit(drawn.id) - logit(replayed),
+                        "a replayed token differs from this worker's draw; the client's token stands"
+                    );
+                }
+                // `check_replay` made sure no replayed token ends the sequence.
+                if self.engine.push_token(a.id, replayed).is_err() {
+                    let id = a.id;
+                    self.running.remove(pos);
+                    self.engine.release(id);
+                    events.push(Event::Failed {
+                        seq: id,
+                        error: "the replayed tokens overflow the context".into(),
+                    });
+                }
+                continue;
+            }
             let token = a.sampler.sample(&logits);
             a.generated += 1;
             let mut finish = finish_reason_after(token.id, a.generated, &a.params, &self.eos);
             let id = a.id;
-            let cached =
-                (a.generated == 1).then(|| self.engine.cached_tokens(id).unwrap_or(0) as u32);
+            let cached = (a.generated == a.first_own)
+                .then(|| self.engine.cached_tokens(id).unwrap_or(0) as u32);
             if finish.is_none() && self.engine.push_token(id, token.id).is_err() {
                 // The context is full: the sequence ends here.
                 finish = Some(FinishReason::Length);
@@ -361,4 +441,34 @@ impl Batcher {
         }
         Ok(events)
     }
+}
+
+/// Whether `tokens`, replayed after `generated` tokens of a sequence sampled with `params`,
+/// are a generation that had not finished: none ends it (an end-of-sequence or stop token, or
+/// the `max_tokens` count), and every id is in the vocabulary.
+pub fn check_replay(
+    params: &SamplingParams,
+    eos: &[u32],
+    vocab: usize,
+    generated: u32,
+    tokens: &[u32],
+) -> Result<()> {
+    for (i, &token) in tokens.iter().enumerate() {
+        if token as usize >= vocab {
+            return Err(Error::invalid(
+                "generated_token_ids",
+                format!("[{i}] = {token} is outside the {vocab}-token vocabulary"),
+            ));
+        }
+        let count = generated + i as u32 + 1;
+        if let Some(reason) = finish_reason_after(token, count, params, eos) {
+            return Err(Error::invalid(
+                "generated_token_ids",
+                format!(
+                    "[{i}] = {token} would have ended the generation ({reason:?}): nothing is left to continue"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -406,6 +406,7 @@ async fn direct_decode(
         source: Some(v1::decode_request::Source::Prompt(v1::Prompt {
             prompt_token_ids: prompt.to_vec(),
         })),
+        generated_token_ids: Vec::new(),
     };
     let mut clock = Clock::start();
     let mut stream = client

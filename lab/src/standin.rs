@@ -85,6 +85,11 @@ pub fn replay(request: &DecodeRequest) -> Result<Vec<DecodeResponse>, Status> {
             "the constant-time stand-in serves aggregated requests (a prompt) only",
         ));
     };
+    if !request.generated_token_ids.is_empty() {
+        return Err(Status::unimplemented(
+            "generated_token_ids: the constant-time stand-in does not continue migrated streams",
+        ));
+    }
     let ids = &prompt.prompt_token_ids;
     if ids.is_empty() {
         return Err(Status::invalid_argument("prompt: is empty"));
@@ -167,6 +172,7 @@ mod tests {
                 ..Default::default()
             }),
             source,
+            generated_token_ids: Vec::new(),
         }
     }
 

@@ -323,6 +323,23 @@ impl Sampler {
     /// Params that [`SamplingParams::validate`] would reject do not make it panic either; they
     /// give unspecified tokens.
     pub fn sample(&mut self, logits: &[f32]) -> SampledToken {
+        let token = self.choose(logits);
+        self.record(token.id);
+        token
+    }
+
+    /// Replays a token this sequence already produced elsewhere (a stream migrated from a
+    /// worker that died): draws from `logits` exactly as [`Sampler::sample`] would, so the RNG
+    /// and the penalties advance as they did there, but records `token` whatever the draw chose.
+    /// Returns the draw, which equals `token` when the logits are the original ones.
+    pub fn replay(&mut self, logits: &[f32], token: u32) -> SampledToken {
+        let drawn = self.choose(logits);
+        self.record(token);
+        drawn
+    }
+
+    /// The choice [`Sampler::sample`] makes, without recording it.
+    fn choose(&mut self, logits: &[f32]) -> SampledToken {
         self.logits.clear();
         self.logits.extend(logits.iter().map(|&x| sanitize(x)));
         chunk_maxima(&self.logits, &mut self.maxima);
@@ -357,7 +374,6 @@ impl Sampler {
         let logprob = logits
             .get(id as usize)
             .map_or(f32::NEG_INFINITY, |&x| logprob(sanitize(x), norm));
-        self.record(id);
         SampledToken {
             id,
             logprob,
@@ -1023,6 +1039,38 @@ mod tests {
         let mut resumed = Sampler::resume(&params, &prompt, &all[..3]);
         let rest: Vec<u32> = steps[3..].iter().map(|l| resumed.sample(l).id).collect();
         assert_eq!(rest, all[3..]);
+    }
+
+    #[test]
+    fn replay_draws_what_the_original_drew_and_continues_the_same_stream() {
+        let params = SamplingParams {
+            presence_penalty: 0.3,
+            repetition_penalty: 1.2,
+            ..seeded(1.0, 78)
+        };
+        let prompt = [5, 6, 7];
+        let steps: Vec<Vec<f32>> = (0..8).map(|s| pseudo_logits(200, s)).collect();
+        let mut alone = Sampler::new(&params, &prompt);
+        let all: Vec<u32> = steps.iter().map(|l| alone.sample(l).id).collect();
+        let mut replayed = Sampler::new(&params, &prompt);
+        for (l, &t) in steps[..4].iter().zip(&all) {
+            assert_eq!(
+                replayed.replay(l, t).id,
+                t,
+                "the same logits draw the same token"
+            );
+        }
+        let rest: Vec<u32> = steps[4..].iter().map(|l| replayed.sample(l).id).collect();
+        assert_eq!(rest, all[4..]);
+
+        // Other logits draw something else, but the history records the forced token: the
+        // continuation is the one that history gives.
+        let mut forced = Sampler::new(&params, &prompt);
+        let other = pseudo_logits(200, 99);
+        let drawn = forced.replay(&other, all[0]);
+        let mut reference = Sampler::resume(&params, &prompt, &all[..1]);
+        assert_eq!(forced.sample(&steps[1]).id, reference.sample(&steps[1]).id);
+        assert!(drawn.id < 200);
     }
 
     #[test]
