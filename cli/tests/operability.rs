@@ -221,6 +221,31 @@ async fn sigterm_lets_eight_streams_finish_and_routes_no_new_work_to_the_drainin
     assert_eq!((free, leases), (total, 0), "every block back in the pool");
 }
 
+/// SIGTERM while the model loads (right after the listeners are announced): each worker drains
+/// nothing and exits 0. Its engine thread used to take the Stop from its queue and then wait
+/// for a next command that never came, so the process hung after "drained".
+#[test]
+fn sigterm_while_the_model_loads_exits_at_once() {
+    let model = model();
+    for role in ["decode", "prefill"] {
+        let mut worker = Proc::start(
+            &[
+                role,
+                "--model",
+                &model,
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ],
+            2,
+        );
+        worker.signal(libc::SIGTERM);
+        let status = worker.wait_exit(START_LIMIT);
+        assert!(status.success(), "{role}: {status:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_deadline_fails_streams_with_a_clear_error_and_frees_every_block() {
     let model = model();

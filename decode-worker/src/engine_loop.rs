@@ -390,6 +390,11 @@ impl Loop {
             self.tick(Instant::now());
             self.cancel_abandoned();
             self.publish(&ends.published);
+            // A Stop taken from the queue above must not be followed by a wait for the next
+            // command: none may ever come (a worker told to stop while it was starting).
+            if self.stopped {
+                return self.shutdown();
+            }
             if self.batcher.is_idle() {
                 match self.wait(&mut ends.commands, &mut agent_events, &mut feedback) {
                     Woken::Command(c) => self.handle(c),

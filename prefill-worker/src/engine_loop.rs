@@ -331,6 +331,11 @@ impl Loop {
                     let _ = reply.send(answer);
                 }
             }
+            // A Stop taken from the queue above must not be followed by a wait for the next
+            // command: none may ever come (a worker told to stop while it was starting).
+            if self.stopped {
+                return self.shutdown();
+            }
             if !stepped {
                 match self.wait(&mut ends.commands, &mut agent_events) {
                     Woken::Command(c) => self.handle(c),
