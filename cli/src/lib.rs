@@ -7,6 +7,7 @@
 //! - [`roles`]: `baton coordinator | prefill | decode`, each from its layered config ([`config`]).
 //! - [`status`]: `baton status`, the pool as a coordinator sees it.
 //! - [`keys`]: `baton keys new`, an API key and the config table that admits it.
+//! - [`certs`]: `baton certs`, a development CA and per-role certificates for mutual TLS.
 //! - [`budget`]: `baton budget`, the cloud budget's windows, spend and open reservations.
 //! - [`generate`]: a client of the cluster, or the engine in this process (`--local`).
 //! - [`bench_serve`]: `baton bench serve`, the load generator's flags over `baton-bench`.
@@ -16,6 +17,7 @@
 pub mod api_key;
 pub mod bench_serve;
 pub mod budget;
+pub mod certs;
 pub mod config;
 pub mod generate;
 pub mod keys;

@@ -4,7 +4,7 @@
 //! and `config` (the effective configuration of a role, and its JSON Schema). The experiments
 //! (engine, transfer, handoff, overhead, disaggregation) are `baton-lab`'s.
 
-use baton::{bench_serve, budget, config, generate, keys, kv_demo, roles, status, up};
+use baton::{bench_serve, budget, certs, config, generate, keys, kv_demo, roles, status, up};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -37,6 +37,9 @@ enum Command {
     /// API keys for the client APIs.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Write a development certificate authority and a certificate per role (coordinator,
+    /// prefill, decode) for mutual TLS between them.
+    Certs(certs::CertsArgs),
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
     /// Load-test a running server.
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         Command::Status(args) => status::run(args),
         Command::Budget(args) => budget::run(args),
         Command::Keys(KeysCommand::New(args)) => keys::new_key(args),
+        Command::Certs(args) => certs::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Serve(args)) => bench_serve::run(*args),
         Command::KvDemo(args) => kv_demo::run(args),

@@ -152,6 +152,11 @@ pub struct CoordinatorConfig {
     /// Most migrations of one request (0 to 16); past them the stream fails. Also bounds the
     /// re-placements of a request whose prefill worker failed before its first token. Default 2.
     pub max_migrations: u32,
+    /// Mutual TLS to the workers (`[coordinator.tls]`: `ca`, `cert`, `key`, PEM files; `baton
+    /// certs` writes a development set): the coordinator presents its certificate and accepts
+    /// a worker only with a certificate the cluster CA signed for its role. The workers need
+    /// their `tls` too. Default: unset, plaintext.
+    pub tls: Option<baton_core::tls::TlsFiles>,
     /// Logs and traces (`[coordinator.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
     /// Cloud upstreams and their dollar budget (`[coordinator.cloud]`).
@@ -195,6 +200,7 @@ impl CoordinatorConfig {
             retry_after: Duration::from_secs(1),
             on_decode_failure: OnDecodeFailure::Migrate,
             max_migrations: 2,
+            tls: None,
             telemetry: baton_telemetry::TelemetryConfig::default(),
             cloud: CloudConfig::default(),
             auth: crate::auth::AuthConfig::default(),

@@ -57,6 +57,11 @@ impl Inner {
             leave_after: config.discovery.leave_after,
             fingerprint: config.model_fingerprint()?,
             events,
+            tls: config
+                .tls
+                .as_ref()
+                .map(crate::workers::WorkerTls::load)
+                .transpose()?,
         });
         // Handoff ids only need to be unique among live handoffs of the workers this
         // coordinator talks to; a random start keeps two coordinators (or a restart) apart.

@@ -124,18 +124,37 @@ pub struct Expected {
 }
 
 impl Worker {
-    fn new(member: Member, expected: Arc<Mutex<Option<Expected>>>) -> Result<Self> {
+    fn new(
+        member: Member,
+        expected: Arc<Mutex<Option<Expected>>>,
+        tls: Option<&WorkerTls>,
+    ) -> Result<Self> {
         let role = member.role;
         let address = member.address;
-        let channel = Channel::from_shared(format!("http://{address}"))
-            .map_err(|e| Error::InvalidConfig {
-                field: match role {
-                    WorkerRole::Prefill => "prefill_workers",
-                    WorkerRole::Decode => "decode_workers",
-                }
-                .into(),
+        let field = match role {
+            WorkerRole::Prefill => "prefill_workers",
+            WorkerRole::Decode => "decode_workers",
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Channel::from_shared(format!("{scheme}://{address}")).map_err(|e| {
+            Error::InvalidConfig {
+                field: field.into(),
                 reason: format!("{address:?}: {e}"),
-            })?
+            }
+        })?;
+        if let Some(tls) = tls {
+            let config = match role {
+                WorkerRole::Prefill => &tls.prefill,
+                WorkerRole::Decode => &tls.decode,
+            };
+            endpoint = endpoint
+                .tls_config(config.clone())
+                .map_err(|e| Error::InvalidConfig {
+                    field: "tls".into(),
+                    reason: e.to_string(),
+                })?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -814,6 +833,31 @@ pub struct RegistryConfig {
     /// The event plane, where a cluster key is configured: workers that publish are followed
     /// through their messages instead of polls.
     pub events: Option<EventPlane>,
+    /// Mutual TLS to the workers: the coordinator's identity, and each role's certificate
+    /// checked against the cluster CA.
+    pub tls: Option<WorkerTls>,
+}
+
+/// The client side of mutual TLS, per worker role.
+#[derive(Debug, Clone)]
+pub struct WorkerTls {
+    pub prefill: tonic::transport::ClientTlsConfig,
+    pub decode: tonic::transport::ClientTlsConfig,
+}
+
+impl WorkerTls {
+    pub fn load(files: &baton_core::tls::TlsFiles) -> Result<Self> {
+        let config = |role| {
+            baton_proto::tls::client_config(files, role).map_err(|e| Error::InvalidConfig {
+                field: e.field.into(),
+                reason: e.reason,
+            })
+        };
+        Ok(Self {
+            prefill: config("prefill")?,
+            decode: config("decode")?,
+        })
+    }
 }
 
 /// Every worker, by membership id. One owner: membership changes come through [`apply`]
@@ -929,7 +973,7 @@ impl Registry {
         }
         let id = member.id.clone();
         let source = member.source;
-        let worker = match Worker::new(member, self.expected.clone()) {
+        let worker = match Worker::new(member, self.expected.clone(), self.config.tls.as_ref()) {
             Ok(w) => Arc::new(w),
             Err(e) => {
                 tracing::warn!(worker = %id, via = source.as_str(), error = %e, "worker not added");
@@ -1201,7 +1245,7 @@ mod tests {
             advert: None,
             source: Source::Static,
         };
-        let w = Worker::new(member, Arc::new(Mutex::new(None))).expect("worker");
+        let w = Worker::new(member, Arc::new(Mutex::new(None)), None).expect("worker");
         *w.info.lock().expect("info") = Some(WorkerInfo {
             worker_id: "decode-x".into(),
             total_blocks: 64,

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod kv_events;
 pub mod layout;
 pub mod prefix;
+pub mod tls;
 
 pub use class::ErrorClass;
 pub use ids::{HandoffId, RequestId, WorkerId};

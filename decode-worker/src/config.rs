@@ -88,6 +88,10 @@ pub struct DecodeConfig {
     pub discovery: baton_discovery::DiscoveryConfig,
     /// Logs and traces (`[decode.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
+    /// Mutual TLS on this worker's gRPC port (`[<role>.tls]`: `ca`, `cert`, `key`, PEM files;
+    /// `baton certs` writes a development set): only clients whose certificate the cluster CA
+    /// signed are served. Default: unset, plaintext.
+    pub tls: Option<baton_core::tls::TlsFiles>,
 }
 
 impl DecodeConfig {
@@ -108,6 +112,7 @@ impl DecodeConfig {
             nice: 0,
             discovery: baton_discovery::DiscoveryConfig::default(),
             telemetry: baton_telemetry::TelemetryConfig::default(),
+            tls: None,
         }
     }
 

@@ -66,6 +66,16 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    // Read now, so a bad certificate stops the worker before its model loads.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(baton_proto::tls::server_config)
+        .transpose()
+        .map_err(|e| Error::InvalidRequest {
+            field: e.field,
+            reason: e.reason,
+        })?;
     if config.nice > 0 {
         // Before the model loads, so its thread pools inherit the priority too.
         match baton_worker::priority::lower_priority(config.nice) {
@@ -173,6 +183,7 @@ pub async fn serve_with_metrics(
             reflected: &["baton.v1.DecodeWorker"],
             drain_timeout: config.drain_timeout,
             draining,
+            tls,
         },
         listener,
         DecodeWorkerServer::new(service),

@@ -53,6 +53,10 @@ pub struct PrefillConfig {
     pub discovery: baton_discovery::DiscoveryConfig,
     /// Logs and traces (`[prefill.telemetry]`).
     pub telemetry: baton_telemetry::TelemetryConfig,
+    /// Mutual TLS on this worker's gRPC port (`[<role>.tls]`: `ca`, `cert`, `key`, PEM files;
+    /// `baton certs` writes a development set): only clients whose certificate the cluster CA
+    /// signed are served. Default: unset, plaintext.
+    pub tls: Option<baton_core::tls::TlsFiles>,
 }
 
 impl PrefillConfig {
@@ -71,6 +75,7 @@ impl PrefillConfig {
             drain_timeout: Duration::from_secs(30),
             discovery: baton_discovery::DiscoveryConfig::default(),
             telemetry: baton_telemetry::TelemetryConfig::default(),
+            tls: None,
         }
     }
 

@@ -65,6 +65,16 @@ pub async fn serve_with_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    // Read now, so a bad certificate stops the worker before its model loads.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(baton_proto::tls::server_config)
+        .transpose()
+        .map_err(|e| Error::InvalidRequest {
+            field: e.field,
+            reason: e.reason,
+        })?;
     let worker_id = crate::config::worker_id(config.worker_id.as_deref())?;
     let addr = listener
         .local_addr()
@@ -155,6 +165,7 @@ pub async fn serve_with_metrics(
             reflected: &["baton.v1.PrefillWorker"],
             drain_timeout: config.drain_timeout,
             draining,
+            tls,
         },
         listener,
         PrefillWorkerServer::new(service),

@@ -19,6 +19,7 @@
 
 pub mod convert;
 pub mod status;
+pub mod tls;
 
 /// The generated `baton.v1` messages, clients and servers.
 pub mod v1 {

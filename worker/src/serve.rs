@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Set when the drain starts; the role refuses new work from then on.
     pub draining: Arc<AtomicBool>,
+    /// Mutual TLS: the worker's identity, and only clients the cluster CA signed get in.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// Serves `service` on `listener` (with health and reflection) until `shutdown` resolves, then
@@ -95,7 +97,11 @@ where
         tracing::info!(role, left = %drainer.describe(), "drained");
         let _ = drained_tx.send(());
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls).map_err(|e| format!("tls: {e}"))?;
+    }
+    let server = builder
         .trace_fn(baton_telemetry::grpc_server_span)
         .add_service(health_service)
         .add_service(reflection)
