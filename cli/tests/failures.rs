@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Proc, START_LIMIT, channel, model};
+use common::{Proc, START_LIMIT, channel, model, worker, worker_info};
 
 use baton_proto::v1::{
     self, LoadRequest, decode_worker_client::DecodeWorkerClient, inference_client::InferenceClient,
@@ -16,22 +16,6 @@ use baton_proto::v1::{
 
 /// Lease time the tests give handoffs; pools must be full again within this plus a margin.
 const TTL_MS: u32 = 1500;
-
-fn worker(role: &str, model: &str) -> Proc {
-    Proc::start(
-        &[
-            role,
-            "--model",
-            model,
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-cache-mib",
-            "128",
-            "--no-metrics",
-        ],
-        1,
-    )
-}
 
 /// A prompt long enough that its prefill takes a while on this machine.
 fn long_prompt() -> Vec<u32> {
@@ -47,28 +31,6 @@ fn greedy(max_tokens: u32) -> v1::SamplingParams {
         max_tokens: Some(max_tokens),
         ..Default::default()
     }
-}
-
-async fn wait_ready_prefill(addr: SocketAddr) -> v1::WorkerInfo {
-    tokio::time::timeout(
-        START_LIMIT,
-        PrefillWorkerClient::new(channel(addr)).info(v1::InfoRequest {}),
-    )
-    .await
-    .expect("prefill worker up")
-    .expect("info")
-    .into_inner()
-}
-
-async fn wait_ready_decode(addr: SocketAddr) -> v1::WorkerInfo {
-    tokio::time::timeout(
-        START_LIMIT,
-        DecodeWorkerClient::new(channel(addr)).info(v1::InfoRequest {}),
-    )
-    .await
-    .expect("decode worker up")
-    .expect("info")
-    .into_inner()
 }
 
 /// Asks until `free == total` or `limit` passes; returns how long it took.
@@ -137,11 +99,11 @@ async fn await_prefilling(addr: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_killed_mid_push_fails_the_request_unavailable_and_the_decode_pool_refills() {
     let model = model();
-    let mut prefill = worker("prefill", &model);
-    let decode = worker("decode", &model);
+    let mut prefill = worker("prefill", &model, &[]);
+    let decode = worker("decode", &model, &[]);
     let (p, d) = (prefill.addrs[0], decode.addrs[0]);
-    wait_ready_prefill(p).await;
-    wait_ready_decode(d).await;
+    worker_info("prefill", p).await;
+    worker_info("decode", d).await;
     let coordinator = Proc::start(
         &[
             "coordinator",
@@ -211,11 +173,11 @@ async fn prefill_killed_mid_push_fails_the_request_unavailable_and_the_decode_po
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_killed_mid_push_frees_the_prefill_side() {
     let model = model();
-    let prefill = worker("prefill", &model);
-    let mut decode = worker("decode", &model);
+    let prefill = worker("prefill", &model, &[]);
+    let mut decode = worker("decode", &model, &[]);
     let (p, d) = (prefill.addrs[0], decode.addrs[0]);
-    wait_ready_prefill(p).await;
-    let dinfo = wait_ready_decode(d).await;
+    worker_info("prefill", p).await;
+    let dinfo = worker_info("decode", d).await;
     let prompt = long_prompt();
     // The decode stream's first message is the reservation; the stream stays open (holding
     // it) while the prefill worker pushes.
@@ -284,11 +246,11 @@ async fn decode_killed_mid_push_frees_the_prefill_side() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_killed_before_a_pull_fails_the_decode_stream_and_refills_its_pool() {
     let model = model();
-    let mut prefill = worker("prefill", &model);
-    let decode = worker("decode", &model);
+    let mut prefill = worker("prefill", &model, &[]);
+    let decode = worker("decode", &model, &[]);
     let (p, d) = (prefill.addrs[0], decode.addrs[0]);
-    wait_ready_prefill(p).await;
-    wait_ready_decode(d).await;
+    worker_info("prefill", p).await;
+    worker_info("decode", d).await;
     let prompt: Vec<u32> = long_prompt()[..200].to_vec();
     let prefilled = PrefillWorkerClient::new(channel(p))
         .prefill(v1::PrefillRequest {
@@ -364,25 +326,11 @@ async fn drain(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recompute_policy_continues_a_stream_whose_pull_source_died() {
     let model = model();
-    let mut prefill = worker("prefill", &model);
-    let decode = Proc::start(
-        &[
-            "decode",
-            "--model",
-            &model,
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-cache-mib",
-            "128",
-            "--kv-failure-policy",
-            "recompute",
-            "--no-metrics",
-        ],
-        1,
-    );
+    let mut prefill = worker("prefill", &model, &[]);
+    let decode = worker("decode", &model, &["--kv-failure-policy", "recompute"]);
     let (p, d) = (prefill.addrs[0], decode.addrs[0]);
-    wait_ready_prefill(p).await;
-    wait_ready_decode(d).await;
+    worker_info("prefill", p).await;
+    worker_info("decode", d).await;
     let prompt: Vec<u32> = long_prompt()[..120].to_vec();
     // The decode worker alone (aggregated) gives the reference.
     let mut dc = DecodeWorkerClient::new(channel(d));

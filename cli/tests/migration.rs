@@ -10,7 +10,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{Proc, START_LIMIT, channel, get, model};
+use common::{Proc, START_LIMIT, channel, get, model, worker, worker_info};
 
 use baton_proto::v1::{
     self, LoadRequest, decode_worker_client::DecodeWorkerClient, inference_client::InferenceClient,
@@ -20,22 +20,6 @@ use tokio::sync::mpsc;
 
 /// Lease time the tests give handoffs.
 const TTL_MS: u32 = 1500;
-
-fn worker(role: &str, model: &str) -> Proc {
-    Proc::start(
-        &[
-            role,
-            "--model",
-            model,
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-cache-mib",
-            "128",
-            "--no-metrics",
-        ],
-        1,
-    )
-}
 
 /// A coordinator over the workers; `addrs[0]` is its gRPC address, `addrs[1]` its HTTP one.
 fn coordinator(model: &str, prefill: &[SocketAddr], decode: &[SocketAddr], extra: &[&str]) -> Proc {
@@ -62,28 +46,6 @@ fn coordinator(model: &str, prefill: &[SocketAddr], decode: &[SocketAddr], extra
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Proc::start(&args, 2)
-}
-
-async fn info_prefill(addr: SocketAddr) -> v1::WorkerInfo {
-    tokio::time::timeout(
-        START_LIMIT,
-        PrefillWorkerClient::new(channel(addr)).info(v1::InfoRequest {}),
-    )
-    .await
-    .expect("prefill worker up")
-    .expect("info")
-    .into_inner()
-}
-
-async fn info_decode(addr: SocketAddr) -> v1::WorkerInfo {
-    tokio::time::timeout(
-        START_LIMIT,
-        DecodeWorkerClient::new(channel(addr)).info(v1::InfoRequest {}),
-    )
-    .await
-    .expect("decode worker up")
-    .expect("info")
-    .into_inner()
 }
 
 /// Until the coordinator's `/ready` answers 200 (its first poll of the workers).
@@ -185,13 +147,13 @@ async fn streams_continue_on_another_decode_worker_when_theirs_is_killed() {
     const STREAMS: usize = 8;
     const TOKENS: u32 = 160;
     let model = model();
-    let prefill = worker("prefill", &model);
-    let mut d1 = worker("decode", &model);
-    let d2 = worker("decode", &model);
+    let prefill = worker("prefill", &model, &[]);
+    let mut d1 = worker("decode", &model, &[]);
+    let d2 = worker("decode", &model, &[]);
     let (p, a1, a2) = (prefill.addrs[0], d1.addrs[0], d2.addrs[0]);
-    info_prefill(p).await;
-    let killed = info_decode(a1).await.worker_id;
-    let kept = info_decode(a2).await.worker_id;
+    worker_info("prefill", p).await;
+    let killed = worker_info("decode", a1).await.worker_id;
+    let kept = worker_info("decode", a2).await.worker_id;
     let coordinator = coordinator(&model, &[p], &[a1, a2], &[]);
     let (grpc, http) = (coordinator.addrs[0], coordinator.addrs[1]);
     await_ready(http).await;
@@ -290,11 +252,11 @@ async fn streams_continue_on_another_decode_worker_when_theirs_is_killed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_fails_unavailable_when_migration_is_off() {
     let model = model();
-    let prefill = worker("prefill", &model);
-    let mut d1 = worker("decode", &model);
+    let prefill = worker("prefill", &model, &[]);
+    let mut d1 = worker("decode", &model, &[]);
     let (p, a1) = (prefill.addrs[0], d1.addrs[0]);
-    info_prefill(p).await;
-    info_decode(a1).await;
+    worker_info("prefill", p).await;
+    worker_info("decode", a1).await;
     let coordinator = coordinator(
         &model,
         &[p],
@@ -323,13 +285,13 @@ async fn a_stream_fails_unavailable_when_migration_is_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_prefill_worker_dies_mid_handoff_is_placed_again() {
     let model = model();
-    let mut p1 = worker("prefill", &model);
-    let p2 = worker("prefill", &model);
-    let decode = worker("decode", &model);
+    let mut p1 = worker("prefill", &model, &[]);
+    let p2 = worker("prefill", &model, &[]);
+    let decode = worker("decode", &model, &[]);
     let (a1, a2, d) = (p1.addrs[0], p2.addrs[0], decode.addrs[0]);
-    info_prefill(a1).await;
-    info_prefill(a2).await;
-    info_decode(d).await;
+    worker_info("prefill", a1).await;
+    worker_info("prefill", a2).await;
+    worker_info("decode", d).await;
     let coordinator = coordinator(&model, &[a1, a2], &[d], &[]);
     let (grpc, http) = (coordinator.addrs[0], coordinator.addrs[1]);
     await_ready(http).await;
@@ -365,7 +327,7 @@ async fn a_request_whose_prefill_worker_dies_mid_handoff_is_placed_again() {
     let placement = finish.placement.expect("placement");
     assert_eq!(
         placement.prefill_worker,
-        info_prefill(survivor).await.worker_id
+        worker_info("prefill", survivor).await.worker_id
     );
     // The survivor's prefix cache now holds the prompt: the reference is that worker again.
     let (again, _) = run(grpc, req, None).await.expect("reference");

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_proto::v1::{self, decode_worker_client::DecodeWorkerClient};
-use common::{Proc, START_LIMIT, channel, get, model};
+use common::{Proc, START_LIMIT, channel, get, model, worker};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn certs(out: &Path) {
@@ -39,24 +39,6 @@ fn config(dir: &Path, roles: &[&str]) -> std::path::PathBuf {
     let path = dir.join(format!("{}.toml", roles.join("-")));
     std::fs::write(&path, text).expect("write config");
     path
-}
-
-fn worker(role: &str, model: &str, config: &Path) -> Proc {
-    Proc::start(
-        &[
-            role,
-            "--model",
-            model,
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-cache-mib",
-            "64",
-            "--no-metrics",
-            "--config",
-            config.to_str().expect("utf-8"),
-        ],
-        1,
-    )
 }
 
 fn coordinator(model: &str, prefill: SocketAddr, decode: SocketAddr, config: &Path) -> Proc {
@@ -121,8 +103,16 @@ async fn a_cluster_with_mutual_tls_serves_and_its_workers_refuse_strangers() {
 
     let model = model();
     let workers_config = config(&ours, &["prefill", "decode"]);
-    let prefill = worker("prefill", &model, &workers_config);
-    let decode = worker("decode", &model, &workers_config);
+    let prefill = worker(
+        "prefill",
+        &model,
+        &["--config", workers_config.to_str().expect("utf-8")],
+    );
+    let decode = worker(
+        "decode",
+        &model,
+        &["--config", workers_config.to_str().expect("utf-8")],
+    );
     let (p, d) = (prefill.addrs[0], decode.addrs[0]);
 
     // The worker answers a client with one of the CA's certificates, and nobody else.

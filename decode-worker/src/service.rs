@@ -71,11 +71,7 @@ pub async fn serve_with_metrics(
         .tls
         .as_ref()
         .map(baton_proto::tls::server_config)
-        .transpose()
-        .map_err(|e| Error::InvalidRequest {
-            field: e.field,
-            reason: e.reason,
-        })?;
+        .transpose()?;
     if config.nice > 0 {
         // Before the model loads, so its thread pools inherit the priority too.
         match baton_worker::priority::lower_priority(config.nice) {

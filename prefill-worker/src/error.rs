@@ -46,6 +46,15 @@ impl Error {
     }
 }
 
+impl From<baton_proto::tls::TlsError> for Error {
+    fn from(e: baton_proto::tls::TlsError) -> Self {
+        Error::InvalidRequest {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 impl From<baton_discovery::Error> for Error {
     fn from(e: baton_discovery::Error) -> Self {
         match e {

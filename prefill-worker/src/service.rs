@@ -70,11 +70,7 @@ pub async fn serve_with_metrics(
         .tls
         .as_ref()
         .map(baton_proto::tls::server_config)
-        .transpose()
-        .map_err(|e| Error::InvalidRequest {
-            field: e.field,
-            reason: e.reason,
-        })?;
+        .transpose()?;
     let worker_id = crate::config::worker_id(config.worker_id.as_deref())?;
     let addr = listener
         .local_addr()

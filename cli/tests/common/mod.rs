@@ -150,6 +150,50 @@ pub fn model() -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `baton <role>` (prefill or decode) on a port the OS chooses, with a 128 MiB KV pool, no
+/// metrics listener and `extra` flags; started once it announced its gRPC address.
+pub fn worker(role: &str, model: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        role,
+        "--model",
+        model,
+        "--listen",
+        "127.0.0.1:0",
+        "--kv-cache-mib",
+        "128",
+        "--no-metrics",
+    ];
+    args.extend_from_slice(extra);
+    Proc::start(&args, 1)
+}
+
+/// A worker's `Info`, once its model is loaded (within [`START_LIMIT`]).
+pub async fn worker_info(role: &str, addr: SocketAddr) -> baton_proto::v1::WorkerInfo {
+    use baton_proto::v1::{
+        InfoRequest, decode_worker_client::DecodeWorkerClient,
+        prefill_worker_client::PrefillWorkerClient,
+    };
+    let info = async {
+        match role {
+            "prefill" => {
+                PrefillWorkerClient::new(channel(addr))
+                    .info(InfoRequest {})
+                    .await
+            }
+            _ => {
+                DecodeWorkerClient::new(channel(addr))
+                    .info(InfoRequest {})
+                    .await
+            }
+        }
+    };
+    tokio::time::timeout(START_LIMIT, info)
+        .await
+        .unwrap_or_else(|_| panic!("{role} worker up within {START_LIMIT:?}"))
+        .expect("info")
+        .into_inner()
+}
+
 pub fn channel(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
