@@ -29,6 +29,9 @@ pub use grpc::budget_to_proto;
 pub use placement::{PdMode, Routing};
 pub use server::{run, serve};
 
+#[doc(hidden)]
+pub use http::fuzzing;
+
 /// The routing decisions, public only for the criterion benchmark `benches/routing.rs`; not part
 /// of the crate's API.
 #[doc(hidden)]
