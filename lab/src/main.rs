@@ -10,11 +10,14 @@
 //! overhead  the coordinator against calling a decode worker directly
 //! disagg    pinned prefill/decode workers against a colocated worker under a mixed load
 //! events    the event plane: messages one coordinator absorbs from N publishers, and its CPU
+//! chaos     faults in a cluster of real processes (kills, stops, a coordinator restart, a
+//!           flood of clients), each checked against what the cluster promises
 //! ```
 //!
 //! The cluster experiments start `baton` processes: the `baton` binary beside this one (build
 //! both: `cargo build --release -p baton -p baton-lab`), or `$BATON_EXE`.
 
+mod chaos;
 mod cluster;
 mod disagg;
 mod engine;
@@ -55,6 +58,11 @@ enum Command {
     /// The event plane: messages and KV events per second one coordinator applies from N
     /// publishing workers at a sweep of offered rates, their lag, and the coordinator's CPU.
     Events(events::EventsArgs),
+    /// Faults injected into a cluster of real processes: decode and prefill workers SIGKILLed or
+    /// SIGSTOPped mid-stream, the coordinator killed and started again under load, 1,000
+    /// clients at once, slow readers and slowloris; one result line per scenario (driven by
+    /// `scripts/chaos.sh`).
+    Chaos(Box<chaos::ChaosArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,5 +81,6 @@ fn main() -> anyhow::Result<()> {
         Command::Overhead(args) => cluster::overhead(args),
         Command::Disagg(args) => disagg::run(*args),
         Command::Events(args) => events::run(args),
+        Command::Chaos(args) => chaos::run(*args),
     }
 }
