@@ -1197,7 +1197,8 @@ enum Followed {
     /// The client went away, or the request failed and the client was told.
     Over,
     /// The decode worker failed mid-stream (`cause` labels the metric): the request may go on
-    /// on another one.
+    /// on another one. Cause `kv_source`: the decode worker said its KV's source (the prefill
+    /// worker) failed it, not itself.
     Broken { cause: &'static str, error: Error },
 }
 
@@ -1284,9 +1285,13 @@ impl Run {
                     Followed::Over => return,
                     Followed::Broken { cause, error } => (cause, error),
                 };
-                // The decode worker is the first placed.
-                let failed = placed.first().map(|p| p.worker().clone());
-                if let Some(worker) = &failed {
+                if cause == "kv_source" {
+                    // The decode worker is fine; the prefill worker that fed it is not.
+                    if let Some(prefill) = &placement.prefill_worker {
+                        avoided.push(WorkerId(prefill.clone()));
+                    }
+                } else if let Some(worker) = placed.first().map(|p| p.worker()) {
+                    // The decode worker is the first placed.
                     if error.class() == ErrorClass::Unavailable {
                         worker.mark_unhealthy();
                     }
@@ -1401,6 +1406,12 @@ impl Run {
                 }
                 Err(status) => {
                     let error = Error::from_status(&worker, &status);
+                    if baton_proto::status::kv_source_failed(&status) {
+                        return Followed::Broken {
+                            cause: "kv_source",
+                            error,
+                        };
+                    }
                     if matches!(
                         error.class(),
                         ErrorClass::Unavailable | ErrorClass::Internal

@@ -66,7 +66,7 @@ struct RoutingLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MigrationLabels {
-    /// worker_left | stream_broken | stream_ended | worker_error
+    /// worker_left | stream_broken | stream_ended | kv_source
     cause: &'static str,
     /// resumed | failed | over_limit | off
     outcome: &'static str,
@@ -237,15 +237,10 @@ impl Metrics {
         let migrations = Family::<MigrationLabels, Counter>::default();
         registry.register(
             "stream_migrations",
-            "Streams whose decode worker failed mid-stream, by cause (worker_left, stream_broken, stream_ended, worker_error) and outcome (resumed on another decode worker, failed, over_limit, off)",
+            "Streams whose decode worker failed mid-stream, by cause (worker_left, stream_broken, stream_ended, kv_source: the prefill worker feeding it failed) and outcome (resumed on another placement, failed, over_limit, off)",
             migrations.clone(),
         );
-        for cause in [
-            "worker_left",
-            "stream_broken",
-            "stream_ended",
-            "worker_error",
-        ] {
+        for cause in ["worker_left", "stream_broken", "stream_ended", "kv_source"] {
             let _ = migrations.get_or_create(&MigrationLabels {
                 cause,
                 outcome: "resumed",

@@ -75,7 +75,13 @@ impl From<baton_discovery::Error> for Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        baton_proto::status::status(e.class(), e.to_string(), None)
+        let source_failed = matches!(e, Error::Handoff(_) | Error::Transfer(_));
+        let status = baton_proto::status::status(e.class(), e.to_string(), None);
+        if source_failed {
+            baton_proto::status::mark_kv_source_failed(status)
+        } else {
+            status
+        }
     }
 }
 

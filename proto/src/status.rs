@@ -37,6 +37,25 @@ pub fn status(
     status
 }
 
+/// Metadata a decode worker puts on a stream's error when the KV's source failed it (the
+/// prefill worker died, hung past its lease, or sent bytes that did not verify): the decode
+/// worker itself is fine, and a coordinator that places the stream again avoids the source.
+const KV_SOURCE_FAILED: &str = "baton-kv-source-failed";
+
+/// Marks `status` as caused by the KV's source ([`kv_source_failed`]).
+pub fn mark_kv_source_failed(mut status: Status) -> Status {
+    status.metadata_mut().insert(
+        KV_SOURCE_FAILED,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    status
+}
+
+/// Whether a decode worker said its KV's source, not itself, failed the stream.
+pub fn kv_source_failed(status: &Status) -> bool {
+    status.metadata().contains_key(KV_SOURCE_FAILED)
+}
+
 /// The class of a peer's status, by its code.
 pub fn class_of(status: &Status) -> ErrorClass {
     match status.code() {
@@ -69,6 +88,18 @@ fn timed_out(status: &Status) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kv_source_failure_is_marked_and_only_then() {
+        let plain = status(ErrorClass::Unavailable, "kv handoff failed: x", None);
+        assert!(!kv_source_failed(&plain));
+        let marked = mark_kv_source_failed(plain);
+        assert!(kv_source_failed(&marked));
+        assert_eq!(class_of(&marked), ErrorClass::Unavailable);
+        // A status's metadata travels in the stream's trailers (the chaos suite's
+        // kill-prefill-pull scenario sees the coordinator act on it).
+        assert!(marked.metadata().contains_key(KV_SOURCE_FAILED));
+    }
 
     #[test]
     fn every_class_survives_the_round_trip_through_a_status() {
