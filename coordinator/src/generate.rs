@@ -879,6 +879,23 @@ async fn call<T>(
     }
 }
 
+/// Awaits a call to `worker` unless the worker leaves the cluster first (it stopped answering
+/// polls for `leave_after`: a hung or partitioned worker never answers, and its connection may
+/// look open for minutes); then the call fails UNAVAILABLE, so the request is placed again.
+async fn unless_lost<T>(
+    worker: &Worker,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = call => r,
+        () = worker.lost() => Err(Error::Worker {
+            worker: worker.id().0,
+            class: ErrorClass::Unavailable,
+            message: "the worker stopped answering (it left the cluster) before it answered".into(),
+        }),
+    }
+}
+
 /// Shared memory when asked for, or under `auto` when the prefill worker opened a shared-memory
 /// link to this decode worker (both on one host); TCP otherwise.
 fn transport_for(choice: TransportChoice, shm_linked: bool) -> v1::Transport {
@@ -978,25 +995,28 @@ async fn disaggregated(
                 }
             };
             let prefill_started = std::time::Instant::now();
-            let prefilled = call(
+            let prefilled = unless_lost(
                 prefill,
-                tracing::info_span!("prefill", worker = Empty),
-                async {
-                    prefill
-                        .prefill_client()
-                        .prefill(PrefillRequest {
-                            request_id: request.to_string(),
-                            prompt_token_ids: prompt.to_vec(),
-                            sampling: Some(sampling.clone()),
-                            handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
-                                handoff_id: handoff,
-                                destination: Some(reserved),
-                                transport: transport as i32,
-                                ttl_ms,
-                            })),
-                        })
-                        .await
-                },
+                call(
+                    prefill,
+                    tracing::info_span!("prefill", worker = Empty),
+                    async {
+                        prefill
+                            .prefill_client()
+                            .prefill(PrefillRequest {
+                                request_id: request.to_string(),
+                                prompt_token_ids: prompt.to_vec(),
+                                sampling: Some(sampling.clone()),
+                                handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
+                                    handoff_id: handoff,
+                                    destination: Some(reserved),
+                                    transport: transport as i32,
+                                    ttl_ms,
+                                })),
+                            })
+                            .await
+                    },
+                ),
             )
             .await
             .inspect_err(|_| *culprit = Some(prefill.id()))?;
@@ -1025,23 +1045,26 @@ async fn disaggregated(
             // it over; any other way out frees it.
             let source = Pinned::on(prefill, handoff);
             let prefill_started = std::time::Instant::now();
-            let prefilled = call(
+            let prefilled = unless_lost(
                 prefill,
-                tracing::info_span!("prefill", worker = Empty),
-                async {
-                    prefill
-                        .prefill_client()
-                        .prefill(PrefillRequest {
-                            request_id: request.to_string(),
-                            prompt_token_ids: prompt.to_vec(),
-                            sampling: Some(sampling.clone()),
-                            handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
-                                handoff_id: handoff,
-                                ttl_ms,
-                            })),
-                        })
-                        .await
-                },
+                call(
+                    prefill,
+                    tracing::info_span!("prefill", worker = Empty),
+                    async {
+                        prefill
+                            .prefill_client()
+                            .prefill(PrefillRequest {
+                                request_id: request.to_string(),
+                                prompt_token_ids: prompt.to_vec(),
+                                sampling: Some(sampling.clone()),
+                                handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
+                                    handoff_id: handoff,
+                                    ttl_ms,
+                                })),
+                            })
+                            .await
+                    },
+                ),
             )
             .await
             .inspect_err(|_| *culprit = Some(prefill.id()))?;

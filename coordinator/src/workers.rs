@@ -406,8 +406,16 @@ impl Worker {
             self.apply_kv_events(load.kv_events.take(), load.total_blocks);
             *self.load.lock().unwrap_or_else(|p| p.into_inner()) = load;
             Ok::<_, tonic::Status>(())
-        }
-        .await;
+        };
+        // A worker that stopped answering (SIGSTOP, a dead host whose connection still looks
+        // open) fails the poll instead of holding it forever, so it leaves placement.
+        let result = tokio::time::timeout(POLL_TIMEOUT, result)
+            .await
+            .unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer to a poll within {POLL_TIMEOUT:?}"
+                )))
+            });
         match result {
             Ok(()) => {
                 *self.silent_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -447,6 +455,11 @@ enum Applied {
     /// Its load applied, its KV events did not continue this coordinator's cursor.
     NeedsResync,
 }
+
+/// The longest a poll (`Info`, `Load`) may take. Both are answered from what the worker last
+/// published, never behind an engine step, so only a worker that stopped answering takes this
+/// long.
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A coordinator hears nothing from a publishing worker this long (three of its heartbeats)
 /// and polls it instead.
