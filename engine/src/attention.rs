@@ -1,11 +1,16 @@
-//! Paged attention for decode rows on CPU: one new token per sequence, reading K and V straight
-//! from the block pool's storage through each sequence's slot list.
+//! Paged attention on CPU, reading K and V straight from the block pool's storage through each
+//! query row's slot list: decode rows (one new token per sequence) and prefill rows (a chunk of a
+//! prompt, each row over the context up to its own position).
 //!
-//! One task computes one (sequence, kv head) pair and every query head sharing that kv head, so
+//! One task computes one (query row, kv head) pair and every query head sharing that kv head, so
 //! each K and V row is read once per group of query heads. A query head's numbers are computed
 //! in an order fixed by its own context alone (scores key by key, softmax, weighted sum of V in
-//! context order), so a sequence's result never depends on which other sequences share the step,
-//! and no K/V is copied.
+//! context order), so a row's result never depends on which other rows share the step: not on
+//! the other sequences of a decode batch, and not on how a prompt was cut into prefill chunks or
+//! how much of it a prefix cache supplied. That is what makes a cached prefix give exactly a
+//! recompute's outputs (engine/tests/prefix_cache.rs). A matrix multiply over the chunk (candle's
+//! gemm) did not: its sums changed with the chunk's row count once contexts passed 512 keys.
+//! No K/V is copied.
 //!
 //! The AVX2 path takes up to 3 query heads and 4 keys at a time: each score is an FMA dot product
 //! over 8-value chunks, reduced by horizontal adds; the exponentials go through
@@ -60,7 +65,7 @@ impl KvElem for f16 {
 }
 
 /// Shapes of one call.
-pub(crate) struct DecodeShape {
+pub(crate) struct AttentionShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
@@ -68,15 +73,15 @@ pub(crate) struct DecodeShape {
     pub head_stride: usize,
 }
 
-/// `q`: `(heads, seqs, head_dim)`; `k`, `v`: a layer's storage as rows of `head_dim` values;
-/// `slots[b]`: the rows of kv head 0 for sequence `b`'s context, in position order (kv head `h`
-/// is `h * head_stride` rows further). Returns `(seqs, heads * head_dim)`.
-pub(crate) fn decode_attention<T: KvElem>(
-    shape: &DecodeShape,
+/// `q`: `(heads, rows, head_dim)`; `k`, `v`: a layer's storage as rows of `head_dim` values;
+/// `slots[b]`: the rows of kv head 0 for query row `b`'s context, in position order (kv head `h`
+/// is `h * head_stride` rows further). Returns `(rows, heads * head_dim)`.
+pub(crate) fn paged_attention<T: KvElem, S: AsRef<[u32]> + Sync>(
+    shape: &AttentionShape,
     q: &[f32],
     k: LayerRows<'_, T>,
     v: LayerRows<'_, T>,
-    slots: &[Vec<u32>],
+    slots: &[S],
 ) -> Vec<f32> {
     attend(shape, q, k, v, slots, simd_available(shape.head_dim))
 }
@@ -96,16 +101,16 @@ fn simd_available(d: usize) -> bool {
     }
 }
 
-/// [`decode_attention`] on the AVX2 path or the scalar one.
-fn attend<T: KvElem>(
-    shape: &DecodeShape,
+/// [`paged_attention`] on the AVX2 path or the scalar one.
+fn attend<T: KvElem, S: AsRef<[u32]> + Sync>(
+    shape: &AttentionShape,
     q: &[f32],
     k: LayerRows<'_, T>,
     v: LayerRows<'_, T>,
-    slots: &[Vec<u32>],
+    slots: &[S],
     simd: bool,
 ) -> Vec<f32> {
-    let DecodeShape {
+    let AttentionShape {
         heads,
         kv_heads,
         head_dim: d,
@@ -115,12 +120,12 @@ fn attend<T: KvElem>(
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0f32; seqs * heads * d];
-    // Chunk (b, kvh): query heads kvh * group .. (kvh + 1) * group of sequence b.
+    // Chunk (b, kvh): query heads kvh * group .. (kvh + 1) * group of query row b.
     out.par_chunks_mut(group * d).enumerate().for_each_init(
         Vec::new,
         |scores: &mut Vec<f32>, (idx, o)| {
             let (b, kvh) = (idx / kv_heads, idx % kv_heads);
-            let slots = &slots[b];
+            let slots = slots[b].as_ref();
             let n = slots.len();
             let base = kvh * head_stride;
             let keys = HeadRows {
@@ -145,7 +150,7 @@ fn attend<T: KvElem>(
                     prefetch_row::<T, _MM_HINT_T1>(&values, t);
                 }
             }
-            // Query head kvh * group + j of sequence b.
+            // Query head kvh * group + j of query row b.
             let qv = |j: usize| &q[((kvh * group + j) * seqs + b) * d..][..d];
             // scores[j * n + t]: query head j of the group against context position t, then
             // its exponential.
@@ -496,7 +501,7 @@ mod tests {
     /// a fixed pattern, sequences of the given context lengths on scattered rows, and their
     /// queries.
     struct Case {
-        shape: DecodeShape,
+        shape: AttentionShape,
         k: Vec<f32>,
         v: Vec<f32>,
         slots: Vec<Vec<u32>>,
@@ -504,7 +509,7 @@ mod tests {
     }
 
     fn case(heads: usize, kv_heads: usize, head_dim: usize, lens: &[usize]) -> Case {
-        let shape = DecodeShape {
+        let shape = AttentionShape {
             heads,
             kv_heads,
             head_dim,

@@ -419,14 +419,13 @@ pub struct EngineConfig {
     /// conversation's earlier answers: less to compute, with decode weights' numbers; the
     /// measured difference is in docs/architecture.md). Default `prefill`.
     pub prefix_reuse: PrefixReuse,
-    /// The context a prefill step's attention spans: `tile` (zero keys pad it to a multiple of
-    /// 64, behind the causal mask: a prompt's KV is then the same bits whatever prompt it is
-    /// part of, so cached prefixes give exactly a recompute's outputs and no output depends on
-    /// what the cache held; nearly free), `chunk` (padded to the chunk grid: the same, without
-    /// relying on the matmul's tail handling, and slower prefill for prompts far shorter than a
-    /// chunk: 1.29x the time at 128 tokens, docs/architecture.md) or `prompt` (no padding: a reused prefix can differ from a recompute in the
-    /// last float bits, which quantized decode can grow into a different greedy token).
-    /// Default `tile`.
+    /// The context a prefill step's attention spans on candle's kernels (a CUDA device, or
+    /// `cpu_kernels = candle`), whose matrix multiply over the context sums in an order that
+    /// depends on its length: `tile` (zero keys pad it to a multiple of 64, behind the causal
+    /// mask, so a prompt's KV depends less on what prompt it is part of), `chunk` (padded to the
+    /// chunk grid) or `prompt` (no padding). baton's CPU kernels (the default on a CPU) compute
+    /// each row over its own context, in an order no chunking or cache changes, and ignore it:
+    /// there a cached prefix gives exactly a recompute's outputs. Default `tile`.
     pub prefill_attention_span: AttentionSpan,
 }
 
@@ -446,9 +445,10 @@ pub enum AttentionSpan {
 impl AttentionSpan {
     /// Keys a `tile` span rounds up to. candle's CPU matmul (gemm) sums the last, partial
     /// group of a row's products in another order than a full one, so a context whose length
-    /// differs below this granularity gives other bits; with lengths on multiples of 64 the
-    /// results were bit-identical in every case engine/tests/prefix_cache.rs covers (contexts
-    /// of 64 to 1024 keys, AVX2): empirical, which is why `chunk` exists.
+    /// differs below this granularity gives other bits. Padding does not make it exact: the
+    /// same matmul also sums differently with the chunk's row count once contexts pass 512
+    /// keys (engine/tests/prefix_cache.rs), which is why baton's CPU kernels compute prefill
+    /// attention per row instead.
     pub const TILE: usize = 64;
 
     /// The keys a prefill step ending at position `end` attends over, in `chunk`-token chunks.

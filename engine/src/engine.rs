@@ -448,9 +448,9 @@ impl Engine {
         for it in items {
             let seq = self.seq(it.seq)?;
             let end = seq.computed + it.tokens;
-            // A prefill step attends over a padded context (`prefill_attention_span`), so its
-            // numbers do not depend on where the prompt ends and cached blocks are exact for
-            // any longer prompt ([`SeqInput::attend_to`]).
+            // On the matmul attention path (candle's kernels) a prefill step attends over a
+            // padded context (`prefill_attention_span`), so its numbers depend less on where
+            // the prompt ends ([`SeqInput::attend_to`]); baton's CPU kernel needs no padding.
             let attend_to = match it.phase {
                 Phase::Prefill => self
                     .config

@@ -14,7 +14,7 @@ use std::cell::OnceCell;
 use candle_core::{DType, Device, Tensor};
 
 use crate::Result;
-use crate::attention::{DecodeShape, decode_attention};
+use crate::attention::{AttentionShape, paged_attention};
 use crate::config::{Kernels, ModelConfig, RopeScaling, RopeStyle};
 use crate::kv::{BlockTable, CpuKv, KvCache, RowRun};
 use crate::rope::{Rotation, heads_major};
@@ -30,13 +30,13 @@ pub(crate) struct SeqInput<'a> {
     pub phase: Phase,
     /// Whether to compute next-token logits at the last of `tokens`.
     pub logits: bool,
-    /// Context length the per-sequence attention path computes over, at least `start +
-    /// tokens.len()`; positions past that are zero keys and values behind the causal mask.
-    /// Padding prefill contexts (`prefill_attention_span`) makes a row's numbers the same bits
-    /// whether or not the prompt ends soon after it: the matrix multiply over the context sums
-    /// its last partial group of products in another order, and without the padding a
-    /// prompt's cached blocks differed in the last bits from a longer prompt's
-    /// (engine/tests/prefix_cache.rs).
+    /// Context length the matmul attention path (candle's kernels: a CUDA device, `cpu_kernels
+    /// = candle`) computes over, at least `start + tokens.len()`; positions past that are zero
+    /// keys and values behind the causal mask. Padding prefill contexts
+    /// (`prefill_attention_span`) keeps a row's bits from depending on where the prompt ends:
+    /// the matrix multiply over the context sums its last partial group of products in another
+    /// order. baton's CPU kernel ([`crate::attention`]) computes each row over its own context
+    /// and ignores it.
     pub attend_to: usize,
 }
 
@@ -336,9 +336,7 @@ impl Model {
 
         let scale = (hd as f64).sqrt();
         cache.write_rows(l, new_slots, &k, &v)?;
-        if g.phase == Phase::Decode
-            && let Some(out) = self.paged_decode_attention(l, &q, g, seqs, context, cache)?
-        {
+        if let Some(out) = self.paged_attention(l, &q, g, seqs, context, cache)? {
             return Ok(out);
         }
         let mut outs = Vec::with_capacity(g.members.len());
@@ -395,11 +393,12 @@ impl Model {
         Ok(Tensor::cat(&outs, 0)?)
     }
 
-    /// Decode rows through the paged CPU kernel ([`crate::attention`]): K and V are read in place,
-    /// and each (sequence, head) is computed alone, so batching never changes a result. `None`
-    /// when candle's ops run or the cache is not f32 or f16 in CPU memory (the per-sequence path
-    /// then runs).
-    fn paged_decode_attention(
+    /// Every row of the group through the paged CPU kernel ([`crate::attention`]): K and V are
+    /// read in place, and each (row, kv head) is computed over the context up to the row's own
+    /// position alone, so neither batching nor how a prompt was split into chunks (or how much
+    /// of it a prefix cache supplied) changes a result. `None` when candle's ops run or the
+    /// cache is not f32 or f16 in CPU memory (the matmul path then runs).
+    fn paged_attention(
         &self,
         l: usize,
         q: &Tensor,
@@ -409,29 +408,33 @@ impl Model {
         cache: &KvCache,
     ) -> Result<Option<Tensor>> {
         let c = self.config();
-        let shape = DecodeShape {
+        let shape = AttentionShape {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
             head_stride: cache.head_stride(),
         };
-        if self.kernels != Kernels::Baton
-            || g.members.iter().any(|&(i, _)| seqs[i].tokens.len() != 1)
-        {
+        if self.kernels != Kernels::Baton {
             return Ok(None);
         }
-        // q: (heads, rows, head_dim), one row per sequence in member order.
+        // One context per query row, in row order: row `t` of a member starting at `start`
+        // sees positions up to `start + t`.
+        let mut rows: Vec<&[u32]> = Vec::with_capacity(g.rows);
+        for (k, &(i, _)) in g.members.iter().enumerate() {
+            let s = &seqs[i];
+            rows.extend((0..s.tokens.len()).map(|t| &context[k][..s.start + t + 1]));
+        }
+        // q: (heads, rows, head_dim), the group's rows in member order.
         let qv = q.flatten_all()?.to_vec1::<f32>()?;
         let Some(out) = cache.with_cpu(l, |kv| match kv {
-            CpuKv::F32(k, v) => decode_attention(&shape, &qv, k, v, context),
-            CpuKv::F16(k, v) => decode_attention(&shape, &qv, k, v, context),
+            CpuKv::F32(k, v) => paged_attention(&shape, &qv, k, v, &rows),
+            CpuKv::F16(k, v) => paged_attention(&shape, &qv, k, v, &rows),
         }) else {
             return Ok(None);
         };
-        let b = g.members.len();
         Ok(Some(Tensor::from_vec(
             out,
-            (b, c.num_heads * c.head_dim),
+            (g.rows, c.num_heads * c.head_dim),
             &self.device,
         )?))
     }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use baton_engine::batch::{Batcher, Event, GenerateRequest};
 use baton_engine::sampling::SamplingParams;
 use baton_engine::{
-    AttentionSpan, Engine, EngineConfig, Phase, PrefixReuse, Role, SeqId, StepItem,
+    AttentionSpan, Engine, EngineConfig, Kernels, Phase, PrefixReuse, Role, SeqId, StepItem,
 };
 use common::{PROMPTS, argmax, dev_model_path, margin, max_abs_diff};
 
@@ -100,16 +100,23 @@ fn against_cache_off(
 /// (earlier prompt, later prompt, tokens they share): a prefix ending on the chunk grid, one
 /// ending mid-chunk with different text after it, the same prompt again, and later prompts
 /// shorter than the earlier one (whose cached blocks' chunk ended past the later prompt's end).
+/// Then prompts past one chunk, whose last step computes fewer rows with the cache than
+/// without (16 of 64, 408 of 488): a matmul over the chunk summed those rows' attention in
+/// another order once the context passed 512 keys, and greedy outputs of the same prompt sent
+/// twice differed (RELIABILITY.md, "Chaos": found while building the suite).
 fn cases() -> Vec<(Vec<u32>, Vec<u32>, usize)> {
     let long = text(0, 300);
     let mut fork = long[..176].to_vec();
     fork.extend(text(2, 124));
+    let longer = text(1, 1000);
     vec![
         (long[..200].to_vec(), long.clone(), 200),
         (long[..200].to_vec(), fork, 176),
         (long.clone(), long.clone(), 300),
         (long.clone(), long[..150].to_vec(), 150),
         (long[..17].to_vec(), long[..40].to_vec(), 17),
+        (longer[..576].to_vec(), longer[..576].to_vec(), 576),
+        (longer[..600].to_vec(), longer.clone(), 600),
     ]
 }
 
@@ -309,41 +316,38 @@ fn batched_and_preempted_sequences_match_the_cache_off_run() {
     assert_eq!(got, want);
 }
 
-/// `prefill_attention_span = prompt` skips the padding, and a prefix cached from a shorter
-/// prompt is no longer the same bits as a recompute (measured 5e-5 apart in logits here; bound
-/// 1e-3): what the default's padding buys. `chunk`, the padding that does not lean on the
-/// matmul's grouping, is exact too.
+/// baton's CPU kernels compute each prefill row's attention over its own context, so the span
+/// setting changes nothing there: without padding a prefix cached from a shorter prompt is
+/// the same bits as a recompute. candle's kernels (what a CUDA device runs) multiply over the
+/// whole context, and without padding the cached prefix is close but not exact (measured 5e-5
+/// apart in logits here; bound 1e-3): what `prefill_attention_span` is for.
 #[test]
-fn without_the_padding_reuse_is_close_but_not_exact_and_chunk_padding_is_exact() {
+fn the_attention_span_matters_only_on_candles_kernels() {
     let long = text(0, 40);
-    let mut cfg = config(true);
-    cfg.prefill_attention_span = AttentionSpan::Prompt;
-    let mut on = Engine::load(cfg.clone()).expect("engine loads");
-    prefill(&mut on, 1, &long[..17]);
-    on.release(SeqId(1));
-    let (got, cached) = prefill(&mut on, 2, &long);
-    assert_eq!(cached, 16);
-    cfg.prefix_cache = false;
-    let mut off = Engine::load(cfg).expect("engine loads");
-    let (want, _) = prefill(&mut off, 2, &long);
-    let diff = max_abs_diff(&got, &want);
-    assert!(
-        bits(&got) != bits(&want),
-        "the unpadded context ends elsewhere"
-    );
-    assert!(diff < 1e-3, "logits differ by {diff}");
-
-    let mut cfg = config(true);
-    cfg.prefill_attention_span = AttentionSpan::Chunk;
-    let (earlier, later, _) = cases().swap_remove(0);
-    let mut on = Engine::load(cfg.clone()).expect("engine loads");
-    prefill(&mut on, 1, &earlier);
-    on.release(SeqId(1));
-    let (got, cached) = prefill(&mut on, 2, &later);
-    assert_eq!(cached, 192);
-    cfg.prefix_cache = false;
-    let (want, _) = prefill(&mut Engine::load(cfg).expect("engine loads"), 2, &later);
-    assert!(bits(&got) == bits(&want), "chunk padding is exact");
+    for kernels in [Kernels::Baton, Kernels::Candle] {
+        let mut cfg = config(true);
+        cfg.cpu_kernels = kernels;
+        cfg.prefill_attention_span = AttentionSpan::Prompt;
+        let mut on = Engine::load(cfg.clone()).expect("engine loads");
+        prefill(&mut on, 1, &long[..17]);
+        on.release(SeqId(1));
+        let (got, cached) = prefill(&mut on, 2, &long);
+        assert_eq!(cached, 16);
+        cfg.prefix_cache = false;
+        let mut off = Engine::load(cfg).expect("engine loads");
+        let (want, _) = prefill(&mut off, 2, &long);
+        let diff = max_abs_diff(&got, &want);
+        match kernels {
+            Kernels::Baton => assert!(bits(&got) == bits(&want), "logits differ by {diff}"),
+            Kernels::Candle => {
+                assert!(
+                    bits(&got) != bits(&want),
+                    "the unpadded context ends elsewhere"
+                );
+                assert!(diff < 1e-3, "logits differ by {diff}");
+            }
+        }
+    }
 }
 
 /// A receiver reserves a handoff's blocks starting from the prefix it caches, so the sender

@@ -32,6 +32,9 @@ pub struct EngineArgs {
     /// single stream and batch 8 back to back, so the ratio does not ride on machine drift.
     #[arg(long, default_value_t = 9)]
     paired_rounds: usize,
+    /// Prompt lengths whose prefill is timed (in 512-token chunks, as the batcher runs them).
+    #[arg(long, value_delimiter = ',', default_value = "128,512", value_parser = positive())]
+    prefill_lengths: Vec<usize>,
     /// Skip the prefill measurements (for profiling decode alone).
     #[arg(long)]
     decode_only: bool,
@@ -267,7 +270,11 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     let load = t.elapsed();
 
     let mut prefill = Vec::new();
-    let prefill_lens: &[usize] = if args.decode_only { &[] } else { &[128, 512] };
+    let prefill_lens: &[usize] = if args.decode_only {
+        &[]
+    } else {
+        &args.prefill_lengths
+    };
     for &n in prefill_lens {
         time_prefill(&mut e, n)?; // warm-up
         let dt = best(args.repeats, || time_prefill(&mut e, n))?;
@@ -304,6 +311,7 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
         "load_s": load.as_secs_f64(),
         "prefill_128_tok_s": prefill_at(128),
         "prefill_512_tok_s": prefill_at(512),
+        "prefill_tok_s": prefill.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "decode_tok_s": single,
         "aggregate_decode_tok_s": decode.iter().map(|(b, v)| (b.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "batch8_over_single": batch8_over_single,
@@ -357,6 +365,9 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     };
     row("prefill 128 (tok/s)", prefill_at(128), "prefill_128_tok_s");
     row("prefill 512 (tok/s)", prefill_at(512), "prefill_512_tok_s");
+    for (n, v) in prefill.iter().filter(|(n, _)| ![128, 512].contains(n)) {
+        println!("{:<28} {v:>12.1}", format!("prefill {n} (tok/s)"));
+    }
     row("decode, 1 stream (tok/s)", single, "decode_tok_s");
     for (b, v) in &decode {
         println!("{:<28} {v:>12.1}", format!("decode, batch {b} (tok/s)"));
