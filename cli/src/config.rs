@@ -315,7 +315,28 @@ pub struct Loaded {
 /// Reads every layer into a [`ClusterConfig`]: unknown keys and values of the wrong type or
 /// spelling are errors. Does not validate (see [`Loaded::validate`]).
 pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
-    let figment = figment(sources)?;
+    let file = match &sources.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                problems: vec![format!("config file {}: {e}", path.display())],
+            })?;
+            Some((path.display().to_string(), text))
+        }
+        None => None,
+    };
+    let file = file
+        .as_ref()
+        .map(|(name, text)| (name.as_str(), text.as_str()));
+    extract(figment(file, sources)?)
+}
+
+/// [`load`] of a config file's text, named `name` in errors, with no environment or flags:
+/// what `--config` reads once the file is read. Touches no file.
+pub fn load_text(name: &str, text: &str) -> Result<Loaded, ConfigError> {
+    extract(figment(Some((name, text)), &Sources::default())?)
+}
+
+fn extract(figment: Figment) -> Result<Loaded, ConfigError> {
     match figment.extract_lossy::<ClusterConfig>() {
         Ok(config) => Ok(Loaded { config, figment }),
         Err(errors) => Err(ConfigError {
@@ -324,22 +345,21 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
     }
 }
 
-fn figment(sources: &Sources) -> Result<Figment, ConfigError> {
+/// The layers: defaults, the file (its name and text, already read), `sources`' environment
+/// and flags.
+fn figment(file: Option<(&str, &str)>, sources: &Sources) -> Result<Figment, ConfigError> {
     let defaults = Layer {
         inner: Serialized::defaults(ClusterConfig::defaults()),
         name: "default",
         describe: Arc::new(|_| "default".into()),
     };
     let mut figment = Figment::from(defaults);
-    if let Some(path) = &sources.file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            problems: vec![format!("config file {}: {e}", path.display())],
-        })?;
+    if let Some((name, text)) = file {
         // Parsed here so that a syntax error names the file.
-        let parsed = Toml::string(&text).data().map_err(|e| ConfigError {
-            problems: vec![format!("config file {}: {}", path.display(), e.kind)],
+        let parsed = Toml::string(text).data().map_err(|e| ConfigError {
+            problems: vec![format!("config file {name}: {}", e.kind)],
         })?;
-        let shown = path.display().to_string();
+        let shown = name.to_string();
         figment = figment.merge(Layer {
             inner: Parsed(parsed),
             name: "file",
@@ -775,7 +795,25 @@ mod tests {
 
     /// Every settable key as a dotted path, with its property schema (`$ref` not resolved,
     /// so that the key's own doc comment stays).
+    /// An optional table (`Option<Struct>`: one of the struct or null, `[coordinator.tls]`):
+    /// the struct's schema.
+    fn optional_table<'a>(schema: &'a Json, root: &'a Json) -> Option<&'a Json> {
+        let options = ["anyOf", "oneOf"]
+            .iter()
+            .find_map(|k| schema.get(*k).and_then(Json::as_array))?;
+        let mut tables = options
+            .iter()
+            .map(|o| resolve(o, root))
+            .filter(|o| o.get("properties").is_some());
+        let table = tables.next()?;
+        let nullable = options
+            .iter()
+            .any(|o| o.get("type").and_then(Json::as_str) == Some("null"));
+        (nullable && options.len() == 2).then_some(table)
+    }
+
     fn leaves(schema: &Json, root: &Json, prefix: &str, out: &mut Vec<(String, Json)>) {
+        let schema = optional_table(schema, root).unwrap_or(schema);
         let Some(props) = resolve(schema, root)
             .get("properties")
             .and_then(Json::as_object)
@@ -946,7 +984,11 @@ mod tests {
         let mut table = String::new();
         for line in SAMPLE.lines() {
             let line = line.trim();
-            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            // A table header, or an optional table's commented out: `# [coordinator.tls]`.
+            let header = line.strip_prefix('#').map(str::trim_start).unwrap_or(line);
+            if let Some(name) = header.strip_prefix('[').and_then(|l| l.strip_suffix(']'))
+                && !name.contains(' ')
+            {
                 table = name.to_string();
                 continue;
             }
@@ -975,6 +1017,11 @@ mod tests {
     #[test]
     fn every_key_documents_its_default() {
         for (key, schema) in all_leaves() {
+            if in_optional_table(&key) {
+                // Required within their table; the table's own doc states its default
+                // (tls_tables_are_set_whole_from_each_source checks it is unset).
+                continue;
+            }
             let description = schema
                 .get("description")
                 .and_then(Json::as_str)
@@ -1024,6 +1071,10 @@ mod tests {
                 // form.
                 continue;
             }
+            if in_optional_table(&key) {
+                // Set whole, not one key at a time: tls_tables_are_set_whole_from_each_source.
+                continue;
+            }
             let others = other_values(&key, &schema);
             let x = &others[0];
             let default = default_of(&key);
@@ -1051,6 +1102,81 @@ mod tests {
                 layered(&key, Some(x), Some(y), Some(x)),
                 *x,
                 "{key}: flag over all"
+            );
+        }
+    }
+
+    /// Whether `key` lives in an optional table, whose keys are all set or none.
+    fn in_optional_table(key: &str) -> bool {
+        let root = root_schema();
+        let mut schema = &root;
+        let parts: Vec<&str> = key.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            let Some(sub) = resolve(schema, &root)
+                .get("properties")
+                .and_then(|p| p.get(*part))
+            else {
+                return false;
+            };
+            if optional_table(sub, &root).is_some() {
+                return true;
+            }
+            schema = sub;
+        }
+        false
+    }
+
+    /// Each role's `tls` table, whose three keys are required together, from a file, the
+    /// environment or `--set`, and unset by default.
+    #[test]
+    fn tls_tables_are_set_whole_from_each_source() {
+        for role in ["coordinator", "prefill", "decode"] {
+            let want = json!({"ca": "/tmp/ca.pem", "cert": format!("/tmp/{role}.pem"), "key": format!("/tmp/{role}.key")});
+            let at = pointer(&format!("{role}.tls"));
+            assert_eq!(
+                effective(&Sources::default()).pointer(&at),
+                Some(&Json::Null),
+                "{role}: unset by default"
+            );
+            let file = TempFile::new(&format!(
+                "[{role}.tls]\nca = \"/tmp/ca.pem\"\ncert = \"/tmp/{role}.pem\"\nkey = \"/tmp/{role}.key\"\n"
+            ));
+            let from_file = effective(&Sources {
+                file: Some(file.0.clone()),
+                ..Sources::default()
+            });
+            assert_eq!(from_file.pointer(&at), Some(&want), "{role}: from file");
+            let env: Vec<(String, String)> = ["ca", "cert", "key"]
+                .iter()
+                .map(|k| {
+                    (
+                        env_name(&format!("{role}.tls.{k}")),
+                        want[*k].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            assert_eq!(
+                effective(&with_env(&env)).pointer(&at),
+                Some(&want),
+                "{role}: from env"
+            );
+            let sets: Vec<String> = ["ca", "cert", "key"]
+                .iter()
+                .map(|k| format!("{role}.tls.{k}={}", want[*k].as_str().unwrap_or_default()))
+                .collect();
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            assert_eq!(
+                effective(&with_set(None, &sets)).pointer(&at),
+                Some(&want),
+                "{role}: from --set"
+            );
+            // One key alone is an error naming the missing ones, not a silent half-table.
+            let half = error(&with_set(None, &[&format!("{role}.tls.ca=/tmp/ca.pem")]));
+            assert!(
+                half.contains("cert") || half.contains("missing"),
+                "{role}: {half}"
             );
         }
     }

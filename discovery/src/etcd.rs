@@ -818,6 +818,49 @@ fn decode(value: &[u8]) -> std::result::Result<BTreeMap<String, String>, Refusal
     Ok(pairs)
 }
 
+/// The watcher's reading of raw keys and values, public only for the fuzz targets in `fuzz/`;
+/// not part of the crate's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::collections::BTreeMap;
+
+    use super::Reader;
+    use crate::advert::{ClusterKey, sign_pairs};
+    use crate::membership::Membership;
+
+    /// A watcher's reader of `cluster`'s prefix, without a connection.
+    pub struct EtcdReader(Reader);
+
+    impl EtcdReader {
+        pub fn new(cluster: &str, key: ClusterKey) -> Self {
+            Self(Reader::new(cluster.to_string(), key))
+        }
+
+        /// The key at `key` now holds `value`.
+        pub fn put(&mut self, key: &[u8], value: &[u8]) -> Vec<Membership> {
+            self.0.put(key, value)
+        }
+
+        /// The key at `key` was deleted (or its lease expired).
+        pub fn delete(&mut self, key: &[u8]) -> Vec<Membership> {
+            self.0.delete(key)
+        }
+
+        /// A full listing of the prefix.
+        pub fn resync(&mut self, kvs: &[(&[u8], &[u8])]) -> Vec<Membership> {
+            self.0.resync(kvs)
+        }
+    }
+
+    /// `value`'s pairs signed again under `key`, as a worker holding the key would write
+    /// them; `None` when `value` is not a value's pairs or they fit no value.
+    pub fn resign(value: &[u8], key: &ClusterKey) -> Option<Vec<u8>> {
+        let mut pairs: BTreeMap<String, String> = super::decode(value).ok()?;
+        sign_pairs(&mut pairs, key);
+        super::encode(&pairs).ok().map(String::into_bytes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -103,30 +103,40 @@ impl EventSubscriber {
     }
 
     fn read(&self, message: ZmqMessage) -> std::result::Result<Vec<u8>, Refusal> {
-        let frames = message.into_vec();
-        let [topic, payload, signature] = frames.as_slice() else {
-            return Err(Refusal::Malformed(format!(
-                "{} frames, not 3",
-                frames.len()
-            )));
-        };
-        if topic.as_ref() != TOPIC {
-            return Err(Refusal::Malformed("unknown topic".into()));
-        }
-        if payload.len() > MAX_PAYLOAD {
-            return Err(Refusal::Malformed(format!(
-                "payload of {} bytes, over {MAX_PAYLOAD}",
-                payload.len()
-            )));
-        }
-        let Ok(signature) = <[u8; 32]>::try_from(signature.as_ref()) else {
-            return Err(Refusal::Unsigned);
-        };
-        if !self.key.verify_event(payload, &signature) {
-            return Err(Refusal::BadSignature);
-        }
-        Ok(payload.to_vec())
+        read_frames(&self.key, &message.into_vec())
     }
+}
+
+/// A message's frames as a subscriber reads them: the payload, when the topic is baton's and
+/// the signature verifies under `key`. Public only for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub fn read_frames<F: AsRef<[u8]>>(
+    key: &ClusterKey,
+    frames: &[F],
+) -> std::result::Result<Vec<u8>, Refusal> {
+    let [topic, payload, signature] = frames else {
+        return Err(Refusal::Malformed(format!(
+            "{} frames, not 3",
+            frames.len()
+        )));
+    };
+    let (payload, signature) = (payload.as_ref(), signature.as_ref());
+    if topic.as_ref() != TOPIC {
+        return Err(Refusal::Malformed("unknown topic".into()));
+    }
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Refusal::Malformed(format!(
+            "payload of {} bytes, over {MAX_PAYLOAD}",
+            payload.len()
+        )));
+    }
+    let Ok(signature) = <[u8; 32]>::try_from(signature) else {
+        return Err(Refusal::Unsigned);
+    };
+    if !key.verify_event(payload, &signature) {
+        return Err(Refusal::BadSignature);
+    }
+    Ok(payload.to_vec())
 }
 
 #[cfg(test)]

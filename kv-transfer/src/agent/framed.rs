@@ -66,7 +66,7 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// A hello payload: the [`Hello`] and a backend's extra bytes after it (length-prefixed).
-fn split_hello(body: &[u8]) -> Result<(Hello, Vec<u8>)> {
+pub fn split_hello(body: &[u8]) -> Result<(Hello, Vec<u8>)> {
     let malformed = || Error::MalformedFrame {
         kind: Kind::Hello,
         reason: "hello without its extra bytes".into(),

@@ -29,6 +29,14 @@ mod shm;
 mod stats;
 mod tcp;
 
+/// The hello decoders of the backends, public only for the fuzz targets in `fuzz/`; not part
+/// of the crate's API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::framed::split_hello;
+    pub use super::shm::split_shm_hello;
+}
+
 use std::any::Any;
 use std::ops::Range;
 use std::pin::Pin;

@@ -229,6 +229,26 @@ fn recv_with_fd(sock: &StdUnixStream, buf: &mut [u8]) -> io::Result<(usize, Opti
     Ok((n as usize, fd))
 }
 
+fn malformed(reason: &str) -> Error {
+    Error::MalformedFrame {
+        kind: Kind::Hello,
+        reason: reason.into(),
+    }
+}
+
+/// A shm hello payload: the [`Hello`], then the extra bytes (`1u32` and a flag byte: whether
+/// the sender's memfd rides with the frame). Returns the hello and the flag.
+pub fn split_shm_hello(body: &[u8]) -> Result<(Hello, bool)> {
+    let Some((hello_bytes, extra)) = body.split_last_chunk::<5>() else {
+        return Err(malformed("expected a hello"));
+    };
+    if extra[..4] != 1u32.to_le_bytes() {
+        return Err(malformed("shm hello extra"));
+    }
+    let hello = Hello::decode(hello_bytes)?;
+    Ok((hello, extra[4] == 1))
+}
+
 /// The hello exchange, blocking, on a socket with timeouts set: each side sends its hello (and
 /// its pool's memfd, when shareable), then reads the peer's.
 fn handshake_blocking(
@@ -290,18 +310,10 @@ fn handshake_blocking(
         let (code, message) = wire::decode_close(body)?;
         return Err(Error::PeerRefused { code, message });
     }
-    let malformed = |reason: &str| Error::MalformedFrame {
-        kind: crate::wire::Kind::Hello,
-        reason: reason.into(),
-    };
-    if header.kind != Kind::Hello || body.len() < 5 {
+    if header.kind != Kind::Hello {
         return Err(malformed("expected a hello"));
     }
-    let (hello_bytes, extra) = body.split_at(body.len() - 5);
-    if extra[..4] != 1u32.to_le_bytes() {
-        return Err(malformed("shm hello extra"));
-    }
-    let hello = Hello::decode(hello_bytes)?;
+    let (hello, announced) = split_shm_hello(body)?;
     if let Err(e) = core.check_peer(&hello) {
         let close = wire::encode_close(crate::wire::CloseCode::Incompatible, &e.to_string());
         if let Ok(f) = wire::frame(Kind::Close, HandoffId(0), &close) {
@@ -309,14 +321,14 @@ fn handshake_blocking(
         }
         return Err(e);
     }
-    let mapped = match (extra[4], fd) {
-        (1, Some(fd)) => {
+    let mapped = match (announced, fd) {
+        (true, Some(fd)) => {
             let len = usize::try_from(hello.pool.region_bytes())
                 .map_err(|_| malformed("peer pool larger than this address space"))?;
             Some(HostRegion::map(fd, len).map_err(io("map the peer's pool"))?)
         }
-        (1, None) => return Err(malformed("the peer announced a memfd and sent none")),
-        _ => None,
+        (true, None) => return Err(malformed("the peer announced a memfd and sent none")),
+        (false, _) => None,
     };
     sock.set_read_timeout(None).map_err(io("clear a timeout"))?;
     sock.set_write_timeout(None)
