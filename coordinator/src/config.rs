@@ -88,6 +88,14 @@ impl FromStr for TransportChoice {
     }
 }
 
+/// Longest `http_header_read_timeout`: a client slower than this at sending its headers is
+/// not one to wait for.
+const MAX_HTTP_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Most `http_max_connections`: far above what one process's file descriptors allow, and far
+/// below what tokio's semaphore refuses.
+const MAX_HTTP_CONNECTIONS: usize = 1 << 20;
+
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default = "CoordinatorConfig::unset")]
 pub struct CoordinatorConfig {
@@ -130,6 +138,16 @@ pub struct CoordinatorConfig {
     /// Requests admitted at once (streaming or waiting); more get RESOURCE_EXHAUSTED / 429.
     /// Default 256.
     pub max_inflight: usize,
+    /// Time an HTTP client has to send a request's headers, counted from the connection's
+    /// accept (its first request) or the end of the previous response (a keep-alive connection
+    /// waiting for its next one); past it the connection is closed. Bounds slow and silent
+    /// clients (slowloris). A duration, 1 ms to 300 s. Default 10s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub http_header_read_timeout: Duration,
+    /// Open HTTP connections at most (1 to 1048576); past it new connections wait in the
+    /// listen backlog until one closes. Default 4096.
+    pub http_max_connections: usize,
     /// Lease time of a handoff's pinned blocks, renewed while the transfer progresses (a
     /// duration: "10s", "500ms"; 10 ms to 60 s). Default 10s.
     #[serde(with = "humantime_serde")]
@@ -195,6 +213,8 @@ impl CoordinatorConfig {
             routing: Routing::Kv,
             min_disaggregated_tokens: 32,
             max_inflight: 256,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_max_connections: 4096,
             lease_ttl: Duration::from_secs(10),
             load_poll_interval: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
@@ -236,6 +256,14 @@ impl CoordinatorConfig {
         self.model_fingerprint()?;
         if self.max_inflight == 0 {
             return bad("max_inflight", "must be positive");
+        }
+        if self.http_header_read_timeout < Duration::from_millis(1)
+            || self.http_header_read_timeout > MAX_HTTP_HEADER_READ_TIMEOUT
+        {
+            return bad("http_header_read_timeout", "must be between 1 ms and 300 s");
+        }
+        if self.http_max_connections == 0 || self.http_max_connections > MAX_HTTP_CONNECTIONS {
+            return bad("http_max_connections", "must be between 1 and 1048576");
         }
         if self.lease_ttl < Duration::from_millis(10) || self.lease_ttl > Duration::from_secs(60) {
             return bad("lease_ttl", "must be between 10 ms and 60 s");
@@ -346,5 +374,43 @@ impl CloudConfig {
             return Err(prefixed("ttft_target".into(), "must be positive".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> CoordinatorConfig {
+        let mut config = CoordinatorConfig::new("model.gguf");
+        config.decode_workers = vec!["127.0.0.1:9".into()];
+        config
+    }
+
+    /// The field a refused config names.
+    fn refused(config: &CoordinatorConfig) -> String {
+        match config.validate() {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn http_limits_out_of_range_are_refused_naming_their_field() {
+        valid().validate().expect("the defaults are valid");
+        for timeout in [Duration::ZERO, Duration::from_secs(301)] {
+            let mut config = valid();
+            config.http_header_read_timeout = timeout;
+            assert_eq!(refused(&config), "http_header_read_timeout", "{timeout:?}");
+        }
+        for max in [0, MAX_HTTP_CONNECTIONS + 1] {
+            let mut config = valid();
+            config.http_max_connections = max;
+            assert_eq!(refused(&config), "http_max_connections", "{max}");
+        }
+        let mut config = valid();
+        config.http_header_read_timeout = Duration::from_millis(1);
+        config.http_max_connections = 1;
+        config.validate().expect("the smallest limits are valid");
     }
 }

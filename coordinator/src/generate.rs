@@ -644,9 +644,33 @@ async fn run(
 struct Started {
     /// The prefill worker's first token and its finish, decided once, where it arrived.
     first: Option<(SampledToken, Option<FinishReason>)>,
-    decode: Option<Streaming<DecodeResponse>>,
+    decode: Option<DecodeStream>,
     placement: Placement,
     _placed: Vec<Placed>,
+}
+
+/// A decode worker's response stream, with the message read ahead while a push's `Prefill`
+/// call was awaited (that wait also watches the stream, `disaggregated`).
+struct DecodeStream {
+    stream: Streaming<DecodeResponse>,
+    ahead: Option<DecodeResponse>,
+}
+
+impl DecodeStream {
+    fn new(stream: Streaming<DecodeResponse>) -> Self {
+        Self {
+            stream,
+            ahead: None,
+        }
+    }
+
+    /// The next message; cancel-safe, as `Streaming::message` is.
+    async fn message(&mut self) -> std::result::Result<Option<DecodeResponse>, tonic::Status> {
+        match self.ahead.take() {
+            Some(m) => Ok(Some(m)),
+            None => self.stream.message().await,
+        }
+    }
 }
 
 /// What placing a request (again) needs: it outlives the first placement, for migrations.
@@ -846,7 +870,7 @@ async fn start(
             .inspect_err(|_| *culprit = Some(decode.id()))?;
             Ok(Started {
                 first: None,
-                decode: Some(stream),
+                decode: Some(DecodeStream::new(stream)),
                 placement: Placement {
                     mode: Some(Mode::Aggregated),
                     decode_worker: decode.id().0,
@@ -893,6 +917,49 @@ async fn unless_lost<T>(
             class: ErrorClass::Unavailable,
             message: "the worker stopped answering (it left the cluster) before it answered".into(),
         }),
+    }
+}
+
+/// Awaits a push's `Prefill` call while watching the decode stream that holds the reservation:
+/// when the decode worker gives up first (no KV arrived within the lease: a hung prefill worker
+/// never answers the call), the call is dropped and fails UNAVAILABLE at once, blaming the
+/// prefill worker, so the request is placed again instead of waiting for a worker that may
+/// never answer. A stream that breaks for another reason fails the call as the decode
+/// worker's error. A message the stream sends meanwhile is kept for the stream's reader.
+async fn until_decode_gives_up<T>(
+    call: impl std::future::Future<Output = Result<T>>,
+    stream: &mut DecodeStream,
+    prefill: &Worker,
+    decode: &Worker,
+    culprit: &mut Option<WorkerId>,
+) -> Result<T> {
+    tokio::pin!(call);
+    loop {
+        let message = tokio::select! {
+            r = &mut call => return r,
+            m = stream.stream.message(), if stream.ahead.is_none() => m,
+        };
+        let status = match message {
+            Ok(Some(m)) => {
+                stream.ahead = Some(m);
+                continue;
+            }
+            Ok(None) => tonic::Status::unavailable("the decode stream ended"),
+            Err(status) => status,
+        };
+        if baton_proto::status::kv_source_failed(&status) {
+            *culprit = Some(prefill.id());
+            return Err(Error::Worker {
+                worker: prefill.id().0,
+                class: ErrorClass::Unavailable,
+                message: format!(
+                    "the decode worker gave up waiting for this worker's KV before it answered: {}",
+                    status.message()
+                ),
+            });
+        }
+        *culprit = Some(decode.id());
+        return Err(Error::from_status(&decode.address, &status));
     }
 }
 
@@ -1017,9 +1084,13 @@ async fn disaggregated(
                             .await
                     },
                 ),
-            )
-            .await
-            .inspect_err(|_| *culprit = Some(prefill.id()))?;
+            );
+            let mut stream = DecodeStream::new(stream);
+            let prefilled = until_decode_gives_up(prefilled, &mut stream, prefill, decode, culprit)
+                .await
+                .inspect_err(|_| {
+                    culprit.get_or_insert(prefill.id());
+                })?;
             drop(prefilling);
             let first = first_token(&prefilled.first_token, resume)?;
             placement.cached_tokens = prefilled.cached_tokens;
@@ -1115,7 +1186,7 @@ async fn disaggregated(
             source.taken_over();
             Ok(Started {
                 first: Some((first, first_finish)),
-                decode: Some(stream),
+                decode: Some(DecodeStream::new(stream)),
                 placement,
                 _placed: placed,
             })
@@ -1370,7 +1441,7 @@ impl Run {
     /// goes away, or the worker fails.
     async fn follow(
         &mut self,
-        decode: &mut Streaming<DecodeResponse>,
+        decode: &mut DecodeStream,
         placement: &mut Placement,
         placed: &[Placed],
         first_id: Option<u32>,

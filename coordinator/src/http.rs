@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -26,23 +27,179 @@ use crate::generate::{self, GenerateInput, GenerateStream, PromptInput, StreamEv
 use crate::placement::PdMode;
 use crate::server::Inner;
 
+/// Serves the OpenAI frontend on `listener` until `shutdown` completes, then stops accepting
+/// and waits for the open connections to finish what they are doing (a stream runs to its end).
+///
+/// Each connection gets `http_header_read_timeout` to send a request's headers: to start its
+/// first request (whichever HTTP version) and, on HTTP/1.1, each next one after a response.
+/// HTTP/2 connections are pinged when quiet and closed when the pings go unanswered. At most
+/// `http_max_connections` are open; past that the loop stops accepting until one closes.
 pub async fn serve(
     inner: Arc<Inner>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    use axum::serve::ListenerExt as _;
-    // Each SSE chunk is a small write; without TCP_NODELAY Nagle's algorithm can hold it until
-    // the client's delayed ACK (see `baton_proto::incoming`).
-    let listener = listener.tap_io(|stream| {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
+    let header_read_timeout = inner.config.http_header_read_timeout;
+    let max_connections = inner.config.http_max_connections;
+    let app = router(inner);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Without a timer hyper ignores `header_read_timeout` (what `axum::serve` did).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    let builder = Arc::new(builder);
+
+    // At the cap the loop stops accepting rather than accepting and closing: waiting
+    // connections sit in the kernel's listen backlog (bounded by it; past it SYNs are dropped and
+    // clients retry with back-off) and are served in turn as slots free, where a closed
+    // connection would only send its client straight back to reconnect, each time costing an
+    // accept and a close, with no request served.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let graceful = GracefulShutdown::new();
+    // Dropped when the loop ends: connections that have not begun a request close at once
+    // instead of waiting out their header time-out (hyper's graceful shutdown waits for a
+    // request head being read).
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(());
+    let mut at_cap = CapWarning::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                at_cap.hit(max_connections);
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => slot
+                        .map_err(|e| Error::Internal(format!("http connection slots: {e}")))?,
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: accepting again at once would spin.
+                    tracing::error!(error = %e, "http accept failed; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = &mut shutdown => break,
+                    }
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Each SSE chunk is a small write; without TCP_NODELAY Nagle's algorithm can hold it
+        // until the client's delayed ACK (see `baton_proto::incoming`).
         if let Err(e) = stream.set_nodelay(true) {
             tracing::warn!(error = %e, "could not set TCP_NODELAY on an HTTP connection");
         }
-    });
-    axum::serve(listener, router(inner))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("http server: {e}")))
+        let started = Arc::new(AtomicBool::new(false));
+        let service =
+            TowerToHyperService::new(app.clone().map_request(first_request(started.clone())));
+        let watcher = graceful.watcher();
+        let mut stopping = stopping.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let served = watcher.watch(builder.serve_connection(TokioIo::new(stream), service));
+            // hyper's header time-out covers an HTTP/1 request once the connection knows it is
+            // HTTP/1; this one also covers the bytes it reads to tell HTTP/1 from HTTP/2 (a
+            // silent client, or one sending the HTTP/2 preface a byte at a time) and an HTTP/2
+            // client that never sends a request.
+            let deadline = async {
+                tokio::select! {
+                    () = tokio::time::sleep(header_read_timeout) => {}
+                    _ = stopping.changed() => {}
+                }
+                if started.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                ended = served => {
+                    if let Err(e) = ended {
+                        tracing::debug!(%peer, error = %e, "http connection ended");
+                    }
+                }
+                () = deadline => {
+                    tracing::debug!(
+                        %peer,
+                        "http connection closed: no request within http_header_read_timeout, \
+                         or before shutdown"
+                    );
+                }
+            }
+        });
+    }
+    drop(listener);
+    drop(stopping_tx);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// HTTP/2 connections quiet this long are pinged...
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// ...and closed when the ping's acknowledgement takes longer than this.
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Least time between two warnings that the HTTP frontend is at its connection cap.
+const CAP_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A request mapping that notes that the connection has begun a request.
+fn first_request<R>(started: Arc<AtomicBool>) -> impl FnMut(R) -> R + Clone {
+    move |request| {
+        started.store(true, Ordering::Relaxed);
+        request
+    }
+}
+
+/// Accept errors that concern one connection (it was gone before it was accepted), not the
+/// listener; the loop goes on at once.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// The warning that the HTTP frontend is at its connection cap: at most one per
+/// [`CAP_WARN_EVERY`], saying how often the cap was met since the last.
+#[derive(Default)]
+struct CapWarning {
+    last: Option<std::time::Instant>,
+    unreported: u64,
+}
+
+impl CapWarning {
+    fn hit(&mut self, max_connections: usize) {
+        self.unreported += 1;
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|last| now - last < CAP_WARN_EVERY) {
+            return;
+        }
+        tracing::warn!(
+            max_connections,
+            times = self.unreported,
+            "the HTTP frontend is at http_max_connections: new connections wait in the listen \
+             backlog until one closes"
+        );
+        self.last = Some(now);
+        self.unreported = 0;
+    }
 }
 
 pub fn router(inner: Arc<Inner>) -> Router {

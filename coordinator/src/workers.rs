@@ -155,7 +155,10 @@ impl Worker {
                 })?;
         }
         let channel = endpoint
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect_lazy();
         Ok(Self {
@@ -391,7 +394,11 @@ impl Worker {
                 }
                 *self.info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
             }
-            let (epoch, after) = self.kv_index.lock().unwrap_or_else(|p| p.into_inner()).cursor();
+            let (epoch, after) = self
+                .kv_index
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .cursor();
             let request = LoadRequest {
                 kv_events: true,
                 kv_events_epoch: epoch,
@@ -460,6 +467,24 @@ enum Applied {
 /// published, never behind an engine step, so only a worker that stopped answering takes this
 /// long.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest a worker channel's TCP connect may take (tonic bounds the connect only, not a
+/// TLS handshake after it; a poll's own time-out bounds that), as long as a poll's answer.
+const CONNECT_TIMEOUT: Duration = POLL_TIMEOUT;
+
+/// HTTP/2 keep-alive on worker channels: a ping this often, with or without calls open, and the
+/// connection closed when one goes unanswered for [`KEEP_ALIVE_TIMEOUT`]. Polls take a silent
+/// worker out of placement and fail its streams ([`POLL_TIMEOUT`], then `leave_after`); this
+/// bounds how long the channel keeps a dead connection (without it, until TCP stops
+/// retransmitting: many minutes), so calls on it fail and the next ones go out on a fresh
+/// connection once the worker is reachable again. Interval plus timeout (15 s) is above the
+/// default `leave_after` (5 s), so the polls, which log why, act first.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How long a keep-alive ping may go unanswered. The worker's HTTP/2 layer answers it, never
+/// behind an engine step, so this is above [`POLL_TIMEOUT`]: a worker that answers its polls in
+/// time never loses its connection to a ping.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A coordinator hears nothing from a publishing worker this long (three of its heartbeats)
 /// and polls it instead.

@@ -63,6 +63,26 @@ struct State {
     links: HashMap<u64, Arc<dyn Link>>,
 }
 
+/// One endpoint's dialed link.
+#[derive(Default)]
+struct Dialed {
+    /// The last link dialed: live, closed, or none (never dialed, or every dial failed).
+    link: Mutex<Option<Arc<dyn Link>>>,
+    /// Held across a dial and its handshake, so concurrent connects to this endpoint share one
+    /// link. A failed dial leaves no link behind and the next connect dials again.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+impl Dialed {
+    fn live(&self) -> Option<Arc<dyn Link>> {
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .filter(|l| !l.is_closed())
+    }
+}
+
 pub(crate) struct Core {
     pub(crate) id: WorkerId,
     pub(crate) memory: Arc<dyn KvRegion>,
@@ -72,8 +92,10 @@ pub(crate) struct Core {
     events: mpsc::Sender<Event>,
     state: Mutex<State>,
     endpoints: Mutex<Vec<Endpoint>>,
-    /// Links this agent dialed, by endpoint, reused by later handoffs.
-    dialed: tokio::sync::Mutex<HashMap<Endpoint, Arc<dyn Link>>>,
+    /// Links this agent dialed, by endpoint, reused by later handoffs. The map's lock is held
+    /// only to find an endpoint's entry, never across a dial: a peer that accepts and never
+    /// answers delays connects to itself, not to every other peer.
+    dialed: Mutex<HashMap<Endpoint, Arc<Dialed>>>,
     next_link: AtomicU64,
     /// The runtime the agent's tasks run on: owners call in from plain threads.
     rt: tokio::runtime::Handle,
@@ -96,7 +118,7 @@ impl Core {
             events,
             state: Mutex::new(State::default()),
             endpoints: Mutex::new(Vec::new()),
-            dialed: tokio::sync::Mutex::new(HashMap::new()),
+            dialed: Mutex::new(HashMap::new()),
             next_link: AtomicU64::new(1),
             rt: tokio::runtime::Handle::current(),
         };
@@ -149,27 +171,39 @@ impl Core {
 
     /// The open link to `endpoint`, dialed now if there is none.
     pub(crate) async fn connect(self: &Arc<Self>, endpoint: &Endpoint) -> Result<Arc<dyn Link>> {
-        let mut dialed = self.dialed.lock().await;
-        if let Some(link) = dialed.get(endpoint)
-            && !link.is_closed()
-        {
-            return Ok(link.clone());
+        let entry = self
+            .dialed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(endpoint.clone())
+            .or_default()
+            .clone();
+        if let Some(link) = entry.live() {
+            return Ok(link);
+        }
+        let _dialing = entry.dialing.lock().await;
+        // A connect ahead of this one may have dialed while it waited.
+        if let Some(link) = entry.live() {
+            return Ok(link);
         }
         let link: Arc<dyn Link> = match endpoint {
             Endpoint::Tcp(addr) => super::tcp::connect(self.clone(), *addr).await?,
             Endpoint::Shm(path) => super::shm::connect(self.clone(), path).await?,
         };
         tracing::info!(%endpoint, peer = %link.remote().worker, "kv link open");
-        dialed.insert(endpoint.clone(), link.clone());
+        *entry.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());
         Ok(link)
     }
 
+    /// Whether a live dialed link to `endpoint` is open; never waits on a dial in progress.
     pub(crate) async fn is_connected(&self, endpoint: &Endpoint) -> bool {
-        self.dialed
+        let entry = self
+            .dialed
             .lock()
-            .await
+            .unwrap_or_else(|p| p.into_inner())
             .get(endpoint)
-            .is_some_and(|l| !l.is_closed())
+            .cloned();
+        entry.is_some_and(|e| e.live().is_some())
     }
 
     pub(crate) async fn emit(&self, event: Event) {
