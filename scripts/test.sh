@@ -12,6 +12,10 @@
 #   PYTHON   python interpreter with pip (default: python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# A one-shot build gains nothing from incremental compilation, whose state was half of the
+# debug target's 11 GB here; CI's disk has run out before. CARGO_INCREMENTAL=1 keeps it.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 py="${PYTHON:-python3}"
 
 # Fetched up front so that a network failure reads as one, not as a failing test.
