@@ -853,6 +853,37 @@ async fn a_cancel_stops_the_writer_before_the_blocks_are_reused(t: Transport) {
     );
 }
 
+/// A handoff the receiver gave up before any of its frames arrived (its lease expired while the
+/// writer was stopped) has no known writer to cancel; the writer's first refused write tells it
+/// to stop, where a resumed prefill worker used to push every layer into the void (RELIABILITY.md,
+/// chaos finding 6). Over shared memory the claim itself is refused.
+async fn writes_for_a_handoff_given_up_unseen_are_cancelled(t: Transport) {
+    let (mut p, d) = pair(t).await;
+    let handoff = HandoffId(77);
+    let db = blocks(&[0]);
+    d.agent
+        .expect(handoff, expectation(4, db.clone(), guard()))
+        .expect("expect");
+    assert!(d.agent.forget(handoff));
+    let peer = p.agent.connect(&d.endpoint(t)).await.expect("connect");
+    if peer.direct() {
+        assert!(peer.begin(handoff).await.is_err(), "the claim is refused");
+        return;
+    }
+    let pb = blocks(&[1]);
+    for layer in 0..2 {
+        let pieces: Vec<(u64, Vec<u8>)> = copies(&p, &pb, peer.pool(), &db, 4, layer)
+            .iter()
+            .map(|c| (c.dst, p.bytes(c.src, c.len as usize)))
+            .collect();
+        peer.write(handoff, layer, &pieces).await.expect("write");
+    }
+    match p.outcome().await {
+        Event::Cancelled { handoff: h } => assert_eq!(h, handoff),
+        e => panic!("expected the writer to be cancelled, got {e:?}"),
+    }
+}
+
 macro_rules! conformance {
     ($($check:ident),* $(,)?) => {
         mod tcp {
@@ -886,4 +917,5 @@ conformance!(
     unknown_and_late_frames_are_rejected_and_counted,
     a_cancel_stops_the_writer_before_the_blocks_are_reused,
     checksummed_direct_writes_are_checked_in_place,
+    writes_for_a_handoff_given_up_unseen_are_cancelled,
 );

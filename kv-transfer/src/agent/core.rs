@@ -61,7 +61,13 @@ struct State {
     claims: HashMap<(u64, HandoffId), oneshot::Sender<bool>>,
     /// Every open link, accepted or dialed, by id.
     links: HashMap<u64, Arc<dyn Link>>,
+    /// (link, handoff) of the latest writes this agent refused as naming no expected handoff
+    /// and told the writer to stop (`cancel_unknown`), so each writer hears it once.
+    cancelled_unknown: std::collections::VecDeque<(u64, HandoffId)>,
 }
+
+/// How many refused (link, handoff) pairs [`Core::cancel_unknown`] remembers.
+const CANCELLED_UNKNOWN_KEPT: usize = 64;
 
 /// One endpoint's dialed link.
 #[derive(Default)]
@@ -462,6 +468,30 @@ impl Core {
             self.notice(&link, handoff, &Notice::Cancel).await;
         }
         self.emit(Event::Failed { handoff, error }).await;
+    }
+
+    /// Tells a writer to stop writing `handoff`, which this agent does not expect: a handoff
+    /// that failed before any of its frames arrived (a lease that expired while the writer was
+    /// stopped) has no known writer to cancel when it fails, so the writer learns it from its
+    /// first refused frame; without this a resumed writer sent every layer into the void. Once
+    /// per (link, handoff).
+    pub(crate) async fn cancel_unknown(&self, link: &Arc<dyn Link>, handoff: HandoffId) {
+        let first = {
+            let mut s = self.lock();
+            let key = (link.id(), handoff);
+            let first = !s.cancelled_unknown.contains(&key);
+            if first {
+                if s.cancelled_unknown.len() == CANCELLED_UNKNOWN_KEPT {
+                    s.cancelled_unknown.pop_front();
+                }
+                s.cancelled_unknown.push_back(key);
+            }
+            first
+        };
+        if first {
+            tracing::debug!(%handoff, peer = %link.remote().worker, "writes for a handoff not expected here; telling the writer to stop");
+            self.notice(link, handoff, &Notice::Cancel).await;
+        }
     }
 
     /// A frame no live handoff owns, or that breaks the rules, was dropped.

@@ -232,6 +232,9 @@ async fn write<R: AsyncRead + Unpin>(
         Err(e) => {
             discard(rd, len).await?;
             core.rejected(Some(h.handoff), &e);
+            if matches!(e, Error::UnknownHandoff(_)) {
+                core.cancel_unknown(link, h.handoff).await;
+            }
         }
     }
     Ok(())
