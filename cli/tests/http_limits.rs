@@ -217,4 +217,15 @@ fn past_max_connections_a_connection_waits_until_one_closes() {
     send_health(&mut second, http);
     let response = read_health(&mut second, SERVED_LIMIT).expect("second connection served");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+
+    // Operators see it: the cap was reached at least once.
+    drop((second, third));
+    let (status, metrics) = common::get(http, "/metrics").expect("GET /metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let reached: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_http_connection_cap_reached_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cap counter in /metrics:\n{metrics}"));
+    assert!(reached >= 1.0, "cap reached {reached} times");
 }

@@ -47,6 +47,7 @@ pub async fn serve(
 
     let header_read_timeout = inner.config.http_header_read_timeout;
     let max_connections = inner.config.http_max_connections;
+    let counted = inner.clone();
     let app = router(inner);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Without a timer hyper ignores `header_read_timeout` (what `axum::serve` did).
@@ -78,6 +79,7 @@ pub async fn serve(
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
+                counted.metrics.http_at_cap();
                 at_cap.hit(max_connections);
                 tokio::select! {
                     slot = slots.clone().acquire_owned() => slot

@@ -97,6 +97,7 @@ pub struct Metrics {
     auth_refused: Family<RefusalLabels, Counter>,
     migrations: Family<MigrationLabels, Counter>,
     replaced: Counter,
+    http_at_cap: Counter,
 }
 
 /// Latency buckets from 1 ms to about 65 s.
@@ -252,9 +253,16 @@ impl Metrics {
             "Requests placed again after a worker failed them before their first token",
             replaced.clone(),
         );
+        let http_at_cap = Counter::default();
+        registry.register(
+            "http_connection_cap_reached",
+            "Times the OpenAI HTTP frontend had http_max_connections open and stopped accepting until one closed",
+            http_at_cap.clone(),
+        );
         Self {
             migrations,
             replaced,
+            http_at_cap,
             auth_refused,
             cloud,
             decisions,
@@ -439,6 +447,11 @@ impl Metrics {
     /// A request was placed again after a worker failed it before its first token.
     pub fn replaced(&self) {
         self.replaced.inc();
+    }
+
+    /// The HTTP frontend reached its connection cap: new connections wait in the backlog.
+    pub fn http_at_cap(&self) {
+        self.http_at_cap.inc();
     }
 
     pub fn request_started(&self) {
