@@ -920,6 +920,45 @@ async fn unless_lost<T>(
     }
 }
 
+/// The `Prefill` call of a disaggregated placement, failing UNAVAILABLE if the worker leaves the
+/// cluster first ([`unless_lost`]). `prefilling` (the worker's count of the prompt's uncached
+/// tokens) ends with the call; an answer feeds the worker's prefill-rate estimate.
+async fn prefill_call(
+    prefill: &Worker,
+    prefilling: Placed,
+    request: &RequestId,
+    prompt: &[u32],
+    sampling: &v1::SamplingParams,
+    handoff: v1::prefill_request::Handoff,
+) -> Result<v1::PrefillResponse> {
+    let started = std::time::Instant::now();
+    let answer = unless_lost(
+        prefill,
+        call(
+            prefill,
+            tracing::info_span!("prefill", worker = Empty),
+            async {
+                prefill
+                    .prefill_client()
+                    .prefill(PrefillRequest {
+                        request_id: request.to_string(),
+                        prompt_token_ids: prompt.to_vec(),
+                        sampling: Some(sampling.clone()),
+                        handoff: Some(handoff),
+                    })
+                    .await
+            },
+        ),
+    )
+    .await?;
+    drop(prefilling);
+    prefill.observe_prefill(
+        prompt.len().saturating_sub(answer.cached_tokens as usize),
+        started.elapsed(),
+    );
+    Ok(answer)
+}
+
 /// Awaits a push's `Prefill` call while watching the decode stream that holds the reservation:
 /// when the decode worker gives up first (no KV arrived within the lease: a hung prefill worker
 /// never answers the call), the call is dropped and fails UNAVAILABLE at once, blaming the
@@ -1061,29 +1100,18 @@ async fn disaggregated(
                     return Err(Error::from_status(&decode.address, &status));
                 }
             };
-            let prefill_started = std::time::Instant::now();
-            let prefilled = unless_lost(
+            let prefilled = prefill_call(
                 prefill,
-                call(
-                    prefill,
-                    tracing::info_span!("prefill", worker = Empty),
-                    async {
-                        prefill
-                            .prefill_client()
-                            .prefill(PrefillRequest {
-                                request_id: request.to_string(),
-                                prompt_token_ids: prompt.to_vec(),
-                                sampling: Some(sampling.clone()),
-                                handoff: Some(v1::prefill_request::Handoff::Push(v1::PushTarget {
-                                    handoff_id: handoff,
-                                    destination: Some(reserved),
-                                    transport: transport as i32,
-                                    ttl_ms,
-                                })),
-                            })
-                            .await
-                    },
-                ),
+                prefilling,
+                request,
+                prompt,
+                &sampling,
+                v1::prefill_request::Handoff::Push(v1::PushTarget {
+                    handoff_id: handoff,
+                    destination: Some(reserved),
+                    transport: transport as i32,
+                    ttl_ms,
+                }),
             );
             let mut stream = DecodeStream::new(stream);
             let prefilled = until_decode_gives_up(prefilled, &mut stream, prefill, decode, culprit)
@@ -1091,15 +1119,8 @@ async fn disaggregated(
                 .inspect_err(|_| {
                     culprit.get_or_insert(prefill.id());
                 })?;
-            drop(prefilling);
             let first = first_token(&prefilled.first_token, resume)?;
             placement.cached_tokens = prefilled.cached_tokens;
-            prefill.observe_prefill(
-                prompt
-                    .len()
-                    .saturating_sub(prefilled.cached_tokens as usize),
-                prefill_started.elapsed(),
-            );
             // The one place the first token's finish is decided; a finished request drops the
             // decode stream here, which frees the reservation.
             let first_finish = finish_reason_after(first.id, 1, params, eos);
@@ -1115,39 +1136,21 @@ async fn disaggregated(
             // The pull source stays pinned on the prefill worker until the decode stream takes
             // it over; any other way out frees it.
             let source = Pinned::on(prefill, handoff);
-            let prefill_started = std::time::Instant::now();
-            let prefilled = unless_lost(
+            let prefilled = prefill_call(
                 prefill,
-                call(
-                    prefill,
-                    tracing::info_span!("prefill", worker = Empty),
-                    async {
-                        prefill
-                            .prefill_client()
-                            .prefill(PrefillRequest {
-                                request_id: request.to_string(),
-                                prompt_token_ids: prompt.to_vec(),
-                                sampling: Some(sampling.clone()),
-                                handoff: Some(v1::prefill_request::Handoff::Pull(v1::PullLease {
-                                    handoff_id: handoff,
-                                    ttl_ms,
-                                })),
-                            })
-                            .await
-                    },
-                ),
+                prefilling,
+                request,
+                prompt,
+                &sampling,
+                v1::prefill_request::Handoff::Pull(v1::PullLease {
+                    handoff_id: handoff,
+                    ttl_ms,
+                }),
             )
             .await
             .inspect_err(|_| *culprit = Some(prefill.id()))?;
-            drop(prefilling);
             let first = first_token(&prefilled.first_token, resume)?;
             placement.cached_tokens = prefilled.cached_tokens;
-            prefill.observe_prefill(
-                prompt
-                    .len()
-                    .saturating_sub(prefilled.cached_tokens as usize),
-                prefill_started.elapsed(),
-            );
             // The one place the first token's finish is decided.
             let first_finish = finish_reason_after(first.id, 1, params, eos);
             if first_finish.is_some() {
