@@ -63,6 +63,9 @@ struct GroupStep<'a> {
     /// Each member's context as cache rows of kv head 0 ([`KvCache::head_rows`]) in position
     /// order, its new tokens' included: read in place by the paged decode kernel ...
     context: &'a [Vec<u32>],
+    /// ... one slice of it per query row (the positions up to the row's own), the same for
+    /// every layer ...
+    row_contexts: &'a [&'a [u32]],
     /// ... and as tensors by the per-sequence path's gather, made the first time a layer takes
     /// that path: CPU decode groups never do, and at batch 8 their index tensors (kv heads x
     /// context rows each) were rebuilt every step for nothing.
@@ -190,6 +193,21 @@ impl Model {
                 )))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        // Row `t` of a member starting at `start` sees positions up to `start + t`.
+        let row_contexts: Vec<Vec<&[u32]>> = groups
+            .iter()
+            .zip(&context)
+            .map(|(g, context)| {
+                g.members
+                    .iter()
+                    .zip(context)
+                    .flat_map(|(&(i, _), rows)| {
+                        let s = &seqs[i];
+                        (0..s.tokens.len()).map(move |t| &rows[..s.start + t + 1])
+                    })
+                    .collect()
+            })
+            .collect();
         for (l, layer) in self.weights.layers.iter().enumerate() {
             for (gi, g) in groups.iter().enumerate() {
                 let x = &xs[gi];
@@ -204,6 +222,7 @@ impl Model {
                     }),
                     new_slots: &new_slots[gi],
                     context: &context[gi],
+                    row_contexts: &row_contexts[gi],
                     context_ids: &context_ids[gi],
                 };
                 let attn = self.attention(layer, l, x, &step, cache)?;
@@ -282,6 +301,7 @@ impl Model {
             ref rotation,
             new_slots,
             context,
+            row_contexts,
             context_ids,
         } = *step;
         let c = self.config();
@@ -336,7 +356,7 @@ impl Model {
 
         let scale = (hd as f64).sqrt();
         cache.write_rows(l, new_slots, &k, &v)?;
-        if let Some(out) = self.paged_attention(l, &q, g, seqs, context, cache)? {
+        if let Some(out) = self.paged_attention(l, &q, g, row_contexts, cache)? {
             return Ok(out);
         }
         let mut outs = Vec::with_capacity(g.members.len());
@@ -403,8 +423,7 @@ impl Model {
         l: usize,
         q: &Tensor,
         g: &Group,
-        seqs: &[SeqInput],
-        context: &[Vec<u32>],
+        rows: &[&[u32]],
         cache: &KvCache,
     ) -> Result<Option<Tensor>> {
         let c = self.config();
@@ -417,18 +436,11 @@ impl Model {
         if self.kernels != Kernels::Baton {
             return Ok(None);
         }
-        // One context per query row, in row order: row `t` of a member starting at `start`
-        // sees positions up to `start + t`.
-        let mut rows: Vec<&[u32]> = Vec::with_capacity(g.rows);
-        for (k, &(i, _)) in g.members.iter().enumerate() {
-            let s = &seqs[i];
-            rows.extend((0..s.tokens.len()).map(|t| &context[k][..s.start + t + 1]));
-        }
         // q: (heads, rows, head_dim), the group's rows in member order.
         let qv = q.flatten_all()?.to_vec1::<f32>()?;
         let Some(out) = cache.with_cpu(l, |kv| match kv {
-            CpuKv::F32(k, v) => paged_attention(&shape, &qv, k, v, &rows),
-            CpuKv::F16(k, v) => paged_attention(&shape, &qv, k, v, &rows),
+            CpuKv::F32(k, v) => paged_attention(&shape, &qv, k, v, rows),
+            CpuKv::F16(k, v) => paged_attention(&shape, &qv, k, v, rows),
         }) else {
             return Ok(None);
         };
