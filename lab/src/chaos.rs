@@ -1981,8 +1981,17 @@ async fn restart_coordinator(env: &Env) -> anyhow::Result<Outcome> {
         })
         .collect();
     drop(done_tx);
-    // Load first: each client has finished a request and has another running.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Load first: each client has finished a request (and so has another running).
+    let mut warm = [false; CLIENTS];
+    let warm_by = tokio::time::Instant::now() + Duration::from_secs(60);
+    while warm.iter().any(|w| !w) {
+        match tokio::time::timeout_at(warm_by, done.recv()).await {
+            Ok(Some((i, _))) => warm[i] = true,
+            Ok(None) | Err(_) => {
+                anyhow::bail!("not every client finished a request within 60 s of the start")
+            }
+        }
+    }
     let running_at_kill = tokio::time::timeout(
         Duration::from_secs(2),
         InferenceClient::new(grpc_channel(grpc)?).cluster_status(v1::ClusterStatusRequest {}),
