@@ -3,6 +3,10 @@
 //! role (`baton-coordinator`, `baton-prefill`, `baton-decode`: what a client checks, whatever
 //! address it dialled) and serves as both client and server identity. For production, issue
 //! the same names from your own CA.
+//!
+//! It also writes a cluster key (`cluster.key`, 32 random bytes as hex): KV links prove it at
+//! connect and it signs adverts and events (`discovery.cluster_key_file`), so the one config
+//! file it writes (`tls.toml`) secures every hop: gRPC by certificates, KV links by the key.
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +38,7 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
         args.out.join("ca.pem"),
         args.out.join("ca.key"),
         args.out.join("tls.toml"),
+        args.out.join("cluster.key"),
     ];
     for role in ROLES {
         files.push(args.out.join(format!("{role}.pem")));
@@ -80,13 +85,15 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             true,
         )?;
     }
+    write(&args.out.join("cluster.key"), &cluster_key()?, true)?;
     // One config file for every role: `baton up --config DIR/tls.toml` runs a secured cluster.
     let absolute = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
     let dir = absolute.display();
     let mut tables = String::new();
     for role in ROLES {
         tables.push_str(&format!(
-            "[{role}.tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/{role}.pem\"\nkey = \"{dir}/{role}.key\"\n\n"
+            "[{role}.tls]\nca = \"{dir}/ca.pem\"\ncert = \"{dir}/{role}.pem\"\nkey = \"{dir}/{role}.key\"\n\n\
+             [{role}.discovery]\ncluster_key_file = \"{dir}/cluster.key\"\n\n"
         ));
     }
     write(&args.out.join("tls.toml"), &tables, false)?;
@@ -100,7 +107,20 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
         args.out.join("tls.toml").display()
     );
     println!("keep {dir}/ca.key away from the cluster: it signs new identities");
+    println!(
+        "{dir}/cluster.key authenticates KV links and signs adverts: copy it to every machine of the cluster"
+    );
     Ok(())
+}
+
+/// 32 bytes from the kernel's random source, as hex (a cluster key file).
+fn cluster_key() -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("read /dev/urandom for the cluster key")?;
+    Ok(format!("{}\n", baton_core::hex::encode(&bytes)))
 }
 
 /// From an hour ago (clocks differ a little between machines) for `days` days.

@@ -537,6 +537,45 @@ fn wait_ready(grpc: SocketAddr, limit: Duration) -> anyhow::Result<()> {
         })
 }
 
+/// Announced workers listen on every interface; each would refuse to start without TLS and
+/// the cluster key (`baton_worker::exposure`). Said here once, with the command that fixes it,
+/// rather than as children that keep dying.
+fn check_lan_security(config: &crate::config::ClusterConfig) -> anyhow::Result<()> {
+    use baton_worker::exposure::{Exposure, Verdict};
+    let every = std::net::SocketAddr::from(([0, 0, 0, 0], 0));
+    let roles = [
+        (
+            "prefill",
+            config.prefill.tls.is_some(),
+            config.prefill.discovery.cluster_key_file.is_some(),
+            config.prefill.insecure_remote,
+        ),
+        (
+            "decode",
+            config.decode.tls.is_some(),
+            config.decode.discovery.cluster_key_file.is_some(),
+            config.decode.insecure_remote,
+        ),
+    ];
+    for (role, tls, cluster_key, insecure_remote) in roles {
+        let exposure = Exposure {
+            role,
+            listeners: vec![("listen", every), ("kv.tcp_listen", every)],
+            tls,
+            cluster_key,
+            insecure_remote,
+        };
+        if let Verdict::Refuse { reason, .. } = exposure.verdict() {
+            bail!(
+                "--discovery starts {role} workers on every interface: {reason}. A secured LAN \
+                 cluster: `baton certs --out certs`, then `baton up --discovery mdns --config \
+                 certs/tls.toml` (copy certs/ to the same path on every machine)"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let n_prefill = args.prefill_workers()?;
     if args.decode == 0 {
@@ -548,6 +587,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     let loaded = crate::config::load(&sources)?;
     for role in RoleName::ALL {
         loaded.validate(role)?;
+    }
+    if args.discovery.dynamic() {
+        check_lan_security(&loaded.config)?;
     }
     let on_death = args.on_death();
     // A restarted worker rejoins once the coordinator has seen it gone: a failed poll makes it

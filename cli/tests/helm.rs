@@ -8,6 +8,15 @@
 //! Needs `helm` (`$BATON_HELM`, else `.tools/helm/helm`) and Python with
 //! `tests/helm/requirements.txt`; scripts/test.sh installs both. Without them the tests fail,
 //! never skip. `BATON_WRITE_GOLDEN=1` rewrites `helm/golden/`.
+//!
+//! One test renders and runs: the default render's roles as real processes with its generated
+//! Secrets, on a test bridge's address, through a real etcd (needs root and `etcd`, as
+//! scripts/test.sh provides).
+
+mod common;
+#[path = "../../discovery/tests/common/etcd_server.rs"]
+#[allow(dead_code)] // Restarts are for discovery's own tests.
+mod etcd_server;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -241,7 +250,7 @@ fn core_objects_validate_against_the_kubernetes_api_schemas() {
 }
 
 /// Values helm cannot know offline, drawn afresh by every `helm template`: generated keys and
-/// the config checksum that covers one.
+/// certificates, and the config checksum that covers one.
 fn normalise(rendered: &str) -> String {
     let mut out = String::new();
     let mut after_generated = false;
@@ -250,6 +259,13 @@ fn normalise(rendered: &str) -> String {
         let indent = &line[..line.len() - trimmed.len()];
         let replaced = if trimmed.starts_with("cluster.key: ") && !trimmed.contains('/') {
             format!("{indent}cluster.key: <generated>")
+        } else if ["ca.crt: ", "tls.crt: ", "tls.key: "]
+            .iter()
+            .any(|k| trimmed.starts_with(k))
+        {
+            // The chart's generated CA and certificates (tls.enabled, no secretName).
+            let (k, _) = trimmed.split_once(": ").unwrap_or((trimmed, ""));
+            format!("{indent}{k}: <generated>")
         } else if trimmed.starts_with("api-key: ") {
             format!("{indent}api-key: <generated>")
         } else if trimmed.starts_with("checksum/config: ") {
@@ -355,10 +371,11 @@ fn schema_refuses_bad_values_naming_the_field() {
             &[],
             &["/apiKeys/keys/0/sha256"],
         ),
+        // One role's own Secret, the others generated: two CAs that would not trust each other.
         (
-            "tls: {enabled: true}\n",
+            "tls: {prefill: {secretName: mine}}\n",
             &[],
-            &["/tls/coordinator/secretName"],
+            &["/tls", "/tls/prefill/secretName"],
         ),
         (
             "",
@@ -724,4 +741,173 @@ fn autoscalers_use_metrics_baton_serves() {
             assert!(q.contains(&format!("{RELEASE}-{role}-")), "{role}: {q}");
         }
     }
+}
+
+/// A Secret's data, decoded.
+fn secret_data(docs: &[Json], secret: &str) -> BTreeMap<String, Vec<u8>> {
+    use base64::Engine;
+    find(docs, "Secret", secret)["data"]
+        .as_object()
+        .expect("secret data")
+        .iter()
+        .map(|(k, v)| {
+            let b64 = v.as_str().expect("base64 string");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap_or_else(|e| panic!("{secret}/{k}: {e}"));
+            (k.clone(), bytes)
+        })
+        .collect()
+}
+
+/// Render, then run: the default values' render, its generated Secrets mounted where the pod
+/// spec mounts them, every role started as the Deployment's container starts it (its args, its
+/// environment with the pod's IP, name and uid), the workers on a non-loopback address (a test
+/// bridge's), found through a real etcd. Checks what the chart promises: the pods start secured
+/// (the chart's generated CA and the cluster key; a worker beyond loopback refuses to start
+/// otherwise), the probes' endpoints answer, and a request with the generated API key runs
+/// disaggregated across the authenticated hops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_render_runs_a_secured_cluster() {
+    use baton_proto::v1;
+    use common::lan::Lan;
+
+    let etcd = etcd_server::EtcdServer::start().await;
+    let model = common::model();
+    let values = values_files()["default"].clone();
+    let endpoints = format!("etcd.endpoints={{{}}}", etcd.endpoint());
+    let model_path = format!("model.path={model}");
+    let docs = documents(&render(
+        &values,
+        &["--set", &endpoints, "--set", &model_path],
+    ));
+    let config_text = find(&docs, "ConfigMap", &format!("{RELEASE}-config"))["data"]["baton.toml"]
+        .as_str()
+        .expect("baton.toml")
+        .to_string();
+    let cluster_key = secret_data(&docs, &format!("{RELEASE}-cluster-key"))["cluster.key"].clone();
+    let api_key =
+        String::from_utf8(secret_data(&docs, &format!("{RELEASE}-api-key"))["api-key"].clone())
+            .expect("utf-8 key");
+
+    // The pods' network: this machine's end of a test bridge, not loopback.
+    let lan = Lan::new(0);
+    let pod_ip = lan.addr(0);
+    let root = tempdir("run");
+    let mut procs = BTreeMap::new();
+    for role in ["decode", "prefill", "coordinator"] {
+        // Each pod's mounts under its own root: the cluster key, its role's TLS Secret.
+        let pod = root.join(role);
+        let mount = |dir: &str, file: &str, bytes: &[u8]| {
+            let path = pod.join("etc/baton").join(dir).join(file);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir mount");
+            std::fs::write(&path, bytes).expect("write mount");
+        };
+        mount("cluster-key", "cluster.key", &cluster_key);
+        for (k, v) in secret_data(&docs, &format!("{RELEASE}-{role}-tls")) {
+            mount("tls", &k, &v);
+        }
+        let pod_str = pod.to_str().expect("utf-8");
+        let text = config_text
+            .replace("/etc/baton/", &format!("{pod_str}/etc/baton/"))
+            .replace("/var/lib/baton/", &format!("{pod_str}/var/lib/baton/"))
+            .replace("0.0.0.0:", &format!("{pod_ip}:"));
+        std::fs::create_dir_all(pod.join("etc/baton/config")).expect("mkdir config");
+        std::fs::create_dir_all(pod.join("var/lib/baton")).expect("mkdir state");
+        let config = pod.join("etc/baton/config/baton.toml");
+        std::fs::write(&config, text).expect("write config");
+
+        let deployment = find(&docs, "Deployment", &format!("{RELEASE}-{role}"));
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| {
+                let a = a.as_str().expect("string arg");
+                a.replace("/etc/baton/", &format!("{pod_str}/etc/baton/"))
+            })
+            .collect();
+        // The container's environment, with this pod's IP, name and uid: `env` execs baton.
+        let mut prefix = vec!["env".to_string()];
+        for var in container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().expect("env name");
+            let value = match var["value"].as_str() {
+                Some(v) => v.to_string(),
+                None => match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("status.podIP") => pod_ip.clone(),
+                    Some("metadata.name") => format!("{RELEASE}-{role}-pod"),
+                    Some("metadata.uid") => format!("uid-{role}"),
+                    other => panic!("{name}: no stand-in for {other:?}"),
+                },
+            };
+            prefix.push(format!("{name}={value}"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let announced = if role == "coordinator" { 2 } else { 1 };
+        procs.insert(role, common::Proc::start_with(&prefix, &args, announced));
+    }
+
+    // The probes the chart points at: workers' /health and /ready on the metrics port (their
+    // readiness under TLS), the coordinator's on its HTTP port once a decode worker is routable.
+    let (http, grpc) = (procs["coordinator"].addrs[1], procs["coordinator"].addrs[0]);
+    let started = std::time::Instant::now();
+    let ready = |addr: std::net::SocketAddr| matches!(common::get(addr, "/ready"), Ok((200, _)));
+    for (role, port) in [
+        ("prefill", 9061u16),
+        ("decode", 9071),
+        ("coordinator", http.port()),
+    ] {
+        let addr: std::net::SocketAddr = format!("{pod_ip}:{port}").parse().expect("addr");
+        while !ready(addr) {
+            assert!(
+                started.elapsed() < common::START_LIMIT,
+                "{role}'s /ready never answered 200 at {addr}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            matches!(common::get(addr, "/health"), Ok((200, _))),
+            "{role} /health"
+        );
+    }
+
+    // A request with the chart's generated API key, forced disaggregated: coordinator -> prefill
+    // and decode over mutual TLS, prefill -> decode over a KV link that proved the cluster key.
+    let mut request = tonic::Request::new(v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+            ids: (0..48).map(|i| 400 + i).collect(),
+        })),
+        sampling: Some(v1::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(4),
+            ..Default::default()
+        }),
+        pd_mode: v1::PdMode::Force as i32,
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {api_key}").parse().expect("metadata"),
+    );
+    let mut client = v1::inference_client::InferenceClient::new(common::channel(grpc));
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("the generated API key is accepted")
+        .into_inner();
+    let (mut tokens, mut finish) = (0, None);
+    while let Some(m) = stream.message().await.expect("stream") {
+        tokens += m.token_ids.len();
+        finish = m.finish.or(finish);
+    }
+    let placement = finish.expect("finish").placement.expect("placement");
+    assert_eq!(placement.mode, "disaggregated");
+    assert_eq!(tokens, 4);
+    // Without the key: refused.
+    let refused = v1::inference_client::InferenceClient::new(common::channel(grpc))
+        .generate(v1::GenerateRequest::default())
+        .await
+        .expect_err("no API key");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }

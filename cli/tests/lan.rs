@@ -3,7 +3,9 @@
 //! after the coordinator are used within seconds; a SIGKILLed worker leaves placement within
 //! the coordinator's `leave_after` and requests route around it; a restarted one rejoins; KV
 //! crosses hosts over TCP and stays in shared memory within one; outputs equal the
-//! single-process reference. Needs root (namespaces), as the README's test command runs.
+//! single-process reference. The cluster is the secured one `baton certs` configures (mutual
+//! TLS, KV links that prove the cluster key): workers on every interface refuse to start without
+//! it. Needs root (namespaces), as the README's test command runs.
 
 mod common;
 
@@ -23,7 +25,11 @@ const JOIN_LIMIT: Duration = Duration::from_secs(5);
 
 struct Setup {
     lan: Lan,
+    /// The cluster key `baton certs` wrote.
     key: std::path::PathBuf,
+    /// Its config file: every role's certificate and the cluster key (workers listen on every
+    /// interface, so they refuse to start without both).
+    security: std::path::PathBuf,
     cluster: String,
     model: String,
     dir: std::path::PathBuf,
@@ -38,6 +44,8 @@ impl Setup {
             self.key.display().to_string(),
             "--cluster".into(),
             self.cluster.clone(),
+            "--config".into(),
+            self.security.display().to_string(),
         ]
     }
 
@@ -149,11 +157,21 @@ async fn generate(grpc: SocketAddr, prompt: &[u32]) -> (Vec<u32>, v1::Placement)
 async fn workers_on_other_hosts_join_leave_and_rejoin_over_mdns() {
     let dir = std::env::temp_dir().join(format!("baton-lan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let key = dir.join("cluster.key");
-    std::fs::write(&key, "a cluster key for the lan test, 32+ bytes\n").expect("key file");
+    // The secured setup a user makes: certificates and a cluster key from `baton certs`.
+    let certs = dir.join("certs");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["certs", "--out", certs.to_str().expect("utf-8")])
+        .output()
+        .expect("baton certs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let setup = Setup {
         lan: Lan::new(2),
-        key,
+        key: certs.join("cluster.key"),
+        security: certs.join("tls.toml"),
         cluster: format!("lan{}", std::process::id()),
         model: model(),
         dir,

@@ -1,6 +1,6 @@
 //! Mutual TLS between the coordinator and the workers, with real processes: `baton certs`
-//! writes a CA and a certificate per role; a cluster configured with them serves a
-//! disaggregated request; a worker with TLS refuses a plaintext client and a client whose
+//! writes a CA, a certificate per role and a cluster key; a cluster configured with them serves a
+//! disaggregated request (its KV links authenticated by the key); a worker with TLS refuses a plaintext client and a client whose
 //! certificate another CA signed; a coordinator without the CA's certificates never gets a
 //! worker.
 
@@ -25,20 +25,6 @@ fn certs(out: &Path) {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-}
-
-/// A config file giving every role its certificate from `dir`.
-fn config(dir: &Path, roles: &[&str]) -> std::path::PathBuf {
-    let mut text = String::new();
-    for role in roles {
-        let d = dir.display();
-        text.push_str(&format!(
-            "[{role}.tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/{role}.pem\"\nkey = \"{d}/{role}.key\"\n\n"
-        ));
-    }
-    let path = dir.join(format!("{}.toml", roles.join("-")));
-    std::fs::write(&path, text).expect("write config");
-    path
 }
 
 fn coordinator(model: &str, prefill: SocketAddr, decode: SocketAddr, config: &Path) -> Proc {
@@ -102,7 +88,9 @@ async fn a_cluster_with_mutual_tls_serves_and_its_workers_refuse_strangers() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("does not overwrite"));
 
     let model = model();
-    let workers_config = config(&ours, &["prefill", "decode"]);
+    // The config `baton certs` wrote: every role's certificate and the cluster key, so the
+    // handoff below also crosses KV links that proved the key.
+    let workers_config = ours.join("tls.toml");
     let prefill = worker(
         "prefill",
         &model,
@@ -140,7 +128,7 @@ async fn a_cluster_with_mutual_tls_serves_and_its_workers_refuse_strangers() {
     assert!(plaintext.is_err(), "a plaintext client is refused");
 
     // A coordinator with its certificate serves a disaggregated request through them.
-    let coordinator_config = config(&ours, &["coordinator"]);
+    let coordinator_config = ours.join("tls.toml");
     let coord = coordinator(&model, p, d, &coordinator_config);
     let (grpc, http) = (coord.addrs[0], coord.addrs[1]);
     let started = Instant::now();

@@ -92,6 +92,9 @@ pub struct DecodeConfig {
     /// `baton certs` writes a development set): only clients whose certificate the cluster CA
     /// signed are served. Default: unset, plaintext.
     pub tls: Option<baton_core::tls::TlsFiles>,
+    /// Serve on a non-loopback address without `[decode.tls]` or a cluster key anyway (warned
+    /// on every start). Default false: such a worker refuses to start.
+    pub insecure_remote: bool,
 }
 
 impl DecodeConfig {
@@ -113,6 +116,7 @@ impl DecodeConfig {
             discovery: baton_discovery::DiscoveryConfig::default(),
             telemetry: baton_telemetry::TelemetryConfig::default(),
             tls: None,
+            insecure_remote: false,
         }
     }
 

@@ -9,21 +9,30 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use baton_kv_transfer::agent::Agent;
+
 use crate::engine_loop::Snapshot;
 
 #[derive(Debug)]
 struct DecodeCollector {
     snapshot: watch::Receiver<Snapshot>,
     draining: Arc<AtomicBool>,
+    /// The KV agent, for its link counters.
+    agent: Agent,
 }
 
 /// The page `/metrics` serves: `baton_*` worker metrics and `process_*`.
 pub fn render(
     snapshot: watch::Receiver<Snapshot>,
     draining: Arc<AtomicBool>,
+    agent: Agent,
 ) -> impl Fn() -> String {
     let mut registry = Registry::with_prefix("baton");
-    registry.register_collector(Box::new(DecodeCollector { snapshot, draining }));
+    registry.register_collector(Box::new(DecodeCollector {
+        snapshot,
+        draining,
+        agent,
+    }));
     let process = baton_telemetry::ProcessCollector::registry();
     move || baton_telemetry::encode_metrics(&[&registry, &process])
 }
@@ -100,6 +109,10 @@ impl Collector for DecodeCollector {
             stats.kv_tokens_cached,
         )?;
         baton_telemetry::encode_prefix_cache(e, s.prefix)?;
+        baton_telemetry::encode_kv_links_failed(
+            e,
+            &self.agent.stats().snapshot().links_failed_by_reason(),
+        )?;
         counter(
             e,
             "preemptions",

@@ -17,7 +17,7 @@ use std::time::Duration;
 use baton_core::{HandoffId, RequestId};
 use baton_engine::batch::Batcher;
 use baton_engine::{Engine, PoolMemory, SamplingLimits};
-use baton_kv_transfer::agent::Agent;
+use baton_kv_transfer::agent::{Agent, LinkKey};
 use baton_proto::convert;
 use baton_proto::v1::{
     self, DecodeFinish, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest,
@@ -89,6 +89,7 @@ pub async fn serve_with_metrics(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(format!("listener address: {e}")))?;
+    check_exposure(&config, addr)?;
     // Prefill workers on this host copy straight into a pool they can map.
     if config.kv.shm_socket.is_some() {
         config.engine.pool_memory = PoolMemory::Shared;
@@ -97,8 +98,18 @@ pub async fn serve_with_metrics(
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
         .await
         .map_err(|e| Error::Internal(format!("model load task: {e}")))??;
-    let (agent, agent_events) =
-        Agent::start(worker_id.clone(), engine.kv_region(), config.kv.clone()).await?;
+    // With a cluster key, KV links prove it at connect and refuse peers without it.
+    let link_key = config
+        .discovery
+        .key()?
+        .map(|k| LinkKey::new(k.kv_link_key()));
+    let (agent, agent_events) = Agent::start(
+        worker_id.clone(),
+        engine.kv_region(),
+        config.kv.clone(),
+        link_key,
+    )
+    .await?;
     let local = engine.descriptor().clone();
     let mut info = WorkerInfo {
         worker_id: worker_id.to_string(),
@@ -123,7 +134,7 @@ pub async fn serve_with_metrics(
     let kv_log = baton_worker::KvLog::default();
     let (handle, join) = engine_loop::spawn(
         Batcher::new(engine, eos),
-        agent,
+        agent.clone(),
         agent_events,
         LoopConfig {
             queue_capacity: config.max_streams * 2,
@@ -141,7 +152,7 @@ pub async fn serve_with_metrics(
             let draining = draining.clone();
             baton_telemetry::MetricsServer::start(
                 listener,
-                crate::metrics::render(handle.snapshots(), draining.clone()),
+                crate::metrics::render(handle.snapshots(), draining.clone(), agent.clone()),
                 move || !draining.load(Ordering::Relaxed),
             )
         })
@@ -524,4 +535,25 @@ fn load_report(
         draining: draining.load(Ordering::Relaxed),
         kv_events: kv_log.answer(request),
     })
+}
+
+/// Refuses to serve beyond this host without security, or warns where `insecure_remote`
+/// allows it ([`baton_worker::exposure`]).
+fn check_exposure(config: &DecodeConfig, listen: std::net::SocketAddr) -> Result<()> {
+    use baton_worker::exposure::{Exposure, Verdict};
+    let exposure = Exposure {
+        role: "decode",
+        listeners: vec![("listen", listen), ("kv.tcp_listen", config.kv.tcp_listen)],
+        tls: config.tls.is_some(),
+        cluster_key: config.discovery.cluster_key_file.is_some(),
+        insecure_remote: config.insecure_remote,
+    };
+    match exposure.verdict() {
+        Verdict::Serve => Ok(()),
+        Verdict::ServeWarned(warning) => {
+            tracing::warn!("{warning}");
+            Ok(())
+        }
+        Verdict::Refuse { field, reason } => Err(Error::InvalidRequest { field, reason }),
+    }
 }

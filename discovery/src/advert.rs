@@ -72,6 +72,7 @@ impl fmt::Display for Role {
 pub struct ClusterKey {
     adverts: [u8; 32],
     events: [u8; 32],
+    kv_links: [u8; 32],
 }
 
 impl ClusterKey {
@@ -94,6 +95,7 @@ impl ClusterKey {
         Ok(Self {
             adverts: blake3::derive_key("baton 2026 cluster key: adverts", secret),
             events: blake3::derive_key("baton 2026 cluster key: events", secret),
+            kv_links: blake3::derive_key("baton 2026 cluster key: kv links", secret),
         })
     }
 
@@ -108,6 +110,12 @@ impl ClusterKey {
 
     pub(crate) fn sign_advert(&self, canonical: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.adverts, canonical).as_bytes()
+    }
+
+    /// The key KV links prove at connect (kv-transfer's `LinkKey`), derived apart from the
+    /// signing keys so a proof can never pass for a signature.
+    pub fn kv_link_key(&self) -> [u8; 32] {
+        self.kv_links
     }
 
     /// The signature of an event payload.

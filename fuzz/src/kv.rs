@@ -3,7 +3,7 @@
 
 use baton_core::{Fingerprint, KvDType, LayoutDescriptor};
 use baton_kv_transfer::agent::KvConfig;
-use baton_kv_transfer::agent::fuzzing::{split_hello, split_shm_hello};
+use baton_kv_transfer::agent::fuzzing::{decode_offer, split_hello, split_shm_hello};
 use baton_kv_transfer::wire::{
     HEADER_LEN, Header, Hello, Kind, Limits, Notice, ReadRequest, decode_close, decode_descriptor,
     encode_close, encode_descriptor,
@@ -63,6 +63,10 @@ pub fn kv_frame(data: &[u8]) {
             return;
         }
         match header.kind {
+            // An offer or a proof; a proof is only compared, so only the offer decodes.
+            Kind::Auth => {
+                let _ = decode_offer(payload);
+            }
             Kind::Hello => {
                 hello_tcp(payload);
                 hello_shm(payload);

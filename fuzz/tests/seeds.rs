@@ -137,8 +137,13 @@ fn kv_seeds() {
     let handoff = HandoffId(0x1234);
     let frame = |kind, handoff, payload: &[u8]| wire::frame(kind, handoff, payload).expect("frame");
 
-    // A push handoff as a decode agent reads it over TCP.
-    let mut push = frame(Kind::Hello, HandoffId(0), &tcp_hello(b""));
+    // A push handoff as a decode agent reads it over TCP: the dialer's auth offer and proof
+    // (bytes as a keyed peer sends them), then its hello.
+    let mut offer = vec![1u8, 1];
+    offer.extend_from_slice(&[0x5a; 32]);
+    let mut push = frame(Kind::Auth, HandoffId(0), &offer);
+    push.extend(frame(Kind::Auth, HandoffId(0), &[0xa5; 32]));
+    push.extend(frame(Kind::Hello, HandoffId(0), &tcp_hello(b"")));
     push.extend(frame(Kind::Notice, handoff, &Notice::Begin.encode()));
     push.extend(write_frame(handoff, 0, 0, &[7u8; 96]));
     push.extend(write_frame(handoff, 0, 96, &[8u8; 32]));

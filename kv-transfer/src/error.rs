@@ -41,6 +41,8 @@ pub enum FailureReason {
     PeerClosed,
     /// The peer refused us.
     Refused,
+    /// A peer did not prove it holds the cluster's link key, or refused us for not proving it.
+    Unauthenticated,
     /// A deadline passed.
     Timeout,
     /// Socket errors and local failures.
@@ -49,19 +51,35 @@ pub enum FailureReason {
 
 impl FailureReason {
     /// Every reason, in counter order.
-    pub const ALL: [FailureReason; 8] = [
+    pub const ALL: [FailureReason; 9] = [
         FailureReason::Incompatible,
         FailureReason::Corrupt,
         FailureReason::Malformed,
         FailureReason::Unexpected,
         FailureReason::PeerClosed,
         FailureReason::Refused,
+        FailureReason::Unauthenticated,
         FailureReason::Timeout,
         FailureReason::Io,
     ];
 
     pub(crate) fn index(self) -> usize {
         self as usize
+    }
+
+    /// The reason as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Incompatible => "incompatible",
+            FailureReason::Corrupt => "corrupt",
+            FailureReason::Malformed => "malformed",
+            FailureReason::Unexpected => "unexpected",
+            FailureReason::PeerClosed => "peer_closed",
+            FailureReason::Refused => "refused",
+            FailureReason::Unauthenticated => "unauthenticated",
+            FailureReason::Timeout => "timeout",
+            FailureReason::Io => "io",
+        }
     }
 }
 
@@ -128,6 +146,8 @@ pub enum Error {
         during: &'static str,
         handoff: Option<HandoffId>,
     },
+    #[error("kv link not authenticated: {reason}")]
+    Unauthenticated { reason: String },
     #[error("peer refused: {code:?}: {message}")]
     PeerRefused { code: CloseCode, message: String },
     #[error("{during} took longer than {limit:?}")]
@@ -187,6 +207,9 @@ impl Error {
             | Error::Io { .. }
             | Error::PeerClosed { .. }
             | Error::PeerRefused { .. }
+            // A link the peers could not authenticate is a cluster's misconfiguration, not the
+            // client's: to a request it is a worker it cannot use, like any other refusal.
+            | Error::Unauthenticated { .. }
             // A peer that does not answer in time is unavailable; the Deadline class is the
             // caller's own deadline, which transports do not know.
             | Error::Timeout { .. } => ErrorClass::Unavailable,
@@ -217,6 +240,11 @@ impl Error {
             | Error::DuplicateHandoff(_)
             | Error::SegmentRejected { .. } => FailureReason::Unexpected,
             Error::PeerClosed { .. } => FailureReason::PeerClosed,
+            Error::Unauthenticated { .. }
+            | Error::PeerRefused {
+                code: CloseCode::Unauthenticated,
+                ..
+            } => FailureReason::Unauthenticated,
             Error::PeerRefused { .. } => FailureReason::Refused,
             Error::Timeout { .. } => FailureReason::Timeout,
             Error::Io { .. } | Error::InvalidConfig { .. } | Error::ConsumerGone => {

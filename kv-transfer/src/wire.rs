@@ -1,12 +1,12 @@
-//! baton's KV wire protocol, version 2: frames that address the receiver's registered memory by
+//! baton's KV wire protocol, version 3: frames that address the receiver's registered memory by
 //! offset, and the typed messages (hello, notices, read requests) the two agents of a handoff
 //! exchange.
 //!
 //! ```text
 //! offset size field
 //!      0    4 magic "BTKV"
-//!      4    2 protocol version (2)
-//!      6    1 kind: 1 hello, 2 write, 3 notice, 4 read, 5 close
+//!      4    2 protocol version (3)
+//!      6    1 kind: 1 hello, 2 write, 3 notice, 4 read, 5 close, 6 auth
 //!      7    1 flags (0; anything else is refused)
 //!      8    8 handoff id
 //!     16    4 layer (write; 0 otherwise)
@@ -17,7 +17,8 @@
 //!     40    4 crc32c of bytes 0..40
 //! ```
 //!
-//! All integers little-endian. Payloads: hello, a [`Hello`]; write, the bytes for
+//! All integers little-endian. Payloads: auth, an offer or a proof (`agent::auth`, the first
+//! frames each way, before the hellos); hello, a [`Hello`]; write, the bytes for
 //! `offset..offset + length`; notice, a [`Notice`]; read, a [`ReadRequest`]; close, a code and
 //! a short message.
 //!
@@ -34,7 +35,7 @@ use crate::memory::PoolLayout;
 
 pub const MAGIC: [u8; 4] = *b"BTKV";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Bytes in every frame header.
 pub const HEADER_LEN: usize = 44;
 /// Longest opaque completion a [`Notice::Complete`] carries (the first token and its finish,
@@ -64,6 +65,8 @@ pub enum Kind {
     Read,
     /// The sender is closing the connection, saying why.
     Close,
+    /// The link's authentication (`agent::auth`): an offer, then a proof, before the hello.
+    Auth,
 }
 
 impl Kind {
@@ -74,6 +77,7 @@ impl Kind {
             Kind::Notice => 3,
             Kind::Read => 4,
             Kind::Close => 5,
+            Kind::Auth => 6,
         }
     }
 
@@ -84,6 +88,7 @@ impl Kind {
             3 => Kind::Notice,
             4 => Kind::Read,
             5 => Kind::Close,
+            6 => Kind::Auth,
             got => return Err(Error::UnknownFrameKind { got }),
         })
     }
@@ -561,6 +566,9 @@ pub enum CloseCode {
     Unexpected,
     /// Any other failure on the closing side.
     Internal,
+    /// The peer did not prove it holds the cluster's link key (or holds none while this side
+    /// requires one).
+    Unauthenticated,
 }
 
 impl CloseCode {
@@ -572,6 +580,7 @@ impl CloseCode {
             CloseCode::Malformed => 3,
             CloseCode::Unexpected => 4,
             CloseCode::Internal => 5,
+            CloseCode::Unauthenticated => 6,
         }
     }
 
@@ -583,6 +592,7 @@ impl CloseCode {
             3 => CloseCode::Malformed,
             4 => CloseCode::Unexpected,
             5 => CloseCode::Internal,
+            6 => CloseCode::Unauthenticated,
             _ => return None,
         })
     }
@@ -595,6 +605,7 @@ impl CloseCode {
             R::Corrupt => CloseCode::Corrupt,
             R::Malformed => CloseCode::Malformed,
             R::Unexpected => CloseCode::Unexpected,
+            R::Unauthenticated => CloseCode::Unauthenticated,
             R::PeerClosed | R::Refused | R::Timeout | R::Io => CloseCode::Internal,
         }
     }

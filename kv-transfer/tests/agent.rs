@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use baton_core::{BlockId, Fingerprint, HandoffId, KvDType, LayoutDescriptor, WorkerId};
 use baton_kv_transfer::Endpoint;
+use baton_kv_transfer::FailureReason;
 use baton_kv_transfer::agent::{
-    Agent, Event, Expectation, Guard, HostPool, KvConfig, Peer, Source, Transport,
+    Agent, Event, Expectation, Guard, HostPool, KvConfig, LinkKey, Peer, Source, Transport,
 };
 use baton_kv_transfer::memory::{ByteCopy, Half, HostRegion, PoolLayout, SeqBlocks, layer_copies};
 use baton_kv_transfer::wire::{self, Header, Hello, Kind, LandedRange, Notice, ReadRequest};
@@ -94,11 +95,19 @@ fn socket_path() -> std::path::PathBuf {
 }
 
 async fn side(name: &str, fingerprint: u8, shared: bool, shm: bool) -> Side {
-    side_with(name, fingerprint, shared, shm, false).await
+    side_with(name, fingerprint, shared, shm, false, None).await
 }
 
-/// A side whose direct copies are checksummed or not (`shm_checksums`).
-async fn side_with(name: &str, fingerprint: u8, shared: bool, shm: bool, checksums: bool) -> Side {
+/// A side whose direct copies are checksummed or not (`shm_checksums`), whose links prove
+/// `key` or none.
+async fn side_with(
+    name: &str,
+    fingerprint: u8,
+    shared: bool,
+    shm: bool,
+    checksums: bool,
+    key: Option<LinkKey>,
+) -> Side {
     let pool = PoolLayout {
         layout: layout(fingerprint),
         num_blocks: BLOCKS,
@@ -120,7 +129,7 @@ async fn side_with(name: &str, fingerprint: u8, shared: bool, shm: bool, checksu
         region: region.clone(),
         pool: pool.clone(),
     });
-    let (agent, events) = Agent::start(WorkerId::parse(name).expect("id"), memory, config)
+    let (agent, events) = Agent::start(WorkerId::parse(name).expect("id"), memory, config, key)
         .await
         .expect("agent starts");
     Side {
@@ -448,6 +457,92 @@ async fn an_incompatible_peer_is_refused_at_the_handshake(t: Transport) {
     assert!(err.to_string().contains("fingerprint"), "{err}");
 }
 
+async fn links_prove_the_cluster_key_and_refuse_a_peer_without_it(t: Transport) {
+    let shm = t == Transport::Shm;
+    let key = || Some(LinkKey::new([7; 32]));
+    let d = side_with("decode-k", 1, true, shm, false, key()).await;
+    let endpoint = d.endpoint(t);
+
+    let p = side_with("prefill-k", 1, false, shm, false, key()).await;
+    let peer = p.agent.connect(&endpoint).await.expect("same key");
+    assert_eq!(peer.worker().as_str(), "decode-k");
+    assert_eq!(peer.direct(), shm, "the pool is mapped once authenticated");
+
+    for (name, other) in [
+        ("prefill-wrong", Some(LinkKey::new([8; 32]))),
+        ("prefill-none", None),
+    ] {
+        let p = side_with(name, 1, false, shm, false, other).await;
+        let err = match p.agent.connect(&endpoint).await {
+            Ok(_) => panic!("{name}: a peer without the key was accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            err.reason(),
+            FailureReason::Unauthenticated,
+            "{name}: {err}"
+        );
+        assert!(err.to_string().contains("cluster"), "{name}: {err}");
+        let stats = p.agent.stats().snapshot();
+        assert_eq!(
+            stats.links_failed(FailureReason::Unauthenticated),
+            1,
+            "{name}"
+        );
+    }
+
+    // A hand-written keyless peer: it hears the agent's offer, then its refusal, then the end;
+    // never the agent's hello (its layout) nor, over shm, its pool's memfd (which rides with the
+    // hello).
+    let mut offer = vec![1u8, 0];
+    offer.extend_from_slice(&[0x42; 32]);
+    let mut sent = wire::frame(Kind::Auth, HandoffId(0), &offer).expect("frame");
+    let hello = Hello {
+        worker: WorkerId::parse("raw-peer").expect("id"),
+        pool: d.pool.clone(),
+    };
+    sent.extend(wire::frame(Kind::Hello, HandoffId(0), &hello.encode()).expect("frame"));
+    let mut got = Vec::new();
+    let read = async {
+        use tokio::io::AsyncReadExt;
+        match &endpoint {
+            Endpoint::Tcp(addr) => {
+                let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                s.write_all(&sent).await.expect("send");
+                s.read_to_end(&mut got).await
+            }
+            Endpoint::Shm(path) => {
+                let mut s = tokio::net::UnixStream::connect(path)
+                    .await
+                    .expect("connect");
+                s.write_all(&sent).await.expect("send");
+                s.read_to_end(&mut got).await
+            }
+        }
+    };
+    // The refused peer's writes may meet a closed socket: only what it read matters.
+    let _ = tokio::time::timeout(LIMIT, read)
+        .await
+        .expect("the agent hangs up");
+    let mut kinds = Vec::new();
+    let mut rest = &got[..];
+    while let Some((head, after)) = rest.split_first_chunk::<{ wire::HEADER_LEN }>() {
+        let h = Header::decode(head, &wire::Limits::default()).expect("a frame");
+        let (body, tail) = after.split_at(h.payload_len as usize);
+        if h.kind == Kind::Close {
+            let (code, message) = wire::decode_close(body).expect("close");
+            assert_eq!(code, wire::CloseCode::Unauthenticated, "{message}");
+        }
+        kinds.push(h.kind);
+        rest = tail;
+    }
+    assert_eq!(
+        kinds,
+        vec![Kind::Auth, Kind::Close],
+        "what the keyless peer heard"
+    );
+}
+
 async fn writes_outside_the_reserved_blocks_or_twice_are_refused(t: Transport) {
     let (p, mut d) = pair(t).await;
     let (pb, db) = (blocks(&[0, 1]), blocks(&[6, 7]));
@@ -533,7 +628,7 @@ async fn direct_writes_claimed_by_no_one_or_misplaced_fail_the_handoff(t: Transp
 /// differ from its checksum fails the handoff.
 async fn checksummed_direct_writes_are_checked_in_place(t: Transport) {
     let shm = t == Transport::Shm;
-    let p = side_with("prefill-0", 1, false, shm, true).await;
+    let p = side_with("prefill-0", 1, false, shm, true, None).await;
     let mut d = side("decode-0", 1, true, shm).await;
     let peer = p.agent.connect(&d.endpoint(t)).await.expect("connect");
     if !peer.direct() {
@@ -594,6 +689,11 @@ impl Raw {
             pool: d.pool.clone(),
         }
         .encode();
+        // A keyless auth offer (`agent::auth`), the first frame each way; the agent's comes
+        // back before the hellos.
+        let mut offer = vec![1u8, 0];
+        offer.extend_from_slice(&[0x42; 32]);
+        let offer = wire::frame(Kind::Auth, HandoffId(0), &offer).expect("frame");
         let mut raw = match d.endpoint(t) {
             Endpoint::Tcp(addr) => {
                 let mut payload = hello;
@@ -604,6 +704,7 @@ impl Raw {
                 payload.extend_from_slice(&(extra.len() as u32).to_le_bytes());
                 payload.extend_from_slice(&extra);
                 let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                s.write_all(&offer).await.expect("offer");
                 s.write_all(&wire::frame(Kind::Hello, HandoffId(0), &payload).expect("frame"))
                     .await
                     .expect("hello");
@@ -617,19 +718,27 @@ impl Raw {
                 let mut s = tokio::net::UnixStream::connect(path)
                     .await
                     .expect("connect");
+                s.write_all(&offer).await.expect("offer");
                 s.write_all(&wire::frame(Kind::Hello, HandoffId(0), &payload).expect("frame"))
                     .await
                     .expect("hello");
                 Raw::Unix(s)
             }
         };
-        // The agent's own hello comes back; read it off.
-        let mut head = [0u8; wire::HEADER_LEN];
-        raw.read_exact(&mut head).await;
-        let h = Header::decode(&head, &wire::Limits::default()).expect("hello header");
-        let mut body = vec![0u8; h.payload_len as usize];
-        raw.read_exact(&mut body).await;
+        // The agent's own offer and hello come back; read them off.
+        assert_eq!(raw.frame().await.0, Kind::Auth);
+        assert_eq!(raw.frame().await.0, Kind::Hello);
         raw
+    }
+
+    /// The next frame's kind and payload.
+    async fn frame(&mut self) -> (Kind, Vec<u8>) {
+        let mut head = [0u8; wire::HEADER_LEN];
+        self.read_exact(&mut head).await;
+        let h = Header::decode(&head, &wire::Limits::default()).expect("header");
+        let mut body = vec![0u8; h.payload_len as usize];
+        self.read_exact(&mut body).await;
+        (h.kind, body)
     }
 
     async fn read_exact(&mut self, buf: &mut [u8]) {
@@ -910,6 +1019,7 @@ conformance!(
     pull_reads_a_pinned_source_and_tells_the_source_when_done,
     a_read_of_what_is_not_offered_is_refused,
     an_incompatible_peer_is_refused_at_the_handshake,
+    links_prove_the_cluster_key_and_refuse_a_peer_without_it,
     writes_outside_the_reserved_blocks_or_twice_are_refused,
     direct_writes_claimed_by_no_one_or_misplaced_fail_the_handoff,
     a_corrupt_payload_fails_the_handoff,

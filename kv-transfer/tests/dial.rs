@@ -45,9 +45,10 @@ async fn agent(name: &str) -> Agent {
         ..KvConfig::default()
     };
     let memory = Arc::new(HostPool { region, pool });
-    let (agent, mut events) = Agent::start(WorkerId::parse(name).expect("id"), memory, config)
-        .await
-        .expect("agent starts");
+    let (agent, mut events) =
+        Agent::start(WorkerId::parse(name).expect("id"), memory, config, None)
+            .await
+            .expect("agent starts");
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     agent
 }

@@ -268,7 +268,8 @@ async fn side_over(
         shm_checksums,
         ..KvConfig::default()
     };
-    let (agent, events) = Agent::start(WorkerId::parse(name).expect("id"), memory, config).await?;
+    let (agent, events) =
+        Agent::start(WorkerId::parse(name).expect("id"), memory, config, None).await?;
     Ok(Side {
         agent,
         events,

@@ -57,6 +57,9 @@ pub struct PrefillConfig {
     /// `baton certs` writes a development set): only clients whose certificate the cluster CA
     /// signed are served. Default: unset, plaintext.
     pub tls: Option<baton_core::tls::TlsFiles>,
+    /// Serve on a non-loopback address without `[prefill.tls]` or a cluster key anyway (warned
+    /// on every start). Default false: such a worker refuses to start.
+    pub insecure_remote: bool,
 }
 
 impl PrefillConfig {
@@ -76,6 +79,7 @@ impl PrefillConfig {
             discovery: baton_discovery::DiscoveryConfig::default(),
             telemetry: baton_telemetry::TelemetryConfig::default(),
             tls: None,
+            insecure_remote: false,
         }
     }
 

@@ -11,6 +11,8 @@ use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use baton_kv_transfer::agent::Agent;
+
 use crate::engine_loop::Snapshot;
 
 /// What the KV send tasks count; the service owns it and the collector reads it.
@@ -43,6 +45,8 @@ struct PrefillCollector {
     snapshot: watch::Receiver<Snapshot>,
     kv: Arc<KvCounters>,
     draining: Arc<AtomicBool>,
+    /// The KV agent, for its link counters.
+    agent: Agent,
 }
 
 /// The page `/metrics` serves: `baton_*` worker metrics and `process_*`.
@@ -50,12 +54,14 @@ pub fn render(
     snapshot: watch::Receiver<Snapshot>,
     kv: Arc<KvCounters>,
     draining: Arc<AtomicBool>,
+    agent: Agent,
 ) -> impl Fn() -> String {
     let mut registry = Registry::with_prefix("baton");
     registry.register_collector(Box::new(PrefillCollector {
         snapshot,
         kv,
         draining,
+        agent,
     }));
     let process = baton_telemetry::ProcessCollector::registry();
     move || baton_telemetry::encode_metrics(&[&registry, &process])
@@ -83,6 +89,10 @@ impl Collector for PrefillCollector {
             },
         )?;
         baton_telemetry::encode_prefix_cache(e, s.prefix)?;
+        baton_telemetry::encode_kv_links_failed(
+            e,
+            &self.agent.stats().snapshot().links_failed_by_reason(),
+        )?;
         counter(e, "prefill_steps", "Engine steps run", stats.steps)?;
         counter(
             e,

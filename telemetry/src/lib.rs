@@ -21,6 +21,7 @@ pub use error::{Error, Result};
 pub use init::{Telemetry, init};
 pub use metrics::{
     MetricsServer, PoolGauges, PrefixCacheCounts, ProcessCollector, encode as encode_metrics,
-    encode_counter, encode_gauge, encode_pool, encode_prefix_cache, serve_metrics,
+    encode_counter, encode_gauge, encode_kv_links_failed, encode_pool, encode_prefix_cache,
+    serve_metrics,
 };
 pub use propagate::{TraceContext, grpc_server_span, trace_id_of_current_span};

@@ -132,6 +132,24 @@ where
     c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
 }
 
+/// Writes `kv_links_failed_total{reason}`: KV links that failed to open, dialed or accepted,
+/// by reason (`unauthenticated`: a peer without the cluster key, or one that refused ours).
+pub fn encode_kv_links_failed(
+    encoder: &mut DescriptorEncoder,
+    by_reason: &[(&'static str, u64)],
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "kv_links_failed",
+        "KV links that failed to open (dialed or accepted), by reason",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for &(reason, n) in by_reason {
+        ConstCounter::new(n).encode(family.encode_family(&[("reason", reason)])?)?;
+    }
+    Ok(())
+}
+
 /// A worker's KV pool and drain state, as both worker roles report them.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolGauges<'a> {

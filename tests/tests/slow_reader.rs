@@ -81,10 +81,21 @@ async fn a_slow_reader_does_not_delay_another_prefill() {
     extra.extend_from_slice(&1u16.to_le_bytes());
     hello.extend_from_slice(&(extra.len() as u32).to_le_bytes());
     hello.extend_from_slice(&extra);
+    // A keyless auth offer first (the worker has no cluster key either), and the worker's.
+    let mut offer = vec![1u8, 0];
+    offer.extend_from_slice(&[0x42; 32]);
+    raw.write_all(&wire::frame(Kind::Auth, HandoffId(0), &offer).expect("frame"))
+        .await
+        .expect("auth offer");
     raw.write_all(&wire::frame(Kind::Hello, HandoffId(0), &hello).expect("frame"))
         .await
         .expect("hello");
     let mut head = [0u8; wire::HEADER_LEN];
+    raw.read_exact(&mut head).await.expect("the worker's offer");
+    let h = Header::decode(&head, &wire::Limits::default()).expect("offer header");
+    assert_eq!(h.kind, Kind::Auth);
+    let mut body = vec![0u8; h.payload_len as usize];
+    raw.read_exact(&mut body).await.expect("offer body");
     raw.read_exact(&mut head).await.expect("the worker's hello");
     let h = Header::decode(&head, &wire::Limits::default()).expect("hello header");
     let mut body = vec![0u8; h.payload_len as usize];

@@ -11,6 +11,8 @@
 //! - [`engine`]: the handle to a role's engine thread: a bounded command channel (full is
 //!   overload, said at once) and the snapshot the thread publishes after each turn, which load
 //!   reports, metrics and the drain read without waiting on a step.
+//! - [`exposure`]: whether a worker may serve on the addresses it binds (security off only on
+//!   loopback).
 //! - [`kv_log`]: the log of what the worker's prefix cache stored and evicted, which its load
 //!   reports answer a reader's cursor from.
 //! - [`priority`]: lowering a worker's CPU priority on a host it shares with other roles.
@@ -22,6 +24,7 @@
 pub mod announce;
 pub mod engine;
 pub mod events;
+pub mod exposure;
 pub mod kv_log;
 pub mod priority;
 pub mod serve;

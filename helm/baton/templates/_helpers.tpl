@@ -106,6 +106,44 @@ config's sha256. */}}
 {{- index .Values "_generatedApiKey" -}}
 {{- end -}}
 
+{{/* Whether the chart makes the TLS Secrets: TLS on, and no role names its own. */}}
+{{- define "baton.tlsGenerated" -}}
+{{- if and .Values.tls.enabled (not .Values.tls.coordinator.secretName) (not .Values.tls.prefill.secretName) (not .Values.tls.decode.secretName) -}}true{{- end -}}
+{{- end -}}
+
+{{/* A role's TLS Secret: the one its values name, else the generated one. (dict "root" $ "role" role) */}}
+{{- define "baton.tlsSecret" -}}
+{{- default (printf "%s-%s-tls" (include "baton.fullname" .root) .role) (index .root.Values.tls .role).secretName -}}
+{{- end -}}
+
+{{/*
+The generated TLS material, once per render: role -> {ca.crt, tls.crt, tls.key}. The live
+Secrets' when all three exist (upgrades keep the CA every pod trusts), else a new CA (ten
+years) and one certificate per role naming baton-<role>, what every client checks.
+*/}}
+{{- define "baton.generatedTls" -}}
+{{- if not (hasKey .Values "_generatedTls") -}}
+{{- $out := dict -}}
+{{- range $role := list "coordinator" "prefill" "decode" -}}
+{{- $live := lookup "v1" "Secret" $.Release.Namespace (include "baton.tlsSecret" (dict "root" $ "role" $role)) -}}
+{{- if and $live $live.data (hasKey $live.data "tls.key") -}}
+{{- $_ := set $out $role (dict "ca.crt" (index $live.data "ca.crt" | b64dec) "tls.crt" (index $live.data "tls.crt" | b64dec) "tls.key" (index $live.data "tls.key" | b64dec)) -}}
+{{- end -}}
+{{- end -}}
+{{- if ne (len $out) 3 -}}
+{{- $out = dict -}}
+{{- $ca := genCA "baton CA" 3650 -}}
+{{- range $role := list "coordinator" "prefill" "decode" -}}
+{{- $name := printf "baton-%s" $role -}}
+{{- $cert := genSignedCert $name nil (list $name) 3650 $ca -}}
+{{- $_ := set $out $role (dict "ca.crt" $ca.Cert "tls.crt" $cert.Cert "tls.key" $cert.Key) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set .Values "_generatedTls" $out -}}
+{{- end -}}
+{{- toJson (index .Values "_generatedTls") -}}
+{{- end -}}
+
 {{- define "baton.generatedClusterKey" -}}
 {{- if not (hasKey .Values "_generatedClusterKey") -}}
 {{- $_ := set .Values "_generatedClusterKey" (include "baton.keptRandom" (dict "root" . "name" (include "baton.clusterKeySecret" .) "key" "cluster.key")) -}}
@@ -118,8 +156,12 @@ config's sha256. */}}
 {{- if and .Values.cloud.enabled (gt (int .Values.coordinator.replicas) 1) -}}
 {{- fail "cloud.enabled requires coordinator.replicas = 1: the cloud budget ledger is not replicated between coordinators yet, so each of several coordinators would spend the whole budget" -}}
 {{- end -}}
-{{- if and .Values.tls.enabled (not (and .Values.tls.coordinator.secretName .Values.tls.prefill.secretName .Values.tls.decode.secretName)) -}}
-{{- fail "tls.enabled needs tls.coordinator.secretName, tls.prefill.secretName and tls.decode.secretName" -}}
+{{- $named := 0 -}}
+{{- range $role := list "coordinator" "prefill" "decode" -}}
+{{- if (index $.Values.tls $role).secretName -}}{{- $named = add1 $named -}}{{- end -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (ne (int $named) 0) (ne (int $named) 3) -}}
+{{- fail "tls: name every role's secretName (your Secrets, one CA) or none (the chart generates a CA and certificates)" -}}
 {{- end -}}
 {{- end -}}
 
@@ -198,7 +240,7 @@ annotations:
 {{- if $root.Values.tls.enabled }}
 - name: tls
   secret:
-    secretName: {{ (index $root.Values.tls .role).secretName }}
+    secretName: {{ include "baton.tlsSecret" (dict "root" $root "role" .role) }}
     defaultMode: 0440
     items:
       - {key: ca.crt, path: ca.crt}

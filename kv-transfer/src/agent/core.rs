@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use baton_core::{HandoffId, WorkerId};
 use tokio::sync::{mpsc, oneshot};
 
+use super::auth::LinkKey;
 use super::coverage::Coverage;
 use super::stats::Stats;
 use super::{Event, Expectation, Guard, KvConfig, KvRegion, Link, Source};
@@ -94,6 +95,8 @@ pub(crate) struct Core {
     pub(crate) memory: Arc<dyn KvRegion>,
     pub(crate) pool: PoolLayout,
     pub(crate) config: KvConfig,
+    /// The cluster's link key: with one, every link proves it both ways at connect (`auth`).
+    pub(crate) key: Option<LinkKey>,
     pub(crate) stats: Stats,
     events: mpsc::Sender<Event>,
     state: Mutex<State>,
@@ -112,6 +115,7 @@ impl Core {
         id: WorkerId,
         memory: Arc<dyn KvRegion>,
         config: KvConfig,
+        key: Option<LinkKey>,
     ) -> (Self, mpsc::Receiver<Event>) {
         let (events, rx) = mpsc::channel(EVENT_CAPACITY);
         let pool = memory.pool().clone();
@@ -120,6 +124,7 @@ impl Core {
             memory,
             pool,
             config,
+            key,
             stats: Stats::default(),
             events,
             state: Mutex::new(State::default()),
@@ -170,6 +175,13 @@ impl Core {
         Ok(())
     }
 
+    /// Counts and logs a link that failed to open, dialed or accepted (refused at its
+    /// authentication or hello, or broken before either finished).
+    pub(crate) fn link_failed(&self, peer: &dyn std::fmt::Display, error: &Error) {
+        self.stats.link_failed(error.reason());
+        tracing::warn!(%peer, reason = error.reason().as_str(), error = %error, "kv link refused or failed to open");
+    }
+
     /// Records a link a backend opened (dialed or accepted).
     pub(crate) fn register(&self, link: Arc<dyn Link>) {
         self.lock().links.insert(link.id(), link);
@@ -192,10 +204,11 @@ impl Core {
         if let Some(link) = entry.live() {
             return Ok(link);
         }
-        let link: Arc<dyn Link> = match endpoint {
-            Endpoint::Tcp(addr) => super::tcp::connect(self.clone(), *addr).await?,
-            Endpoint::Shm(path) => super::shm::connect(self.clone(), path).await?,
+        let dialed = match endpoint {
+            Endpoint::Tcp(addr) => super::tcp::connect(self.clone(), *addr).await,
+            Endpoint::Shm(path) => super::shm::connect(self.clone(), path).await,
         };
+        let link: Arc<dyn Link> = dialed.inspect_err(|e| self.link_failed(endpoint, e))?;
         tracing::info!(%endpoint, peer = %link.remote().worker, "kv link open");
         *entry.link.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.clone());
         Ok(link)

@@ -12,6 +12,7 @@ use baton_core::HandoffId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Link;
+use super::auth::{self, Handshake, Next, Side};
 use super::core::Core;
 use crate::error::{Error, Result};
 use crate::wire::{self, CloseCode, HEADER_LEN, Header, Hello, Kind, Notice, ReadRequest};
@@ -22,6 +23,70 @@ const MAX_CONTROL: u32 = 16 << 20;
 
 /// Scratch reads of a dropped frame's payload, at most this much at a time.
 const DISCARD_CHUNK: usize = 64 << 10;
+
+/// The link's authentication, before its hello (`auth`): offers both ways, then proofs where
+/// both sides hold a key. A refusal tells the peer why in a close frame. Bounded by the
+/// handshake timeout.
+pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    core: &Core,
+    stream: &mut S,
+    side: Side,
+) -> Result<()> {
+    let limit = core.config.handshake_timeout;
+    let exchange = async {
+        let handshake = Handshake::new(core.key.as_ref(), side)?;
+        send_auth(stream, &handshake.offer()).await?;
+        let peer = read_auth(stream, core).await?;
+        let next = match handshake.on_offer(&peer) {
+            Ok(next) => next,
+            Err(e) => return Err(refuse(stream, e).await),
+        };
+        if let Next::Prove { proof, expect } = next {
+            send_auth(stream, &proof).await?;
+            let peer = read_auth(stream, core).await?;
+            if let Err(e) = auth::check_proof(&expect, &peer) {
+                return Err(refuse(stream, e).await);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| Error::Timeout {
+            during: "the kv link's authentication",
+            limit,
+        })?
+}
+
+async fn send_auth<S: AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) -> Result<()> {
+    let frame = wire::frame(Kind::Auth, HandoffId(0), payload)?;
+    stream.write_all(&frame).await.map_err(io("write auth"))
+}
+
+/// The peer's next auth payload; its close frame is its refusal.
+async fn read_auth<S: AsyncRead + Unpin>(stream: &mut S, core: &Core) -> Result<Vec<u8>> {
+    let (header, body) = read_control(stream, core).await?;
+    match header.kind {
+        Kind::Auth => Ok(body),
+        Kind::Close => {
+            let (code, message) = wire::decode_close(&body)?;
+            Err(Error::PeerRefused { code, message })
+        }
+        got => Err(Error::UnexpectedFrame {
+            expected: Kind::Auth,
+            got,
+        }),
+    }
+}
+
+/// Tells the peer why it is refused (best effort) and returns the error.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, e: Error) -> Error {
+    let close = wire::encode_close(CloseCode::for_error(&e), &e.to_string());
+    if let Ok(f) = wire::frame(Kind::Close, HandoffId(0), &close) {
+        let _ = stream.write_all(&f).await;
+    }
+    e
+}
 
 /// Sends this agent's hello and reads the peer's; refuses a peer whose pool cannot be mapped
 /// onto ours (telling it why in a close frame). Bounded by the handshake timeout.
@@ -179,10 +244,10 @@ pub(crate) async fn serve<R: AsyncRead + Unpin>(
                 tracing::info!(peer = %link.remote().worker, ?code, %message, "kv link closed by the peer");
                 return Ok(());
             }
-            Kind::Hello => {
+            Kind::Hello | Kind::Auth => {
                 let e = Error::MalformedFrame {
-                    kind: Kind::Hello,
-                    reason: "a second hello".into(),
+                    kind: header.kind,
+                    reason: "a handshake frame after the handshake".into(),
                 };
                 core.rejected(None, &e);
                 return Err(e);

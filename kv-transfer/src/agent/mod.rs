@@ -21,6 +21,7 @@
 //! in-process writer holds a guard clone, and a peer that writes straight into this process's
 //! memory must acknowledge a cancel ([`Notice::Stopped`]) or lose its connection first.
 
+pub mod auth;
 mod config;
 mod core;
 pub(crate) mod coverage;
@@ -33,6 +34,7 @@ mod tcp;
 /// of the crate's API.
 #[doc(hidden)]
 pub mod fuzzing {
+    pub use super::auth::decode_offer;
     pub use super::framed::split_hello;
     pub use super::shm::split_shm_hello;
 }
@@ -46,6 +48,7 @@ use std::time::Duration;
 use baton_core::{BlockId, HandoffId, WorkerId};
 use tokio::sync::mpsc;
 
+pub use auth::LinkKey;
 pub use config::KvConfig;
 
 use crate::endpoint::Endpoint;
@@ -379,16 +382,29 @@ pub struct Agent {
     core: Arc<core::Core>,
 }
 
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("worker", &self.core.id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Agent {
     /// Registers `memory`, binds the configured endpoints and starts serving peers. Events
     /// arrive on the returned channel, which the owner must keep reading.
+    ///
+    /// With `key`, every link this agent opens or accepts proves the key both ways before its
+    /// hello, and a peer without it is refused ([`auth`]); without, links are open (only
+    /// while every listener is on loopback: the worker's config checks that).
     pub async fn start(
         worker: WorkerId,
         memory: Arc<dyn KvRegion>,
         config: KvConfig,
+        key: Option<LinkKey>,
     ) -> Result<(Agent, mpsc::Receiver<Event>)> {
         config.validate()?;
-        let (core, events) = core::Core::new(worker, memory, config);
+        let (core, events) = core::Core::new(worker, memory, config, key);
         let core = Arc::new(core);
         core.listen().await?;
         Ok((Agent { core }, events))

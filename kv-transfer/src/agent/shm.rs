@@ -7,6 +7,9 @@
 //! counting the range. Off by default: the bytes cross no wire, and the check costs a sixth to
 //! a fifth of the copy's speed and a pass over the bytes on the receiver's CPU (BENCHMARKS.md).
 //!
+//! Before the hello each side authenticates (`auth`) on the same socket, so the memfd goes
+//! only to a peer that proved the cluster key.
+//!
 //! A writer claims a handoff (`Begin` / `Go`) before its first direct write, so the receiver
 //! knows whom to wait for if it gives the handoff up (`Cancel` / `Stopped`): another process's
 //! writes cannot be fenced off, only agreed to stop. Where the peer's pool is not mapped (its
@@ -26,6 +29,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::net::unix::OwnedWriteHalf;
 
+use super::auth::Side;
 use super::core::Core;
 use super::{BoxFuture, Link, Transport, framed};
 use crate::copy::checksummed_copy;
@@ -417,15 +421,12 @@ pub(crate) async fn listen(core: Arc<Core>, path: &Path) -> Result<Endpoint> {
             };
             let core = core.clone();
             tokio::spawn(async move {
-                let std = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => return tracing::warn!(error = %e, "kv shm peer"),
+                let opened = async {
+                    let std = authenticated(&core, stream, Side::Acceptor).await?;
+                    open(core.clone(), std).await
                 };
-                if let Err(e) = std.set_nonblocking(false) {
-                    return tracing::warn!(error = %e, "kv shm peer");
-                }
-                if let Err(e) = open(core, std).await {
-                    tracing::warn!(error = %e, "kv shm peer refused");
+                if let Err(e) = opened.await {
+                    core.link_failed(&"a local shm peer", &e);
                 }
             });
         }
@@ -446,5 +447,30 @@ pub(crate) async fn connect(core: Arc<Core>, path: &Path) -> Result<Arc<dyn Link
             during: "connect to a kv shm peer",
             source,
         })?;
+    sock.set_nonblocking(true).map_err(|source| Error::Io {
+        during: "make the shm socket non-blocking",
+        source,
+    })?;
+    let stream = tokio::net::UnixStream::from_std(sock).map_err(|source| Error::Io {
+        during: "register the shm socket",
+        source,
+    })?;
+    let sock = authenticated(&core, stream, Side::Dialer).await?;
     Ok(open(core, sock).await?)
+}
+
+/// Runs the link's authentication (`auth`) on `stream`, then hands it back as a blocking
+/// socket for the hello, which passes the pool's memfd: a peer sees this pool's memory only
+/// after it proved the cluster key.
+async fn authenticated(
+    core: &Core,
+    mut stream: tokio::net::UnixStream,
+    side: Side,
+) -> Result<StdUnixStream> {
+    framed::authenticate(core, &mut stream, side).await?;
+    let io = |during| move |source| Error::Io { during, source };
+    let std = stream.into_std().map_err(io("take the shm socket back"))?;
+    std.set_nonblocking(false)
+        .map_err(io("make the shm socket blocking"))?;
+    Ok(std)
 }

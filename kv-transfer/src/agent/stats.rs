@@ -15,6 +15,7 @@ pub struct Stats {
     handoffs_failed: AtomicU64,
     frames_rejected: AtomicU64,
     failures: [AtomicU64; FailureReason::ALL.len()],
+    links_failed: [AtomicU64; FailureReason::ALL.len()],
 }
 
 /// A copy of the counters at one moment.
@@ -31,11 +32,23 @@ pub struct StatsSnapshot {
     pub frames_rejected: u64,
     /// Failures of frames, handoffs or connections, by reason, in [`FailureReason::ALL`] order.
     pub failures: [u64; FailureReason::ALL.len()],
+    /// Links that failed to open (dialed or accepted), by reason, in [`FailureReason::ALL`]
+    /// order: `Unauthenticated` counts peers refused for the cluster key.
+    pub links_failed: [u64; FailureReason::ALL.len()],
 }
 
 impl StatsSnapshot {
     pub fn failures(&self, reason: FailureReason) -> u64 {
         self.failures[reason.index()]
+    }
+
+    pub fn links_failed(&self, reason: FailureReason) -> u64 {
+        self.links_failed[reason.index()]
+    }
+
+    /// [`Self::links_failed`] of every reason, labelled for metrics.
+    pub fn links_failed_by_reason(&self) -> [(&'static str, u64); FailureReason::ALL.len()] {
+        FailureReason::ALL.map(|r| (r.as_str(), self.links_failed(r)))
     }
 }
 
@@ -50,6 +63,7 @@ impl Stats {
             handoffs_failed: g(&self.handoffs_failed),
             frames_rejected: g(&self.frames_rejected),
             failures: std::array::from_fn(|i| g(&self.failures[i])),
+            links_failed: std::array::from_fn(|i| g(&self.links_failed[i])),
         }
     }
 
@@ -71,6 +85,9 @@ impl Stats {
     }
     pub(crate) fn frame_rejected(&self) {
         self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn link_failed(&self, reason: FailureReason) {
+        self.links_failed[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn failure(&self, reason: FailureReason) {
         self.failures[reason.index()].fetch_add(1, Ordering::Relaxed);

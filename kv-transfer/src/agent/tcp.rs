@@ -3,6 +3,7 @@
 //! sending side writes header and payload as one vectored write, from owned buffers (a push
 //! from the engine thread) or straight from the pinned pool (a pull served by the agent).
 //!
+//! Each stream authenticates on its own (`auth`) before its hello: a stream is a connection.
 //! The hello of each stream carries the link's nonce, the stream's index and the stream count,
 //! so the accepting side groups a dialer's streams into one link.
 
@@ -17,6 +18,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use super::auth::Side;
 use super::core::Core;
 use super::{BoxFuture, Link, Transport, framed};
 use crate::endpoint::Endpoint;
@@ -244,8 +246,8 @@ async fn accept_loop(core: Arc<Core>, listener: TcpListener) {
         };
         let (core, pending) = (core.clone(), pending.clone());
         tokio::spawn(async move {
-            if let Err(e) = accept(core, stream, pending).await {
-                tracing::warn!(%peer, error = %e, "kv tcp peer refused");
+            if let Err(e) = accept(core.clone(), stream, pending).await {
+                core.link_failed(&peer, &e);
             }
         });
     }
@@ -253,6 +255,7 @@ async fn accept_loop(core: Arc<Core>, listener: TcpListener) {
 
 async fn accept(core: Arc<Core>, mut stream: TcpStream, pending: Pending) -> Result<()> {
     let _ = stream.set_nodelay(true);
+    framed::authenticate(&core, &mut stream, Side::Acceptor).await?;
     let (hello, extra_bytes) = framed::handshake(&core, &mut stream, &extra(0, 0, 1)).await?;
     let (nonce, index, count) = parse_extra(&extra_bytes)?;
     let key = (hello.worker.clone(), nonce);
@@ -329,6 +332,7 @@ pub(crate) async fn connect(core: Arc<Core>, addr: SocketAddr) -> Result<Arc<dyn
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        framed::authenticate(&core, &mut stream, Side::Dialer).await?;
         let (hello, _) = framed::handshake(&core, &mut stream, &extra(nonce, index, count)).await?;
         if remote.as_ref().is_some_and(|r| *r != hello) {
             return Err(Error::MalformedFrame {
