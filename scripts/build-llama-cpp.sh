@@ -6,34 +6,35 @@
 #   scripts/build-llama-cpp.sh [VERSION]     # default: the newest on PyPI
 #
 # Cached under ${BATON_CACHE:-~/.cache/baton}/llama.cpp-<version>; about 10 minutes on 2 cores
-# the first time. Needs a C++ compiler and cmake (`pip install cmake` brings one). The sdist is
-# fetched through PyPI's JSON API rather than `pip download --no-binary :all:`, which would
-# also build cmake itself from source to prepare the package's metadata.
+# the first time. Needs a C++ compiler; cmake and scikit-build-core come from PyPI as wheels.
+# The sdist is fetched with `pip download --no-build-isolation` (only the package registry is
+# reachable here, not PyPI's JSON API; with build isolation pip would build cmake itself from
+# source just to read the package's metadata).
 set -euo pipefail
 version=${1:-}
 cache=${BATON_CACHE:-$HOME/.cache/baton}
-meta=$(python3 - "$version" <<'PY'
-import json, sys, urllib.parse, urllib.request
-want = sys.argv[1]
-base = "https://pypi.org/pypi/llama-cpp-python/" + (want + "/" if want else "") + "json"
-d = json.load(urllib.request.urlopen(base))
-url = next(u["url"] for u in d["urls"] if u["packagetype"] == "sdist")
-print(d["info"]["version"], urllib.parse.urljoin(base, url))
-PY
-)
-version=${meta%% *}
-url=${meta#* }
+if [[ -n $version ]]; then
+  dir=$cache/llama.cpp-$version
+  if [[ -x $dir/bin/llama-server && -x $dir/bin/llama-bench ]]; then
+    echo "$dir/bin"
+    exit 0
+  fi
+fi
+python3 -m pip install -q cmake scikit-build-core >&2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+python3 -m pip download -q --no-binary :all: --no-deps --no-build-isolation \
+  "llama-cpp-python${version:+==$version}" -d "$tmp" >&2
+sdist=$(echo "$tmp"/llama_cpp_python-*.tar.gz)
+version=${sdist##*/llama_cpp_python-}
+version=${version%.tar.gz}
 dir=$cache/llama.cpp-$version
 if [[ -x $dir/bin/llama-server && -x $dir/bin/llama-bench ]]; then
   echo "$dir/bin"
   exit 0
 fi
-command -v cmake >/dev/null || python3 -m pip install -q cmake >&2
 mkdir -p "$dir"
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-curl -sfL "$url" -o "$tmp/sdist.tar.gz"
-tar -xzf "$tmp/sdist.tar.gz" -C "$tmp"
+tar -xzf "$sdist" -C "$tmp"
 src=$(echo "$tmp"/llama_cpp_python-*/vendor/llama.cpp)
 cmake -S "$src" -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \

@@ -399,3 +399,117 @@ async fn recompute_policy_continues_a_stream_whose_pull_source_died() {
     );
     await_full(decode_load(d), Duration::from_secs(5)).await;
 }
+
+/// A decode pool that cannot be allocated as shared memory (here: a file-size limit the memfd's
+/// size passes, as a memory-limited or sealed environment refuses shared memory) falls back to
+/// private memory, says so in its log and in `baton_kv_pool_shared`, and still takes handoffs
+/// over its shared-memory socket: the prefill worker writes through the socket instead of
+/// mapping the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_that_cannot_be_shared_falls_back_to_private_memory_and_says_so() {
+    let model = model();
+    let dir = std::env::temp_dir().join(format!("baton-shm-fallback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (p_sock, d_sock) = (dir.join("p.sock"), dir.join("d.sock"));
+    let prefill = worker(
+        "prefill",
+        &model,
+        &["--kv-shm-socket", p_sock.to_str().expect("utf-8")],
+    );
+    // 1 MiB files at most: the 128 MiB memfd's ftruncate fails (EFBIG; the SIGXFSZ it raises is
+    // ignored, and stays ignored across exec).
+    let limited = [
+        "sh".to_string(),
+        "-c".into(),
+        "trap '' XFSZ; ulimit -f 1024; exec \"$0\" \"$@\"".into(),
+    ];
+    let decode = Proc::start_with(
+        &limited,
+        &[
+            "decode",
+            "--model",
+            &model,
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-cache-mib",
+            "128",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--kv-shm-socket",
+            d_sock.to_str().expect("utf-8"),
+        ],
+        2,
+    );
+    let (d, d_metrics) = (decode.addrs[0], decode.addrs[1]);
+    worker_info("decode", d).await;
+    assert!(
+        decode
+            .stderr()
+            .iter()
+            .any(|l| l.contains("FALLBACK") && l.contains("shared memory")),
+        "the fallback is logged"
+    );
+    let (status, page) = common::get(d_metrics, "/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        page.lines().any(|l| l == "baton_kv_pool_shared 0"),
+        "the fallback is in the metrics:\n{page}"
+    );
+
+    let coordinator = Proc::start(
+        &[
+            "coordinator",
+            "--model",
+            &model,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--prefill-worker",
+            &prefill.addrs[0].to_string(),
+            "--decode-worker",
+            &d.to_string(),
+            // Shared memory asked for, not chosen once a link is seen.
+            "--set",
+            "coordinator.transport=shm",
+        ],
+        2,
+    );
+    let grpc = coordinator.addrs[0];
+    let mut client = InferenceClient::new(channel(grpc));
+    let started = Instant::now();
+    let placement = loop {
+        let reply = client
+            .generate(v1::GenerateRequest {
+                input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
+                    ids: (0..64).map(|i| 300 + i).collect(),
+                })),
+                sampling: Some(greedy(4)),
+                pd_mode: v1::PdMode::Force as i32,
+                ..Default::default()
+            })
+            .await;
+        match reply {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                let mut finish = None;
+                while let Some(m) = stream.message().await.expect("stream") {
+                    finish = m.finish.or(finish);
+                }
+                break finish.expect("finish").placement.expect("placement");
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                assert!(started.elapsed() < START_LIMIT, "never served: {s:?}");
+                tokio::task::yield_now().await;
+            }
+            Err(s) => panic!("generate: {s:?}"),
+        }
+    };
+    assert_eq!(placement.mode, "disaggregated");
+    assert_eq!(
+        placement.kv.expect("kv stats").transport,
+        v1::Transport::Shm as i32,
+        "the handoff went over the shm socket"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -113,6 +113,12 @@ impl Collector for DecodeCollector {
             e,
             &self.agent.stats().snapshot().links_failed_by_reason(),
         )?;
+        gauge(
+            e,
+            "kv_pool_shared",
+            "1 while the KV pool is shared memory that prefill workers on this host map, 0 when private (never configured, or the fallback after shared memory was refused)",
+            i64::from(self.agent.pool_shared()),
+        )?;
         counter(
             e,
             "preemptions",

@@ -371,7 +371,18 @@ impl KvCache {
                 .map_err(|_| Error::invalid("kv_cache_bytes", "larger than this address space"))?;
             let region = match memory {
                 PoolMemory::Private => HostRegion::private(len),
-                PoolMemory::Shared => HostRegion::shared(len, "baton-kv-pool"),
+                PoolMemory::Shared => HostRegion::shared(len, "baton-kv-pool").or_else(|e| {
+                    // Shared memory refused (a memory limit, a sandbox without memfd): the pool
+                    // still works as private memory; peers on this host then write through the
+                    // shm socket, one copy more. Said loudly: the decode worker's
+                    // `baton_kv_pool_shared` gauge reads 0.
+                    tracing::warn!(
+                        error = %e,
+                        bytes = len,
+                        "FALLBACK: the kv pool could not be allocated as shared memory; it is private memory, so prefill workers on this host write into it through the shm socket instead of mapping it"
+                    );
+                    HostRegion::private(len)
+                }),
             }
             .map_err(|e| Error::KvImport(format!("allocating the {len}-byte kv pool: {e}")))?;
             Storage::Host(Arc::new(region))

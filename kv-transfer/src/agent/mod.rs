@@ -428,6 +428,12 @@ impl Agent {
         &self.core.stats
     }
 
+    /// Whether this worker's pool is memory peers on this host can map (shared memory), as
+    /// opposed to private memory they write through a socket.
+    pub fn pool_shared(&self) -> bool {
+        self.core.memory.host().is_some_and(|r| r.fd().is_some())
+    }
+
     /// The connection to `endpoint`, opened and handshaken now if there is none open. Refused
     /// when the peer's layout cannot be mapped onto this pool's.
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Peer> {
