@@ -558,13 +558,7 @@ fn check_lan_security(config: &crate::config::ClusterConfig) -> anyhow::Result<(
         ),
     ];
     for (role, tls, cluster_key, insecure_remote) in roles {
-        let exposure = Exposure {
-            role,
-            listeners: vec![("listen", every), ("kv.tcp_listen", every)],
-            tls,
-            cluster_key,
-            insecure_remote,
-        };
+        let exposure = Exposure::of_worker(role, every, every, tls, cluster_key, insecure_remote);
         if let Verdict::Refuse { reason, .. } = exposure.verdict() {
             bail!(
                 "--discovery starts {role} workers on every interface: {reason}. A secured LAN \

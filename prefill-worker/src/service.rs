@@ -425,20 +425,14 @@ fn load_report(
 /// Refuses to serve beyond this host without security, or warns where `insecure_remote`
 /// allows it ([`baton_worker::exposure`]).
 fn check_exposure(config: &PrefillConfig, listen: std::net::SocketAddr) -> Result<()> {
-    use baton_worker::exposure::{Exposure, Verdict};
-    let exposure = Exposure {
-        role: "prefill",
-        listeners: vec![("listen", listen), ("kv.tcp_listen", config.kv.tcp_listen)],
-        tls: config.tls.is_some(),
-        cluster_key: config.discovery.cluster_key_file.is_some(),
-        insecure_remote: config.insecure_remote,
-    };
-    match exposure.verdict() {
-        Verdict::Serve => Ok(()),
-        Verdict::ServeWarned(warning) => {
-            tracing::warn!("{warning}");
-            Ok(())
-        }
-        Verdict::Refuse { field, reason } => Err(Error::InvalidRequest { field, reason }),
-    }
+    baton_worker::exposure::Exposure::of_worker(
+        "prefill",
+        listen,
+        config.kv.tcp_listen,
+        config.tls.is_some(),
+        config.discovery.cluster_key_file.is_some(),
+        config.insecure_remote,
+    )
+    .enforce()
+    .map_err(|(field, reason)| Error::InvalidRequest { field, reason })
 }

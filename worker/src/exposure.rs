@@ -30,7 +30,39 @@ pub enum Verdict {
     Refuse { field: &'static str, reason: String },
 }
 
-impl Exposure<'_> {
+impl<'a> Exposure<'a> {
+    /// A worker about to serve: `listen` (its bound gRPC address) and `kv_listen`, with what
+    /// its config sets.
+    pub fn of_worker(
+        role: &'a str,
+        listen: SocketAddr,
+        kv_listen: SocketAddr,
+        tls: bool,
+        cluster_key: bool,
+        insecure_remote: bool,
+    ) -> Self {
+        Self {
+            role,
+            listeners: vec![("listen", listen), ("kv.tcp_listen", kv_listen)],
+            tls,
+            cluster_key,
+            insecure_remote,
+        }
+    }
+
+    /// The verdict acted on: `Ok` to serve (the warning logged where there is one), else the
+    /// field to change and why.
+    pub fn enforce(&self) -> Result<(), (&'static str, String)> {
+        match self.verdict() {
+            Verdict::Serve => Ok(()),
+            Verdict::ServeWarned(warning) => {
+                tracing::warn!("{warning}");
+                Ok(())
+            }
+            Verdict::Refuse { field, reason } => Err((field, reason)),
+        }
+    }
+
     pub fn verdict(&self) -> Verdict {
         let Some((key, addr)) = self.listeners.iter().find(|(_, a)| !a.ip().is_loopback()) else {
             return Verdict::Serve;
