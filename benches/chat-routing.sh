@@ -55,7 +55,7 @@ sum_metric() { # metric urls...: the sum of an unlabelled counter over the pages
 
 machine_info | tee "$out/machine.txt"
 
-"$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --host 127.0.0.1 --port $llama_port \
+"$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --no-repack --host 127.0.0.1 --port $llama_port \
   >"$logs/llama-server.log" 2>&1 &
 children+=($!)
 wait_http "http://127.0.0.1:$llama_port" /health

@@ -51,7 +51,7 @@ workload() { # name endpoint workload extra-args...
 
 machine_info | tee "$out/machine.txt"
 
-"$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --host 127.0.0.1 --port $llama_port \
+"$llama_server" -m "$model" -t 2 -tb 2 -c 16384 -np 8 --no-repack --host 127.0.0.1 --port $llama_port \
   >"${TMPDIR:-/tmp}/llama-server.log" 2>&1 &
 children+=($!)
 wait_http "http://127.0.0.1:$llama_port" /health

@@ -33,6 +33,6 @@ machine_info() { # what ran where, for OUT/machine.txt
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs), $(nproc) cores"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "llama-server: $llama_server ($("$llama_server" --version 2>&1 | grep -m1 version || true)), -t 2 -tb 2 -c 16384 -np 8"
+  echo "llama-server: $llama_server ($("$llama_server" --version 2>&1 | grep -m1 version || true)), -t 2 -tb 2 -c 16384 -np 8 --no-repack (AMX faults in this VM; for Q4_1 it is the only extra buffer type)"
   "$baton" --version
 }
