@@ -513,3 +513,69 @@ async fn a_pool_that_cannot_be_shared_falls_back_to_private_memory_and_says_so()
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The coordinator's DisconnectPeer (sent to the peers of a worker that left): the prefill
+/// worker closes the link it dialed to the decode worker's agent, says whether there was one,
+/// and the next ConnectPeer dials anew. The decode worker answers the same call for links it
+/// dialed (none here: it read no pull source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_peer_closes_a_link_and_the_next_connect_dials_anew() {
+    let model = model();
+    let decode = worker("decode", &model, &[]);
+    let prefill = worker("prefill", &model, &[]);
+    let (p, d) = (prefill.addrs[0], decode.addrs[0]);
+    let dinfo = worker_info("decode", d).await;
+    worker_info("prefill", p).await;
+    let endpoint = dinfo
+        .kv_endpoints
+        .iter()
+        .find(|e| e.transport == v1::Transport::Tcp as i32)
+        .cloned();
+    let mut pc = PrefillWorkerClient::new(channel(p));
+    let connect = v1::ConnectRequest {
+        endpoint: endpoint.clone(),
+        destination: dinfo.layout.clone(),
+    };
+    let first = pc.connect_peer(connect.clone()).await.expect("link");
+    assert!(!first.get_ref().already_connected);
+    let again = pc.connect_peer(connect.clone()).await.expect("link");
+    assert!(again.get_ref().already_connected, "the link is kept");
+
+    let disconnect = v1::DisconnectRequest {
+        endpoint: endpoint.clone(),
+    };
+    let closed = pc
+        .disconnect_peer(disconnect.clone())
+        .await
+        .expect("disconnect");
+    assert!(closed.get_ref().was_connected);
+    let twice = pc
+        .disconnect_peer(disconnect.clone())
+        .await
+        .expect("disconnect");
+    assert!(!twice.get_ref().was_connected, "nothing left to close");
+    let anew = pc.connect_peer(connect).await.expect("link again");
+    assert!(!anew.get_ref().already_connected, "dialed anew");
+
+    let none = DecodeWorkerClient::new(channel(d))
+        .disconnect_peer(v1::DisconnectRequest {
+            endpoint: Some(v1::KvEndpoint {
+                transport: v1::Transport::Tcp as i32,
+                address: p.to_string(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("disconnect");
+    assert!(!none.get_ref().was_connected);
+    let missing = pc
+        .disconnect_peer(v1::DisconnectRequest { endpoint: None })
+        .await
+        .expect_err("no endpoint");
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    assert!(
+        missing.message().contains("endpoint"),
+        "{}",
+        missing.message()
+    );
+}

@@ -910,4 +910,42 @@ async fn the_default_render_runs_a_secured_cluster() {
         .await
         .expect_err("no API key");
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    // The decode worker leaves the cluster while its process lives on (its etcd key deleted,
+    // as an operator or a lost lease would): the coordinator tells the prefill worker to close
+    // the KV link it opened to it.
+    let mut etcd_client = etcd.client().await;
+    let keys = etcd_client
+        .get(
+            "/baton/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("etcd get");
+    let decode_key = keys
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .find(|k| k.contains("decode"))
+        .expect("the decode worker's key");
+    etcd_client
+        .delete(decode_key.as_str(), None)
+        .await
+        .expect("etcd delete");
+    let left = std::time::Instant::now();
+    while !procs["prefill"]
+        .stderr()
+        .iter()
+        .any(|l| l.contains("kv link closed") && l.contains("decode worker left"))
+    {
+        assert!(
+            left.elapsed() < std::time::Duration::from_secs(10),
+            "the prefill worker kept its link to the departed decode worker"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use baton_core::{BlockHash, Fingerprint, KvIndex, block_hashes, reusable_blocks};
 use baton_discovery::{Member, Membership, Source};
 use baton_proto::v1::{
-    self, ConnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
+    self, ConnectRequest, DisconnectRequest, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_worker_client::DecodeWorkerClient, prefill_worker_client::PrefillWorkerClient,
 };
 use baton_telemetry::TraceContext;
@@ -467,6 +467,9 @@ enum Applied {
 /// published, never behind an engine step, so only a worker that stopped answering takes this
 /// long.
 const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a peer may take to close its KV link to a departed worker.
+const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The longest a worker channel's TCP connect may take (tonic bounds the connect only, not a
 /// TLS handshake after it; a poll's own time-out bounds that), as long as a poll's answer.
@@ -1048,7 +1051,59 @@ impl Registry {
             worker.stop();
             self.unlink_worker(id);
             tracing::info!(worker = %id, address = %worker.address, role = worker.role.as_str(), via, "worker left");
+            self.close_links_to(&worker);
         }
+    }
+
+    /// Tells the peers of a departed worker to close the KV links they opened to its agent
+    /// (prefill workers dial decode workers' agents to push; decode workers dial prefill
+    /// workers' to read pull sources). In the background, each call bounded; a peer that
+    /// misses it finds the link broken on its next use, as before.
+    fn close_links_to(&self, gone: &Worker) {
+        let (Some(info), Ok(runtime)) = (gone.info(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let endpoints: Vec<v1::KvEndpoint> = info
+            .kv_endpoints
+            .iter()
+            .map(|e| reachable(e, &gone.address))
+            .collect();
+        let peers: Vec<Arc<Worker>> = self
+            .all()
+            .into_iter()
+            .filter(|w| w.role != gone.role)
+            .collect();
+        if endpoints.is_empty() || peers.is_empty() {
+            return;
+        }
+        let gone = gone.key.clone();
+        runtime.spawn(async move {
+            for peer in peers {
+                for endpoint in &endpoints {
+                    let req = DisconnectRequest {
+                        endpoint: Some(endpoint.clone()),
+                    };
+                    let call = async {
+                        match peer.role {
+                            WorkerRole::Prefill => peer.prefill_client().disconnect_peer(req).await,
+                            WorkerRole::Decode => peer.decode_client().disconnect_peer(req).await,
+                        }
+                    };
+                    match tokio::time::timeout(DISCONNECT_TIMEOUT, call).await {
+                        Ok(Ok(r)) if r.get_ref().was_connected => {
+                            tracing::info!(peer = %peer.key, left = %gone, endpoint = %endpoint.address, "kv link to a departed worker closed");
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(status)) => {
+                            tracing::debug!(peer = %peer.key, left = %gone, error = %status.message(), "closing a kv link to a departed worker failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(peer = %peer.key, left = %gone, "closing a kv link to a departed worker timed out");
+                        }
+                    }
+                }
+            }
+        });
     }
 
     fn unlink_worker(&self, id: &baton_core::WorkerId) {

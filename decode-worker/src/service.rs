@@ -20,8 +20,8 @@ use baton_engine::{Engine, PoolMemory, SamplingLimits};
 use baton_kv_transfer::agent::{Agent, LinkKey};
 use baton_proto::convert;
 use baton_proto::v1::{
-    self, DecodeFinish, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest,
-    WorkerInfo,
+    self, DecodeFinish, DecodeRequest, DecodeResponse, DisconnectRequest, DisconnectResponse,
+    InfoRequest, LoadReport, LoadRequest, WorkerInfo,
     decode_request::Source as ProtoSource,
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
 };
@@ -183,6 +183,7 @@ pub async fn serve_with_metrics(
         host_id: config.host_id.clone(),
         max_context,
         default_ttl: config.default_lease_ttl,
+        agent: agent.clone(),
     };
     let served = baton_worker::serve(
         ServeOptions {
@@ -213,6 +214,8 @@ pub struct DecodeService {
     host_id: String,
     max_context: usize,
     default_ttl: Duration,
+    /// The KV agent, for links the coordinator says to close.
+    agent: Agent,
 }
 
 impl DecodeService {
@@ -233,6 +236,15 @@ impl DecodeService {
         }
         Ok(())
     }
+}
+
+/// A DisconnectPeer request's endpoint.
+fn peer_endpoint(req: &DisconnectRequest) -> Result<baton_kv_transfer::Endpoint> {
+    let endpoint = req.endpoint.as_ref().ok_or(Error::InvalidRequest {
+        field: "endpoint",
+        reason: "is required".into(),
+    })?;
+    convert::endpoint_from_proto(endpoint).map_err(invalid)
 }
 
 fn invalid(e: convert::ConvertError) -> Error {
@@ -278,6 +290,18 @@ impl DecodeWorker for DecodeService {
             request.get_ref(),
         )
         .map(Response::new)
+    }
+
+    async fn disconnect_peer(
+        &self,
+        request: Request<DisconnectRequest>,
+    ) -> Result<Response<DisconnectResponse>, Status> {
+        let endpoint = peer_endpoint(request.get_ref())?;
+        let was_connected = self
+            .agent
+            .disconnect(&endpoint, "the coordinator says the prefill worker left")
+            .await;
+        Ok(Response::new(DisconnectResponse { was_connected }))
     }
 
     async fn decode(

@@ -27,7 +27,8 @@ use baton_discovery::ClusterKey;
 use baton_discovery::events::EventPublisher;
 use baton_proto::convert::kv_events_to_proto;
 use baton_proto::v1::{
-    self, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
+    self, DecodeRequest, DecodeResponse, DisconnectRequest, DisconnectResponse, InfoRequest,
+    LoadReport, LoadRequest, WorkerInfo,
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
 };
 use prost::Message;
@@ -96,6 +97,16 @@ impl DecodeWorker for SimulatedService {
 
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadReport>, Status> {
         Ok(Response::new(report(&self.0.log, request.get_ref())))
+    }
+
+    /// No KV agent here, so no link to close.
+    async fn disconnect_peer(
+        &self,
+        _: Request<DisconnectRequest>,
+    ) -> Result<Response<DisconnectResponse>, Status> {
+        Ok(Response::new(DisconnectResponse {
+            was_connected: false,
+        }))
     }
 
     async fn decode(

@@ -18,7 +18,8 @@
 use std::net::SocketAddr;
 
 use baton_proto::v1::{
-    self, DecodeRequest, DecodeResponse, InfoRequest, LoadReport, LoadRequest, WorkerInfo,
+    self, DecodeRequest, DecodeResponse, DisconnectRequest, DisconnectResponse, InfoRequest,
+    LoadReport, LoadRequest, WorkerInfo,
     decode_worker_server::{DecodeWorker, DecodeWorkerServer},
 };
 use tokio::net::TcpListener;
@@ -141,6 +142,16 @@ impl DecodeWorker for StandInService {
             free_blocks: BLOCKS,
             total_blocks: BLOCKS,
             ..Default::default()
+        }))
+    }
+
+    /// No KV agent here, so no link to close.
+    async fn disconnect_peer(
+        &self,
+        _: Request<DisconnectRequest>,
+    ) -> Result<Response<DisconnectResponse>, Status> {
+        Ok(Response::new(DisconnectResponse {
+            was_connected: false,
         }))
     }
 

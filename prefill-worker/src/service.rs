@@ -19,8 +19,9 @@ use baton_engine::{Engine, SamplingLimits};
 use baton_kv_transfer::agent::{Agent, LinkKey};
 use baton_proto::convert;
 use baton_proto::v1::{
-    self, ConnectRequest, ConnectResponse, InfoRequest, LoadReport, LoadRequest, PrefillRequest,
-    PrefillResponse, ReleaseRequest, ReleaseResponse, WorkerInfo,
+    self, ConnectRequest, ConnectResponse, DisconnectRequest, DisconnectResponse, InfoRequest,
+    LoadReport, LoadRequest, PrefillRequest, PrefillResponse, ReleaseRequest, ReleaseResponse,
+    WorkerInfo,
     prefill_request::Handoff,
     prefill_worker_server::{PrefillWorker, PrefillWorkerServer},
 };
@@ -269,6 +270,26 @@ impl PrefillWorker for PrefillService {
         Ok(Response::new(ConnectResponse {
             already_connected: existed,
         }))
+    }
+
+    async fn disconnect_peer(
+        &self,
+        request: Request<DisconnectRequest>,
+    ) -> Result<Response<DisconnectResponse>, Status> {
+        let endpoint = request
+            .get_ref()
+            .endpoint
+            .as_ref()
+            .ok_or(Error::InvalidRequest {
+                field: "endpoint",
+                reason: "is required".into(),
+            })?;
+        let endpoint = convert::endpoint_from_proto(endpoint).map_err(invalid)?;
+        let was_connected = self
+            .agent
+            .disconnect(&endpoint, "the coordinator says the decode worker left")
+            .await;
+        Ok(Response::new(DisconnectResponse { was_connected }))
     }
 
     async fn prefill(

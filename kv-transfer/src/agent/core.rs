@@ -214,6 +214,21 @@ impl Core {
         Ok(link)
     }
 
+    /// Closes and forgets the link dialed to `endpoint`; whether a live one was open.
+    pub(crate) async fn disconnect(&self, endpoint: &Endpoint, why: &str) -> bool {
+        let entry = self
+            .dialed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(endpoint);
+        let Some(link) = entry.and_then(|e| e.live()) else {
+            return false;
+        };
+        tracing::info!(%endpoint, peer = %link.remote().worker, why, "kv link closed");
+        link.close(why).await;
+        true
+    }
+
     /// Whether a live dialed link to `endpoint` is open; never waits on a dial in progress.
     pub(crate) async fn is_connected(&self, endpoint: &Endpoint) -> bool {
         let entry = self

@@ -279,6 +279,11 @@ pub(crate) trait Link: Send + Sync {
     /// The link broke or was closed.
     fn is_closed(&self) -> bool;
 
+    /// Closes the link from this side: a close frame saying `why`, then the write halves shut
+    /// down. The peer's end of the socket closes in turn and this side's readers end, which
+    /// fails the link's handoffs (`Core::link_closed`).
+    fn close<'a>(&'a self, why: &'a str) -> BoxFuture<'a, ()>;
+
     /// This link's key among the agent's links.
     fn id(&self) -> u64;
 }
@@ -442,6 +447,12 @@ impl Agent {
             link,
             core: self.core.clone(),
         })
+    }
+
+    /// Closes the link this agent dialed to `endpoint`, if one is open (its peer left the
+    /// cluster). Returns whether one was. Handoffs on it fail; a later `connect` dials anew.
+    pub async fn disconnect(&self, endpoint: &Endpoint, why: &str) -> bool {
+        self.core.disconnect(endpoint, why).await
     }
 
     /// Whether a live link to `endpoint` is open (dialed by this agent).

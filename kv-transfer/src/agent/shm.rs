@@ -148,6 +148,18 @@ impl Link for ShmLink {
         self.closed.load(Ordering::Acquire)
     }
 
+    fn close<'a>(&'a self, why: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.closed.store(true, Ordering::Release);
+            let close = wire::encode_close(wire::CloseCode::Normal, why);
+            let mut w = self.writer.lock().await;
+            if let Ok(f) = wire::frame(Kind::Close, HandoffId(0), &close) {
+                let _ = w.write_all(&f).await;
+            }
+            let _ = w.shutdown().await;
+        })
+    }
+
     fn id(&self) -> u64 {
         self.id
     }

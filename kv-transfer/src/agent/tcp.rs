@@ -155,6 +155,22 @@ impl Link for TcpLink {
         self.closed.load(Ordering::Acquire)
     }
 
+    fn close<'a>(&'a self, why: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.closed.store(true, Ordering::Release);
+            let close = crate::wire::encode_close(crate::wire::CloseCode::Normal, why);
+            let frame = crate::wire::frame(crate::wire::Kind::Close, HandoffId(0), &close).ok();
+            for (i, w) in self.writers.iter().enumerate() {
+                if let Some(mut w) = w.lock().await.take() {
+                    if let (0, Some(f)) = (i, &frame) {
+                        let _ = w.write_all(f).await;
+                    }
+                    let _ = w.shutdown().await;
+                }
+            }
+        })
+    }
+
     fn id(&self) -> u64 {
         self.id
     }
