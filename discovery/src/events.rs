@@ -13,7 +13,7 @@
 
 use std::net::SocketAddr;
 
-use zeromq::{PubSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{PubSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 use crate::advert::ClusterKey;
 use crate::error::{Error, Refusal, Result};
@@ -24,6 +24,18 @@ pub const TOPIC: &[u8] = b"baton.v1.WorkerEvent";
 /// Largest payload a reader accepts (a worker's whole KV index, 8192 block names, is about
 /// 300 KiB).
 pub const MAX_PAYLOAD: usize = 4 << 20;
+
+/// Largest message either socket reads from a peer: a publisher's three frames, or a
+/// subscriber's subscription. Past it the peer's connection ends before anything is reserved
+/// for the frame (zeromq's own decoder would reserve whatever a frame header declares: the
+/// crate is patched for this, third_party/zeromq).
+pub const MAX_MESSAGE: usize = MAX_PAYLOAD + 4096;
+
+fn options() -> SocketOptions {
+    let mut options = SocketOptions::default();
+    options.max_message_size(MAX_MESSAGE);
+    options
+}
 
 fn zmq_error(e: zeromq::ZmqError) -> Error {
     Error::Backend {
@@ -53,7 +65,7 @@ impl EventPublisher {
                 reason: e.to_string(),
             })?
             .port();
-        let mut socket = PubSocket::new();
+        let mut socket = PubSocket::with_options(options());
         socket.bind_listener(listener).await.map_err(zmq_error)?;
         Ok(Self { socket, key, port })
     }
@@ -83,7 +95,7 @@ impl EventSubscriber {
     /// Connects to a publisher at `endpoint` (`host:port`), waiting at most until the
     /// connection is up (the caller bounds it).
     pub async fn connect(endpoint: &str, key: ClusterKey) -> Result<Self> {
-        let mut socket = SubSocket::new();
+        let mut socket = SubSocket::with_options(options());
         socket
             .subscribe(std::str::from_utf8(TOPIC).unwrap_or_default())
             .await
@@ -224,5 +236,80 @@ mod tests {
         .expect("a message arrives");
         let got = received.expect("verifies");
         assert_eq!(got.len(), 4);
+    }
+
+    /// Receives until one message verifies, publishing meanwhile (bounded).
+    async fn round_trip(publisher: &mut EventPublisher, subscriber: &mut EventSubscriber) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                publisher.publish(vec![7; 16]).await.expect("publish");
+                if let Ok(Ok(Ok(_))) =
+                    tokio::time::timeout(std::time::Duration::from_millis(20), subscriber.next())
+                        .await
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("a message arrives");
+    }
+
+    /// A peer that declares a frame of 2^45 bytes (14 bytes on the wire) made the process
+    /// abort in zeromq's decoder, which reserved whatever a header declared. With the cap it
+    /// loses its connection and the publisher goes on serving its subscribers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_declaring_a_huge_frame_is_dropped_and_the_publisher_serves_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let k = key("events-test-key-0123456789abcdef");
+        let mut publisher = EventPublisher::bind("127.0.0.1:0".parse().expect("addr"), k.clone())
+            .await
+            .expect("bind");
+        let at = format!("127.0.0.1:{}", publisher.port());
+        let mut attacker = tokio::net::TcpStream::connect(&at).await.expect("connect");
+        // ZMTP 3.0 greeting (NULL mechanism), then a READY command as a SUB socket.
+        let mut greeting = vec![0xff];
+        greeting.extend([0u8; 8]);
+        greeting.push(0x7f);
+        greeting.extend([3, 0]);
+        greeting.extend(b"NULL");
+        greeting.extend([0u8; 16]);
+        greeting.push(0);
+        greeting.extend([0u8; 31]);
+        attacker.write_all(&greeting).await.expect("greeting");
+        let mut theirs = [0u8; 64];
+        attacker
+            .read_exact(&mut theirs)
+            .await
+            .expect("the publisher's greeting");
+        let mut ready = vec![5];
+        ready.extend(b"READY");
+        ready.push(11);
+        ready.extend(b"Socket-Type");
+        ready.extend(3u32.to_be_bytes());
+        ready.extend(b"SUB");
+        attacker
+            .write_all(&[0x04, ready.len() as u8])
+            .await
+            .expect("command");
+        attacker.write_all(&ready).await.expect("ready");
+        // A long message frame declaring 2^45 bytes.
+        attacker.write_all(&[0x02]).await.expect("flags");
+        attacker
+            .write_all(&(1u64 << 45).to_be_bytes())
+            .await
+            .expect("length");
+        // The publisher hangs up on it (reads end), instead of reserving 32 TiB.
+        let mut rest = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            attacker.read_to_end(&mut rest),
+        )
+        .await
+        .expect("the publisher closes the connection")
+        .ok();
+        // And serves a real subscriber afterwards.
+        let mut subscriber = EventSubscriber::connect(&at, k).await.expect("connect");
+        round_trip(&mut publisher, &mut subscriber).await;
     }
 }
