@@ -165,6 +165,22 @@ pub struct Outcome {
     pub figures: Value,
 }
 
+impl Outcome {
+    /// A result of `scenario` before the runner judges it (`passed`, from its checks) and
+    /// times it (`seconds`); the scenario fills in the rest.
+    fn of(scenario: &'static str) -> Self {
+        Self {
+            scenario,
+            passed: false,
+            skipped: false,
+            seconds: 0.0,
+            summary: String::new(),
+            checks: Vec::new(),
+            figures: Value::Null,
+        }
+    }
+}
+
 /// One promise and whether the run kept it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -223,17 +239,13 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         let result = rt.block_on(run_scenario(scenario, &env, &args));
         let mut outcome = result.unwrap_or_else(|e| Outcome {
-            scenario: scenario.name(),
-            passed: false,
-            skipped: false,
-            seconds: 0.0,
             summary: format!("did not run to the end: {e:#}"),
             checks: vec![Check {
                 what: "the scenario runs to the end".into(),
                 ok: false,
                 detail: format!("{e:#}"),
             }],
-            figures: Value::Null,
+            ..Outcome::of(scenario.name())
         });
         outcome.seconds = started.elapsed().as_secs_f64();
         let panics = panics_in(&env.logs);
@@ -1499,10 +1511,6 @@ async fn kill_decode(
     check_alive(&mut checks, &mut others);
 
     Ok(Outcome {
-        scenario: scenario.name(),
-        passed: false,
-        skipped: false,
-        seconds: 0.0,
         summary: format!(
             "{streams} streams x {tokens} tokens ({shape}), {killed} SIGKILLed with {streams_on_victim} on it: \
              {} completed, {} migrated, {} failed; {}/{streams} equal undisturbed; last stream ended {last_end:.1} s after the kill; {}",
@@ -1520,6 +1528,7 @@ async fn kill_decode(
             "held": held, "failures": failure_messages(&disturbed),
             "undisturbed": undisturbed, "disturbed": disturbed,
         }),
+        ..Outcome::of(scenario.name())
     })
 }
 
@@ -1710,10 +1719,6 @@ async fn kill_prefill(
     others.push(coord);
     check_alive(&mut checks, &mut others);
     Ok(Outcome {
-        scenario: scenario.name(),
-        passed: false,
-        skipped: false,
-        seconds: 0.0,
         summary: format!(
             "{requests} requests of {len} tokens ({shape}), {killed} SIGKILLed while {state}: {completed} completed \
              ({on_victim} finished on it before), failed: {}; replaced {replaced}, migrated {migrations}; \
@@ -1730,6 +1735,7 @@ async fn kill_prefill(
             "last_end_after_kill_s": last_end, "equal": equal, "held": held,
             "disturbed": disturbed, "reference": reference,
         }),
+        ..Outcome::of(scenario.name())
     })
 }
 
@@ -1872,10 +1878,6 @@ async fn stop_prefill(env: &Env, scenario: Scenario, shape: &str) -> anyhow::Res
     others.push(coord);
     check_alive(&mut checks, &mut others);
     Ok(Outcome {
-        scenario: scenario.name(),
-        passed: false,
-        skipped: false,
-        seconds: 0.0,
         summary: format!(
             "{} requests ({shape}; 4 in flight, 4 sent during the stop), {stopped} SIGSTOPped while {state} for {:.0} s \
              (lease {:.0} s): {completed} completed, failed: {}; {late_n} ended past lease + {:.0} s, {after_cont} only after SIGCONT; \
@@ -1895,6 +1897,7 @@ async fn stop_prefill(env: &Env, scenario: Scenario, shape: &str) -> anyhow::Res
             "failures": f, "failure_messages": failure_messages(&streams), "held": held,
             "streams": streams,
         }),
+        ..Outcome::of(scenario.name())
     })
 }
 
@@ -2133,10 +2136,6 @@ async fn restart_coordinator(env: &Env) -> anyhow::Result<Outcome> {
     drop(workers);
     let ok_after = after_ready.iter().filter(|s| s.ok()).count();
     Ok(Outcome {
-        scenario: Scenario::RestartCoordinator.name(),
-        passed: false,
-        skipped: false,
-        seconds: 0.0,
         summary: format!(
             "{CLIENTS} retrying clients (pull), coordinator SIGKILLed with {running_at_kill} running, started again on the same ports: \
              listening {listening_s:.1} s and ready {:.1} s after the kill; {broken} streams broken by the kill, {outage_errors} \
@@ -2155,6 +2154,7 @@ async fn restart_coordinator(env: &Env) -> anyhow::Result<Outcome> {
             "ok_after_ready": ok_after, "failed_after_ready": errors_after_ready, "held": held,
             "clients_log": logs,
         }),
+        ..Outcome::of(Scenario::RestartCoordinator.name())
     })
 }
 
@@ -2463,10 +2463,6 @@ async fn flood(env: &Env, args: &ChaosArgs) -> anyhow::Result<Outcome> {
     let mut others = vec![prefill, decode, coord];
     check_alive(&mut checks, &mut others);
     Ok(Outcome {
-        scenario: Scenario::Flood.name(),
-        passed: false,
-        skipped: false,
-        seconds: 0.0,
         summary: format!(
             "{} clients at once (half HTTP, half gRPC), max_inflight {}: {} completed, {} refused 429/RESOURCE_EXHAUSTED, {} other \
              in {flood_s:.1} s; TTFT of admitted p50 {:.0} ms p99 {:.0} ms; coordinator RSS idle {rss_idle:.0} MiB, peak \
@@ -2496,6 +2492,7 @@ async fn flood(env: &Env, args: &ChaosArgs) -> anyhow::Result<Outcome> {
             "slowloris_cut_off_s": cut, "slowloris_hold_s": hold.as_secs(),
             "held_after_flood": held_flood, "held_after_slow": held,
         }),
+        ..Outcome::of(Scenario::Flood.name())
     })
 }
 
@@ -2611,13 +2608,10 @@ async fn partition(env: &Env, args: &ChaosArgs) -> anyhow::Result<Outcome> {
     let root = unsafe { libc::geteuid() } == 0;
     if !root || Command::new("ip").arg("-V").output().is_err() {
         return Ok(Outcome {
-            scenario: Scenario::Partition.name(),
             passed: true,
             skipped: true,
-            seconds: 0.0,
             summary: "skipped: needs root and iproute2 (`ip`) to make a network namespace".into(),
-            checks: Vec::new(),
-            figures: Value::Null,
+            ..Outcome::of(Scenario::Partition.name())
         });
     }
     let net = Netns::new()?;
@@ -2737,10 +2731,6 @@ async fn partition(env: &Env, args: &ChaosArgs) -> anyhow::Result<Outcome> {
     drop(others);
     drop(net);
     Ok(Outcome {
-        scenario: Scenario::Partition.name(),
-        passed: false,
-        skipped: false,
-        seconds: 0.0,
         summary: format!(
             "{STREAMS} streams x {TOKENS} tokens (push), decode-1's link down {:.0} s with {on_d1} streams on it: {} completed, \
              {} migrated, {} failed; {ended_before_up} ended while down{}; longest stall {worst_gap:.1} s; last ended \
@@ -2761,6 +2751,7 @@ async fn partition(env: &Env, args: &ChaosArgs) -> anyhow::Result<Outcome> {
             "failures": failure_messages(&disturbed), "held": held,
             "undisturbed": undisturbed, "disturbed": disturbed,
         }),
+        ..Outcome::of(Scenario::Partition.name())
     })
 }
 
