@@ -7,7 +7,8 @@
 //! - [`roles`]: `baton coordinator | prefill | decode`, each from its layered config ([`config`]).
 //! - [`status`]: `baton status`, the pool as a coordinator sees it.
 //! - [`keys`]: `baton keys new`, an API key and the config table that admits it.
-//! - [`certs`]: `baton certs`, a development CA and per-role certificates for mutual TLS.
+//! - [`certs`]: `baton certs`, a development CA and per-role certificates for mutual TLS, and
+//!   the cluster key that KV links prove.
 //! - [`budget`]: `baton budget`, the cloud budget's windows, spend and open reservations.
 //! - [`generate`]: a client of the cluster, or the engine in this process (`--local`).
 //! - [`bench_serve`]: `baton bench serve`, the load generator's flags over `baton-bench`.

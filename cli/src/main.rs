@@ -37,8 +37,9 @@ enum Command {
     /// API keys for the client APIs.
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Write a development certificate authority and a certificate per role (coordinator,
-    /// prefill, decode) for mutual TLS between them.
+    /// Write a development certificate authority, a certificate per role (coordinator,
+    /// prefill, decode) for mutual TLS between them, a cluster key for KV links and adverts,
+    /// and tls.toml naming them all (`baton up --config DIR/tls.toml`).
     Certs(certs::CertsArgs),
     /// Generate text from a prompt and stream it to the terminal.
     Generate(generate::GenerateArgs),
