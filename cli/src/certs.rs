@@ -85,7 +85,7 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             true,
         )?;
     }
-    write(&args.out.join("cluster.key"), &cluster_key()?, true)?;
+    write(&args.out.join("cluster.key"), &cluster_key(), true)?;
     // One config file for every role: `baton up --config DIR/tls.toml` runs a secured cluster.
     let absolute = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
     let dir = absolute.display();
@@ -113,14 +113,9 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// 32 bytes from the kernel's random source, as hex (a cluster key file).
-fn cluster_key() -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("read /dev/urandom for the cluster key")?;
-    Ok(format!("{}\n", baton_core::hex::encode(&bytes)))
+/// 32 random bytes (the thread's CSPRNG, seeded from the OS), as hex: a cluster key file.
+fn cluster_key() -> String {
+    format!("{}\n", baton_core::hex::encode(&rand::random::<[u8; 32]>()))
 }
 
 /// From an hour ago (clocks differ a little between machines) for `days` days.

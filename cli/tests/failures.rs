@@ -443,10 +443,8 @@ async fn a_pool_that_cannot_be_shared_falls_back_to_private_memory_and_says_so()
     let (d, d_metrics) = (decode.addrs[0], decode.addrs[1]);
     worker_info("decode", d).await;
     assert!(
-        decode
-            .stderr()
-            .iter()
-            .any(|l| l.contains("FALLBACK") && l.contains("shared memory")),
+        decode.wait_stderr(START_LIMIT, |l| l.contains("FALLBACK")
+            && l.contains("shared memory")),
         "the fallback is logged"
     );
     let (status, page) = common::get(d_metrics, "/metrics").expect("metrics");
@@ -456,47 +454,24 @@ async fn a_pool_that_cannot_be_shared_falls_back_to_private_memory_and_says_so()
         "the fallback is in the metrics:\n{page}"
     );
 
-    let coordinator = Proc::start(
-        &[
-            "coordinator",
-            "--model",
-            &model,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--prefill-worker",
-            &prefill.addrs[0].to_string(),
-            "--decode-worker",
-            &d.to_string(),
-            // Shared memory asked for, not chosen once a link is seen.
-            "--set",
-            "coordinator.transport=shm",
-        ],
-        2,
+    // Shared memory asked for, not chosen once a link is seen.
+    let coordinator = common::coordinator(
+        &model,
+        &[prefill.addrs[0]],
+        &[d],
+        &["--set", "coordinator.transport=shm"],
     );
     let grpc = coordinator.addrs[0];
     let mut client = InferenceClient::new(channel(grpc));
     let started = Instant::now();
     let placement = loop {
-        let reply = client
-            .generate(v1::GenerateRequest {
-                input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
-                    ids: (0..64).map(|i| 300 + i).collect(),
-                })),
-                sampling: Some(greedy(4)),
-                pd_mode: v1::PdMode::Force as i32,
-                ..Default::default()
-            })
-            .await;
-        match reply {
+        match client
+            .generate(common::forced((300..364).collect(), 4))
+            .await
+        {
             Ok(stream) => {
-                let mut stream = stream.into_inner();
-                let mut finish = None;
-                while let Some(m) = stream.message().await.expect("stream") {
-                    finish = m.finish.or(finish);
-                }
-                break finish.expect("finish").placement.expect("placement");
+                let (_, finish) = common::to_finish(&mut stream.into_inner()).await;
+                break finish.placement.expect("placement");
             }
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 assert!(started.elapsed() < START_LIMIT, "never served: {s:?}");

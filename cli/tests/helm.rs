@@ -864,7 +864,7 @@ async fn the_default_render_runs_a_secured_cluster() {
                 started.elapsed() < common::START_LIMIT,
                 "{role}'s /ready never answered 200 at {addr}"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::task::yield_now().await;
         }
         assert!(
             matches!(common::get(addr, "/health"), Ok((200, _))),
@@ -874,18 +874,7 @@ async fn the_default_render_runs_a_secured_cluster() {
 
     // A request with the chart's generated API key, forced disaggregated: coordinator -> prefill
     // and decode over mutual TLS, prefill -> decode over a KV link that proved the cluster key.
-    let mut request = tonic::Request::new(v1::GenerateRequest {
-        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
-            ids: (0..48).map(|i| 400 + i).collect(),
-        })),
-        sampling: Some(v1::SamplingParams {
-            temperature: Some(0.0),
-            max_tokens: Some(4),
-            ..Default::default()
-        }),
-        pd_mode: v1::PdMode::Force as i32,
-        ..Default::default()
-    });
+    let mut request = tonic::Request::new(common::forced((400..448).collect(), 4));
     request.metadata_mut().insert(
         "authorization",
         format!("Bearer {api_key}").parse().expect("metadata"),
@@ -896,14 +885,10 @@ async fn the_default_render_runs_a_secured_cluster() {
         .await
         .expect("the generated API key is accepted")
         .into_inner();
-    let (mut tokens, mut finish) = (0, None);
-    while let Some(m) = stream.message().await.expect("stream") {
-        tokens += m.token_ids.len();
-        finish = m.finish.or(finish);
-    }
-    let placement = finish.expect("finish").placement.expect("placement");
+    let (tokens, finish) = common::to_finish(&mut stream).await;
+    let placement = finish.placement.expect("placement");
     assert_eq!(placement.mode, "disaggregated");
-    assert_eq!(tokens, 4);
+    assert_eq!(tokens.len(), 4);
     // Without the key: refused.
     let refused = v1::inference_client::InferenceClient::new(common::channel(grpc))
         .generate(v1::GenerateRequest::default())
@@ -936,16 +921,13 @@ async fn the_default_render_runs_a_secured_cluster() {
         .delete(decode_key.as_str(), None)
         .await
         .expect("etcd delete");
-    let left = std::time::Instant::now();
-    while !procs["prefill"]
-        .stderr()
-        .iter()
-        .any(|l| l.contains("kv link closed") && l.contains("decode worker left"))
-    {
-        assert!(
-            left.elapsed() < std::time::Duration::from_secs(10),
-            "the prefill worker kept its link to the departed decode worker"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let closed = tokio::task::block_in_place(|| {
+        procs["prefill"].wait_stderr(std::time::Duration::from_secs(10), |l| {
+            l.contains("kv link closed") && l.contains("decode worker left")
+        })
+    });
+    assert!(
+        closed,
+        "the prefill worker kept its link to the departed decode worker"
+    );
 }

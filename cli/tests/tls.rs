@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_proto::v1::{self, decode_worker_client::DecodeWorkerClient};
-use common::{Proc, START_LIMIT, channel, get, model, worker};
+use common::{START_LIMIT, channel, get, model, worker};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 fn certs(out: &Path) {
@@ -25,27 +25,6 @@ fn certs(out: &Path) {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
-}
-
-fn coordinator(model: &str, prefill: SocketAddr, decode: SocketAddr, config: &Path) -> Proc {
-    Proc::start(
-        &[
-            "coordinator",
-            "--model",
-            model,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--prefill-worker",
-            &prefill.to_string(),
-            "--decode-worker",
-            &decode.to_string(),
-            "--config",
-            config.to_str().expect("utf-8"),
-        ],
-        2,
-    )
 }
 
 /// A TLS client of a decode worker presenting `who`'s certificate from `dir`, trusting `ca`.
@@ -129,7 +108,12 @@ async fn a_cluster_with_mutual_tls_serves_and_its_workers_refuse_strangers() {
 
     // A coordinator with its certificate serves a disaggregated request through them.
     let coordinator_config = ours.join("tls.toml");
-    let coord = coordinator(&model, p, d, &coordinator_config);
+    let coord = common::coordinator(
+        &model,
+        &[p],
+        &[d],
+        &["--config", coordinator_config.to_str().expect("utf-8")],
+    );
     let (grpc, http) = (coord.addrs[0], coord.addrs[1]);
     let started = Instant::now();
     while !matches!(get(http, "/ready"), Ok((200, _))) {
@@ -141,43 +125,16 @@ async fn a_cluster_with_mutual_tls_serves_and_its_workers_refuse_strangers() {
     }
     let mut client = v1::inference_client::InferenceClient::new(channel(grpc));
     let mut stream = client
-        .generate(v1::GenerateRequest {
-            input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds {
-                ids: (0..64).map(|i| 300 + i).collect(),
-            })),
-            sampling: Some(v1::SamplingParams {
-                temperature: Some(0.0),
-                max_tokens: Some(4),
-                ..Default::default()
-            }),
-            pd_mode: v1::PdMode::Force as i32,
-            ..Default::default()
-        })
+        .generate(common::forced((300..364).collect(), 4))
         .await
         .expect("generate")
         .into_inner();
-    let mut finish = None;
-    while let Some(m) = stream.message().await.expect("stream") {
-        finish = m.finish.or(finish);
-    }
-    let placement = finish.expect("finish").placement.expect("placement");
+    let (_, finish) = common::to_finish(&mut stream).await;
+    let placement = finish.placement.expect("placement");
     assert_eq!(placement.mode, "disaggregated");
 
     // A coordinator without certificates never admits them.
-    let plain = Proc::start(
-        &[
-            "coordinator",
-            "--model",
-            &model,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--decode-worker",
-            &d.to_string(),
-        ],
-        2,
-    );
+    let plain = common::coordinator(&model, &[], &[d], &[]);
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         let (status, _) = get(plain.addrs[1], "/ready").expect("ready");

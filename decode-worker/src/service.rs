@@ -238,9 +238,9 @@ impl DecodeService {
     }
 }
 
-/// A DisconnectPeer request's endpoint.
-fn peer_endpoint(req: &DisconnectRequest) -> Result<baton_kv_transfer::Endpoint> {
-    let endpoint = req.endpoint.as_ref().ok_or(Error::InvalidRequest {
+/// A DisconnectPeer request's (required) endpoint.
+fn peer_endpoint(endpoint: Option<&v1::KvEndpoint>) -> Result<baton_kv_transfer::Endpoint> {
+    let endpoint = endpoint.ok_or(Error::InvalidRequest {
         field: "endpoint",
         reason: "is required".into(),
     })?;
@@ -296,7 +296,7 @@ impl DecodeWorker for DecodeService {
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectResponse>, Status> {
-        let endpoint = peer_endpoint(request.get_ref())?;
+        let endpoint = peer_endpoint(request.get_ref().endpoint.as_ref())?;
         let was_connected = self
             .agent
             .disconnect(&endpoint, "the coordinator says the prefill worker left")

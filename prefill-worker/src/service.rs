@@ -206,6 +206,15 @@ pub struct PrefillService {
     max_context: usize,
 }
 
+/// A ConnectPeer or DisconnectPeer request's (required) endpoint.
+fn peer_endpoint(endpoint: Option<&v1::KvEndpoint>) -> Result<baton_kv_transfer::Endpoint> {
+    let endpoint = endpoint.ok_or(Error::InvalidRequest {
+        field: "endpoint",
+        reason: "is required".into(),
+    })?;
+    convert::endpoint_from_proto(endpoint).map_err(invalid)
+}
+
 fn invalid(e: convert::ConvertError) -> Error {
     Error::InvalidRequest {
         field: e.field,
@@ -249,12 +258,7 @@ impl PrefillWorker for PrefillService {
         request: Request<ConnectRequest>,
     ) -> Result<Response<ConnectResponse>, Status> {
         let req = request.into_inner();
-        let endpoint =
-            convert::endpoint_from_proto(req.endpoint.as_ref().ok_or(Error::InvalidRequest {
-                field: "endpoint",
-                reason: "is required".into(),
-            })?)
-            .map_err(invalid)?;
+        let endpoint = peer_endpoint(req.endpoint.as_ref())?;
         let existed = self.agent.is_connected(&endpoint).await;
         let peer = self.agent.connect(&endpoint).await.map_err(Error::from)?;
         if let Some(d) = &req.destination {
@@ -276,15 +280,7 @@ impl PrefillWorker for PrefillService {
         &self,
         request: Request<DisconnectRequest>,
     ) -> Result<Response<DisconnectResponse>, Status> {
-        let endpoint = request
-            .get_ref()
-            .endpoint
-            .as_ref()
-            .ok_or(Error::InvalidRequest {
-                field: "endpoint",
-                reason: "is required".into(),
-            })?;
-        let endpoint = convert::endpoint_from_proto(endpoint).map_err(invalid)?;
+        let endpoint = peer_endpoint(request.get_ref().endpoint.as_ref())?;
         let was_connected = self
             .agent
             .disconnect(&endpoint, "the coordinator says the decode worker left")

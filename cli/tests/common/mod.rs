@@ -25,7 +25,8 @@ pub struct Proc {
     pub child: Child,
     /// The addresses of its `listening` lines, in order.
     pub addrs: Vec<SocketAddr>,
-    stderr: Arc<Mutex<Vec<String>>>,
+    /// Its stderr lines so far, and a signal for each new one.
+    stderr: Arc<(Mutex<Vec<String>>, std::sync::Condvar)>,
 }
 
 impl Proc {
@@ -53,13 +54,14 @@ impl Proc {
             .expect("start baton");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        let kept = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::new((Mutex::new(Vec::new()), std::sync::Condvar::new()));
         let sink = kept.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { return };
                 eprintln!("{line}");
-                sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                sink.0.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                sink.1.notify_all();
             }
         });
         let (tx, rx) = mpsc::channel();
@@ -124,9 +126,21 @@ impl Proc {
     /// Its stderr lines so far.
     pub fn stderr(&self) -> Vec<String> {
         self.stderr
+            .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Waits (blocking, at most `limit`) until a stderr line satisfies `matches`; whether one
+    /// did. Woken by each new line, never polling.
+    pub fn wait_stderr(&self, limit: Duration, matches: impl Fn(&str) -> bool) -> bool {
+        let (lines, new_line) = &*self.stderr;
+        let guard = lines.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = new_line
+            .wait_timeout_while(guard, limit, |lines| !lines.iter().any(|l| matches(l)))
+            .unwrap_or_else(|p| p.into_inner());
+        guard.iter().any(|l| matches(l))
     }
 }
 
@@ -192,6 +206,62 @@ pub async fn worker_info(role: &str, addr: SocketAddr) -> baton_proto::v1::Worke
         .unwrap_or_else(|_| panic!("{role} worker up within {START_LIMIT:?}"))
         .expect("info")
         .into_inner()
+}
+
+/// A coordinator over static worker lists, listening on 127.0.0.1 at ports the OS chooses
+/// (`addrs`: gRPC, HTTP), with `extra` flags.
+pub fn coordinator(
+    model: &str,
+    prefill: &[SocketAddr],
+    decode: &[SocketAddr],
+    extra: &[&str],
+) -> Proc {
+    let workers: Vec<(&str, String)> = prefill
+        .iter()
+        .map(|a| ("--prefill-worker", a.to_string()))
+        .chain(decode.iter().map(|a| ("--decode-worker", a.to_string())))
+        .collect();
+    let mut args = vec![
+        "coordinator",
+        "--model",
+        model,
+        "--grpc",
+        "127.0.0.1:0",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    for (flag, addr) in &workers {
+        args.extend([*flag, addr.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    Proc::start(&args, 2)
+}
+
+/// A greedy request for the token ids `ids`, forced disaggregated.
+pub fn forced(ids: Vec<u32>, max_tokens: u32) -> baton_proto::v1::GenerateRequest {
+    use baton_proto::v1;
+    v1::GenerateRequest {
+        input: Some(v1::generate_request::Input::TokenIds(v1::TokenIds { ids })),
+        sampling: Some(v1::SamplingParams {
+            temperature: Some(0.0),
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }),
+        pd_mode: v1::PdMode::Force as i32,
+        ..Default::default()
+    }
+}
+
+/// Reads a Generate stream to its end: the tokens it carried and its finish.
+pub async fn to_finish(
+    stream: &mut tonic::Streaming<baton_proto::v1::GenerateResponse>,
+) -> (Vec<u32>, baton_proto::v1::GenerateFinish) {
+    let (mut tokens, mut finish) = (Vec::new(), None);
+    while let Some(m) = stream.message().await.expect("stream") {
+        tokens.extend(&m.token_ids);
+        finish = m.finish.or(finish);
+    }
+    (tokens, finish.expect("the stream ended with a finish"))
 }
 
 pub fn channel(addr: SocketAddr) -> Channel {

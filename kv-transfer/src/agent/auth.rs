@@ -91,11 +91,9 @@ pub(crate) enum Next {
 }
 
 impl<'k> Handshake<'k> {
-    /// A handshake with a challenge from the OS's random source.
-    pub(crate) fn new(key: Option<&'k LinkKey>, side: Side) -> Result<Self> {
-        let mut challenge = [0u8; 32];
-        fill_random(&mut challenge)?;
-        Ok(Self::with_challenge(key, side, challenge))
+    /// A handshake with a fresh challenge (the thread's CSPRNG, seeded from the OS).
+    pub(crate) fn new(key: Option<&'k LinkKey>, side: Side) -> Self {
+        Self::with_challenge(key, side, rand::random())
     }
 
     pub(crate) fn with_challenge(
@@ -193,28 +191,6 @@ pub(crate) fn check_proof(expect: &[u8; PROOF_LEN], got: &[u8]) -> Result<()> {
                      cluster_key_file contents?)"
                 .into(),
         });
-    }
-    Ok(())
-}
-
-/// Fills `buf` from the kernel's random source.
-fn fill_random(buf: &mut [u8]) -> Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // SAFETY: getrandom writes at most `len` bytes into the buffer it is given.
-        let n =
-            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::Io {
-                during: "draw a kv link challenge",
-                source: e,
-            });
-        }
-        filled += n as usize;
     }
     Ok(())
 }
@@ -319,8 +295,8 @@ mod tests {
 
     #[test]
     fn challenges_differ() {
-        let a = Handshake::new(None, Side::Dialer).expect("random");
-        let b = Handshake::new(None, Side::Dialer).expect("random");
+        let a = Handshake::new(None, Side::Dialer);
+        let b = Handshake::new(None, Side::Dialer);
         assert_ne!(a.challenge, b.challenge);
     }
 

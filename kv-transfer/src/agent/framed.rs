@@ -34,16 +34,16 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<()> {
     let limit = core.config.handshake_timeout;
     let exchange = async {
-        let handshake = Handshake::new(core.key.as_ref(), side)?;
-        send_auth(stream, &handshake.offer()).await?;
-        let peer = read_auth(stream, core).await?;
+        let handshake = Handshake::new(core.key.as_ref(), side);
+        send(stream, Kind::Auth, &handshake.offer()).await?;
+        let peer = read_expected(stream, core, Kind::Auth).await?;
         let next = match handshake.on_offer(&peer) {
             Ok(next) => next,
             Err(e) => return Err(refuse(stream, e).await),
         };
         if let Next::Prove { proof, expect } = next {
-            send_auth(stream, &proof).await?;
-            let peer = read_auth(stream, core).await?;
+            send(stream, Kind::Auth, &proof).await?;
+            let peer = read_expected(stream, core, Kind::Auth).await?;
             if let Err(e) = auth::check_proof(&expect, &peer) {
                 return Err(refuse(stream, e).await);
             }
@@ -58,22 +58,31 @@ pub(crate) async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         })?
 }
 
-async fn send_auth<S: AsyncWrite + Unpin>(stream: &mut S, payload: &[u8]) -> Result<()> {
-    let frame = wire::frame(Kind::Auth, HandoffId(0), payload)?;
-    stream.write_all(&frame).await.map_err(io("write auth"))
+/// Sends one handshake frame (auth or hello).
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, kind: Kind, payload: &[u8]) -> Result<()> {
+    let frame = wire::frame(kind, HandoffId(0), payload)?;
+    stream
+        .write_all(&frame)
+        .await
+        .map_err(io("write a handshake frame"))
 }
 
-/// The peer's next auth payload; its close frame is its refusal.
-async fn read_auth<S: AsyncRead + Unpin>(stream: &mut S, core: &Core) -> Result<Vec<u8>> {
+/// The payload of the peer's next frame, which must be of `kind`; its close frame is its
+/// refusal.
+async fn read_expected<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    core: &Core,
+    kind: Kind,
+) -> Result<Vec<u8>> {
     let (header, body) = read_control(stream, core).await?;
     match header.kind {
-        Kind::Auth => Ok(body),
+        k if k == kind => Ok(body),
         Kind::Close => {
             let (code, message) = wire::decode_close(&body)?;
             Err(Error::PeerRefused { code, message })
         }
         got => Err(Error::UnexpectedFrame {
-            expected: Kind::Auth,
+            expected: kind,
             got,
         }),
     }
@@ -100,26 +109,11 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         let mut payload = core.hello().encode();
         payload.extend_from_slice(&(extra.len() as u32).to_le_bytes());
         payload.extend_from_slice(extra);
-        let frame = wire::frame(Kind::Hello, HandoffId(0), &payload)?;
-        stream.write_all(&frame).await.map_err(io("write hello"))?;
-        let (header, body) = read_control(stream, core).await?;
-        if header.kind == Kind::Close {
-            let (code, message) = wire::decode_close(&body)?;
-            return Err(Error::PeerRefused { code, message });
-        }
-        if header.kind != Kind::Hello {
-            return Err(Error::UnexpectedFrame {
-                expected: Kind::Hello,
-                got: header.kind,
-            });
-        }
+        send(stream, Kind::Hello, &payload).await?;
+        let body = read_expected(stream, core, Kind::Hello).await?;
         let (hello, extra) = split_hello(&body)?;
         if let Err(e) = core.check_peer(&hello) {
-            let close = wire::encode_close(CloseCode::Incompatible, &e.to_string());
-            if let Ok(f) = wire::frame(Kind::Close, HandoffId(0), &close) {
-                let _ = stream.write_all(&f).await;
-            }
-            return Err(e);
+            return Err(refuse(stream, e).await);
         }
         Ok((hello, extra))
     })

@@ -448,25 +448,12 @@ pub(crate) async fn listen(core: Arc<Core>, path: &Path) -> Result<Endpoint> {
 
 /// Dials the shm socket at `path`.
 pub(crate) async fn connect(core: Arc<Core>, path: &Path) -> Result<Arc<dyn Link>> {
-    let path = path.to_path_buf();
-    let sock = tokio::task::spawn_blocking(move || StdUnixStream::connect(&path))
+    let stream = tokio::net::UnixStream::connect(path)
         .await
-        .map_err(|e| Error::Io {
-            during: "connect to a kv shm peer",
-            source: io::Error::other(e.to_string()),
-        })?
         .map_err(|source| Error::Io {
             during: "connect to a kv shm peer",
             source,
         })?;
-    sock.set_nonblocking(true).map_err(|source| Error::Io {
-        during: "make the shm socket non-blocking",
-        source,
-    })?;
-    let stream = tokio::net::UnixStream::from_std(sock).map_err(|source| Error::Io {
-        during: "register the shm socket",
-        source,
-    })?;
     let sock = authenticated(&core, stream, Side::Dialer).await?;
     Ok(open(core, sock).await?)
 }
