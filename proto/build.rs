@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "baton/v1/common.proto",
     "baton/v1/inference.proto",
     "baton/v1/worker.proto",
+    "baton/v1/replica.proto",
 ];
 
 fn main() -> anyhow::Result<()> {

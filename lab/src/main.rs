@@ -12,6 +12,8 @@
 //! events    the event plane: messages one coordinator absorbs from N publishers, and its CPU
 //! chaos     faults in a cluster of real processes (kills, stops, a coordinator restart, a
 //!           flood of clients), each checked against what the cluster promises
+//! replica   the coordinators' replicated state: a proposal's cost on three nodes against one,
+//!           and the time a group is without a leader when it loses one
 //! ```
 //!
 //! The cluster experiments start `baton` processes: the `baton` binary beside this one (build
@@ -22,6 +24,7 @@ mod cluster;
 mod disagg;
 mod engine;
 mod events;
+mod replica;
 mod standin;
 mod transfer;
 
@@ -63,6 +66,10 @@ enum Command {
     /// clients at once, slow readers and slowloris; one result line per scenario (driven by
     /// `scripts/chaos.sh`).
     Chaos(Box<chaos::ChaosArgs>),
+    /// The coordinators' replicated state (raft): sequential proposals on a one-node group
+    /// against a three-node group (via the leader, via a follower), and failover trials: the
+    /// leader stopped under a stream of proposals, time to the first one applied after.
+    Replica(replica::ReplicaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Engine(args) => engine::run(args),
         Command::Transfer(args) => transfer::run(args),
         Command::Handoff(args) => cluster::handoff(args),
+        Command::Replica(args) => replica::run(args),
         Command::Overhead(args) => cluster::overhead(args),
         Command::Disagg(args) => disagg::run(*args),
         Command::Events(args) => events::run(args),

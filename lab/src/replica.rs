@@ -1,0 +1,267 @@
+//! `baton-lab replica`: what replicating the coordinators' shared state costs, and how long a
+//! group is without a leader when it loses one.
+//!
+//! Replicas run in this process on loopback sockets, each with its own redb file in a
+//! temporary directory, with the default timings (`ReplicaConfig::single`: heartbeat 100 ms,
+//! election time-out 300-600 ms).
+//!
+//! - Steady state: sequential proposals (a worker drained, then restored) on a one-node group
+//!   (the baseline: the same code, a durable apply and no peers), then on a three-node group
+//!   through the leader and through a follower (forwarded); latency p50/p99 of each.
+//! - Failover, per trial: a three-node group under a stream of proposals through both
+//!   followers; the leader is stopped; the figure is the time from the stop to the first
+//!   proposal sent after it that the group applied (a new leader elected and committing), and
+//!   how many proposals failed (none should: a proposal waits out an election). The stopped
+//!   replica then restarts on its file and must catch up before the next trial.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use baton_bench::metrics::percentile;
+use baton_replica::{Command, Replica, ReplicaConfig, State};
+use tokio::net::TcpListener;
+
+#[derive(clap::Args)]
+pub struct ReplicaArgs {
+    /// Leader stops to measure.
+    #[arg(long, default_value_t = 20)]
+    trials: usize,
+    /// Sequential proposals per steady-state figure.
+    #[arg(long, default_value_t = 400)]
+    proposals: usize,
+}
+
+const BOUND: Duration = Duration::from_secs(20);
+
+pub fn run(args: ReplicaArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(main(args))
+}
+
+async fn main(args: ReplicaArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+
+    // Steady state, one node.
+    let one = group(1, &dir.path().join("one")).await?;
+    let single = latencies(&one.replicas[&1], args.proposals, "one").await?;
+    one.stop().await;
+
+    // Steady state, three nodes.
+    let mut three = group(3, &dir.path().join("three")).await?;
+    let leader = three.leader().await?;
+    let follower = three.follower_of(leader)?;
+    let via_leader = latencies(&three.replicas[&leader], args.proposals, "leader").await?;
+    let via_follower = latencies(&three.replicas[&follower], args.proposals, "follower").await?;
+
+    println!(
+        "baton-lab replica: {} sequential proposals each",
+        args.proposals
+    );
+    println!("                          p50 ms   p99 ms   p50 / one node");
+    for (name, l) in [
+        ("one node", &single),
+        ("three, via the leader", &via_leader),
+        ("three, via a follower", &via_follower),
+    ] {
+        println!(
+            "  {name:<22} {:>8.3} {:>8.3}   {:.2}x",
+            l.0,
+            l.1,
+            l.0 / single.0
+        );
+    }
+
+    // Failover.
+    let mut failovers = Vec::new();
+    let mut failed_total = 0;
+    for trial in 1..=args.trials {
+        let (failover, failed) = three.lose_the_leader(trial).await?;
+        println!(
+            "  trial {trial:>2}: first proposal applied {:>7.1} ms after the leader stopped, {failed} failed",
+            failover.as_secs_f64() * 1e3
+        );
+        failovers.push(failover.as_secs_f64() * 1e3);
+        failed_total += failed;
+    }
+    failovers.sort_by(f64::total_cmp);
+    println!(
+        "failover over {} trials: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms; proposals failed: {failed_total}",
+        failovers.len(),
+        percentile(&failovers, 50.0),
+        percentile(&failovers, 90.0),
+        failovers.last().copied().unwrap_or(f64::NAN),
+    );
+    three.stop().await;
+    Ok(())
+}
+
+/// Sequential drain/restore proposals through `via`: (p50, p99) in ms.
+async fn latencies(via: &Replica, n: usize, tag: &str) -> anyhow::Result<(f64, f64)> {
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let worker = format!("steady-{tag}-{}", i / 2);
+        let command = if i % 2 == 0 {
+            drain(&worker)
+        } else {
+            Command::Restore { worker }
+        };
+        let t = Instant::now();
+        via.propose(command).await?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((percentile(&ms, 50.0), percentile(&ms, 99.0)))
+}
+
+fn drain(worker: &str) -> Command {
+    Command::Drain {
+        worker: worker.into(),
+        reason: "baton-lab replica".into(),
+        at_unix_ms: 0,
+    }
+}
+
+struct Group {
+    members: BTreeMap<u64, String>,
+    replicas: BTreeMap<u64, Arc<Replica>>,
+    dir: std::path::PathBuf,
+    /// Proposals made by the failover stream so far (worker names are numbered by it).
+    streamed: usize,
+}
+
+fn config(
+    node_id: u64,
+    members: &BTreeMap<u64, String>,
+    dir: &Path,
+) -> anyhow::Result<ReplicaConfig> {
+    let listen = members[&node_id].parse()?;
+    let mut c = ReplicaConfig::single(node_id, listen, dir.join(format!("node-{node_id}.redb")));
+    c.members = members.clone();
+    Ok(c)
+}
+
+async fn group(n: u64, dir: &Path) -> anyhow::Result<Group> {
+    std::fs::create_dir_all(dir)?;
+    let mut listeners = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=n {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        members.insert(id, l.local_addr()?.to_string());
+        listeners.push((id, l));
+    }
+    let mut replicas = BTreeMap::new();
+    for (id, l) in listeners {
+        let r = Replica::start_on(config(id, &members, dir)?, l)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        replicas.insert(id, r);
+    }
+    let g = Group {
+        members,
+        replicas,
+        dir: dir.to_path_buf(),
+        streamed: 0,
+    };
+    g.leader().await?;
+    Ok(g)
+}
+
+impl Group {
+    async fn leader(&self) -> anyhow::Result<u64> {
+        let any = self.replicas.values().next().context("a replica")?;
+        let leader = any
+            .wait_for(BOUND, |s| s.leader.is_some())
+            .await
+            .map_err(|s| anyhow!("no leader: {s:?}"))?
+            .leader
+            .context("a leader")?;
+        for r in self.replicas.values() {
+            r.wait_for(BOUND, |s| s.leader == Some(leader))
+                .await
+                .map_err(|s| anyhow!("a replica does not know the leader: {s:?}"))?;
+        }
+        Ok(leader)
+    }
+
+    fn follower_of(&self, leader: u64) -> anyhow::Result<u64> {
+        self.replicas
+            .keys()
+            .copied()
+            .find(|id| *id != leader)
+            .context("a follower")
+    }
+
+    /// One failover trial: (stop to first applied proposal, proposals failed).
+    async fn lose_the_leader(&mut self, trial: usize) -> anyhow::Result<(Duration, usize)> {
+        let leader = self.leader().await?;
+        let survivors: Vec<Arc<Replica>> = self
+            .replicas
+            .iter()
+            .filter(|(id, _)| **id != leader)
+            .map(|(_, r)| r.clone())
+            .collect();
+        let first = self.streamed;
+        let count = 40;
+        self.streamed += count;
+        let stream = {
+            let survivors = survivors.clone();
+            tokio::spawn(async move {
+                let mut sent = Vec::new();
+                for n in first..first + count {
+                    let via = &survivors[n % survivors.len()];
+                    let at = Instant::now();
+                    let ok = via.propose(drain(&format!("failover-{n}"))).await.is_ok();
+                    sent.push((at, Instant::now(), ok));
+                }
+                sent
+            })
+        };
+        // Stop the leader a few proposals into the stream.
+        let marker = format!("failover-{}", first + 5);
+        let mut state = survivors[0].state();
+        tokio::time::timeout(
+            BOUND,
+            state.wait_for(|s: &State| s.decision(&marker).is_some()),
+        )
+        .await
+        .context("the stream under way")??;
+        let stopped = Instant::now();
+        let old = self.replicas.remove(&leader).context("the leader")?;
+        old.shutdown().await;
+        drop(old);
+        let sent = stream.await?;
+        let failed = sent.iter().filter(|(_, _, ok)| !ok).count();
+        let failover = sent
+            .iter()
+            .filter(|(at, _, ok)| *ok && *at >= stopped)
+            .map(|(_, done, _)| *done - stopped)
+            .min()
+            .with_context(|| format!("trial {trial}: no proposal applied after the stop"))?;
+
+        // The old leader restarts on its file and catches up before the next trial.
+        let restarted = Replica::start(config(leader, &self.members, &self.dir)?)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let last = format!("failover-{}", first + count - 1);
+        let mut state = restarted.state();
+        tokio::time::timeout(
+            BOUND,
+            state.wait_for(|s: &State| s.decision(&last).is_some()),
+        )
+        .await
+        .context("the restarted replica catching up")??;
+        self.replicas.insert(leader, restarted);
+        Ok((failover, failed))
+    }
+
+    async fn stop(self) {
+        for r in self.replicas.values() {
+            r.shutdown().await;
+        }
+    }
+}

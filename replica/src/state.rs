@@ -1,0 +1,289 @@
+//! The replicated state and the commands that change it, with no IO: every coordinator applies
+//! the same commands in the same log order and reaches the same state, so nothing here reads a
+//! clock, a random number or the environment (a command carries its own time).
+//!
+//! A command is proposed with a [`CommandId`] chosen by its proposer; one retried after a
+//! leader change (the first try may have been committed before the old leader died) is applied
+//! once, and the retry gets the first answer. The state remembers the last [`DEDUP_WINDOW`]
+//! ids, far more than a proposer has in flight.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use baton_core::WorkerId;
+use serde::{Deserialize, Serialize};
+
+/// How many applied command ids the state remembers for deduplication.
+pub const DEDUP_WINDOW: usize = 4096;
+
+/// Who proposed a command: a coordinator's raft node id, the incarnation of that process (a
+/// random number drawn at each start) and a sequence number within it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct CommandId {
+    pub node: u64,
+    pub incarnation: u64,
+    pub seq: u64,
+}
+
+/// An operator's decision about a worker, agreed by every coordinator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Command {
+    /// No new requests go to `worker`; what it runs finishes.
+    Drain {
+        worker: String,
+        reason: String,
+        at_unix_ms: u64,
+    },
+    /// Nothing is placed on `worker`, and it is listed as refused with `reason`.
+    Refuse {
+        worker: String,
+        reason: String,
+        at_unix_ms: u64,
+    },
+    /// Lifts a drain or a refusal of `worker`.
+    Restore { worker: String },
+}
+
+impl Command {
+    /// The worker a command names, checked as a [`WorkerId`].
+    pub fn worker(&self) -> Result<WorkerId, String> {
+        let name = match self {
+            Command::Drain { worker, .. }
+            | Command::Refuse { worker, .. }
+            | Command::Restore { worker } => worker,
+        };
+        WorkerId::parse(name).map_err(|e| format!("worker: {e}"))
+    }
+}
+
+/// What a log entry carries: a command and its id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proposal {
+    pub id: CommandId,
+    pub command: Command,
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Raft's own entries (blank, membership) answer nothing.
+    #[default]
+    None,
+    /// The state changed.
+    Changed,
+    /// The state already said so.
+    Unchanged,
+}
+
+/// An operator's standing decision about one worker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    pub kind: DecisionKind,
+    pub reason: String,
+    pub at_unix_ms: u64,
+    /// The coordinator that proposed it.
+    pub by_node: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecisionKind {
+    Drained,
+    Refused,
+}
+
+/// What the coordinators agree on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct State {
+    /// Drained and refused workers, by worker id.
+    pub workers: BTreeMap<String, Decision>,
+    /// The latest applied command ids and their answers, oldest first.
+    recent: VecDeque<(CommandId, Response)>,
+}
+
+impl State {
+    /// Applies one proposal; a proposal whose id was already applied changes nothing and gets
+    /// the first answer again.
+    pub fn apply(&mut self, proposal: &Proposal) -> Response {
+        if let Some((_, response)) = self.recent.iter().find(|(id, _)| *id == proposal.id) {
+            return response.clone();
+        }
+        let response = self.apply_command(proposal.id.node, &proposal.command);
+        if self.recent.len() == DEDUP_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((proposal.id, response.clone()));
+        response
+    }
+
+    fn apply_command(&mut self, by_node: u64, command: &Command) -> Response {
+        let (worker, decision) = match command {
+            Command::Restore { worker } => {
+                return match self.workers.remove(worker) {
+                    Some(_) => Response::Changed,
+                    None => Response::Unchanged,
+                };
+            }
+            Command::Drain {
+                worker,
+                reason,
+                at_unix_ms,
+            } => (
+                worker,
+                Decision {
+                    kind: DecisionKind::Drained,
+                    reason: reason.clone(),
+                    at_unix_ms: *at_unix_ms,
+                    by_node,
+                },
+            ),
+            Command::Refuse {
+                worker,
+                reason,
+                at_unix_ms,
+            } => (
+                worker,
+                Decision {
+                    kind: DecisionKind::Refused,
+                    reason: reason.clone(),
+                    at_unix_ms: *at_unix_ms,
+                    by_node,
+                },
+            ),
+        };
+        match self.workers.get(worker) {
+            // The same decision again keeps the first one's time and proposer.
+            Some(d) if d.kind == decision.kind && d.reason == decision.reason => {
+                Response::Unchanged
+            }
+            _ => {
+                self.workers.insert(worker.clone(), decision);
+                Response::Changed
+            }
+        }
+    }
+
+    /// The decision standing for `worker`, if any.
+    pub fn decision(&self, worker: &str) -> Option<&Decision> {
+        self.workers.get(worker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(seq: u64) -> CommandId {
+        CommandId {
+            node: 1,
+            incarnation: 7,
+            seq,
+        }
+    }
+
+    fn drain(worker: &str) -> Command {
+        Command::Drain {
+            worker: worker.into(),
+            reason: "maintenance".into(),
+            at_unix_ms: 5,
+        }
+    }
+
+    #[test]
+    fn a_retried_proposal_is_applied_once_and_gets_the_first_answer() {
+        let mut s = State::default();
+        let p = Proposal {
+            id: id(1),
+            command: drain("decode-a"),
+        };
+        assert_eq!(s.apply(&p), Response::Changed);
+        // Restored in between by another proposal: the retry of the drain must not drain again.
+        assert_eq!(
+            s.apply(&Proposal {
+                id: id(2),
+                command: Command::Restore {
+                    worker: "decode-a".into()
+                }
+            }),
+            Response::Changed
+        );
+        assert_eq!(s.apply(&p), Response::Changed, "the first answer, again");
+        assert!(s.decision("decode-a").is_none(), "and no second drain");
+    }
+
+    #[test]
+    fn decisions_replace_each_other_and_restore_lifts_them() {
+        let mut s = State::default();
+        assert_eq!(
+            s.apply(&Proposal {
+                id: id(1),
+                command: drain("w")
+            }),
+            Response::Changed
+        );
+        assert_eq!(
+            s.apply(&Proposal {
+                id: id(2),
+                command: drain("w")
+            }),
+            Response::Unchanged
+        );
+        let refuse = Command::Refuse {
+            worker: "w".into(),
+            reason: "wrong model".into(),
+            at_unix_ms: 9,
+        };
+        assert_eq!(
+            s.apply(&Proposal {
+                id: id(3),
+                command: refuse
+            }),
+            Response::Changed
+        );
+        assert_eq!(
+            s.decision("w").expect("as written").kind,
+            DecisionKind::Refused
+        );
+        let restore = Command::Restore { worker: "w".into() };
+        assert_eq!(
+            s.apply(&Proposal {
+                id: id(4),
+                command: restore.clone()
+            }),
+            Response::Changed
+        );
+        assert_eq!(
+            s.apply(&Proposal {
+                id: id(5),
+                command: restore
+            }),
+            Response::Unchanged
+        );
+    }
+
+    #[test]
+    fn the_dedup_window_is_bounded() {
+        let mut s = State::default();
+        for seq in 0..(DEDUP_WINDOW as u64 + 10) {
+            s.apply(&Proposal {
+                id: id(seq),
+                command: Command::Restore { worker: "w".into() },
+            });
+        }
+        assert_eq!(s.recent.len(), DEDUP_WINDOW);
+        assert_eq!(s.recent.front().expect("as written").0, id(10));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_worker_ids_are_refused() {
+        let bad = r#"{"op":"drain","worker":"w","reason":"r","at_unix_ms":1,"extra":2}"#;
+        assert!(serde_json::from_str::<Command>(bad).is_err());
+        let cmd = Command::Restore {
+            worker: "has space".into(),
+        };
+        assert!(cmd.worker().expect_err("refused").starts_with("worker: "));
+    }
+}
