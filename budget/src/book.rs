@@ -175,6 +175,41 @@ impl Book {
         book
     }
 
+    /// Rebuilds a book from [`Book::parts`] as it was: every window kept, reserved amounts
+    /// derived from the open reservations.
+    pub fn rebuild(
+        next_id: u64,
+        open: BTreeMap<ReservationId, OpenEntry>,
+        windows: Vec<(WindowRef, Charges)>,
+        endpoints: BTreeMap<String, Charges>,
+    ) -> Book {
+        // `restore` keeps what is current at its `now` or referenced: at the earliest instant,
+        // every window is current. The next id is taken as it was (restore would round a fresh
+        // book's 0 up to 1, and replicas must agree on every id).
+        let mut book = Book::restore(next_id, open, windows, endpoints, Timestamp::MIN);
+        book.next_id = next_id;
+        book
+    }
+
+    /// What [`Book::rebuild`] needs: the next id, the open reservations, each window's charges
+    /// and the lifetime totals per endpoint.
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        &self,
+    ) -> (
+        u64,
+        &BTreeMap<ReservationId, OpenEntry>,
+        Vec<(WindowRef, Charges)>,
+        &BTreeMap<String, Charges>,
+    ) {
+        let windows = self
+            .windows
+            .iter()
+            .map(|(w, t)| (w.clone(), t.charges))
+            .collect();
+        (self.next_id, &self.open, windows, &self.endpoints)
+    }
+
     /// A window's totals (zero for one never charged).
     pub fn totals(&self, window: &WindowRef) -> WindowTotals {
         self.windows.get(window).copied().unwrap_or_default()

@@ -181,61 +181,7 @@ impl Ledger {
     pub fn snapshot(&self) -> Snapshot {
         let mut state = self.lock();
         let now = self.now(&mut state);
-        let book = &state.book;
-        let windows = self
-            .limits
-            .iter()
-            .map(|cap| {
-                let (start, end) = cap.period.window_at(now, &self.tz);
-                let totals = book.totals(&WindowRef {
-                    scope: cap.scope.clone(),
-                    period: cap.period,
-                    start,
-                    end,
-                });
-                WindowReport {
-                    scope: cap.scope.clone(),
-                    period: cap.period,
-                    start,
-                    end,
-                    cap: cap.limit,
-                    spent: totals.charges.spent,
-                    reserved: totals.reserved,
-                    remaining: cap.limit.saturating_sub(totals.used()),
-                    overrun: totals.charges.overrun,
-                    settled: totals.charges.settled,
-                    open: totals.open,
-                }
-            })
-            .collect();
-        let endpoints = book
-            .endpoints()
-            .iter()
-            .map(|(name, c)| EndpointTotals {
-                endpoint: name.clone(),
-                spent: c.spent,
-                overrun: c.overrun,
-                settled: c.settled,
-            })
-            .collect();
-        let open = book
-            .open_reservations()
-            .iter()
-            .map(|(id, e)| OpenReservation {
-                id: *id,
-                endpoint: e.endpoint.clone(),
-                amount: e.amount,
-                request_id: e.request_id.clone(),
-                created: e.created,
-                from_previous_run: e.from_previous_run,
-            })
-            .collect();
-        Snapshot {
-            now,
-            windows,
-            endpoints,
-            open,
-        }
+        report(&state.book, &self.limits, &self.tz, now)
     }
 
     /// The configured caps, in config order (the order of [`Snapshot::windows`]).
@@ -285,6 +231,64 @@ impl fmt::Debug for Ledger {
             .field("path", &self.path)
             .field("caps", &self.caps)
             .finish_non_exhaustive()
+    }
+}
+
+/// The report of `book` at `now` under `limits` (in config order), for the single ledger and
+/// the shared one alike.
+pub(crate) fn report(book: &Book, limits: &[Cap], tz: &TimeZone, now: Timestamp) -> Snapshot {
+    let windows = limits
+        .iter()
+        .map(|cap| {
+            let (start, end) = cap.period.window_at(now, tz);
+            let totals = book.totals(&WindowRef {
+                scope: cap.scope.clone(),
+                period: cap.period,
+                start,
+                end,
+            });
+            WindowReport {
+                scope: cap.scope.clone(),
+                period: cap.period,
+                start,
+                end,
+                cap: cap.limit,
+                spent: totals.charges.spent,
+                reserved: totals.reserved,
+                remaining: cap.limit.saturating_sub(totals.used()),
+                overrun: totals.charges.overrun,
+                settled: totals.charges.settled,
+                open: totals.open,
+            }
+        })
+        .collect();
+    let endpoints = book
+        .endpoints()
+        .iter()
+        .map(|(name, c)| EndpointTotals {
+            endpoint: name.clone(),
+            spent: c.spent,
+            overrun: c.overrun,
+            settled: c.settled,
+        })
+        .collect();
+    let open = book
+        .open_reservations()
+        .iter()
+        .map(|(id, e)| OpenReservation {
+            id: *id,
+            endpoint: e.endpoint.clone(),
+            amount: e.amount,
+            request_id: e.request_id.clone(),
+            created: e.created,
+            from_previous_run: e.from_previous_run,
+        })
+        .collect();
+    Snapshot {
+        now,
+        windows,
+        endpoints,
+        open,
     }
 }
 

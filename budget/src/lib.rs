@@ -31,6 +31,7 @@ mod ledger;
 mod money;
 mod price;
 mod report;
+mod shared;
 mod store;
 mod window;
 
@@ -43,4 +44,5 @@ pub use price::{Price, PriceError};
 pub use report::{
     EndpointTotals, OpenReservation, Refusal, ReservationId, Settlement, Snapshot, WindowReport,
 };
+pub use shared::{Close, SharedBook, SharedRefusal};
 pub use window::{Period, Scope};

@@ -2,14 +2,15 @@
 //! and persisted in each coordinator's embedded database (redb).
 //!
 //! ```text
-//! operator / coordinator --propose(Command)--> [Replica] --(follower: Propose RPC)--> leader
+//! operator / cloud path --propose(Command)--> [Replica] --(follower: Propose RPC)--> leader
 //! leader: append to the raft log --AppendEntries (gRPC, baton.v1.Replica)--> followers
 //! committed entries --apply--> State (every coordinator, same order) --> placement reads it
 //! ```
 //!
 //! Worker membership is not here (discovery owns it: mDNS on a LAN, etcd on Kubernetes); only
-//! decisions: which workers an operator drained or refused (the cloud budget ledger joins next).
-//! One coordinator is a one-node group running the same code.
+//! decisions: which workers an operator drained or refused, and the cloud budget ledger (its
+//! reservations decided when applied, so the log orders two coordinators' last dollar). One
+//! coordinator is a one-node group running the same code.
 //!
 //! Why openraft rather than the `raft` crate the design names: openraft is async on tokio (our
 //! runtime) and drives itself, with storage and network as traits we implement over redb and

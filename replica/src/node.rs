@@ -232,7 +232,7 @@ impl Replica {
     /// else forwarded to the leader; while there is none (an election), tried again until the
     /// proposal time-out. A retry after a lost answer is applied once (its id is kept).
     pub async fn propose(&self, command: Command) -> Result<Response, ProposeError> {
-        command.worker().map_err(ProposeError::Invalid)?;
+        command.validate().map_err(ProposeError::Invalid)?;
         let proposal = Proposal {
             id: CommandId {
                 node: self.node_id,

@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use baton_budget::{CapConfig, Close, ReservationId, Settlement, SharedBook, SharedRefusal, Usd};
 use baton_core::WorkerId;
+use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// How many applied command ids the state remembers for deduplication.
@@ -24,8 +26,9 @@ pub struct CommandId {
     pub seq: u64,
 }
 
-/// An operator's decision about a worker, agreed by every coordinator.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A change to the shared state: an operator's decision about a worker, or a cloud budget
+/// reservation opened or closed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Command {
     /// No new requests go to `worker`; what it runs finishes.
@@ -42,22 +45,57 @@ pub enum Command {
     },
     /// Lifts a drain or a refusal of `worker`.
     Restore { worker: String },
+    /// Reserves a cloud request's worst-case cost against the current windows (at `at`) of
+    /// `caps`, the proposer's budget, in `time_zone`; decided when applied.
+    Reserve {
+        endpoint: String,
+        amount: Usd,
+        request_id: String,
+        at: Timestamp,
+        caps: Vec<CapConfig>,
+        time_zone: String,
+    },
+    /// Ends reservation `id` (settled with its cost, cancelled, or dropped).
+    Close {
+        id: ReservationId,
+        how: Close,
+        at: Timestamp,
+    },
 }
 
+/// Longest request id a reservation keeps, in bytes.
+pub const MAX_REQUEST_ID: usize = 256;
+
 impl Command {
-    /// The worker a command names, checked as a [`WorkerId`].
-    pub fn worker(&self) -> Result<WorkerId, String> {
-        let name = match self {
+    /// Checks what can be checked before proposing: worker ids, a reservation's endpoint and
+    /// request id. Names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
             Command::Drain { worker, .. }
             | Command::Refuse { worker, .. }
-            | Command::Restore { worker } => worker,
-        };
-        WorkerId::parse(name).map_err(|e| format!("worker: {e}"))
+            | Command::Restore { worker } => WorkerId::parse(worker)
+                .map(drop)
+                .map_err(|e| format!("worker: {e}")),
+            Command::Reserve {
+                endpoint,
+                request_id,
+                ..
+            } => {
+                if endpoint.is_empty() {
+                    return Err("endpoint: must not be empty".into());
+                }
+                if request_id.len() > MAX_REQUEST_ID {
+                    return Err(format!("request_id: longer than {MAX_REQUEST_ID} bytes"));
+                }
+                Ok(())
+            }
+            Command::Close { .. } => Ok(()),
+        }
     }
 }
 
 /// What a log entry carries: a command and its id.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Proposal {
     pub id: CommandId,
@@ -74,6 +112,14 @@ pub enum Response {
     Changed,
     /// The state already said so.
     Unchanged,
+    /// A reservation granted, with its id.
+    Reserved(ReservationId),
+    /// A reservation refused (no room under a cap, or a broken budget in the command).
+    Refused(SharedRefusal),
+    /// A reservation closed, with what it was charged.
+    Closed(Settlement),
+    /// The reservation to close is not open (closed before).
+    NotOpen,
 }
 
 /// An operator's standing decision about one worker.
@@ -100,6 +146,8 @@ pub enum DecisionKind {
 pub struct State {
     /// Drained and refused workers, by worker id.
     pub workers: BTreeMap<String, Decision>,
+    /// The cloud budget ledger.
+    pub ledger: SharedBook,
     /// The latest applied command ids and their answers, oldest first.
     recent: VecDeque<(CommandId, Response)>,
 }
@@ -120,7 +168,29 @@ impl State {
     }
 
     fn apply_command(&mut self, by_node: u64, command: &Command) -> Response {
-        let (worker, decision) = match command {
+        let (worker, kind, reason, at_unix_ms) = match command {
+            Command::Reserve {
+                endpoint,
+                amount,
+                request_id,
+                at,
+                caps,
+                time_zone,
+            } => {
+                return match self
+                    .ledger
+                    .reserve(caps, time_zone, *at, endpoint, *amount, request_id)
+                {
+                    Ok(id) => Response::Reserved(id),
+                    Err(refusal) => Response::Refused(refusal),
+                };
+            }
+            Command::Close { id, how, at } => {
+                return match self.ledger.close(*at, *id, *how) {
+                    Some(settlement) => Response::Closed(settlement),
+                    None => Response::NotOpen,
+                };
+            }
             Command::Restore { worker } => {
                 return match self.workers.remove(worker) {
                     Some(_) => Response::Changed,
@@ -131,28 +201,18 @@ impl State {
                 worker,
                 reason,
                 at_unix_ms,
-            } => (
-                worker,
-                Decision {
-                    kind: DecisionKind::Drained,
-                    reason: reason.clone(),
-                    at_unix_ms: *at_unix_ms,
-                    by_node,
-                },
-            ),
+            } => (worker, DecisionKind::Drained, reason, at_unix_ms),
             Command::Refuse {
                 worker,
                 reason,
                 at_unix_ms,
-            } => (
-                worker,
-                Decision {
-                    kind: DecisionKind::Refused,
-                    reason: reason.clone(),
-                    at_unix_ms: *at_unix_ms,
-                    by_node,
-                },
-            ),
+            } => (worker, DecisionKind::Refused, reason, at_unix_ms),
+        };
+        let decision = Decision {
+            kind,
+            reason: reason.clone(),
+            at_unix_ms: *at_unix_ms,
+            by_node,
         };
         match self.workers.get(worker) {
             // The same decision again keeps the first one's time and proposer.
@@ -265,6 +325,39 @@ mod tests {
     }
 
     #[test]
+    fn a_retried_reservation_reserves_once() {
+        let mut s = State::default();
+        let reserve = Proposal {
+            id: id(1),
+            command: Command::Reserve {
+                endpoint: "cloud".into(),
+                amount: Usd::from_dollars(0.6).expect("an amount"),
+                request_id: "r".into(),
+                at: "2026-12-07T12:00:00Z".parse().expect("a time"),
+                caps: vec![CapConfig {
+                    period: baton_budget::Period::Day,
+                    cap_usd: 1.0,
+                    endpoint: None,
+                }],
+                time_zone: "UTC".into(),
+            },
+        };
+        let first = s.apply(&reserve);
+        assert!(matches!(first, Response::Reserved(_)));
+        assert_eq!(
+            s.apply(&reserve),
+            first,
+            "the same reservation, not a second"
+        );
+        let mut again = reserve.clone();
+        again.id = id(2);
+        assert!(
+            matches!(s.apply(&again), Response::Refused(_)),
+            "a new request does not fit next to the first"
+        );
+    }
+
+    #[test]
     fn the_dedup_window_is_bounded() {
         let mut s = State::default();
         for seq in 0..(DEDUP_WINDOW as u64 + 10) {
@@ -284,6 +377,6 @@ mod tests {
         let cmd = Command::Restore {
             worker: "has space".into(),
         };
-        assert!(cmd.worker().expect_err("refused").starts_with("worker: "));
+        assert!(cmd.validate().expect_err("refused").starts_with("worker: "));
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
+use baton_budget::{CapConfig, Close, Period, Usd};
 use baton_replica::{Command, DecisionKind, Replica, ReplicaConfig, Response, State};
+use jiff::Timestamp;
 use tokio::net::TcpListener;
 
 const BOUND: Duration = Duration::from_secs(10);
@@ -28,6 +30,45 @@ fn drain(worker: &str) -> Command {
         reason: "test".into(),
         at_unix_ms: 1,
     }
+}
+
+/// Starts `n` replicas on loopback listeners, each with its file in `dir`.
+async fn start_group(
+    n: u64,
+    dir: &Path,
+) -> anyhow::Result<(BTreeMap<u64, String>, BTreeMap<u64, Arc<Replica>>)> {
+    let mut listeners = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=n {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        members.insert(id, l.local_addr()?.to_string());
+        listeners.push((id, l));
+    }
+    let mut replicas = BTreeMap::new();
+    for (id, l) in listeners {
+        let r = Replica::start_on(config(id, &members, dir), l)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        replicas.insert(id, r);
+    }
+    Ok((members, replicas))
+}
+
+/// The group's leader once every replica agrees on it.
+async fn agreed_leader(replicas: &BTreeMap<u64, Arc<Replica>>) -> anyhow::Result<u64> {
+    let any = replicas.values().next().context("a replica")?;
+    let leader = any
+        .wait_for(BOUND, |s| s.leader.is_some())
+        .await
+        .map_err(|s| anyhow!("no leader: {s:?}"))?
+        .leader
+        .context("a leader")?;
+    for r in replicas.values() {
+        r.wait_for(BOUND, |s| s.leader == Some(leader))
+            .await
+            .map_err(|s| anyhow!("a replica without the leader: {s:?}"))?;
+    }
+    Ok(leader)
 }
 
 /// Waits until `replica`'s applied state satisfies `ready`.
@@ -87,33 +128,8 @@ async fn a_one_node_group_applies_and_keeps_its_state_across_a_restart() -> anyh
 async fn three_replicas_agree_lose_their_leader_and_the_restarted_one_catches_up()
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await?);
-    }
-    let mut members = BTreeMap::new();
-    for (i, l) in listeners.iter().enumerate() {
-        members.insert(i as u64 + 1, l.local_addr()?.to_string());
-    }
-    let mut replicas: BTreeMap<u64, Arc<Replica>> = BTreeMap::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let id = i as u64 + 1;
-        let r = Replica::start_on(config(id, &members, dir.path()), listener)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        replicas.insert(id, r);
-    }
-    let leader = replicas[&1]
-        .wait_for(BOUND, |s| s.leader.is_some())
-        .await
-        .map_err(|s| anyhow!("no leader: {s:?}"))?
-        .leader
-        .context("a leader")?;
-    for r in replicas.values() {
-        r.wait_for(BOUND, |s| s.leader == Some(leader))
-            .await
-            .map_err(|s| anyhow!("a replica without the leader: {s:?}"))?;
-    }
+    let (members, mut replicas) = start_group(3, dir.path()).await?;
+    let leader = agreed_leader(&replicas).await?;
 
     // Proposed on a follower: forwarded, applied everywhere.
     let follower = *replicas
@@ -189,6 +205,110 @@ async fn three_replicas_agree_lose_their_leader_and_the_restarted_one_catches_up
         );
     }
     restarted.shutdown().await;
+    for r in &survivors {
+        r.shutdown().await;
+    }
+    Ok(())
+}
+
+fn usd(cents: u64) -> Usd {
+    Usd::from_dollars(cents as f64 / 100.0).unwrap_or(Usd::ZERO)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_ledger_charges_every_request_once_across_a_leader_loss() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_, replicas) = start_group(3, dir.path()).await?;
+    let leader = agreed_leader(&replicas).await?;
+    let survivors: Vec<Arc<Replica>> = replicas
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, r)| r.clone())
+        .collect();
+    let caps = vec![CapConfig {
+        period: Period::Month,
+        cap_usd: 1000.0,
+        endpoint: None,
+    }];
+    let now: Timestamp = "2026-12-07T12:00:00Z".parse()?;
+    // Requests through the followers: reserve 5 cents, settle at 1 + n % 3 cents; the leader
+    // is stopped after the tenth.
+    let requests = 40u64;
+    let (stopped_tx, mut stopped_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let load = {
+        let survivors = survivors.clone();
+        let caps = caps.clone();
+        tokio::spawn(async move {
+            let mut charged = 0u64;
+            for n in 0..requests {
+                if n == 10 {
+                    // The test stops the leader now and says so.
+                    stopped_rx.recv().await;
+                }
+                let via = &survivors[n as usize % survivors.len()];
+                let reserved = via
+                    .propose(Command::Reserve {
+                        endpoint: "cloud".into(),
+                        amount: usd(5),
+                        request_id: format!("req-{n}"),
+                        at: now,
+                        caps: caps.clone(),
+                        time_zone: "UTC".into(),
+                    })
+                    .await?;
+                let Response::Reserved(id) = reserved else {
+                    anyhow::bail!("request {n} not reserved: {reserved:?}");
+                };
+                let cost = 1 + n % 3;
+                let closed = via
+                    .propose(Command::Close {
+                        id,
+                        how: Close::Settled(usd(cost)),
+                        at: now,
+                    })
+                    .await?;
+                anyhow::ensure!(
+                    matches!(closed, Response::Closed(s) if s.charged == usd(cost)),
+                    "request {n} settled as {closed:?}"
+                );
+                charged += cost;
+            }
+            Ok(charged)
+        })
+    };
+    state_where(&survivors[0], |s| {
+        s.ledger
+            .snapshot(&caps, "UTC", now)
+            .is_ok_and(|r| r.windows[0].settled >= 5)
+    })
+    .await;
+    replicas[&leader].shutdown().await;
+    stopped_tx.send(()).await?;
+    let charged_cents = load.await??;
+    for r in &survivors {
+        let report = state_where(r, |s| {
+            s.ledger
+                .snapshot(&caps, "UTC", now)
+                .is_ok_and(|r| r.windows[0].settled == requests)
+        })
+        .await
+        .ledger
+        .snapshot(&caps, "UTC", now)
+        .map_err(anyhow::Error::msg)?;
+        let w = &report.windows[0];
+        assert_eq!(
+            w.spent,
+            usd(charged_cents),
+            "spent = the sum of the settled costs"
+        );
+        assert_eq!(w.reserved, Usd::ZERO, "nothing left reserved");
+        assert_eq!(w.open, 0);
+        assert!(
+            report.open.is_empty(),
+            "no reservation lost open: {:?}",
+            report.open
+        );
+    }
     for r in &survivors {
         r.shutdown().await;
     }
