@@ -5,14 +5,15 @@
 //! temporary directory, with the default timings (`ReplicaConfig::single`: heartbeat 100 ms,
 //! election time-out 300-600 ms).
 //!
-//! - Steady state: sequential proposals (a worker drained, then restored) on a one-node group
-//!   (the baseline: the same code, a durable apply and no peers), then on a three-node group
-//!   through the leader and through a follower (forwarded); latency p50/p99 of each.
-//! - Failover, per trial: a three-node group under a stream of proposals through both
+//! - Steady state: sequential cloud budget reservations, each settled right after (the settle
+//!   not timed), on a one-node group (the baseline: the same code, a durable apply and no
+//!   peers), then on a three-node group through the leader and through a follower (forwarded);
+//!   a reservation's latency p50/p99 on each.
+//! - Failover, per trial: a three-node group under a stream of reservations through both
 //!   followers; the leader is stopped; the figure is the time from the stop to the first
-//!   proposal sent after it that the group applied (a new leader elected and committing), and
-//!   how many proposals failed (none should: a proposal waits out an election). The stopped
-//!   replica then restarts on its file and must catch up before the next trial.
+//!   reservation sent after it that the group decided (a new leader elected and committing),
+//!   and how many failed (none should: a proposal waits out an election). The stopped replica
+//!   then restarts on its file and must catch up before the next trial.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use baton_bench::metrics::percentile;
-use baton_replica::{Command, Replica, ReplicaConfig, State};
+use baton_budget::{CapConfig, Close, Period, Usd};
+use baton_replica::{Command, Replica, ReplicaConfig, Response, State};
 use tokio::net::TcpListener;
 
 #[derive(clap::Args)]
@@ -59,7 +61,7 @@ async fn main(args: ReplicaArgs) -> anyhow::Result<()> {
     let via_follower = latencies(&three.replicas[&follower], args.proposals, "follower").await?;
 
     println!(
-        "baton-lab replica: {} sequential proposals each",
+        "baton-lab replica: {} sequential budget reservations each (each settled after, untimed)",
         args.proposals
     );
     println!("                          p50 ms   p99 ms   p50 / one node");
@@ -100,30 +102,55 @@ async fn main(args: ReplicaArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sequential drain/restore proposals through `via`: (p50, p99) in ms.
+/// Sequential reservations through `via`, each settled after: the reservations' (p50, p99)
+/// in ms.
 async fn latencies(via: &Replica, n: usize, tag: &str) -> anyhow::Result<(f64, f64)> {
     let mut ms = Vec::with_capacity(n);
     for i in 0..n {
-        let worker = format!("steady-{tag}-{}", i / 2);
-        let command = if i % 2 == 0 {
-            drain(&worker)
-        } else {
-            Command::Restore { worker }
-        };
         let t = Instant::now();
-        via.propose(command).await?;
+        let reserved = via.propose(reserve(&format!("steady-{tag}-{i}"))).await?;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let Response::Reserved(id) = reserved else {
+            anyhow::bail!("not reserved: {reserved:?}");
+        };
+        via.propose(Command::Close {
+            id,
+            how: Close::Settled(Usd::from_dollars(0.001).unwrap_or(Usd::ZERO)),
+            at: jiff::Timestamp::now(),
+        })
+        .await?;
     }
     ms.sort_by(f64::total_cmp);
     Ok((percentile(&ms, 50.0), percentile(&ms, 99.0)))
 }
 
-fn drain(worker: &str) -> Command {
-    Command::Drain {
-        worker: worker.into(),
-        reason: "baton-lab replica".into(),
-        at_unix_ms: 0,
+/// A reservation of a cent under a cap it always fits.
+fn reserve(request_id: &str) -> Command {
+    Command::Reserve {
+        endpoint: "cloud".into(),
+        amount: Usd::from_dollars(0.01).unwrap_or(Usd::ZERO),
+        request_id: request_id.into(),
+        at: jiff::Timestamp::now(),
+        caps: vec![CapConfig {
+            period: Period::Month,
+            cap_usd: 1e6,
+            endpoint: None,
+        }],
+        time_zone: "UTC".into(),
     }
+}
+
+/// Whether the state's ledger holds an open reservation for `request_id`.
+fn holds(state: &State, request_id: &str) -> bool {
+    let caps = [CapConfig {
+        period: Period::Month,
+        cap_usd: 1e6,
+        endpoint: None,
+    }];
+    state
+        .ledger
+        .snapshot(&caps, "UTC", jiff::Timestamp::now())
+        .is_ok_and(|r| r.open.iter().any(|o| o.request_id == request_id))
 }
 
 struct Group {
@@ -215,7 +242,10 @@ impl Group {
                 for n in first..first + count {
                     let via = &survivors[n % survivors.len()];
                     let at = Instant::now();
-                    let ok = via.propose(drain(&format!("failover-{n}"))).await.is_ok();
+                    let ok = matches!(
+                        via.propose(reserve(&format!("failover-{n}"))).await,
+                        Ok(Response::Reserved(_))
+                    );
                     sent.push((at, Instant::now(), ok));
                 }
                 sent
@@ -224,12 +254,9 @@ impl Group {
         // Stop the leader a few proposals into the stream.
         let marker = format!("failover-{}", first + 5);
         let mut state = survivors[0].state();
-        tokio::time::timeout(
-            BOUND,
-            state.wait_for(|s: &State| s.decision(&marker).is_some()),
-        )
-        .await
-        .context("the stream under way")??;
+        tokio::time::timeout(BOUND, state.wait_for(|s: &State| holds(s, &marker)))
+            .await
+            .context("the stream under way")??;
         let stopped = Instant::now();
         let old = self.replicas.remove(&leader).context("the leader")?;
         old.shutdown().await;
@@ -249,12 +276,9 @@ impl Group {
             .map_err(anyhow::Error::msg)?;
         let last = format!("failover-{}", first + count - 1);
         let mut state = restarted.state();
-        tokio::time::timeout(
-            BOUND,
-            state.wait_for(|s: &State| s.decision(&last).is_some()),
-        )
-        .await
-        .context("the restarted replica catching up")??;
+        tokio::time::timeout(BOUND, state.wait_for(|s: &State| holds(s, &last)))
+            .await
+            .context("the restarted replica catching up")??;
         self.replicas.insert(leader, restarted);
         Ok((failover, failed))
     }
