@@ -28,6 +28,12 @@ pub struct ReplicaConfig {
     pub propose_timeout: Duration,
     /// Mutual TLS between coordinators; required when `listen` is not on loopback.
     pub tls: Option<TlsFiles>,
+    /// A snapshot of the state is taken after this many entries applied since the last one;
+    /// the log before it is then dropped (but for `log_kept_after_snapshot` entries), and a
+    /// replica that lags further is sent the snapshot instead.
+    pub snapshot_after: u64,
+    /// Entries kept behind a snapshot, so a replica that lags a little catches up from the log.
+    pub log_kept_after_snapshot: u64,
 }
 
 /// A setting that cannot work, naming it.
@@ -57,6 +63,8 @@ impl ReplicaConfig {
             election_timeout: (Duration::from_millis(300), Duration::from_millis(600)),
             propose_timeout: Duration::from_secs(5),
             tls: None,
+            snapshot_after: 5000,
+            log_kept_after_snapshot: 1000,
         }
     }
 
@@ -98,6 +106,9 @@ impl ReplicaConfig {
                     max.as_millis()
                 ),
             ));
+        }
+        if self.snapshot_after == 0 {
+            return Err(bad("replica.snapshot_after", "must be at least 1"));
         }
         if self.propose_timeout <= max {
             return Err(bad(

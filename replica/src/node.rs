@@ -54,6 +54,8 @@ pub struct Status {
     pub is_leader: bool,
     /// The index of the last entry applied to the state here.
     pub applied: Option<u64>,
+    /// The index of the last log entry dropped here (covered by a snapshot).
+    pub purged: Option<u64>,
     pub members: Vec<u64>,
 }
 
@@ -99,6 +101,8 @@ impl Replica {
             heartbeat_interval: config.heartbeat.as_millis() as u64,
             election_timeout_min: config.election_timeout.0.as_millis() as u64,
             election_timeout_max: config.election_timeout.1.as_millis() as u64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_after),
+            max_in_snapshot_log_to_keep: config.log_kept_after_snapshot,
             ..Default::default()
         }
         .validate()
@@ -202,6 +206,7 @@ impl Replica {
             term: m.current_term,
             is_leader: m.state == ServerState::Leader,
             applied: m.last_applied.map(|id| id.index),
+            purged: m.purged.map(|id| id.index),
             members: m.membership_config.membership().voter_ids().collect(),
         }
     }

@@ -314,3 +314,63 @@ async fn the_shared_ledger_charges_every_request_once_across_a_leader_loss() -> 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_compacted_log_is_sent_a_snapshot() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut listeners = Vec::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        members.insert(id, l.local_addr()?.to_string());
+        listeners.push((id, l));
+    }
+    let compacting = |id: u64| {
+        let mut c = config(id, &members, dir.path());
+        c.snapshot_after = 10;
+        c.log_kept_after_snapshot = 0;
+        c
+    };
+    let mut replicas = BTreeMap::new();
+    for (id, l) in listeners {
+        let r = Replica::start_on(compacting(id), l)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        replicas.insert(id, r);
+    }
+    let leader = agreed_leader(&replicas).await?;
+    let behind = *replicas
+        .keys()
+        .find(|id| **id != leader)
+        .context("a follower")?;
+    let stopped = replicas.remove(&behind).context("the follower")?;
+    let had = stopped.status().applied.unwrap_or(0);
+    stopped.shutdown().await;
+    // Far more entries than a snapshot spans, so the leader drops the log the stopped replica
+    // would need.
+    for n in 0..60 {
+        replicas[&leader].propose(drain(&format!("w-{n}"))).await?;
+    }
+    let everything = |s: &State| (0..60).all(|n| s.decision(&format!("w-{n}")).is_some());
+    let at_leader = state_where(&replicas[&leader], everything).await;
+    replicas[&leader]
+        .wait_for(BOUND, |s| s.purged.is_some_and(|p| p > had))
+        .await
+        .map_err(|s| anyhow!("the leader kept the log the stopped replica needs: {s:?}"))?;
+    let restarted = Replica::start(compacting(behind))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        state_where(&restarted, everything).await,
+        at_leader,
+        "the snapshot carries the whole state"
+    );
+    // It follows the log again after the snapshot.
+    replicas[&leader].propose(drain("after")).await?;
+    state_where(&restarted, |s| s.decision("after").is_some()).await;
+    restarted.shutdown().await;
+    for r in replicas.values() {
+        r.shutdown().await;
+    }
+    Ok(())
+}
