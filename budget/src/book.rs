@@ -82,6 +82,26 @@ pub(crate) struct OpenEntry {
     pub from_previous_run: bool,
 }
 
+impl OpenEntry {
+    /// A reservation of `amount` for `request_id` on `endpoint`, granted at `now` in `windows`.
+    pub fn granted(
+        endpoint: &str,
+        amount: Usd,
+        request_id: &str,
+        now: Timestamp,
+        windows: Vec<WindowRef>,
+    ) -> OpenEntry {
+        OpenEntry {
+            endpoint: endpoint.to_string(),
+            amount,
+            request_id: request_id.to_string(),
+            created: now,
+            windows,
+            from_previous_run: false,
+        }
+    }
+}
+
 /// How a reservation ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {

@@ -152,14 +152,7 @@ impl Ledger {
         }
         let id = state.book.plan_open(
             &mut changes,
-            OpenEntry {
-                endpoint: endpoint.to_string(),
-                amount,
-                request_id: request_id.to_string(),
-                created: now,
-                windows,
-                from_previous_run: false,
-            },
+            OpenEntry::granted(endpoint, amount, request_id, now, windows),
         );
         state
             .store

@@ -88,14 +88,7 @@ impl SharedBook {
         let mut changes = self.book.changes();
         let id = self.book.plan_open(
             &mut changes,
-            OpenEntry {
-                endpoint: endpoint.to_string(),
-                amount,
-                request_id: request_id.to_string(),
-                created: now,
-                windows,
-                from_previous_run: false,
-            },
+            OpenEntry::granted(endpoint, amount, request_id, now, windows),
         );
         self.book.apply(changes, now);
         Ok(id)
