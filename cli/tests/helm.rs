@@ -872,6 +872,16 @@ async fn the_default_render_runs_a_secured_cluster() {
         );
     }
 
+    // The coordinator's /ready needs only a routable decode worker; the forced disaggregated
+    // request below also needs the prefill worker, which the coordinator may not have seen
+    // healthy yet when every probe answers.
+    assert!(
+        procs["coordinator"].wait_stderr(common::START_LIMIT, |l| {
+            l.contains("worker healthy") && l.contains(r#""role":"prefill""#)
+        }),
+        "the coordinator never saw the prefill worker healthy"
+    );
+
     // A request with the chart's generated API key, forced disaggregated: coordinator -> prefill
     // and decode over mutual TLS, prefill -> decode over a KV link that proved the cluster key.
     let mut request = tonic::Request::new(common::forced((400..448).collect(), 4));
