@@ -89,6 +89,12 @@ impl BudgetConfig {
                 "must name the ledger file (it records cloud spend across restarts)",
             ));
         }
+        self.validate_caps()
+    }
+
+    /// The time zone and the caps, for a ledger kept elsewhere (the coordinators' replicated
+    /// state names its own file).
+    pub fn validate_caps(&self) -> Result<()> {
         self.time_zone()?;
         let mut seen: BTreeMap<(Scope, Period), usize> = BTreeMap::new();
         for (i, cap) in self.caps.iter().enumerate() {

@@ -94,6 +94,23 @@ impl SharedBook {
         Ok(id)
     }
 
+    /// Non-binding: would `amount` fit under every cap of `caps` covering `endpoint` at `now`?
+    /// A later [`reserve`](SharedBook::reserve) may still be refused.
+    pub fn check(
+        &self,
+        caps: &[CapConfig],
+        time_zone: &str,
+        now: Timestamp,
+        endpoint: &str,
+        amount: Usd,
+    ) -> Result<(), SharedRefusal> {
+        let (caps, tz) = limits(caps, time_zone).map_err(SharedRefusal::Invalid)?;
+        self.book
+            .admit(&caps, &tz, now, endpoint, amount)
+            .map(drop)
+            .map_err(SharedRefusal::Refused)
+    }
+
     /// Closes reservation `id`; `None` if it is not open (closed already: a retried close).
     pub fn close(&mut self, now: Timestamp, id: ReservationId, how: Close) -> Option<Settlement> {
         let outcome = match how {

@@ -1,9 +1,8 @@
 //! `baton budget`: the cloud budget: each cap's current window (spent, reserved, remaining,
 //! when it resets), each upstream's spend, and the reservations not yet settled. Asks a
-//! running coordinator (gRPC `Budget`), or with `--offline` reads the ledger file of the
-//! configuration directly (the coordinator must be stopped: the ledger admits one process).
-
-use std::sync::Arc;
+//! running coordinator (gRPC `Budget`), or with `--offline` reads the replicated state's
+//! database of the configuration directly, as this coordinator last applied it (it must be
+//! stopped: the database admits one process).
 
 use baton_proto::v1::{BudgetRequest, BudgetResponse, inference_client::InferenceClient};
 
@@ -15,8 +14,9 @@ pub struct BudgetArgs {
     /// The coordinator's gRPC address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub coordinator: String,
-    /// Read the ledger file named by the configuration (`coordinator.cloud.budget`) instead of
-    /// asking a coordinator; for a coordinator that is stopped (or was killed).
+    /// Read the ledger from the database named by the configuration (`coordinator.replica.data`,
+    /// else `coordinator.cloud.budget.ledger`) instead of asking a coordinator; for a
+    /// coordinator that is stopped (or was killed). It shows what that coordinator had applied.
     #[arg(long)]
     pub offline: bool,
     /// Print the answer as JSON (amounts in nanodollars, exact) instead of a table.
@@ -30,14 +30,35 @@ pub fn run(args: BudgetArgs) -> anyhow::Result<()> {
     let budget = if args.offline {
         let sources = args.config.sources(Some(RoleName::Coordinator), |_| {})?;
         let loaded = crate::config::load(&sources)?;
-        let config = &loaded.config.coordinator.cloud;
+        let coordinator = &loaded.config.coordinator;
+        let config = &coordinator.cloud;
         if config.endpoints.is_empty() {
             anyhow::bail!("the configuration has no cloud endpoints (coordinator.cloud.endpoints)");
         }
-        let ledger =
-            baton_budget::Ledger::open(&config.budget, Arc::new(baton_budget::SystemClock))
-                .map_err(|e| anyhow::anyhow!("{}: {e}", config.budget.ledger.display()))?;
-        baton_coordinator::budget_to_proto(&ledger.snapshot(), &config.budget)
+        let replica = coordinator
+            .replica()?
+            .ok_or_else(|| anyhow::anyhow!("the configuration keeps no budget ledger"))?;
+        let state = baton_replica::read_state(&replica.data).map_err(|e| anyhow::anyhow!(e))?;
+        let mut snapshot = state
+            .ledger
+            .snapshot(
+                &config.budget.caps,
+                &config.budget.time_zone,
+                jiff::Timestamp::now(),
+            )
+            .map_err(|e| anyhow::anyhow!("coordinator.cloud.budget: {e}"))?;
+        // This coordinator is stopped: what it holds open is its previous run's (its next
+        // start charges those in full); other members' reservations may still be live.
+        for open in &mut snapshot.open {
+            open.from_previous_run = state
+                .owner(open.id)
+                .is_some_and(|o| o.node == replica.node_id);
+        }
+        baton_coordinator::budget_to_proto(
+            &snapshot,
+            &config.budget,
+            &replica.data.display().to_string(),
+        )
     } else {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -94,6 +115,13 @@ fn json(b: &BudgetResponse) -> serde_json::Value {
             "created": r.created,
             "from_previous_run": r.from_previous_run,
         })).collect::<Vec<_>>(),
+        "replica": b.replica.as_ref().map(|r| serde_json::json!({
+            "node_id": r.node_id,
+            "leader": r.leader,
+            "term": r.term,
+            "members": r.members,
+            "applied": r.applied,
+        })),
     })
 }
 
@@ -105,6 +133,18 @@ fn table(b: &BudgetResponse) -> String {
         return out;
     }
     let _ = writeln!(out, "ledger {}   time zone {}", b.ledger, b.time_zone);
+    if let Some(r) = &b.replica {
+        let leader = match r.leader {
+            0 => "none (an election)".to_string(),
+            l if l == r.node_id => format!("{l} (this coordinator)"),
+            l => l.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "replicated by coordinators {:?}: this is {}, leader {leader}, term {}",
+            r.members, r.node_id, r.term
+        );
+    }
     let _ = writeln!(
         out,
         "\n{:<22} {:<6} {:>12} {:>12} {:>12} {:>12} {:>8} {:>5}  resets at",

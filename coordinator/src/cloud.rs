@@ -5,31 +5,32 @@
 //! placement --Target::Cloud--> reserve worst case (ledger, durable) --> Upstream::send
 //!     --SSE deltas--> StreamEvents --usage--> settle (the rest of the reservation released)
 //!
-//! Invariants: nothing is sent before its reservation is on disk; a reservation is settled,
-//! cancelled or (dropped) charged in full exactly once (`baton_budget::Reservation` owns
-//! that); an upstream failure before any text reached the client tries the next upstream once,
+//! Invariants: nothing is sent before the coordinators' raft group applied its reservation
+//! (`crate::budget`); a reservation is settled, cancelled or (dropped) charged in full exactly
+//! once (`crate::budget::Hold` owns that); an upstream failure before any text reached the client tries the next upstream once,
 //! after that the stream fails; dropping the returned stream aborts the upstream call.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_budget::{Ledger, Price, Refusal, Reservation, ReserveError, Usd};
+use baton_budget::{Price, Refusal, Usd};
 use baton_cloud::{Api, Upstream, UpstreamError, UpstreamEvent, UpstreamRequest, UpstreamStream};
 use baton_text::{FinishReason, SamplingParams};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
+use crate::budget::{Budget, Hold, ReserveError};
 use crate::config::CloudConfig;
 use crate::error::{Error, Result};
 use crate::generate::{GenerateStream, Placement, PromptInput, StreamEvent, Usage};
 use crate::placement::{Mode, SpillReason, Unfit};
 use crate::server::Inner;
 
-/// The configured upstreams, their prices and the ledger they are charged to.
+/// The configured upstreams, their prices and the budget they are charged to.
 pub struct Cloud {
     endpoints: Vec<Endpoint>,
-    ledger: Arc<Ledger>,
+    budget: Arc<Budget>,
     pub config: CloudConfig,
 }
 
@@ -45,11 +46,8 @@ const TEMPLATE_TOKENS_PER_MESSAGE: u64 = 16;
 const TEMPLATE_TOKENS: u64 = 16;
 
 impl Cloud {
-    /// The upstreams and the ledger of `config`; `None` when no endpoint is configured.
-    pub fn open(config: &CloudConfig) -> Result<Option<Self>> {
-        if config.endpoints.is_empty() {
-            return Ok(None);
-        }
+    /// The upstreams of `config` charged to `budget` (the coordinators' shared ledger).
+    pub fn open(config: &CloudConfig, budget: Arc<Budget>) -> Result<Self> {
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for (i, e) in config.endpoints.iter().enumerate() {
             let price = Price::per_million(
@@ -70,26 +68,15 @@ impl Cloud {
             })?;
             endpoints.push(Endpoint { upstream, price });
         }
-        let ledger = Ledger::open(&config.budget, Arc::new(baton_budget::SystemClock))
-            .map_err(|e| Error::Internal(format!("the budget ledger: {e}")))?;
-        let snapshot = ledger.snapshot();
-        if !snapshot.open.is_empty() {
-            tracing::warn!(
-                open = snapshot.open.len(),
-                reserved = %snapshot.open.iter().fold(Usd::ZERO, |a, r| a.saturating_add(r.amount)),
-                "the budget ledger holds reservations of requests that were in flight when the \
-                 coordinator last stopped; they stay charged until their windows end"
-            );
-        }
-        Ok(Some(Self {
+        Ok(Self {
             endpoints,
-            ledger,
+            budget,
             config: config.clone(),
-        }))
+        })
     }
 
-    pub fn ledger(&self) -> &Arc<Ledger> {
-        &self.ledger
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// (served model name, endpoint name) for every model an upstream serves.
@@ -136,7 +123,7 @@ impl Cloud {
         if e.upstream.in_flight() >= e.upstream.config().max_concurrent {
             return Err((Unfit::Busy, None));
         }
-        self.ledger
+        self.budget
             .check(e.upstream.name(), worst)
             .map_err(|r| (Unfit::Budget, Some(r)))?;
         Ok(worst)
@@ -315,25 +302,22 @@ pub async fn run(
         };
         tries += 1;
         let name = endpoint.upstream.name().to_string();
-        let reservation = {
-            let ledger = cloud.ledger.clone();
-            let (name, id) = (name.clone(), request.request_id.clone());
-            tokio::task::spawn_blocking(move || ledger.reserve(&name, worst, &id)).await
-        };
-        let reservation = match reservation {
-            Ok(Ok(r)) => r,
-            Ok(Err(ReserveError::Refused(refusal))) => {
-                // Another request took the budget since placement looked.
+        let reservation = match cloud
+            .budget
+            .reserve(&name, worst, &request.request_id)
+            .await
+        {
+            Ok(r) => r,
+            Err(ReserveError::Refused(refusal)) => {
+                // Another request (here or on another coordinator) took the budget since
+                // placement looked.
                 last_error = Some(Error::BudgetSpent { refusal });
                 continue;
             }
-            Ok(Err(ReserveError::Storage(e))) => {
+            Err(ReserveError::Undecided(e)) => {
                 // Nothing goes out that the ledger has not recorded.
-                return Err(Failed::Unfit(Error::Internal(format!(
-                    "the budget ledger could not record a reservation: {e}"
-                ))));
+                return Err(Failed::Unfit(Error::BudgetUnavailable(e)));
             }
-            Err(e) => return Err(Failed::Unfit(Error::Internal(e.to_string()))),
         };
         inner.metrics.cloud_attempt(&name);
         let remote = endpoint
@@ -438,29 +422,26 @@ pub async fn run(
 /// An upstream answered with an error before producing anything: nothing was billed when it
 /// refused outright (a status, a refused connection); when it may have started computing (a
 /// timeout, a cut stream), the reservation is charged in full.
-async fn settle_failed(reservation: Reservation, e: &UpstreamError) {
+async fn settle_failed(reservation: Hold, e: &UpstreamError) {
     use baton_cloud::UpstreamErrorKind as K;
     let refused = matches!(
         e.kind,
         K::Connect(_) | K::RateLimited { .. } | K::Status { .. }
     );
-    let _ = tokio::task::spawn_blocking(move || {
-        if refused {
-            if let Err(e) = reservation.cancel() {
-                tracing::error!(error = %e, "the budget ledger could not release a reservation");
-            }
-        } else {
-            drop(reservation);
+    if refused {
+        if let Err(e) = reservation.cancel().await {
+            tracing::error!(error = %e, "the budget ledger could not release a reservation");
         }
-    })
-    .await;
+    } else if let Err(e) = reservation.charge_in_full().await {
+        tracing::error!(error = %e, "the budget ledger could not charge a reservation; this coordinator's next start charges it");
+    }
 }
 
 /// The streaming half of a cloud request.
 struct Streaming {
     inner: Arc<Inner>,
     upstream: UpstreamStream,
-    reservation: Option<Reservation>,
+    reservation: Option<Hold>,
     price: Price,
     placement: Placement,
     started: Instant,
@@ -567,26 +548,24 @@ impl Streaming {
                 let actual = self
                     .price
                     .cost(u.prompt_tokens - cached, cached, u.completion_tokens);
-                match tokio::task::spawn_blocking(move || reservation.settle(actual)).await {
-                    Ok(Ok(s)) => {
+                match reservation.settle(actual).await {
+                    Ok(s) => {
                         if s.overrun > Usd::ZERO {
                             tracing::warn!(upstream = %name, overrun = %s.overrun, "the upstream reported more usage than the request reserved");
                         }
                         s.charged
                     }
-                    Ok(Err(e)) => {
-                        tracing::error!(error = %e, "the budget ledger could not settle a reservation");
-                        actual
-                    }
                     Err(e) => {
-                        tracing::error!(error = %e, "settling a reservation panicked");
+                        tracing::error!(error = %e, "the budget ledger could not settle a reservation; it stays reserved until this coordinator's next start charges it in full");
                         actual
                     }
                 }
             }
             (None, Some(reservation)) => {
                 let amount = reservation.amount();
-                let _ = tokio::task::spawn_blocking(move || drop(reservation)).await;
+                if let Err(e) = reservation.charge_in_full().await {
+                    tracing::error!(error = %e, "the budget ledger could not charge a reservation; this coordinator's next start charges it");
+                }
                 amount
             }
             (_, None) => Usd::ZERO,
@@ -614,8 +593,11 @@ impl Streaming {
     async fn fail(&mut self, name: &str, e: Error) {
         tracing::warn!(upstream = %name, error = %e, "cloud request failed mid-stream");
         if let Some(reservation) = self.reservation.take() {
-            // Cut before its usage arrived: charged its full reservation.
-            let _ = tokio::task::spawn_blocking(move || drop(reservation)).await;
+            // Cut before its usage arrived: charged its full reservation, recorded before
+            // the client hears of the failure.
+            if let Err(e) = reservation.charge_in_full().await {
+                tracing::error!(error = %e, "the budget ledger could not charge a reservation; this coordinator's next start charges it");
+            }
         }
         self.inner.metrics.cloud_finished(name, e.class().as_str());
         self.inner.metrics.request_failed(e.class());

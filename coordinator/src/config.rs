@@ -181,6 +181,9 @@ pub struct CoordinatorConfig {
     pub cloud: CloudConfig,
     /// API keys of the client APIs (`[coordinator.auth]`).
     pub auth: crate::auth::AuthConfig,
+    /// The coordinators' raft group, which holds the cloud budget ledger
+    /// (`[coordinator.replica]`). Default: this coordinator alone, a one-node group.
+    pub replica: ReplicaSection,
 }
 
 impl CoordinatorConfig {
@@ -224,6 +227,7 @@ impl CoordinatorConfig {
             telemetry: baton_telemetry::TelemetryConfig::default(),
             cloud: CloudConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            replica: ReplicaSection::default(),
         }
     }
 
@@ -278,7 +282,129 @@ impl CoordinatorConfig {
             return bad("telemetry", &e.to_string());
         }
         self.auth.validate(&[self.grpc_listen, self.http_listen])?;
-        self.cloud.validate()
+        self.cloud
+            .validate(!self.replica.data.as_os_str().is_empty())?;
+        self.replica()?;
+        Ok(())
+    }
+
+    /// The raft group this coordinator joins, validated; `None` when it has nothing to agree
+    /// on (no cloud endpoints and no group configured).
+    pub fn replica(&self) -> Result<Option<baton_replica::ReplicaConfig>> {
+        let r = &self.replica;
+        if self.cloud.endpoints.is_empty() && r.members.is_empty() {
+            return Ok(None);
+        }
+        let bad = |field: &str, reason: String| Error::InvalidConfig {
+            field: field.into(),
+            reason,
+        };
+        let data = if r.data.as_os_str().is_empty() {
+            if self.cloud.budget.ledger.as_os_str().is_empty() {
+                return Err(bad(
+                    "replica.data",
+                    "the replicated state's database file is required (or cloud.budget.ledger)"
+                        .into(),
+                ));
+            }
+            self.cloud.budget.ledger.clone()
+        } else {
+            r.data.clone()
+        };
+        let mut config = baton_replica::ReplicaConfig::single(r.node_id, r.listen, data);
+        if !r.members.is_empty() {
+            config.members = r
+                .members
+                .iter()
+                .map(|(id, addr)| {
+                    id.parse::<u64>()
+                        .map(|id| (id, addr.clone()))
+                        .map_err(|_| bad("replica.members", format!("{id:?} is not a node id")))
+                })
+                .collect::<Result<_>>()?;
+        }
+        config.heartbeat = r.heartbeat;
+        config.election_timeout = (r.election_timeout_min, r.election_timeout_max);
+        config.propose_timeout = r.propose_timeout;
+        config.snapshot_after = r.snapshot_after;
+        config.log_kept_after_snapshot = r.log_kept_after_snapshot;
+        config.tls = self.tls.clone();
+        config.validate().map_err(|e| Error::InvalidConfig {
+            field: e.field,
+            reason: e.reason,
+        })?;
+        Ok(Some(config))
+    }
+}
+
+/// One coordinator's place in the coordinators' raft group (`[coordinator.replica]`), which
+/// replicates the cloud budget ledger among them. Every coordinator of a group lists the same
+/// `members`; each has its own `node_id` and database.
+///
+/// ```toml
+/// [coordinator.replica]
+/// node_id = 2
+/// listen = "10.0.0.2:7400"
+/// members = { 1 = "coord-0.baton:7400", 2 = "coord-1.baton:7400", 3 = "coord-2.baton:7400" }
+/// data = "/var/lib/baton/coordinator.redb"
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaSection {
+    /// This coordinator's raft node id, a key of `members`, stable across restarts. Default 1.
+    pub node_id: u64,
+    /// Where this coordinator serves its peers (`baton.v1.Replica`); off loopback it needs
+    /// `[coordinator.tls]`. Default "127.0.0.1:0" (a one-node group has no peers).
+    pub listen: SocketAddr,
+    /// Every member's node id and the `host:port` its peers reach it at, this one included.
+    /// Default: none, this coordinator alone.
+    pub members: std::collections::BTreeMap<String, String>,
+    /// The database file (redb) holding the raft log and the replicated state. Default:
+    /// empty, `cloud.budget.ledger`.
+    pub data: PathBuf,
+    /// The leader's heartbeat period. Default 100ms.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub heartbeat: Duration,
+    /// A follower that hears no leader for a random time between these two stands for
+    /// election. Defaults 300ms and 600ms.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub election_timeout_min: Duration,
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub election_timeout_max: Duration,
+    /// How long a budget decision may wait for a leader (an election) before the request
+    /// fails with UNAVAILABLE. Default 5s.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub propose_timeout: Duration,
+    /// Entries applied between two snapshots of the state (the log before one is dropped).
+    /// Default 5000.
+    pub snapshot_after: u64,
+    /// Entries kept behind a snapshot for replicas that lag a little. Default 1000.
+    pub log_kept_after_snapshot: u64,
+}
+
+impl Default for ReplicaSection {
+    fn default() -> Self {
+        let d = baton_replica::ReplicaConfig::single(
+            1,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            PathBuf::new(),
+        );
+        ReplicaSection {
+            node_id: d.node_id,
+            listen: d.listen,
+            members: Default::default(),
+            data: PathBuf::new(),
+            heartbeat: d.heartbeat,
+            election_timeout_min: d.election_timeout.0,
+            election_timeout_max: d.election_timeout.1,
+            propose_timeout: d.propose_timeout,
+            snapshot_after: d.snapshot_after,
+            log_kept_after_snapshot: d.log_kept_after_snapshot,
+        }
     }
 }
 
@@ -320,8 +446,9 @@ impl Default for CloudConfig {
 }
 
 impl CloudConfig {
-    /// Each bad value names its key under `cloud.`.
-    pub fn validate(&self) -> Result<()> {
+    /// Each bad value names its key under `cloud.`; `replica_data` says whether the ledger has
+    /// a home in `replica.data` (then `budget.ledger` may be left empty).
+    pub fn validate(&self, replica_data: bool) -> Result<()> {
         if self.endpoints.is_empty() {
             return Ok(());
         }
@@ -348,7 +475,20 @@ impl CloudConfig {
                 ));
             }
         }
-        self.budget.validate().map_err(|e| match e {
+        let checked = if replica_data {
+            if !self.budget.ledger.as_os_str().is_empty() {
+                return Err(prefixed(
+                    "budget.ledger".into(),
+                    "the ledger is kept in the replicated state's database (replica.data); \
+                     leave this unset"
+                        .into(),
+                ));
+            }
+            self.budget.validate_caps()
+        } else {
+            self.budget.validate()
+        };
+        checked.map_err(|e| match e {
             baton_budget::Error::InvalidConfig { field, reason } => prefixed(field, reason),
             other => prefixed("budget".into(), other.to_string()),
         })?;

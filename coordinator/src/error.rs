@@ -54,6 +54,11 @@ pub enum Error {
     /// No upstream's budget covers the request (and the local cluster cannot take it).
     #[error("{refusal}")]
     BudgetSpent { refusal: baton_budget::Refusal },
+    /// The coordinators' raft group could not decide the request's reservation (no leader
+    /// within the proposal time-out: an election that ran long, or no quorum); nothing was
+    /// spent or sent.
+    #[error("the cloud budget cannot be decided now: {0}")]
+    BudgetUnavailable(String),
     /// Every upstream that could take the request is at its `max_concurrent`.
     #[error("the local cluster is at capacity and every cloud upstream is busy; retry later")]
     CloudBusy,
@@ -77,7 +82,7 @@ impl Error {
             Error::Unauthenticated { .. } => ErrorClass::Unauthenticated,
             Error::KeyLimit { .. } => ErrorClass::Overloaded,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
-            Error::NoWorker { .. } => ErrorClass::Unavailable,
+            Error::NoWorker { .. } | Error::BudgetUnavailable(_) => ErrorClass::Unavailable,
             Error::DeadlineExceeded { .. } => ErrorClass::Deadline,
             Error::Worker { class, .. } => *class,
             Error::PlacedAgainFailed { again, .. } => again.class(),

@@ -327,10 +327,22 @@ impl Inference for InferenceService {
         let Some(cloud) = &self.inner.cloud else {
             return Ok(Response::new(v1::BudgetResponse::default()));
         };
-        Ok(Response::new(budget_to_proto(
-            &cloud.ledger().snapshot(),
+        let budget = cloud.budget();
+        let replica = budget.replica();
+        let status = replica.status();
+        let mut response = budget_to_proto(
+            &budget.snapshot(),
             &cloud.config.budget,
-        )))
+            &replica.data().display().to_string(),
+        );
+        response.replica = Some(v1::ReplicaStatus {
+            node_id: status.node_id,
+            leader: status.leader.unwrap_or(0),
+            term: status.term,
+            members: status.members,
+            applied: status.applied.unwrap_or(0),
+        });
+        Ok(Response::new(response))
     }
 
     async fn cluster_status(
@@ -378,6 +390,7 @@ impl Inference for InferenceService {
 pub fn budget_to_proto(
     s: &baton_budget::Snapshot,
     config: &baton_budget::BudgetConfig,
+    ledger: &str,
 ) -> v1::BudgetResponse {
     let scope = |s: &baton_budget::Scope| match s {
         baton_budget::Scope::Global => "global".to_string(),
@@ -386,7 +399,7 @@ pub fn budget_to_proto(
     v1::BudgetResponse {
         configured: true,
         time_zone: config.time_zone.clone(),
-        ledger: config.ledger.display().to_string(),
+        ledger: ledger.to_string(),
         windows: s
             .windows
             .iter()
@@ -426,5 +439,6 @@ pub fn budget_to_proto(
                 from_previous_run: r.from_previous_run,
             })
             .collect(),
+        replica: None,
     }
 }

@@ -10,6 +10,7 @@
 //! queue; a dropped client stream cancels its decode call, which frees the worker's blocks.
 
 mod auth;
+mod budget;
 mod cloud;
 mod config;
 mod error;
@@ -22,7 +23,7 @@ mod server;
 mod workers;
 
 pub use auth::{ApiKeyConfig, AuthConfig, key_digest};
-pub use config::{CloudConfig, CoordinatorConfig, HandoffShape, TransportChoice};
+pub use config::{CloudConfig, CoordinatorConfig, HandoffShape, ReplicaSection, TransportChoice};
 pub use error::{Error, ErrorClass, Result};
 pub use generate::{GenerateInput, Placement, PromptInput, StreamEvent, Usage};
 pub use grpc::budget_to_proto;

@@ -338,9 +338,9 @@ impl Metrics {
     }
 
     /// Registers the budget ledger's spend and windows, read on each scrape.
-    pub fn register_ledger(&self, ledger: std::sync::Arc<baton_budget::Ledger>) {
+    pub fn register_ledger(&self, budget: std::sync::Arc<crate::budget::Budget>) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
-        registry.register_collector(Box::new(LedgerCollector { ledger }));
+        registry.register_collector(Box::new(LedgerCollector { budget }));
     }
 
     pub fn auth_refused(&self, why: crate::auth::Refused) {

@@ -34,8 +34,12 @@ pub struct Inner {
 }
 
 impl Inner {
-    /// Loads the tokenizer and sets up an empty registry (discovery fills it once serving).
-    pub fn new(config: CoordinatorConfig) -> Result<Self> {
+    /// Loads the tokenizer and sets up an empty registry (discovery fills it once serving);
+    /// `replica` is the coordinators' raft group when the config has one (cloud endpoints).
+    pub fn new(
+        config: CoordinatorConfig,
+        replica: Option<Arc<baton_replica::Replica>>,
+    ) -> Result<Self> {
         config.validate()?;
         let tokenizer = Tokenizer::load(&config.model)?;
         let model_name = config
@@ -66,10 +70,14 @@ impl Inner {
         // Handoff ids only need to be unique among live handoffs of the workers this
         // coordinator talks to; a random start keeps two coordinators (or a restart) apart.
         let start = rand::random::<u64>() >> 1;
-        let cloud = crate::cloud::Cloud::open(&config.cloud)?;
-        if let Some(cloud) = &cloud {
-            metrics.register_ledger(cloud.ledger().clone());
-        }
+        let cloud = match replica {
+            Some(replica) if !config.cloud.endpoints.is_empty() => {
+                let budget = crate::budget::Budget::new(replica, config.cloud.budget.clone());
+                metrics.register_ledger(budget.clone());
+                Some(crate::cloud::Cloud::open(&config.cloud, budget)?)
+            }
+            _ => None,
+        };
         let remote = [config.grpc_listen, config.http_listen]
             .iter()
             .any(|a| !a.ip().is_loopback());
@@ -193,7 +201,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let interval = config.load_poll_interval;
-    let inner = Arc::new(Inner::new(config)?);
+    config.validate()?;
+    let replica = match config.replica()? {
+        Some(r) => Some(
+            baton_replica::Replica::start(r)
+                .await
+                .map_err(|e| Error::Internal(format!("the coordinators' raft group: {e}")))?,
+        ),
+        None => None,
+    };
+    let inner = match Inner::new(config, replica.clone()) {
+        Ok(inner) => Arc::new(inner),
+        Err(e) => {
+            if let Some(r) = &replica {
+                r.shutdown().await;
+            }
+            return Err(e);
+        }
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -284,6 +309,10 @@ pub async fn serve(
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();
     membership.abort();
+    if let Some(r) = &replica {
+        // Streams that ended with the servers may still be closing their reservations.
+        r.shutdown().await;
+    }
     g?;
     h
 }

@@ -27,8 +27,8 @@ mod store;
 
 pub use config::{ReplicaConfig, ReplicaConfigError};
 pub use node::{ProposeError, Replica, Status};
-pub use state::{Command, CommandId, Decision, DecisionKind, Proposal, Response, State};
-pub use store::{LogStore, StateMachine, open_storage};
+pub use state::{Command, CommandId, Decision, DecisionKind, Owner, Proposal, Response, State};
+pub use store::{LogStore, StateMachine, open_storage, read_state};
 
 use std::io::Cursor;
 

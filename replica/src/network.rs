@@ -41,6 +41,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             tls: self.tls.clone(),
             client: None,
+            reachable: true,
         }
     }
 }
@@ -74,6 +75,9 @@ pub(crate) struct PeerClient {
     addr: String,
     tls: Option<ClientTlsConfig>,
     client: Option<ReplicaClient<Channel>>,
+    /// Whether the last call got an answer: a change is logged once (the raft library, kept
+    /// quiet, would log every retry).
+    reachable: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -116,6 +120,17 @@ impl PeerClient {
             Rpc::Snapshot => client.install_snapshot(call).await,
             Rpc::Vote => client.vote(call).await,
         };
+        match (&reply, self.reachable) {
+            (Err(status), true) => {
+                tracing::warn!(peer = self.target, addr = %self.addr, error = %status.message(), "raft peer unreachable; retrying");
+                self.reachable = false;
+            }
+            (Ok(_), false) => {
+                tracing::info!(peer = self.target, addr = %self.addr, "raft peer reachable again");
+                self.reachable = true;
+            }
+            _ => {}
+        }
         let reply = reply.map_err(|status| {
             let e = std::io::Error::other(format!("{}: {}", status.code(), status.message()));
             match status.code() {

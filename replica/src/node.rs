@@ -69,6 +69,7 @@ pub struct Replica {
     propose_timeout: Duration,
     tls: Option<ClientTlsConfig>,
     members: BTreeMap<u64, String>,
+    data: std::path::PathBuf,
     /// Channels to leaders this replica forwarded to, by node id.
     leaders: Mutex<HashMap<u64, ReplicaClient<Channel>>>,
     local_addr: SocketAddr,
@@ -171,7 +172,7 @@ impl Replica {
             data = %config.data.display(),
             "replica started"
         );
-        Ok(Arc::new(Replica {
+        let replica = Arc::new(Replica {
             node_id,
             raft,
             state,
@@ -180,11 +181,15 @@ impl Replica {
             propose_timeout: config.propose_timeout,
             tls: client_tls,
             members: config.members,
+            data: config.data,
             leaders: Mutex::new(HashMap::new()),
             local_addr,
             stop_server: Mutex::new(Some(stop_tx)),
             file_closed,
-        }))
+        });
+        tokio::spawn(announce(Arc::downgrade(&replica)));
+        tokio::spawn(log_leaders(node_id, replica.raft.metrics()));
+        Ok(replica)
     }
 
     /// Where the peers' service listens.
@@ -332,6 +337,84 @@ impl Replica {
     /// The configured members and their addresses.
     pub fn members(&self) -> &BTreeMap<u64, String> {
         &self.members
+    }
+
+    /// This process's incarnation (a random number drawn at start), in its proposals' ids.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The database file.
+    pub fn data(&self) -> &std::path::Path {
+        &self.data
+    }
+}
+
+/// Logs each change of leader as this replica sees it (the raft library itself is kept to
+/// its errors), until raft stops.
+async fn log_leaders(
+    node_id: u64,
+    mut metrics: watch::Receiver<openraft::RaftMetrics<u64, BasicNode>>,
+) {
+    let mut last: Option<Option<u64>> = None;
+    loop {
+        let (leader, term) = {
+            let m = metrics.borrow_and_update();
+            // A restarted node's metrics first show its persisted vote for itself as a leader
+            // it is not; only a node in the leader state leads.
+            let leader = m
+                .current_leader
+                .filter(|l| *l != node_id || m.state == ServerState::Leader);
+            (leader, m.current_term)
+        };
+        if last != Some(leader) {
+            match leader {
+                Some(l) if l == node_id => {
+                    tracing::info!(node_id, term, "this coordinator leads the raft group")
+                }
+                Some(l) => tracing::info!(node_id, leader = l, term, "raft leader known"),
+                None if last.is_some() => tracing::warn!(
+                    node_id,
+                    term,
+                    "no raft leader: budget decisions wait for an election"
+                ),
+                None => {}
+            }
+            last = Some(leader);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Records this process's start in the group (`Command::Started`), which closes what the
+/// node's earlier incarnation left open; tried until it is applied or the replica is gone (a
+/// group without quorum cannot record anything, this included).
+async fn announce(replica: std::sync::Weak<Replica>) {
+    loop {
+        let Some(r) = replica.upgrade() else { return };
+        let at = jiff::Timestamp::now();
+        match r.propose(Command::Started { at }).await {
+            Ok(Response::Started(closed)) => {
+                for (id, settlement) in &closed {
+                    tracing::warn!(
+                        node_id = r.node_id, %id, charged = %settlement.charged,
+                        "a cloud reservation left open when this coordinator last stopped was \
+                         closed, charged in full (its request died with that process)"
+                    );
+                }
+                return;
+            }
+            Ok(other) => {
+                tracing::error!(node_id = r.node_id, answer = ?other, "unexpected answer to Started");
+                return;
+            }
+            Err(ProposeError::Stopped(_)) => return,
+            Err(e) => {
+                tracing::warn!(node_id = r.node_id, error = %e, "recording this coordinator's start in the replicated state; trying again");
+            }
+        }
     }
 }
 

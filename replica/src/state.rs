@@ -61,6 +61,10 @@ pub enum Command {
         how: Close,
         at: Timestamp,
     },
+    /// The proposer's process started (its id's incarnation is new): the reservations its
+    /// node's earlier incarnations left open can never be settled (their requests died with
+    /// that process) and are closed, charged in full as the upstream may have billed them.
+    Started { at: Timestamp },
 }
 
 /// Longest request id a reservation keeps, in bytes.
@@ -89,7 +93,7 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::Close { .. } => Ok(()),
+            Command::Close { .. } | Command::Started { .. } => Ok(()),
         }
     }
 }
@@ -120,6 +124,9 @@ pub enum Response {
     Closed(Settlement),
     /// The reservation to close is not open (closed before).
     NotOpen,
+    /// The proposer's start was recorded; these reservations of its node's earlier
+    /// incarnations were closed, charged in full.
+    Started(Vec<(ReservationId, Settlement)>),
 }
 
 /// An operator's standing decision about one worker.
@@ -148,8 +155,22 @@ pub struct State {
     pub workers: BTreeMap<String, Decision>,
     /// The cloud budget ledger.
     pub ledger: SharedBook,
+    /// Which process (node and incarnation) holds each open reservation.
+    #[serde(default)]
+    owners: BTreeMap<ReservationId, Owner>,
+    /// Each node's latest incarnation, from its `Started`.
+    #[serde(default)]
+    incarnations: BTreeMap<u64, u64>,
     /// The latest applied command ids and their answers, oldest first.
     recent: VecDeque<(CommandId, Response)>,
+}
+
+/// The process that reserved: a node and one of its incarnations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    pub node: u64,
+    pub incarnation: u64,
 }
 
 impl State {
@@ -159,7 +180,7 @@ impl State {
         if let Some((_, response)) = self.recent.iter().find(|(id, _)| *id == proposal.id) {
             return response.clone();
         }
-        let response = self.apply_command(proposal.id.node, &proposal.command);
+        let response = self.apply_command(proposal.id, &proposal.command);
         if self.recent.len() == DEDUP_WINDOW {
             self.recent.pop_front();
         }
@@ -167,7 +188,7 @@ impl State {
         response
     }
 
-    fn apply_command(&mut self, by_node: u64, command: &Command) -> Response {
+    fn apply_command(&mut self, by: CommandId, command: &Command) -> Response {
         let (worker, kind, reason, at_unix_ms) = match command {
             Command::Reserve {
                 endpoint,
@@ -181,15 +202,40 @@ impl State {
                     .ledger
                     .reserve(caps, time_zone, *at, endpoint, *amount, request_id)
                 {
-                    Ok(id) => Response::Reserved(id),
+                    Ok(id) => {
+                        let owner = Owner {
+                            node: by.node,
+                            incarnation: by.incarnation,
+                        };
+                        self.owners.insert(id, owner);
+                        Response::Reserved(id)
+                    }
                     Err(refusal) => Response::Refused(refusal),
                 };
             }
             Command::Close { id, how, at } => {
+                self.owners.remove(id);
                 return match self.ledger.close(*at, *id, *how) {
                     Some(settlement) => Response::Closed(settlement),
                     None => Response::NotOpen,
                 };
+            }
+            Command::Started { at } => {
+                self.incarnations.insert(by.node, by.incarnation);
+                let left: Vec<ReservationId> = self
+                    .owners
+                    .iter()
+                    .filter(|(_, o)| o.node == by.node && o.incarnation != by.incarnation)
+                    .map(|(id, _)| *id)
+                    .collect();
+                let closed = left
+                    .into_iter()
+                    .filter_map(|id| {
+                        self.owners.remove(&id);
+                        Some((id, self.ledger.close(*at, id, Close::Dropped)?))
+                    })
+                    .collect();
+                return Response::Started(closed);
             }
             Command::Restore { worker } => {
                 return match self.workers.remove(worker) {
@@ -212,7 +258,7 @@ impl State {
             kind,
             reason: reason.clone(),
             at_unix_ms: *at_unix_ms,
-            by_node,
+            by_node: by.node,
         };
         match self.workers.get(worker) {
             // The same decision again keeps the first one's time and proposer.
@@ -229,6 +275,16 @@ impl State {
     /// The decision standing for `worker`, if any.
     pub fn decision(&self, worker: &str) -> Option<&Decision> {
         self.workers.get(worker)
+    }
+
+    /// The incarnation of `node` whose start was applied last.
+    pub fn incarnation(&self, node: u64) -> Option<u64> {
+        self.incarnations.get(&node).copied()
+    }
+
+    /// The process holding open reservation `id`.
+    pub fn owner(&self, id: ReservationId) -> Option<Owner> {
+        self.owners.get(&id).copied()
     }
 }
 
@@ -355,6 +411,64 @@ mod tests {
             matches!(s.apply(&again), Response::Refused(_)),
             "a new request does not fit next to the first"
         );
+    }
+
+    #[test]
+    fn a_restarted_node_closes_what_its_earlier_incarnation_left_open_and_nothing_else() {
+        let mut s = State::default();
+        let at: Timestamp = "2026-12-07T12:00:00Z".parse().expect("a time");
+        let reserve = |node, incarnation, seq| Proposal {
+            id: CommandId {
+                node,
+                incarnation,
+                seq,
+            },
+            command: Command::Reserve {
+                endpoint: "cloud".into(),
+                amount: Usd::from_dollars(0.1).expect("an amount"),
+                request_id: format!("r{node}-{incarnation}-{seq}"),
+                at,
+                caps: vec![CapConfig {
+                    period: baton_budget::Period::Day,
+                    cap_usd: 10.0,
+                    endpoint: None,
+                }],
+                time_zone: "UTC".into(),
+            },
+        };
+        let reserved = |r: Response| match r {
+            Response::Reserved(id) => id,
+            other => panic!("expected a reservation, got {other:?}"),
+        };
+        let old = reserved(s.apply(&reserve(1, 7, 0)));
+        let other_node = reserved(s.apply(&reserve(2, 3, 0)));
+        let restarted = Proposal {
+            id: CommandId {
+                node: 1,
+                incarnation: 8,
+                seq: 0,
+            },
+            command: Command::Started { at },
+        };
+        let new = {
+            let r = s.apply(&restarted);
+            let Response::Started(closed) = r else {
+                panic!("expected Started, got {r:?}")
+            };
+            assert_eq!(closed.len(), 1);
+            assert_eq!(closed[0].0, old);
+            assert_eq!(
+                closed[0].1.charged,
+                Usd::from_dollars(0.1).expect("an amount")
+            );
+            reserved(s.apply(&reserve(1, 8, 1)))
+        };
+        assert_eq!(s.owner(old), None);
+        assert_eq!(s.owner(other_node).map(|o| o.node), Some(2));
+        assert_eq!(s.owner(new).map(|o| o.incarnation), Some(8));
+        let round: State =
+            serde_json::from_str(&serde_json::to_string(&s).expect("serializes")).expect("reads");
+        assert_eq!(round, s, "owners survive a snapshot");
     }
 
     #[test]

@@ -27,7 +27,7 @@ use openraft::{
     AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -60,6 +60,7 @@ impl std::ops::Deref for Db {
 /// machine, the state loaded as last applied. Fails if another process holds the file.
 pub fn open_storage(path: &Path) -> Result<(LogStore, StateMachine), String> {
     let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    refuse_single_ledger(&db, path)?;
     let tx = db.begin_write().map_err(|e| e.to_string())?;
     for result in [
         tx.open_table(LOG).map(drop),
@@ -93,6 +94,40 @@ pub fn open_storage(path: &Path) -> Result<(LogStore, StateMachine), String> {
             published: Arc::new(published),
         },
     ))
+}
+
+/// A file of the single-process budget ledger (baton before the replicated one) has the same
+/// default place; its records would be silently ignored here, so it is refused by name.
+fn refuse_single_ledger(db: &Database, path: &Path) -> Result<(), String> {
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    let tables = tx.list_tables().map_err(|e| e.to_string())?;
+    if tables.into_iter().any(|t| t.name() == "reservations") {
+        return Err(format!(
+            "{}: holds a budget ledger of the single-process format (an earlier baton), not the \
+             coordinators' replicated state; move it aside (its totals are read with that \
+             version's `baton budget --offline`)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The state as last applied to the database at `path` (a stopped coordinator's), without
+/// starting raft: for `baton budget --offline`.
+pub fn read_state(path: &Path) -> Result<State, String> {
+    if !path.exists() {
+        return Err(format!("{}: no such file", path.display()));
+    }
+    let db = Database::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    refuse_single_ledger(&db, path)?;
+    let tx = db.begin_read().map_err(|e| e.to_string())?;
+    if tx.open_table(SM).is_err() {
+        return Ok(State::default());
+    }
+    drop(tx);
+    read_sm::<State>(&db, "state")
+        .map(Option::unwrap_or_default)
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn to_json(value: &impl Serialize) -> Result<Vec<u8>, StorageIOError<u64>> {

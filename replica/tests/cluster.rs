@@ -195,7 +195,12 @@ async fn three_replicas_agree_lose_their_leader_and_the_restarted_one_catches_up
     let restarted = Replica::start(config(leader, &members, dir.path()))
         .await
         .map_err(anyhow::Error::msg)?;
-    let everything = |s: &State| (0..=60).all(|n| s.decision(&format!("w-{n}")).is_some());
+    // Everything, and the restarted replica's own start (it records itself in the state).
+    let incarnation = restarted.incarnation();
+    let everything = |s: &State| {
+        (0..=60).all(|n| s.decision(&format!("w-{n}")).is_some())
+            && s.incarnation(leader) == Some(incarnation)
+    };
     let caught_up = state_where(&restarted, everything).await;
     for r in &survivors {
         assert_eq!(
@@ -352,7 +357,7 @@ async fn a_replica_behind_the_compacted_log_is_sent_a_snapshot() -> anyhow::Resu
         replicas[&leader].propose(drain(&format!("w-{n}"))).await?;
     }
     let everything = |s: &State| (0..60).all(|n| s.decision(&format!("w-{n}")).is_some());
-    let at_leader = state_where(&replicas[&leader], everything).await;
+    state_where(&replicas[&leader], everything).await;
     replicas[&leader]
         .wait_for(BOUND, |s| s.purged.is_some_and(|p| p > had))
         .await
@@ -360,8 +365,12 @@ async fn a_replica_behind_the_compacted_log_is_sent_a_snapshot() -> anyhow::Resu
     let restarted = Replica::start(compacting(behind))
         .await
         .map_err(anyhow::Error::msg)?;
+    // The restarted replica records its start; both then hold the same state.
+    let incarnation = restarted.incarnation();
+    let started = |s: &State| everything(s) && s.incarnation(behind) == Some(incarnation);
+    let at_leader = state_where(&replicas[&leader], started).await;
     assert_eq!(
-        state_where(&restarted, everything).await,
+        state_where(&restarted, started).await,
         at_leader,
         "the snapshot carries the whole state"
     );

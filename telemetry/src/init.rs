@@ -51,6 +51,21 @@ impl Drop for Telemetry {
     }
 }
 
+/// The raft library logs every election step at info and every retry to a peer that is down
+/// at error, each heartbeat; baton logs what matters of those itself (a leader change, a peer
+/// lost and back, a proposal that found no leader, a fatal raft error through its API), so
+/// the library is silenced unless a filter names it.
+fn quiet_dependencies(filter: EnvFilter, configured: &str) -> EnvFilter {
+    let named = std::env::var("RUST_LOG").unwrap_or_else(|_| configured.to_string());
+    if named.contains("openraft") {
+        return filter;
+    }
+    match "openraft=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
 /// Installs the process's subscriber. Call once, before serving, outside any async runtime's
 /// worker threads (span export runs on its own thread with its own small runtime).
 pub fn init(config: &TelemetryConfig, service: &ServiceName) -> Result<Telemetry> {
@@ -62,6 +77,7 @@ pub fn init(config: &TelemetryConfig, service: &ServiceName) -> Result<Telemetry
             field: "log_filter",
             reason: e.to_string(),
         })?;
+    let filter = quiet_dependencies(filter, &config.log_filter);
     let (human, json) = match config.log_format {
         LogFormat::Human => (
             Some(

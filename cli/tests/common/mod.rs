@@ -531,3 +531,19 @@ pub fn signal_pid(pid: i32, sig: libc::c_int) {
         libc::kill(pid, sig);
     }
 }
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `bound`: for a state another
+/// process reaches on its own schedule (a raft commit, a closed reservation).
+#[allow(dead_code)]
+pub fn wait_for<T>(bound: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

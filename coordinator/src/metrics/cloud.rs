@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use baton_budget::{Ledger, Usd};
+use baton_budget::Usd;
+
+use crate::budget::Budget;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -155,9 +157,9 @@ impl CloudMetrics {
     }
 }
 
-/// Reads the ledger on each scrape.
+/// Reads the ledger, as applied on this coordinator, on each scrape.
 pub struct LedgerCollector {
-    pub ledger: Arc<Ledger>,
+    pub budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for LedgerCollector {
@@ -183,7 +185,7 @@ fn dollars(u: Usd) -> f64 {
 
 impl Collector for LedgerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let snapshot = self.ledger.snapshot();
+        let snapshot = self.budget.snapshot();
         let mut counter =
             |name: &str, help: &str, get: &dyn Fn(&baton_budget::EndpointTotals) -> Usd| {
                 let mut family = encoder.encode_descriptor(
@@ -253,10 +255,37 @@ impl Collector for LedgerCollector {
         let open = ConstGauge::new(snapshot.open.len() as i64);
         open.encode(encoder.encode_descriptor(
             "cloud_open_reservations",
-            "Budget reservations not yet settled (requests in flight, and those of a previous run whose windows have not ended)",
+            "Budget reservations not yet settled (requests in flight here and on the other coordinators)",
             None,
             open.metric_type(),
         )?)?;
+        let status = self.budget.replica().status();
+        let gauges = [
+            (
+                "replica_leader",
+                "1 when this coordinator leads the coordinators' raft group (which replicates the budget ledger), else 0",
+                i64::from(status.is_leader),
+            ),
+            (
+                "replica_leader_known",
+                "1 when this coordinator knows a raft leader (0 during an election or without quorum: budget decisions wait)",
+                i64::from(status.leader.is_some()),
+            ),
+            (
+                "replica_term",
+                "The raft term this coordinator is in (it rises with each election)",
+                i64::try_from(status.term).unwrap_or(i64::MAX),
+            ),
+            (
+                "replica_applied_index",
+                "The index of the last raft log entry applied to the state here",
+                i64::try_from(status.applied.unwrap_or(0)).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
         Ok(())
     }
 }

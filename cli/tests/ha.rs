@@ -1,0 +1,396 @@
+//! Coordinator high availability, with real processes: three coordinators in one raft group
+//! (`[coordinator.replica]`) sharing the cloud budget ledger, a real etcd through which they
+//! find the decode worker, and a second baton as the cloud. Under a steady load of local and
+//! cloud requests through two coordinators, the third, the raft leader, is SIGKILLed: requests
+//! keep succeeding (errors counted: none), a new leader is elected (the time is printed and
+//! bounded), the ledger afterwards equals the sum of the settled requests' costs with no
+//! reservation lost or doubled, and the killed coordinator, restarted, catches up.
+//!
+//! Needs `etcd` on PATH (scripts/test.sh installs Debian's `etcd-server`).
+
+mod common;
+#[path = "../../discovery/tests/common/etcd_server.rs"]
+#[allow(dead_code)] // Restarts are for discovery's own tests.
+mod etcd_server;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Proc, get, model, post, wait_for, worker};
+use serde_json::{Value, json};
+
+/// A reply's bound (a cloud request waits out an election, at most the proposal time-out).
+const REPLY_LIMIT: Duration = Duration::from_secs(60);
+/// How long the group may take to elect a new leader after a kill; raft's own bound is the
+/// election time-out (300-600 ms here) plus a vote round, so this is generous for a loaded CI.
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+const STOP_BOUND: Duration = Duration::from_secs(30);
+
+/// One request of the load: which coordinator, local or cloud, when it was sent and answered,
+/// and what it cost (cloud) or why it failed.
+#[derive(Debug, Clone)]
+struct Outcome {
+    coordinator: usize,
+    cloud: bool,
+    sent: Instant,
+    done: Instant,
+    result: Result<f64, String>,
+}
+
+/// A free loopback port (closed again: the coordinator binds it moments later).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("baton-ha-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn chat(model: &str, content: &str, max_tokens: u32) -> String {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+    .to_string()
+}
+
+fn baton_budget(grpc: SocketAddr) -> Option<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["budget", "--coordinator", &grpc.to_string(), "--json"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn leader(budget: &Value) -> u64 {
+    budget["replica"]["leader"].as_u64().unwrap_or(0)
+}
+
+/// One coordinator of the group: its config file and its process.
+struct Member {
+    node_id: u64,
+    config: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Member {
+    fn start(&mut self, model: &str, discovery: &[String]) {
+        let mut args: Vec<&str> = vec![
+            "coordinator",
+            "--model",
+            model,
+            "--grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--config",
+            self.config.to_str().expect("utf-8"),
+        ];
+        args.extend(discovery.iter().map(String::as_str));
+        self.proc = Some(Proc::start(&args, 2));
+    }
+
+    fn grpc(&self) -> SocketAddr {
+        self.proc.as_ref().expect("running").addrs[0]
+    }
+
+    fn http(&self) -> SocketAddr {
+        self.proc.as_ref().expect("running").addrs[1]
+    }
+}
+
+fn write_config(
+    dir: &Path,
+    node_id: u64,
+    ports: &[u16],
+    cloud_http: SocketAddr,
+    cloud_model: &str,
+) -> PathBuf {
+    let members: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{} = \"127.0.0.1:{p}\"", i + 1))
+        .collect();
+    let text = format!(
+        "[coordinator.replica]\n\
+         node_id = {node_id}\n\
+         listen = \"127.0.0.1:{}\"\n\
+         members = {{ {} }}\n\
+         data = {:?}\n\n\
+         [coordinator.cloud.budget]\n\
+         caps = [{{ period = \"day\", cap_usd = 50.0 }}]\n\n\
+         [[coordinator.cloud.endpoints]]\n\
+         name = \"baton-cloud\"\n\
+         base_url = \"http://{cloud_http}/v1\"\n\
+         models = {{ \"cloud-smol\" = {cloud_model:?} }}\n\
+         input_usd_per_mtok = 3.0\n\
+         output_usd_per_mtok = 15.0\n",
+        ports[node_id as usize - 1],
+        members.join(", "),
+        dir.join(format!("coordinator-{node_id}.redb"))
+            .display()
+            .to_string(),
+    );
+    let path = dir.join(format!("coordinator-{node_id}.toml"));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Sends requests to `http` until `stop`, alternating local and cloud, recording each.
+fn load(
+    coordinator: usize,
+    http: SocketAddr,
+    local_model: String,
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+) {
+    let mut i = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        let cloud = i.is_multiple_of(2);
+        let model = if cloud { "cloud-smol" } else { &local_model };
+        let body = chat(model, &format!("Count to {}.", i % 7), 4);
+        let sent = Instant::now();
+        let result = match post(http, "/v1/chat/completions", &body, REPLY_LIMIT) {
+            Ok((200, _, text)) => serde_json::from_str::<Value>(&text)
+                .map_err(|e| format!("{e}: {text}"))
+                .map(|v| v["baton"]["cost_usd"].as_f64().unwrap_or(0.0)),
+            Ok((status, _, text)) => Err(format!("{status}: {text}")),
+            Err(e) => Err(e.to_string()),
+        };
+        outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Outcome {
+                coordinator,
+                cloud,
+                sent,
+                done: Instant::now(),
+                result,
+            });
+        i += 1;
+    }
+}
+
+#[test]
+fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
+    let dir = scratch();
+    let model = model();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let etcd = rt.block_on(etcd_server::EtcdServer::start());
+
+    // The cluster key etcd adverts are signed with, as `baton certs` makes it.
+    let certs = dir.join("certs");
+    let made = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["certs", "--out", certs.to_str().expect("utf-8")])
+        .output()
+        .expect("baton certs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let discovery: Vec<String> = [
+        "--discovery",
+        "etcd",
+        "--etcd-endpoint",
+        &etcd.endpoint(),
+        "--cluster-key-file",
+        certs.join("cluster.key").to_str().expect("utf-8"),
+        "--cluster",
+        &format!("ha{}", std::process::id()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    // The cloud: another baton. The local cluster: one decode worker, found through etcd.
+    let mut cloud = Cluster::start(&["--colocated"]);
+    let (cloud_http, _) = cloud.endpoints();
+    let (status, body) = get(cloud_http, "/v1/models").expect("GET /v1/models");
+    assert_eq!(status, 200, "{body}");
+    let cloud_model = serde_json::from_str::<Value>(&body).expect("json")["data"][0]["id"]
+        .as_str()
+        .expect("model id")
+        .to_string();
+    let worker_args: Vec<&str> = discovery.iter().map(String::as_str).collect();
+    let _decode = worker("decode", &model, &worker_args);
+
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut members: Vec<Member> = (1..=3)
+        .map(|node_id| Member {
+            node_id,
+            config: write_config(&dir, node_id, &ports, cloud_http, &cloud_model),
+            proc: None,
+        })
+        .collect();
+    for m in &mut members {
+        m.start(&model, &discovery);
+    }
+    for m in &members {
+        let http = m.http();
+        wait_for(Duration::from_secs(60), || {
+            (get(http, "/ready").ok()?.0 == 200).then_some(())
+        })
+        .unwrap_or_else(|| panic!("coordinator {} never found the decode worker", m.node_id));
+    }
+    let first_leader = wait_for(Duration::from_secs(30), || {
+        let seen: Vec<u64> = members
+            .iter()
+            .map(|m| baton_budget(m.grpc()).map_or(0, |b| leader(&b)))
+            .collect();
+        (seen[0] != 0 && seen.iter().all(|l| *l == seen[0])).then_some(seen[0])
+    })
+    .expect("the three coordinators agree on a leader");
+    let (status, body) = get(members[0].http(), "/v1/models").expect("models");
+    assert_eq!(status, 200);
+    let local_model = serde_json::from_str::<Value>(&body).expect("json")["data"][0]["id"]
+        .as_str()
+        .expect("model id")
+        .to_string();
+
+    // Steady load through the two followers.
+    let killed = (first_leader - 1) as usize;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != killed).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let threads: Vec<_> = survivors
+        .iter()
+        .flat_map(|&i| [i, i])
+        .map(|i| {
+            let (http, local, stop, outcomes) = (
+                members[i].http(),
+                local_model.clone(),
+                stop.clone(),
+                outcomes.clone(),
+            );
+            std::thread::spawn(move || load(i, http, local, stop, outcomes))
+        })
+        .collect();
+    let cloud_successes = |after: Option<Instant>| {
+        outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|o| o.cloud && o.result.is_ok() && after.is_none_or(|t| o.sent > t))
+            .count()
+    };
+    wait_for(Duration::from_secs(60), || {
+        (cloud_successes(None) >= 6).then_some(())
+    })
+    .expect("cloud requests succeed before the kill");
+
+    // SIGKILL the leader.
+    let kill_at = Instant::now();
+    members[killed].proc.as_mut().expect("running").kill();
+    let new_leader = wait_for(FAILOVER_BOUND, || {
+        survivors.iter().find_map(|&i| {
+            let l = leader(&baton_budget(members[i].grpc())?);
+            (l != 0 && l != first_leader).then_some(l)
+        })
+    })
+    .unwrap_or_else(|| panic!("no new leader within {FAILOVER_BOUND:?} of the kill"));
+    let elected_after = kill_at.elapsed();
+    wait_for(Duration::from_secs(60), || {
+        (cloud_successes(Some(kill_at)) >= 6).then_some(())
+    })
+    .expect("cloud requests sent after the kill succeed");
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("load thread");
+    }
+    let outcomes = outcomes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    let first_cloud_after = outcomes
+        .iter()
+        .filter(|o| o.cloud && o.result.is_ok() && o.sent >= kill_at)
+        .map(|o| o.done - kill_at)
+        .min()
+        .expect("a cloud request after the kill");
+    let slowest_cloud_across = outcomes
+        .iter()
+        .filter(|o| o.cloud && o.sent <= kill_at && o.done >= kill_at)
+        .map(|o| o.done - o.sent)
+        .max();
+    eprintln!(
+        "HA: {} requests ({} cloud) through coordinators {:?}, {} failed; leader {first_leader} \
+         killed, {new_leader} elected {elected_after:?} after; first cloud request sent after \
+         the kill answered {first_cloud_after:?} after it; slowest cloud request across the kill \
+         {slowest_cloud_across:?}",
+        outcomes.len(),
+        outcomes.iter().filter(|o| o.cloud).count(),
+        survivors.iter().map(|i| i + 1).collect::<Vec<_>>(),
+        failed.len(),
+    );
+    assert!(failed.is_empty(), "requests failed: {failed:#?}");
+    assert!(outcomes.iter().all(|o| survivors.contains(&o.coordinator)));
+
+    // The ledger: every successful cloud request settled once, at the cost its reply showed.
+    let settled: Vec<f64> = outcomes
+        .iter()
+        .filter(|o| o.cloud)
+        .filter_map(|o| o.result.clone().ok())
+        .collect();
+    let expected: f64 = settled.iter().sum();
+    let grpc = members[survivors[0]].grpc();
+    let budget = baton_budget(grpc).expect("budget");
+    let window = &budget["windows"][0];
+    assert_eq!(budget["open"].as_array().map(Vec::len), Some(0), "{budget}");
+    assert_eq!(
+        window["settled"].as_u64(),
+        Some(settled.len() as u64),
+        "{budget}"
+    );
+    let spent = window["spent_nanodollars"].as_u64().expect("spent") as f64 / 1e9;
+    assert!(
+        (spent - expected).abs() < 1e-9 * settled.len() as f64 + 1e-9,
+        "the ledger's ${spent} vs the replies' ${expected}: {budget}"
+    );
+    // Both survivors hold the same ledger.
+    let other = members[survivors[1]].grpc();
+    wait_for(Duration::from_secs(10), || {
+        (baton_budget(other)?["windows"] == budget["windows"]).then_some(())
+    })
+    .expect("the other survivor applied the same ledger");
+
+    // The killed coordinator, restarted on its database, catches up.
+    members[killed].start(&model, &discovery);
+    let back = members[killed].grpc();
+    wait_for(Duration::from_secs(30), || {
+        let b = baton_budget(back)?;
+        (b["windows"] == budget["windows"] && leader(&b) == new_leader).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the restarted coordinator did not catch up: {:?} vs {budget}",
+            baton_budget(back)
+        )
+    });
+
+    for m in &mut members {
+        if let Some(p) = m.proc.as_mut() {
+            p.signal(libc::SIGTERM);
+            p.wait_exit(STOP_BOUND);
+        }
+    }
+    assert!(cloud.terminate(STOP_BOUND).is_some());
+    drop(etcd);
+}
