@@ -135,9 +135,9 @@ fn table(b: &BudgetResponse) -> String {
     let _ = writeln!(out, "ledger {}   time zone {}", b.ledger, b.time_zone);
     if let Some(r) = &b.replica {
         let leader = match r.leader {
-            0 => "none (an election)".to_string(),
-            l if l == r.node_id => format!("{l} (this coordinator)"),
-            l => l.to_string(),
+            None => "none (an election)".to_string(),
+            Some(l) if l == r.node_id => format!("{l} (this coordinator)"),
+            Some(l) => l.to_string(),
         };
         let _ = writeln!(
             out,

@@ -77,8 +77,8 @@ fn baton_budget(grpc: SocketAddr) -> Option<Value> {
         .flatten()
 }
 
-fn leader(budget: &Value) -> u64 {
-    budget["replica"]["leader"].as_u64().unwrap_or(0)
+fn leader(budget: &Value) -> Option<u64> {
+    budget["replica"]["leader"].as_u64()
 }
 
 /// One coordinator of the group: its config file and its process.
@@ -253,11 +253,11 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
         .unwrap_or_else(|| panic!("coordinator {} never found the decode worker", m.node_id));
     }
     let first_leader = wait_for(Duration::from_secs(30), || {
-        let seen: Vec<u64> = members
+        let seen: Vec<Option<u64>> = members
             .iter()
-            .map(|m| baton_budget(m.grpc()).map_or(0, |b| leader(&b)))
+            .map(|m| baton_budget(m.grpc()).and_then(|b| leader(&b)))
             .collect();
-        (seen[0] != 0 && seen.iter().all(|l| *l == seen[0])).then_some(seen[0])
+        seen[0].filter(|_| seen.iter().all(|l| *l == seen[0]))
     })
     .expect("the three coordinators agree on a leader");
     let (status, body) = get(members[0].http(), "/v1/models").expect("models");
@@ -302,10 +302,9 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     let kill_at = Instant::now();
     members[killed].proc.as_mut().expect("running").kill();
     let new_leader = wait_for(FAILOVER_BOUND, || {
-        survivors.iter().find_map(|&i| {
-            let l = leader(&baton_budget(members[i].grpc())?);
-            (l != 0 && l != first_leader).then_some(l)
-        })
+        survivors
+            .iter()
+            .find_map(|&i| leader(&baton_budget(members[i].grpc())?).filter(|l| *l != first_leader))
     })
     .unwrap_or_else(|| panic!("no new leader within {FAILOVER_BOUND:?} of the kill"));
     let elected_after = kill_at.elapsed();
@@ -371,12 +370,22 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     })
     .expect("the other survivor applied the same ledger");
 
+    // The metrics say who leads: 1 on the new leader, 0 on the other survivor.
+    for &i in &survivors {
+        let (status, page) = get(members[i].http(), "/metrics").expect("scrape");
+        assert_eq!(status, 200);
+        let leads = members[i].node_id == new_leader;
+        let want = format!("baton_replica_leader {}", u8::from(leads));
+        assert!(page.lines().any(|l| l == want), "{want} not in:\n{page}");
+        assert!(page.lines().any(|l| l == "baton_replica_leader_known 1"));
+    }
+
     // The killed coordinator, restarted on its database, catches up.
     members[killed].start(&model, &discovery);
     let back = members[killed].grpc();
     wait_for(Duration::from_secs(30), || {
         let b = baton_budget(back)?;
-        (b["windows"] == budget["windows"] && leader(&b) == new_leader).then_some(())
+        (b["windows"] == budget["windows"] && leader(&b) == Some(new_leader)).then_some(())
     })
     .unwrap_or_else(|| {
         panic!(

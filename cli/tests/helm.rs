@@ -408,13 +408,15 @@ cloud:
     - {name: up, baseUrl: 'https://up.example/v1', apiKey: k, inputUsdPerMtok: 1, outputUsdPerMtok: 2}
 ";
 
-/// The budget ledger is one coordinator's until it is replicated (issue 24, item 2): several
-/// coordinators would each spend the whole budget.
+/// Several coordinators replicate the budget ledger among themselves over mutual TLS: cloud
+/// spill with several coordinators and TLS off is refused, by the schema and by the template.
 #[test]
-fn cloud_spill_with_several_coordinators_is_refused() {
-    let err = refused(CLOUD_WITH_THREE_COORDINATORS, &[]);
+fn cloud_spill_with_several_coordinators_needs_tls() {
+    let err = refused(CLOUD_WITH_THREE_COORDINATORS, &["tls.enabled=false"]);
     assert!(
-        err.contains("/cloud/enabled") && err.contains("/coordinator/replicas"),
+        err.contains("/cloud/enabled")
+            && err.contains("/coordinator/replicas")
+            && err.contains("/tls/enabled"),
         "{err}"
     );
     // The template says why, for a render that skips the schema.
@@ -429,17 +431,26 @@ fn cloud_spill_with_several_coordinators_is_refused() {
         "--skip-schema-validation",
         "-f",
         file.to_str().expect("utf-8"),
+        "--set",
+        "tls.enabled=false",
     ]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(
-        err.contains("coordinator.replicas = 1") && err.contains("not replicated"),
-        "{err}"
-    );
-    // One coordinator with cloud spill renders.
-    render(
-        &chart.join("ci/cloud-values.yaml"),
-        &["--set", "coordinator.replicas=1"],
+    assert!(err.contains("needs tls.enabled"), "{err}");
+    // With TLS (the default), three coordinators with cloud spill render, one raft group.
+    let docs = documents(&render(&file, &[]));
+    let config = find(&docs, "ConfigMap", &format!("{RELEASE}-config"))["data"]["baton.toml"]
+        .as_str()
+        .expect("baton.toml")
+        .to_string();
+    let table: toml::Value = toml::from_str(&config).expect("toml");
+    let members = table["coordinator"]["replica"]["members"]
+        .as_table()
+        .expect("members");
+    assert_eq!(members.len(), 3, "{config}");
+    assert_eq!(
+        members["2"].as_str(),
+        Some("baton-coordinator-2.baton-coordinator-peers:7400")
     );
 }
 
@@ -461,6 +472,19 @@ fn rand_suffix() -> u64 {
         .unwrap_or_default()
 }
 
+/// The downward API's StatefulSet pod ordinal (Kubernetes 1.28 and later label each pod).
+const POD_INDEX: &str = "metadata.labels['apps.kubernetes.io/pod-index']";
+
+/// A role's workload: the coordinators' StatefulSet, a worker role's Deployment.
+fn workload<'a>(docs: &'a [Json], role: &str) -> &'a Json {
+    let kind = if role == "coordinator" {
+        "StatefulSet"
+    } else {
+        "Deployment"
+    };
+    find(docs, kind, &format!("{RELEASE}-{role}"))
+}
+
 /// A container's environment with downward-API values filled in as the kubelet would.
 fn container_env(container: &Json) -> Vec<(String, String)> {
     let mut env = Vec::new();
@@ -472,6 +496,7 @@ fn container_env(container: &Json) -> Vec<(String, String)> {
             match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                 Some("status.podIP") => "10.244.1.17".into(),
                 Some("metadata.name") => "baton-pod-7d9c-x2k4q".into(),
+                Some(POD_INDEX) => "1".into(),
                 Some("metadata.uid") => "0f6b3c1e-8a51-4f0e-9a7c-5b2d1e4c9f10".into(),
                 other => panic!("{name}: no stand-in for {other:?}"),
             }
@@ -552,8 +577,7 @@ fn rendered_config_is_accepted_by_every_role() {
         std::fs::write(&config_file, &toml_text).expect("write baton.toml");
 
         for role in ["coordinator", "prefill", "decode"] {
-            let deployment = find(&docs, "Deployment", &format!("{RELEASE}-{role}"));
-            let pod = &deployment["spec"]["template"]["spec"];
+            let pod = &workload(&docs, role)["spec"]["template"]["spec"];
             let container = &pod["containers"][0];
             let args: Vec<&str> = container["args"]
                 .as_array()
@@ -761,7 +785,7 @@ fn secret_data(docs: &[Json], secret: &str) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// Render, then run: the default values' render, its generated Secrets mounted where the pod
-/// spec mounts them, every role started as the Deployment's container starts it (its args, its
+/// spec mounts them, every role started as its workload's container starts it (its args, its
 /// environment with the pod's IP, name and uid), the workers on a non-loopback address (a test
 /// bridge's), found through a real etcd. Checks what the chart promises: the pods start secured
 /// (the chart's generated CA and the cluster key; a worker beyond loopback refuses to start
@@ -817,8 +841,7 @@ async fn the_default_render_runs_a_secured_cluster() {
         let config = pod.join("etc/baton/config/baton.toml");
         std::fs::write(&config, text).expect("write config");
 
-        let deployment = find(&docs, "Deployment", &format!("{RELEASE}-{role}"));
-        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let container = &workload(&docs, role)["spec"]["template"]["spec"]["containers"][0];
         let args: Vec<String> = container["args"]
             .as_array()
             .expect("args")
@@ -837,6 +860,7 @@ async fn the_default_render_runs_a_secured_cluster() {
                 None => match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
                     Some("status.podIP") => pod_ip.clone(),
                     Some("metadata.name") => format!("{RELEASE}-{role}-pod"),
+                    Some(POD_INDEX) => "0".into(),
                     Some("metadata.uid") => format!("uid-{role}"),
                     other => panic!("{name}: no stand-in for {other:?}"),
                 },

@@ -337,7 +337,7 @@ impl Inference for InferenceService {
         );
         response.replica = Some(v1::ReplicaStatus {
             node_id: status.node_id,
-            leader: status.leader.unwrap_or(0),
+            leader: status.leader,
             term: status.term,
             members: status.members,
             applied: status.applied.unwrap_or(0),

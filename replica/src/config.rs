@@ -69,9 +69,6 @@ impl ReplicaConfig {
     }
 
     pub fn validate(&self) -> Result<(), ReplicaConfigError> {
-        if self.node_id == 0 {
-            return Err(bad("replica.node_id", "must be at least 1"));
-        }
         if !self.members.contains_key(&self.node_id) {
             return Err(bad(
                 "replica.members",
@@ -79,9 +76,6 @@ impl ReplicaConfig {
             ));
         }
         for (id, addr) in &self.members {
-            if *id == 0 {
-                return Err(bad("replica.members", "node ids must be at least 1"));
-            }
             let port_ok = addr
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());

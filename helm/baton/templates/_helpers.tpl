@@ -153,8 +153,8 @@ years) and one certificate per role naming baton-<role>, what every client check
 
 {{/* Cross-field rules the schema cannot say clearly; the schema refuses them first. */}}
 {{- define "baton.checks" -}}
-{{- if and .Values.cloud.enabled (gt (int .Values.coordinator.replicas) 1) -}}
-{{- fail "cloud.enabled requires coordinator.replicas = 1: the cloud budget ledger is not replicated between coordinators yet, so each of several coordinators would spend the whole budget" -}}
+{{- if and .Values.cloud.enabled (gt (int .Values.coordinator.replicas) 1) (not .Values.tls.enabled) -}}
+{{- fail "cloud.enabled with several coordinators needs tls.enabled: the coordinators replicate the budget ledger among themselves over mutual TLS" -}}
 {{- end -}}
 {{- $named := 0 -}}
 {{- range $role := list "coordinator" "prefill" "decode" -}}
@@ -205,7 +205,9 @@ topologySpreadConstraints:
     labelSelector:
       matchLabels:
         {{- include "baton.roleSelector" . | nindent 8 }}
-    matchLabelKeys: [pod-template-hash]
+    # Spread within one revision: a Deployment's pods carry pod-template-hash, a
+    # StatefulSet's (the coordinators') controller-revision-hash.
+    matchLabelKeys: [{{ if eq .role "coordinator" }}controller-revision-hash{{ else }}pod-template-hash{{ end }}]
 {{- end }}
 {{- end -}}
 
