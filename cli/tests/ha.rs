@@ -324,20 +324,30 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
         .map(|o| o.done - kill_at)
         .min()
         .expect("a cloud request after the kill");
-    let slowest_cloud_across = outcomes
+    let mut before: Vec<Duration> = outcomes
         .iter()
-        .filter(|o| o.cloud && o.sent <= kill_at && o.done >= kill_at)
+        .filter(|o| o.cloud && o.done < kill_at)
         .map(|o| o.done - o.sent)
-        .max();
+        .collect();
+    before.sort();
+    let p50_before = before.get(before.len() / 2).copied().unwrap_or_default();
+    let slowest_after = outcomes
+        .iter()
+        .filter(|o| o.cloud && o.done >= kill_at)
+        .map(|o| o.done - o.sent)
+        .max()
+        .unwrap_or_default();
     eprintln!(
-        "HA: {} requests ({} cloud) through coordinators {:?}, {} failed; leader {first_leader} \
-         killed, {new_leader} elected {elected_after:?} after; first cloud request sent after \
-         the kill answered {first_cloud_after:?} after it; slowest cloud request across the kill \
-         {slowest_cloud_across:?}",
+        "HA: requests={} cloud={} failed={} leader_killed={first_leader} new_leader={new_leader} \
+         elected_ms={} first_cloud_sent_after_kill_answered_ms={} cloud_p50_before_ms={} \
+         cloud_slowest_after_kill_ms={}",
         outcomes.len(),
         outcomes.iter().filter(|o| o.cloud).count(),
-        survivors.iter().map(|i| i + 1).collect::<Vec<_>>(),
         failed.len(),
+        elected_after.as_millis(),
+        first_cloud_after.as_millis(),
+        p50_before.as_millis(),
+        slowest_after.as_millis(),
     );
     assert!(failed.is_empty(), "requests failed: {failed:#?}");
     assert!(outcomes.iter().all(|o| survivors.contains(&o.coordinator)));
