@@ -103,6 +103,13 @@ impl Inference for FakeInference {
     ) -> Result<Response<v1::BudgetResponse>, Status> {
         Err(Status::unimplemented("not needed"))
     }
+
+    async fn decide_worker(
+        &self,
+        _: Request<v1::DecideWorkerRequest>,
+    ) -> Result<Response<v1::DecideWorkerResponse>, Status> {
+        Err(Status::unimplemented("not needed"))
+    }
 }
 
 async fn serve() -> SocketAddr {

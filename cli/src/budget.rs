@@ -35,9 +35,7 @@ pub fn run(args: BudgetArgs) -> anyhow::Result<()> {
         if config.endpoints.is_empty() {
             anyhow::bail!("the configuration has no cloud endpoints (coordinator.cloud.endpoints)");
         }
-        let replica = coordinator
-            .replica()?
-            .ok_or_else(|| anyhow::anyhow!("the configuration keeps no budget ledger"))?;
+        let replica = coordinator.replica()?;
         let state = baton_replica::read_state(&replica.data).map_err(|e| anyhow::anyhow!(e))?;
         let mut snapshot = state
             .ledger

@@ -20,6 +20,7 @@ pub mod bench_serve;
 pub mod budget;
 pub mod certs;
 pub mod config;
+pub mod decide;
 pub mod generate;
 pub mod keys;
 pub mod kv_demo;

@@ -1,10 +1,14 @@
 //! `baton`: one binary for every role: `up` (a whole local cluster), `coordinator`, `prefill`,
-//! `decode`, `status` (the pool a coordinator sees), `budget` (the cloud spend), `generate` (a client, or the engine in this process with `--local`), `bench serve`
+//! `decode`, `status` (the pool a coordinator sees), `budget` (the cloud spend), `worker`
+//! (an operator's drain, refusal or restore of a worker), `generate` (a client, or the engine in this process with `--local`), `bench serve`
 //! (the load generator), `kv-demo` (the KV transfer between two processes, without a cluster),
 //! and `config` (the effective configuration of a role, and its JSON Schema). The experiments
 //! (engine, transfer, handoff, overhead, disaggregation) are `baton-lab`'s.
 
-use baton::{bench_serve, budget, certs, config, generate, keys, kv_demo, roles, status, up};
+use baton::{
+    bench_serve, budget, certs, config, decide, generate, keys, kv_demo, roles, status, up,
+};
+use baton_proto::v1::WorkerDecision;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -34,6 +38,10 @@ enum Command {
     /// Show the cloud budget: each cap's window (spent, reserved, remaining), each upstream's
     /// spend, and reservations not yet settled.
     Budget(budget::BudgetArgs),
+    /// An operator's decision about a worker, agreed by every coordinator: drain it, refuse
+    /// it, or restore it.
+    #[command(subcommand)]
+    Worker(WorkerCommand),
     /// API keys for the client APIs.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -60,6 +68,16 @@ enum BenchCommand {
     /// server (OpenAI-compatible /v1/completions or baton's gRPC API) under a request rate or a
     /// concurrency, as vLLM's benchmark_serving measures them.
     Serve(Box<bench_serve::ServeArgs>),
+}
+
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// No coordinator places new requests on the worker; what it runs finishes.
+    Drain(decide::DecideArgs),
+    /// No coordinator places anything on the worker; `baton status` lists it as refused.
+    Refuse(decide::DecideArgs),
+    /// Lifts a drain or a refusal.
+    Restore(decide::DecideArgs),
 }
 
 #[derive(Subcommand)]
@@ -123,6 +141,9 @@ fn main() -> anyhow::Result<()> {
         Command::Decode(args) => roles::decode(args),
         Command::Status(args) => status::run(args),
         Command::Budget(args) => budget::run(args),
+        Command::Worker(WorkerCommand::Drain(args)) => decide::run(WorkerDecision::Drain, args),
+        Command::Worker(WorkerCommand::Refuse(args)) => decide::run(WorkerDecision::Refuse, args),
+        Command::Worker(WorkerCommand::Restore(args)) => decide::run(WorkerDecision::Restore, args),
         Command::Keys(KeysCommand::New(args)) => keys::new_key(args),
         Command::Certs(args) => certs::run(args),
         Command::Generate(args) => generate::run(args),

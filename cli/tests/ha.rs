@@ -4,7 +4,9 @@
 //! cloud requests through two coordinators, the third, the raft leader, is SIGKILLed: requests
 //! keep succeeding (errors counted: none), a new leader is elected (the time is printed and
 //! bounded), the ledger afterwards equals the sum of the settled requests' costs with no
-//! reservation lost or doubled, and the killed coordinator, restarted, catches up.
+//! reservation lost or doubled, and the killed coordinator, restarted, catches up. Then an
+//! operator drains the worker through one coordinator and restores it through another: every
+//! coordinator follows both decisions.
 //!
 //! Needs `etcd` on PATH (scripts/test.sh installs Debian's `etcd-server`).
 
@@ -77,6 +79,21 @@ fn baton_budget(grpc: SocketAddr) -> Option<Value> {
         .flatten()
 }
 
+/// `baton <args> --json`, parsed.
+fn baton_json(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run baton");
+    assert!(
+        out.status.success(),
+        "baton {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
 fn leader(budget: &Value) -> Option<u64> {
     budget["replica"]["leader"].as_u64()
 }
@@ -121,16 +138,12 @@ fn write_config(
     cloud_http: SocketAddr,
     cloud_model: &str,
 ) -> PathBuf {
-    let members: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{} = \"127.0.0.1:{p}\"", i + 1))
-        .collect();
+    let members: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
     let text = format!(
         "[coordinator.replica]\n\
          node_id = {node_id}\n\
          listen = \"127.0.0.1:{}\"\n\
-         members = {{ {} }}\n\
+         members = [{}]\n\
          data = {:?}\n\n\
          [coordinator.cloud.budget]\n\
          caps = [{{ period = \"day\", cap_usd = 50.0 }}]\n\n\
@@ -140,7 +153,7 @@ fn write_config(
          models = {{ \"cloud-smol\" = {cloud_model:?} }}\n\
          input_usd_per_mtok = 3.0\n\
          output_usd_per_mtok = 15.0\n",
-        ports[node_id as usize - 1],
+        ports[node_id as usize],
         members.join(", "),
         dir.join(format!("coordinator-{node_id}.redb"))
             .display()
@@ -235,7 +248,7 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     let _decode = worker("decode", &model, &worker_args);
 
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let mut members: Vec<Member> = (1..=3)
+    let mut members: Vec<Member> = (0..3)
         .map(|node_id| Member {
             node_id,
             config: write_config(&dir, node_id, &ports, cloud_http, &cloud_model),
@@ -268,7 +281,7 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
         .to_string();
 
     // Steady load through the two followers.
-    let killed = (first_leader - 1) as usize;
+    let killed = first_leader as usize;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != killed).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
@@ -403,6 +416,44 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
             baton_budget(back)
         )
     });
+
+    // An operator drains the decode worker through one coordinator: every coordinator, the
+    // restarted one included, stops placing work there (its /ready turns 503: no routable
+    // decode worker); restored through another, they all place again.
+    let worker_id =
+        baton_json(&["status", "--coordinator", &back.to_string()])["workers"][0]["worker_id"]
+            .as_str()
+            .expect("the decode worker's id")
+            .to_string();
+    let decide = |verb: &str, via: SocketAddr| {
+        let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+            .args(["worker", verb, &worker_id, "--reason", "ha test"])
+            .args(["--coordinator", &via.to_string()])
+            .output()
+            .expect("baton worker");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let said = decide("drain", members[survivors[0]].grpc());
+    assert!(said.contains("drained"), "{said}");
+    let all_ready = |want: u16| {
+        wait_for(Duration::from_secs(10), || {
+            members
+                .iter()
+                .all(|m| get(m.http(), "/ready").is_ok_and(|(s, _)| s == want))
+                .then_some(())
+        })
+    };
+    all_ready(503).expect("every coordinator stopped placing on the drained worker");
+    let status = baton_json(&["status", "--coordinator", &back.to_string()]);
+    assert_eq!(status["workers"][0]["state"], "draining", "{status}");
+    let said = decide("restore", members[survivors[1]].grpc());
+    assert!(said.contains("restored"), "{said}");
+    all_ready(200).expect("every coordinator places on the restored worker again");
 
     for m in &mut members {
         if let Some(p) = m.proc.as_mut() {

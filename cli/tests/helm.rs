@@ -445,11 +445,11 @@ fn cloud_spill_with_several_coordinators_needs_tls() {
         .to_string();
     let table: toml::Value = toml::from_str(&config).expect("toml");
     let members = table["coordinator"]["replica"]["members"]
-        .as_table()
+        .as_array()
         .expect("members");
     assert_eq!(members.len(), 3, "{config}");
     assert_eq!(
-        members["2"].as_str(),
+        members[2].as_str(),
         Some("baton-coordinator-2.baton-coordinator-peers:7400")
     );
 }

@@ -181,8 +181,9 @@ pub struct CoordinatorConfig {
     pub cloud: CloudConfig,
     /// API keys of the client APIs (`[coordinator.auth]`).
     pub auth: crate::auth::AuthConfig,
-    /// The coordinators' raft group, which holds the cloud budget ledger
-    /// (`[coordinator.replica]`). Default: this coordinator alone, a one-node group.
+    /// The coordinators' raft group, which holds the cloud budget ledger and operators'
+    /// decisions about workers (`[coordinator.replica]`). Default: this coordinator alone, a
+    /// one-node group.
     pub replica: ReplicaSection,
 }
 
@@ -288,40 +289,19 @@ impl CoordinatorConfig {
         Ok(())
     }
 
-    /// The raft group this coordinator joins, validated; `None` when it has nothing to agree
-    /// on (no cloud endpoints and no group configured).
-    pub fn replica(&self) -> Result<Option<baton_replica::ReplicaConfig>> {
+    /// The raft group this coordinator joins, validated. Its database is `replica.data`, else
+    /// `cloud.budget.ledger`, else none: a lone coordinator without cloud endpoints keeps its
+    /// state (operators' decisions about workers) in memory.
+    pub fn replica(&self) -> Result<baton_replica::ReplicaConfig> {
         let r = &self.replica;
-        if self.cloud.endpoints.is_empty() && r.members.is_empty() {
-            return Ok(None);
-        }
-        let bad = |field: &str, reason: String| Error::InvalidConfig {
-            field: field.into(),
-            reason,
-        };
         let data = if r.data.as_os_str().is_empty() {
-            if self.cloud.budget.ledger.as_os_str().is_empty() {
-                return Err(bad(
-                    "replica.data",
-                    "the replicated state's database file is required (or cloud.budget.ledger)"
-                        .into(),
-                ));
-            }
             self.cloud.budget.ledger.clone()
         } else {
             r.data.clone()
         };
         let mut config = baton_replica::ReplicaConfig::single(r.node_id, r.listen, data);
         if !r.members.is_empty() {
-            config.members = r
-                .members
-                .iter()
-                .map(|(id, addr)| {
-                    id.parse::<u64>()
-                        .map(|id| (id, addr.clone()))
-                        .map_err(|_| bad("replica.members", format!("{id:?} is not a node id")))
-                })
-                .collect::<Result<_>>()?;
+            config.members = (0u64..).zip(r.members.iter().cloned()).collect();
         }
         config.heartbeat = r.heartbeat;
         config.election_timeout = (r.election_timeout_min, r.election_timeout_max);
@@ -333,7 +313,7 @@ impl CoordinatorConfig {
             field: e.field,
             reason: e.reason,
         })?;
-        Ok(Some(config))
+        Ok(config)
     }
 }
 
@@ -343,34 +323,39 @@ impl CoordinatorConfig {
 ///
 /// ```toml
 /// [coordinator.replica]
-/// node_id = 2
+/// node_id = 1
 /// listen = "10.0.0.2:7400"
-/// members = { 1 = "coord-0.baton:7400", 2 = "coord-1.baton:7400", 3 = "coord-2.baton:7400" }
+/// members = ["coord-0.baton:7400", "coord-1.baton:7400", "coord-2.baton:7400"]
 /// data = "/var/lib/baton/coordinator.redb"
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReplicaSection {
-    /// This coordinator's raft node id, a key of `members`, stable across restarts. Default 1.
+    /// This coordinator's raft node id: its position in `members` (from 0), stable across
+    /// restarts. Default 0.
     pub node_id: u64,
     /// Where this coordinator serves its peers (`baton.v1.Replica`); off loopback it needs
     /// `[coordinator.tls]`. Default "127.0.0.1:0" (a one-node group has no peers).
     pub listen: SocketAddr,
-    /// Every member's node id and the `host:port` its peers reach it at, this one included.
-    /// Default: none, this coordinator alone.
-    pub members: std::collections::BTreeMap<String, String>,
+    /// Every member's `host:port` (where its peers reach it), in node id order: the first is
+    /// node 0; this coordinator's is at `node_id`. Default: none, this coordinator alone.
+    pub members: Vec<String>,
     /// The database file (redb) holding the raft log and the replicated state. Default:
-    /// empty, `cloud.budget.ledger`.
+    /// empty, `cloud.budget.ledger`; without that either, a lone coordinator keeps the state
+    /// (operators' decisions about workers) in memory, and a group of several is refused.
     pub data: PathBuf,
     /// The leader's heartbeat period. Default 100ms.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub heartbeat: Duration,
-    /// A follower that hears no leader for a random time between these two stands for
-    /// election. Defaults 300ms and 600ms.
+    /// A follower that hears no leader for a random time between this and
+    /// `election_timeout_max` stands for election. Default 300ms.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub election_timeout_min: Duration,
+    /// The election time-out's upper bound; also how long a follower keeps a lost leader's
+    /// lease before it stands, so a leader is replaced about this much plus a random
+    /// time-out after it dies. Default 600ms.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub election_timeout_max: Duration,
@@ -389,7 +374,7 @@ pub struct ReplicaSection {
 impl Default for ReplicaSection {
     fn default() -> Self {
         let d = baton_replica::ReplicaConfig::single(
-            1,
+            0,
             SocketAddr::from(([127, 0, 0, 1], 0)),
             PathBuf::new(),
         );

@@ -319,6 +319,34 @@ impl Inference for InferenceService {
         Ok(Response::new(ModelsResponse { models }))
     }
 
+    async fn decide_worker(
+        &self,
+        request: Request<v1::DecideWorkerRequest>,
+    ) -> Result<Response<v1::DecideWorkerResponse>, Status> {
+        let _caller = self.admit(request.metadata())?;
+        let r = request.into_inner();
+        let command = decision_command(&r).map_err(Status::from)?;
+        let known = self
+            .inner
+            .registry
+            .all()
+            .iter()
+            .any(|w| w.id().0 == r.worker_id);
+        let changed = match self.inner.replica.propose(command).await {
+            Ok(baton_replica::Response::Changed) => true,
+            Ok(baton_replica::Response::Unchanged) => false,
+            Ok(other) => {
+                return Err(Status::internal(format!("unexpected answer {other:?}")));
+            }
+            Err(baton_replica::ProposeError::Invalid(e)) => {
+                return Err(Status::invalid_argument(e));
+            }
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        };
+        tracing::info!(worker = %r.worker_id, decision = r.decision().as_str_name(), reason = %r.reason, changed, known, "operator decision");
+        Ok(Response::new(v1::DecideWorkerResponse { changed, known }))
+    }
+
     async fn budget(
         &self,
         request: Request<v1::BudgetRequest>,
@@ -384,6 +412,46 @@ impl Inference for InferenceService {
             waiting_requests: waiting,
         }))
     }
+}
+
+/// The replicated command a `DecideWorker` request asks for; the field at fault otherwise.
+fn decision_command(r: &v1::DecideWorkerRequest) -> Result<baton_replica::Command> {
+    use v1::WorkerDecision as D;
+    let invalid = |field, reason: &str| Error::InvalidRequest {
+        field,
+        reason: reason.to_string(),
+    };
+    if r.worker_id.is_empty() {
+        return Err(invalid("worker_id", "must name a worker"));
+    }
+    if r.reason.len() > 1024 {
+        return Err(invalid("reason", "longer than 1024 bytes"));
+    }
+    let at_unix_ms = jiff::Timestamp::now().as_millisecond().max(0) as u64;
+    let reason = if r.reason.is_empty() {
+        "operator".to_string()
+    } else {
+        r.reason.clone()
+    };
+    let worker = r.worker_id.clone();
+    let command = match D::try_from(r.decision) {
+        Ok(D::Drain) => baton_replica::Command::Drain {
+            worker,
+            reason,
+            at_unix_ms,
+        },
+        Ok(D::Refuse) => baton_replica::Command::Refuse {
+            worker,
+            reason,
+            at_unix_ms,
+        },
+        Ok(D::Restore) => baton_replica::Command::Restore { worker },
+        Ok(D::Unspecified) | Err(_) => {
+            return Err(invalid("decision", "must be drain, refuse or restore"));
+        }
+    };
+    command.validate().map_err(|e| invalid("worker_id", &e))?;
+    Ok(command)
 }
 
 /// The ledger's snapshot as the `Budget` RPC reports it.

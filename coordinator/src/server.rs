@@ -28,6 +28,8 @@ pub struct Inner {
     pub auth: crate::auth::Auth,
     /// Cloud upstreams and their budget ledger, when configured.
     pub cloud: Option<crate::cloud::Cloud>,
+    /// The coordinators' raft group: the budget ledger, operators' decisions about workers.
+    pub replica: Arc<baton_replica::Replica>,
     /// Local requests waiting for their first token, and how fast first tokens come.
     queue: std::sync::Mutex<crate::placement::QueueModel>,
     next_handoff: AtomicU64,
@@ -36,10 +38,7 @@ pub struct Inner {
 impl Inner {
     /// Loads the tokenizer and sets up an empty registry (discovery fills it once serving);
     /// `replica` is the coordinators' raft group when the config has one (cloud endpoints).
-    pub fn new(
-        config: CoordinatorConfig,
-        replica: Option<Arc<baton_replica::Replica>>,
-    ) -> Result<Self> {
+    pub fn new(config: CoordinatorConfig, replica: Arc<baton_replica::Replica>) -> Result<Self> {
         config.validate()?;
         let tokenizer = Tokenizer::load(&config.model)?;
         let model_name = config
@@ -70,13 +69,12 @@ impl Inner {
         // Handoff ids only need to be unique among live handoffs of the workers this
         // coordinator talks to; a random start keeps two coordinators (or a restart) apart.
         let start = rand::random::<u64>() >> 1;
-        let cloud = match replica {
-            Some(replica) if !config.cloud.endpoints.is_empty() => {
-                let budget = crate::budget::Budget::new(replica, config.cloud.budget.clone());
-                metrics.register_ledger(budget.clone());
-                Some(crate::cloud::Cloud::open(&config.cloud, budget)?)
-            }
-            _ => None,
+        let cloud = if config.cloud.endpoints.is_empty() {
+            None
+        } else {
+            let budget = crate::budget::Budget::new(replica.clone(), config.cloud.budget.clone());
+            metrics.register_ledger(budget.clone());
+            Some(crate::cloud::Cloud::open(&config.cloud, budget)?)
         };
         let remote = [config.grpc_listen, config.http_listen]
             .iter()
@@ -91,6 +89,7 @@ impl Inner {
         Ok(Self {
             auth: crate::auth::Auth::new(&config.auth),
             cloud,
+            replica,
             queue: std::sync::Mutex::new(crate::placement::QueueModel::default()),
             admission: Arc::new(Semaphore::new(config.max_inflight)),
             config,
@@ -140,6 +139,14 @@ impl Inner {
     /// Opens KV links for new pairs and refreshes the cluster gauges (each worker polls its
     /// own load).
     async fn tend(&self) {
+        // Operators' decisions, as the group applied them, onto the workers they name.
+        {
+            let state = self.replica.state();
+            let state = state.borrow();
+            for w in self.registry.all() {
+                w.set_operator(state.decision(&w.id().0).cloned());
+            }
+        }
         self.registry.link_pairs().await;
         let (mut used, mut total, mut waiting) = (0u64, 0u64, 0i64);
         for w in self.registry.decode().iter().filter(|w| w.healthy()) {
@@ -202,20 +209,20 @@ pub async fn serve(
 ) -> Result<()> {
     let interval = config.load_poll_interval;
     config.validate()?;
-    let replica = match config.replica()? {
-        Some(r) => Some(
-            baton_replica::Replica::start(r)
-                .await
-                .map_err(|e| Error::Internal(format!("the coordinators' raft group: {e}")))?,
-        ),
-        None => None,
-    };
+    let replica_config = config.replica()?;
+    if replica_config.data.as_os_str().is_empty() {
+        tracing::info!(
+            "operators' decisions about workers are kept in memory (no replica.data nor \
+             cloud.budget.ledger): they end with this coordinator"
+        );
+    }
+    let replica = baton_replica::Replica::start(replica_config)
+        .await
+        .map_err(|e| Error::Internal(format!("the coordinators' raft group: {e}")))?;
     let inner = match Inner::new(config, replica.clone()) {
         Ok(inner) => Arc::new(inner),
         Err(e) => {
-            if let Some(r) = &replica {
-                r.shutdown().await;
-            }
+            replica.shutdown().await;
             return Err(e);
         }
     };
@@ -309,10 +316,8 @@ pub async fn serve(
     let (g, h) = tokio::join!(grpc_server, http_server);
     poller.abort();
     membership.abort();
-    if let Some(r) = &replica {
-        // Streams that ended with the servers may still be closing their reservations.
-        r.shutdown().await;
-    }
+    // Streams that ended with the servers may still be closing their reservations.
+    replica.shutdown().await;
     g?;
     h
 }

@@ -100,6 +100,8 @@ pub struct Worker {
     healthy: AtomicBool,
     /// The worker said it is draining (health NOT_SERVING, or its load report): no new work.
     draining: AtomicBool,
+    /// An operator's standing decision (drain, refuse), as the coordinators' group applied it.
+    operator: Mutex<Option<baton_replica::Decision>>,
     /// Requests placed here and not finished.
     placed: AtomicU32,
     /// Their prompt tokens still to compute (prefill workers: until the first token).
@@ -176,6 +178,7 @@ impl Worker {
             load: Mutex::new(LoadReport::default()),
             healthy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            operator: Mutex::new(None),
             placed: AtomicU32::new(0),
             placed_tokens: AtomicU64::new(0),
             kv_index: Mutex::new(KvIndex::default()),
@@ -212,15 +215,47 @@ impl Worker {
 
     /// Healthy, admitted and not draining: new requests may be placed here.
     pub fn routable(&self) -> bool {
-        self.healthy() && !self.draining.load(Ordering::Relaxed) && self.refusal().is_none()
+        self.healthy() && !self.draining() && self.refusal().is_none()
     }
 
-    /// Why it is not admitted (another model, an `Info` that contradicts its advert).
+    /// Why it is not admitted (another model, an `Info` that contradicts its advert, an
+    /// operator's refusal).
     pub fn refusal(&self) -> Option<String> {
-        self.refused
+        let own = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        own.or_else(|| {
+            self.operator()
+                .filter(|d| d.kind == baton_replica::DecisionKind::Refused)
+                .map(|d| format!("refused by an operator: {}", d.reason))
+        })
+    }
+
+    fn operator(&self) -> Option<baton_replica::Decision> {
+        self.operator
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Sets the operator's decision about this worker (from the replicated state); a change
+    /// is logged.
+    pub fn set_operator(&self, decision: Option<baton_replica::Decision>) {
+        let mut current = self.operator.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == decision {
+            return;
+        }
+        match &decision {
+            Some(d) => {
+                tracing::warn!(worker = %self.address, role = self.role.as_str(), decision = ?d.kind, reason = %d.reason, by = d.by_node, "an operator's decision: no new work goes to this worker")
+            }
+            None => {
+                tracing::info!(worker = %self.address, role = self.role.as_str(), "an operator restored this worker")
+            }
+        }
+        *current = decision;
     }
 
     /// Discovered, and silent for at least `leave_after`: out of placement and KV links
@@ -253,8 +288,12 @@ impl Worker {
             .observe(tokens, took.as_secs_f64());
     }
 
+    /// The worker drains (it said so), or an operator drained it.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+            || self
+                .operator()
+                .is_some_and(|d| d.kind == baton_replica::DecisionKind::Drained)
     }
 
     /// Calls carry the current span's trace context and the request's deadline (see

@@ -18,7 +18,8 @@ pub struct ReplicaConfig {
     /// Every member's node id and the address its peers reach it at (`host:port`), this one's
     /// included. Every coordinator of a group must list the same members.
     pub members: BTreeMap<u64, String>,
-    /// The redb file holding the raft log and the state.
+    /// The redb file holding the raft log and the state; empty: kept in memory (a one-node
+    /// group only).
     pub data: PathBuf,
     /// The leader's heartbeat period.
     pub heartbeat: Duration,
@@ -85,6 +86,13 @@ impl ReplicaConfig {
                     format!("{addr:?} is not host:port"),
                 ));
             }
+        }
+        if self.data.as_os_str().is_empty() && self.members.len() > 1 {
+            return Err(bad(
+                "replica.data",
+                "a group of several coordinators needs each member's database file (a member \
+                 restarted without its log would rejoin empty)",
+            ));
         }
         let (min, max) = self.election_timeout;
         if self.heartbeat.is_zero() {

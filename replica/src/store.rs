@@ -56,10 +56,19 @@ impl std::ops::Deref for Db {
     }
 }
 
-/// Opens (creating) the replica's database at `path` and returns its log store and state
-/// machine, the state loaded as last applied. Fails if another process holds the file.
+/// Opens (creating) the replica's database at `path` (an empty path: in memory) and returns
+/// its log store and state machine, the state loaded as last applied. Fails if another process
+/// holds the file.
 pub fn open_storage(path: &Path) -> Result<(LogStore, StateMachine), String> {
-    let db = Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let db = if path.as_os_str().is_empty() {
+        // No file: a one-node group whose state ends with the process (validated: a group of
+        // several needs its file, or a restarted member would rejoin with no log).
+        Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| format!("in-memory database: {e}"))?
+    } else {
+        Database::create(path).map_err(|e| format!("{}: {e}", path.display()))?
+    };
     refuse_single_ledger(&db, path)?;
     let tx = db.begin_write().map_err(|e| e.to_string())?;
     for result in [
