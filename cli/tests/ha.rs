@@ -1,5 +1,5 @@
 //! Coordinator high availability, with real processes: three coordinators in one raft group
-//! (`[coordinator.replica]`) sharing the cloud budget ledger, a real etcd through which they
+//! (`[coordinator.replica]`, its peers over mutual TLS) sharing the cloud budget ledger, a real etcd through which they
 //! find the decode worker, and a second baton as the cloud. Under a steady load of local and
 //! cloud requests through two coordinators, the third, the raft leader, is SIGKILLed: requests
 //! keep succeeding (errors counted: none), a new leader is elected (the time is printed and
@@ -131,16 +131,25 @@ impl Member {
     }
 }
 
+/// Coordinator `node_id`'s config: its place in the group, the cloud and its budget, and the
+/// mutual TLS `baton certs` wrote (to the workers, and between the coordinators' replicas).
 fn write_config(
     dir: &Path,
+    certs: &Path,
     node_id: u64,
     ports: &[u16],
     cloud_http: SocketAddr,
     cloud_model: &str,
 ) -> PathBuf {
     let members: Vec<String> = ports.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+    let tls = format!(
+        "[coordinator.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n",
+        certs.join("ca.pem").display().to_string(),
+        certs.join("coordinator.pem").display().to_string(),
+        certs.join("coordinator.key").display().to_string(),
+    );
     let text = format!(
-        "[coordinator.replica]\n\
+        "{tls}[coordinator.replica]\n\
          node_id = {node_id}\n\
          listen = \"127.0.0.1:{}\"\n\
          members = [{}]\n\
@@ -244,14 +253,20 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
         .as_str()
         .expect("model id")
         .to_string();
-    let worker_args: Vec<&str> = discovery.iter().map(String::as_str).collect();
+    // The worker serves its gRPC over mutual TLS, as the coordinators do among themselves.
+    let tls_config = certs.join("tls.toml").display().to_string();
+    let worker_args: Vec<&str> = discovery
+        .iter()
+        .map(String::as_str)
+        .chain(["--config", tls_config.as_str()])
+        .collect();
     let _decode = worker("decode", &model, &worker_args);
 
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut members: Vec<Member> = (0..3)
         .map(|node_id| Member {
             node_id,
-            config: write_config(&dir, node_id, &ports, cloud_http, &cloud_model),
+            config: write_config(&dir, &certs, node_id, &ports, cloud_http, &cloud_model),
             proc: None,
         })
         .collect();
