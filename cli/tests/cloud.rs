@@ -153,18 +153,7 @@ fn metric(body: &str, name: &str, labels: &str) -> f64 {
 }
 
 fn baton_budget(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .arg("budget")
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run baton budget");
-    assert!(
-        out.status.success(),
-        "baton budget {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("baton budget --json")
+    common::baton_json(&[&["budget"], args].concat())
 }
 
 fn nanos(v: &Value) -> u64 {

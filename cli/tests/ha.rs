@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Proc, get, model, post, wait_for, worker};
+use common::{Cluster, Proc, baton_json, get, model, post, wait_for, worker};
 use serde_json::{Value, json};
 
 /// A reply's bound (a cloud request waits out an election, at most the proposal time-out).
@@ -79,21 +79,6 @@ fn baton_budget(grpc: SocketAddr) -> Option<Value> {
         .flatten()
 }
 
-/// `baton <args> --json`, parsed.
-fn baton_json(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(args)
-        .arg("--json")
-        .output()
-        .expect("run baton");
-    assert!(
-        out.status.success(),
-        "baton {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
 fn leader(budget: &Value) -> Option<u64> {
     budget["replica"]["leader"].as_u64()
 }
@@ -107,19 +92,9 @@ struct Member {
 
 impl Member {
     fn start(&mut self, model: &str, discovery: &[String]) {
-        let mut args: Vec<&str> = vec![
-            "coordinator",
-            "--model",
-            model,
-            "--grpc",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--config",
-            self.config.to_str().expect("utf-8"),
-        ];
-        args.extend(discovery.iter().map(String::as_str));
-        self.proc = Some(Proc::start(&args, 2));
+        let mut flags: Vec<&str> = vec!["--config", self.config.to_str().expect("utf-8")];
+        flags.extend(discovery.iter().map(String::as_str));
+        self.proc = Some(common::coordinator(model, &[], &[], &flags));
     }
 
     fn grpc(&self) -> SocketAddr {
@@ -221,15 +196,7 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
 
     // The cluster key etcd adverts are signed with, as `baton certs` makes it.
     let certs = dir.join("certs");
-    let made = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["certs", "--out", certs.to_str().expect("utf-8")])
-        .output()
-        .expect("baton certs");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    common::certs(&certs);
     let discovery: Vec<String> = [
         "--discovery",
         "etcd",

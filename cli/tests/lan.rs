@@ -159,15 +159,7 @@ async fn workers_on_other_hosts_join_leave_and_rejoin_over_mdns() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     // The secured setup a user makes: certificates and a cluster key from `baton certs`.
     let certs = dir.join("certs");
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["certs", "--out", certs.to_str().expect("utf-8")])
-        .output()
-        .expect("baton certs");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    common::certs(&certs);
     let setup = Setup {
         lan: Lan::new(2),
         key: certs.join("cluster.key"),

@@ -21,31 +21,15 @@ use tokio::sync::mpsc;
 /// Lease time the tests give handoffs.
 const TTL_MS: u32 = 1500;
 
-/// A coordinator over the workers; `addrs[0]` is its gRPC address, `addrs[1]` its HTTP one.
+/// A coordinator over the workers with the tests' lease time; `addrs[0]` is its gRPC address,
+/// `addrs[1]` its HTTP one.
 fn coordinator(model: &str, prefill: &[SocketAddr], decode: &[SocketAddr], extra: &[&str]) -> Proc {
-    let mut args: Vec<String> = [
-        "coordinator",
-        "--model",
-        model,
-        "--grpc",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--lease-ttl-ms",
-        &TTL_MS.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for p in prefill {
-        args.extend(["--prefill-worker".into(), p.to_string()]);
-    }
-    for d in decode {
-        args.extend(["--decode-worker".into(), d.to_string()]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::start(&args, 2)
+    let ttl = TTL_MS.to_string();
+    let flags: Vec<&str> = ["--lease-ttl-ms", ttl.as_str()]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    common::coordinator(model, prefill, decode, &flags)
 }
 
 /// Until the coordinator's `/ready` answers 200 (its first poll of the workers).

@@ -48,24 +48,7 @@ fn coordinator(
     decode: SocketAddr,
     extra: &[&str],
 ) -> Proc {
-    let decode = decode.to_string();
-    let prefill = prefill.map(|p| p.to_string());
-    let mut args = vec![
-        "coordinator",
-        "--model",
-        model,
-        "--grpc",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--decode-worker",
-        &decode,
-    ];
-    if let Some(p) = &prefill {
-        args.extend(["--prefill-worker", p]);
-    }
-    args.extend_from_slice(extra);
-    Proc::start(&args, 2)
+    common::coordinator(model, prefill.as_slice(), &[decode], extra)
 }
 
 /// Waits (on the health Watch stream, no polling) until `service` at `addr` reports `wanted`.

@@ -12,20 +12,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_proto::v1::{self, decode_worker_client::DecodeWorkerClient};
-use common::{START_LIMIT, channel, get, model, worker};
+use common::{START_LIMIT, certs, channel, get, model, worker};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-fn certs(out: &Path) {
-    let made = Command::new(env!("CARGO_BIN_EXE_baton"))
-        .args(["certs", "--out", out.to_str().expect("utf-8")])
-        .output()
-        .expect("baton certs");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-}
 
 /// A TLS client of a decode worker presenting `who`'s certificate from `dir`, trusting `ca`.
 async fn tls_info(addr: SocketAddr, dir: &Path, who: &str, ca: &Path) -> Result<(), String> {

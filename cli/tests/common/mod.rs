@@ -208,8 +208,8 @@ pub async fn worker_info(role: &str, addr: SocketAddr) -> baton_proto::v1::Worke
         .into_inner()
 }
 
-/// A coordinator over static worker lists, listening on 127.0.0.1 at ports the OS chooses
-/// (`addrs`: gRPC, HTTP), with `extra` flags.
+/// A coordinator over static worker lists (or none, with discovery flags in `extra`), listening
+/// on 127.0.0.1 at ports the OS chooses (`addrs`: gRPC, HTTP), with `extra` flags.
 pub fn coordinator(
     model: &str,
     prefill: &[SocketAddr],
@@ -546,4 +546,35 @@ pub fn wait_for<T>(bound: Duration, mut check: impl FnMut() -> Option<T>) -> Opt
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `baton certs --out OUT`: a development CA, a certificate per role, a cluster key and
+/// `OUT/tls.toml` naming them.
+#[allow(dead_code)]
+pub fn certs(out: &std::path::Path) {
+    let made = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["certs", "--out", out.to_str().expect("utf-8")])
+        .output()
+        .expect("baton certs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
+/// `baton <args> --json`, run to its end, its output parsed.
+#[allow(dead_code)]
+pub fn baton_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run baton");
+    assert!(
+        out.status.success(),
+        "baton {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("baton --json")
 }
