@@ -1,7 +1,6 @@
 //! The ledger's accounting, with no IO: which windows a request counts in, whether it fits,
-//! and what opening or closing reservations does to the totals. The [`Ledger`](crate::Ledger)
-//! plans a change here, persists it, and only then applies it, so memory never runs ahead of
-//! the file.
+//! and what opening or closing reservations does to the totals. [`SharedBook`](crate::SharedBook)
+//! plans each change here and applies it whole.
 //!
 //! Invariant (for windows still current): `spent + reserved <= cap`, except by overruns, since
 //! [`Book::admit`] grants a reservation only where it fits and settling at or below the amount
@@ -77,9 +76,6 @@ pub(crate) struct OpenEntry {
     /// The current window of every cap that covered the endpoint when it was granted; its
     /// charge goes to exactly these.
     pub windows: Vec<WindowRef>,
-    /// Loaded from the file at open: no `Reservation` of this run owns it.
-    #[serde(skip)]
-    pub from_previous_run: bool,
 }
 
 impl OpenEntry {
@@ -97,7 +93,6 @@ impl OpenEntry {
             request_id: request_id.to_string(),
             created: now,
             windows,
-            from_previous_run: false,
         }
     }
 }
@@ -109,36 +104,19 @@ pub(crate) enum Outcome {
     Settled(Usd),
     /// Never sent: released at no cost.
     Cancelled,
-    /// Its owner dropped it unsettled: charged in full.
+    /// Its owner dropped it unsettled (or died holding it): charged in full.
     Dropped,
-    /// Left over from a previous run and all its windows ended: charged in full.
-    Abandoned,
 }
 
-/// A reservation closed by a [`Changes`].
-#[derive(Clone, Debug)]
-pub(crate) struct Closed {
-    pub id: ReservationId,
-    pub entry: OpenEntry,
-    pub outcome: Outcome,
-    pub settlement: Settlement,
-}
-
-/// One planned update: what to persist, then apply. Window and endpoint entries hold the new
-/// totals of everything touched.
+/// One planned update, applied whole. Window and endpoint entries hold the new totals of
+/// everything touched.
 #[derive(Clone, Debug)]
 pub(crate) struct Changes {
     pub opened: Vec<(ReservationId, OpenEntry)>,
-    pub closed: Vec<Closed>,
+    pub closed: Vec<ReservationId>,
     pub windows: BTreeMap<WindowRef, WindowTotals>,
     pub endpoints: BTreeMap<String, Charges>,
     pub next_id: u64,
-}
-
-impl Changes {
-    pub fn is_empty(&self) -> bool {
-        self.opened.is_empty() && self.closed.is_empty()
-    }
 }
 
 /// The in-memory totals: windows that are current or still have open reservations, every
@@ -152,7 +130,7 @@ pub(crate) struct Book {
 }
 
 impl Book {
-    /// Rebuilds the book from what the file holds: keeps the windows current at `now` or
+    /// Rebuilds the book from its serialized parts: keeps the windows current at `now` or
     /// referenced by an open reservation, and derives their reserved amounts.
     pub fn restore(
         next_id: u64,
@@ -327,7 +305,7 @@ impl Book {
         id: ReservationId,
         outcome: Outcome,
     ) -> Option<Settlement> {
-        if changes.closed.iter().any(|c| c.id == id) {
+        if changes.closed.contains(&id) {
             return None;
         }
         let entry = self.open.get(&id)?;
@@ -337,7 +315,7 @@ impl Book {
                 overrun: actual.saturating_sub(entry.amount),
             }),
             Outcome::Cancelled => None,
-            Outcome::Dropped | Outcome::Abandoned => Some(Settlement {
+            Outcome::Dropped => Some(Settlement {
                 charged: entry.amount,
                 overrun: Usd::ZERO,
             }),
@@ -365,29 +343,14 @@ impl Book {
             charged: Usd::ZERO,
             overrun: Usd::ZERO,
         });
-        changes.closed.push(Closed {
-            id,
-            entry: entry.clone(),
-            outcome,
-            settlement,
-        });
+        changes.closed.push(id);
         Some(settlement)
     }
 
-    /// Reservations left over from a previous run whose windows have all ended by `now`.
-    pub fn expired_leftovers(&self, now: Timestamp) -> Vec<ReservationId> {
-        self.open
-            .iter()
-            .filter(|(_, e)| e.from_previous_run && e.windows.iter().all(|w| w.end <= now))
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// Applies persisted changes, then forgets windows that ended with nothing open in them
-    /// (their rows stay in the file as history).
+    /// Applies planned changes, then forgets windows that ended with nothing open in them.
     pub fn apply(&mut self, changes: Changes, now: Timestamp) {
-        for closed in &changes.closed {
-            self.open.remove(&closed.id);
+        for id in &changes.closed {
+            self.open.remove(id);
         }
         self.open.extend(changes.opened);
         self.windows.extend(changes.windows);
@@ -436,7 +399,6 @@ mod tests {
             request_id: "r".into(),
             created: ts("2026-12-07T10:00:00Z"),
             windows,
-            from_previous_run: false,
         }
     }
 

@@ -1,6 +1,6 @@
-//! The `[budget]` table of the coordinator's config: where the ledger lives, which time zone
-//! aligns the windows, and the caps. Validated once, by [`BudgetConfig::validate`], before a
-//! [`Ledger`](crate::Ledger) opens.
+//! The `[budget]` table of the coordinator's config: where the ledger lives (the coordinator's
+//! replicated-state database, unless `replica.data` names it), which time zone aligns the
+//! windows, and the caps. Validated once, by [`BudgetConfig::validate`], at start.
 //!
 //! ```toml
 //! [budget]

@@ -1,44 +1,37 @@
 //! Cloud budget: hard dollar caps per calendar window on the requests the coordinator spills to
-//! paid OpenAI-compatible endpoints, and the durable ledger that enforces them.
+//! paid OpenAI-compatible endpoints, and the accounting that enforces them.
 //!
 //! ```text
-//! placement --check--> [budget ledger]           (may this endpoint take the request?)
-//! cloud path --reserve--> [budget ledger] --Reservation--> upstream request
-//! upstream usage --settle--> [budget ledger] --Snapshot--> /budget, metrics
+//! placement --SharedBook::check--> may this endpoint take the request?
+//! cloud path --Reserve command--> [raft log] --apply: SharedBook::reserve--> id | Refusal
+//! upstream usage --Close command--> [raft log] --apply: SharedBook::close--> Settlement
+//! SharedBook::snapshot --> Budget RPC, /metrics
 //! ```
 //!
-//! Placement asks [`Ledger::check`] before choosing a cloud endpoint; the cloud path
-//! [`reserve`](Ledger::reserve)s the request's worst-case cost ([`Price::cost`] of the prompt
-//! and `max_tokens`) before sending, and settles the [`Reservation`] with the cost of the usage
-//! the upstream reports.
+//! The ledger is a [`SharedBook`]: plain state, changed only by commands that carry their own
+//! time and caps, so every coordinator that applies the same commands in the same order (the
+//! coordinators' raft log, crate `baton-replica`) holds the same ledger; durability and
+//! ordering are the log's. A request's worst-case cost ([`Price::cost`] of the prompt bound and
+//! `max_tokens`) is reserved before it is sent and settled from the usage the upstream reports.
 //!
 //! Invariants:
-//! - For every current window, spent + reserved never exceeds the cap, under any concurrency;
-//!   only an overrun (a settle above its reservation, recorded and counted, never hidden) can
-//!   push spent past it.
-//! - A reservation is on disk before `reserve` returns, and its settlement before `settle`
-//!   returns; a coordinator killed mid-request restarts knowing what it spent and what was in
-//!   flight. Leftover reservations stay held in their windows until those end, then are charged
-//!   in full.
-//! - A reservation is charged exactly once: settled, cancelled (free), or dropped (full
-//!   amount); ownership frees, not calls.
+//! - For every current window, spent + reserved never exceeds the cap: a reservation is
+//!   admitted against every cap covering its endpoint, or refused; only an overrun (a settle
+//!   above its reservation, recorded and counted, never hidden) can push spent past it.
+//! - A reservation is closed at most once (settled, cancelled at no cost, or dropped and
+//!   charged in full); a second close is answered `None`.
 
 mod book;
-mod clock;
 mod config;
 mod error;
-mod ledger;
 mod money;
 mod price;
 mod report;
 mod shared;
-mod store;
 mod window;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{BudgetConfig, CapConfig};
 pub use error::{Error, Result};
-pub use ledger::{Ledger, Reservation, ReserveError};
 pub use money::Usd;
 pub use price::{Price, PriceError};
 pub use report::{

@@ -1,13 +1,12 @@
 //! The ledger's accounting as a state that several coordinators share through a replicated log
-//! (crate `baton-replica`): the same [`Book`] and the same decisions as the single-process
-//! [`Ledger`](crate::Ledger), applied without IO from commands that carry their own time and
-//! caps, so every replica that applies the same commands in the same order holds the same
-//! ledger. Durability is the log's: the replica persists this state with the id of the last
-//! entry it applied.
+//! (crate `baton-replica`): the [`Book`]'s decisions, applied without IO from commands that
+//! carry their own time and caps, so every replica that applies the same commands in the same
+//! order holds the same ledger. Durability is the log's: the replica persists this state with
+//! the id of the last entry it applied.
 //!
 //! A reservation is decided when its command is applied, not when it is proposed: two
 //! coordinators reserving the last dollar at once are ordered by the log, and the second is
-//! refused, exactly as two threads are under the single ledger's lock.
+//! refused.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +17,12 @@ use serde::{Deserialize, Serialize};
 use crate::book::{Book, Cap, Charges, OpenEntry, Outcome, WindowRef};
 use crate::config::CapConfig;
 use crate::money::Usd;
-use crate::report::{Refusal, ReservationId, Settlement, Snapshot};
+use crate::report::{
+    EndpointTotals, OpenReservation, Refusal, ReservationId, Settlement, Snapshot, WindowReport,
+};
+
+#[cfg(test)]
+mod model_tests;
 
 /// Why a shared reservation was not granted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -125,7 +129,7 @@ impl SharedBook {
     }
 
     /// Every cap's window at `now`, lifetime totals per endpoint, and the open reservations,
-    /// as [`Ledger::snapshot`](crate::Ledger::snapshot) reports them.
+    /// as `baton budget` and the metrics report them.
     pub fn snapshot(
         &self,
         caps: &[CapConfig],
@@ -133,11 +137,69 @@ impl SharedBook {
         now: Timestamp,
     ) -> Result<Snapshot, String> {
         let (limits, tz) = limits(caps, time_zone)?;
-        Ok(crate::ledger::report(&self.book, &limits, &tz, now))
+        Ok(report(&self.book, &limits, &tz, now))
     }
 }
 
-/// The serialized form: what the single ledger's file holds, as lists (JSON maps need string
+/// The report of `book` at `now` under `limits` (in config order).
+fn report(book: &Book, limits: &[Cap], tz: &TimeZone, now: Timestamp) -> Snapshot {
+    let windows = limits
+        .iter()
+        .map(|cap| {
+            let (start, end) = cap.period.window_at(now, tz);
+            let totals = book.totals(&WindowRef {
+                scope: cap.scope.clone(),
+                period: cap.period,
+                start,
+                end,
+            });
+            WindowReport {
+                scope: cap.scope.clone(),
+                period: cap.period,
+                start,
+                end,
+                cap: cap.limit,
+                spent: totals.charges.spent,
+                reserved: totals.reserved,
+                remaining: cap.limit.saturating_sub(totals.used()),
+                overrun: totals.charges.overrun,
+                settled: totals.charges.settled,
+                open: totals.open,
+            }
+        })
+        .collect();
+    let endpoints = book
+        .endpoints()
+        .iter()
+        .map(|(name, c)| EndpointTotals {
+            endpoint: name.clone(),
+            spent: c.spent,
+            overrun: c.overrun,
+            settled: c.settled,
+        })
+        .collect();
+    let open = book
+        .open_reservations()
+        .iter()
+        .map(|(id, e)| OpenReservation {
+            id: *id,
+            endpoint: e.endpoint.clone(),
+            amount: e.amount,
+            request_id: e.request_id.clone(),
+            created: e.created,
+            // The book cannot tell: the replicated state knows each reservation's owner.
+            from_previous_run: false,
+        })
+        .collect();
+    Snapshot {
+        now,
+        windows,
+        endpoints,
+        open,
+    }
+}
+
+/// The serialized form: the book's parts as lists (JSON maps need string
 /// keys), from which the book is rebuilt.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

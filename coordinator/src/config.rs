@@ -473,9 +473,8 @@ impl CloudConfig {
         } else {
             self.budget.validate()
         };
-        checked.map_err(|e| match e {
-            baton_budget::Error::InvalidConfig { field, reason } => prefixed(field, reason),
-            other => prefixed("budget".into(), other.to_string()),
+        checked.map_err(|baton_budget::Error::InvalidConfig { field, reason }| {
+            prefixed(field, reason)
         })?;
         if self.budget.caps.is_empty() {
             return Err(prefixed(

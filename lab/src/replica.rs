@@ -20,11 +20,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::Context;
 use baton_bench::metrics::percentile;
 use baton_budget::{CapConfig, Close, Period, Usd};
-use baton_replica::{Command, Replica, ReplicaConfig, Response, State};
-use tokio::net::TcpListener;
+use baton_replica::{Command, Replica, Response, State, loopback};
 
 #[derive(clap::Args)]
 pub struct ReplicaArgs {
@@ -161,36 +160,14 @@ struct Group {
     streamed: usize,
 }
 
-fn config(
-    node_id: u64,
-    members: &BTreeMap<u64, String>,
-    dir: &Path,
-) -> anyhow::Result<ReplicaConfig> {
-    let listen = members[&node_id].parse()?;
-    let mut c = ReplicaConfig::single(node_id, listen, dir.join(format!("node-{node_id}.redb")));
-    c.members = members.clone();
-    Ok(c)
-}
-
 async fn group(n: u64, dir: &Path) -> anyhow::Result<Group> {
     std::fs::create_dir_all(dir)?;
-    let mut listeners = Vec::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=n {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        members.insert(id, l.local_addr()?.to_string());
-        listeners.push((id, l));
-    }
-    let mut replicas = BTreeMap::new();
-    for (id, l) in listeners {
-        let r = Replica::start_on(config(id, &members, dir)?, l)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        replicas.insert(id, r);
-    }
+    let started = loopback::start(n, dir, |_| {})
+        .await
+        .map_err(anyhow::Error::msg)?;
     let g = Group {
-        members,
-        replicas,
+        members: started.members,
+        replicas: started.replicas,
         dir: dir.to_path_buf(),
         streamed: 0,
     };
@@ -200,19 +177,13 @@ async fn group(n: u64, dir: &Path) -> anyhow::Result<Group> {
 
 impl Group {
     async fn leader(&self) -> anyhow::Result<u64> {
-        let any = self.replicas.values().next().context("a replica")?;
-        let leader = any
-            .wait_for(BOUND, |s| s.leader.is_some())
-            .await
-            .map_err(|s| anyhow!("no leader: {s:?}"))?
-            .leader
-            .context("a leader")?;
-        for r in self.replicas.values() {
-            r.wait_for(BOUND, |s| s.leader == Some(leader))
-                .await
-                .map_err(|s| anyhow!("a replica does not know the leader: {s:?}"))?;
+        loopback::LoopbackGroup {
+            members: self.members.clone(),
+            replicas: self.replicas.clone(),
         }
-        Ok(leader)
+        .agreed_leader(BOUND)
+        .await
+        .map_err(anyhow::Error::msg)
     }
 
     fn follower_of(&self, leader: u64) -> anyhow::Result<u64> {
@@ -271,7 +242,7 @@ impl Group {
             .with_context(|| format!("trial {trial}: no proposal applied after the stop"))?;
 
         // The old leader restarts on its file and catches up before the next trial.
-        let restarted = Replica::start(config(leader, &self.members, &self.dir)?)
+        let restarted = Replica::start(loopback::config(leader, &self.members, &self.dir))
             .await
             .map_err(anyhow::Error::msg)?;
         let last = format!("failover-{}", first + count - 1);

@@ -20,6 +20,7 @@
 //! docs/architecture.md has the longer note.
 
 mod config;
+pub mod loopback;
 mod network;
 mod node;
 pub mod state;

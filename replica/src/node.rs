@@ -90,9 +90,11 @@ impl Replica {
     /// first start initializes the group with every configured member (each member does the
     /// same with the same list, which raft allows; a group already formed ignores it).
     pub async fn start_on(
-        config: ReplicaConfig,
+        mut config: ReplicaConfig,
         listener: TcpListener,
     ) -> Result<Arc<Replica>, String> {
+        // What is validated (loopback or not: TLS) is where it really listens.
+        config.listen = listener.local_addr().map_err(|e| e.to_string())?;
         config.validate().map_err(|e| e.to_string())?;
         let (log, sm) = open_storage(&config.data).map_err(|e| format!("replica.data: {e}"))?;
         let state = sm.subscribe();

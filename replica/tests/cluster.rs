@@ -8,19 +8,22 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use baton_budget::{CapConfig, Close, Period, Usd};
-use baton_replica::{Command, DecisionKind, Replica, ReplicaConfig, Response, State};
+use baton_replica::{Command, DecisionKind, Replica, ReplicaConfig, Response, State, loopback};
 use jiff::Timestamp;
 use tokio::net::TcpListener;
 
 const BOUND: Duration = Duration::from_secs(10);
 
-fn config(node_id: u64, members: &BTreeMap<u64, String>, dir: &Path) -> ReplicaConfig {
-    let listen = members[&node_id].parse().expect("an address");
-    let mut c = ReplicaConfig::single(node_id, listen, dir.join(format!("node-{node_id}.redb")));
-    c.members = members.clone();
+/// Faster timings than the defaults, so elections in these tests are short.
+fn fast(c: &mut ReplicaConfig) {
     c.heartbeat = Duration::from_millis(50);
     c.election_timeout = (Duration::from_millis(200), Duration::from_millis(400));
     c.propose_timeout = Duration::from_secs(5);
+}
+
+fn config(node_id: u64, members: &BTreeMap<u64, String>, dir: &Path) -> ReplicaConfig {
+    let mut c = loopback::config(node_id, members, dir);
+    fast(&mut c);
     c
 }
 
@@ -37,38 +40,21 @@ async fn start_group(
     n: u64,
     dir: &Path,
 ) -> anyhow::Result<(BTreeMap<u64, String>, BTreeMap<u64, Arc<Replica>>)> {
-    let mut listeners = Vec::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=n {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        members.insert(id, l.local_addr()?.to_string());
-        listeners.push((id, l));
-    }
-    let mut replicas = BTreeMap::new();
-    for (id, l) in listeners {
-        let r = Replica::start_on(config(id, &members, dir), l)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        replicas.insert(id, r);
-    }
-    Ok((members, replicas))
+    let g = loopback::start(n, dir, fast)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok((g.members, g.replicas))
 }
 
 /// The group's leader once every replica agrees on it.
 async fn agreed_leader(replicas: &BTreeMap<u64, Arc<Replica>>) -> anyhow::Result<u64> {
-    let any = replicas.values().next().context("a replica")?;
-    let leader = any
-        .wait_for(BOUND, |s| s.leader.is_some())
-        .await
-        .map_err(|s| anyhow!("no leader: {s:?}"))?
-        .leader
-        .context("a leader")?;
-    for r in replicas.values() {
-        r.wait_for(BOUND, |s| s.leader == Some(leader))
-            .await
-            .map_err(|s| anyhow!("a replica without the leader: {s:?}"))?;
+    loopback::LoopbackGroup {
+        members: BTreeMap::new(),
+        replicas: replicas.clone(),
     }
-    Ok(leader)
+    .agreed_leader(BOUND)
+    .await
+    .map_err(anyhow::Error::msg)
 }
 
 /// Waits until `replica`'s applied state satisfies `ready`.
@@ -323,26 +309,22 @@ async fn the_shared_ledger_charges_every_request_once_across_a_leader_loss() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_compacted_log_is_sent_a_snapshot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut listeners = Vec::new();
-    let mut members = BTreeMap::new();
-    for id in 1..=3u64 {
-        let l = TcpListener::bind("127.0.0.1:0").await?;
-        members.insert(id, l.local_addr()?.to_string());
-        listeners.push((id, l));
-    }
-    let compacting = |id: u64| {
-        let mut c = config(id, &members, dir.path());
+    let compact = |c: &mut ReplicaConfig| {
+        fast(c);
         c.snapshot_after = 10;
         c.log_kept_after_snapshot = 0;
-        c
     };
-    let mut replicas = BTreeMap::new();
-    for (id, l) in listeners {
-        let r = Replica::start_on(compacting(id), l)
+    let (members, mut replicas) = {
+        let g = loopback::start(3, dir.path(), compact)
             .await
             .map_err(anyhow::Error::msg)?;
-        replicas.insert(id, r);
-    }
+        (g.members, g.replicas)
+    };
+    let compacting = |id: u64| {
+        let mut c = loopback::config(id, &members, dir.path());
+        compact(&mut c);
+        c
+    };
     let leader = agreed_leader(&replicas).await?;
     let behind = *replicas
         .keys()

@@ -1,15 +1,15 @@
-//! The ledger against a brute-force model: random reserves, settles, cancels, drops, clock
-//! moves across hour, day and month ends, and restarts from the file. The model keeps every
-//! reservation ever made and sums them per window on demand; after each step the ledger's
-//! snapshot must equal the model's, and no current window may hold more than its cap.
+//! The shared ledger against a brute-force model: random reserves, settles, cancels, drops,
+//! time moves across hour, day and month ends, and round trips through its serialized form (a
+//! replica restarting from its snapshot). The model keeps every reservation ever made and sums
+//! them per window on demand; after each step the ledger's snapshot must equal the model's,
+//! and no current window may hold more than its cap.
 
-use std::sync::Arc;
-
+use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use proptest::prelude::*;
 
 use super::*;
-use crate::clock::ManualClock;
+use crate::report::{EndpointTotals, OpenReservation, WindowReport};
 use crate::window::{Period, Scope};
 
 const ENDPOINTS: [&str; 3] = ["a", "b", "c"];
@@ -36,7 +36,7 @@ enum Op {
     Cancel { pick: usize },
     Drop { pick: usize },
     Advance { secs: i64 },
-    Reopen,
+    RoundTrip,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,15 +47,13 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(|pick| Op::Drop { pick }),
         2 => (1i64..7_200).prop_map(|secs| Op::Advance { secs }),
         1 => (72_000i64..260_000).prop_map(|secs| Op::Advance { secs }),
-        1 => Just(Op::Reopen),
+        1 => Just(Op::RoundTrip),
     ]
 }
 
 #[derive(Clone, Debug, PartialEq)]
 enum State {
-    Open {
-        previous_run: bool,
-    },
+    Open,
     /// `charged` is `None` for a cancel.
     Closed {
         charged: Option<(Usd, Usd)>,
@@ -70,7 +68,6 @@ struct ModelReservation {
     request_id: String,
     created: Timestamp,
     windows: Vec<(Scope, Period, Timestamp)>,
-    ends: Vec<Timestamp>,
     state: State,
 }
 
@@ -96,7 +93,7 @@ impl Model {
         let mut sums = Sums::default();
         for r in self.all.iter().filter(|r| r.windows.contains(window)) {
             match r.state {
-                State::Open { .. } => {
+                State::Open => {
                     sums.reserved = sums.reserved.saturating_add(r.amount);
                     sums.open += 1;
                 }
@@ -139,17 +136,6 @@ impl Model {
             windows.push(window);
         }
         (fits, windows)
-    }
-
-    fn sweep(&mut self) {
-        let now = self.now;
-        for r in &mut self.all {
-            if r.state == (State::Open { previous_run: true }) && r.ends.iter().all(|e| *e <= now) {
-                r.state = State::Closed {
-                    charged: Some((r.amount, Usd::ZERO)),
-                };
-            }
-        }
     }
 
     fn close(&mut self, id: u64, charged: Option<Usd>) {
@@ -208,13 +194,13 @@ impl Model {
             .all
             .iter()
             .filter_map(|r| match r.state {
-                State::Open { previous_run } => Some(OpenReservation {
+                State::Open => Some(OpenReservation {
                     id: ReservationId(r.id),
                     endpoint: r.endpoint.clone(),
                     amount: r.amount,
                     request_id: r.request_id.clone(),
                     created: r.created,
-                    from_previous_run: previous_run,
+                    from_previous_run: false,
                 }),
                 State::Closed { .. } => None,
             })
@@ -228,44 +214,31 @@ impl Model {
     }
 }
 
-fn open_ledger(
-    config: &BudgetConfig,
-    now: Timestamp,
-) -> Result<(Arc<Ledger>, Arc<ManualClock>), TestCaseError> {
-    let clock = Arc::new(ManualClock::new(now));
-    let ledger = Ledger::open(config, clock.clone())
-        .map_err(|e| TestCaseError::fail(format!("open: {e}")))?;
-    Ok((ledger, clock))
+fn fail(e: impl std::fmt::Display) -> TestCaseError {
+    TestCaseError::fail(e.to_string())
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let dir = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let config = BudgetConfig {
-        ledger: dir.path().join("ledger.redb"),
-        time_zone: TIME_ZONE.into(),
-        caps: caps(),
-    };
-    let tz = config
-        .time_zone()
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let caps = caps();
+    let tz = TimeZone::get(TIME_ZONE).map_err(fail)?;
     // Late on the last evening of October in New York: the first hops cross an hour, the
     // month end and the fall-back day.
-    let start: Timestamp = "2026-11-01T02:40:00Z"
-        .parse()
-        .map_err(|e: jiff::Error| TestCaseError::fail(e.to_string()))?;
+    let start: Timestamp = "2026-11-01T02:40:00Z".parse().map_err(fail)?;
     let mut model = Model {
-        caps: config
-            .caps
+        caps: caps
             .iter()
             .map(|c| (c.scope(), c.period, c.cap().unwrap_or(Usd::ZERO)))
             .collect(),
         tz,
         now: start,
-        next_id: 1,
+        // A fresh shared book numbers its reservations from 0.
+        next_id: 0,
         all: Vec::new(),
     };
-    let (mut ledger, mut clock) = open_ledger(&config, start)?;
-    let mut live: Vec<(u64, Reservation)> = Vec::new();
+    let mut book = SharedBook::default();
+    let mut now = start;
+    // Open reservations: (id, amount).
+    let mut live: Vec<(u64, Usd)> = Vec::new();
 
     for (step, op) in ops.into_iter().enumerate() {
         match op {
@@ -274,21 +247,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let amount = Usd::from_nanos(nanos);
                 let (fits, windows) = model.fits(endpoint, amount);
                 prop_assert_eq!(
-                    ledger.check(endpoint, amount).is_ok(),
+                    book.check(&caps, TIME_ZONE, now, endpoint, amount).is_ok(),
                     fits,
                     "check at step {}",
                     step
                 );
                 let request_id = format!("req-{step}");
-                match ledger.reserve(endpoint, amount, &request_id) {
-                    Ok(reservation) => {
+                match book.reserve(&caps, TIME_ZONE, now, endpoint, amount, &request_id) {
+                    Ok(id) => {
                         prop_assert!(fits, "granted what the model refuses at step {}", step);
-                        prop_assert_eq!(reservation.id().get(), model.next_id);
-                        model.sweep();
-                        let ends = windows
-                            .iter()
-                            .map(|(_, period, _)| period.window_at(model.now, &model.tz).1)
-                            .collect();
+                        prop_assert_eq!(id.get(), model.next_id);
                         model.all.push(ModelReservation {
                             id: model.next_id,
                             endpoint: endpoint.to_string(),
@@ -296,15 +264,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             request_id,
                             created: model.now,
                             windows,
-                            ends,
-                            state: State::Open {
-                                previous_run: false,
-                            },
+                            state: State::Open,
                         });
                         model.next_id += 1;
-                        live.push((reservation.id().get(), reservation));
+                        live.push((id.get(), amount));
                     }
-                    Err(ReserveError::Refused(refusal)) => {
+                    Err(SharedRefusal::Refused(refusal)) => {
                         prop_assert!(!fits, "refused what fits at step {}: {}", step, refusal);
                         let window = model.current(&refusal.scope, refusal.period);
                         let sums = model.sums(&window);
@@ -318,18 +283,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             "the reported cap has room"
                         );
                     }
-                    Err(ReserveError::Storage(e)) => {
-                        return Err(TestCaseError::fail(format!("storage: {e}")));
-                    }
+                    Err(SharedRefusal::Invalid(e)) => return Err(fail(e)),
                 }
             }
             Op::Settle { pick, percent } => {
                 if !live.is_empty() {
-                    let (id, reservation) = live.swap_remove(pick % live.len());
-                    let actual = Usd::from_nanos(reservation.amount().nanos() * percent / 100);
-                    let settlement = reservation
-                        .settle(actual)
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let (id, amount) = live.swap_remove(pick % live.len());
+                    let actual = Usd::from_nanos(amount.nanos() * percent / 100);
+                    let settlement = book
+                        .close(now, ReservationId(id), Close::Settled(actual))
+                        .ok_or_else(|| fail("not open"))?;
                     prop_assert_eq!(settlement.charged, actual);
                     prop_assert_eq!(settlement.overrun, Usd::ZERO);
                     model.close(id, Some(actual));
@@ -337,41 +300,37 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             Op::Cancel { pick } => {
                 if !live.is_empty() {
-                    let (id, reservation) = live.swap_remove(pick % live.len());
-                    reservation
-                        .cancel()
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    let (id, _) = live.swap_remove(pick % live.len());
+                    book.close(now, ReservationId(id), Close::Cancelled)
+                        .ok_or_else(|| fail("not open"))?;
                     model.close(id, None);
                 }
             }
             Op::Drop { pick } => {
                 if !live.is_empty() {
-                    let (id, reservation) = live.swap_remove(pick % live.len());
-                    let amount = reservation.amount();
-                    drop(reservation);
+                    let (id, amount) = live.swap_remove(pick % live.len());
+                    let s = book
+                        .close(now, ReservationId(id), Close::Dropped)
+                        .ok_or_else(|| fail("not open"))?;
+                    prop_assert_eq!(s.charged, amount);
                     model.close(id, Some(amount));
                 }
             }
             Op::Advance { secs } => {
-                clock.advance(SignedDuration::from_secs(secs));
-                model.now = clock.now();
+                now = now
+                    .checked_add(SignedDuration::from_secs(secs))
+                    .map_err(fail)?;
+                model.now = now;
             }
-            Op::Reopen => {
-                for (_, reservation) in live.drain(..) {
-                    reservation.forget_as_if_killed();
-                }
-                drop(ledger);
-                (ledger, clock) = open_ledger(&config, model.now)?;
-                for r in &mut model.all {
-                    if let State::Open { previous_run } = &mut r.state {
-                        *previous_run = true;
-                    }
-                }
-                model.sweep();
+            Op::RoundTrip => {
+                let json = serde_json::to_string(&book).map_err(fail)?;
+                let back: SharedBook = serde_json::from_str(&json).map_err(fail)?;
+                prop_assert_eq!(&back, &book);
+                book = back;
             }
         }
 
-        let snapshot = ledger.snapshot();
+        let snapshot = book.snapshot(&caps, TIME_ZONE, now).map_err(fail)?;
         for w in &snapshot.windows {
             prop_assert!(
                 w.spent.saturating_add(w.reserved) <= w.cap,
@@ -389,7 +348,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn ledger_matches_brute_force_model_across_restarts_and_rollovers(
+    fn shared_ledger_matches_brute_force_model_across_rollovers_and_round_trips(
         ops in proptest::collection::vec(op(), 1..60)
     ) {
         run(ops)?;
