@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coordinator failover with real processes: runs cli/tests/ha.rs (three coordinators in one raft
 # group, a real etcd, a second baton as the cloud; the leader SIGKILLed under load) N times and
-# keeps each trial's "HA:" line (election time, requests failed, latencies) in OUT/trials.txt.
+# keeps each trial's "HA:" line (election time, first budget decision after it, requests failed,
+# latencies) in OUT/trials.txt.
 #
 #   benches/ha-failover.sh [N=10] [OUT=benches/results/ha-failover-$(date +%F)]
 set -euo pipefail
@@ -18,9 +19,10 @@ done
 python3 - "$out/trials.txt" <<'PY'
 import sys, statistics
 rows = [dict(kv.split("=") for kv in line.split()[1:]) for line in open(sys.argv[1])]
-def col(k): return sorted(int(r[k]) for r in rows)
+def col(k): return sorted(int(r[k]) for r in rows if k in r)
 print(f"trials {len(rows)}, requests {sum(int(r['requests']) for r in rows)}, failed {sum(int(r['failed']) for r in rows)}")
-for k in ["elected_ms", "first_cloud_sent_after_kill_answered_ms", "cloud_p50_before_ms", "cloud_slowest_after_kill_ms"]:
+for k in ["elected_ms", "first_decision_ms", "first_cloud_sent_after_kill_answered_ms", "cloud_p50_before_ms", "cloud_slowest_after_kill_ms"]:
     v = col(k)
-    print(f"{k}: p50 {statistics.median(v):.0f}, max {v[-1]}")
+    if v:
+        print(f"{k}: p50 {statistics.median(v):.0f}, p90 {v[int(0.9 * (len(v) - 1))]}, max {v[-1]}")
 PY

@@ -303,6 +303,22 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     })
     .unwrap_or_else(|| panic!("no new leader within {FAILOVER_BOUND:?} of the kill"));
     let elected_after = kill_at.elapsed();
+    // The first budget decision of the new leader: the ledger's (settled, open) counts, read
+    // once the new leader is known, change with the next reservation or settlement it commits
+    // (polled; an upper bound by the poll's period, about 0.1 s).
+    let signature = |b: &Value| {
+        (
+            b["windows"][0]["settled"].as_u64(),
+            b["windows"][0]["open"].as_u64(),
+        )
+    };
+    let survivor = members[survivors[0]].grpc();
+    let baseline = signature(&baton_budget(survivor).expect("budget"));
+    wait_for(FAILOVER_BOUND, || {
+        (signature(&baton_budget(survivor)?) != baseline).then_some(())
+    })
+    .expect("a budget decision after the new leader");
+    let decided_after = kill_at.elapsed();
     wait_for(Duration::from_secs(60), || {
         (cloud_successes(Some(kill_at)) >= 6).then_some(())
     })
@@ -334,12 +350,13 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
         .unwrap_or_default();
     eprintln!(
         "HA: requests={} cloud={} failed={} leader_killed={first_leader} new_leader={new_leader} \
-         elected_ms={} first_cloud_sent_after_kill_answered_ms={} cloud_p50_before_ms={} \
-         cloud_slowest_after_kill_ms={}",
+         elected_ms={} first_decision_ms={} first_cloud_sent_after_kill_answered_ms={} \
+         cloud_p50_before_ms={} cloud_slowest_after_kill_ms={}",
         outcomes.len(),
         outcomes.iter().filter(|o| o.cloud).count(),
         failed.len(),
         elected_after.as_millis(),
+        decided_after.as_millis(),
         first_cloud_after.as_millis(),
         p50_before.as_millis(),
         slowest_after.as_millis(),
