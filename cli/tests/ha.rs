@@ -305,7 +305,8 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     let elected_after = kill_at.elapsed();
     // The first budget decision of the new leader: the ledger's (settled, open) counts, read
     // once the new leader is known, change with the next reservation or settlement it commits
-    // (polled; an upper bound by the poll's period, about 0.1 s).
+    // (polled through `baton budget` processes, a few hundred ms each under this load: an upper
+    // bound).
     let signature = |b: &Value| {
         (
             b["windows"][0]["settled"].as_u64(),
