@@ -19,11 +19,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Proc, baton_json, get, model, post, wait_for, worker};
 use serde_json::{Value, json};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 /// A reply's bound (a cloud request waits out an election, at most the proposal time-out).
 const REPLY_LIMIT: Duration = Duration::from_secs(60);
@@ -81,6 +82,17 @@ fn baton_budget(grpc: SocketAddr) -> Option<Value> {
 
 fn leader(budget: &Value) -> Option<u64> {
     budget["replica"]["leader"].as_u64()
+}
+
+/// Every request's outcome, and a signal for each new one.
+type Outcomes = Arc<(Mutex<Vec<Outcome>>, Condvar)>;
+
+/// Waits on each coordinator's grpc.health.v1 Watch (the readiness /ready reports) until it
+/// says `want`.
+fn all_health(rt: &tokio::runtime::Runtime, members: &[Member], want: ServingStatus) {
+    for m in members {
+        rt.block_on(common::await_health(m.grpc(), "baton.v1.Inference", want));
+    }
 }
 
 /// One coordinator of the group: its config file and its process.
@@ -154,7 +166,7 @@ fn load(
     http: SocketAddr,
     local_model: String,
     stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    outcomes: Outcomes,
 ) {
     let mut i = 0u32;
     while !stop.load(Ordering::Relaxed) {
@@ -169,8 +181,8 @@ fn load(
             Ok((status, _, text)) => Err(format!("{status}: {text}")),
             Err(e) => Err(e.to_string()),
         };
-        outcomes
-            .lock()
+        let (list, recorded) = &*outcomes;
+        list.lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Outcome {
                 coordinator,
@@ -179,6 +191,7 @@ fn load(
                 done: Instant::now(),
                 result,
             });
+        recorded.notify_all();
         i += 1;
     }
 }
@@ -240,13 +253,8 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     for m in &mut members {
         m.start(&model, &discovery);
     }
-    for m in &members {
-        let http = m.http();
-        wait_for(Duration::from_secs(60), || {
-            (get(http, "/ready").ok()?.0 == 200).then_some(())
-        })
-        .unwrap_or_else(|| panic!("coordinator {} never found the decode worker", m.node_id));
-    }
+    // Ready (grpc.health, as /ready): each found the decode worker.
+    all_health(&rt, &members, ServingStatus::Serving);
     let first_leader = wait_for(Duration::from_secs(30), || {
         let seen: Vec<Option<u64>> = members
             .iter()
@@ -266,7 +274,7 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     let killed = first_leader as usize;
     let survivors: Vec<usize> = (0..3).filter(|i| *i != killed).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let outcomes = Arc::new(Mutex::new(Vec::<Outcome>::new()));
+    let outcomes: Outcomes = Arc::default();
     let threads: Vec<_> = survivors
         .iter()
         .flat_map(|&i| [i, i])
@@ -280,18 +288,26 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
             std::thread::spawn(move || load(i, http, local, stop, outcomes))
         })
         .collect();
-    let cloud_successes = |after: Option<Instant>| {
-        outcomes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|o| o.cloud && o.result.is_ok() && after.is_none_or(|t| o.sent > t))
-            .count()
+    // Waits (woken by each recorded outcome) until `count` cloud requests sent after `after`
+    // have succeeded.
+    let cloud_successes = |after: Option<Instant>, count: usize| {
+        let (list, recorded) = &*outcomes;
+        let list = list.lock().unwrap_or_else(|p| p.into_inner());
+        let (list, waited) = recorded
+            .wait_timeout_while(list, Duration::from_secs(60), |list| {
+                list.iter()
+                    .filter(|o| o.cloud && o.result.is_ok() && after.is_none_or(|t| o.sent > t))
+                    .count()
+                    < count
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        drop(list);
+        !waited.timed_out()
     };
-    wait_for(Duration::from_secs(60), || {
-        (cloud_successes(None) >= 6).then_some(())
-    })
-    .expect("cloud requests succeed before the kill");
+    assert!(
+        cloud_successes(None, 6),
+        "cloud requests succeed before the kill"
+    );
 
     // SIGKILL the leader.
     let kill_at = Instant::now();
@@ -320,15 +336,15 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     })
     .expect("a budget decision after the new leader");
     let decided_after = kill_at.elapsed();
-    wait_for(Duration::from_secs(60), || {
-        (cloud_successes(Some(kill_at)) >= 6).then_some(())
-    })
-    .expect("cloud requests sent after the kill succeed");
+    assert!(
+        cloud_successes(Some(kill_at), 6),
+        "cloud requests sent after the kill succeed"
+    );
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().expect("load thread");
     }
-    let outcomes = outcomes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let outcomes = outcomes.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     let first_cloud_after = outcomes
         .iter()
@@ -418,8 +434,8 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
     });
 
     // An operator drains the decode worker through one coordinator: every coordinator, the
-    // restarted one included, stops placing work there (its /ready turns 503: no routable
-    // decode worker); restored through another, they all place again.
+    // restarted one included, stops placing work there (not ready, as /ready's 503: no
+    // routable decode worker); restored through another, they all place again.
     let worker_id =
         baton_json(&["status", "--coordinator", &back.to_string()])["workers"][0]["worker_id"]
             .as_str()
@@ -438,22 +454,16 @@ fn the_raft_leader_killed_under_load_loses_no_request_and_no_dollar() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // All ready first (the restarted one too), so "not ready" below is the drain's doing.
+    all_health(&rt, &members, ServingStatus::Serving);
     let said = decide("drain", members[survivors[0]].grpc());
     assert!(said.contains("drained"), "{said}");
-    let all_ready = |want: u16| {
-        wait_for(Duration::from_secs(10), || {
-            members
-                .iter()
-                .all(|m| get(m.http(), "/ready").is_ok_and(|(s, _)| s == want))
-                .then_some(())
-        })
-    };
-    all_ready(503).expect("every coordinator stopped placing on the drained worker");
+    all_health(&rt, &members, ServingStatus::NotServing);
     let status = baton_json(&["status", "--coordinator", &back.to_string()]);
     assert_eq!(status["workers"][0]["state"], "draining", "{status}");
     let said = decide("restore", members[survivors[1]].grpc());
     assert!(said.contains("restored"), "{said}");
-    all_ready(200).expect("every coordinator places on the restored worker again");
+    all_health(&rt, &members, ServingStatus::Serving);
 
     for m in &mut members {
         if let Some(p) = m.proc.as_mut() {

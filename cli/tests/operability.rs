@@ -12,13 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baton_proto::v1::{self, inference_client::InferenceClient};
-use common::{Proc, START_LIMIT, channel, get, model};
+use common::{Proc, START_LIMIT, await_health, channel, get, model};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// SIGTERM to exit for a worker whose streams finish well inside its drain deadline.
 const EXIT_LIMIT: Duration = Duration::from_secs(120);
@@ -49,27 +48,6 @@ fn coordinator(
     extra: &[&str],
 ) -> Proc {
     common::coordinator(model, prefill.as_slice(), &[decode], extra)
-}
-
-/// Waits (on the health Watch stream, no polling) until `service` at `addr` reports `wanted`.
-async fn await_health(addr: SocketAddr, service: &str, wanted: ServingStatus) {
-    let mut watch = HealthClient::new(channel(addr))
-        .watch(HealthCheckRequest {
-            service: service.into(),
-        })
-        .await
-        .expect("health watch")
-        .into_inner();
-    tokio::time::timeout(START_LIMIT, async {
-        while let Some(status) = watch.message().await.expect("health stream") {
-            if status.status == wanted as i32 {
-                return;
-            }
-        }
-        panic!("health stream ended before {wanted:?}");
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{service} at {addr} never reported {wanted:?}"));
 }
 
 async fn await_serving(coordinator: SocketAddr) {

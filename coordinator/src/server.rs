@@ -37,9 +37,8 @@ pub struct Inner {
 
 impl Inner {
     /// Loads the tokenizer and sets up an empty registry (discovery fills it once serving);
-    /// `replica` is the coordinators' raft group when the config has one (cloud endpoints).
-    pub fn new(config: CoordinatorConfig, replica: Arc<baton_replica::Replica>) -> Result<Self> {
-        config.validate()?;
+    /// `replica` is the coordinators' raft group. `config` was validated by [`serve`].
+    fn new(config: CoordinatorConfig, replica: Arc<baton_replica::Replica>) -> Result<Self> {
         let tokenizer = Tokenizer::load(&config.model)?;
         let model_name = config
             .model_name

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 
-use crate::{Replica, ReplicaConfig};
+use crate::{Replica, ReplicaConfig, Status};
 
 /// The replicas, by node id, and every member's address.
 pub struct LoopbackGroup {
@@ -59,23 +59,30 @@ impl LoopbackGroup {
     ///
     /// Every member initializes the group at once, so several may stand in the first term and
     /// one replica's first view of a leader can be a candidate the others never followed:
-    /// every view is polled (each read is local) until they agree.
+    /// the views are compared again whenever any replica's raft view changes, until they agree.
     pub async fn agreed_leader(&self, bound: Duration) -> Result<u64, String> {
         let deadline = Instant::now() + bound;
         loop {
-            let views: Vec<Option<u64>> =
-                self.replicas.values().map(|r| r.status().leader).collect();
-            if let Some(Some(leader)) = views.first()
-                && views.iter().all(|v| *v == Some(*leader))
+            let seen: Vec<Status> = self.replicas.values().map(|r| r.status()).collect();
+            if let Some(Some(leader)) = seen.first().map(|s| s.leader)
+                && seen.iter().all(|s| s.leader == Some(leader))
             {
-                return Ok(*leader);
+                return Ok(leader);
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let views: Vec<Option<u64>> = seen.iter().map(|s| s.leader).collect();
                 return Err(format!(
                     "the replicas never agreed on a leader within {bound:?}: {views:?}"
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // Woken by the first replica whose view differs from what was just read.
+            let mut changes = tokio::task::JoinSet::new();
+            for (r, was) in self.replicas.values().zip(seen) {
+                let r = Arc::clone(r);
+                changes.spawn(async move { r.wait_for(left, move |now| *now != was).await });
+            }
+            let _ = changes.join_next().await;
         }
     }
 }

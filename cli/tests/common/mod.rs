@@ -578,3 +578,31 @@ pub fn baton_json(args: &[&str]) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("baton --json")
 }
+
+/// Waits (on the grpc.health.v1 Watch stream, no polling) until `service` at `addr` reports
+/// `wanted`, for at most [`START_LIMIT`].
+#[allow(dead_code)]
+pub async fn await_health(
+    addr: SocketAddr,
+    service: &str,
+    wanted: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut watch = HealthClient::new(channel(addr))
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health watch")
+        .into_inner();
+    tokio::time::timeout(START_LIMIT, async {
+        while let Some(status) = watch.message().await.expect("health stream") {
+            if status.status == wanted as i32 {
+                return;
+            }
+        }
+        panic!("health stream ended before {wanted:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{service} at {addr} never reported {wanted:?}"));
+}
