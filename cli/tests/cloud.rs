@@ -610,11 +610,20 @@ fn a_killed_coordinator_keeps_every_charge_and_reservation() {
     // start charges them in full (the upstream may have billed them), and new requests settle.
     let mut local = Cluster::start(&["--colocated", "--config", config_arg]);
     let (http, grpc) = local.endpoints();
-    let online = common::wait_for(Duration::from_secs(20), || {
-        let b = baton_budget(&["--coordinator", &grpc.to_string()]);
-        (b["open"].as_array().map(Vec::len) == Some(0)).then_some(b)
-    })
-    .expect("the leftover reservations closed after the restart");
+    // The restarted coordinator logs each leftover it closed (its `Started` applied).
+    const CLOSED: &str = "left open when this coordinator last stopped was closed";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while local.log_text().matches(CLOSED).count() < open.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            local.next_line(left).is_some(),
+            "the restart closed fewer than {} leftovers:\n{}",
+            open.len(),
+            local.log_text()
+        );
+    }
+    let online = baton_budget(&["--coordinator", &grpc.to_string()]);
+    assert_eq!(online["open"].as_array().map(Vec::len), Some(0), "{online}");
     let charged = nanos(&online["windows"][0]["spent_nanodollars"]);
     assert_eq!(
         charged,
