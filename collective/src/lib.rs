@@ -25,6 +25,9 @@ pub trait Collective: Send + Sync {
     fn rank(&self) -> usize;
     /// How many ranks the group has.
     fn world(&self) -> usize;
+    /// The most values one call carries; a caller with more splits them (a sum is elementwise,
+    /// so where it splits changes no bit).
+    fn capacity(&self) -> usize;
     /// Replaces `data` on every rank with the elementwise sum of every rank's `data`, added in
     /// rank order. Every rank calls it with the same length.
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), Error>;

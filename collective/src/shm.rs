@@ -181,6 +181,10 @@ impl Collective for ShmGroup {
         self.world
     }
 
+    fn capacity(&self) -> usize {
+        self.max
+    }
+
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), Error> {
         if data.len() > self.max {
             return Err(Error::TooLarge {

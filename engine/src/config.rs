@@ -377,6 +377,10 @@ pub struct EngineConfig {
     /// configuration: a decode worker that receives over shared memory sets it.
     #[serde(skip)]
     pub pool_memory: crate::kv::PoolMemory,
+    /// Which part of the model this engine holds: all of it, or one rank's shard of a
+    /// tensor- and pipeline-parallel group. Not configuration: the group launcher sets it.
+    #[serde(skip)]
+    pub shard: crate::shard::Shard,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs the `cuda` feature). Default `cpu`.
     pub device: DeviceSetting,
     /// On a `cpu` device, whose kernels run: `baton` (fast) or `candle` (candle's tensor ops,
@@ -503,6 +507,7 @@ impl EngineConfig {
             weights: WeightsSetting::Auto,
             role,
             pool_memory: crate::kv::PoolMemory::Private,
+            shard: crate::shard::Shard::whole(),
             device: DeviceSetting::Cpu,
             cpu_kernels: Kernels::Baton,
             block_size: 16,

@@ -148,32 +148,47 @@ pub struct Engine {
 impl Engine {
     /// Loads the model named by the config and allocates the KV pool.
     pub fn load(config: EngineConfig) -> Result<Self> {
+        Self::load_rank(config, None)
+    }
+
+    /// Loads the part of the model `config.shard` names, one rank of a worker group
+    /// ([`crate::shard`]): a tensor-parallel rank completes its products with the others
+    /// through `collective` (required when `shard.tp_size` > 1); a pipeline stage holds its
+    /// layers and their KV only.
+    pub fn load_rank(
+        config: EngineConfig,
+        collective: Option<Arc<dyn baton_collective::Collective>>,
+    ) -> Result<Self> {
         config.validate()?;
         let started = Instant::now();
         let device = config.device.open()?;
         let plan = WeightPlan::resolve(config.weights, config.role);
         let kernels = config.device.kernels(config.cpu_kernels);
         let (weights, tokenizer) = if is_gguf(&config.model) {
-            let (weights, content) = weights::load_gguf(&config.model, plan, kernels, &device)?;
+            let (weights, content) =
+                weights::load_gguf(&config.model, plan, &config.shard, kernels, &device)?;
             let tokenizer = Tokenizer::from_gguf(&config.model, &content.metadata)?;
             (weights, tokenizer)
         } else {
-            let weights = weights::load_safetensors(&config.model, plan, kernels, &device)?;
+            let weights =
+                weights::load_safetensors(&config.model, plan, &config.shard, kernels, &device)?;
             (weights, Tokenizer::from_hf_dir(&config.model)?)
         };
         let model_max = weights.config.max_position;
         let max_context = config.max_context.unwrap_or(model_max).min(model_max);
         let fingerprint = fingerprint(&weights.config, &weights.weights_digest, &tokenizer);
-        let model = Model::new(weights, max_context, kernels, &device)?;
+        let shard = weights.shard.clone();
+        let model = Model::new(weights, max_context, kernels, &device, collective)?;
         let mc = model.config();
+        let span = |r: &Range<usize>| r.start as u32..r.end as u32;
         let descriptor = LayoutDescriptor {
             fingerprint,
             dtype: config.kv_dtype,
             block_size: config.block_size as u32,
             num_layers: mc.num_layers as u32,
-            layers: 0..mc.num_layers as u32,
+            layers: span(&shard.layers),
             num_kv_heads: mc.num_kv_heads as u32,
-            kv_heads: 0..mc.num_kv_heads as u32,
+            kv_heads: span(&shard.kv_heads),
             head_dim: mc.head_dim as u32,
         };
         let cache = KvCache::new(
@@ -193,6 +208,9 @@ impl Engine {
             prefill_weights = ?plan.prefill,
             decode_weights = ?plan.decode,
             kernels = kernels.name(),
+            layers = ?shard.layers,
+            tp_rank = shard.tp_rank,
+            tp_size = shard.tp_size,
             kv_blocks = cache.allocator().total_blocks(),
             fingerprint = %fingerprint,
             load_ms = load_stats.elapsed.as_millis() as u64,
@@ -442,6 +460,29 @@ impl Engine {
         export: &[SeqId],
         sink: &mut dyn FnMut(&KvCache, LayerReady) -> Result<()>,
     ) -> Result<Vec<StepOutput>> {
+        Ok(self.run_step(items, export, None, sink)?.0)
+    }
+
+    /// One step of a pipeline stage ([`crate::shard`]): the first stage embeds the items'
+    /// tokens (`hidden` is `None`), a later one starts from `hidden`, the previous stage's
+    /// output for the same items. Returns the outputs (logits on the last stage's rank 0, none
+    /// elsewhere) and, before the last stage, the hidden states the next stage takes. Every
+    /// rank of a group is given the same items in the same order, so their block tables agree.
+    pub fn step_stage(
+        &mut self,
+        items: &[StepItem],
+        hidden: Option<&[f32]>,
+    ) -> Result<(Vec<StepOutput>, Option<Vec<f32>>)> {
+        self.run_step(items, &[], hidden, &mut |_, _| Ok(()))
+    }
+
+    fn run_step(
+        &mut self,
+        items: &[StepItem],
+        export: &[SeqId],
+        hidden: Option<&[f32]>,
+        sink: &mut dyn FnMut(&KvCache, LayerReady) -> Result<()>,
+    ) -> Result<(Vec<StepOutput>, Option<Vec<f32>>)> {
         self.prepare(items)?;
         let bs = self.cache.block_size();
         let mut inputs = Vec::with_capacity(items.len());
@@ -490,8 +531,8 @@ impl Engine {
         // workers. Run from the caller's thread, every call hands work to a worker and waits for
         // it (and the caller competes with both workers for the cores); run on a worker, the
         // step's calls split by work stealing, and the caller is woken once per step.
-        let logits = if exported.is_empty() {
-            rayon::scope(|_| model.forward(cache, seq_inputs, &mut |_| Ok(())))?
+        let forward = if exported.is_empty() {
+            rayon::scope(|_| model.forward(cache, seq_inputs, hidden, &mut |_| Ok(())))?
         } else {
             // The forward pass runs on a worker as above, and tells this thread each finished
             // layer: the sink belongs to the caller's thread (it need not be `Send`). Running
@@ -504,7 +545,7 @@ impl Engine {
             rayon::in_place_scope(|scope| {
                 let forward = &mut forward;
                 scope.spawn(move |_| {
-                    *forward = Some(model.forward(cache, seq_inputs, &mut |l| {
+                    *forward = Some(model.forward(cache, seq_inputs, hidden, &mut |l| {
                         // The caller stopped listening: its sink failed, and that error, not
                         // this one, is the step's.
                         if ready_tx.send(l as u32).is_err() {
@@ -539,7 +580,7 @@ impl Engine {
         let mut out = Vec::with_capacity(items.len());
         let fingerprint = self.descriptor.fingerprint;
         let naming = self.config.prefix_cache;
-        for (it, logits) in items.iter().zip(logits) {
+        for (it, logits) in items.iter().zip(forward.logits) {
             if let Some(seq) = self.seqs.get_mut(&it.seq) {
                 if it.phase == Phase::Decode && seq.first_decoded.is_none() {
                     seq.first_decoded = Some(seq.computed);
@@ -554,7 +595,7 @@ impl Engine {
                 logits,
             });
         }
-        Ok(out)
+        Ok((out, forward.hidden))
     }
 
     fn prepare(&mut self, items: &[StepItem]) -> Result<()> {

@@ -57,6 +57,10 @@ pub enum Error {
     KvLayoutMismatch(#[from] baton_core::LayoutMismatch),
     #[error("kv import rejected: {0}")]
     KvImport(String),
+    /// The tensor-parallel group's collective failed: a rank died or hangs, and the group is
+    /// broken (every later step fails too).
+    #[error("tensor-parallel group: {0}")]
+    Collective(#[from] baton_collective::Error),
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),
     /// The engine's own invariant broke (a format its plan names was not built, a thread a step
@@ -82,6 +86,7 @@ impl Error {
             | Error::MissingMetadata { .. }
             | Error::InvalidMetadata { .. }
             | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
+            Error::Collective(_) => ErrorClass::Unavailable,
             Error::UnknownSequence(_) | Error::Backend(_) | Error::Internal(_) => {
                 ErrorClass::Internal
             }

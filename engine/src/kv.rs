@@ -344,7 +344,11 @@ impl KvCache {
     ) -> Result<Self> {
         let block_size = layout.block_size as usize;
         let dtype = layout.dtype;
-        let block_bytes = config.num_layers * block_size * config.kv_bytes_per_token_layer(dtype);
+        // A shard's pool holds its stage's layers and its kv heads only.
+        let num_layers = layout.layers.len();
+        let num_kv_heads = layout.kv_heads.len();
+        let token_layer_bytes = 2 * num_kv_heads * config.head_dim * dtype.size();
+        let block_bytes = num_layers * block_size * token_layer_bytes;
         let num_blocks = budget_bytes / block_bytes;
         if num_blocks == 0 {
             return Err(Error::invalid(
@@ -354,7 +358,7 @@ impl KvCache {
         }
         // Rows of one layer's storage seen as `(rows, head_dim)` are addressed by u32.
         if num_blocks
-            .checked_mul(block_size * config.num_kv_heads)
+            .checked_mul(block_size * num_kv_heads)
             .is_none_or(|rows| rows > u32::MAX as usize)
         {
             return Err(Error::invalid(
@@ -387,10 +391,10 @@ impl KvCache {
             .map_err(|e| Error::KvImport(format!("allocating the {len}-byte kv pool: {e}")))?;
             Storage::Host(Arc::new(region))
         } else {
-            let shape = (num_blocks, config.num_kv_heads, block_size, config.head_dim);
-            let mut k = Vec::with_capacity(config.num_layers);
-            let mut v = Vec::with_capacity(config.num_layers);
-            for _ in 0..config.num_layers {
+            let shape = (num_blocks, num_kv_heads, block_size, config.head_dim);
+            let mut k = Vec::with_capacity(num_layers);
+            let mut v = Vec::with_capacity(num_layers);
+            for _ in 0..num_layers {
                 k.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
                 v.push(Tensor::zeros(shape, candle_dtype(dtype), device)?);
             }
@@ -401,9 +405,9 @@ impl KvCache {
             pool,
             allocator: BlockAllocator::new(num_blocks),
             block_size,
-            num_kv_heads: config.num_kv_heads,
+            num_kv_heads,
             head_dim: config.head_dim,
-            num_layers: config.num_layers,
+            num_layers,
             dtype,
         })
     }
@@ -418,6 +422,12 @@ impl KvCache {
 
     pub fn num_layers(&self) -> usize {
         self.num_layers
+    }
+
+    /// The model's number of this cache's local layer `layer` (a pipeline stage's cache holds
+    /// layers from its first on), as the pool layout addresses it.
+    fn pool_layer(&self, layer: usize) -> u32 {
+        self.pool.layout.layers.start + layer as u32
     }
 
     pub fn dtype(&self) -> KvDType {
@@ -540,10 +550,10 @@ impl KvCache {
                 for (half, rows) in [(Half::K, &k), (Half::V, &v)] {
                     let written = match self.dtype {
                         KvDType::F32 => cpu_values::<f32>(rows, |src| {
-                            copy_rows(region, &self.pool, layer as u32, half, src, runs)
+                            copy_rows(region, &self.pool, self.pool_layer(layer), half, src, runs)
                         }),
                         KvDType::F16 => cpu_values::<half::f16>(rows, |src| {
-                            copy_rows(region, &self.pool, layer as u32, half, src, runs)
+                            copy_rows(region, &self.pool, self.pool_layer(layer), half, src, runs)
                         }),
                     };
                     written.ok_or(Error::Internal("kv write: rows not in CPU memory"))?;
@@ -601,7 +611,7 @@ impl KvCache {
             unsafe {
                 region
                     .as_ptr()
-                    .add(self.pool.half_offset(layer as u32, half) as usize)
+                    .add(self.pool.half_offset(self.pool_layer(layer), half) as usize)
             }
         };
         Some(match self.dtype {
@@ -716,7 +726,7 @@ impl KvCache {
             Storage::Host(region) => {
                 let row_bytes = self.pool.row_bytes() as usize;
                 for half in Half::BOTH {
-                    let base = self.pool.half_offset(layer as u32, half);
+                    let base = self.pool.half_offset(self.pool_layer(layer), half);
                     // (kv_heads, tokens, head_dim): heads outermost, as the wire format says.
                     for h in 0..self.num_kv_heads {
                         for &(slot, _, len) in &runs {
@@ -801,7 +811,7 @@ impl KvCache {
                     (Half::K, &chunk.data[..half_len]),
                     (Half::V, &chunk.data[half_len..]),
                 ] {
-                    let base = self.pool.half_offset(layer as u32, half);
+                    let base = self.pool.half_offset(self.pool_layer(layer), half);
                     let mut from = data.chunks_exact(row_bytes);
                     for h in 0..self.num_kv_heads {
                         for &(slot, _, len) in &runs {

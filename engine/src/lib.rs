@@ -17,6 +17,7 @@ pub mod kv;
 mod model;
 mod norm;
 mod rope;
+pub mod shard;
 mod swiglu;
 #[cfg(test)]
 mod testing;
@@ -40,6 +41,7 @@ pub use kv::{
     BlockHash, BlockId, BlockTable, Fingerprint, KvCache, KvChunk, KvSource, LayoutDescriptor,
     PoolMemory, PoolStats,
 };
+pub use shard::Shard;
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.

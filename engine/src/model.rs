@@ -10,6 +10,9 @@
 //! can export that layer's KV while the next layer computes.
 
 use std::cell::OnceCell;
+use std::sync::Arc;
+
+use baton_collective::Collective;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -48,6 +51,19 @@ pub(crate) struct Model {
     /// Whether baton's CPU passes run (fused norm, rope and SwiGLU, paged decode attention) or
     /// candle's ops, as on a GPU.
     kernels: Kernels,
+    /// The tensor-parallel ranks this one completes its row-parallel products with (attention
+    /// output, MLP down); `None` for a rank that holds whole layers.
+    collective: Option<Arc<dyn Collective>>,
+}
+
+/// What one step of this rank's stage produced.
+pub(crate) struct Forward {
+    /// Per input, the logits at its last token when it asked for them and this rank computes
+    /// logits (the last stage's tensor-parallel rank 0).
+    pub logits: Vec<Option<Vec<f32>>>,
+    /// A stage before the last: the hidden states its last layer produced, `(rows, hidden)`
+    /// row-major in the step's group order ([`Model::groups`]), for the next stage.
+    pub hidden: Option<Vec<f32>>,
 }
 
 /// What one group's attention needs of the step beyond the layer, computed once per step: its
@@ -85,7 +101,16 @@ impl Model {
         max_position: usize,
         kernels: Kernels,
         device: &Device,
+        collective: Option<Arc<dyn Collective>>,
     ) -> Result<Self> {
+        let tp = weights.shard.tp_size;
+        let world = collective.as_ref().map_or(1, |c| c.world());
+        if world != tp {
+            return Err(crate::Error::invalid(
+                "shard.tp_size",
+                format!("{tp} ranks, but the group's collective has {world}"),
+            ));
+        }
         let (cos, sin) = rope_tables(&weights.config, max_position, device)?;
         Ok(Self {
             weights,
@@ -93,7 +118,28 @@ impl Model {
             sin,
             device: device.clone(),
             kernels,
+            collective,
         })
+    }
+
+    /// Query and kv heads this rank computes.
+    fn local_heads(&self) -> (usize, usize) {
+        let s = &self.weights.shard;
+        (s.heads.len(), s.kv_heads.len())
+    }
+
+    /// The sum over the tensor-parallel group of each rank's partial product `y` (rank order,
+    /// the same bits on every rank); `y` itself on a rank alone.
+    fn all_reduce(&self, y: Tensor) -> Result<Tensor> {
+        let Some(group) = &self.collective else {
+            return Ok(y);
+        };
+        let dims = y.dims().to_vec();
+        let mut values = y.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        for chunk in values.chunks_mut(group.capacity().max(1)) {
+            group.all_reduce_sum(chunk)?;
+        }
+        Ok(Tensor::from_vec(values, dims, y.device())?.to_dtype(y.dtype())?)
     }
 
     /// RMSNorm of `x`'s rows with weight `w` and the model's epsilon.
@@ -143,15 +189,47 @@ impl Model {
         groups
     }
 
-    /// Runs one step. Returns, per input, the logits at its last token when it asked for them.
-    /// `on_layer(l)` runs once layer `l`'s KV of every input is in the cache.
+    /// Runs one step of this rank's layers. The first stage embeds the inputs' tokens; a later
+    /// one starts from `hidden`, what the stage before it returned for the same inputs. Returns,
+    /// per input, the logits at its last token when it asked for them (on the rank that
+    /// computes logits), or this stage's hidden states for the next. `on_layer(l)` runs once
+    /// local layer `l`'s KV of every input is in the cache.
     pub fn forward(
         &self,
         cache: &KvCache,
         seqs: &[SeqInput],
+        hidden: Option<&[f32]>,
         on_layer: &mut dyn FnMut(usize) -> Result<()>,
-    ) -> Result<Vec<Option<Vec<f32>>>> {
+    ) -> Result<Forward> {
         let groups = Self::groups(seqs);
+        let width = self.config().hidden_size;
+        let total_rows: usize = groups.iter().map(|g| g.rows).sum();
+        match (&self.weights.embedding, hidden) {
+            (Some(_), None) => {}
+            (None, Some(h)) if h.len() == total_rows * width => {}
+            (None, Some(h)) => {
+                return Err(crate::Error::invalid(
+                    "hidden",
+                    format!(
+                        "{} values for {total_rows} rows of {width}: not the previous stage's output for this step",
+                        h.len()
+                    ),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(crate::Error::invalid(
+                    "hidden",
+                    "the first pipeline stage embeds its tokens; it takes no hidden states",
+                ));
+            }
+            (None, None) => {
+                return Err(crate::Error::invalid(
+                    "hidden",
+                    "a later pipeline stage needs the previous stage's hidden states",
+                ));
+            }
+        }
+        let mut first_row = 0;
         let mut xs = Vec::with_capacity(groups.len());
         let mut cos_sin = Vec::with_capacity(groups.len());
         // Cache slots each group writes and reads, the same for every layer.
@@ -176,8 +254,19 @@ impl Model {
                 .map(|&(i, _)| cache.head_rows(seqs[i].table, seqs[i].start + seqs[i].tokens.len()))
                 .collect::<Result<Vec<_>>>()?;
             context.push(rows);
-            let ids = Tensor::from_vec(ids, g.rows, &self.device)?;
-            xs.push(self.weights.embedding.forward(&ids)?);
+            let x = match (&self.weights.embedding, hidden) {
+                (Some(embedding), _) => {
+                    embedding.forward(&Tensor::from_vec(ids, g.rows, &self.device)?)?
+                }
+                (None, Some(h)) => Tensor::from_slice(
+                    &h[first_row * width..(first_row + g.rows) * width],
+                    (g.rows, width),
+                    &self.device,
+                )?,
+                (None, None) => return Err(crate::Error::Internal("no input for a stage")),
+            };
+            first_row += g.rows;
+            xs.push(x);
             cos_sin.push(self.rope_rows(&pos)?);
         }
         // Read by the fused rope pass, which runs on f32 CPU tensors only.
@@ -226,7 +315,7 @@ impl Model {
                     context_ids: &context_ids[gi],
                 };
                 let attn = self.attention(layer, l, x, &step, cache)?;
-                let x = (x + layer.o.forward(&attn, g.phase)?)?;
+                let x = (x + self.all_reduce(layer.o.forward(&attn, g.phase)?)?)?;
                 let h = self.rms_norm(&x, &layer.ffn_norm)?;
                 let (gate, up) = match &layer.gate_up {
                     Some(s) if s.serves(g.phase) => {
@@ -238,13 +327,31 @@ impl Model {
                         layer.up.forward(&h, g.phase)?,
                     ),
                 };
-                let x = (&x + layer.down.forward(&self.swiglu(&gate, &up)?, g.phase)?)?;
+                let down = layer.down.forward(&self.swiglu(&gate, &up)?, g.phase)?;
+                let x = (&x + self.all_reduce(down)?)?;
                 xs[gi] = x;
             }
             on_layer(l)?;
         }
 
         let mut out: Vec<Option<Vec<f32>>> = (0..seqs.len()).map(|_| None).collect();
+        if !self.weights.shard.last {
+            let mut hidden = Vec::with_capacity(total_rows * width);
+            for x in &xs {
+                hidden.extend(x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            }
+            return Ok(Forward {
+                logits: out,
+                hidden: Some(hidden),
+            });
+        }
+        let Some(head) = &self.weights.head else {
+            // Another tensor-parallel rank of the last stage computes the logits.
+            return Ok(Forward {
+                logits: out,
+                hidden: None,
+            });
+        };
         for (gi, g) in groups.iter().enumerate() {
             let wanted: Vec<(usize, usize)> = g
                 .members
@@ -259,14 +366,17 @@ impl Model {
                 .iter()
                 .map(|&(_, r)| xs[gi].narrow(0, r, 1))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let h = self.rms_norm(&Tensor::cat(&rows, 0)?, &self.weights.final_norm)?;
-            let logits = self.weights.lm_head.forward(&h, g.phase)?;
+            let h = self.rms_norm(&Tensor::cat(&rows, 0)?, &head.norm)?;
+            let logits = head.linear.forward(&h, g.phase)?;
             let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for ((i, _), l) in wanted.into_iter().zip(logits) {
                 out[i] = Some(l);
             }
         }
-        Ok(out)
+        Ok(Forward {
+            logits: out,
+            hidden: None,
+        })
     }
 
     /// cos and sin rows for the given positions, each `(rows, head_dim / 2)`.
@@ -306,7 +416,7 @@ impl Model {
         } = *step;
         let c = self.config();
         let (n, hd) = (g.rows, c.head_dim);
-        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let (nh, nkv) = self.local_heads();
         let group = nh / nkv;
         let h = self.rms_norm(x, &layer.attn_norm)?;
         let (q, k, v) = match &layer.qkv {
@@ -427,9 +537,10 @@ impl Model {
         cache: &KvCache,
     ) -> Result<Option<Tensor>> {
         let c = self.config();
+        let (heads, kv_heads) = self.local_heads();
         let shape = AttentionShape {
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
+            heads,
+            kv_heads,
             head_dim: c.head_dim,
             head_stride: cache.head_stride(),
         };
@@ -446,7 +557,7 @@ impl Model {
         };
         Ok(Some(Tensor::from_vec(
             out,
-            (g.rows, c.num_heads * c.head_dim),
+            (g.rows, heads * c.head_dim),
             &self.device,
         )?))
     }

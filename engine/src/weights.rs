@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use crate::config::{
     Architecture, Kernels, ModelConfig, RopeScaling, RopeStyle, WeightFormat, WeightPlan,
 };
 use crate::kernels::QuantLinear;
+use crate::shard::{self, Part, Shard, ShardPlan, Split};
 use crate::{Error, Result};
 
 /// Which phase a forward pass serves; selects the weight format.
@@ -156,14 +157,26 @@ impl Embedding {
     }
 }
 
-/// Everything the forward pass reads, plus a digest of the raw tensor bytes for the fingerprint.
+/// The final norm and output head, on the rank that computes logits.
+#[derive(Debug, Clone)]
+pub(crate) struct Head {
+    pub norm: Tensor,
+    pub linear: Linear,
+}
+
+/// Everything the forward pass reads (of this rank's shard: [`crate::shard`]), plus a digest of
+/// the whole file's raw tensor bytes for the fingerprint, the same on every rank.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelWeights {
+    /// The whole model's shape; the shard says which part of it these weights are.
     pub config: ModelConfig,
-    pub embedding: Embedding,
+    pub shard: ShardPlan,
+    /// On the first pipeline stage.
+    pub embedding: Option<Embedding>,
+    /// The stage's layers, `shard.layers`, in order.
     pub layers: Vec<LayerWeights>,
-    pub final_norm: Tensor,
-    pub lm_head: Linear,
+    /// On the last stage's tensor-parallel rank 0.
+    pub head: Option<Head>,
     pub weights_digest: [u8; 32],
 }
 
@@ -421,37 +434,107 @@ impl Names {
 }
 
 struct TopNames {
+    /// What every layer's tensor names start with, before the layer's number.
+    layers: &'static str,
     embedding: &'static str,
     final_norm: &'static str,
     lm_head: &'static str,
 }
 
 const GGUF_TOP: TopNames = TopNames {
+    layers: "blk.",
     embedding: "token_embd.weight",
     final_norm: "output_norm.weight",
     lm_head: "output.weight",
 };
 
 const HF_TOP: TopNames = TopNames {
+    layers: "model.layers.",
     embedding: "model.embed_tokens.weight",
     final_norm: "model.norm.weight",
     lm_head: "lm_head.weight",
 };
 
+/// The part of the forward pass a tensor of the file is, and its layer, where the shard has a
+/// say; `None` for anything else (kept whole).
+fn classify(
+    name: &str,
+    names: &dyn Fn(usize) -> Names,
+    top: &TopNames,
+) -> Option<(Part, Option<usize>)> {
+    if name == top.embedding {
+        return Some((Part::Embedding, None));
+    }
+    if name == top.final_norm {
+        return Some((Part::FinalNorm, None));
+    }
+    if name == top.lm_head {
+        return Some((Part::LmHead, None));
+    }
+    let rest = name.strip_prefix(top.layers)?;
+    let layer: usize = rest.split('.').next()?.parse().ok()?;
+    let n = names(layer);
+    let (w, b) = (n.weight_suffix, n.bias_suffix);
+    let table = [
+        (&n.attn_norm, w, Part::Norm),
+        (&n.ffn_norm, w, Part::Norm),
+        (&n.q_norm, w, Part::Norm),
+        (&n.k_norm, w, Part::Norm),
+        (&n.q, w, Part::Q),
+        (&n.k, w, Part::K),
+        (&n.v, w, Part::V),
+        (&n.q, b, Part::QBias),
+        (&n.k, b, Part::KBias),
+        (&n.v, b, Part::VBias),
+        (&n.o, w, Part::O),
+        (&n.o, b, Part::OBias),
+        (&n.gate, w, Part::Gate),
+        (&n.up, w, Part::Up),
+        (&n.down, w, Part::Down),
+        (&n.down, b, Part::DownBias),
+    ];
+    let part = table
+        .iter()
+        .find(|(base, suffix, _)| name.strip_prefix(base.as_str()) == Some(*suffix))
+        .map(|(_, _, p)| *p)
+        // Another tensor of a layer (one this loader does not read): the stage holding the
+        // layer keeps it.
+        .unwrap_or(Part::Norm);
+    Some((part, Some(layer)))
+}
+
+/// This rank's part of tensor `name` ([`crate::shard`]); `None` when it keeps none of it.
+fn cut(name: &str, raw: Raw, split: &Split, device: &Device) -> Result<Option<Raw>> {
+    Ok(Some(match (split, raw) {
+        (Split::Skip, _) => return Ok(None),
+        (Split::Keep, raw) => raw,
+        (Split::Rows(r), Raw::Q(q)) => Raw::Q(Arc::new(shard::quantized_rows(&q, r)?)),
+        (Split::Rows(r), Raw::F(t)) => Raw::F(shard::tensor_rows(&t, r)?),
+        (Split::Cols(c), Raw::Q(q)) => match shard::quantized_cols(&q, c)? {
+            Some(sliced) => Raw::Q(Arc::new(sliced)),
+            None => Raw::F(shard::dequantized_cols(name, &q, c, device)?),
+        },
+        (Split::Cols(c), Raw::F(t)) => Raw::F(shard::tensor_cols(&t, c)?),
+    }))
+}
+
 fn build(
     mut src: Source,
     config: ModelConfig,
+    shard: ShardPlan,
     names: impl Fn(usize) -> Names,
     top: &TopNames,
     weights_digest: [u8; 32],
 ) -> Result<ModelWeights> {
     let c = &config;
-    let q_out = c.num_heads * c.head_dim;
-    let kv_out = c.num_kv_heads * c.head_dim;
+    // This rank's widths: its heads, its kv heads, its columns of the MLP.
+    let q_out = shard.heads.len() * c.head_dim;
+    let kv_out = shard.kv_heads.len() * c.head_dim;
+    let ffn = shard.ffn.len();
     // Sized by what loads, not by the layer count the file claims: a corrupt count must end in
     // `MissingTensor` for the first absent layer, not in an allocation failure that aborts.
     let mut layers = Vec::new();
-    for i in 0..c.num_layers {
+    for i in shard.layers.clone() {
         let n = names(i);
         let w = n.weight_suffix;
         let qkv_raw: Vec<_> = [&n.q, &n.k, &n.v]
@@ -499,13 +582,13 @@ fn build(
         };
         let gate = src.matrix(
             &format!("{}{w}", n.gate),
-            c.intermediate_size,
+            ffn,
             c.hidden_size,
             view(&gate_up_views, 0),
         )?;
         let up = src.matrix(
             &format!("{}{w}", n.up),
-            c.intermediate_size,
+            ffn,
             c.hidden_size,
             view(&gate_up_views, 1),
         )?;
@@ -520,40 +603,60 @@ fn build(
             ffn_norm: src.vector(&format!("{}{w}", n.ffn_norm), c.hidden_size)?,
             gate,
             up,
-            down: src.matrix(
-                &format!("{}{w}", n.down),
-                c.hidden_size,
-                c.intermediate_size,
-                None,
-            )?,
+            down: src.matrix(&format!("{}{w}", n.down), c.hidden_size, ffn, None)?,
             qkv,
             gate_up,
         });
     }
-    let final_norm = src.vector(top.final_norm, c.hidden_size)?;
-    let emb_raw = src.take(top.embedding)?;
-    src.check_shape(top.embedding, &emb_raw, &[c.vocab_size, c.hidden_size])?;
-    // Untied models carry their own head; tied ones reuse the embedding table.
-    let lm_head = if src.has(top.lm_head) {
-        src.matrix(top.lm_head, c.vocab_size, c.hidden_size, None)?
+    let emb_raw = if src.has(top.embedding) {
+        let raw = src.take(top.embedding)?;
+        src.check_shape(top.embedding, &raw, &[c.vocab_size, c.hidden_size])?;
+        Some(raw)
     } else {
-        let shared = match &emb_raw {
-            Raw::Q(q) => Raw::Q(q.clone()),
-            Raw::F(t) => Raw::F(t.clone()),
+        None
+    };
+    let head = if shard.computes_logits() {
+        let norm = src.vector(top.final_norm, c.hidden_size)?;
+        // Untied models carry their own head; tied ones reuse the embedding table.
+        let linear = if src.has(top.lm_head) {
+            src.matrix(top.lm_head, c.vocab_size, c.hidden_size, None)?
+        } else {
+            let shared = match &emb_raw {
+                Some(Raw::Q(q)) => Raw::Q(q.clone()),
+                Some(Raw::F(t)) => Raw::F(t.clone()),
+                None => {
+                    return Err(Error::MissingTensor {
+                        path: src.path.clone(),
+                        tensor: top.embedding.to_string(),
+                    });
+                }
+            };
+            src.linear_from(top.embedding, shared, None, None)?
         };
-        src.linear_from(top.embedding, shared, None, None)?
+        Some(Head { norm, linear })
+    } else {
+        None
     };
     let embedding = match emb_raw {
-        Raw::Q(q) if q.dtype() == GgmlDType::F32 => Embedding::Dense(q.dequantize(&src.device)?),
-        Raw::Q(q) => Embedding::Quantized(q),
-        Raw::F(t) => Embedding::Dense(t.to_dtype(DType::F32)?),
+        _ if !shard.first => None,
+        None => {
+            return Err(Error::MissingTensor {
+                path: src.path.clone(),
+                tensor: top.embedding.to_string(),
+            });
+        }
+        Some(Raw::Q(q)) if q.dtype() == GgmlDType::F32 => {
+            Some(Embedding::Dense(q.dequantize(&src.device)?))
+        }
+        Some(Raw::Q(q)) => Some(Embedding::Quantized(q)),
+        Some(Raw::F(t)) => Some(Embedding::Dense(t.to_dtype(DType::F32)?)),
     };
     Ok(ModelWeights {
         config,
+        shard,
         embedding,
         layers,
-        final_norm,
-        lm_head,
+        head,
         weights_digest,
     })
 }
@@ -563,6 +666,7 @@ fn build(
 pub(crate) fn load_gguf(
     path: &Path,
     plan: WeightPlan,
+    shard: &Shard,
     kernels: Kernels,
     device: &Device,
 ) -> Result<(ModelWeights, gguf_file::Content)> {
@@ -578,6 +682,8 @@ pub(crate) fn load_gguf(
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let content = read_gguf_header(&mut reader).map_err(corrupt)?;
     let config = gguf_config(path, &content.metadata, &content)?;
+    let shard = shard.plan(&config)?;
+    let tied = !content.tensor_infos.contains_key(GGUF_TOP.lm_head);
 
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -604,11 +710,29 @@ pub(crate) fn load_gguf(
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .filter(|&n| n > 0);
         let bytes = elems.and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
-        if bytes.is_none() {
+        let Some(bytes) = bytes else {
             return Err(corrupt(format!(
                 "tensor {name}: shape {:?} is empty or too large",
                 info.shape.dims()
             )));
+        };
+        let split = classify(name, &Names::gguf, &GGUF_TOP)
+            .map(|(part, layer)| shard.split(part, layer, tied))
+            .unwrap_or(Split::Keep);
+        if split == Split::Skip {
+            // Another rank's tensor: its bytes still go into the digest (every rank's
+            // fingerprint is the whole file's), streamed, never held.
+            hasher.update(name.as_bytes());
+            let at = content.tensor_data_offset.saturating_add(info.offset);
+            reader
+                .seek(SeekFrom::Start(at))
+                .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
+            let copied = std::io::copy(&mut (&mut reader).take(bytes as u64), &mut hasher)
+                .map_err(|e| corrupt(format!("tensor {name}: {e}")))?;
+            if copied != bytes as u64 {
+                return Err(corrupt(format!("tensor {name}: the file ends inside it")));
+            }
+            continue;
         }
         let q = content
             .tensor(&mut reader, name, device)
@@ -618,7 +742,9 @@ pub(crate) fn load_gguf(
             &q.data()
                 .map_err(|e| corrupt(format!("tensor {name}: {e}")))?,
         );
-        tensors.insert(name.clone(), Raw::Q(Arc::new(q)));
+        if let Some(raw) = cut(name, Raw::Q(Arc::new(q)), &split, device)? {
+            tensors.insert(name.clone(), raw);
+        }
     }
     let mut config = config;
     // llama.cpp stores Llama 3.1 frequency scaling as a tensor of per-frequency divisors.
@@ -644,6 +770,7 @@ pub(crate) fn load_gguf(
     let weights = build(
         src,
         config,
+        shard,
         Names::gguf,
         &GGUF_TOP,
         *hasher.finalize().as_bytes(),
@@ -829,6 +956,7 @@ fn default_max_position() -> usize {
 pub(crate) fn load_safetensors(
     dir: &Path,
     plan: WeightPlan,
+    shard: &Shard,
     kernels: Kernels,
     device: &Device,
 ) -> Result<ModelWeights> {
@@ -884,6 +1012,8 @@ pub(crate) fn load_safetensors(
         reason,
     })?;
 
+    let shard = shard.plan(&config)?;
+
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|source| Error::Io {
             path: dir.to_path_buf(),
@@ -937,16 +1067,30 @@ pub(crate) fn load_safetensors(
             tensors.insert(name, Raw::F(t));
         }
     }
+    // Whether the head is tied is known once every file is read; each tensor is then cut to
+    // this rank's part (the files are read whole either way).
+    let tied = !tensors.contains_key(HF_TOP.lm_head);
+    let mut kept = HashMap::with_capacity(tensors.len());
+    for (name, raw) in tensors {
+        let split = classify(&name, &Names::hf, &HF_TOP)
+            .map(|(part, layer)| shard.split(part, layer, tied))
+            .unwrap_or(Split::Keep);
+        if let Some(raw) = cut(&name, raw, &split, device)? {
+            kept.insert(name, raw);
+        }
+    }
     let src = Source {
         path: dir.to_path_buf(),
         device: device.clone(),
         plan,
         kernels,
-        tensors,
+        tensors: kept,
     };
+
     build(
         src,
         config,
+        shard,
         Names::hf,
         &HF_TOP,
         *hasher.finalize().as_bytes(),

@@ -38,6 +38,9 @@ pub struct TinyModel {
     pub matrices: GgmlDType,
     pub tied: bool,
     pub seed: u64,
+    /// Query and kv heads; `HEADS` and `KV_HEADS` unless [`TinyModel::with_heads`] says.
+    pub heads: usize,
+    pub kv_heads: usize,
 }
 
 impl TinyModel {
@@ -47,7 +50,22 @@ impl TinyModel {
             matrices,
             tied: false,
             seed: 7,
+            heads: HEADS,
+            kv_heads: KV_HEADS,
         }
+    }
+
+    /// The same hidden width split into other heads (tensor-parallel tests need 8 and 4).
+    pub fn with_heads(self, heads: usize, kv_heads: usize) -> Self {
+        Self {
+            heads,
+            kv_heads,
+            ..self
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        HIDDEN / self.heads
     }
 
     pub fn with_arch(self, arch: &'static str) -> Self {
@@ -75,16 +93,16 @@ impl TinyModel {
             ),
             (
                 format!("{a}.attention.head_count"),
-                Value::U32(HEADS as u32),
+                Value::U32(self.heads as u32),
             ),
             (
                 format!("{a}.attention.head_count_kv"),
-                Value::U32(KV_HEADS as u32),
+                Value::U32(self.kv_heads as u32),
             ),
             (format!("{a}.rope.freq_base"), Value::F32(10_000.0)),
             (
                 format!("{a}.rope.dimension_count"),
-                Value::U32(HEAD_DIM as u32),
+                Value::U32(self.head_dim() as u32),
             ),
             (
                 format!("{a}.attention.layer_norm_rms_epsilon"),
@@ -108,7 +126,7 @@ impl TinyModel {
             // Qwen3 heads are not hidden / heads wide in general; its converter always writes it.
             md.push((
                 format!("{a}.attention.key_length"),
-                Value::U32(HEAD_DIM as u32),
+                Value::U32(self.head_dim() as u32),
             ));
         }
         md
@@ -155,13 +173,13 @@ impl TinyModel {
             out.push(matrix(
                 &mut rng,
                 &format!("{p}.attn_k.weight"),
-                KV_HEADS * HEAD_DIM,
+                self.kv_heads * self.head_dim(),
                 HIDDEN,
             ));
             out.push(matrix(
                 &mut rng,
                 &format!("{p}.attn_v.weight"),
-                KV_HEADS * HEAD_DIM,
+                self.kv_heads * self.head_dim(),
                 HIDDEN,
             ));
             if self.arch == "qwen2" {
@@ -175,14 +193,14 @@ impl TinyModel {
                 out.push(vector(
                     &mut rng,
                     &format!("{p}.attn_k.bias"),
-                    KV_HEADS * HEAD_DIM,
+                    self.kv_heads * self.head_dim(),
                     0.5,
                     0.0,
                 ));
                 out.push(vector(
                     &mut rng,
                     &format!("{p}.attn_v.bias"),
-                    KV_HEADS * HEAD_DIM,
+                    self.kv_heads * self.head_dim(),
                     0.5,
                     0.0,
                 ));
@@ -191,14 +209,14 @@ impl TinyModel {
                 out.push(vector(
                     &mut rng,
                     &format!("{p}.attn_q_norm.weight"),
-                    HEAD_DIM,
+                    self.head_dim(),
                     0.2,
                     1.0,
                 ));
                 out.push(vector(
                     &mut rng,
                     &format!("{p}.attn_k_norm.weight"),
-                    HEAD_DIM,
+                    self.head_dim(),
                     0.2,
                     1.0,
                 ));
