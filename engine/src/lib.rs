@@ -14,6 +14,7 @@ mod engine;
 mod error;
 pub mod kernels;
 pub mod kv;
+pub mod local_group;
 mod model;
 mod norm;
 mod rope;

@@ -6,26 +6,23 @@
 //! rank's partial, then the ranks in rank order), so its logits stay within the bound the
 //! reference tests use, and where a greedy token would part the test reports it with its margin.
 //!
-//! Each rank is a thread with its own engine and its own one-thread rayon pool, as a rank
-//! process has its own: ranks sharing one pool would queue a rank's step behind ranks that wait
-//! in the all-reduce for it.
+//! Groups run as [`LocalGroup`]s: each rank a thread with its own engine and rayon pool. KV
+//! moves from a prefill group to a decode group split another way by the transfer plan: each
+//! source rank copies only the (layers x kv heads) pieces each destination rank holds.
 
 mod common;
 mod tiny;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
-use baton_collective::{Collective, ShmGroup};
+use anyhow::{Context, bail};
+use baton_engine::local_group::LocalGroup;
 use baton_engine::{
-    Engine, EngineConfig, LayoutDescriptor, Phase, Role, SeqId, Shard, StepItem, StepOutput,
-    WeightsSetting,
+    BlockId, Engine, EngineConfig, Phase, Role, SeqId, Shard, StepItem, StepOutput, WeightsSetting,
 };
+use baton_kv_transfer::memory::{PoolLayout, SeqBlocks};
+use baton_kv_transfer::plan::plan;
 use candle_core::quantized::GgmlDType;
 use common::{PROMPTS, dev_model_path};
 use tiny::TinyModel;
@@ -34,230 +31,6 @@ use tiny::TinyModel;
 const DECODE_STEPS: usize = 8;
 /// The engine's reference tests' bound on quantized logits (reference.rs says how it was set).
 const LOGIT_BOUND: f32 = 3.0;
-
-type StepResult = Result<(Vec<StepOutput>, Option<Vec<f32>>), String>;
-
-enum Command {
-    Add(SeqId, Vec<u32>),
-    Push(SeqId, u32),
-    Step(Vec<StepItem>, Option<Vec<f32>>, Sender<StepResult>),
-    /// Releases a sequence and answers (free blocks, total blocks).
-    Release(SeqId, Sender<(usize, usize)>),
-}
-
-/// One rank: a thread that owns its engine.
-struct Rank {
-    tx: Sender<Command>,
-    thread: Option<JoinHandle<()>>,
-    descriptor: LayoutDescriptor,
-}
-
-impl Rank {
-    fn start(config: EngineConfig, group: Option<(PathBuf, usize, usize)>) -> anyhow::Result<Rank> {
-        let (tx, rx) = channel::<Command>();
-        let (loaded_tx, loaded_rx) = channel::<Result<LayoutDescriptor, String>>();
-        let thread = std::thread::spawn(move || {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .build()
-                .expect("rank pool");
-            pool.install(|| serve(config, group, rx, loaded_tx));
-        });
-        let descriptor = loaded_rx
-            .recv()
-            .context("rank thread ended before loading")?
-            .map_err(|e| anyhow!(e))?;
-        Ok(Rank {
-            tx,
-            thread: Some(thread),
-            descriptor,
-        })
-    }
-}
-
-impl Drop for Rank {
-    fn drop(&mut self) {
-        let (tx, _) = channel();
-        drop(std::mem::replace(&mut self.tx, tx));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(
-    mut config: EngineConfig,
-    group: Option<(PathBuf, usize, usize)>,
-    rx: Receiver<Command>,
-    loaded: Sender<Result<LayoutDescriptor, String>>,
-) {
-    let collective = match group {
-        Some((path, rank, world)) => {
-            match ShmGroup::open(&path, rank, world, 1 << 20, Duration::from_secs(60)) {
-                Ok(g) => Some(Arc::new(g) as Arc<dyn Collective>),
-                Err(e) => {
-                    let _ = loaded.send(Err(e.to_string()));
-                    return;
-                }
-            }
-        }
-        None => None,
-    };
-    config.role = Role::Colocated;
-    let mut engine = match Engine::load_rank(config, collective) {
-        Ok(e) => e,
-        Err(e) => {
-            let _ = loaded.send(Err(e.to_string()));
-            return;
-        }
-    };
-    let _ = loaded.send(Ok(engine.descriptor().clone()));
-    for cmd in rx {
-        match cmd {
-            Command::Add(id, tokens) => engine.add_sequence(id, tokens).expect("add"),
-            Command::Push(id, token) => engine.push_token(id, token).expect("push"),
-            Command::Step(items, hidden, reply) => {
-                let out = engine
-                    .step_stage(&items, hidden.as_deref())
-                    .map_err(|e| e.to_string());
-                let _ = reply.send(out);
-            }
-            Command::Release(id, reply) => {
-                engine.release(id);
-                let _ = reply.send((engine.free_blocks(), engine.total_blocks()));
-            }
-        }
-    }
-}
-
-/// A worker group of `stages.len()` pipeline stages of `tp` ranks each, in this process.
-struct Group {
-    stages: Vec<Vec<Rank>>,
-    segments: Vec<PathBuf>,
-}
-
-impl Group {
-    fn start(
-        base: &EngineConfig,
-        tp: usize,
-        stages: &[Range<usize>],
-        name: &str,
-    ) -> anyhow::Result<Group> {
-        let mut segments = Vec::new();
-        let mut out = Vec::new();
-        for (s, layers) in stages.iter().enumerate() {
-            let segment = std::env::temp_dir().join(format!(
-                "baton-parallel-{name}-{}-stage{s}",
-                std::process::id()
-            ));
-            let _ = std::fs::remove_file(&segment);
-            segments.push(segment.clone());
-            // Ranks load at once: each waits in its first all-reduce for the others.
-            let handles: Vec<_> = (0..tp)
-                .map(|r| {
-                    let mut config = base.clone();
-                    config.shard = Shard {
-                        tp_rank: r,
-                        tp_size: tp,
-                        layers: Some(layers.clone()),
-                    };
-                    let group = (tp > 1).then(|| (segment.clone(), r, tp));
-                    std::thread::spawn(move || Rank::start(config, group))
-                })
-                .collect();
-            let ranks = handles
-                .into_iter()
-                .map(|h| h.join().map_err(|_| anyhow!("rank start panicked"))?)
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            out.push(ranks);
-        }
-        Ok(Group {
-            stages: out,
-            segments,
-        })
-    }
-
-    fn ranks(&self) -> impl Iterator<Item = &Rank> {
-        self.stages.iter().flatten()
-    }
-
-    fn add(&self, id: SeqId, tokens: &[u32]) -> anyhow::Result<()> {
-        for r in self.ranks() {
-            r.tx.send(Command::Add(id, tokens.to_vec()))?;
-        }
-        Ok(())
-    }
-
-    fn push(&self, id: SeqId, token: u32) -> anyhow::Result<()> {
-        for r in self.ranks() {
-            r.tx.send(Command::Push(id, token))?;
-        }
-        Ok(())
-    }
-
-    /// Runs one step through every stage; returns the logits of the last stage's rank 0.
-    fn step(&self, items: &[StepItem]) -> anyhow::Result<Vec<StepOutput>> {
-        let mut hidden: Option<Vec<f32>> = None;
-        let mut last = Vec::new();
-        for (s, ranks) in self.stages.iter().enumerate() {
-            let replies: Vec<Receiver<StepResult>> = ranks
-                .iter()
-                .map(|r| {
-                    let (tx, rx) = channel();
-                    r.tx.send(Command::Step(items.to_vec(), hidden.clone(), tx))
-                        .map(|_| rx)
-                })
-                .collect::<Result<_, _>>()?;
-            let results = replies
-                .into_iter()
-                .map(|rx| rx.recv()?.map_err(|e| anyhow!(e)))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            // Every tensor-parallel rank of a stage ends its layers with the same all-reduced
-            // bits: the group is deterministic.
-            for (r, (_, h)) in results.iter().enumerate().skip(1) {
-                if h != &results[0].1 {
-                    bail!("stage {s}: rank {r}'s hidden states differ from rank 0's");
-                }
-            }
-            for (r, (outputs, _)) in results.iter().enumerate() {
-                let any = outputs.iter().any(|o| o.logits.is_some());
-                let expected = s + 1 == self.stages.len() && r == 0;
-                if any != expected {
-                    bail!("stage {s} rank {r}: logits {any}, expected {expected}");
-                }
-            }
-            let (outputs, h) = results
-                .into_iter()
-                .next()
-                .context("a stage with no ranks")?;
-            hidden = h;
-            last = outputs;
-        }
-        Ok(last)
-    }
-
-    /// Releases a sequence on every rank; every rank's pool must be whole again.
-    fn release(&self, id: SeqId) -> anyhow::Result<()> {
-        for r in self.ranks() {
-            let (tx, rx) = channel();
-            r.tx.send(Command::Release(id, tx))?;
-            let (free, total) = rx.recv()?;
-            if free != total {
-                bail!("a rank holds {} blocks after release", total - free);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        self.stages.clear();
-        for s in &self.segments {
-            let _ = std::fs::remove_file(s);
-        }
-    }
-}
 
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
@@ -307,6 +80,15 @@ struct Agreement {
 
 /// Runs every prompt through the whole model and the group, decoding with the reference's
 /// greedy tokens, and compares every step's logits.
+fn all_blocks_free(group: &LocalGroup) -> anyhow::Result<()> {
+    for (r, (free, total)) in group.pools()?.into_iter().enumerate() {
+        if free != total {
+            bail!("rank {r} holds {} blocks after release", total - free);
+        }
+    }
+    Ok(())
+}
+
 fn compare(
     config: &EngineConfig,
     prompts: &[&[u32]],
@@ -315,10 +97,10 @@ fn compare(
     name: &str,
 ) -> anyhow::Result<Agreement> {
     let mut whole = Engine::load(config.clone())?;
-    let group = Group::start(config, tp, stages, name)?;
+    let group = LocalGroup::start(config, tp, stages)?;
     let fingerprint = whole.descriptor().fingerprint;
     for r in group.ranks() {
-        if r.descriptor.fingerprint != fingerprint {
+        if r.descriptor().fingerprint != fingerprint {
             bail!("a rank's fingerprint differs from the whole model's");
         }
     }
@@ -329,7 +111,7 @@ fn compare(
     for (p, prompt) in prompts.iter().enumerate() {
         let id = SeqId(p as u64);
         whole.add_sequence(id, prompt.to_vec())?;
-        group.add(id, prompt)?;
+        group.add_sequence(id, prompt)?;
         let mut item = StepItem {
             seq: id,
             tokens: prompt.len(),
@@ -358,7 +140,7 @@ fn compare(
                 }
             }
             whole.push_token(id, next)?;
-            group.push(id, next)?;
+            group.push_token(id, next)?;
             item = StepItem {
                 seq: id,
                 tokens: 1,
@@ -367,6 +149,7 @@ fn compare(
         }
         whole.release(id);
         group.release(id)?;
+        all_blocks_free(&group)?;
     }
     eprintln!("{name}: {found:?}");
     Ok(found)
@@ -482,62 +265,38 @@ fn tiny_model_splits_over_two_and_four_ranks() -> anyhow::Result<()> {
 #[test]
 fn a_rank_whose_shard_does_not_fit_its_group_is_refused() -> anyhow::Result<()> {
     let c = smollm2();
-    let refused =
-        |shard: Shard, group: Option<(PathBuf, usize, usize)>| -> anyhow::Result<String> {
-            let mut config = c.clone();
-            config.shard = shard;
-            match Rank::start(config, group) {
-                Ok(_) => bail!("the rank loaded"),
-                Err(e) => Ok(e.to_string()),
-            }
-        };
+    let refused = |shard: Shard| -> anyhow::Result<String> {
+        let mut config = c.clone();
+        config.shard = shard;
+        match Engine::load(config) {
+            Ok(_) => bail!("the rank loaded"),
+            Err(e) => Ok(e.to_string()),
+        }
+    };
     // SmolLM2's 9 query and 3 kv heads do not split over 2.
-    let e = refused(
-        Shard {
-            tp_rank: 0,
-            tp_size: 2,
-            layers: None,
-        },
-        None,
-    )?;
+    let e = match LocalGroup::start(&c, 2, &one_stage(30)) {
+        Ok(_) => bail!("a group of 2 loaded"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         e.contains("shard.tp_size") && e.contains("9 query heads"),
         "{e}"
     );
     // A tensor-parallel rank without its group's collective.
-    let e = refused(
-        Shard {
-            tp_rank: 1,
-            tp_size: 3,
-            layers: None,
-        },
-        None,
-    )?;
-    assert!(e.contains("shard.tp_size"), "{e}");
-    // A rank whose group has another size than its shard says.
-    let segment =
-        std::env::temp_dir().join(format!("baton-parallel-misfit-{}", std::process::id()));
-    let e = refused(
-        Shard {
-            tp_rank: 0,
-            tp_size: 3,
-            layers: None,
-        },
-        Some((segment.clone(), 0, 2)),
-    )?;
-    let _ = std::fs::remove_file(&segment);
+    let e = refused(Shard {
+        tp_rank: 1,
+        tp_size: 3,
+        layers: None,
+    })?;
     assert!(
-        e.contains("shard.tp_size") && e.contains("collective has 2"),
+        e.contains("shard.tp_size") && e.contains("collective has 1"),
         "{e}"
     );
     // Layers the model does not have.
-    let e = refused(
-        Shard {
-            layers: Some(20..31),
-            ..Shard::whole()
-        },
-        None,
-    )?;
+    let e = refused(Shard {
+        layers: Some(20..31),
+        ..Shard::whole()
+    })?;
     assert!(e.contains("shard.layers"), "{e}");
     Ok(())
 }
@@ -560,5 +319,240 @@ fn a_shard_holds_only_its_part_of_the_kv_pool() -> anyhow::Result<()> {
     let block = 10 * 16 * 2 * 3 * 64 * 4;
     assert_eq!(stage.total_blocks(), (16 << 20) / block);
     assert!(stage.total_blocks() >= 3 * whole.total_blocks());
+    Ok(())
+}
+
+/// A prefill group's layout and a decode group's, for [`handoff`].
+struct Layout {
+    tp: usize,
+    stages: Vec<Range<usize>>,
+}
+
+fn layout(tp: usize, stages: &[Range<usize>]) -> Layout {
+    Layout {
+        tp,
+        stages: stages.to_vec(),
+    }
+}
+
+/// What a handoff between two groups did.
+#[derive(Debug)]
+struct Handoff {
+    agreement: Agreement,
+    /// Bytes each source rank sent, and each destination rank received (stage-major).
+    sent: Vec<u64>,
+    received: Vec<u64>,
+}
+
+/// Prefills `prompt` on a group laid out as `p`, moves its KV to a group laid out as `d` by the
+/// transfer plan (each source rank copying straight into each destination rank's pool the
+/// pieces that rank holds), decodes there with the reference's greedy tokens, and compares
+/// every step's logits with the whole model prefilling and decoding in one engine.
+fn handoff(
+    config: &EngineConfig,
+    prompt: &[u32],
+    p: &Layout,
+    d: &Layout,
+    name: &str,
+) -> anyhow::Result<Handoff> {
+    let mut whole = Engine::load(config.clone())?;
+    let prefill = LocalGroup::start(config, p.tp, &p.stages)?;
+    let decode = LocalGroup::start(config, d.tp, &d.stages)?;
+    let id = SeqId(1);
+    whole.add_sequence(id, prompt.to_vec())?;
+    prefill.add_sequence(id, prompt)?;
+    let item = StepItem {
+        seq: id,
+        tokens: prompt.len(),
+        phase: Phase::Prefill,
+    };
+    let want = logits_of(whole.step(&[item])?)?;
+    let got = logits_of(prefill.step(&[item])?)?;
+    let mut found = Agreement {
+        bit_identical: true,
+        ..Agreement::default()
+    };
+    let mut record = |step: usize, want: &[f32], got: &[f32]| -> anyhow::Result<()> {
+        let diff = max_abs_diff(want, got);
+        found.worst = found.worst.max(diff);
+        found.bit_identical &= want
+            .iter()
+            .zip(got)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        if diff >= LOGIT_BOUND {
+            bail!("{name} step {step}: logits differ by {diff}");
+        }
+        if argmax(got) != argmax(want) && found.first_divergence.is_none() {
+            found.first_divergence = Some((0, step, margin(want)));
+            if margin(want) > 2.0 * diff {
+                bail!(
+                    "{name} step {step}: greedy token differs with margin {}",
+                    margin(want)
+                );
+            }
+        }
+        Ok(())
+    };
+    record(0, &want, &got)?;
+
+    // The handoff: the decode group reserves, the plan says who copies what to whom.
+    let tokens = prompt.len();
+    let source_blocks = prefill.block_ids(id)?;
+    let destination_blocks = decode.reserve(id, tokens)?;
+    let block_size = config.block_size;
+    let planned = plan(
+        &prefill.descriptors(),
+        &decode.descriptors(),
+        0..tokens.div_ceil(block_size) as u32,
+    )?;
+    let seq = |group: &LocalGroup, blocks: &[Vec<_>], r: usize| {
+        (group.ranks()[r].pool().clone(), blocks[r].clone())
+    };
+    let sources: Vec<_> = (0..source_blocks.len())
+        .map(|r| seq(&prefill, &source_blocks, r))
+        .collect();
+    let destinations: Vec<_> = (0..destination_blocks.len())
+        .map(|r| seq(&decode, &destination_blocks, r))
+        .collect();
+    let mut sent = vec![0u64; sources.len()];
+    let mut received = vec![0u64; destinations.len()];
+    let source_view = view(&sources);
+    let destination_view = view(&destinations);
+    for rc in planned.byte_copies(tokens as u32, &source_view, &destination_view) {
+        let from = prefill.ranks()[rc.source].region();
+        let to = decode.ranks()[rc.destination].region();
+        for c in &rc.copies {
+            let mut bytes = vec![0u8; c.len as usize];
+            from.read(c.src, &mut bytes)?;
+            to.write(c.dst, &bytes)?;
+        }
+        sent[rc.source] += rc.bytes();
+        received[rc.destination] += rc.bytes();
+    }
+    prefill.release(id)?;
+    all_blocks_free(&prefill)?;
+    decode.adopt(id, prompt)?;
+
+    let mut next = argmax(&want);
+    for step in 1..=DECODE_STEPS {
+        whole.push_token(id, next)?;
+        decode.push_token(id, next)?;
+        let item = StepItem {
+            seq: id,
+            tokens: 1,
+            phase: Phase::Decode,
+        };
+        let want = logits_of(whole.step(&[item])?)?;
+        let got = logits_of(decode.step(&[item])?)?;
+        record(step, &want, &got)?;
+        next = argmax(&want);
+    }
+    decode.release(id)?;
+    all_blocks_free(&decode)?;
+    let h = Handoff {
+        agreement: found,
+        sent,
+        received,
+    };
+    eprintln!("{name}: {h:?}");
+    Ok(h)
+}
+
+fn view(v: &[(PoolLayout, Vec<BlockId>)]) -> Vec<SeqBlocks<'_>> {
+    v.iter()
+        .map(|(pool, blocks)| SeqBlocks { pool, blocks })
+        .collect()
+}
+
+/// Bytes of (K + V) for `tokens` tokens of `layers` layers and `heads` kv heads, in f32.
+fn kv_bytes(layers: usize, heads: usize, head_dim: usize, tokens: usize) -> u64 {
+    (2 * layers * heads * head_dim * tokens * 4) as u64
+}
+
+/// Each rank's share of a layout: its layers times its kv heads, stage-major.
+fn shares(l: &Layout, kv_heads: usize) -> Vec<(usize, usize)> {
+    l.stages
+        .iter()
+        .flat_map(|s| (0..l.tp).map(move |_| (s.len(), kv_heads / l.tp)))
+        .collect()
+}
+
+#[test]
+fn kv_moves_between_groups_split_differently() -> anyhow::Result<()> {
+    let c = smollm2();
+    let prompt = PROMPTS[1];
+    let whole = layout(1, &one_stage(30));
+    let cases = [
+        (
+            "tp1->tp3",
+            layout(1, &one_stage(30)),
+            layout(3, &one_stage(30)),
+        ),
+        (
+            "tp3->tp1",
+            layout(3, &one_stage(30)),
+            layout(1, &one_stage(30)),
+        ),
+        (
+            "pp2->tp1",
+            layout(1, &[0..15, 15..30]),
+            layout(1, &one_stage(30)),
+        ),
+        (
+            "tp1->pp2",
+            layout(1, &one_stage(30)),
+            layout(1, &[0..15, 15..30]),
+        ),
+        (
+            "tp3->pp2",
+            layout(3, &one_stage(30)),
+            layout(1, &[0..15, 15..30]),
+        ),
+        (
+            "tp3xpp2->tp1",
+            layout(3, &[0..15, 15..30]),
+            layout(1, &one_stage(30)),
+        ),
+    ];
+    let total = kv_bytes(30, 3, 64, prompt.len());
+    let one_to_one = handoff(&c, prompt, &whole, &whole, "tp1->tp1")?;
+    assert_eq!(one_to_one.sent, vec![total]);
+    assert!(one_to_one.agreement.bit_identical);
+    for (name, p, d) in &cases {
+        let h = handoff(&c, prompt, p, d, name)?;
+        // Each rank sends exactly what it holds and receives exactly what it holds: no byte
+        // twice, none to a rank that does not hold it; together, a 1:1 transfer's bytes.
+        let expect = |l: &Layout| -> Vec<u64> {
+            shares(l, 3)
+                .into_iter()
+                .map(|(layers, heads)| kv_bytes(layers, heads, 64, prompt.len()))
+                .collect()
+        };
+        assert_eq!(h.sent, expect(p), "{name}");
+        assert_eq!(h.received, expect(d), "{name}");
+        assert_eq!(h.sent.iter().sum::<u64>(), total, "{name}");
+        // Pipeline stages alone compute the whole model's bits.
+        if p.tp == 1 && d.tp == 1 {
+            assert!(h.agreement.bit_identical, "{name}: {:?}", h.agreement);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tiny_model_kv_moves_from_two_ranks_to_four() -> anyhow::Result<()> {
+    let dir = scratch("tiny-handoff");
+    let c = tiny_model(&dir, GgmlDType::Q8_0, "q8");
+    let (p, d) = (layout(2, &one_stage(2)), layout(4, &one_stage(2)));
+    let h = handoff(&c, tiny::PROMPT, &p, &d, "tiny tp2->tp4")?;
+    let bytes = |l: &Layout| -> Vec<u64> {
+        shares(l, 4)
+            .into_iter()
+            .map(|(layers, heads)| kv_bytes(layers, heads, 32, tiny::PROMPT.len()))
+            .collect()
+    };
+    assert_eq!(h.sent, bytes(&p));
+    assert_eq!(h.received, bytes(&d));
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -23,6 +23,7 @@ use std::ops::Range;
 use baton_core::LayoutDescriptor;
 
 use crate::error::{Error, Result, Side};
+use crate::memory::{ByteCopy, SeqBlocks, layer_copies};
 
 /// One copy of the plan. Ranges are global (model layer and kv-head indices, sequence block
 /// indices); [`PlannedCopy::local_heads`] and [`PlannedCopy::local_layers`] give them relative
@@ -73,6 +74,55 @@ impl TransferPlan {
         self.copies
             .iter()
             .filter(move |c| c.destination == destination)
+    }
+
+    /// The plan as byte copies between pools, one list per planned copy (a source shard and a
+    /// destination shard): every layer of its rectangle, of a sequence of `tokens` tokens whose
+    /// blocks are `sources[s]` on source shard `s` and `destinations[d]` on destination `d`
+    /// (indexed as the shards were given to [`plan`]). What one rank sends another, straight.
+    pub fn byte_copies(
+        &self,
+        tokens: u32,
+        sources: &[SeqBlocks<'_>],
+        destinations: &[SeqBlocks<'_>],
+    ) -> Vec<RankCopies> {
+        self.copies
+            .iter()
+            .map(|pc| {
+                let mut copies = Vec::new();
+                for layer in pc.layers.clone() {
+                    layer_copies(
+                        layer,
+                        &pc.kv_heads,
+                        &pc.blocks,
+                        tokens,
+                        sources[pc.source],
+                        destinations[pc.destination],
+                        &mut copies,
+                    );
+                }
+                RankCopies {
+                    source: pc.source,
+                    destination: pc.destination,
+                    copies,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What one source shard copies into one destination shard ([`TransferPlan::byte_copies`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankCopies {
+    pub source: usize,
+    pub destination: usize,
+    pub copies: Vec<ByteCopy>,
+}
+
+impl RankCopies {
+    /// Bytes these copies move.
+    pub fn bytes(&self) -> u64 {
+        self.copies.iter().map(|c| c.len).sum()
     }
 }
 
