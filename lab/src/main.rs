@@ -12,6 +12,8 @@
 //! events    the event plane: messages one coordinator absorbs from N publishers, and its CPU
 //! chaos     faults in a cluster of real processes (kills, stops, a coordinator restart, a
 //!           flood of clients), each checked against what the cluster promises
+//! groups    tensor- and pipeline-parallel groups: memory per rank, TTFT and TPOT per layout,
+//!           KV moved between differently split groups, each against the whole model
 //! replica   the coordinators' replicated state: a proposal's cost on three nodes against one,
 //!           and the time a group is without a leader when it loses one
 //! ```
@@ -24,6 +26,7 @@ mod cluster;
 mod disagg;
 mod engine;
 mod events;
+mod groups;
 mod replica;
 mod standin;
 mod transfer;
@@ -70,6 +73,10 @@ enum Command {
     /// against a three-node group (via the leader, via a follower), and failover trials: the
     /// leader stopped under a stream of proposals, time to the first one applied after.
     Replica(replica::ReplicaArgs),
+    /// Tensor- and pipeline-parallel groups: resident memory per rank (each its own process),
+    /// TTFT and TPOT of each layout against the whole model, and a prompt's KV moved between
+    /// differently split groups by the transfer plan, bytes per rank and time against 1:1.
+    Groups(groups::GroupsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Command::Transfer(args) => transfer::run(args),
         Command::Handoff(args) => cluster::handoff(args),
         Command::Replica(args) => replica::run(args),
+        Command::Groups(args) => groups::run(args),
         Command::Overhead(args) => cluster::overhead(args),
         Command::Disagg(args) => disagg::run(*args),
         Command::Events(args) => events::run(args),
