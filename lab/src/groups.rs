@@ -49,12 +49,15 @@ struct Layout {
     stages: Vec<Range<usize>>,
 }
 
+/// `layers` cut into `n` contiguous stages.
+fn stages(layers: usize, n: usize) -> Vec<Range<usize>> {
+    (0..n)
+        .map(|i| layers * i / n..layers * (i + 1) / n)
+        .collect()
+}
+
 fn layouts(layers: usize) -> Vec<Layout> {
-    let split = |n: usize| -> Vec<Range<usize>> {
-        (0..n)
-            .map(|i| layers * i / n..layers * (i + 1) / n)
-            .collect()
-    };
+    let split = |n: usize| stages(layers, n);
     vec![
         Layout {
             name: "tp1 pp1",
@@ -350,26 +353,19 @@ fn speed(model: &std::path::Path, all: &[Layout], args: &GroupsArgs) -> anyhow::
 }
 
 fn transfer(model: &std::path::Path, layers: usize, args: &GroupsArgs) -> anyhow::Result<()> {
-    let half = layers / 2;
-    let one = |tp: usize, stages: Vec<Range<usize>>| Layout {
+    let one = |tp: usize, pp: usize| Layout {
         name: "",
         tp,
-        stages,
+        stages: stages(layers, pp),
     };
-    let whole = || one(1, vec![0..layers]);
-    let pp2 = || one(1, vec![0..half, half..layers]);
     let pairs: Vec<(&str, Layout, Layout)> = vec![
-        ("tp1 -> tp1", whole(), whole()),
-        ("tp1 -> tp3", whole(), one(3, vec![0..layers])),
-        ("tp3 -> tp1", one(3, vec![0..layers]), whole()),
-        ("pp2 -> tp1", pp2(), whole()),
-        ("tp1 -> pp2", whole(), pp2()),
-        ("tp3 -> pp2", one(3, vec![0..layers]), pp2()),
-        (
-            "tp3xpp2 -> tp1",
-            one(3, vec![0..half, half..layers]),
-            whole(),
-        ),
+        ("tp1 -> tp1", one(1, 1), one(1, 1)),
+        ("tp1 -> tp3", one(1, 1), one(3, 1)),
+        ("tp3 -> tp1", one(3, 1), one(1, 1)),
+        ("pp2 -> tp1", one(1, 2), one(1, 1)),
+        ("tp1 -> pp2", one(1, 1), one(1, 2)),
+        ("tp3 -> pp2", one(3, 1), one(1, 2)),
+        ("tp3xpp2 -> tp1", one(3, 2), one(1, 1)),
     ];
     let prompt = prompt_tokens(args.prompt);
     println!();
