@@ -13,6 +13,7 @@
 //! - [`generate`]: a client of the cluster, or the engine in this process (`--local`).
 //! - [`bench_serve`]: `baton bench serve`, the load generator's flags over `baton-bench`.
 //! - [`kv_demo`]: `baton kv-demo`, one prompt's KV moved between two processes.
+//! - [`rank`]: `baton rank`, one rank process of a tensor- and pipeline-parallel group.
 //! - [`model_path`]: where the model file is (flag, `$BATON_MODEL`, the development model).
 
 pub mod api_key;
@@ -25,6 +26,7 @@ pub mod generate;
 pub mod keys;
 pub mod kv_demo;
 pub mod model_path;
+pub mod rank;
 pub mod roles;
 pub mod status;
 pub mod supervise;

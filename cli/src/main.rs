@@ -6,7 +6,7 @@
 //! (engine, transfer, handoff, overhead, disaggregation) are `baton-lab`'s.
 
 use baton::{
-    bench_serve, budget, certs, config, decide, generate, keys, kv_demo, roles, status, up,
+    bench_serve, budget, certs, config, decide, generate, keys, kv_demo, rank, roles, status, up,
 };
 use baton_proto::v1::WorkerDecision;
 use clap::{Parser, Subcommand};
@@ -33,6 +33,9 @@ enum Command {
     Prefill(roles::PrefillArgs),
     /// Run a decode worker.
     Decode(roles::DecodeArgs),
+    /// One rank of a tensor- and pipeline-parallel worker group: loads its shard and serves
+    /// the group's driver at --group-addr (the secret in $BATON_GROUP_SECRET).
+    Rank(rank::RankCliArgs),
     /// Show the pool a coordinator sees: workers, their state, how they were found, KV and load.
     Status(status::StatusArgs),
     /// Show the cloud budget: each cap's window (spent, reserved, remaining), each upstream's
@@ -136,6 +139,7 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Up(args) => up::run(args),
+        Command::Rank(args) => rank::run(args),
         Command::Coordinator(args) => roles::coordinator(args),
         Command::Prefill(args) => roles::prefill(args),
         Command::Decode(args) => roles::decode(args),

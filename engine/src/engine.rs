@@ -98,7 +98,7 @@ pub struct PrefixStats {
 }
 
 /// One sequence's share of a step: compute KV for its next `tokens` tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StepItem {
     pub seq: SeqId,
     pub tokens: usize,
@@ -106,7 +106,7 @@ pub struct StepItem {
 }
 
 /// What a step returns for one item.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct StepOutput {
     pub seq: SeqId,
     /// Next-token logits, present when the item reached the end of the sequence's tokens.

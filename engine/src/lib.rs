@@ -46,7 +46,9 @@ pub use shard::Shard;
 pub use weights::Phase;
 
 /// Identifies one sequence (one request's token stream) inside an engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct SeqId(pub u64);
 
 impl std::fmt::Display for SeqId {

@@ -33,29 +33,89 @@ const COLLECTIVE_VALUES: usize = 1 << 20;
 /// How long a rank waits in an all-reduce for the others before the group counts as broken.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-enum Op {
+/// What a group's driver asks of every rank, in the same order on every rank: the operations
+/// that keep the ranks' sequences and block tables identical. Carried over a channel to a
+/// thread here, over a link to a rank process ([`RankState`] applies them either way).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum RankOp {
     Add(SeqId, Vec<u32>),
     Push(SeqId, u32),
-    Step(Vec<StepItem>, Option<Vec<f32>>),
+    /// One step of the rank's stage; a later stage's carries the previous stage's hidden
+    /// states (carried beside the operation on a link, not in it).
+    Step(Vec<StepItem>, #[serde(skip)] Option<Vec<f32>>),
     Release(SeqId),
-    /// Blocks for a sequence whose KV another group writes, held until [`Op::Adopt`].
+    /// Blocks for a sequence whose KV another group writes, held until [`RankOp::Adopt`].
     Reserve(SeqId, usize),
     Adopt(SeqId, Vec<u32>),
     Blocks(SeqId),
     Pool,
 }
 
-enum Reply {
+/// A rank's answer to a [`RankOp`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum RankReply {
     Done,
-    Stepped(Vec<StepOutput>, Option<Vec<f32>>),
+    /// A step's outputs, and before the last stage its hidden states (carried beside the
+    /// reply on a link).
+    Stepped(Vec<StepOutput>, #[serde(skip)] Option<Vec<f32>>),
     Blocks(Vec<BlockId>),
     /// Free and total blocks.
     Pool(usize, usize),
 }
 
+/// One rank's engine and the blocks it holds for sequences not yet adopted: what applies a
+/// group's operations.
+pub struct RankState {
+    engine: Engine,
+    reserved: Vec<(SeqId, BlockTable)>,
+}
+
+impl RankState {
+    pub fn new(engine: Engine) -> Self {
+        Self {
+            engine,
+            reserved: Vec::new(),
+        }
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn apply(&mut self, op: RankOp) -> Result<RankReply> {
+        let engine = &mut self.engine;
+        match op {
+            RankOp::Add(id, tokens) => engine.add_sequence(id, tokens).map(|_| RankReply::Done),
+            RankOp::Push(id, token) => engine.push_token(id, token).map(|_| RankReply::Done),
+            RankOp::Step(items, hidden) => engine
+                .step_stage(&items, hidden.as_deref())
+                .map(|(out, h)| RankReply::Stepped(out, h)),
+            RankOp::Release(id) => {
+                engine.release(id);
+                self.reserved.retain(|(s, _)| *s != id);
+                Ok(RankReply::Done)
+            }
+            RankOp::Reserve(id, tokens) => engine.reserve_table(tokens).map(|table| {
+                let blocks = table.blocks().to_vec();
+                self.reserved.push((id, table));
+                RankReply::Blocks(blocks)
+            }),
+            RankOp::Adopt(id, tokens) => match self.reserved.iter().position(|(s, _)| *s == id) {
+                Some(i) => {
+                    let (_, table) = self.reserved.swap_remove(i);
+                    engine.adopt(id, tokens, table).map(|_| RankReply::Done)
+                }
+                None => Err(Error::UnknownSequence(id)),
+            },
+            RankOp::Blocks(id) => engine.block_ids(id).map(|b| RankReply::Blocks(b.to_vec())),
+            RankOp::Pool => Ok(RankReply::Pool(engine.free_blocks(), engine.total_blocks())),
+        }
+    }
+}
+
 /// What the driver knows of one rank.
 pub struct LocalRank {
-    tx: Option<Sender<(Op, Sender<Result<Reply>>)>>,
+    tx: Option<Sender<(RankOp, Sender<Result<RankReply>>)>>,
     thread: Option<JoinHandle<()>>,
     descriptor: LayoutDescriptor,
     pool: PoolLayout,
@@ -68,7 +128,7 @@ impl LocalRank {
         config: EngineConfig,
         collective: Option<(PathBuf, usize, usize)>,
     ) -> Result<LocalRank> {
-        let (tx, rx) = channel::<(Op, Sender<Result<Reply>>)>();
+        let (tx, rx) = channel::<(RankOp, Sender<Result<RankReply>>)>();
         let (loaded_tx, loaded_rx) = channel();
         let thread = std::thread::Builder::new()
             .name("baton-rank".into())
@@ -105,7 +165,7 @@ impl LocalRank {
         &self.region
     }
 
-    fn send(&self, op: Op) -> Result<Receiver<Result<Reply>>> {
+    fn send(&self, op: RankOp) -> Result<Receiver<Result<RankReply>>> {
         let (tx, rx) = channel();
         self.tx
             .as_ref()
@@ -115,7 +175,7 @@ impl LocalRank {
     }
 }
 
-fn wait(rx: Receiver<Result<Reply>>) -> Result<Reply> {
+fn wait(rx: Receiver<Result<RankReply>>) -> Result<RankReply> {
     rx.recv()
         .map_err(|_| Error::Internal("a rank's thread ended mid-operation"))?
 }
@@ -135,7 +195,7 @@ type Loaded = (LayoutDescriptor, PoolLayout, Arc<dyn KvRegion>);
 fn serve(
     config: EngineConfig,
     collective: Option<(PathBuf, usize, usize)>,
-    rx: Receiver<(Op, Sender<Result<Reply>>)>,
+    rx: Receiver<(RankOp, Sender<Result<RankReply>>)>,
     loaded: Sender<Result<Loaded>>,
 ) {
     let open = || -> Result<Engine> {
@@ -151,7 +211,7 @@ fn serve(
         };
         Engine::load_rank(config, group)
     };
-    let mut engine = match open() {
+    let engine = match open() {
         Ok(e) => e,
         Err(e) => {
             let _ = loaded.send(Err(e));
@@ -163,35 +223,9 @@ fn serve(
         engine.pool_layout().clone(),
         engine.kv_region(),
     )));
-    let mut reserved: Vec<(SeqId, BlockTable)> = Vec::new();
+    let mut state = RankState::new(engine);
     for (op, reply) in rx {
-        let result = match op {
-            Op::Add(id, tokens) => engine.add_sequence(id, tokens).map(|_| Reply::Done),
-            Op::Push(id, token) => engine.push_token(id, token).map(|_| Reply::Done),
-            Op::Step(items, hidden) => engine
-                .step_stage(&items, hidden.as_deref())
-                .map(|(out, h)| Reply::Stepped(out, h)),
-            Op::Release(id) => {
-                engine.release(id);
-                reserved.retain(|(s, _)| *s != id);
-                Ok(Reply::Done)
-            }
-            Op::Reserve(id, tokens) => engine.reserve_table(tokens).map(|table| {
-                let blocks = table.blocks().to_vec();
-                reserved.push((id, table));
-                Reply::Blocks(blocks)
-            }),
-            Op::Adopt(id, tokens) => match reserved.iter().position(|(s, _)| *s == id) {
-                Some(i) => {
-                    let (_, table) = reserved.swap_remove(i);
-                    engine.adopt(id, tokens, table).map(|_| Reply::Done)
-                }
-                None => Err(Error::UnknownSequence(id)),
-            },
-            Op::Blocks(id) => engine.block_ids(id).map(|b| Reply::Blocks(b.to_vec())),
-            Op::Pool => Ok(Reply::Pool(engine.free_blocks(), engine.total_blocks())),
-        };
-        let _ = reply.send(result);
+        let _ = reply.send(state.apply(op));
     }
 }
 
@@ -263,7 +297,7 @@ impl LocalGroup {
     }
 
     /// Gives every rank `op` and waits for all of them.
-    fn all(&self, op: impl Fn() -> Op) -> Result<Vec<Reply>> {
+    fn all(&self, op: impl Fn() -> RankOp) -> Result<Vec<RankReply>> {
         let pending = self
             .ranks
             .iter()
@@ -273,22 +307,22 @@ impl LocalGroup {
     }
 
     pub fn add_sequence(&self, id: SeqId, tokens: &[u32]) -> Result<()> {
-        self.all(|| Op::Add(id, tokens.to_vec())).map(drop)
+        self.all(|| RankOp::Add(id, tokens.to_vec())).map(drop)
     }
 
     pub fn push_token(&self, id: SeqId, token: u32) -> Result<()> {
-        self.all(|| Op::Push(id, token)).map(drop)
+        self.all(|| RankOp::Push(id, token)).map(drop)
     }
 
     pub fn release(&self, id: SeqId) -> Result<()> {
-        self.all(|| Op::Release(id)).map(drop)
+        self.all(|| RankOp::Release(id)).map(drop)
     }
 
     /// Reserves blocks for `tokens` tokens of a sequence whose KV another group will write, on
     /// every rank; returns each rank's blocks (stage-major). [`LocalGroup::adopt`] makes the
     /// sequence of them.
     pub fn reserve(&self, id: SeqId, tokens: usize) -> Result<Vec<Vec<BlockId>>> {
-        self.all(|| Op::Reserve(id, tokens))?
+        self.all(|| RankOp::Reserve(id, tokens))?
             .into_iter()
             .map(blocks)
             .collect()
@@ -296,12 +330,12 @@ impl LocalGroup {
 
     /// Creates on every rank the sequence whose KV was written into its reserved blocks.
     pub fn adopt(&self, id: SeqId, tokens: &[u32]) -> Result<()> {
-        self.all(|| Op::Adopt(id, tokens.to_vec())).map(drop)
+        self.all(|| RankOp::Adopt(id, tokens.to_vec())).map(drop)
     }
 
     /// A sequence's blocks on every rank (stage-major).
     pub fn block_ids(&self, id: SeqId) -> Result<Vec<Vec<BlockId>>> {
-        self.all(|| Op::Blocks(id))?
+        self.all(|| RankOp::Blocks(id))?
             .into_iter()
             .map(blocks)
             .collect()
@@ -309,10 +343,10 @@ impl LocalGroup {
 
     /// Free and total blocks of every rank's pool (stage-major).
     pub fn pools(&self) -> Result<Vec<(usize, usize)>> {
-        self.all(|| Op::Pool)?
+        self.all(|| RankOp::Pool)?
             .into_iter()
             .map(|r| match r {
-                Reply::Pool(free, total) => Ok((free, total)),
+                RankReply::Pool(free, total) => Ok((free, total)),
                 _ => Err(Error::Internal("a rank answered another operation")),
             })
             .collect()
@@ -326,12 +360,12 @@ impl LocalGroup {
         for stage in self.ranks.chunks(self.tp) {
             let pending = stage
                 .iter()
-                .map(|r| r.send(Op::Step(items.to_vec(), hidden.clone())))
+                .map(|r| r.send(RankOp::Step(items.to_vec(), hidden.clone())))
                 .collect::<Result<Vec<_>>>()?;
             let mut results = Vec::with_capacity(stage.len());
             for rx in pending {
                 match wait(rx)? {
-                    Reply::Stepped(out, h) => results.push((out, h)),
+                    RankReply::Stepped(out, h) => results.push((out, h)),
                     _ => return Err(Error::Internal("a rank answered another operation")),
                 }
             }
@@ -349,9 +383,9 @@ impl LocalGroup {
     }
 }
 
-fn blocks(r: Reply) -> Result<Vec<BlockId>> {
+fn blocks(r: RankReply) -> Result<Vec<BlockId>> {
     match r {
-        Reply::Blocks(b) => Ok(b),
+        RankReply::Blocks(b) => Ok(b),
         _ => Err(Error::Internal("a rank answered another operation")),
     }
 }

@@ -20,7 +20,7 @@ use crate::shard::{self, Part, Shard, ShardPlan, Split};
 use crate::{Error, Result};
 
 /// Which phase a forward pass serves; selects the weight format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     Prefill,
     Decode,
