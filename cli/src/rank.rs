@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use baton_engine::{EngineConfig, Role, WeightsSetting};
-use baton_group::{RankArgs, serve_rank};
-
-/// The environment variable that carries the group's secret (never a flag: flags show in `ps`).
-pub const SECRET_ENV: &str = "BATON_GROUP_SECRET";
+use baton_group::{RankArgs, SECRET_ENV, serve_rank};
 
 #[derive(clap::Args)]
 pub struct RankCliArgs {
@@ -51,6 +48,11 @@ pub struct RankCliArgs {
     /// Tokens per KV block (the same on every rank of a group, and on the groups it trades KV with).
     #[arg(long, default_value_t = 16)]
     block_size: usize,
+    /// The whole engine table as JSON, as the group's leading worker passes it to the ranks it
+    /// starts (every engine setting then matches the leader's); replaces --model, --weights,
+    /// --kv-cache-mib and --block-size.
+    #[arg(long, conflicts_with_all = ["model", "weights", "kv_cache_mib", "block_size"])]
+    engine_json: Option<String>,
 }
 
 fn layers(s: &str) -> Result<Range<usize>, String> {
@@ -80,14 +82,26 @@ pub fn run(args: RankCliArgs) -> anyhow::Result<()> {
     if secret.len() < 16 {
         bail!("{SECRET_ENV}: the group's secret must be at least 16 characters");
     }
-    let model = crate::model_path::resolve(args.model)?;
-    let mut config = EngineConfig::new(model, args.role);
-    config.weights = args.weights;
-    config.kv_cache_bytes = args
-        .kv_cache_mib
-        .checked_mul(1 << 20)
-        .context("--kv-cache-mib: too large")?;
-    config.block_size = args.block_size;
+    let config = match &args.engine_json {
+        Some(json) => {
+            let mut config: EngineConfig =
+                serde_json::from_str(json).context("--engine-json: not an engine table")?;
+            config.role = args.role;
+            config
+        }
+        None => {
+            let model = crate::model_path::resolve(args.model)?;
+            let mut config = EngineConfig::new(model, args.role);
+            config.weights = args.weights;
+            config.kv_cache_bytes = args
+                .kv_cache_mib
+                .checked_mul(1 << 20)
+                .context("--kv-cache-mib: too large")?;
+            config.block_size = args.block_size;
+            config
+        }
+    };
+    config.validate()?;
     serve_rank(
         config,
         RankArgs {

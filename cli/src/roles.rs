@@ -319,6 +319,14 @@ pub struct DecodeArgs {
     /// Name in logs, metrics and placements (decode.worker_id).
     #[arg(long)]
     pub worker_id: Option<String>,
+    /// Run as a group of this many tensor-parallel rank processes per pipeline stage
+    /// (decode.group.tp; default 1).
+    #[arg(long)]
+    pub tp: Option<usize>,
+    /// Split the model's layers over this many pipeline stages, a rank process each
+    /// (decode.group.pp; default 1).
+    #[arg(long)]
+    pub pp: Option<usize>,
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Print the effective configuration (TOML, secrets redacted) and exit without starting.
@@ -340,6 +348,8 @@ impl DecodeArgs {
                 self.kv_failure_policy.as_ref(),
             );
             f.named("decode.worker_id", "--worker-id", self.worker_id.as_ref());
+            f.named("decode.group.tp", "--tp", self.tp.as_ref());
+            f.named("decode.group.pp", "--pp", self.pp.as_ref());
         })
     }
 }

@@ -89,6 +89,15 @@ pub struct UpArgs {
     /// Default: unpinned.
     #[arg(long, value_delimiter = ',', value_parser = cpu_number)]
     prefill_cpus: Vec<usize>,
+    /// Each decode (or colocated) worker as a group of this many tensor-parallel rank
+    /// processes per pipeline stage (decode.group.tp; default 1). Needs --colocated for now: a
+    /// group prefills its own prompts and takes no KV handoffs yet.
+    #[arg(long)]
+    decode_tp: Option<usize>,
+    /// Each decode (or colocated) worker's layers split over this many pipeline stages, a rank
+    /// process each (decode.group.pp; default 1). Needs --colocated for now.
+    #[arg(long)]
+    decode_pp: Option<usize>,
     /// Pin every decode (or colocated) worker to these CPUs. Default: unpinned.
     #[arg(long, value_delimiter = ',', value_parser = cpu_number)]
     decode_cpus: Vec<usize>,
@@ -153,6 +162,10 @@ impl UpArgs {
             RoleName::Decode => vec![
                 given("--kv-cache-mib", &self.kv_cache_mib),
                 Some(("--set", format!("decode.nice={}", self.decode_nice()))),
+                self.decode_tp
+                    .map(|n| ("--set", format!("decode.group.tp={n}"))),
+                self.decode_pp
+                    .map(|n| ("--set", format!("decode.group.pp={n}"))),
             ],
         };
         flags.extend(own.into_iter().flatten());
@@ -190,6 +203,8 @@ impl UpArgs {
             "--decode-nice",
             Some(self.decode_nice().to_string()).as_ref(),
         );
+        flags.named("decode.group.tp", "--decode-tp", self.decode_tp.as_ref());
+        flags.named("decode.group.pp", "--decode-pp", self.decode_pp.as_ref());
         for role in ["coordinator", "prefill", "decode"] {
             self.discovery.flags(role, flags);
         }
@@ -475,6 +490,11 @@ impl UpArgs {
 
     /// Prefill workers to start: none when colocated.
     fn prefill_workers(&self) -> anyhow::Result<usize> {
+        if (self.decode_tp.unwrap_or(1) > 1 || self.decode_pp.unwrap_or(1) > 1) && !self.colocated {
+            bail!(
+                "--decode-tp and --decode-pp need --colocated for now: a worker group prefills its own prompts and takes no KV handoffs from prefill workers yet"
+            );
+        }
         match (self.colocated, self.prefill) {
             (true, Some(n)) if n > 0 => bail!(
                 "--colocated runs no prefill workers (each worker prefills its own prompts); \

@@ -38,6 +38,76 @@ fn local_reference_ids() -> Vec<u32> {
         .collect()
 }
 
+/// A greedy request through the coordinator: its token ids and placement.
+fn generate(rt: &tokio::runtime::Runtime, grpc: std::net::SocketAddr) -> (Vec<u32>, v1::Placement) {
+    rt.block_on(async {
+        let mut client = InferenceClient::new(channel(grpc));
+        let mut stream = client
+            .generate(v1::GenerateRequest {
+                input: Some(v1::generate_request::Input::Prompt(PROMPT.into())),
+                sampling: Some(v1::SamplingParams {
+                    temperature: Some(0.0),
+                    max_tokens: Some(MAX_TOKENS),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("generate")
+            .into_inner();
+        let mut ids = Vec::new();
+        let mut placement = None;
+        while let Some(msg) = stream.message().await.expect("stream") {
+            ids.extend(msg.token_ids);
+            if let Some(finish) = msg.finish {
+                placement = finish.placement;
+            }
+        }
+        (
+            ids,
+            placement.expect("the last message carries the placement"),
+        )
+    })
+}
+
+/// `baton up --colocated --decode-tp/--decode-pp`: the worker is a group of rank processes
+/// (issue 21), one worker to the coordinator. Pipeline stages compute the single process's bits,
+/// so the greedy output is the same; tensor parallelism sums in another order, so its output is
+/// compared token by token and the first difference reported (the engine's tests bound its
+/// logits).
+#[test]
+fn up_colocated_with_worker_groups_serves_like_one_process() {
+    let reference = local_reference_ids();
+    for (flag, n) in [("--decode-pp", "2"), ("--decode-tp", "3")] {
+        let mut cluster = Cluster::start(&["--colocated", flag, n]);
+        let (http, grpc) = cluster.endpoints();
+        cluster.wait_ready(http);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (ids, placement) = generate(&rt, grpc);
+        drop(rt);
+        assert_eq!(placement.decode_worker, "colocated-0");
+        assert_eq!(ids.len(), MAX_TOKENS as usize, "{flag} {n}");
+        if flag == "--decode-pp" {
+            assert_eq!(ids, reference, "a pipeline group == one process");
+        } else {
+            let same = ids
+                .iter()
+                .zip(&reference)
+                .take_while(|(a, b)| a == b)
+                .count();
+            eprintln!(
+                "{flag} {n}: the first {same} of {MAX_TOKENS} greedy tokens equal one process's"
+            );
+        }
+        // The rank processes are the worker's children: `baton up` stopping it stops them.
+        let status = cluster.terminate(STOP_BOUND).expect("baton up stops");
+        assert!(status.success(), "baton up exited with {status}");
+    }
+}
+
 #[test]
 fn up_colocated_serves_aggregated_and_matches_one_process() {
     let mut cluster = Cluster::start(&["--colocated", "--decode-cpus", "0"]);
@@ -78,34 +148,7 @@ fn up_colocated_serves_aggregated_and_matches_one_process() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (ids, placement) = rt.block_on(async {
-        let mut client = InferenceClient::new(channel(grpc));
-        let mut stream = client
-            .generate(v1::GenerateRequest {
-                input: Some(v1::generate_request::Input::Prompt(PROMPT.into())),
-                sampling: Some(v1::SamplingParams {
-                    temperature: Some(0.0),
-                    max_tokens: Some(MAX_TOKENS),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .expect("generate")
-            .into_inner();
-        let mut ids = Vec::new();
-        let mut placement = None;
-        while let Some(msg) = stream.message().await.expect("stream") {
-            ids.extend(msg.token_ids);
-            if let Some(finish) = msg.finish {
-                placement = finish.placement;
-            }
-        }
-        (
-            ids,
-            placement.expect("the last message carries the placement"),
-        )
-    });
+    let (ids, placement) = generate(&rt, grpc);
     assert_eq!(placement.mode, "aggregated");
     assert_eq!(placement.decode_worker, "colocated-0");
     assert!(placement.prefill_worker.is_empty(), "{placement:?}");

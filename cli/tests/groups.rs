@@ -262,3 +262,68 @@ fn a_killed_rank_fails_the_step_instead_of_hanging_it() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&seg);
     Ok(())
 }
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // The fields after the command's closing parenthesis: state, then the parent's id.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_decode_worker_whose_rank_dies_exits_for_its_supervisor() -> anyhow::Result<()> {
+    let mut worker = Proc::start(
+        &[
+            "decode",
+            "--model",
+            &model(),
+            "--tp",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-cache-mib",
+            "32",
+            "--set",
+            "decode.metrics=false",
+        ],
+        1,
+    );
+    // It listens before its model loads: the ranks have joined once it says it serves.
+    assert!(
+        worker.wait_stderr(Duration::from_secs(120), |l| l
+            .contains("decode worker serving")),
+        "the worker's group formed"
+    );
+    let ranks = children_of(worker.child.id());
+    assert_eq!(
+        ranks.len(),
+        2,
+        "the worker is rank 0 and started ranks 1 and 2"
+    );
+    common::signal_pid(ranks[1], libc::SIGKILL);
+    let status = worker.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(70), "{status}");
+    assert!(
+        worker
+            .stderr()
+            .iter()
+            .any(|l| l.contains("a rank of this worker's group exited")),
+        "the worker says why it exits"
+    );
+    Ok(())
+}

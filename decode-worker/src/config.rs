@@ -95,6 +95,11 @@ pub struct DecodeConfig {
     /// Serve on a non-loopback address without `[decode.tls]` or a cluster key anyway (warned
     /// on every start). Default false: such a worker refuses to start.
     pub insecure_remote: bool,
+    /// This worker as a tensor- and pipeline-parallel group of rank processes
+    /// (`[decode.group]`: `tp`, `pp`, ...): to coordinators still one worker. A group prefills
+    /// and decodes its own requests (a cluster without prefill workers, `baton up --colocated`);
+    /// it refuses KV handoffs for now.
+    pub group: baton_group::GroupConfig,
 }
 
 impl DecodeConfig {
@@ -117,6 +122,7 @@ impl DecodeConfig {
             telemetry: baton_telemetry::TelemetryConfig::default(),
             tls: None,
             insecure_remote: false,
+            group: baton_group::GroupConfig::default(),
         }
     }
 
@@ -127,6 +133,7 @@ impl DecodeConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.engine.validate()?;
+        self.group.validate()?;
         if self.max_streams == 0 {
             return Err(invalid("max_streams", "must be positive"));
         }

@@ -22,6 +22,9 @@ pub enum Error {
     Transport(#[from] baton_kv_transfer::Error),
     #[error("engine: {0}")]
     Engine(#[from] baton_engine::Error),
+    /// This worker's parallel group could not form or broke.
+    #[error("worker group: {0}")]
+    Group(#[from] baton_group::Error),
     #[error("the engine thread has stopped")]
     Stopped,
     #[error("the decode worker is draining and takes no new work; retry on another worker")]
@@ -46,6 +49,7 @@ impl Error {
             | Error::Draining
             | Error::DrainDeadline => ErrorClass::Unavailable,
             Error::Cancelled => ErrorClass::Cancelled,
+            Error::Group(e) => e.class(),
             Error::Transport(e) => e.class(),
             Error::Engine(e) => e.class(),
             Error::Internal(_) => ErrorClass::Internal,

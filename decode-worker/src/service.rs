@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use baton_core::{HandoffId, RequestId};
 use baton_engine::batch::Batcher;
-use baton_engine::{Engine, PoolMemory, SamplingLimits};
+use baton_engine::{PoolMemory, SamplingLimits};
 use baton_kv_transfer::agent::{Agent, LinkKey};
 use baton_proto::convert;
 use baton_proto::v1::{
@@ -95,9 +95,11 @@ pub async fn serve_with_metrics(
         config.engine.pool_memory = PoolMemory::Shared;
     }
     let engine_config = config.engine.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(engine_config))
-        .await
-        .map_err(|e| Error::Internal(format!("model load task: {e}")))??;
+    let group = config.group.clone();
+    let engine =
+        tokio::task::spawn_blocking(move || baton_group::load_engine(engine_config, &group))
+            .await
+            .map_err(|e| Error::Internal(format!("model load task: {e}")))??;
     // With a cluster key, KV links prove it at connect and refuse peers without it.
     let link_key = config
         .discovery

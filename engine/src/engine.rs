@@ -132,8 +132,32 @@ pub struct LoadStats {
     pub elapsed: Duration,
 }
 
+/// The other ranks of a group whose rank 0 (the first stage's first tensor-parallel rank) is
+/// this engine: every operation that changes sequences or blocks here is given to them too, in
+/// the same order, and a step runs through all of them ([`crate::local_group::RankOp`]).
+pub trait Followers: Send {
+    /// Gives every other rank `op` (never a step) and waits for them.
+    fn apply(&mut self, op: crate::local_group::RankOp) -> Result<()>;
+    /// Starts `items`' step on the other ranks of this engine's stage, which meet this one in
+    /// their all-reduces; does not wait.
+    fn start_step(&mut self, items: &[StepItem]) -> Result<()>;
+    /// Waits for this stage's other ranks, then runs the later stages from `hidden` (this
+    /// stage's output) and returns the last stage's outputs; `None` with a single stage (this
+    /// engine computed the logits).
+    fn finish_step(
+        &mut self,
+        items: &[StepItem],
+        hidden: Option<Vec<f32>>,
+    ) -> Result<Option<Vec<StepOutput>>>;
+}
+
 pub struct Engine {
     model: Model,
+    /// The group's other ranks, when this engine leads one.
+    followers: Option<Box<dyn Followers>>,
+    /// A follower failed an operation this engine applied: the ranks may disagree, so nothing
+    /// more runs.
+    broken: bool,
     tokenizer: Tokenizer,
     cache: KvCache,
     config: EngineConfig,
@@ -218,6 +242,8 @@ impl Engine {
         );
         Ok(Self {
             model,
+            followers: None,
+            broken: false,
             tokenizer,
             cache,
             config,
@@ -228,6 +254,51 @@ impl Engine {
             load_stats,
             prefix: PrefixStats::default(),
         })
+    }
+
+    /// Makes this engine the leader of its group: every later operation is given to `followers`
+    /// too. The engine must be rank 0 (the first stage's first tensor-parallel rank), and no
+    /// sequence may exist yet.
+    pub fn lead(&mut self, followers: Box<dyn Followers>) -> Result<()> {
+        let first = self.descriptor.layers.start == 0 && self.descriptor.kv_heads.start == 0;
+        if !first || !self.seqs.is_empty() {
+            return Err(Error::invalid(
+                "group",
+                "only rank 0 of a group, before any sequence, leads it",
+            ));
+        }
+        self.followers = Some(followers);
+        Ok(())
+    }
+
+    /// Whether this engine leads a group of other ranks.
+    pub fn leads_group(&self) -> bool {
+        self.followers.is_some()
+    }
+
+    /// Gives the group's other ranks an operation this engine just applied.
+    fn mirror(&mut self, op: crate::local_group::RankOp) -> Result<()> {
+        let Some(f) = self.followers.as_mut() else {
+            return Ok(());
+        };
+        if self.broken {
+            return Err(Error::GroupBroken);
+        }
+        f.apply(op).inspect_err(|_| self.broken = true)
+    }
+
+    /// Refuses what a group cannot do yet: KV into or out of it moves rank to rank, which the
+    /// workers do not carry yet.
+    fn single(&self, what: &'static str) -> Result<()> {
+        if self.followers.is_some() {
+            return Err(Error::invalid(
+                "kv transfer",
+                format!(
+                    "{what}: a parallel group prefills and decodes its own requests; KV handoffs into or out of a group are not built yet"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The model's tokenizer (cheap to clone).
@@ -294,7 +365,11 @@ impl Engine {
     pub fn add_sequence(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<()> {
         self.check_new(id, &tokens)?;
         let table = self.cache.allocator().new_table();
+        let mirrored = self.followers.as_ref().map(|_| tokens.clone());
         self.seqs.insert(id, Sequence::new(tokens, 0, table));
+        if let Some(tokens) = mirrored {
+            self.mirror(crate::local_group::RankOp::Add(id, tokens))?;
+        }
         Ok(())
     }
 
@@ -305,6 +380,12 @@ impl Engine {
     /// and [`Engine::evict`]s it again if the rest does not fit, so a waiting sequence holds no
     /// blocks.
     pub fn attach_cached_prefix(&mut self, id: SeqId) -> Result<usize> {
+        let attached = self.attach_cached_prefix_here(id)?;
+        self.mirror(crate::local_group::RankOp::AttachCachedPrefix(id))?;
+        Ok(attached)
+    }
+
+    fn attach_cached_prefix_here(&mut self, id: SeqId) -> Result<usize> {
         let bs = self.cache.block_size();
         let fingerprint = self.descriptor.fingerprint;
         let (enabled, reuse) = (self.config.prefix_cache, self.config.prefix_reuse);
@@ -381,7 +462,7 @@ impl Engine {
             ));
         }
         seq.tokens.push(token);
-        Ok(())
+        self.mirror(crate::local_group::RankOp::Push(id, token))
     }
 
     pub fn tokens(&self, id: SeqId) -> Result<&[u32]> {
@@ -403,7 +484,13 @@ impl Engine {
 
     /// Drops a sequence and returns its blocks to the pool.
     pub fn release(&mut self, id: SeqId) -> bool {
-        self.seqs.remove(&id).is_some()
+        let found = self.seqs.remove(&id).is_some();
+        if found && let Err(e) = self.mirror(crate::local_group::RankOp::Release(id)) {
+            // The group is broken now (every later operation fails); the release itself
+            // happened here.
+            tracing::error!(error = %e, seq = %id, "a rank of the group failed a release");
+        }
+        found
     }
 
     /// Frees a sequence's KV but keeps its tokens, so a later step recomputes them (preemption).
@@ -413,14 +500,15 @@ impl Engine {
         seq.computed = 0;
         seq.named = 0;
         seq.first_decoded = None;
-        Ok(())
+        self.mirror(crate::local_group::RankOp::Evict(id))
     }
 
     /// Grows a sequence's block table to hold `tokens` tokens (all or nothing).
     pub fn reserve_blocks(&mut self, id: SeqId, tokens: usize) -> Result<()> {
         let bs = self.cache.block_size();
         let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id))?;
-        seq.table.ensure_capacity(tokens, bs)
+        seq.table.ensure_capacity(tokens, bs)?;
+        self.mirror(crate::local_group::RankOp::ReserveBlocks(id, tokens))
     }
 
     /// Runs one step. Every item's blocks are reserved first, all or nothing: on
@@ -483,7 +571,17 @@ impl Engine {
         hidden: Option<&[f32]>,
         sink: &mut dyn FnMut(&KvCache, LayerReady) -> Result<()>,
     ) -> Result<(Vec<StepOutput>, Option<Vec<f32>>)> {
+        if self.broken {
+            return Err(Error::GroupBroken);
+        }
+        if !export.is_empty() {
+            self.single("exporting a step's KV")?;
+        }
         self.prepare(items)?;
+        if let Some(f) = self.followers.as_mut() {
+            // The stage's other ranks start now: they meet this one in the all-reduces.
+            f.start_step(items).inspect_err(|_| self.broken = true)?;
+        }
         let bs = self.cache.block_size();
         let mut inputs = Vec::with_capacity(items.len());
         for it in items {
@@ -532,7 +630,7 @@ impl Engine {
         // it (and the caller competes with both workers for the cores); run on a worker, the
         // step's calls split by work stealing, and the caller is woken once per step.
         let forward = if exported.is_empty() {
-            rayon::scope(|_| model.forward(cache, seq_inputs, hidden, &mut |_| Ok(())))?
+            rayon::scope(|_| model.forward(cache, seq_inputs, hidden, &mut |_| Ok(())))
         } else {
             // The forward pass runs on a worker as above, and tells this thread each finished
             // layer: the sink belongs to the caller's thread (it need not be `Send`). Running
@@ -574,13 +672,40 @@ impl Engine {
             });
             sunk?;
             // The scope ends only after the spawned pass has run (a panic there resumes here).
-            forward.ok_or(Error::Internal("the forward pass did not run"))??
+            forward.ok_or(Error::Internal("the forward pass did not run"))?
         };
         drop(inputs);
+        // A leader whose own pass failed leaves its followers mid-step: the group is done.
+        let forward = match forward {
+            Ok(f) => f,
+            Err(e) => {
+                self.broken |= self.followers.is_some();
+                return Err(e);
+            }
+        };
+        let crate::model::Forward { logits, hidden } = forward;
+        let (logits, hidden_out) = match self.followers.as_mut() {
+            Some(f) => match f.finish_step(items, hidden) {
+                // Later stages computed the logits; this rank's stage output went to them.
+                Ok(Some(last)) if last.len() == items.len() => {
+                    (last.into_iter().map(|o| o.logits).collect(), None)
+                }
+                Ok(Some(_)) => {
+                    self.broken = true;
+                    return Err(Error::Internal("the last stage answered another step"));
+                }
+                Ok(None) => (logits, None),
+                Err(e) => {
+                    self.broken = true;
+                    return Err(e);
+                }
+            },
+            None => (logits, hidden),
+        };
         let mut out = Vec::with_capacity(items.len());
         let fingerprint = self.descriptor.fingerprint;
         let naming = self.config.prefix_cache;
-        for (it, logits) in items.iter().zip(forward.logits) {
+        for (it, logits) in items.iter().zip(logits) {
             if let Some(seq) = self.seqs.get_mut(&it.seq) {
                 if it.phase == Phase::Decode && seq.first_decoded.is_none() {
                     seq.first_decoded = Some(seq.computed);
@@ -595,7 +720,7 @@ impl Engine {
                 logits,
             });
         }
-        Ok((out, forward.hidden))
+        Ok((out, hidden_out))
     }
 
     fn prepare(&mut self, items: &[StepItem]) -> Result<()> {
@@ -650,6 +775,7 @@ impl Engine {
 
     /// Exports one layer of a sequence's computed KV, blocks `blocks` of its table.
     pub fn export(&self, id: SeqId, layer: usize, blocks: Range<usize>) -> Result<KvChunk> {
+        self.single("exporting KV")?;
         let seq = self.seq(id)?;
         self.cache
             .export(layer, seq.table.blocks(), seq.computed, blocks)
@@ -674,6 +800,7 @@ impl Engine {
     /// (and frees them when dropped), for a caller that pins them while another worker reads
     /// them. Returns its tokens too.
     pub fn detach(&mut self, id: SeqId) -> Result<(Vec<u32>, BlockTable)> {
+        self.single("detaching a sequence's KV")?;
         let seq = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id))?;
         Ok((seq.tokens, seq.table))
     }
@@ -681,6 +808,7 @@ impl Engine {
     /// Blocks for `tokens` tokens, all or nothing, owned by the returned table: for KV another
     /// worker writes before a sequence exists ([`Engine::adopt`]).
     pub fn reserve_table(&mut self, tokens: usize) -> Result<BlockTable> {
+        self.single("reserving blocks for KV from another worker")?;
         let mut table = self.cache.allocator().new_table();
         table.ensure_capacity(tokens, self.cache.block_size())?;
         Ok(table)
@@ -691,6 +819,7 @@ impl Engine {
     /// write, and its completion to send). Returns the table and the tokens it already holds,
     /// for a receiver that has another worker write only the rest ([`Engine::adopt`]).
     pub fn reserve_cached_table(&mut self, tokens: &[u32]) -> Result<(BlockTable, usize)> {
+        self.single("reserving blocks for KV from another worker")?;
         let bs = self.cache.block_size();
         let mut table = self.cache.allocator().new_table();
         let mut cached = 0;
@@ -730,6 +859,7 @@ impl Engine {
     /// Creates a sequence whose KV for every one of `tokens` is already in `table` (written by
     /// another worker and verified); it can decode at once.
     pub fn adopt(&mut self, id: SeqId, tokens: Vec<u32>, table: BlockTable) -> Result<()> {
+        self.single("adopting KV another worker wrote")?;
         self.check_new(id, &tokens)?;
         if table.len() < tokens.len().div_ceil(self.cache.block_size()) {
             return Err(Error::KvImport(format!(
@@ -751,6 +881,7 @@ impl Engine {
     /// Creates a sequence whose KV for all of `tokens` will arrive by [`Engine::import`]: its
     /// blocks are reserved now (all or nothing), so the sender can write into them.
     pub fn begin_import(&mut self, id: SeqId, tokens: Vec<u32>) -> Result<()> {
+        self.single("importing KV")?;
         self.check_new(id, &tokens)?;
         let mut table = self.cache.allocator().new_table();
         table.ensure_capacity(tokens.len(), self.cache.block_size())?;
@@ -825,6 +956,56 @@ fn cached_blocks_for_exact_rows(n: usize, block_size: usize, chunk: usize, found
         blocks -= 1;
     }
     blocks
+}
+
+/// What a group launcher needs of a model before any rank loads it: how many layers to split
+/// over stages, and the widths tensor parallelism divides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub intermediate_size: usize,
+}
+
+/// The shape of the model at `path` (a GGUF file or a Hugging Face directory), read from its
+/// header or config.json without loading weights.
+pub fn read_model_shape(path: &Path) -> Result<ModelShape> {
+    if is_gguf(path) {
+        let c = weights::gguf_model_config(path)?;
+        return Ok(ModelShape {
+            num_layers: c.num_layers,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            intermediate_size: c.intermediate_size,
+        });
+    }
+    let config_path = path.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::CorruptFile {
+        path: config_path.clone(),
+        format: "config.json",
+        reason: e.to_string(),
+    })?;
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .map(|n| n as usize)
+            .ok_or_else(|| Error::MissingMetadata {
+                path: config_path.clone(),
+                key: k.to_string(),
+            })
+    };
+    let num_heads = field("num_attention_heads")?;
+    Ok(ModelShape {
+        num_layers: field("num_hidden_layers")?,
+        num_heads,
+        num_kv_heads: field("num_key_value_heads").unwrap_or(num_heads),
+        intermediate_size: field("intermediate_size")?,
+    })
 }
 
 fn is_gguf(path: &Path) -> bool {

@@ -61,6 +61,10 @@ pub enum Error {
     /// broken (every later step fails too).
     #[error("tensor-parallel group: {0}")]
     Collective(#[from] baton_collective::Error),
+    /// A rank of this engine's group failed an operation this engine applied: the ranks may
+    /// disagree about sequences and blocks, so the group runs nothing more.
+    #[error("the parallel group is broken: a rank failed an operation")]
+    GroupBroken,
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),
     /// The engine's own invariant broke (a format its plan names was not built, a thread a step
@@ -86,7 +90,7 @@ impl Error {
             | Error::MissingMetadata { .. }
             | Error::InvalidMetadata { .. }
             | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
-            Error::Collective(_) => ErrorClass::Unavailable,
+            Error::Collective(_) | Error::GroupBroken => ErrorClass::Unavailable,
             Error::UnknownSequence(_) | Error::Backend(_) | Error::Internal(_) => {
                 ErrorClass::Internal
             }

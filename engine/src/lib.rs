@@ -36,7 +36,10 @@ pub use config::{
     AttentionSpan, DeviceSetting, EngineConfig, Kernels, KvDType, ModelConfig, PrefixReuse, Role,
     WeightFormat, WeightPlan, WeightsSetting,
 };
-pub use engine::{Engine, LayerReady, LoadStats, PrefixStats, StepItem, StepOutput};
+pub use engine::{
+    Engine, Followers, LayerReady, LoadStats, ModelShape, PrefixStats, StepItem, StepOutput,
+    read_model_shape,
+};
 pub use error::{Error, ErrorClass, Result};
 pub use kv::{
     BlockHash, BlockId, BlockTable, Fingerprint, KvCache, KvChunk, KvSource, LayoutDescriptor,

@@ -44,6 +44,9 @@ pub enum RankOp {
     /// states (carried beside the operation on a link, not in it).
     Step(Vec<StepItem>, #[serde(skip)] Option<Vec<f32>>),
     Release(SeqId),
+    Evict(SeqId),
+    AttachCachedPrefix(SeqId),
+    ReserveBlocks(SeqId, usize),
     /// Blocks for a sequence whose KV another group writes, held until [`RankOp::Adopt`].
     Reserve(SeqId, usize),
     Adopt(SeqId, Vec<u32>),
@@ -94,6 +97,13 @@ impl RankState {
                 engine.release(id);
                 self.reserved.retain(|(s, _)| *s != id);
                 Ok(RankReply::Done)
+            }
+            RankOp::Evict(id) => engine.evict(id).map(|_| RankReply::Done),
+            RankOp::AttachCachedPrefix(id) => {
+                engine.attach_cached_prefix(id).map(|_| RankReply::Done)
+            }
+            RankOp::ReserveBlocks(id, tokens) => {
+                engine.reserve_blocks(id, tokens).map(|_| RankReply::Done)
             }
             RankOp::Reserve(id, tokens) => engine.reserve_table(tokens).map(|table| {
                 let blocks = table.blocks().to_vec();

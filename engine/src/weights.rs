@@ -778,6 +778,22 @@ pub(crate) fn load_gguf(
     Ok((weights, content))
 }
 
+/// The shape of the model in a GGUF file, from its header alone (no tensor is read): what a
+/// group launcher needs to split the layers before any rank loads.
+pub(crate) fn gguf_model_config(path: &Path) -> Result<ModelConfig> {
+    let file = File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let content = read_gguf_header(&mut reader).map_err(|reason| Error::CorruptFile {
+        path: path.to_path_buf(),
+        format: "GGUF",
+        reason,
+    })?;
+    gguf_config(path, &content.metadata, &content)
+}
+
 /// Parses a GGUF header. candle's reader panics on some malformed headers (a
 /// `general.alignment` of 0 divides by zero); a bad file must be an error, never a crash.
 fn read_gguf_header(

@@ -26,8 +26,11 @@ struct Link {
 
 /// A group of rank processes, `tp` per stage, driven over one link each.
 pub struct RemoteGroup {
-    /// Stage-major, as ranks number themselves.
+    /// Ranks `first..`, stage-major, as ranks number themselves.
     links: Vec<Link>,
+    /// 0 when every rank is a process here; 1 when rank 0 is the driving engine itself
+    /// ([`RemoteGroup::accept_followers`]).
+    first: usize,
     tp: usize,
     descriptors: Vec<LayoutDescriptor>,
 }
@@ -108,6 +111,49 @@ impl RemoteGroup {
         timeout: Duration,
         op_timeout: Duration,
     ) -> Result<RemoteGroup> {
+        Self::accept_from(listener, secret, tp, stages, 0, timeout, op_timeout)
+    }
+
+    /// Like [`RemoteGroup::accept`] for the ranks after 0: rank 0 is the engine that leads the
+    /// group ([`baton_engine::Engine::lead`] with this as its followers), `leader` its layout,
+    /// checked against the group like the others'.
+    pub fn accept_followers(
+        listener: &TcpListener,
+        secret: &str,
+        tp: usize,
+        stages: &[Range<usize>],
+        leader: &LayoutDescriptor,
+        timeout: Duration,
+        op_timeout: Duration,
+    ) -> Result<RemoteGroup> {
+        let expected = Expected { tp, stages, secret };
+        if let Some(reason) = expected.misfit(0, secret, leader, None) {
+            return Err(Error::Refused { rank: 0, reason });
+        }
+        let mut group = Self::accept_from(listener, secret, tp, stages, 1, timeout, op_timeout)?;
+        if group.descriptors.iter().any(|d| {
+            d.fingerprint != leader.fingerprint
+                || d.dtype != leader.dtype
+                || d.block_size != leader.block_size
+        }) {
+            return Err(Error::Refused {
+                rank: 1,
+                reason: "another model or KV layout than the leader's".into(),
+            });
+        }
+        group.descriptors.insert(0, leader.clone());
+        Ok(group)
+    }
+
+    fn accept_from(
+        listener: &TcpListener,
+        secret: &str,
+        tp: usize,
+        stages: &[Range<usize>],
+        first: usize,
+        timeout: Duration,
+        op_timeout: Duration,
+    ) -> Result<RemoteGroup> {
         if tp == 0 || stages.is_empty() {
             return Err(Error::InvalidConfig {
                 field: "group",
@@ -138,22 +184,22 @@ impl RemoteGroup {
         let deadline = Instant::now() + timeout;
         let mut links: Vec<Option<(Link, LayoutDescriptor)>> = (0..n).map(|_| None).collect();
         let result = loop {
-            if links.iter().all(Option::is_some) {
+            if links[first..].iter().all(Option::is_some) {
                 break Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let stream = match rx.recv_timeout(left) {
                 Ok(s) => s,
                 Err(_) => {
-                    let missing = links.iter().position(Option::is_none).unwrap_or(0);
+                    let missing = (first..n).find(|&r| links[r].is_none()).unwrap_or(first);
                     break Err(Error::RankLost {
                         rank: missing,
                         reason: format!("did not join the group within {timeout:?}"),
                     });
                 }
             };
-            let first = links.iter().flatten().map(|(_, d)| d).next().cloned();
-            match join(stream, &expected, first.as_ref(), &links) {
+            let first_joined = links.iter().flatten().map(|(_, d)| d).next().cloned();
+            match join(stream, &expected, first_joined.as_ref(), &links, first) {
                 Ok((link, d)) => {
                     let r = link.rank;
                     links[r] = Some((link, d));
@@ -178,6 +224,7 @@ impl RemoteGroup {
         }
         Ok(RemoteGroup {
             links,
+            first,
             tp,
             descriptors,
         })
@@ -190,7 +237,18 @@ impl RemoteGroup {
 
     /// Sends `op()` to ranks `ranks` and waits for every reply.
     fn call(&mut self, ranks: Range<usize>, op: impl Fn() -> RankOp) -> Result<Vec<RankReply>> {
-        for l in &mut self.links[ranks.clone()] {
+        self.send(ranks.clone(), op)?;
+        self.receive(ranks)
+    }
+
+    /// The links of ranks `ranks`.
+    fn links(&mut self, ranks: Range<usize>) -> &mut [Link] {
+        let first = self.first;
+        &mut self.links[ranks.start - first..ranks.end - first]
+    }
+
+    fn send(&mut self, ranks: Range<usize>, op: impl Fn() -> RankOp) -> Result<()> {
+        for l in self.links(ranks) {
             let (header, payload) = wire::op_frame(op());
             wire::write_frame(&mut l.writer, &header, &[&payload]).map_err(|e| {
                 Error::RankLost {
@@ -199,10 +257,15 @@ impl RemoteGroup {
                 }
             })?;
         }
+        Ok(())
+    }
+
+    /// Reads a reply from each of ranks `ranks`.
+    fn receive(&mut self, ranks: Range<usize>) -> Result<Vec<RankReply>> {
         let mut replies = Vec::with_capacity(ranks.len());
         // Every reply is read, even after one failed, so the links stay in step.
         let mut failed = None;
-        for l in &mut self.links[ranks] {
+        for l in self.links(ranks) {
             let rank = l.rank;
             let reply = match wire::read_frame(&mut l.reader) {
                 Ok((h, p)) => match wire::reply_of(h, p) {
@@ -234,7 +297,42 @@ impl RemoteGroup {
     }
 
     fn all(&mut self, op: impl Fn() -> RankOp) -> Result<Vec<RankReply>> {
-        self.call(0..self.links.len(), op)
+        let n = self.first + self.links.len();
+        self.call(self.first..n, op)
+    }
+
+    /// Ranks in the group, the leader included.
+    fn ranks(&self) -> usize {
+        self.first + self.links.len()
+    }
+
+    /// A stage's step replies: every rank's hidden states must agree (`own`, the leader's, too).
+    fn stage_result(
+        &self,
+        first: usize,
+        replies: Vec<RankReply>,
+        own: Option<&Option<Vec<f32>>>,
+    ) -> Result<(Vec<StepOutput>, Option<Vec<f32>>)> {
+        let mut results = replies
+            .into_iter()
+            .map(|r| match r {
+                RankReply::Stepped(out, h) => Ok((out, h)),
+                _ => Err(unexpected()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let reference = own.or(results.first().map(|(_, h)| h));
+        if results.iter().any(|(_, h)| Some(h) != reference) {
+            return Err(Error::Rank {
+                rank: first,
+                class: baton_core::ErrorClass::Internal,
+                message: "the tensor-parallel ranks of a stage computed different hidden states"
+                    .into(),
+            });
+        }
+        if results.is_empty() {
+            return Ok((Vec::new(), own.cloned().flatten()));
+        }
+        Ok(results.swap_remove(0))
     }
 
     pub fn add_sequence(&mut self, id: SeqId, tokens: &[u32]) -> Result<()> {
@@ -280,35 +378,74 @@ impl RemoteGroup {
             .collect()
     }
 
-    /// One step through every stage; the outputs of the last stage's rank 0.
+    /// One step through every stage; the outputs of the last stage's rank 0. Every rank is a
+    /// process here (a group from [`RemoteGroup::accept`]).
     pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<StepOutput>> {
-        let mut hidden: Option<Vec<f32>> = None;
+        if self.first != 0 {
+            return Err(Error::InvalidConfig {
+                field: "group",
+                reason: "a group with a leading engine steps through it".into(),
+            });
+        }
+        self.later_stages(items, 0, None).map(|(out, _)| out)
+    }
+
+    /// Runs stages from the one starting at rank `from` to the last, the first of them from
+    /// `hidden`; the last stage's rank 0 outputs, and the hidden states that went into it.
+    fn later_stages(
+        &mut self,
+        items: &[StepItem],
+        from: usize,
+        mut hidden: Option<Vec<f32>>,
+    ) -> Result<(Vec<StepOutput>, Option<Vec<f32>>)> {
         let mut outputs = Vec::new();
-        for first in (0..self.links.len()).step_by(self.tp) {
+        for first in (from..self.ranks()).step_by(self.tp) {
             let replies = self.call(first..first + self.tp, || {
                 RankOp::Step(items.to_vec(), hidden.clone())
             })?;
-            let mut results = replies
-                .into_iter()
-                .map(|r| match r {
-                    RankReply::Stepped(out, h) => Ok((out, h)),
-                    _ => Err(unexpected()),
-                })
-                .collect::<Result<Vec<_>>>()?;
-            if results.iter().any(|(_, h)| h != &results[0].1) {
-                return Err(Error::Rank {
-                    rank: first,
-                    class: baton_core::ErrorClass::Internal,
-                    message:
-                        "the tensor-parallel ranks of a stage computed different hidden states"
-                            .into(),
-                });
-            }
-            let (out, h) = results.swap_remove(0);
+            let (out, h) = self.stage_result(first, replies, None)?;
             hidden = h;
             outputs = out;
         }
-        Ok(outputs)
+        Ok((outputs, hidden))
+    }
+}
+
+impl baton_engine::Followers for RemoteGroup {
+    fn apply(&mut self, op: RankOp) -> baton_engine::Result<()> {
+        self.all(|| op.clone()).map(drop).map_err(engine_error)
+    }
+
+    fn start_step(&mut self, items: &[StepItem]) -> baton_engine::Result<()> {
+        let peers = self.first..self.tp;
+        self.send(peers, || RankOp::Step(items.to_vec(), None))
+            .map_err(engine_error)
+    }
+
+    fn finish_step(
+        &mut self,
+        items: &[StepItem],
+        hidden: Option<Vec<f32>>,
+    ) -> baton_engine::Result<Option<Vec<StepOutput>>> {
+        let run = |g: &mut Self| -> Result<Option<Vec<StepOutput>>> {
+            let replies = g.receive(g.first..g.tp)?;
+            g.stage_result(0, replies, Some(&hidden))?;
+            if g.ranks() == g.tp {
+                return Ok(None);
+            }
+            let (out, _) = g.later_stages(items, g.tp, hidden.clone())?;
+            Ok(Some(out))
+        };
+        run(self).map_err(engine_error)
+    }
+}
+
+/// A group failure as the leading engine reports it.
+fn engine_error(e: Error) -> baton_engine::Error {
+    tracing::error!(error = %e, "a rank of the group failed");
+    match e {
+        Error::Engine(e) => e,
+        _ => baton_engine::Error::GroupBroken,
     }
 }
 
@@ -332,6 +469,7 @@ fn join(
     expected: &Expected<'_>,
     first: Option<&LayoutDescriptor>,
     joined: &[Option<(Link, LayoutDescriptor)>],
+    lowest: usize,
 ) -> std::result::Result<(Link, LayoutDescriptor), String> {
     let peer = stream
         .peer_addr()
@@ -358,6 +496,7 @@ fn join(
     };
     let misfit = expected
         .misfit(rank, &secret, &descriptor, first)
+        .or_else(|| (rank < lowest).then(|| format!("rank {rank} is the group's leader")))
         .or_else(|| {
             joined
                 .get(rank)

@@ -19,11 +19,13 @@
 //! width per token: 2.3 KB per decoded token on SmolLM2) next to the KV, which moves rank to rank.
 
 pub mod driver;
+pub mod launch;
 pub mod rank;
 pub mod wire;
 
 pub use baton_engine::local_group::{RankOp, RankReply};
 pub use driver::RemoteGroup;
+pub use launch::{GroupConfig, SECRET_ENV, load_engine, stages};
 pub use rank::{RankArgs, serve_rank};
 
 use baton_core::ErrorClass;
