@@ -7,7 +7,7 @@
 # from the committed corpus (fuzz/corpus/<target>/) and growing a scratch copy of it, never the
 # committed one. A crash, panic or timeout fails the script; libFuzzer leaves the input in
 # fuzz/artifacts/<target>/. Targets: kv_frame kv_payload discovery_advert discovery_event
-# (`light`: they build in minutes) and proto_worker openai_request config_toml (which link
+# (`light`: they build in minutes) and proto_worker openai_request config_toml group_frame (which link
 # candle and the whole cluster); default `all`.
 #
 # Fuzzing needs a nightly toolchain (`cargo +nightly`) and cargo-fuzz, which is installed when
@@ -29,7 +29,7 @@ if [[ $# -gt 0 && $1 =~ ^[0-9]+$ ]]; then
   shift
 fi
 light=(kv_frame kv_payload discovery_advert discovery_event)
-heavy=(proto_worker openai_request config_toml)
+heavy=(proto_worker openai_request config_toml group_frame)
 targets=()
 for arg in "${@:-all}"; do
   case $arg in

@@ -9,6 +9,7 @@
 //!                                  --> proto messages to domain types     (proto_worker)
 //!                                  --> OpenAI request bodies              (openai_request)
 //!                                  --> the layered TOML config            (config_toml)
+//!                                  --> a worker group's rank link          (group_frame)
 //! ```
 //!
 //! The binaries in `fuzz_targets/` hand libFuzzer's input to these functions (`cargo fuzz run
@@ -21,6 +22,8 @@
 #[cfg(feature = "heavy")]
 mod config;
 mod discovery;
+#[cfg(feature = "heavy")]
+mod group;
 mod kv;
 #[cfg(feature = "heavy")]
 mod openai;
@@ -30,6 +33,8 @@ mod proto;
 #[cfg(feature = "heavy")]
 pub use config::config_toml;
 pub use discovery::{CLUSTER, cluster_key, discovery_advert, discovery_event};
+#[cfg(feature = "heavy")]
+pub use group::group_frame;
 pub use kv::{kv_frame, kv_payload, local_layout};
 #[cfg(feature = "heavy")]
 pub use openai::openai_request;
@@ -48,10 +53,11 @@ pub fn targets() -> Vec<Target> {
         ("discovery_event", discovery_event),
     ];
     #[cfg(feature = "heavy")]
-    let heavy: [Target; 3] = [
+    let heavy: [Target; 4] = [
         ("proto_worker", proto_worker),
         ("openai_request", openai_request),
         ("config_toml", config_toml),
+        ("group_frame", group_frame),
     ];
     #[cfg(not(feature = "heavy"))]
     let heavy: [Target; 0] = [];
@@ -67,6 +73,7 @@ pub const ALL_TARGETS: &[&str] = &[
     "proto_worker",
     "openai_request",
     "config_toml",
+    "group_frame",
 ];
 
 /// Splits an input into fields: a fuzzer's bytes read front to back, a field cut short where

@@ -9,6 +9,9 @@
 //! - Speed: TTFT (one prompt's prefill) and TPOT (greedy decode steps) of each layout, ranks as
 //!   threads with one core's pool each ([`LocalGroup`]), against the whole model in one engine
 //!   (the same process, both cores), alternated per repeat.
+//! - Rank processes: the same layouts as `baton rank` processes (each its own rayon pool over
+//!   both cores) driven over their links from this process ([`RemoteGroup`]), TTFT and TPOT
+//!   against the whole engine here, alternated, and each rank's resident memory after the run.
 //! - Transfer: a prompt's KV moved from each prefill layout to each decode layout of the
 //!   issue's table by the transfer plan (each source rank's copies into each destination rank's
 //!   pool, memcpy in this process), bytes per rank and copy time against 1:1.
@@ -20,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use baton_engine::local_group::LocalGroup;
 use baton_engine::{Engine, EngineConfig, Phase, Role, SeqId, Shard, StepItem, StepOutput};
+use baton_group::RemoteGroup;
 use baton_kv_transfer::memory::SeqBlocks;
 use baton_kv_transfer::plan::plan;
 
@@ -36,6 +40,10 @@ pub struct GroupsArgs {
     /// Each figure is the median of this many runs.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// Skip the rank-process measurements (they need the `baton` binary: beside this one, or
+    /// `$BATON_EXE`).
+    #[arg(long)]
+    no_processes: bool,
     /// Internal: load one rank (`TP,RANK,FIRST..END`) and print its memory.
     #[arg(long, hide = true)]
     rank_memory: Option<String>,
@@ -104,6 +112,9 @@ pub fn run(args: GroupsArgs) -> anyhow::Result<()> {
     let all = layouts(layers);
     memory(&all)?;
     speed(&model, &all, &args)?;
+    if !args.no_processes {
+        processes(&model, &all, &args)?;
+    }
     transfer(&model, layers, &args)?;
     Ok(())
 }
@@ -255,6 +266,21 @@ impl Runner for Engine {
     }
 }
 
+impl Runner for RemoteGroup {
+    fn add(&mut self, id: SeqId, tokens: &[u32]) -> anyhow::Result<()> {
+        Ok(self.add_sequence(id, tokens)?)
+    }
+    fn step(&mut self, item: StepItem) -> anyhow::Result<Vec<f32>> {
+        logits(RemoteGroup::step(self, &[item])?)
+    }
+    fn push(&mut self, id: SeqId, token: u32) -> anyhow::Result<()> {
+        Ok(self.push_token(id, token)?)
+    }
+    fn release(&mut self, id: SeqId) -> anyhow::Result<()> {
+        Ok(RemoteGroup::release(self, id)?)
+    }
+}
+
 impl Runner for LocalGroup {
     fn add(&mut self, id: SeqId, tokens: &[u32]) -> anyhow::Result<()> {
         Ok(self.add_sequence(id, tokens)?)
@@ -347,6 +373,112 @@ fn speed(model: &std::path::Path, all: &[Layout], args: &GroupsArgs) -> anyhow::
             ms(wp),
             ms(gt) / ms(wt),
             ms(gp) / ms(wp)
+        );
+    }
+    Ok(())
+}
+
+/// Rank processes this experiment started, killed when it is done with them.
+struct Ranks(Vec<std::process::Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("/proc/{pid}/status has no VmRSS"))
+}
+
+fn processes(model: &std::path::Path, all: &[Layout], args: &GroupsArgs) -> anyhow::Result<()> {
+    let exe = baton::up::baton_exe()?;
+    let prompt = prompt_tokens(args.prompt);
+    println!();
+    println!(
+        "rank processes (`baton rank`, driven over TCP from here): {}-token prompt, {} decode steps, median of {}, alternated with the whole engine in this process",
+        args.prompt, args.decode, args.repeats
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}  rss MiB per rank",
+        "layout", "ttft ms", "whole ms", "tpot ms", "whole ms", "ttft x", "tpot x"
+    );
+    let mut whole = Engine::load(config(model))?;
+    let engine_json = serde_json::to_string(&config(model))?;
+    let secret = format!("baton-lab-groups-{}", std::process::id());
+    let mut id = 1000;
+    for l in all.iter().filter(|l| l.tp * l.stages.len() > 1) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let mut ranks = Ranks(Vec::new());
+        let mut segments = Vec::new();
+        for (s, layers) in l.stages.iter().enumerate() {
+            let segment = format!("/dev/shm/baton-lab-groups-{}-{s}", std::process::id());
+            let _ = std::fs::remove_file(&segment);
+            segments.push(segment.clone());
+            for r in 0..l.tp {
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.env(baton_group::SECRET_ENV, &secret)
+                    .args(["rank", "--group-addr", &addr])
+                    .args(["--rank", &(s * l.tp + r).to_string()])
+                    .args(["--tp", &l.tp.to_string()])
+                    .args(["--layers", &format!("{}..{}", layers.start, layers.end)])
+                    .args(["--role", "colocated", "--engine-json", &engine_json]);
+                if l.tp > 1 {
+                    cmd.args(["--collective", &segment]);
+                }
+                ranks.0.push(cmd.spawn()?);
+            }
+        }
+        let mut group = RemoteGroup::accept(
+            &listener,
+            &secret,
+            l.tp,
+            &l.stages,
+            Duration::from_secs(120),
+            Duration::from_secs(600),
+        )?;
+        let (mut gt, mut gp, mut wt, mut wp) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..args.repeats {
+            id += 1;
+            let (t, p) = time_one(&mut whole, SeqId(id), &prompt, args.decode)?;
+            wt.push(t);
+            wp.push(p);
+            let (t, p) = time_one(&mut group, SeqId(id), &prompt, args.decode)?;
+            gt.push(t);
+            gp.push(p);
+        }
+        let rss = ranks
+            .0
+            .iter()
+            .map(|c| rss_kib(c.id()).map(|k| format!("{:.0}", k as f64 / 1024.0)))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .join("/");
+        drop(group);
+        drop(ranks);
+        for s in segments {
+            let _ = std::fs::remove_file(s);
+        }
+        let (gt, gp, wt, wp) = (median(gt), median(gp), median(wt), median(wp));
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "{:<10} {:>10.1} {:>10.1} {:>10.2} {:>10.2} {:>8.2} {:>8.2}  {}",
+            l.name,
+            ms(gt),
+            ms(wt),
+            ms(gp),
+            ms(wp),
+            ms(gt) / ms(wt),
+            ms(gp) / ms(wp),
+            rss
         );
     }
     Ok(())
