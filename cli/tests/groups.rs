@@ -327,3 +327,29 @@ fn a_decode_worker_whose_rank_dies_exits_for_its_supervisor() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn a_group_address_beyond_this_host_needs_explicit_consent() -> anyhow::Result<()> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args([
+            "decode",
+            "--model",
+            &model(),
+            "--tp",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "decode.metrics=false",
+            "--set",
+            "decode.group.listen=0.0.0.0:0",
+        ])
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("group.listen") && said.contains("insecure_remote"),
+        "{said}"
+    );
+    Ok(())
+}

@@ -575,5 +575,21 @@ fn check_exposure(config: &DecodeConfig, listen: std::net::SocketAddr) -> Result
         config.insecure_remote,
     )
     .enforce()
-    .map_err(|(field, reason)| Error::InvalidRequest { field, reason })
+    .map_err(|(field, reason)| Error::InvalidRequest { field, reason })?;
+    // The group's rank links prove a shared secret but carry no TLS yet: beyond this host they
+    // need the same explicit consent as any other unsecured listener.
+    let group = &config.group;
+    if group.ranks() > 1 && !group.listen.ip().is_loopback() {
+        if !config.insecure_remote {
+            return Err(Error::InvalidRequest {
+                field: "group.listen",
+                reason: format!(
+                    "{}: a group's rank links carry no TLS yet (the group's secret only); a non-loopback group address needs insecure_remote = true",
+                    group.listen
+                ),
+            });
+        }
+        tracing::warn!(listen = %group.listen, "INSECURE: the group's rank links cross the network without TLS (insecure_remote = true)");
+    }
+    Ok(())
 }

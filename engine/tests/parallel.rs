@@ -24,42 +24,13 @@ use baton_engine::{
 use baton_kv_transfer::memory::{PoolLayout, SeqBlocks};
 use baton_kv_transfer::plan::plan;
 use candle_core::quantized::GgmlDType;
-use common::{PROMPTS, dev_model_path};
+use common::{PROMPTS, argmax, dev_model_path, margin, max_abs_diff};
 use tiny::TinyModel;
 
 /// Decode steps after each prompt, fed the reference's greedy token.
 const DECODE_STEPS: usize = 8;
 /// The engine's reference tests' bound on quantized logits (reference.rs says how it was set).
 const LOGIT_BOUND: f32 = 3.0;
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
-/// How far the best logit is ahead of the second.
-fn margin(v: &[f32]) -> f32 {
-    let best = argmax(v) as usize;
-    let second = v
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != best)
-        .map(|(_, x)| *x)
-        .fold(f32::NEG_INFINITY, f32::max);
-    v[best] - second
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn logits_of(outputs: Vec<StepOutput>) -> anyhow::Result<Vec<f32>> {
     outputs

@@ -481,19 +481,20 @@ fn join(
     let _ = stream.set_nodelay(true);
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| format!("{peer}: {e}"))?);
     let mut writer = BufWriter::new(stream);
-    let (rank, secret, descriptor) = match wire::read_frame(&mut reader) {
-        Ok((
-            Header::Hello {
-                rank,
-                secret,
-                descriptor,
-            },
-            payload,
-        )) if payload.is_empty() => (rank, secret, descriptor),
-        Ok(_) => return Err(format!("{peer}: its first frame is not a hello")),
-        Err(ReadError::Closed(e)) => return Err(format!("{peer}: {e}")),
-        Err(ReadError::Bad(e)) => return Err(format!("{peer}: {e}")),
-    };
+    let (rank, secret, descriptor) =
+        match wire::read_frame_within(&mut reader, wire::MAX_HELLO_HEADER, 0) {
+            Ok((
+                Header::Hello {
+                    rank,
+                    secret,
+                    descriptor,
+                },
+                payload,
+            )) if payload.is_empty() => (rank, secret, descriptor),
+            Ok(_) => return Err(format!("{peer}: its first frame is not a hello")),
+            Err(ReadError::Closed(e)) => return Err(format!("{peer}: {e}")),
+            Err(ReadError::Bad(e)) => return Err(format!("{peer}: {e}")),
+        };
     let misfit = expected
         .misfit(rank, &secret, &descriptor, first)
         .or_else(|| (rank < lowest).then(|| format!("rank {rank} is the group's leader")))

@@ -89,7 +89,7 @@ pub fn serve_rank(mut config: EngineConfig, args: RankArgs) -> Result<()> {
         &[],
     )
     .map_err(lost)?;
-    match wire::read_frame(&mut reader) {
+    match wire::read_frame_within(&mut reader, wire::MAX_HELLO_HEADER, 0) {
         Ok((Header::Welcome, _)) => {}
         Ok((Header::Refused { reason }, _)) => {
             return Err(Error::Refused {

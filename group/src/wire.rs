@@ -68,12 +68,26 @@ pub fn write_frame(w: &mut impl Write, header: &Header, payload: &[&[f32]]) -> s
     w.flush()
 }
 
+/// Largest header of a hello or its answer: what a peer may send before it proved the secret.
+pub const MAX_HELLO_HEADER: usize = 64 << 10;
+
 pub fn read_frame(r: &mut impl Read) -> Result<(Header, Vec<f32>), ReadError> {
+    read_frame_within(r, MAX_HEADER, MAX_VALUES)
+}
+
+/// Reads a frame no larger than `max_header` header bytes and `max_values` payload values: a
+/// hello is read within [`MAX_HELLO_HEADER`] and no values, so a peer that has not proved the
+/// group's secret makes this side allocate next to nothing.
+pub fn read_frame_within(
+    r: &mut impl Read,
+    max_header: usize,
+    max_values: usize,
+) -> Result<(Header, Vec<f32>), ReadError> {
     let mut lens = [0u8; 8];
     r.read_exact(&mut lens).map_err(ReadError::Closed)?;
     let header_len = u32::from_le_bytes([lens[0], lens[1], lens[2], lens[3]]) as usize;
     let values = u32::from_le_bytes([lens[4], lens[5], lens[6], lens[7]]) as usize;
-    if header_len > MAX_HEADER || values > MAX_VALUES {
+    if header_len > max_header || values > max_values {
         return Err(ReadError::Bad(format!(
             "a frame of {header_len} header bytes and {values} values is larger than allowed"
         )));
