@@ -291,12 +291,7 @@ impl Engine {
     /// workers do not carry yet.
     fn single(&self, what: &'static str) -> Result<()> {
         if self.followers.is_some() {
-            return Err(Error::invalid(
-                "kv transfer",
-                format!(
-                    "{what}: a parallel group prefills and decodes its own requests; KV handoffs into or out of a group are not built yet"
-                ),
-            ));
+            return Err(Error::GroupHandoff(what));
         }
         Ok(())
     }

@@ -65,6 +65,12 @@ pub enum Error {
     /// disagree about sequences and blocks, so the group runs nothing more.
     #[error("the parallel group is broken: a rank failed an operation")]
     GroupBroken,
+    /// A KV handoff asked of an engine that leads a parallel group: the request is fine, this
+    /// worker cannot take it (another worker, or an aggregated placement, can).
+    #[error(
+        "{0}: a parallel group prefills and decodes its own requests; KV handoffs into or out of a group are not built yet"
+    )]
+    GroupHandoff(&'static str),
     #[error("tensor backend: {0}")]
     Backend(#[from] candle_core::Error),
     /// The engine's own invariant broke (a format its plan names was not built, a thread a step
@@ -90,7 +96,9 @@ impl Error {
             | Error::MissingMetadata { .. }
             | Error::InvalidMetadata { .. }
             | Error::UnknownArchitecture { .. } => ErrorClass::BadModel,
-            Error::Collective(_) | Error::GroupBroken => ErrorClass::Unavailable,
+            Error::Collective(_) | Error::GroupBroken | Error::GroupHandoff(_) => {
+                ErrorClass::Unavailable
+            }
             Error::UnknownSequence(_) | Error::Backend(_) | Error::Internal(_) => {
                 ErrorClass::Internal
             }

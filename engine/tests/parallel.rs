@@ -527,3 +527,92 @@ fn tiny_model_kv_moves_from_two_ranks_to_four() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// A second pipeline stage in this thread, led by the first stage's engine: the engine's
+/// `Followers` path (what a worker leading rank processes runs) without the links.
+struct NextStage(baton_engine::local_group::RankState);
+
+impl baton_engine::Followers for NextStage {
+    fn apply(&mut self, op: baton_engine::local_group::RankOp) -> baton_engine::Result<()> {
+        self.0.apply(op).map(drop)
+    }
+
+    fn start_step(&mut self, _items: &[StepItem]) -> baton_engine::Result<()> {
+        // No other rank shares the leader's stage.
+        Ok(())
+    }
+
+    fn finish_step(
+        &mut self,
+        items: &[StepItem],
+        hidden: Option<Vec<f32>>,
+    ) -> baton_engine::Result<Option<Vec<StepOutput>>> {
+        match self.0.apply(baton_engine::local_group::RankOp::Step(
+            items.to_vec(),
+            hidden,
+        ))? {
+            baton_engine::local_group::RankReply::Stepped(out, _) => Ok(Some(out)),
+            _ => Err(baton_engine::Error::Internal(
+                "the next stage answered another operation",
+            )),
+        }
+    }
+}
+
+#[test]
+fn an_engine_leading_a_later_stage_decodes_like_the_whole_model() -> anyhow::Result<()> {
+    let mut whole = Engine::load(smollm2())?;
+    let stage = |layers: Range<usize>| -> anyhow::Result<Engine> {
+        let mut c = smollm2();
+        c.shard = Shard {
+            tp_rank: 0,
+            tp_size: 1,
+            layers: Some(layers),
+        };
+        Ok(Engine::load(c)?)
+    };
+    let mut leader = stage(0..15)?;
+    let follower = baton_engine::local_group::RankState::new(stage(15..30)?);
+    leader.lead(Box::new(NextStage(follower)))?;
+    let prompt = PROMPTS[1];
+    let id = SeqId(5);
+    whole.add_sequence(id, prompt.to_vec())?;
+    leader.add_sequence(id, prompt.to_vec())?;
+    let mut item = StepItem {
+        seq: id,
+        tokens: prompt.len(),
+        phase: Phase::Prefill,
+    };
+    for _ in 0..=DECODE_STEPS {
+        let want = logits_of(whole.step(&[item])?)?;
+        let got = logits_of(leader.step(&[item])?)?;
+        assert!(
+            want.iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "a led pipeline differs from one engine"
+        );
+        let next = argmax(&want);
+        whole.push_token(id, next)?;
+        leader.push_token(id, next)?;
+        item = StepItem {
+            seq: id,
+            tokens: 1,
+            phase: Phase::Decode,
+        };
+    }
+    // A KV handoff is refused by name, as unavailable here (another worker may take it).
+    let refused = match leader.reserve_table(16) {
+        Ok(_) => bail!("a group leader reserved blocks for a handoff"),
+        Err(e) => e,
+    };
+    assert_eq!(
+        refused.class(),
+        baton_engine::ErrorClass::Unavailable,
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("not built yet"), "{refused}");
+    assert!(leader.release(id));
+    assert_eq!(leader.free_blocks(), leader.total_blocks());
+    Ok(())
+}
