@@ -975,32 +975,7 @@ pub fn read_model_shape(path: &Path) -> Result<ModelShape> {
             intermediate_size: c.intermediate_size,
         });
     }
-    let config_path = path.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::CorruptFile {
-        path: config_path.clone(),
-        format: "config.json",
-        reason: e.to_string(),
-    })?;
-    let field = |k: &str| {
-        v.get(k)
-            .and_then(serde_json::Value::as_u64)
-            .map(|n| n as usize)
-            .ok_or_else(|| Error::MissingMetadata {
-                path: config_path.clone(),
-                key: k.to_string(),
-            })
-    };
-    let num_heads = field("num_attention_heads")?;
-    Ok(ModelShape {
-        num_layers: field("num_hidden_layers")?,
-        num_heads,
-        num_kv_heads: field("num_key_value_heads").unwrap_or(num_heads),
-        intermediate_size: field("intermediate_size")?,
-    })
+    weights::hf_model_shape(path)
 }
 
 fn is_gguf(path: &Path) -> bool {

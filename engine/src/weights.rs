@@ -969,13 +969,8 @@ fn default_max_position() -> usize {
 }
 
 /// Loads a Hugging Face directory: config.json and every *.safetensors file in it.
-pub(crate) fn load_safetensors(
-    dir: &Path,
-    plan: WeightPlan,
-    shard: &Shard,
-    kernels: Kernels,
-    device: &Device,
-) -> Result<ModelWeights> {
+/// A Hugging Face directory's config.json, and its path (for errors).
+fn read_hf_config(dir: &Path) -> Result<(PathBuf, HfConfig)> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
         path: config_path.clone(),
@@ -986,6 +981,28 @@ pub(crate) fn load_safetensors(
         format: "config.json",
         reason: e.to_string(),
     })?;
+    Ok((config_path, hf))
+}
+
+/// The shape a group launcher splits, from a Hugging Face directory's config.json alone.
+pub(crate) fn hf_model_shape(dir: &Path) -> Result<crate::engine::ModelShape> {
+    let (_, hf) = read_hf_config(dir)?;
+    Ok(crate::engine::ModelShape {
+        num_layers: hf.num_hidden_layers,
+        num_heads: hf.num_attention_heads,
+        num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        intermediate_size: hf.intermediate_size,
+    })
+}
+
+pub(crate) fn load_safetensors(
+    dir: &Path,
+    plan: WeightPlan,
+    shard: &Shard,
+    kernels: Kernels,
+    device: &Device,
+) -> Result<ModelWeights> {
+    let (config_path, hf) = read_hf_config(dir)?;
     let arch_name = hf
         .architectures
         .first()

@@ -266,35 +266,28 @@ impl Runner for Engine {
     }
 }
 
-impl Runner for RemoteGroup {
-    fn add(&mut self, id: SeqId, tokens: &[u32]) -> anyhow::Result<()> {
-        Ok(self.add_sequence(id, tokens)?)
-    }
-    fn step(&mut self, item: StepItem) -> anyhow::Result<Vec<f32>> {
-        logits(RemoteGroup::step(self, &[item])?)
-    }
-    fn push(&mut self, id: SeqId, token: u32) -> anyhow::Result<()> {
-        Ok(self.push_token(id, token)?)
-    }
-    fn release(&mut self, id: SeqId) -> anyhow::Result<()> {
-        Ok(RemoteGroup::release(self, id)?)
-    }
+/// A group drives one sequence the same way whether its ranks are threads or processes.
+macro_rules! group_runner {
+    ($group:ty) => {
+        impl Runner for $group {
+            fn add(&mut self, id: SeqId, tokens: &[u32]) -> anyhow::Result<()> {
+                Ok(self.add_sequence(id, tokens)?)
+            }
+            fn step(&mut self, item: StepItem) -> anyhow::Result<Vec<f32>> {
+                logits(<$group>::step(self, &[item])?)
+            }
+            fn push(&mut self, id: SeqId, token: u32) -> anyhow::Result<()> {
+                Ok(self.push_token(id, token)?)
+            }
+            fn release(&mut self, id: SeqId) -> anyhow::Result<()> {
+                Ok(<$group>::release(self, id)?)
+            }
+        }
+    };
 }
 
-impl Runner for LocalGroup {
-    fn add(&mut self, id: SeqId, tokens: &[u32]) -> anyhow::Result<()> {
-        Ok(self.add_sequence(id, tokens)?)
-    }
-    fn step(&mut self, item: StepItem) -> anyhow::Result<Vec<f32>> {
-        logits(LocalGroup::step(self, &[item])?)
-    }
-    fn push(&mut self, id: SeqId, token: u32) -> anyhow::Result<()> {
-        Ok(self.push_token(id, token)?)
-    }
-    fn release(&mut self, id: SeqId) -> anyhow::Result<()> {
-        Ok(LocalGroup::release(self, id)?)
-    }
-}
+group_runner!(RemoteGroup);
+group_runner!(LocalGroup);
 
 /// TTFT (the prompt's prefill in 512-token chunks) and mean TPOT over `decode` greedy steps.
 fn time_one(
